@@ -31,6 +31,8 @@ class ModelSpec:
     source: str = ""  # project page the weights and their licence come from
     license: str = ""
     aliases: tuple[str, ...] = field(default=())
+    # How to get the file by hand when there is no direct URL (shown in the "cannot get weights" error).
+    manual_download: str = ""
 
 
 _SPECS = (
@@ -57,6 +59,8 @@ _SPECS = (
         preprocessing="sam",
         box_primary=False,
         filename="sam_vit_b_01ec64.pth",
+        # URL from the segment-anything README; sha256 as in micro_sam's earlier registry (current micro_sam
+        # 1.8.14 lists xxh128:6923c33df3637b6a922d7682bfc9a86b for the same URL); size from the server.
         url="https://dl.fbaipublicfiles.com/segment_anything/sam_vit_b_01ec64.pth",
         known_hash="sha256:ec2df62732614e57411cdcf32a23ffdf28910380d03139ee0f4fcbe91eb8c912",
         size_bytes=375042383,
@@ -72,8 +76,14 @@ _SPECS = (
         preprocessing="medsam",
         box_primary=True,
         filename="medsam_vit_b.pth",
+        # The official README links a Google Drive folder only (no direct, hash-published URL).
         url=None,
         source="https://github.com/bowang-lab/MedSAM",
+        manual_download=(
+            "the Google Drive folder linked from the MedSAM README, "
+            "https://drive.google.com/drive/folders/1ETWmi4AiniJeWOt6HAsYgTjYv_fkgzoN "
+            "(project page: https://github.com/bowang-lab/MedSAM)"
+        ),
         license="Apache-2.0",
         aliases=("medsam",),
     ),
@@ -85,6 +95,7 @@ _SPECS = (
         preprocessing="sam",
         box_primary=False,
         filename="robustsam_checkpoint_b.pth",
+        # URL from the RobustSAM README; no hash or exact size is published (about 613 MB).
         url="https://huggingface.co/robustsam/robustsam/resolve/main/model_checkpoint/robustsam_checkpoint_b.pth",
         source="https://github.com/robustsam/RobustSAM",
         license="MIT",
@@ -98,9 +109,15 @@ _SPECS = (
         preprocessing="sam",
         box_primary=False,
         filename="robustmedsam_best.pth",
+        # The seed repository publishes code, not weights: the file is made locally (fuse + fine-tune).
         url=None,
-        source="RobustMedSAM paper release",
-        license="",
+        source="https://github.com/jli2556/RobustMedSAM",
+        manual_download=(
+            "no public download: the RobustMedSAM repository (https://github.com/jli2556/RobustMedSAM) releases "
+            "code only. Build the initial fused model with `robustmedsam fuse --encoder medsam_vit_b --decoder "
+            "robustsam_vit_b -o robustmedsam_init.pth`, fine-tune it, and pass the resulting file's path"
+        ),
+        license="MIT",
         aliases=("robustmedsam",),
     ),
 )
