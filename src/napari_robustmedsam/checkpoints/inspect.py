@@ -1,0 +1,131 @@
+"""``describe_checkpoint``: what a checkpoint is, without building a model.
+
+Layout, architecture, decoder kind, preprocessing (and whether it was recorded or guessed), parameter
+counts per module (and of the robust part of the decoder), provenance when the file carries it, sha256.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+
+from .layouts import Checkpoint, early_feature_width
+from .loading import Source, count_parameters, infer_box_primary, infer_preprocessing, resolve_source
+
+
+def describe_checkpoint(
+    source: str | os.PathLike | Mapping | Checkpoint | Source,
+    *,
+    cache_dir: str | os.PathLike | None = None,
+    progress: bool = True,
+) -> dict:
+    """A plain dict (JSON-serialisable) describing a checkpoint file, registry model or loaded dict."""
+    src = resolve_source(source, cache_dir=cache_dir, progress=progress)
+    ckpt = src.checkpoint
+    layout = ckpt.layout
+    state = ckpt.state_dict
+    tensors = {part: 0 for part in ("image_encoder", "prompt_encoder", "mask_decoder")}
+    dtypes: dict[str, int] = {}
+    for key, value in state.items():
+        part = key.split(".", 1)[0]
+        tensors[part] = tensors.get(part, 0) + 1
+        name = str(value.dtype).replace("torch.", "")
+        dtypes[name] = dtypes.get(name, 0) + 1
+    info: dict = {
+        "source": src.label,
+        "path": str(src.path) if src.path else None,
+        "registry_name": src.spec.name if src.spec else None,
+        "registry_match": src.spec_match or None,
+        "sha256": src.sha256,
+        "size_bytes": src.size_bytes,
+        "layout": layout.name,
+        "layout_description": layout.description,
+        "container": layout.container_key,
+        "stripped_prefix": layout.stripped_prefix or None,
+        "ignored_entries": list(layout.ignored),
+        "parts": list(layout.parts),
+        "architecture": layout.architecture,
+        "decoder": layout.decoder,
+        "early_feature_width": early_feature_width(state) if layout.decoder == "robust" else None,
+        "parameters": count_parameters(state),
+        "tensors": tensors,
+        "dtypes": dtypes,
+        "notices": list(layout.notices),
+    }
+    if layout.parts and "image_encoder" in layout.parts:
+        prep, reason, guessed = infer_preprocessing(src)
+        info.update(
+            preprocessing=prep,
+            preprocessing_reason=reason,
+            preprocessing_guessed=guessed,
+            box_primary=infer_box_primary(src, prep),
+        )
+    else:
+        info.update(preprocessing=None, preprocessing_reason="no image encoder", preprocessing_guessed=False,
+                    box_primary=None)
+    metadata = dict(ckpt.metadata)
+    info["provenance"] = metadata.pop("provenance", None)
+    info["metadata"] = metadata
+    return info
+
+
+def _millions(value: int) -> str:
+    return f"{value / 1e6:.2f} M" if value >= 10_000 else str(value)
+
+
+def render_description(info: Mapping) -> str:
+    """Human-readable text of :func:`describe_checkpoint`'s result."""
+    lines = [f"checkpoint: {info.get('path') or info.get('source')}"]
+    if info.get("registry_name"):
+        lines.append(f"  registry model: {info['registry_name']} (matched by {info.get('registry_match')})")
+    if info.get("size_bytes") is not None:
+        lines.append(f"  size: {info['size_bytes']} bytes")
+    if info.get("sha256"):
+        lines.append(f"  sha256: {info['sha256']}")
+    layout = f"  layout: {info['layout']} - {info['layout_description']}"
+    lines.append(layout)
+    if info.get("stripped_prefix"):
+        lines.append(f"  key prefix removed: {info['stripped_prefix']!r}")
+    if info.get("ignored_entries"):
+        lines.append(f"  other entries (not weights, ignored): {', '.join(info['ignored_entries'])}")
+    lines.append(f"  architecture: {info.get('architecture') or '-'}")
+    decoder = info.get("decoder") or "-"
+    if info.get("early_feature_width"):
+        decoder += f" (reads {info['early_feature_width']}-channel early encoder features)"
+    lines.append(f"  decoder: {decoder}")
+    if info.get("preprocessing"):
+        lines.append(f"  preprocessing: {info['preprocessing']} ({info.get('preprocessing_reason')})")
+        lines.append(f"  box-primary: {'yes (trained with boxes only)' if info.get('box_primary') else 'no'}")
+    params = info.get("parameters", {})
+    tensors = info.get("tensors", {})
+    lines.append("  parameters:")
+    for part in ("image_encoder", "prompt_encoder", "mask_decoder"):
+        lines.append(f"    {part:<16} {_millions(params.get(part, 0)):>10}  ({tensors.get(part, 0)} tensors)")
+    if params.get("mask_decoder_robust"):
+        lines.append(f"      of which robust {_millions(params['mask_decoder_robust']):>10}")
+    lines.append(f"    {'total':<16} {_millions(params.get('total', 0)):>10}")
+    if info.get("dtypes"):
+        lines.append("  dtypes: " + ", ".join(f"{k} x{v}" for k, v in sorted(info["dtypes"].items())))
+    meta = info.get("metadata") or {}
+    for key in ("created_utc", "package_version", "description", "box_primary_reason"):
+        if meta.get(key):
+            lines.append(f"  {key.replace('_', ' ')}: {meta[key]}")
+    if meta.get("extra"):
+        lines.append(f"  extra: {meta['extra']}")
+    provenance = info.get("provenance")
+    if isinstance(provenance, Mapping) and provenance.get("sources"):
+        lines.append("  provenance:")
+        for src in provenance["sources"]:
+            name = src.get("filename") or src.get("given")
+            if src.get("registry_name"):
+                how = src.get("registry_match")
+                name = f"registry model {src['registry_name']}" if how == "name" else (
+                    f"{name} (registry model {src['registry_name']}, matched by {how})"
+                )
+            lines.append(
+                f"    {src.get('role', '?')}: {name} [{', '.join(src.get('prefixes', []))}] layout {src.get('layout')}"
+            )
+            lines.append(f"      sha256 {src.get('sha256') or '-'}, {src.get('size_bytes') or '-'} bytes")
+    for text in info.get("notices", []):
+        lines.append(f"  notice: {text}")
+    return "\n".join(lines)

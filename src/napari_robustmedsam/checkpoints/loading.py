@@ -1,0 +1,418 @@
+"""``load_model``: a registry name or a checkpoint file -> a ready :class:`PromptableSegmenter`.
+
+A registry name goes through :func:`fetch_weights`; a path goes through layout detection. The model is
+built with :func:`models.build.build_segmenter` for the architecture and decoder the tensors show, the
+weights are loaded with ``strict=True`` (missing, unexpected or mis-shaped tensors are reported by name,
+never dropped), and the model is put in eval mode on the chosen device and dtype.
+
+Preprocessing must match what the weights were trained with (SAM, MedSAM and LiteMedSAM differ and a
+mismatch silently ruins masks). It comes from the registry, else the checkpoint's metadata, else a
+registry entry with the same sha256 or file name, else the layout (TinyViT -> litemedsam, MedSAM's
+training layout -> medsam, otherwise sam) with a notice that it was guessed and how to override it.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..errors import CheckpointError, UserFacingError
+from ..models.registry import MODELS, ModelSpec, get_model_spec
+from .download import fetch_weights
+from .layouts import (
+    Checkpoint,
+    expected_shapes,
+    format_key_problems,
+    is_robust_key,
+    key_problems,
+    read_checkpoint,
+    shapes_of,
+)
+from .project_format import PREPROCESSING_CHOICES
+from .safe_load import file_sha256, notice
+
+_PATH_SUFFIXES = (".pth", ".pt", ".ckpt", ".bin", ".tar", ".pkl")
+BOX_PRIMARY_PREPROCESSING = ("medsam", "litemedsam")  # MedSAM and LiteMedSAM were trained with boxes only
+
+
+# --------------------------------------------------------------------------------------------------
+# sources: a registry name, a file, or an in-memory checkpoint
+# --------------------------------------------------------------------------------------------------
+@dataclass
+class Source:
+    """A resolved checkpoint and what is known about where it came from."""
+
+    label: str  # what the user gave (name or path)
+    checkpoint: Checkpoint
+    spec: ModelSpec | None = None  # registry entry, when given by name (or recognised)
+    spec_match: str = ""  # how the registry entry was found: "name", "sha256", "file name"
+    path: Path | None = None
+    sha256: str | None = None
+    size_bytes: int | None = None
+
+    def provenance(self) -> dict:
+        return {
+            "given": self.label,
+            "registry_name": self.spec.name if self.spec else None,
+            "registry_match": self.spec_match or None,
+            "path": str(self.path) if self.path else None,
+            "filename": self.path.name if self.path else None,
+            "sha256": self.sha256,
+            "size_bytes": self.size_bytes,
+            "layout": self.checkpoint.layout.name,
+            "architecture": self.checkpoint.architecture,
+            "decoder": self.checkpoint.decoder,
+        }
+
+
+def looks_like_path(value: str | os.PathLike) -> bool:
+    text = os.fspath(value)
+    return (
+        isinstance(value, os.PathLike)
+        or "/" in text
+        or os.sep in text
+        or text.lower().endswith(_PATH_SUFFIXES)
+        or text.startswith("~")
+    )
+
+
+def _registry_match(path: Path, sha256: str) -> tuple[ModelSpec | None, str]:
+    for spec in MODELS.values():
+        if spec.known_hash and spec.known_hash.lower() == f"sha256:{sha256}":
+            return spec, "sha256"
+    for spec in MODELS.values():
+        if path.name == spec.filename:
+            return spec, "file name"
+    return None, ""
+
+
+def resolve_source(
+    source: str | os.PathLike | Checkpoint | Mapping | Source,
+    *,
+    cache_dir: str | os.PathLike | None = None,
+    progress: bool = True,
+) -> Source:
+    """Read a checkpoint given as a registry name, a file path, a :class:`Checkpoint` or a loaded dict."""
+    if isinstance(source, Source):
+        return source
+    if isinstance(source, Checkpoint):
+        path = source.path
+        sha = file_sha256(path) if path and path.is_file() else None
+        return Source(label=str(path or "in-memory checkpoint"), checkpoint=source, path=path, sha256=sha,
+                      size_bytes=path.stat().st_size if sha else None)
+    if isinstance(source, Mapping):
+        return Source(label="in-memory checkpoint", checkpoint=read_checkpoint(source))
+    text = os.fspath(source)
+    path = Path(text).expanduser()
+    if path.exists() or looks_like_path(source):
+        checkpoint = read_checkpoint(path)
+        sha = file_sha256(path)
+        spec, how = _registry_match(path, sha)
+        return Source(label=text, checkpoint=checkpoint, spec=spec, spec_match=how, path=path, sha256=sha,
+                      size_bytes=path.stat().st_size)
+    try:
+        spec = get_model_spec(text)
+    except UserFacingError as err:
+        raise CheckpointError(f"{err} (no file named {text!r} exists either)") from None
+    weights = fetch_weights(spec, cache_dir=cache_dir, progress=progress)
+    checkpoint = read_checkpoint(weights, source_hint=spec.url or spec.manual_download or spec.source)
+    where = f"registry model '{spec.name}' ({weights})"
+    if checkpoint.architecture != spec.architecture or checkpoint.decoder != spec.decoder:
+        raise CheckpointError(
+            f"{where}: the file holds a {checkpoint.architecture} model with a {checkpoint.decoder} decoder, "
+            f"but the registry expects {spec.architecture} with a {spec.decoder} decoder; the file at that path is "
+            "not the right one: remove it so it can be fetched again"
+        )
+    return Source(label=text, checkpoint=checkpoint, spec=spec, spec_match="name", path=weights,
+                  sha256=file_sha256(weights), size_bytes=weights.stat().st_size)
+
+
+def infer_preprocessing(source: Source) -> tuple[str, str, bool]:
+    """(preprocessing, why, guessed) for the weights of ``source``."""
+    ckpt = source.checkpoint
+    if source.spec is not None and source.spec_match in ("name", "sha256"):
+        how = "registry model" if source.spec_match == "name" else "sha256 matches registry model"
+        return source.spec.preprocessing, f"{how} '{source.spec.name}'", False
+    recorded = ckpt.metadata.get("preprocessing")
+    if recorded in PREPROCESSING_CHOICES:
+        reason = ckpt.metadata.get("preprocessing_reason") or ""
+        return recorded, "recorded in the checkpoint's metadata" + (f"; {reason}" if reason else ""), False
+    if source.spec is not None:
+        return (
+            source.spec.preprocessing,
+            f"guessed from the file name, which is that of registry model '{source.spec.name}'",
+            True,
+        )
+    if ckpt.architecture == "tiny_vit":
+        return "litemedsam", "guessed from the layout: a TinyViT encoder is LiteMedSAM's", True
+    if ckpt.layout.name == "medsam_training":
+        return "medsam", "guessed from the layout: MedSAM's training checkpoint {'model': ...}", True
+    return "sam", f"guessed: a {ckpt.layout.name} layout checkpoint without metadata is taken to use SAM's", True
+
+
+def infer_box_primary(source: Source, preprocessing: str) -> bool:
+    recorded = source.checkpoint.metadata.get("box_primary")
+    if isinstance(recorded, bool):
+        return recorded
+    if source.spec is not None:
+        return source.spec.box_primary
+    return preprocessing in BOX_PRIMARY_PREPROCESSING
+
+
+# --------------------------------------------------------------------------------------------------
+# strict loading
+# --------------------------------------------------------------------------------------------------
+def check_state_dict_fits(state_dict: Mapping, expected: Mapping, where: str, what: str) -> None:
+    """Raise a CheckpointError naming every missing, unexpected or mis-shaped tensor."""
+    missing, unexpected, mismatched = key_problems(state_dict, expected)
+    if missing or unexpected or mismatched:
+        raise CheckpointError(f"{where} does not fit {what}:" + format_key_problems(missing, unexpected, mismatched))
+
+
+def load_state_dict_strict(model, state_dict: Mapping, where: str) -> None:
+    """``model.load_state_dict(state_dict, strict=True)`` with errors that name the tensors."""
+    what = f"the {model.architecture.name} model with a {model.architecture.decoder} decoder"
+    check_state_dict_fits(state_dict, shapes_of(model), where, what)
+    try:
+        model.load_state_dict(state_dict, strict=True)
+    except RuntimeError as err:
+        raise CheckpointError(f"{where} does not fit {what}: {err}") from None
+
+
+def _meta_leftovers(model) -> list[str]:
+    """Names of tensors still on the meta device (parameters, buffers or plain tensor attributes)."""
+    import torch
+
+    left = [name for name, t in model.named_parameters() if t.is_meta]
+    left += [name for name, t in model.named_buffers() if t.is_meta]
+    for module_name, module in model.named_modules():
+        for attr, value in vars(module).items():
+            if isinstance(value, torch.Tensor) and value.is_meta:
+                left.append(f"{module_name}.{attr}" if module_name else attr)
+    return left
+
+
+def build_and_load(architecture: str, decoder: str, state: Mapping, where: str):
+    """Build ``build_segmenter(architecture, decoder)`` and load ``state`` strictly.
+
+    The model is first built on the meta device and the checkpoint tensors are assigned to it (no random
+    initialisation, no copy). If some tensor is not covered by the state dict (a non-persistent buffer),
+    or the architecture cannot be built on the meta device (TinyViT), it is built normally instead.
+    Every missing, unexpected or mis-shaped tensor is named in the error.
+    """
+    import torch
+
+    from ..models.build import build_segmenter
+
+    what = f"the {architecture} model with a {decoder} decoder"
+    try:
+        with torch.device("meta"):
+            model = build_segmenter(architecture, decoder)
+    except ImportError as err:
+        raise CheckpointError(f"cannot build {what} for {where}: {err}") from err
+    except (RuntimeError, NotImplementedError, TypeError):
+        model = None
+    if model is not None:
+        check_state_dict_fits(state, shapes_of(model), where, what)
+        try:
+            model.load_state_dict(state, strict=True, assign=True)
+        except RuntimeError as err:
+            raise CheckpointError(f"{where} does not fit {what}: {err}") from None
+        if not _meta_leftovers(model):
+            return model
+    try:
+        model = build_segmenter(architecture, decoder)
+    except ImportError as err:
+        raise CheckpointError(f"cannot build {what} for {where}: {err}") from err
+    load_state_dict_strict(model, state, where)
+    return model
+
+
+# --------------------------------------------------------------------------------------------------
+# load_model
+# --------------------------------------------------------------------------------------------------
+def count_parameters(state_dict: Mapping) -> dict[str, int]:
+    """Trainable-parameter counts per module from a state dict (BatchNorm statistics excluded)."""
+    counts = {"image_encoder": 0, "prompt_encoder": 0, "mask_decoder": 0, "mask_decoder_robust": 0}
+    for key, value in state_dict.items():
+        if key.endswith(("running_mean", "running_var", "num_batches_tracked")):
+            continue
+        if key == "prompt_encoder.pe_layer.positional_encoding_gaussian_matrix":
+            continue  # a fixed random buffer, not a parameter
+        part = key.split(".", 1)[0]
+        numel = int(value.numel()) if hasattr(value, "numel") else 0
+        if part in counts:
+            counts[part] += numel
+        if is_robust_key(key):
+            counts["mask_decoder_robust"] += numel
+    counts["total"] = counts["image_encoder"] + counts["prompt_encoder"] + counts["mask_decoder"]
+    return counts
+
+
+@dataclass
+class LoadedModel:
+    model: Any  # PromptableSegmenter, eval mode, on ``device``
+    name: str
+    architecture: str
+    decoder: str
+    preprocessing: str
+    box_primary: bool
+    checkpoint_path: Path | None
+    sha256: str | None
+    layout: str
+    metadata: dict = field(default_factory=dict)
+    preprocessing_reason: str = ""
+    notices: list[str] = field(default_factory=list)
+
+    @property
+    def device(self):
+        return self.model.device
+
+    @property
+    def dtype(self):
+        return next(self.model.parameters()).dtype
+
+    def summary(self) -> str:
+        counts = count_parameters(self.model.state_dict())
+        lines = [
+            f"model: {self.name}",
+            f"  checkpoint: {self.checkpoint_path or '(in memory)'}",
+            f"  sha256: {self.sha256 or '-'}",
+            f"  layout: {self.layout}",
+            f"  architecture: {self.architecture}, decoder: {self.decoder}",
+            f"  preprocessing: {self.preprocessing} ({self.preprocessing_reason})",
+            f"  prompts: {'boxes (trained with boxes only; points alone give poor masks)' if self.box_primary else 'points and boxes'}",
+            f"  device: {self.device}, dtype: {str(self.dtype).replace('torch.', '')}",
+            "  parameters: " + ", ".join(f"{k} {v / 1e6:.2f} M" for k, v in counts.items() if v or k == "total"),
+        ]
+        provenance = self.metadata.get("provenance") or {}
+        for src in provenance.get("sources", []) if isinstance(provenance, dict) else []:
+            lines.append(
+                f"  from {src.get('role', '?')}: {src.get('registry_name') or src.get('filename') or src.get('given')}"
+                f" ({', '.join(src.get('prefixes', []))}) sha256 {str(src.get('sha256'))[:12]}"
+            )
+        lines += [f"  notice: {text}" for text in self.notices]
+        return "\n".join(lines)
+
+
+def load_model(
+    name_or_path: str | os.PathLike = "litemedsam",
+    device: str = "auto",
+    half: bool | None = None,
+    decoder_override: str | os.PathLike | None = None,
+    *,
+    preprocessing: str | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    progress: bool = True,
+) -> LoadedModel:
+    """Load a registry model or a checkpoint file, ready for inference.
+
+    ``decoder_override``: ``"sam"`` uses SAM's plain decoder of a robust checkpoint (the robust tensors are
+    left out explicitly, with a notice); any other value is a registry name or file whose mask decoder
+    replaces this checkpoint's (an in-memory fusion, validated like ``robustmedsam fuse``).
+    ``preprocessing``: override the preprocessing (``"sam"``, ``"medsam"`` or ``"litemedsam"``).
+    """
+    from ..engine.device import inference_dtype, resolve_device
+
+    if preprocessing is not None and preprocessing not in PREPROCESSING_CHOICES:
+        raise UserFacingError(
+            f"unknown preprocessing {preprocessing!r}; expected one of {', '.join(PREPROCESSING_CHOICES)}"
+        )
+    target_device = resolve_device(device)
+    dtype = inference_dtype(target_device, half)
+    source = resolve_source(name_or_path, cache_dir=cache_dir, progress=progress)
+    ckpt = source.checkpoint
+    where = str(source.path) if source.path else source.label
+    notices = list(ckpt.notices)
+    state = ckpt.state_dict
+    metadata = dict(ckpt.metadata)
+    name = source.spec.name if (source.spec and source.spec_match == "name") else (
+        source.path.name if source.path else source.label
+    )
+    if not ckpt.layout.complete:
+        missing = [part for part in ("image_encoder", "prompt_encoder", "mask_decoder") if part not in ckpt.layout.parts]
+        raise CheckpointError(
+            f"{where} holds no {', '.join(missing)} weights, so it cannot be used as a model on its own; "
+            "combine it with another checkpoint using `robustmedsam fuse`"
+        )
+    architecture, decoder = ckpt.architecture, ckpt.decoder
+
+    fused = False
+    if decoder_override is not None:
+        override = os.fspath(decoder_override)
+        if override == "sam":
+            if decoder == "robust":
+                dropped = [key for key in state if is_robust_key(key)]
+                state = {key: value for key, value in state.items() if not is_robust_key(key)}
+                decoder = "sam"
+                notices.append(notice(
+                    f"decoder_override='sam': using the plain SAM part of the robust decoder of {where}; "
+                    f"its {len(dropped)} robust tensors are not loaded"
+                ))
+        elif override == "robust":
+            if decoder != "robust":
+                raise CheckpointError(
+                    f"decoder_override='robust' but {where} has no robust decoder weights; give a checkpoint with a "
+                    "robust decoder as decoder_override (e.g. 'robustsam_vit_b'), or build one with `robustmedsam fuse`"
+                )
+        else:
+            from .fusion import fuse_checkpoints
+
+            state, metadata = fuse_checkpoints(
+                source, override, preprocessing=preprocessing, cache_dir=cache_dir, progress=progress
+            )
+            decoder = metadata["decoder"]
+            fused = True
+            notices.append(notice(f"mask decoder taken from {override} (in-memory fusion, nothing written)"))
+
+    if fused:
+        prep, reason = metadata["preprocessing"], metadata.get("preprocessing_reason", "")
+        box_primary = bool(metadata.get("box_primary"))
+    else:
+        prep, reason, guessed = infer_preprocessing(source)
+        if preprocessing is not None:
+            if preprocessing != prep:
+                reason = f"set by the caller (the checkpoint suggests {prep!r}: {reason})"
+            else:
+                reason = f"set by the caller ({reason})"
+            prep, guessed = preprocessing, False
+        if guessed:
+            notices.append(notice(
+                f"preprocessing of {where} is not recorded; {reason}: {prep!r}. If masks look wrong, pass "
+                "preprocessing='sam' | 'medsam' | 'litemedsam' (CLI: --preprocessing)"
+            ))
+        box_primary = infer_box_primary(source, prep)
+
+    model = build_and_load(architecture, decoder, state, where)
+    model.eval()
+    model.to(device=target_device, dtype=dtype)
+    return LoadedModel(
+        model=model,
+        name=name,
+        architecture=architecture,
+        decoder=decoder,
+        preprocessing=prep,
+        box_primary=bool(box_primary),
+        checkpoint_path=source.path,
+        sha256=source.sha256,
+        layout=ckpt.layout.name,
+        metadata=metadata,
+        preprocessing_reason=reason,
+        notices=notices,
+    )
+
+
+__all__ = [
+    "LoadedModel",
+    "Source",
+    "count_parameters",
+    "expected_shapes",
+    "infer_box_primary",
+    "infer_preprocessing",
+    "load_model",
+    "load_state_dict_strict",
+    "resolve_source",
+]
