@@ -120,10 +120,11 @@ def resolve_source(
     weights = fetch_weights(spec, cache_dir=cache_dir, progress=progress)
     checkpoint = read_checkpoint(weights, source_hint=spec.url or spec.manual_download or spec.source)
     where = f"registry model '{spec.name}' ({weights})"
-    if checkpoint.architecture != spec.architecture or checkpoint.decoder != spec.decoder:
+    file_decoder = "sam" if spec.robust_init else spec.decoder  # robust_init builds the robust parts itself
+    if checkpoint.architecture != spec.architecture or checkpoint.decoder != file_decoder:
         raise CheckpointError(
             f"{where}: the file holds a {checkpoint.architecture} model with a {checkpoint.decoder} decoder, "
-            f"but the registry expects {spec.architecture} with a {spec.decoder} decoder; the file at that path is "
+            f"but the registry expects {spec.architecture} with a {file_decoder} decoder; the file at that path is "
             "not the right one: remove it so it can be fetched again"
         )
     return Source(label=text, checkpoint=checkpoint, spec=spec, spec_match="name", path=weights,
@@ -229,6 +230,23 @@ def build_and_load(architecture: str, decoder: str, state: Mapping, where: str):
         raise CheckpointError(f"cannot build {what} for {where}: {err}") from err
     load_state_dict_strict(model, state, where)
     return model
+
+
+def with_identity_robust_decoder(state: Mapping, where: str) -> dict:
+    """Replace a TinyViT checkpoint's plain decoder by the lite robust decoder built from it.
+
+    The SAM parts keep their tensors; the robust parts are initialised so that they change nothing
+    (see :mod:`napari_robustmedsam.models.lite_robust_decoder`) until the decoder is fine-tuned.
+    """
+    from ..models.lite_robust_decoder import build_lite_robust_decoder
+
+    try:
+        decoder = build_lite_robust_decoder(state)
+    except ValueError as err:
+        raise CheckpointError(f"cannot build a lite robust decoder from {where}: {err}") from None
+    out = {key: value for key, value in state.items() if not key.startswith("mask_decoder.")}
+    out.update({f"mask_decoder.{key}": value for key, value in decoder.state_dict().items()})
+    return out
 
 
 # --------------------------------------------------------------------------------------------------
@@ -340,6 +358,8 @@ def load_model(
         )
     architecture, decoder = ckpt.architecture, ckpt.decoder
 
+    if source.spec is not None and source.spec.robust_init and decoder == "sam":
+        decoder_override = "robust"
     fused = False
     if decoder_override is not None:
         override = os.fspath(decoder_override)
@@ -352,6 +372,13 @@ def load_model(
                     f"decoder_override='sam': using the plain SAM part of the robust decoder of {where}; "
                     f"its {len(dropped)} robust tensors are not loaded"
                 ))
+        elif override == "robust" and decoder != "robust" and architecture == "tiny_vit":
+            state = with_identity_robust_decoder(state, where)
+            decoder = "robust"
+            notices.append(notice(
+                f"decoder_override='robust': {where} has a plain decoder, so a lite robust decoder was built from it "
+                "with untrained (identity-initialised) robust parts: masks equal the plain decoder's until it is fine-tuned"
+            ))
         elif override == "robust":
             if decoder != "robust":
                 raise CheckpointError(

