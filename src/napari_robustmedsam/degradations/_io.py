@@ -1,0 +1,105 @@
+"""Minimal image reading / writing for the degradation CLI (PNG, JPEG, BMP, TIFF, NPY), atomic writes.
+
+(The project's general image IO lives in napari_robustmedsam.io; this keeps the degradation commands
+self-contained.)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import DegradationError
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".npy")
+
+
+def read_image(path: str | os.PathLike) -> np.ndarray:
+    """Read an image or volume as a numpy array (dtype as stored)."""
+    p = Path(path)
+    if not p.is_file():
+        raise DegradationError(f"input image not found: {p}")
+    suffix = p.suffix.lower()
+    if suffix not in IMAGE_SUFFIXES:
+        raise DegradationError(f"unsupported image format {suffix!r} for {p}; use one of {', '.join(IMAGE_SUFFIXES)}")
+    try:
+        if suffix == ".npy":
+            return np.load(p, allow_pickle=False)
+        if suffix in (".tif", ".tiff"):
+            import tifffile
+
+            return tifffile.imread(p)
+        import imageio.v3 as iio
+
+        return np.asarray(iio.imread(p))
+    except DegradationError:
+        raise
+    except Exception as err:  # unreadable / corrupt file
+        raise DegradationError(f"cannot read {p}: {err}") from None
+
+
+def _write(path: Path, array: np.ndarray) -> None:
+    suffix = path.suffix.lower()
+    if suffix == ".npy":
+        with open(path, "wb") as fh:
+            np.save(fh, array, allow_pickle=False)
+    elif suffix in (".tif", ".tiff"):
+        import tifffile
+
+        tifffile.imwrite(path, array, compression="zlib")
+    elif suffix in (".jpg", ".jpeg"):
+        from PIL import Image
+
+        if array.dtype != np.uint8:
+            raise DegradationError(f"JPEG output needs uint8 data, got {array.dtype}: write .png, .tif or .npy")
+        Image.fromarray(array).save(path, format="JPEG", quality=95)
+    else:
+        import imageio.v3 as iio
+
+        if array.dtype not in (np.uint8, np.uint16):
+            raise DegradationError(
+                f"{suffix} output needs uint8 or uint16 data, got {array.dtype}: write .tif or .npy instead"
+            )
+        iio.imwrite(path, array, extension=suffix)
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path in the target's folder; on success rename it over the target (atomic on
+    the same file system), on failure delete it. The file gets the usual permissions (0666 & ~umask)."""
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{p.stem}.", suffix=p.suffix, dir=p.parent)
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
+        os.replace(tmp, p)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_image(path: str | os.PathLike, array: np.ndarray) -> Path:
+    """Write atomically: to a temporary file in the target folder, then rename over the target."""
+    p = Path(path)
+    suffix = p.suffix.lower()
+    if suffix not in IMAGE_SUFFIXES:
+        raise DegradationError(f"unsupported output format {suffix!r} for {p}; use one of {', '.join(IMAGE_SUFFIXES)}")
+    with atomic_path(p) as tmp:
+        _write(tmp, np.ascontiguousarray(array))
+    return p
+
+
+def write_text(path: str | os.PathLike, text: str) -> Path:
+    """Atomic text write (manifests)."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+    return Path(path)
