@@ -25,6 +25,14 @@ def shared_data() -> Path:
     return path
 
 
+def pytest_configure(config):
+    # Import the model stack (and triton, which torch pulls in) before any napari viewer creates an
+    # OpenGL context: triton's LLVM loaded after Mesa's crashes the interpreter (see annotation.model_info).
+    from napari_robustmedsam.annotation.model_info import preimport_model_modules
+
+    preimport_model_modules()
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _two_threads():
     # The CI machine has 2 cores; oversubscription makes torch much slower, not faster.

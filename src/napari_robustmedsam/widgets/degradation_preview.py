@@ -1,0 +1,446 @@
+"""Live degradation preview and "Segment on degraded".
+
+Pick a degradation (the registry's list, filtered by modality), a level (LQ-1..LQ-3+) or a continuous
+severity, and a seed: a ``degraded`` image layer follows the controls live. Changes are debounced (all changes
+of one event-loop turn, and all changes made while a degradation runs, give one update) and the
+degradation runs in a worker (the latest setting wins), so the UI never freezes. For a volume only
+the visible slice is degraded (a one-slice layer placed at that slice).
+
+"Segment on degraded" reuses the annotator's prompts of the visible slice on the degraded slice (with its
+own embedding) and shows the clean and the degraded mask side by side with their Dice.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+from psygnal import Signal as PSignal
+from qtpy.QtCore import Qt, QTimer
+from qtpy.QtWidgets import (
+    QCheckBox,
+    QComboBox,
+    QFormLayout,
+    QGridLayout,
+    QHBoxLayout,
+    QLabel,
+    QPushButton,
+    QSpinBox,
+    QVBoxLayout,
+    QWidget,
+)
+from superqt import QLabeledDoubleSlider
+
+from ..annotation.embeddings import image_kind
+from ..annotation.robustness import degrade_slice, segment_on_degraded
+from ..annotation.session import SlicePrompts
+from ..errors import UserFacingError
+from . import _render
+from ._common import Banner, TaskRow, mark, role_of, run_task, shrinkable, unwrap
+from ._state import get_state
+
+DEGRADED_NAME = "degraded"
+CLEAN_MASK_NAME = "mask on clean"
+DEGRADED_MASK_NAME = "mask on degraded"
+ALL_MODALITIES = "(all types)"
+DEBOUNCE_MS = 0  # coalesce the changes of one event-loop turn; a running preview coalesces the rest (latest wins)
+
+
+class DegradationPreview(QWidget):
+    preview_updated = PSignal(float)  # seconds from the last control change to the updated layer
+    compared = PSignal(object)  # DegradedSegmentation
+
+    def __init__(self, napari_viewer) -> None:
+        super().__init__()
+        from ..degradations import LEVELS, MODALITIES
+
+        self.viewer = napari_viewer
+        self.state = get_state(napari_viewer)
+        self.setObjectName("robustmedsam-degradation-preview")
+        self.degraded_layer = None
+        self._running = False
+        self._pending = False
+        self._t_change: float | None = None
+        self.last_latency: float | None = None
+        self.last_result = None
+        self._last_seconds: float | None = None
+
+        self.modality_combo = shrinkable(QComboBox())
+        self.modality_combo.addItems([ALL_MODALITIES, *MODALITIES])
+        self.type_combo = shrinkable(QComboBox())
+        self.mode_combo = shrinkable(QComboBox())
+        self.mode_combo.addItems(["level", "severity"])
+        self.level_combo = shrinkable(QComboBox())
+        self.level_combo.addItems(list(LEVELS))
+        self.level_combo.setCurrentText("LQ-2")
+        self.severity_slider = QLabeledDoubleSlider(Qt.Orientation.Horizontal)
+        self.severity_slider.setRange(0.0, 1.0)
+        self.severity_slider.setValue(0.5)
+        self.severity_slider.setDecimals(2)
+        self.seed_spin = QSpinBox()
+        self.seed_spin.setRange(0, 2**31 - 1)
+        self.live_check = QCheckBox("Live preview")
+        self.live_check.setChecked(True)
+        self.describe_label = QLabel("")
+        self.describe_label.setWordWrap(True)
+        self.describe_label.setStyleSheet("color:#9aa;")
+
+        self.segment_button = QPushButton("Segment on degraded")
+        self.segment_button.setToolTip("Reuse the annotator's prompts of this slice on the degraded slice")
+        self.segment_button.clicked.connect(lambda: self.segment_on_degraded())
+        self.task_row = TaskRow()
+        self.banner = Banner()
+        self.timing = QLabel("")
+        self.timing.setWordWrap(True)
+        self.timing.setStyleSheet("color:#9aa;")
+
+        self.clean_view = QLabel()
+        self.degraded_view = QLabel()
+        for view in (self.clean_view, self.degraded_view):
+            view.setAlignment(Qt.AlignmentFlag.AlignCenter)
+            view.setMinimumSize(120, 120)
+        self.clean_caption = QLabel("clean")
+        self.degraded_caption = QLabel("degraded")
+        for caption in (self.clean_caption, self.degraded_caption):
+            caption.setWordWrap(True)
+            caption.setAlignment(Qt.AlignmentFlag.AlignCenter)
+        self.dice_label = QLabel("")
+        self.dice_label.setWordWrap(True)
+        self.dice_label.setAlignment(Qt.AlignmentFlag.AlignCenter)
+        self.dice_label.setStyleSheet("font-weight:bold;")
+        compare = QGridLayout()
+        compare.addWidget(self.clean_caption, 0, 0)
+        compare.addWidget(self.degraded_caption, 0, 1)
+        compare.addWidget(self.clean_view, 1, 0)
+        compare.addWidget(self.degraded_view, 1, 1)
+        compare.addWidget(self.dice_label, 2, 0, 1, 2)
+        self.compare_box = QWidget()
+        self.compare_box.setLayout(compare)
+        self.compare_box.hide()
+
+        form = QFormLayout()
+        form.addRow("Modality", self.modality_combo)
+        form.addRow("Degradation", self.type_combo)
+        mode_row = QHBoxLayout()
+        mode_row.addWidget(self.mode_combo)
+        mode_row.addWidget(self.level_combo, 1)
+        form.addRow("Strength", mode_row)
+        form.addRow("Severity", self.severity_slider)
+        form.addRow("Seed", self.seed_spin)
+        layout = QVBoxLayout(self)
+        layout.addLayout(form)
+        layout.addWidget(self.describe_label)
+        layout.addWidget(self.live_check)
+        layout.addWidget(self.timing)
+        layout.addWidget(self.segment_button)
+        layout.addWidget(self.task_row)
+        layout.addWidget(self.compare_box)
+        layout.addWidget(self.banner)
+        layout.addStretch(1)
+
+        self._timer = QTimer(self)
+        self._timer.setSingleShot(True)
+        self._timer.setInterval(DEBOUNCE_MS)
+        self._timer.timeout.connect(self._timer_fired)
+
+        self._fill_types()
+        self._update_mode()
+        self.modality_combo.currentTextChanged.connect(self._on_modality)
+        self.type_combo.currentTextChanged.connect(self._on_control)
+        self.mode_combo.currentTextChanged.connect(self._update_mode)
+        self.level_combo.currentTextChanged.connect(self._on_control)
+        self.severity_slider.valueChanged.connect(self._on_control)
+        self.seed_spin.valueChanged.connect(self._on_control)
+        self.live_check.toggled.connect(self._on_live_toggled)
+        napari_viewer.dims.events.current_step.connect(self._on_slice)
+
+    # ---- controls -------------------------------------------------------------------------------
+    @property
+    def modality(self) -> str | None:
+        text = self.modality_combo.currentText()
+        return None if text == ALL_MODALITIES else text
+
+    def _fill_types(self) -> None:
+        from ..degradations import list_degradations, modality_degradations
+
+        current = self.type_combo.currentText()
+        names = list_degradations(self.modality)
+        if self.modality is not None:  # the modality's own sets first, then the rest that applies
+            groups = modality_degradations(self.modality)
+            first = [n for n in (*groups["modality"], *groups["domain"], *groups["extra"]) if n in names]
+            names = list(dict.fromkeys([*first, *names]))
+        self.type_combo.blockSignals(True)
+        self.type_combo.clear()
+        self.type_combo.addItems(names)
+        if current in names:
+            self.type_combo.setCurrentText(current)
+        elif "gaussian_noise" in names:
+            self.type_combo.setCurrentText("gaussian_noise")
+        self.type_combo.blockSignals(False)
+        self._describe()
+
+    def _describe(self) -> None:
+        try:
+            from ..degradations import describe
+
+            info = describe(self.type_combo.currentText())
+            self.describe_label.setText(str(info.get("simulates", "")))
+        except Exception:
+            self.describe_label.setText("")
+
+    def _on_modality(self, *_):
+        self._fill_types()
+        self._on_control()
+
+    def _update_mode(self, *_):
+        level_mode = self.mode_combo.currentText() == "level"
+        self.level_combo.setEnabled(level_mode)
+        self.severity_slider.setEnabled(not level_mode)
+        self._on_control()
+
+    def _on_live_toggled(self, on: bool) -> None:
+        if on:
+            self._on_control()
+
+    def _on_slice(self, event=None) -> None:
+        if self.degraded_layer is not None and self.live_check.isChecked():
+            self._on_control()
+
+    def settings(self) -> dict:
+        level_mode = self.mode_combo.currentText() == "level"
+        return {
+            "name": self.type_combo.currentText(),
+            "level": self.level_combo.currentText() if level_mode else None,
+            "severity": None if level_mode else float(self.severity_slider.value()),
+            "seed": int(self.seed_spin.value()),
+            "modality": self.modality,
+        }
+
+    def set_settings(self, name=None, level=None, severity=None, seed=None, modality=None) -> None:
+        """Set the controls programmatically (tests, scripts); triggers a preview like the user would."""
+        if modality is not None:
+            self.modality_combo.setCurrentText(modality)
+        if name is not None:
+            self.type_combo.setCurrentText(name)
+        if severity is not None:
+            self.mode_combo.setCurrentText("severity")
+            self.severity_slider.setValue(float(severity))
+        elif level is not None:
+            self.mode_combo.setCurrentText("level")
+            self.level_combo.setCurrentText(level)
+        if seed is not None:
+            self.seed_spin.setValue(int(seed))
+        self._on_control()
+
+    def _on_control(self, *_):
+        self._describe()
+        if not self.live_check.isChecked():
+            return
+        self._t_change = time.perf_counter()
+        self._timer.start()
+
+    def _timer_fired(self) -> None:
+        if self.live_check.isChecked():
+            self._start_preview()
+
+    # ---- source image -----------------------------------------------------------------------------
+    def _source(self):
+        """(layer, kind, z, slice image) of the image being annotated (or the active image layer)."""
+        from napari.layers import Image
+
+        annotator = self.state.annotator
+        layer = annotator.image_layer if annotator is not None and annotator.image_layer is not None else None
+        if layer is None:
+            active = unwrap(self.viewer.layers.selection.active)
+            if isinstance(active, Image) and role_of(active) is None:
+                layer = active
+        if layer is None:
+            raise UserFacingError("no image to degrade: open an image (or choose one in the annotator)")
+        kind = image_kind(tuple(layer.data.shape), bool(layer.rgb))
+        z = 0
+        if kind in ("volume", "rgb_volume"):
+            z = annotator.current_z() if annotator is not None and annotator.image_layer is layer else int(
+                np.clip(round((self.viewer.dims.point[-3] - layer.translate[0]) / layer.scale[0]), 0, layer.data.shape[0] - 1))
+            image = np.asarray(layer.data[z])
+        else:
+            image = np.asarray(layer.data)
+        if image.ndim == 3 and image.shape[-1] == 4:
+            image = image[..., :3]
+        return layer, kind, z, image
+
+    # ---- preview ------------------------------------------------------------------------------------
+    def refresh(self) -> None:
+        """Recompute the preview now (also when live preview is off)."""
+        self._t_change = time.perf_counter()
+        self._start_preview()
+
+    def _start_preview(self) -> None:
+        if self._running:
+            self._pending = True
+            return
+        try:
+            layer, kind, z, image = self._source()
+        except UserFacingError as err:
+            self.banner.show_error(err)
+            return
+        settings = self.settings()
+        if not settings["name"]:
+            return
+        if settings["level"] == "LQ-3+" and settings["modality"] is None:
+            self.banner.show_error(UserFacingError("LQ-3+ adds the modality's domain artifacts: choose a modality"))
+            return
+        self._running = True
+        self._pending = False
+        t_change = self._t_change or time.perf_counter()
+
+        def work(handle):
+            t0 = time.perf_counter()
+            out = degrade_slice(image, settings["name"], settings["level"], settings["severity"], settings["seed"],
+                                settings["modality"])
+            return out, time.perf_counter() - t0
+
+        def done(value):
+            self._running = False
+            out, seconds = value
+            self._show_degraded(layer, kind, z, out)
+            self.last_latency = time.perf_counter() - t_change
+            self._last_seconds = seconds
+            self.banner.clear_message()
+            how = settings["level"] or f"severity {settings['severity']:.2f}"
+            self.timing.setText(f"{settings['name']} {how}, seed {settings['seed']}: degraded in {seconds * 1000:.0f} ms, "
+                                f"shown {self.last_latency * 1000:.0f} ms after the change")
+            self.preview_updated.emit(self.last_latency)
+            if self._pending:
+                self._start_preview()
+
+        def failed(err, tb):
+            self._running = False
+            self.banner.show_error(err)
+            if self._pending:
+                self._start_preview()
+
+        run_task(work, done, failed, name="degrading")
+
+    def _show_degraded(self, layer, kind: str, z: int, out: np.ndarray) -> None:
+        volume = kind in ("volume", "rgb_volume")
+        data = out[None] if volume else out
+        scale, translate = tuple(layer.scale), list(layer.translate)
+        if volume:
+            translate[0] = translate[0] + z * scale[0]
+        existing = self.degraded_layer if self.degraded_layer is not None and self.degraded_layer in self.viewer.layers else None
+        if existing is not None and (existing.data.shape != data.shape or existing.rgb != layer.rgb):
+            self.viewer.layers.remove(existing)
+            existing = None
+        if existing is None:
+            selected = self.viewer.layers.selection.active
+            existing = unwrap(self.viewer.add_image(
+                data, name=DEGRADED_NAME, rgb=bool(layer.rgb), scale=scale, translate=translate,
+                colormap=layer.colormap if not layer.rgb else None,
+                contrast_limits=None if layer.rgb else layer.contrast_limits,
+            ))
+            existing = mark(existing, "degraded")
+            self.degraded_layer = existing
+            if selected is not None and selected in self.viewer.layers:
+                self.viewer.layers.selection.active = selected  # keep the prompt layer active
+        else:
+            # in place + one refresh: cheaper than the data setter; translate / limits only when they change
+            np.copyto(existing.data, data)
+            if not np.allclose(existing.translate, translate):
+                existing.translate = translate
+            if not layer.rgb and tuple(existing.contrast_limits) != tuple(layer.contrast_limits):
+                existing.contrast_limits = layer.contrast_limits  # same window: brightness changes stay visible
+            existing.refresh()
+        annotator = self.state.annotator
+        if annotator is not None and annotator.current_layer is not None and annotator.current_layer in self.viewer.layers:
+            idx = self.viewer.layers.index(existing)
+            target = self.viewer.layers.index(annotator.committed_layer or annotator.current_layer)
+            if idx > target:
+                self.viewer.layers.move(idx, target)
+
+    # ---- segment on degraded -------------------------------------------------------------------
+    def segment_on_degraded(self):
+        annotator = self.state.annotator
+        self.banner.clear_message()
+        try:
+            if annotator is None or annotator.session is None:
+                raise UserFacingError("open the annotator on an image and segment an object first")
+            layer, kind, z, image = self._source()
+            if layer is not annotator.image_layer:
+                raise UserFacingError("the degradation preview works on the annotator's image: choose it there")
+            prompts = annotator.session.current_prompts.get(z)
+            layer_prompts = annotator.slice_prompts(z)
+            if prompts is None or prompts.end or prompts.is_empty:
+                prompts = layer_prompts
+            if prompts.is_empty:
+                raise UserFacingError(f"no prompts on slice {z}: draw a box or click points in the annotator first")
+            settings = self.settings()
+            if settings["level"] == "LQ-3+" and settings["modality"] is None:
+                raise UserFacingError("LQ-3+ adds the modality's domain artifacts: choose a modality")
+        except UserFacingError as err:
+            self.banner.show_error(err)
+            return None
+        prompts = SlicePrompts(prompts.points, prompts.labels, prompts.box, "user")
+
+        def run(loaded):
+            embeddings = annotator.embeddings
+            predictor = embeddings.predictor
+
+            def work(handle):
+                handle.report(0, 2, "clean embedding")
+                clean_embedding = embeddings.get(z)
+                handle.report(1, 2, "degraded embedding")
+                return segment_on_degraded(
+                    predictor, image, prompts, settings["name"], level=settings["level"],
+                    severity=settings["severity"], seed=settings["seed"], modality=settings["modality"],
+                    clean_embedding=clean_embedding, box_primary=bool(loaded.box_primary),
+                )
+
+            def done(result):
+                self.last_result = result
+                self._show_comparison(layer, kind, z, result, image)
+                self.compared.emit(result)
+
+            self._handle = run_task(work, done, lambda e, tb: self.banner.show_error(e), name="segment on degraded",
+                                    row=self.task_row)
+
+        self.state.ensure_model(run, lambda e, tb: self.banner.show_error(e), row=self.task_row)
+        return True
+
+    def _show_comparison(self, layer, kind: str, z: int, result, clean_image: np.ndarray) -> None:
+        volume = kind in ("volume", "rgb_volume")
+        self._show_degraded(layer, kind, z, result.degraded_image)
+        scale, translate = tuple(layer.scale), list(layer.translate)
+        if volume:
+            translate[0] = translate[0] + z * scale[0]
+        selected = self.viewer.layers.selection.active
+        for name, mask, color in ((CLEAN_MASK_NAME, result.clean_mask, "#00e5ff"),
+                                  (DEGRADED_MASK_NAME, result.degraded_mask, "#ff8c00")):
+            data = (mask[None] if volume else mask).astype(np.uint8)
+            if name in self.viewer.layers and self.viewer.layers[name].data.shape == data.shape:
+                lay = self.viewer.layers[name]
+                lay.data = data
+                lay.translate = translate
+            else:
+                if name in self.viewer.layers:
+                    self.viewer.layers.remove(self.viewer.layers[name])
+                lay = mark(self.viewer.add_labels(data, name=name, scale=scale, translate=translate, opacity=0.6),
+                           "comparison")
+                try:
+                    from napari.utils.colormaps import DirectLabelColormap
+
+                    lay.colormap = DirectLabelColormap(color_dict={1: color, 0: "transparent", None: "transparent"})
+                except Exception:
+                    pass
+                lay.contour = 2
+        if selected is not None and selected in self.viewer.layers:
+            self.viewer.layers.selection.active = selected
+        limits = None if layer.rgb else tuple(layer.contrast_limits)
+        ys, xs = _render.crop_box([result.clean_mask, result.degraded_mask], result.clean_mask.shape)
+        clean_rgb = _render.overlay(_render.to_uint8(clean_image, limits), result.clean_mask, (0, 229, 255))
+        degraded_rgb = _render.overlay(_render.to_uint8(result.degraded_image, limits), result.degraded_mask, (255, 140, 0))
+        self.clean_view.setPixmap(_render.pixmap(clean_rgb[ys, xs], 150))
+        self.degraded_view.setPixmap(_render.pixmap(degraded_rgb[ys, xs], 150))
+        self.clean_caption.setText(f"clean: {int(result.clean_mask.sum())} px")
+        self.degraded_caption.setText(f"{result.setting}: {int(result.degraded_mask.sum())} px")
+        self.dice_label.setText(f"Dice clean vs degraded: {result.dice:.3f} (IoU {result.iou:.3f})")
+        self.compare_box.show()

@@ -1,0 +1,110 @@
+"""Export / resume: save the committed labels with the prompts used, and load them back."""
+
+from __future__ import annotations
+
+import html
+from pathlib import Path
+
+from qtpy.QtWidgets import QFileDialog, QHBoxLayout, QLabel, QPushButton, QVBoxLayout, QWidget
+
+from ..annotation.export import load_session, save_session
+from ..annotation.model_info import model_meta
+from ..errors import UserFacingError
+from ._common import Banner
+from ._state import get_state
+
+SAVE_FILTER = "TIFF (*.tif);;NumPy (*.npy);;NIfTI (*.nii.gz);;PNG, 2D only (*.png)"
+LOAD_FILTER = "Sessions and labels (*.prompts.json *.tif *.tiff *.npy *.nii.gz *.nii *.png);;All files (*)"
+
+
+class ExportPanel(QWidget):
+    def __init__(self, napari_viewer) -> None:
+        super().__init__()
+        self.viewer = napari_viewer
+        self.state = get_state(napari_viewer)
+        self.setObjectName("robustmedsam-export")
+        self.save_button = QPushButton("Save labels + prompts…")
+        self.save_button.setToolTip("Writes the labels (TIFF/NPY/NIfTI/PNG) and <name>.prompts.json next to it")
+        self.save_button.clicked.connect(self._save_dialog)
+        self.load_button = QPushButton("Resume session…")
+        self.load_button.setToolTip("Load labels (+ their .prompts.json) into the committed objects")
+        self.load_button.clicked.connect(self._load_dialog)
+        self.banner = Banner()
+        self.status = QLabel("")
+        self.status.setWordWrap(True)
+        row = QHBoxLayout()
+        row.addWidget(self.save_button)
+        row.addWidget(self.load_button)
+        layout = QVBoxLayout(self)
+        layout.addLayout(row)
+        layout.addWidget(self.banner)
+        layout.addWidget(self.status)
+        layout.addStretch(1)
+
+    def _annotator(self):
+        annotator = self.state.annotator
+        if annotator is None or annotator.session is None:
+            raise UserFacingError("open the annotator on an image first")
+        return annotator
+
+    def save(self, path: str | Path) -> tuple[Path, Path] | None:
+        """Save the committed objects (labels) and their prompts; errors show in the panel."""
+        self.banner.clear_message()
+        try:
+            annotator = self._annotator()
+            annotator._sync_committed_into_session()
+            session = annotator.session
+            layer = annotator.image_layer
+            source = getattr(getattr(layer, "source", None), "path", None)
+            image_meta = {"name": layer.name, "shape": list(layer.data.shape), "dtype": str(layer.data.dtype),
+                          "kind": annotator.kind, "source": str(source) if source else None}
+            loaded = self.state.loaded
+            labels_path, json_path = save_session(
+                path, session.labels, session.records_json(), image_meta,
+                model_meta(loaded) if loaded is not None else {},
+            )
+        except UserFacingError as err:
+            self.banner.show_error(err)
+            return None
+        except OSError as err:
+            self.banner.show_error(UserFacingError(f"cannot write {path}: {err}"))
+            return None
+        n = len(session.objects) or len(set(session.labels.ravel().tolist()) - {0})
+        self.status.setText(f"Saved {n} object(s): {html.escape(str(labels_path))} and {html.escape(json_path.name)}")
+        return labels_path, json_path
+
+    def load(self, path: str | Path) -> bool:
+        """Resume: the labels become the committed objects (their prompts come back with them)."""
+        self.banner.clear_message()
+        try:
+            annotator = self._annotator()
+            loaded = load_session(path)
+            session = annotator.session
+            if tuple(loaded.labels.shape) != tuple(session.shape):
+                raise UserFacingError(
+                    f"the saved labels have shape {tuple(loaded.labels.shape)} but the image being annotated has "
+                    f"{tuple(session.shape)}: open the matching image first"
+                )
+            session.sync_labels(loaded.labels)
+            session.load_records(loaded.records)
+            annotator._update_committed_layer()
+            annotator._update_enabled()
+        except UserFacingError as err:
+            self.banner.show_error(err)
+            return False
+        prompts = f" with the prompts of {len(loaded.records)} object(s)" if loaded.records else " (no prompts file)"
+        self.status.setText(f"Resumed {html.escape(str(loaded.labels_path.name))}{prompts}; new objects get new ids.")
+        return True
+
+    def _save_dialog(self) -> None:
+        path, selected = QFileDialog.getSaveFileName(self, "Save labels and prompts", "labels.tif", SAVE_FILTER)
+        if path:
+            suffix = selected.split("*")[-1].rstrip(")") if selected else ""
+            if suffix and not path.lower().endswith(suffix):
+                path += suffix
+            self.save(path)
+
+    def _load_dialog(self) -> None:
+        path, _ = QFileDialog.getOpenFileName(self, "Resume a session", "", LOAD_FILTER)
+        if path:
+            self.load(path)

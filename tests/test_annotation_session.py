@@ -1,0 +1,146 @@
+"""Annotation session logic (no Qt): commit ids, no overwriting, undo, re-open, prompts, export/import."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from napari_robustmedsam.annotation.export import load_session, prompts_path_for, save_session
+from napari_robustmedsam.annotation.interactive import mask_box
+from napari_robustmedsam.annotation.session import AnnotationSession, SlicePrompts
+from napari_robustmedsam.errors import UserFacingError
+
+
+def disk(shape, cy, cx, r):
+    yy, xx = np.mgrid[: shape[0], : shape[1]]
+    return (yy - cy) ** 2 + (xx - cx) ** 2 <= r**2
+
+
+def test_commit_gives_new_ids_and_never_overwrites_other_objects():
+    s = AnnotationSession((64, 64))
+    a, b = disk((64, 64), 20, 20, 10), disk((64, 64), 26, 26, 10)
+    s.set_current_slice(0, a, prompts=SlicePrompts(box=mask_box(a)))
+    r1 = s.commit()
+    assert r1.label_id == 1 and r1.n_pixels == a.sum() and not s.has_current
+    s.set_current_slice(0, b, prompts=SlicePrompts(points=[[26, 26]], labels=[1]))
+    r2 = s.commit()
+    assert r2.label_id == 2
+    assert (s.labels[a] == 1).all(), "object 1 lost pixels to object 2"
+    assert r2.n_kept == int((a & b).sum()) > 0
+    assert (s.labels[b & ~a] == 2).all()
+    assert set(s.objects) == {1, 2}
+    assert s.objects[2].prompts[0].points.tolist() == [[26.0, 26.0]]
+
+
+def test_overwrite_takes_pixels_and_undo_restores_exactly():
+    s = AnnotationSession((32, 32))
+    a, b = disk((32, 32), 10, 10, 6), disk((32, 32), 14, 14, 6)
+    s.set_current_slice(0, a)
+    s.commit()
+    before = s.labels.copy()
+    s.set_current_slice(0, b)
+    s.commit(overwrite=True)
+    assert (s.labels[b] == 2).all()
+    assert s.undo() == 2
+    np.testing.assert_array_equal(s.labels, before)
+    assert s.undo() == 1
+    assert not s.labels.any()
+    assert s.undo() is None
+
+
+def test_failed_commit_leaves_labels_untouched():
+    s = AnnotationSession((16, 16), labels=np.eye(16, dtype=np.uint8) * 3)
+    before = s.labels.copy()
+    with pytest.raises(UserFacingError):
+        s.commit()  # nothing to commit
+    np.testing.assert_array_equal(s.labels, before)
+    assert s.next_id() == 4
+
+
+def test_commit_of_an_object_covered_by_others_is_refused_unless_overwrite():
+    s = AnnotationSession((32, 32))
+    big, small = disk((32, 32), 16, 16, 10), disk((32, 32), 16, 16, 4)
+    s.set_current_slice(0, big)
+    s.commit()
+    before = s.labels.copy()
+    s.set_current_slice(0, small)
+    with pytest.raises(UserFacingError, match="already belongs"):
+        s.commit()
+    np.testing.assert_array_equal(s.labels, before)
+    assert s.has_current  # kept, so that the user can tick overwrite
+    assert s.commit(overwrite=True).label_id == 2
+
+
+def test_labels_shape_mismatch_is_a_user_error():
+    with pytest.raises(UserFacingError):
+        AnnotationSession((8, 8), labels=np.zeros((9, 8), np.uint8))
+    with pytest.raises(UserFacingError):
+        AnnotationSession((2, 3, 4, 5))
+
+
+def test_volume_commit_reopen_keeps_id():
+    s = AnnotationSession((5, 16, 16))
+    m = disk((16, 16), 8, 8, 4)
+    for z in (1, 2, 3):
+        s.set_current_slice(z, m, prompts=SlicePrompts(box=mask_box(m), source="user" if z == 2 else "propagated"))
+    assert s.user_slices() == [2]
+    assert s.current_slices() == [1, 2, 3]
+    r = s.commit()
+    assert (s.labels[1:4][:, m] == r.label_id).all()
+    assert s.reopen_last_commit() == r.label_id
+    assert not s.labels.any() and s.current_slices() == [1, 2, 3]
+    assert s.commit().label_id == r.label_id
+
+
+def test_mark_end_and_sync_manual_edits():
+    s = AnnotationSession((4, 8, 8))
+    s.set_current_slice(1, np.ones((8, 8), bool), prompts=SlicePrompts(points=[[1, 1]], labels=[1]))
+    s.mark_end(2)
+    assert s.user_slices() == [1, 2]
+    painted = np.zeros((4, 8, 8), np.uint32)
+    painted[0, :2, :2] = 7
+    s.sync_labels(painted)  # hand-painted labels are adopted, new ids continue after them
+    assert s.next_id() == 8
+
+
+def test_slice_prompts_extends_is_a_corrective_click():
+    base = SlicePrompts(points=[[1, 2]], labels=[1], box=[0, 0, 5, 5])
+    more = SlicePrompts(points=[[1, 2], [3, 3]], labels=[1, 0], box=[0, 0, 5, 5])
+    other_box = SlicePrompts(points=[[1, 2], [3, 3]], labels=[1, 0], box=[0, 0, 6, 5])
+    assert more.extends(base)
+    assert not other_box.extends(base)
+    assert not base.extends(more)
+    assert SlicePrompts.from_json(json.loads(json.dumps(more.to_json()))).extends(base)
+
+
+@pytest.mark.parametrize("suffix", [".tif", ".npy", ".nii.gz"])
+def test_save_and_resume_session(tmp_path, suffix):
+    s = AnnotationSession((3, 20, 20))
+    m = disk((20, 20), 10, 10, 5)
+    s.set_current_slice(1, m, prompts=SlicePrompts(points=[[10, 10], [2, 2]], labels=[1, 0], box=mask_box(m)))
+    s.set_current_slice(2, m, prompts=SlicePrompts(box=mask_box(m), source="propagated"))
+    s.commit(info={"model": "litemedsam"})
+    labels_path, json_path = save_session(tmp_path / f"case{suffix}", s.labels, s.records_json(),
+                                          {"name": "vol"}, {"name": "litemedsam"})
+    assert json_path == prompts_path_for(labels_path) and json_path.name == "case.prompts.json"
+    for source in (labels_path, json_path):
+        loaded = load_session(source)
+        np.testing.assert_array_equal(loaded.labels, s.labels)
+        resumed = AnnotationSession((3, 20, 20))
+        resumed.sync_labels(loaded.labels)
+        resumed.load_records(loaded.records)
+        rec = resumed.objects[1]
+        assert rec.prompts[1].labels.tolist() == [1, 0]
+        assert rec.prompts[2].source == "propagated" and rec.propagated_slices == [2]
+        assert resumed.next_id() == 2
+
+
+def test_save_refuses_bad_formats_without_writing(tmp_path):
+    labels = np.zeros((2, 4, 4), np.uint16)
+    with pytest.raises(UserFacingError):
+        save_session(tmp_path / "x.png", labels, [])  # 3D as PNG
+    with pytest.raises(UserFacingError):
+        save_session(tmp_path / "x.jpg", labels[0], [])
+    assert list(tmp_path.iterdir()) == []

@@ -1,0 +1,153 @@
+"""Export / resume of an annotation session, the image-series workflow, and the launcher's image choice."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from napari_robustmedsam.annotation.model_info import preimport_model_modules
+
+preimport_model_modules()  # before any viewer exists (triton + Mesa GL, see its docstring)
+
+ARTIFACTS = Path(__file__).resolve().parent / "artifacts"
+
+
+def shared_cache(tmp_path_factory) -> str:
+    """One embedding cache for the whole test session: images used by several tests are encoded once."""
+    path = tmp_path_factory.getbasetemp() / "robustmedsam-embedding-cache"
+    path.mkdir(exist_ok=True)
+    return str(path)
+
+
+def any_running() -> bool:
+    from napari_robustmedsam.widgets._common import any_task_running
+
+    return any_task_running()
+
+
+def wait_idle(qtbot, timeout_ms: int = 300_000) -> None:
+    qtbot.waitUntil(lambda: not any_running(), timeout=timeout_ms)
+
+
+def tight_box(mask):
+    ys, xs = np.nonzero(mask)
+    return [xs.min(), ys.min(), xs.max() + 1, ys.max() + 1]
+
+
+@pytest.fixture
+def plugin(make_napari_viewer, litemedsam, tmp_path_factory):
+    from napari_robustmedsam.annotation.embeddings import make_engine
+
+    viewer = make_napari_viewer(show=True)
+    viewer.window.resize(1400, 900)
+    _, widget = viewer.window.add_plugin_dock_widget("napari-robustmedsam", "RobustMedSAM")
+    widget.annotator.state.set_model(litemedsam, make_engine(litemedsam, cache_dir=shared_cache(tmp_path_factory)))
+    return viewer, widget
+
+
+@pytest.mark.gui
+def test_save_labels_and_prompts_then_resume(plugin, qtbot, tmp_path):
+    from napari_robustmedsam.sample_data import mri_phantom
+
+    viewer, widget = plugin
+    image, truth = mri_phantom(256, seed=0)
+    layer = viewer.add_image(image, name="phantom")
+    annotator = widget.annotator
+    annotator.set_image_layer(layer)
+    with qtbot.waitSignal(annotator.segmented, timeout=300_000):
+        annotator.add_box(tight_box(truth >= 1))
+    wait_idle(qtbot)
+    annotator.commit()
+    saved = widget.export.save(tmp_path / "out" / "phantom.tif")
+    assert saved is not None
+    labels_path, json_path = saved
+    meta = json.loads(json_path.read_text())
+    assert meta["format"] == "napari-robustmedsam-session" and meta["model"]["name"] == "litemedsam"
+    assert meta["objects"][0]["id"] == 1 and meta["objects"][0]["slices"]["0"]["box"] is not None
+    assert "Saved 1 object" in widget.export.status.text()
+
+    # resume on a fresh copy of the image: the labels and prompts come back, new objects get new ids
+    annotator.set_image_layer(viewer.add_image(image, name="phantom again"))
+    assert not np.asarray(annotator.committed_layer.data).any()
+    assert widget.export.load(json_path)
+    np.testing.assert_array_equal(np.asarray(annotator.committed_layer.data) > 0,
+                                  np.asarray(viewer.layers["committed objects (phantom)"].data) > 0)
+    assert annotator.session.objects[1].prompts[0].box is not None
+    assert annotator.session.next_id() == 2
+
+    # a file of the wrong shape is a visible error and changes nothing
+    np.save(tmp_path / "wrong.npy", np.zeros((5, 5), np.uint16))
+    assert not widget.export.load(tmp_path / "wrong.npy")
+    assert "shape" in widget.export.banner.text()
+
+
+@pytest.mark.gui
+def test_image_series_saves_and_resumes_per_image(plugin, qtbot, tmp_path):
+    import imageio.v3 as iio
+
+    from napari_robustmedsam.sample_data import mri_phantom
+
+    viewer, widget = plugin
+    folder = tmp_path / "series"
+    folder.mkdir()
+    truths = []
+    for i in range(2):
+        image, truth = mri_phantom(128, seed=i)
+        iio.imwrite(folder / f"img{i}.png", (image / image.max() * 255).astype(np.uint8))
+        truths.append(truth >= 1)
+    series = widget.series
+    assert series.open_folder(folder)
+    assert series.embed_all()  # both images, in a worker, into the disk cache
+    wait_idle(qtbot)
+    assert "Embedded" in series.status.text()
+    annotator = widget.annotator
+    assert annotator.image_layer.name == "series image"
+    with qtbot.waitSignal(annotator.segmented, timeout=300_000):
+        annotator.add_box(tight_box(truths[0]))
+    wait_idle(qtbot)
+    annotator.commit()
+    assert series.go(1)  # saves img0 and opens img1
+    assert (folder / "annotations" / "img0.tif").exists() and (folder / "annotations" / "img0.prompts.json").exists()
+    assert not np.asarray(annotator.committed_layer.data).any()  # a new image starts empty
+    assert series.go(0)  # back: resumed from the saved labels
+    assert np.asarray(annotator.committed_layer.data).any()
+    assert "resumed img0.tif" in series.status.text()
+
+
+def test_launcher_finds_shared_data_and_falls_back_to_the_phantom(tmp_path, monkeypatch):
+    from napari_robustmedsam import launch
+
+    monkeypatch.delenv("ROBUSTMEDSAM_SHARED_DATA", raising=False)
+    (tmp_path / "shared" / "data" / "medseg" / "hc18_fetal_head_us" / "images").mkdir(parents=True)
+    nested = tmp_path / "a" / "b"
+    nested.mkdir(parents=True)
+    assert launch.find_shared_data(nested) == tmp_path / "shared" / "data"
+    assert launch.default_image(tmp_path / "shared" / "data") is None  # no images there
+    args = launch.parse_args(["--phantom"])
+    image, name, modality, source = launch._load_image(args)
+    assert image.shape == (256, 256) and name == "MRI phantom" and modality == "mri"
+    with pytest.raises(SystemExit):
+        launch.parse_args(["--image", "a.png", "--volume", "b.tif"])
+
+
+def test_launcher_uses_a_real_image_when_present(shared_data, monkeypatch):
+    from napari_robustmedsam import launch
+
+    monkeypatch.setenv("ROBUSTMEDSAM_SHARED_DATA", str(shared_data))
+    image, name, modality, source = launch._load_image(launch.parse_args([]))
+    assert name.startswith("hc18_fetal_head_us/") and modality == "ultrasound" and Path(source).exists()
+
+
+def test_sample_data_and_writer(tmp_path):
+    from napari_robustmedsam.io import read_image
+    from napari_robustmedsam.widgets.npe2_hooks import sample_phantom_2d, sample_phantom_3d, write_labels
+
+    (img, meta, kind), (labels, _, lkind) = sample_phantom_2d()
+    assert img.shape == (256, 256) and kind == "image" and lkind == "labels"
+    (vol, _, _), _ = sample_phantom_3d()
+    assert vol.ndim == 3
+    out = write_labels(str(tmp_path / "l.nii.gz"), labels, {})
+    np.testing.assert_array_equal(read_image(out[0]), labels)
