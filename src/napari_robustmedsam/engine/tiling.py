@@ -1,0 +1,269 @@
+"""Tiled embeddings for large 2D images, and prompt routing to the right tile.
+
+An image whose longer side exceeds ``threshold`` (default 2048 px) is split into a grid of tiles. Each
+tile owns an ``inner`` block (the blocks partition the image, balanced sizes) and is embedded over its
+``outer`` region: the inner block grown by ``halo`` pixels on every side (clipped at the image border),
+as micro_sam does. By default the outer region is at most ``threshold`` px, so every tile is embedded at
+no more than the downscaling an untiled image of the threshold size gets.
+
+Prompt routing (:class:`TiledPredictor`), per object:
+1. the tiles whose outer region contains the whole prompt (box, and every point) are candidates; the one
+   where the prompt sits farthest from the outer border (most context) is chosen;
+2. otherwise (a prompt larger than a tile) the tile whose inner block holds the prompt's centre is used,
+   the box is clipped to its outer region and points outside it are dropped (micro_sam's behaviour).
+The mask is predicted in the tile's frame and pasted back at the original resolution over the tile's
+outer region; the rest of the image is background. Objects routed to the same tile are decoded in one call.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from ..errors import PromptError
+from .predictor import ImageEmbedding, Prediction, Predictor
+
+DEFAULT_TILE_THRESHOLD = 2048
+DEFAULT_HALO = 256
+
+
+@dataclass(frozen=True)
+class Tile:
+    """One tile: ``inner`` and ``outer`` as (y0, y1, x0, x1) half-open pixel ranges of the full image."""
+
+    index: int
+    inner: tuple[int, int, int, int]
+    outer: tuple[int, int, int, int]
+
+    @property
+    def offset(self) -> tuple[int, int]:
+        """(x0, y0) of the outer region: subtract from full-image (x, y) to get tile coordinates."""
+        return self.outer[2], self.outer[0]
+
+    @property
+    def outer_shape(self) -> tuple[int, int]:
+        return self.outer[1] - self.outer[0], self.outer[3] - self.outer[2]
+
+    def to_json(self) -> dict:
+        return {"index": self.index, "inner": list(self.inner), "outer": list(self.outer)}
+
+    @classmethod
+    def from_json(cls, d: dict) -> "Tile":
+        return cls(int(d["index"]), tuple(int(v) for v in d["inner"]), tuple(int(v) for v in d["outer"]))
+
+
+def _splits(length: int, n: int) -> list[tuple[int, int]]:
+    edges = [round(i * length / n) for i in range(n + 1)]
+    return [(edges[i], edges[i + 1]) for i in range(n)]
+
+
+def needs_tiling(shape_hw: tuple[int, int], threshold: int | None = DEFAULT_TILE_THRESHOLD) -> bool:
+    return threshold is not None and threshold > 0 and max(int(shape_hw[0]), int(shape_hw[1])) > threshold
+
+
+def tile_layout(
+    shape_hw: tuple[int, int],
+    threshold: int = DEFAULT_TILE_THRESHOLD,
+    halo: int = DEFAULT_HALO,
+    tile_shape: tuple[int, int] | int | None = None,
+) -> list[Tile]:
+    """Tiles covering an image of ``shape_hw`` (H, W).
+
+    ``tile_shape``: the maximal inner block (default ``threshold - 2 * halo`` per axis, so that an outer
+    region is at most ``threshold`` px). Block sizes are balanced along each axis.
+    """
+    h, w = int(shape_hw[0]), int(shape_hw[1])
+    if tile_shape is None:
+        side = threshold - 2 * halo
+        if side < 16:
+            raise ValueError(f"halo {halo} is too large for a tile threshold of {threshold} px")
+        tile_shape = (side, side)
+    elif isinstance(tile_shape, int):
+        tile_shape = (tile_shape, tile_shape)
+    ny, nx = max(1, math.ceil(h / tile_shape[0])), max(1, math.ceil(w / tile_shape[1]))
+    tiles = []
+    for iy, (y0, y1) in enumerate(_splits(h, ny)):
+        for ix, (x0, x1) in enumerate(_splits(w, nx)):
+            outer = (max(0, y0 - halo), min(h, y1 + halo), max(0, x0 - halo), min(w, x1 + halo))
+            tiles.append(Tile(iy * nx + ix, (y0, y1, x0, x1), outer))
+    return tiles
+
+
+@dataclass
+class TiledEmbedding:
+    """Per-tile embeddings of one large 2D image."""
+
+    tiles: list[Tile]
+    embeddings: list[ImageEmbedding]
+    original_size: tuple[int, int]
+    halo: int = DEFAULT_HALO
+    notices: list[str] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.tiles)
+
+    def to(self, device: torch.device, dtype: torch.dtype | None = None) -> "TiledEmbedding":
+        return TiledEmbedding(self.tiles, [e.to(device, dtype) for e in self.embeddings], self.original_size, self.halo)
+
+
+@dataclass
+class TiledPrediction(Prediction):
+    """A :class:`Prediction` over a tiled image; ``low_res_logits[i]`` is in the frame of ``tile_indices[i]``."""
+
+    tile_indices: list[int] = field(default_factory=list)
+
+
+def _prompt_extent(points: np.ndarray | None, box: np.ndarray | None) -> tuple[float, float, float, float]:
+    """(x0, y0, x1, y1) covering the box and every point of one object."""
+    xs, ys = [], []
+    if box is not None:
+        xs += [box[0], box[2]]
+        ys += [box[1], box[3]]
+    if points is not None:
+        xs += list(points[:, 0])
+        ys += list(points[:, 1])
+    return min(xs), min(ys), max(xs), max(ys)
+
+
+def choose_tile(tiles: list[Tile], points: np.ndarray | None, box: np.ndarray | None, labels: np.ndarray | None = None) -> Tile:
+    """The tile for one object's prompt (see the module docstring)."""
+    x0, y0, x1, y1 = _prompt_extent(points, box)
+    best, best_margin = None, -math.inf
+    for tile in tiles:
+        ty0, ty1, tx0, tx1 = tile.outer
+        margin = min(x0 - tx0, y0 - ty0, tx1 - x1, ty1 - y1)
+        if margin >= 0 and margin > best_margin:
+            best, best_margin = tile, margin
+    if best is not None:
+        return best
+    # Larger than any tile: the tile whose inner block holds the prompt's centre (the box's, else the
+    # positive points' centre).
+    if box is not None:
+        cx, cy = (box[0] + box[2]) / 2, (box[1] + box[3]) / 2
+    else:
+        pos = points if labels is None or not (labels == 1).any() else points[labels == 1]
+        cx, cy = float(pos[:, 0].mean()), float(pos[:, 1].mean())
+    for tile in tiles:
+        ty0, ty1, tx0, tx1 = tile.inner
+        if ty0 <= cy < ty1 and tx0 <= cx < tx1:
+            return tile
+    # on the far border: nearest inner block
+    return min(tiles, key=lambda t: (max(t.inner[0] - cy, 0, cy - t.inner[1] + 1) + max(t.inner[2] - cx, 0, cx - t.inner[3] + 1)))
+
+
+class TiledPredictor:
+    """Same ``predict`` as :class:`Predictor`, accepting a :class:`TiledEmbedding` as well."""
+
+    def __init__(self, predictor: Predictor) -> None:
+        self.predictor = predictor
+        self.embedding: TiledEmbedding | ImageEmbedding | None = None
+
+    def set_embedding(self, embedding) -> None:
+        if isinstance(embedding, TiledEmbedding):
+            self.embedding = embedding.to(self.predictor.device, self.predictor.dtype)
+        else:
+            self.predictor.set_embedding(embedding)
+            self.embedding = self.predictor.embedding
+
+    def predict(
+        self,
+        points=None,
+        point_labels=None,
+        boxes=None,
+        mask_input: torch.Tensor | None = None,
+        multimask_output: bool | None = None,
+        embedding=None,
+        tile: int | None = None,
+    ) -> Prediction:
+        """Segment N objects; prompts in full-image (x, y) pixels. ``tile`` forces one tile (e.g. to feed
+        back ``mask_input`` logits of an earlier :class:`TiledPrediction`)."""
+        emb = embedding if embedding is not None else self.embedding
+        if not isinstance(emb, TiledEmbedding):
+            return self.predictor.predict(points, point_labels, boxes, mask_input, multimask_output, embedding=emb)
+        pts = None if points is None or np.size(points) == 0 else np.asarray(points, dtype=np.float64)
+        bxs = None if boxes is None or np.size(boxes) == 0 else np.asarray(boxes, dtype=np.float64)
+        if pts is not None and pts.ndim == 2:
+            pts = pts[None]
+        labels = None
+        if pts is not None:
+            labels = np.ones(pts.shape[:2]) if point_labels is None else np.asarray(point_labels, dtype=np.float64)
+            if labels.ndim == 1:
+                labels = labels[None]
+        if bxs is not None and bxs.ndim == 1:
+            bxs = bxs[None]
+        if pts is None and bxs is None:
+            if mask_input is None or tile is None:
+                raise PromptError("empty prompt: give at least one point or a box (mask_input alone needs tile=)")
+            n = torch.as_tensor(mask_input).shape[0]
+        else:
+            n = pts.shape[0] if pts is not None else bxs.shape[0]
+            if pts is not None and bxs is not None and pts.shape[0] != bxs.shape[0]:
+                raise PromptError(f"{bxs.shape[0]} boxes but {pts.shape[0]} point sets: give one of each per object")
+        h, w = emb.original_size
+        by_index = {t.index: t for t in emb.tiles}
+        if tile is not None and tile not in by_index:
+            raise PromptError(f"tile {tile} does not exist (0..{len(emb.tiles) - 1})")
+        groups: dict[int, list[int]] = {}
+        for i in range(n):
+            if tile is not None:
+                t = by_index[tile]
+            else:
+                t = choose_tile(
+                    emb.tiles,
+                    None if pts is None else pts[i],
+                    None if bxs is None else bxs[i],
+                    None if labels is None else labels[i],
+                )
+            groups.setdefault(t.index, []).append(i)
+        if mask_input is not None and len(groups) > 1:
+            raise PromptError("mask_input feeds back logits of one tile, but the prompts fall into several tiles")
+
+        masks = np.zeros((n, h, w), dtype=bool)
+        scores = np.zeros(n, dtype=np.float32)
+        low_res: list[torch.Tensor | None] = [None] * n
+        all_scores: list[np.ndarray | None] = [None] * n
+        tile_of = [0] * n
+        for t_index, objects in groups.items():
+            t = by_index[t_index]
+            ox, oy = t.offset
+            th, tw = t.outer_shape
+            sub_pts = sub_lbl = sub_box = None
+            if pts is not None:
+                sub_pts = pts[objects] - np.array([ox, oy])
+                sub_lbl = labels[objects]
+                inside = (sub_pts[..., 0] >= 0) & (sub_pts[..., 1] >= 0) & (sub_pts[..., 0] <= tw) & (sub_pts[..., 1] <= th)
+                if not inside.all():
+                    # Only with a prompt larger than a tile: drop the points outside it (per object).
+                    if len(objects) == 1:
+                        keep = inside[0]
+                        sub_pts, sub_lbl = (sub_pts[:, keep], sub_lbl[:, keep]) if keep.any() else (None, None)
+                    else:
+                        sub_pts = np.clip(sub_pts, 0, [tw, th])
+            if bxs is not None:
+                sub_box = bxs[objects] - np.array([ox, oy, ox, oy])
+                sub_box = np.clip(sub_box, 0, [tw, th, tw, th])
+            if sub_pts is None and sub_box is None and mask_input is None:
+                continue  # nothing of this object's prompt lies in the tile
+            pred = self.predictor.predict(
+                points=sub_pts,
+                point_labels=sub_lbl,
+                boxes=sub_box,
+                mask_input=mask_input,
+                multimask_output=multimask_output,
+                embedding=emb.embeddings[emb.tiles.index(t)],
+            )
+            y0, y1, x0, x1 = t.outer
+            for j, obj in enumerate(objects):
+                masks[obj, y0:y1, x0:x1] = pred.masks[j]
+                scores[obj] = pred.scores[j]
+                low_res[obj] = pred.low_res_logits[j]
+                all_scores[obj] = pred.all_scores[j]
+                tile_of[obj] = t_index
+        side = self.predictor.model.architecture.image_size // 4
+        low = torch.stack([lr if lr is not None else torch.full((1, side, side), -20.0) for lr in low_res])
+        width = max((a.shape[0] for a in all_scores if a is not None), default=1)
+        alls = np.stack([a if a is not None else np.zeros(width, np.float32) for a in all_scores])
+        return TiledPrediction(masks=masks, scores=scores, low_res_logits=low, all_scores=alls, tile_indices=tile_of)
