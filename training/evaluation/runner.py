@@ -1,0 +1,647 @@
+"""The evaluation loop: models x images x conditions x prompt modes -> long-format measurements.
+
+Order of work, per image: load it and its objects once; per condition, degrade it once (seeded, so every
+model sees the same degraded pixels); per model, compute the image embedding once (or reuse the embedding
+cache) and run every prompt mode on every object from that one embedding.
+
+Seeds (:func:`napari_robustmedsam.prompting.derive_seed`) depend only on ``--seed`` and stable names:
+
+- degraded image: ``(seed, "degrade", sample)`` for the random composition - the same draw for every level,
+  so LQ-1..LQ-3 of one image use the same transform types (PGE-SAM's consistency) - and
+  ``(seed, "degrade", sample, type)`` for a single type;
+- initial prompts: ``(seed, sample, object, mode)``; they do not depend on the model nor on the condition, so
+  every model sees the same prompts and clean and degraded numbers of an object are paired (only the image
+  changes); ``iter_point`` starts from the ``points1`` point and ``iter_box`` from the ``box`` box, so their
+  step 0 equals those modes;
+- corrective clicks: deterministic given the prediction (``center`` strategy), or seeded by
+  ``(seed, sample, object, mode, step)`` (``random`` / ``micro_sam`` strategies).
+
+A unit (model, image, condition, prompt mode, protocol hash) is recorded as done only after its rows are on
+disk; a rerun skips done units and computes no embedding for an image/condition whose units are all done.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from napari_robustmedsam.metrics import segmentation_metrics
+from napari_robustmedsam.prompting import (
+    corrective_click,
+    derive_seed,
+    jittered_box,
+    micro_sam_corrective_clicks,
+    random_positive_points,
+    rng_for,
+    tight_box,
+)
+
+from .dataset import GTObject, Sample, select_objects
+from .store import ResultStore
+
+PROMPT_HELP = (
+    "box (tight box), box_jitter (each side moved by up to --jitter x its length), points<K> (K random "
+    "positive points, e.g. points1, points3, points5), iter_box / iter_point (a box or one point, then --steps "
+    "corrective clicks with the previous logits fed back), iterative (= iter_box + iter_point), propagate_3d "
+    "(volumes only: box on the object's central slice, then the annotator's 3D propagation; 3D metrics)"
+)
+PROPAGATE = "propagate_3d"
+_POINTS_RE = re.compile(r"^points(\d+)$")
+
+
+def parse_prompts(text: str | list[str]) -> tuple[str, ...]:
+    """'box,points3,iterative' -> ('box', 'points3', 'iter_box', 'iter_point'); ValueError on unknown names."""
+    items = text.split(",") if isinstance(text, str) else list(text)
+    out: list[str] = []
+    for raw in items:
+        name = raw.strip().lower().replace("-", "_")
+        if not name:
+            continue
+        if name == "points":
+            name = "points3"
+        expanded = ["iter_box", "iter_point"] if name == "iterative" else [name]
+        for n in expanded:
+            m = _POINTS_RE.match(n)
+            if n in ("propagate", "3d", "propagate3d"):
+                n = PROPAGATE
+            if not (n in ("box", "box_jitter", "iter_box", "iter_point", PROPAGATE) or (m and int(m.group(1)) >= 1)):
+                raise ValueError(f"unknown prompt mode {raw!r}; valid: {PROMPT_HELP}")
+            if n not in out:
+                out.append(n)
+    if not out:
+        raise ValueError(f"no prompt modes given; valid: {PROMPT_HELP}")
+    return tuple(out)
+
+
+#: the annotator's propagation defaults used by the propagate_3d mode (see annotation/propagation.py)
+PROPAGATION_SETTINGS = {
+    "seed_prompt": "tight box on the central slice",
+    "prompt_mode": "box+mask",
+    "iou_threshold": 0.5,
+    "box_extension": 0.0,
+}
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    prompts: tuple[str, ...] = ("box", "points3", "iter_box", "iter_point")
+    steps: int = 5
+    seed: int = 0
+    objects: str = "label"
+    min_object_px: int = 20
+    max_objects: int | None = 3
+    tolerance_px: float = 2.0
+    click_strategy: str = "center"  # center | random | micro_sam
+    jitter: float = 0.1
+    feed_logits: bool = True
+
+    @property
+    def prompts_2d(self) -> tuple[str, ...]:
+        return tuple(p for p in self.prompts if p != PROPAGATE)
+
+    def protocol(self, prompt: str) -> str:
+        """Hash of every setting that changes the numbers of `prompt` (resuming requires a match)."""
+        parts = {
+            "v": 1,
+            "prompt": prompt,
+            "seed": self.seed,
+            "objects": self.objects,
+            "min_object_px": self.min_object_px,
+            "max_objects": self.max_objects,
+            "tolerance_px": self.tolerance_px,
+        }
+        if prompt == "box_jitter":
+            parts["jitter"] = self.jitter
+        if prompt.startswith("iter_"):
+            parts.update(steps=self.steps, click_strategy=self.click_strategy, feed_logits=self.feed_logits)
+        if prompt == PROPAGATE:
+            parts.update(propagation=PROPAGATION_SETTINGS)
+        return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:10]
+
+
+# ---- conditions ------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Condition:
+    """clean, a PGE-SAM level of the random composition ('LQ-2'), or one type at a level ('jpeg@LQ-2')."""
+
+    name: str
+    level: str | None = None
+    type_name: str | None = None  # None with a level: the random composition
+
+    def apply(self, image: np.ndarray, modality: str, sample_key: str, seed: int) -> tuple[np.ndarray, str]:
+        """(degraded image, '+'-joined names of the applied transforms)."""
+        if self.level is None:
+            return image, ""
+        if self.type_name is None:
+            from napari_robustmedsam.degradations import degrade_random
+
+            out, record = degrade_random(image, self.level, modality, derive_seed(seed, "degrade", sample_key))
+            return out, "+".join(str(r.get("name")) for r in record)
+        from napari_robustmedsam.degradations import degrade
+
+        type_seed = derive_seed(seed, "degrade", sample_key, self.type_name)
+        out = degrade(image, self.type_name, level=self.level, seed=type_seed, modality=modality)
+        return out, self.type_name
+
+
+def parse_conditions(
+    levels: str | list[str] | None, degradations: str | list[str] | None, clean: bool = True
+) -> list[Condition]:
+    """Conditions of a run. ``degradations`` lists 'random' (the PGE-SAM composition) and/or type names;
+    each is evaluated at every level of ``levels``."""
+    from napari_robustmedsam.degradations import LEVELS, list_degradations
+    from napari_robustmedsam.degradations.levels import normalize_level
+
+    def _split(v):
+        if v is None:
+            return []
+        return [s.strip() for s in (v.split(",") if isinstance(v, str) else v) if s.strip()]
+
+    lv = [normalize_level(x) for x in _split(levels)] if levels is not None else list(LEVELS)
+    types = _split(degradations) or ["random"]
+    known = set(list_degradations())
+    out = [Condition("clean")] if clean else []
+    for t in types:
+        key = t.lower().replace("-", "_")
+        if key != "random" and key not in known:
+            raise ValueError(f"unknown degradation {t!r}; valid: random, {', '.join(sorted(known))}")
+        for level in lv:
+            if key == "random":
+                out.append(Condition(level, level, None))
+            else:
+                out.append(Condition(f"{key}@{level}", level, key))
+    names = [c.name for c in out]
+    if len(set(names)) != len(names):
+        raise ValueError(f"duplicate conditions: {names}")
+    if not out:
+        raise ValueError("no conditions to evaluate (clean excluded and no levels)")
+    return out
+
+
+# ---- models ----------------------------------------------------------------------------------
+@dataclass
+class ModelHandle:
+    label: str
+    spec: str
+    key: str
+    loaded: object
+    predictor: object
+
+    def describe(self) -> dict:
+        ld = self.loaded
+        return {
+            "label": self.label,
+            "spec": self.spec,
+            "key": self.key,
+            "name": getattr(ld, "name", None),
+            "sha256": getattr(ld, "sha256", None),
+            "architecture": getattr(ld, "architecture", None),
+            "decoder": getattr(ld, "decoder", None),
+            "preprocessing": getattr(ld, "preprocessing", None),
+            "box_primary": getattr(ld, "box_primary", None),
+            "checkpoint": str(getattr(ld, "checkpoint_path", None)),
+        }
+
+
+def split_model_arg(arg: str) -> tuple[str | None, str]:
+    """'label=spec' -> (label, spec); 'spec' -> (None, spec). A spec that is an existing path wins."""
+    if "=" in arg and not Path(arg).exists():
+        label, spec = arg.split("=", 1)
+        if label and spec:
+            return label, spec
+    return None, arg
+
+
+def load_model_handle(arg: str, device: str = "cpu") -> ModelHandle:
+    from napari_robustmedsam.checkpoints import load_model
+    from napari_robustmedsam.engine.predictor import Predictor
+
+    label, spec = split_model_arg(arg)
+    loaded = load_model(spec, device=device, progress=False)
+    sha = getattr(loaded, "sha256", None) or "nosha"
+    label = label or getattr(loaded, "name", None) or Path(spec).stem
+    return ModelHandle(label, spec, f"{label}:{sha[:12]}", loaded, Predictor.from_loaded(loaded))
+
+
+# ---- embeddings ------------------------------------------------------------------------------
+class Embedder:
+    """Image embeddings through the project's disk-cached :class:`EmbeddingEngine` when available (re-running
+    an evaluation then never recomputes an embedding: clean and degraded images are cached by content and
+    model hash), else computed directly with the predictor.
+
+    Tiling is disabled (the protocol embeds every image whole, as the models' official inference does).
+    Counts encoder runs (``encoder_calls``), their time, and cache hits, for the resume check and the run record.
+    """
+
+    def __init__(self, cache_dir: str | os.PathLike | None = None) -> None:
+        self.cache_dir = Path(cache_dir) if cache_dir else None
+        self.encoder_calls = 0
+        self.cache_hits = 0
+        self.encoder_seconds = 0.0
+        self._engines: dict[str, object] = {}
+        self.notices: list[str] = []
+
+    def _engine(self, handle: ModelHandle):
+        if self.cache_dir is None:
+            return None
+        if handle.key not in self._engines:
+            self._engines[handle.key] = _make_engine(handle, self.cache_dir, self.notices)
+        return self._engines[handle.key]
+
+    def embed(self, handle: ModelHandle, image: np.ndarray):
+        engine = self._engine(handle)
+        t0 = time.perf_counter()
+        if engine is not None:
+            before = engine.stats["computed"]
+            emb = engine.embed_image(image)
+            hit = engine.stats["computed"] == before
+        else:
+            emb, hit = handle.predictor.compute_embedding(image), False
+        dt = time.perf_counter() - t0
+        if hit:
+            self.cache_hits += 1
+        else:
+            self.encoder_calls += 1
+            self.encoder_seconds += dt
+        return emb
+
+
+def _make_engine(handle: ModelHandle, cache_dir: Path, notices: list[str]):
+    """An EmbeddingEngine for this model with its zarr cache under `cache_dir`, or None (engine missing or
+    unusable: embeddings are then computed directly, which gives the same numbers)."""
+    try:
+        from napari_robustmedsam.engine.embeddings import EmbeddingEngine
+    except ImportError:
+        return None
+    try:
+        engine = EmbeddingEngine(handle.loaded, cache_dir=cache_dir / "embeddings", tile_threshold=None,
+                                 memory_entries=4)
+    except Exception as err:  # the cache is an optimisation: never fail the evaluation for it
+        notices.append(f"embedding cache disabled for {handle.label}: {err}")
+        return None
+    if not hasattr(engine, "embed_image") or not hasattr(engine, "stats"):
+        return None
+    return engine
+
+
+# ---- one unit --------------------------------------------------------------------------------
+def _metrics_row(gt: np.ndarray, mask: np.ndarray, tol: float) -> dict:
+    m = segmentation_metrics(mask, gt, tolerance_px=tol)
+    m["pred_px"] = int(mask.sum())
+    return m
+
+
+def run_prompt_mode(
+    predictor, emb, objects: list[GTObject], prompt: str, sample_key: str, cfg: EvalConfig
+) -> list[dict]:
+    """Rows (without the unit's identity columns) of one prompt mode on all objects of one image."""
+    rows: list[dict] = []
+    tol = cfg.tolerance_px
+    if prompt in ("box", "box_jitter") or _POINTS_RE.match(prompt):
+        if prompt == "box":
+            boxes, pts = np.stack([tight_box(o.mask) for o in objects]), None
+        elif prompt == "box_jitter":
+            boxes = np.stack([jittered_box(o.mask, rng_for(cfg.seed, sample_key, o.object_id, prompt), cfg.jitter)
+                              for o in objects])
+            pts = None
+        else:
+            k = int(_POINTS_RE.match(prompt).group(1))
+            boxes = None
+            pts = np.stack([random_positive_points(o.mask, k, rng_for(cfg.seed, sample_key, o.object_id, prompt))
+                            for o in objects])
+        # one point alone is ambiguous: three candidate masks, the best-scored kept (SAM's protocol)
+        multimask = pts is not None and pts.shape[1] == 1
+        pred = predictor.predict(points=pts, boxes=boxes, multimask_output=multimask, embedding=emb)
+        for i, o in enumerate(objects):
+            row = _metrics_row(o.mask, pred.masks[i], tol)
+            row.update(object_id=o.object_id, object_px=o.size, prompt=prompt, step=0,
+                       n_points=0 if pts is None else pts.shape[1], click_label=-1, score=float(pred.scores[i]))
+            rows.append(row)
+        return rows
+    if prompt in ("iter_box", "iter_point"):
+        return _iterative(predictor, emb, objects, prompt, sample_key, cfg)
+    raise ValueError(f"unknown prompt mode {prompt!r}")
+
+
+def _iterative(predictor, emb, objects: list[GTObject], prompt: str, sample_key: str, cfg: EvalConfig) -> list[dict]:
+    """Iterative correction of all objects of an image, batched: objects with the same number of points
+    share one decoder call per step (each object only ever sees its own prompts and logits)."""
+    n = len(objects)
+    boxes = np.stack([tight_box(o.mask) for o in objects]) if prompt == "iter_box" else None
+    points: list[list[np.ndarray]] = [[] for _ in range(n)]
+    labels: list[list[int]] = [[] for _ in range(n)]
+    if prompt == "iter_point":
+        for i, o in enumerate(objects):
+            # the same point as the points1 mode, so step 0 equals points1
+            points[i].extend(random_positive_points(o.mask, 1, rng_for(cfg.seed, sample_key, o.object_id, "points1")))
+            labels[i].append(1)
+    pred = predictor.predict(
+        points=np.stack([np.stack(p) for p in points]) if prompt == "iter_point" else None,
+        point_labels=np.array(labels) if prompt == "iter_point" else None,
+        boxes=boxes, multimask_output=boxes is None, embedding=emb,
+    )
+    masks = list(pred.masks)
+    logits = [pred.low_res_logits[i : i + 1] for i in range(n)]
+    scores = [float(v) for v in pred.scores]
+    rows: list[dict] = []
+
+    def record(i: int, step: int, click_label: int) -> None:
+        o = objects[i]
+        row = _metrics_row(o.mask, masks[i], cfg.tolerance_px)
+        row.update(object_id=o.object_id, object_px=o.size, prompt=prompt, step=step, n_points=len(points[i]),
+                   click_label=click_label, score=scores[i])
+        rows.append(row)
+
+    for i in range(n):
+        record(i, 0, -1)
+    for step in range(1, cfg.steps + 1):
+        click_labels = [-1] * n
+        active: list[int] = []
+        for i, o in enumerate(objects):
+            if cfg.click_strategy == "micro_sam":
+                new_pts, new_labels = micro_sam_corrective_clicks(
+                    o.mask, masks[i], derive_seed(cfg.seed, sample_key, o.object_id, prompt, step))
+                click_labels[i] = 2  # one positive and one negative
+            else:
+                click = corrective_click(o.mask, masks[i], cfg.click_strategy,
+                                         rng_for(cfg.seed, sample_key, o.object_id, prompt, step))
+                if click is None:  # nothing left to correct: the user would stop; the mask stays
+                    continue
+                new_pts, new_labels, click_labels[i] = [click.point], [click.label], click.label
+            points[i].extend(np.asarray(p, dtype=np.float64) for p in new_pts)
+            labels[i].extend(int(v) for v in new_labels)
+            active.append(i)
+        groups: dict[int, list[int]] = {}
+        for i in active:
+            groups.setdefault(len(points[i]), []).append(i)
+        for idx in groups.values():
+            pred = predictor.predict(
+                points=np.stack([np.stack(points[i]) for i in idx]),
+                point_labels=np.array([labels[i] for i in idx]),
+                boxes=boxes[idx] if boxes is not None else None,
+                mask_input=torch.cat([logits[i] for i in idx]) if cfg.feed_logits else None,
+                multimask_output=False, embedding=emb,
+            )
+            for j, i in enumerate(idx):
+                masks[i], logits[i], scores[i] = pred.masks[j], pred.low_res_logits[j : j + 1], float(pred.scores[j])
+        for i in range(n):
+            record(i, step, click_labels[i])
+    return rows
+
+
+# ---- the loop --------------------------------------------------------------------------------
+@dataclass
+class RunStats:
+    units_total: int = 0
+    units_skipped: int = 0
+    units_done: int = 0
+    rows: int = 0
+    encoder_calls: int = 0
+    cache_hits: int = 0
+    encoder_seconds: float = 0.0
+    stopped_early: bool = False
+    failures: list[str] = field(default_factory=list)
+
+    def add(self, other: "RunStats") -> None:
+        for k in ("units_total", "units_skipped", "units_done", "rows", "encoder_calls", "cache_hits"):
+            setattr(self, k, getattr(self, k) + getattr(other, k))
+        self.encoder_seconds += other.encoder_seconds
+        self.stopped_early = self.stopped_early or other.stopped_early
+        self.failures.extend(other.failures)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def unit_keys(models: list[ModelHandle], samples: list[Sample], conditions: list[Condition], cfg: EvalConfig,
+              volumes: list | None = None) -> set[tuple]:
+    """Every unit key of the plan (for progress totals and the merge)."""
+    keys = {
+        (m.key, s.key, c.name, p, cfg.protocol(p))
+        for m in models for s in samples for c in conditions for p in cfg.prompts_2d
+    }
+    if PROPAGATE in cfg.prompts:
+        keys |= {(m.key, volume_key(v), c.name, PROPAGATE, cfg.protocol(PROPAGATE))
+                 for m in models for v in volumes or [] for c in conditions}
+    return keys
+
+
+def volume_key(volume) -> str:
+    return f"{volume.name}/3d"
+
+
+def evaluate_samples(
+    models: list[ModelHandle],
+    samples: list[Sample],
+    conditions: list[Condition],
+    cfg: EvalConfig,
+    store: ResultStore,
+    run_id: str,
+    embedder: Embedder | None = None,
+    done: set[tuple] | None = None,
+    on_unit: Callable[[int, bool], None] | None = None,
+    max_units: int | None = None,
+) -> RunStats:
+    """Run the plan over `samples`; skip done units; ``on_unit(n, computed)`` reports progress in
+    (model, image, condition) groups: ``computed=False`` for groups skipped as already done.
+
+    ``max_units``: stop after computing that many (model, image, condition) groups (an interruption on
+    purpose, for tests and for chunked runs).
+    """
+    embedder = embedder or Embedder()
+    done = store.done_keys() if done is None else done
+    stats = RunStats()
+    prompts_2d = cfg.prompts_2d
+    protocols = {p: cfg.protocol(p) for p in prompts_2d}
+    calls0, hits0, secs0 = embedder.encoder_calls, embedder.cache_hits, embedder.encoder_seconds
+    computed = 0
+    for sample in samples if prompts_2d else []:
+        todo = {
+            (m.key, c.name): [p for p in prompts_2d if (m.key, sample.key, c.name, p, protocols[p]) not in done]
+            for m in models for c in conditions
+        }
+        n_groups = len(models) * len(conditions)
+        stats.units_total += n_groups * len(prompts_2d)
+        skipped_groups = sum(1 for v in todo.values() if not v)
+        stats.units_skipped += sum(len(prompts_2d) - len(v) for v in todo.values())
+        if skipped_groups == n_groups:
+            if on_unit:
+                on_unit(n_groups, False)
+            continue
+        if skipped_groups and on_unit:
+            on_unit(skipped_groups, False)
+        try:
+            image, labels = sample.load()
+            objects = select_objects(labels, sample.key, cfg.seed, cfg.objects, cfg.min_object_px, cfg.max_objects)
+        except Exception as err:  # unreadable file: report it, go on with the rest
+            stats.failures.append(f"{sample.key}: {err}")
+            if on_unit:
+                on_unit(n_groups - skipped_groups, True)
+            continue
+        for cond in conditions:
+            pending = [m for m in models if todo[(m.key, cond.name)]]
+            if not pending:
+                continue
+            if max_units is not None and computed >= max_units:
+                stats.stopped_early = True
+                break
+            degraded, deg_names = cond.apply(image, sample.modality, sample.key, cfg.seed)
+            for m in pending:
+                if max_units is not None and computed >= max_units:
+                    stats.stopped_early = True
+                    break
+                prompts = todo[(m.key, cond.name)]
+                rows: list[dict] = []
+                if objects:
+                    emb = embedder.embed(m, degraded)
+                    for p in prompts:
+                        rows.extend(run_prompt_mode(m.predictor, emb, objects, p, sample.key, cfg))
+                ident = {
+                    "model": m.label, "model_key": m.key, "dataset": sample.dataset, "modality": sample.modality,
+                    "sample": sample.key, "image_id": sample.image_id,
+                    "slice": "" if sample.slice_index is None else sample.slice_index,
+                    "condition": cond.name, "degradation": deg_names, "run_id": run_id,
+                }
+                for r in rows:
+                    r.update(ident)
+                    r["protocol"] = protocols[r["prompt"]]
+                records = [{"model_key": m.key, "sample": sample.key, "condition": cond.name, "prompt": p,
+                            "protocol": protocols[p], "objects": len(objects), "run_id": run_id,
+                            "time": round(time.time(), 1)} for p in prompts]
+                store.append(rows, records)
+                stats.units_done += len(prompts)
+                stats.rows += len(rows)
+                computed += 1
+                if on_unit:
+                    on_unit(1, True)
+            if stats.stopped_early:
+                break
+        if stats.stopped_early:
+            break
+    stats.encoder_calls = embedder.encoder_calls - calls0
+    stats.cache_hits = embedder.cache_hits - hits0
+    stats.encoder_seconds = embedder.encoder_seconds - secs0
+    return stats
+
+
+# ---- 3D propagation ------------------------------------------------------------------------
+class _LazySliceEmbeddings:
+    """``get(z)`` -> embedding of slice z, computed on first use (propagation visits only a few slices)."""
+
+    def __init__(self, embedder: Embedder, handle: ModelHandle, volume: np.ndarray) -> None:
+        self.embedder, self.handle, self.volume = embedder, handle, volume
+        self._cache: dict[int, object] = {}
+
+    def get(self, z: int):
+        if z not in self._cache:
+            self._cache[z] = self.embedder.embed(self.handle, self.volume[z])
+        return self._cache[z]
+
+
+def _volume_objects(labels: np.ndarray, key: str, cfg: EvalConfig) -> list[GTObject]:
+    found = [GTObject(f"label{int(v)}", labels == v) for v in np.unique(labels) if v != 0]
+    found = [o for o in found if o.size >= cfg.min_object_px]
+    if cfg.max_objects is not None and len(found) > cfg.max_objects:
+        idx = rng_for(cfg.seed, "objects", key).choice(len(found), size=cfg.max_objects, replace=False)
+        found = [found[i] for i in sorted(idx)]
+    return found
+
+
+def _degrade_volume(cond: Condition, volume: np.ndarray, modality: str, key: str, seed: int) -> tuple[np.ndarray, str]:
+    """Degrade a whole volume (the degradation library handles (Z, Y, X) gray volumes)."""
+    return cond.apply(volume, modality, key, seed)
+
+
+def propagate_rows(handle: ModelHandle, embeddings, gt3d: np.ndarray, obj_id: str, cfg: EvalConfig,
+                   spacing: tuple[float, ...] | None) -> dict:
+    """One object: tight box on its central slice, then the annotator's propagation; 3D metrics."""
+    from napari_robustmedsam.annotation.propagation import predictor_segment_fn, propagate_object
+
+    zs = np.nonzero(gt3d.reshape(gt3d.shape[0], -1).any(axis=1))[0]
+    zc = int(zs[len(zs) // 2])
+    emb = embeddings.get(zc)
+    pred = handle.predictor.predict(boxes=tight_box(gt3d[zc]), embedding=emb)
+    seed_mask, score = pred.masks[0], float(pred.scores[0])
+    if seed_mask.any():
+        result = propagate_object(
+            predictor_segment_fn(handle.predictor, embeddings), gt3d.shape[0], {zc: seed_mask},
+            iou_threshold=PROPAGATION_SETTINGS["iou_threshold"], prompt_mode=PROPAGATION_SETTINGS["prompt_mode"],
+            box_extension=PROPAGATION_SETTINGS["box_extension"],
+        )
+        masks = result.masks
+    else:
+        masks = np.zeros_like(gt3d, dtype=bool)
+    # distances in units of in-plane pixels (tolerance 2 px as in 2D), z scaled by its spacing ratio
+    sp = None
+    if spacing is not None:
+        sp = (spacing[0] / spacing[1], 1.0, spacing[2] / spacing[1])
+    row = segmentation_metrics(masks, gt3d, tolerance_px=cfg.tolerance_px, spacing=sp)
+    row.update(pred_px=int(masks.sum()), object_id=obj_id, object_px=int(gt3d.sum()), prompt=PROPAGATE, step=0,
+               n_points=0, click_label=-1, score=score, slice=zc)
+    return row
+
+
+def evaluate_volumes(
+    models: list[ModelHandle],
+    volumes: list,
+    conditions: list[Condition],
+    cfg: EvalConfig,
+    store: ResultStore,
+    run_id: str,
+    embedder: Embedder | None = None,
+    done: set[tuple] | None = None,
+    on_unit: Callable[[int, bool], None] | None = None,
+) -> RunStats:
+    """``propagate_3d`` on every object of every volume, per model and condition (whole-volume degradation)."""
+    embedder = embedder or Embedder()
+    done = store.done_keys() if done is None else done
+    stats = RunStats()
+    proto = cfg.protocol(PROPAGATE)
+    calls0, hits0, secs0 = embedder.encoder_calls, embedder.cache_hits, embedder.encoder_seconds
+    for vol in volumes:
+        key = volume_key(vol)
+        todo = [(m, c) for c in conditions for m in models if (m.key, key, c.name, PROPAGATE, proto) not in done]
+        stats.units_total += len(models) * len(conditions)
+        stats.units_skipped += len(models) * len(conditions) - len(todo)
+        if on_unit and len(todo) < len(models) * len(conditions):
+            on_unit(len(models) * len(conditions) - len(todo), False)
+        if not todo:
+            continue
+        image, labels = vol.load_volume()
+        objects = _volume_objects(labels, key, cfg)
+        for cond in conditions:
+            pending = [m for m, c in todo if c is cond]
+            if not pending:
+                continue
+            degraded, names = _degrade_volume(cond, image, vol.modality, key, cfg.seed)
+            for m in pending:
+                embeddings = _LazySliceEmbeddings(embedder, m, degraded)
+                rows = [propagate_rows(m, embeddings, o.mask, o.object_id, cfg, vol.spacing) for o in objects]
+                for r in rows:
+                    r.update(model=m.label, model_key=m.key, dataset=vol.name, modality=vol.modality, sample=key,
+                             image_id="3d", condition=cond.name, degradation=names, run_id=run_id, protocol=proto)
+                store.append(rows, [{"model_key": m.key, "sample": key, "condition": cond.name, "prompt": PROPAGATE,
+                                     "protocol": proto, "objects": len(objects), "run_id": run_id,
+                                     "time": round(time.time(), 1)}])
+                stats.units_done += 1
+                stats.rows += len(rows)
+                if on_unit:
+                    on_unit(1, True)
+    stats.encoder_calls = embedder.encoder_calls - calls0
+    stats.cache_hits = embedder.cache_hits - hits0
+    stats.encoder_seconds = embedder.encoder_seconds - secs0
+    return stats
+
+
+def set_threads(n: int | None) -> None:
+    if n:
+        torch.set_num_threads(int(n))
