@@ -1,0 +1,127 @@
+"""Iterative prompt simulation for training (MedicoSAM Algorithm 1 / micro_sam's ``SamTrainer``).
+
+Per training iteration (one batch of planes, ``n_obj`` objects each):
+
+1. start with a box (probability ``p_box``; tight, or jittered with probability ``p_jitter``) or with K random
+   positive points (K drawn from ``point_counts``; RobustMedSAM's protocol uses K = 3, SAM's a single point);
+2. then ``n_steps`` corrective clicks, each sampled from the current prediction's error regions, and the
+   previous low-resolution logits fed back as the mask prompt with probability ``p_mask``;
+3. the losses of all ``n_steps + 1`` predictions are averaged (one optimiser step per iteration).
+
+The prompts are simulated in the decoder's low-resolution (256 x 256) model frame, where the ground truth is
+kept (:mod:`.pairs`), and scaled to the model input frame (x ``model_size / 256``). Everything is drawn from the
+``numpy.random.Generator`` passed in, so an iteration is reproducible from its seed.
+
+Click samplers (``click_mode``):
+
+- ``"largest"`` (default): :func:`napari_robustmedsam.prompting.corrective_click` - one click in the largest
+  error region (positive in missed object, negative in a false positive), at the region's centre or (with
+  probability ``p_random_click``) at a random pixel of it. This is the clicker of the evaluation protocol.
+- ``"micro_sam"``: ``micro_sam.prompt_generators.IterativePromptGenerator`` - one positive click sampled from all
+  false negatives and one negative click from all false positives per step (MedicoSAM / micro_sam training).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+
+from napari_robustmedsam.prompting import corrective_click, jittered_box, random_positive_points, tight_box
+
+CLICK_MODES = ("largest", "micro_sam")
+
+
+@dataclass(frozen=True)
+class PromptConfig:
+    p_box: float = 0.5
+    point_counts: tuple[int, ...] = (1, 3)
+    p_jitter: float = 0.5
+    box_jitter: float = 0.1
+    n_steps: int = 3
+    p_mask: float = 0.5
+    click_mode: str = "largest"
+    p_random_click: float = 0.5
+
+    def __post_init__(self) -> None:
+        if self.click_mode not in CLICK_MODES:
+            raise ValueError(f"click_mode must be one of {CLICK_MODES}, got {self.click_mode!r}")
+        if not self.point_counts or min(self.point_counts) < 1:
+            raise ValueError("point_counts must be positive integers")
+        if self.n_steps < 0:
+            raise ValueError("n_steps must be >= 0")
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["point_counts"] = list(self.point_counts)
+        return d
+
+
+@dataclass
+class PromptState:
+    """Prompts of N objects in low-resolution pixel coordinates ((x, y) pixel indices, SAM's convention)."""
+
+    points: np.ndarray  # (N, P, 2) float64, may have P = 0
+    labels: np.ndarray  # (N, P) int64: 1 positive, 0 negative, -1 padding (SAM's "not a point")
+    boxes: np.ndarray | None  # (N, 4) (x0, y0, x1, y1), exclusive upper corners
+    mask_input: torch.Tensor | None = None  # (N, 1, 256, 256) previous logits
+    start: str = "box"
+
+    def to_model(self, scale: float, device: torch.device) -> tuple[tuple[torch.Tensor, torch.Tensor] | None, torch.Tensor | None]:
+        pts = None
+        if self.points.shape[1] > 0:
+            pts = (torch.as_tensor(self.points * scale, dtype=torch.float32, device=device),
+                   torch.as_tensor(self.labels, dtype=torch.int64, device=device))
+        boxes = None if self.boxes is None else torch.as_tensor(self.boxes * scale, dtype=torch.float32, device=device)
+        return pts, boxes
+
+
+def start_prompts(gt: np.ndarray, rng: np.random.Generator, cfg: PromptConfig) -> PromptState:
+    """Initial prompts for every object of ``gt`` (N, H, W) bool: all boxes or all K points (one choice per batch,
+    as micro_sam's trainer; token counts must agree inside one decoder call)."""
+    n = gt.shape[0]
+    if rng.random() < cfg.p_box:
+        boxes = []
+        for m in gt:
+            if rng.random() < cfg.p_jitter:
+                boxes.append(jittered_box(m, rng, cfg.box_jitter))
+            else:
+                boxes.append(tight_box(m))
+        return PromptState(np.zeros((n, 0, 2)), np.zeros((n, 0), np.int64), np.stack(boxes), start="box")
+    k = int(cfg.point_counts[int(rng.integers(len(cfg.point_counts)))])
+    pts = np.stack([random_positive_points(m, k, rng) for m in gt])
+    return PromptState(pts, np.ones((n, k), np.int64), None, start=f"points{k}")
+
+
+def corrective_clicks(gt: np.ndarray, pred: np.ndarray, rng: np.random.Generator, cfg: PromptConfig
+                      ) -> tuple[np.ndarray, np.ndarray]:
+    """New clicks for every object: ``largest`` -> (N, 1, 2), ``micro_sam`` -> (N, 2, 2); labels (N, c) with -1
+    where nothing is left to correct (a padding point SAM ignores)."""
+    n = gt.shape[0]
+    if cfg.click_mode == "micro_sam":
+        from micro_sam.prompt_generators import IterativePromptGenerator
+
+        state = np.random.get_state()
+        try:  # micro_sam samples with the global numpy state: seed it from our generator, restore afterwards
+            np.random.seed(int(rng.integers(2**32)))
+            coords, labels, _, _ = IterativePromptGenerator()(
+                torch.from_numpy(gt[:, None].astype(np.float32)), torch.from_numpy(pred[:, None].astype(np.float32)))
+        finally:
+            np.random.set_state(state)
+        # micro_sam already returns SAM's (x, y) order; labels 1 / 0 (it always finds a location)
+        return coords.numpy().astype(np.float64), labels.numpy().astype(np.int64)
+    pts = np.zeros((n, 1, 2))
+    labs = np.full((n, 1), -1, np.int64)
+    for i in range(n):
+        strategy = "random" if rng.random() < cfg.p_random_click else "center"
+        click = corrective_click(gt[i], pred[i], strategy, rng if strategy == "random" else None)
+        if click is not None:
+            pts[i, 0] = click.point
+            labs[i, 0] = click.label
+    return pts, labs
+
+
+def add_clicks(state: PromptState, pts: np.ndarray, labels: np.ndarray) -> PromptState:
+    return PromptState(np.concatenate([state.points, pts], axis=1), np.concatenate([state.labels, labels], axis=1),
+                       state.boxes, state.mask_input, state.start)
