@@ -13,13 +13,17 @@ import numpy as np
 import pytest
 
 from napari_robustmedsam.annotation.model_info import preimport_model_modules
+from widget_helpers import dice, shared_cache, shot, tight_box, wait_idle as _wait_idle
+
+
+def wait_idle(qtbot, timeout_ms: int = 180_000) -> None:
+    _wait_idle(qtbot, timeout_ms)
 
 # Import the model stack before any viewer exists: triton (pulled in by timm -> torchvision) crashes when it
 # is first imported after an OpenGL context under Mesa (see preimport_model_modules).
 preimport_model_modules()
 
 pytestmark = pytest.mark.gui
-ARTIFACTS = Path(__file__).resolve().parent / "artifacts"
 
 # Box prompt (tight box of the ground truth) through the widget path, Dice against the ground truth.
 # Measured 2026-11-21 on this selection (see docs/annotator.md): hc18 0.884, ph2 0.958, acdc LV cavity 0.979
@@ -35,43 +39,16 @@ MIN_DICE_FLOOR = 0.85
 
 # ---------------------------------------------------------------------------------------------------------
 # helpers
-def shared_cache(tmp_path_factory) -> str:
-    """One embedding cache for the whole test session: images used by several tests are encoded once."""
-    path = tmp_path_factory.getbasetemp() / "robustmedsam-embedding-cache"
-    path.mkdir(exist_ok=True)
-    return str(path)
 
 
-def any_running() -> bool:
-    from napari_robustmedsam.widgets._common import any_task_running
-
-    return any_task_running()
 
 
-def wait_idle(qtbot, timeout_ms: int = 180_000) -> None:
-    qtbot.waitUntil(lambda: not any_running(), timeout=timeout_ms)
 
 
-def shot(viewer, name: str) -> Path:
-    from qtpy.QtWidgets import QApplication
-
-    for _ in range(3):  # let layouts settle (word-wrapped labels) before grabbing
-        QApplication.processEvents()
-    ARTIFACTS.mkdir(exist_ok=True)
-    path = ARTIFACTS / f"{name}.png"
-    viewer.screenshot(str(path), canvas_only=False)
-    return path
 
 
-def dice(a, b) -> float:
-    a, b = np.asarray(a, bool), np.asarray(b, bool)
-    s = a.sum() + b.sum()
-    return 1.0 if s == 0 else 2.0 * (a & b).sum() / s
 
 
-def tight_box(mask):
-    ys, xs = np.nonzero(mask)
-    return [xs.min(), ys.min(), xs.max() + 1, ys.max() + 1]
 
 
 @pytest.fixture(scope="session")

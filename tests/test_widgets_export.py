@@ -9,32 +9,18 @@ import numpy as np
 import pytest
 
 from napari_robustmedsam.annotation.model_info import preimport_model_modules
+from widget_helpers import shared_cache, tight_box, wait_idle
 
 preimport_model_modules()  # before any viewer exists (triton + Mesa GL, see its docstring)
 
-ARTIFACTS = Path(__file__).resolve().parent / "artifacts"
 
 
-def shared_cache(tmp_path_factory) -> str:
-    """One embedding cache for the whole test session: images used by several tests are encoded once."""
-    path = tmp_path_factory.getbasetemp() / "robustmedsam-embedding-cache"
-    path.mkdir(exist_ok=True)
-    return str(path)
 
 
-def any_running() -> bool:
-    from napari_robustmedsam.widgets._common import any_task_running
-
-    return any_task_running()
 
 
-def wait_idle(qtbot, timeout_ms: int = 300_000) -> None:
-    qtbot.waitUntil(lambda: not any_running(), timeout=timeout_ms)
 
 
-def tight_box(mask):
-    ys, xs = np.nonzero(mask)
-    return [xs.min(), ys.min(), xs.max() + 1, ys.max() + 1]
 
 
 @pytest.fixture

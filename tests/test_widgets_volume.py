@@ -8,59 +8,31 @@ on 2026-11-21 (see docs/annotator.md) and sit a little below the measured values
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import numpy as np
 import pytest
 
 from napari_robustmedsam.annotation.model_info import preimport_model_modules
+from widget_helpers import dice, shared_cache, shot, tight_box, wait_idle
 
 preimport_model_modules()  # before any viewer exists (triton + Mesa GL, see its docstring)
 
 pytestmark = pytest.mark.gui
-ARTIFACTS = Path(__file__).resolve().parent / "artifacts"
 SEED_SLICE = 8  # the tumour's largest slice
 DICE_3D_FLOOR = 0.30  # propagation from the seed slice with the default settings
 DICE_3D_CORRECTED_FLOOR = 0.60  # after marking slices 7 and 11 as "object ends here"
 
 
-def shared_cache(tmp_path_factory) -> str:
-    """One embedding cache for the whole test session: images used by several tests are encoded once."""
-    path = tmp_path_factory.getbasetemp() / "robustmedsam-embedding-cache"
-    path.mkdir(exist_ok=True)
-    return str(path)
 
 
-def any_running() -> bool:
-    from napari_robustmedsam.widgets._common import any_task_running
-
-    return any_task_running()
 
 
-def wait_idle(qtbot, timeout_ms: int = 300_000) -> None:
-    qtbot.waitUntil(lambda: not any_running(), timeout=timeout_ms)
 
 
-def shot(viewer, name: str) -> Path:
-    from qtpy.QtWidgets import QApplication
-
-    for _ in range(3):
-        QApplication.processEvents()
-    ARTIFACTS.mkdir(exist_ok=True)
-    path = ARTIFACTS / f"{name}.png"
-    viewer.screenshot(str(path), canvas_only=False)
-    return path
 
 
-def dice(a, b) -> float:
-    a, b = np.asarray(a, bool), np.asarray(b, bool)
-    s = a.sum() + b.sum()
-    return 1.0 if s == 0 else 2.0 * (a & b).sum() / s
 
 
-def tight_box(mask):
-    ys, xs = np.nonzero(mask)
-    return [xs.min(), ys.min(), xs.max() + 1, ys.max() + 1]
 
 
 @pytest.fixture(scope="module")
