@@ -24,13 +24,19 @@ import argparse
 import os
 import platform
 import shutil
+import subprocess
+import sys
 import tempfile
 import time
 import warnings
 from pathlib import Path
 
-import numpy as np
-import torch
+if "--allocator=default" in sys.argv:  # must happen before torch is imported
+    os.environ["ROBUSTMEDSAM_TUNE_MALLOC"] = "0"
+    os.environ["THP_MEM_ALLOC_ENABLE"] = "0"
+import napari_robustmedsam  # noqa: E402,F401  (before torch: the package's allocator setting)
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
 
 warnings.filterwarnings("ignore")
 
@@ -71,6 +77,13 @@ def main() -> None:
     parser.add_argument("--data", default=None)
     parser.add_argument("--sections", default="1,2,3,4", help="comma-separated sections to run (3 and 4 need the cache)")
     parser.add_argument("--cache", default=None, help="cache dir to use (kept); default: a temporary one, removed")
+    parser.add_argument(
+        "--allocator",
+        choices=("tuned", "default"),
+        default="tuned",
+        help="'default': glibc/PyTorch allocator defaults (no mallopt, no THP; write it as --allocator=default); "
+        "section 1 only. The tuned run also runs this in a child process for comparison.",
+    )
     args = parser.parse_args()
     sections = {int(v) for v in args.sections.split(",")}
     torch.set_num_threads(args.threads)
@@ -117,9 +130,22 @@ def main() -> None:
         f"project engine, default ({engine.description})": engine.encode,
         f"project engine, cpu_fast ({fast.description})": fast.encode,
     }
+    if 1 in sections and args.allocator == "tuned":
+        # the same variants with the allocator defaults, in a child process (the settings are process-wide)
+        cmd = [sys.executable, __file__, "--sections", "1", "--allocator=default", "--reps", str(args.reps),
+               "--threads", str(args.threads)] + (["--data", args.data] if args.data else [])
+        child = subprocess.run(cmd, capture_output=True, text=True)
+        lines = child.stdout.splitlines()
+        start = next((i for i, line in enumerate(lines) if line.startswith("1.")), len(lines))
+        print("\n0. the same, with glibc/PyTorch allocator defaults (child process, run just before section 1)")
+        print("\n".join(lines[start + 1:]) if start < len(lines) else f"  child failed: {child.stderr[-500:]}")
     if 1 in sections:
+        from napari_robustmedsam.engine.fast_cpu import configure_cpu_memory
+
         times = interleaved(variants, slices, args.reps)
-        print("\n1. LiteMedSAM, seconds per 2D slice (256 x 256 int16 MRI, 256 px model input)")
+        label = "allocator: tuned (mallopt + THP)" if args.allocator == "tuned" else "allocator defaults"
+        print(f"\n1. LiteMedSAM, seconds per 2D slice (256 x 256 int16 MRI, 256 px model input); {label}, "
+              f"THP_MEM_ALLOC_ENABLE={os.environ.get('THP_MEM_ALLOC_ENABLE')}, mallopt applied: {configure_cpu_memory()}")
         width = max(len(k) for k in times)
         for name, t in times.items():
             print(f"  {name:<{width}}  {stats(t)}")
@@ -127,6 +153,8 @@ def main() -> None:
         for name, t in times.items():
             if name.startswith("project"):
                 print(f"  speed-up of '{name.split(' (')[0]}' over the baseline: {base / np.median(t):.2f}x")
+    if args.allocator == "default":
+        return
 
     cache_root = Path(args.cache) if args.cache else Path(tempfile.mkdtemp(prefix="rms-bench-"))
     try:

@@ -86,6 +86,21 @@ def tune_malloc(mmap_threshold: int = 256 << 20, trim_threshold: int = 1 << 30) 
     return ok
 
 
+def configure_cpu_memory() -> bool:
+    """Default for CPU inference: :func:`tune_malloc`, unless ``ROBUSTMEDSAM_TUNE_MALLOC=0``.
+
+    Why: on this project's machine (a VM) page faults, not arithmetic, dominated the LiteMedSAM encoder:
+    1.4-1.6 s per slice with glibc's defaults, 0.75-0.9 s with freed blocks kept for reuse (docs/benchmarks.md).
+    The price is that the process keeps its peak heap mapped (bounded by the largest working set, about
+    0.5 GB for LiteMedSAM, measured in benchmarks/embed_memory.py).
+    """
+    import os
+
+    if os.environ.get("ROBUSTMEDSAM_TUNE_MALLOC", "1").strip().lower() in ("0", "false", "no", "off"):
+        return False
+    return tune_malloc()
+
+
 # ------------------------------------------------------------------------------------------------
 # graph rewrites
 # ------------------------------------------------------------------------------------------------
@@ -165,6 +180,8 @@ class EncoderRunner:
         self.device = next(model.parameters()).device
         self.precision = self._resolve_precision(precision)
         self.channels_last = bool(cpu_fast and self.device.type == "cpu")
+        if self.device.type == "cpu":
+            configure_cpu_memory()
         self._fast_model: nn.Module | None = None
         self._fast_key: tuple | None = None
 

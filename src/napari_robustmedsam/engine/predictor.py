@@ -96,6 +96,10 @@ class Predictor:
         self.preprocessing = preprocessing
         self.box_primary = box_primary
         self.embedding: ImageEmbedding | None = None
+        if self.device.type == "cpu":
+            from .fast_cpu import configure_cpu_memory
+
+            configure_cpu_memory()
 
     @classmethod
     def from_loaded(cls, loaded) -> "Predictor":
