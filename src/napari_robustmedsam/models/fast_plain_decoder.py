@@ -28,11 +28,11 @@ from torch import nn
 if TYPE_CHECKING:  # pragma: no cover
     from .segmenter import PromptableSegmenter
 
-def fast_plain_decoder_applies(decoder: nn.Module, dense: torch.Tensor) -> bool:
-    from segment_anything.modeling.mask_decoder import MaskDecoder
+def fast_transformer_applies(decoder: nn.Module, dense: torch.Tensor) -> bool:
+    """SAM's TwoWayTransformer of plain Attention blocks, and no mask prompt (``dense`` constant over the grid)."""
     from segment_anything.modeling.transformer import Attention, TwoWayAttentionBlock, TwoWayTransformer
 
-    if type(decoder) is not MaskDecoder or type(decoder.transformer) is not TwoWayTransformer:
+    if type(getattr(decoder, "transformer", None)) is not TwoWayTransformer:
         return False
     layers = decoder.transformer.layers
     if len(layers) == 0 or not all(type(layer) is TwoWayAttentionBlock for layer in layers):
@@ -46,6 +46,12 @@ def fast_plain_decoder_applies(decoder: nn.Module, dense: torch.Tensor) -> bool:
         return False
     # dense must be the no-mask embedding broadcast over the grid (PromptEncoder without a mask prompt)
     return dense.dim() == 4 and dense.stride(-1) == 0 and dense.stride(-2) == 0
+
+
+def fast_plain_decoder_applies(decoder: nn.Module, dense: torch.Tensor) -> bool:
+    from segment_anything.modeling.mask_decoder import MaskDecoder
+
+    return type(decoder) is MaskDecoder and fast_transformer_applies(decoder, dense)
 
 
 def _heads(x: torch.Tensor, num_heads: int) -> torch.Tensor:
@@ -98,8 +104,8 @@ def _two_way_block(layer: nn.Module, queries, keys, query_pe, key_pe):
     return queries, keys
 
 
-def _image_side(model: PromptableSegmenter, image_embeddings: torch.Tensor, image_pe: torch.Tensor, dense_row: torch.Tensor) -> dict:
-    decoder = model.mask_decoder
+def _image_side(decoder: nn.Module, image_embeddings: torch.Tensor, image_pe: torch.Tensor, dense_row: torch.Tensor) -> dict:
+    """Image-only inputs of the first block, cached on the decoder (last image kept)."""
     first = decoder.transformer.layers[0]
     t2i, i2t = first.cross_attn_token_to_image, first.cross_attn_image_to_token
     weights = tuple(
@@ -118,7 +124,7 @@ def _image_side(model: PromptableSegmenter, image_embeddings: torch.Tensor, imag
         dense_row._version,
         weights,
     )
-    cache = model.__dict__.get("_image_side_cache")
+    cache = decoder.__dict__.get("_image_side_cache")
     if cache is not None and cache["key"] == key:
         return cache
     src = image_embeddings + dense_row  # (B, C, H, W) + (1, C, 1, 1), as SAM's src + dense
@@ -138,27 +144,30 @@ def _image_side(model: PromptableSegmenter, image_embeddings: torch.Tensor, imag
         # keep the embedding alive so that its id/data_ptr cannot be reused by another tensor
         "_embedding": image_embeddings,
     }
-    model.__dict__["_image_side_cache"] = cache
+    decoder.__dict__["_image_side_cache"] = cache
     return cache
 
 
-def fast_plain_decode(
-    model: PromptableSegmenter,
+def fast_transformer(
+    decoder: nn.Module,
     image_embeddings: torch.Tensor,
     image_pe: torch.Tensor,
+    dense: torch.Tensor,
     sparse: torch.Tensor,
-    multimask_output: bool,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    decoder = model.mask_decoder
+    output_tokens: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, tuple[int, int, int, int]]:
+    """SAM's two-way transformer for N prompt sets: (token outputs (N, T, C), image side (N, HW, C), shape).
+
+    ``dense`` is the (broadcast) no-mask prompt embedding; ``output_tokens`` the decoder's output tokens
+    (SAM: IoU + mask tokens; RobustSAM: IoU + robust tokens).
+    """
     transformer = decoder.transformer
-    dense_row = model.prompt_encoder.no_mask_embed.weight.reshape(1, -1, 1, 1)
+    dense_row = dense[:1, :, :1, :1]
     n = sparse.shape[0]
     if image_embeddings.shape[0] not in (1, n):
         raise ValueError(f"image_embeddings batch {image_embeddings.shape[0]} does not match {n} prompts")
-    side = _image_side(model, image_embeddings, image_pe, dense_row)
-    b, c, h, w = side["shape"]
+    side = _image_side(decoder, image_embeddings, image_pe, dense_row)
 
-    output_tokens = torch.cat([decoder.iou_token.weight, decoder.mask_tokens.weight], dim=0)
     tokens = torch.cat((output_tokens.unsqueeze(0).expand(n, -1, -1), sparse), dim=1)
     query_pe = tokens
     keys, key_pe = side["keys"], side["key_pe"]
@@ -188,6 +197,21 @@ def fast_plain_decode(
     queries = transformer.norm_final_attn(queries + transformer.final_attn_token_to_image(q=q, k=k, v=keys))
     if keys.shape[0] != n:
         keys = keys.expand(n, -1, -1)
+    return queries, keys, side["shape"]
+
+
+def fast_plain_decode(
+    model: PromptableSegmenter,
+    image_embeddings: torch.Tensor,
+    image_pe: torch.Tensor,
+    sparse: torch.Tensor,
+    multimask_output: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    decoder = model.mask_decoder
+    n = sparse.shape[0]
+    dense = model.prompt_encoder.no_mask_embed.weight.reshape(1, -1, 1, 1)
+    output_tokens = torch.cat([decoder.iou_token.weight, decoder.mask_tokens.weight], dim=0)
+    queries, keys, (b, c, h, w) = fast_transformer(decoder, image_embeddings, image_pe, dense, sparse, output_tokens)
 
     iou_token_out = queries[:, 0, :]
     mask_tokens_out = queries[:, 1 : 1 + decoder.num_mask_tokens, :]

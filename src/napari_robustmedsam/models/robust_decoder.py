@@ -83,6 +83,7 @@ from segment_anything.modeling.mask_decoder import MLP
 from torch import Tensor, nn
 
 from .amfg import EarlyFeatureAMFG, EmbeddingAMFG, FourierModulation, MaskFeatureAMFG, check_fgm_mode
+from .fast_plain_decoder import fast_transformer, fast_transformer_applies
 
 __all__ = [
     "IMAGE_FEATURES_KEY",
@@ -287,9 +288,27 @@ class RobustMaskDecoder(MaskDecoder):
         sparse_prompt_embeddings: Tensor,
         dense_prompt_embeddings: Tensor,
         output_tokens: Tensor,
+        fast: bool = False,
     ) -> tuple[Tensor, Tensor, Tensor]:
-        """SAM's token/image transformer; returns (iou token, mask tokens, upscaled features)."""
+        """SAM's token/image transformer; returns (iou token, mask tokens, upscaled features).
+
+        ``fast=True`` (the robust path at inference, without a mask prompt) takes the click-time fast path of
+        the plain decoder (:mod:`.fast_plain_decoder`: image-side inputs cached per image, same results up to
+        float rounding); the plain path (``robust=False``) stays SAM's computation exactly.
+        """
         n = sparse_prompt_embeddings.shape[0]
+        if (
+            fast
+            and not torch.is_grad_enabled()
+            and image_embeddings.shape[0] in (1, n)
+            and image_pe.shape[0] == 1
+            and fast_transformer_applies(self, dense_prompt_embeddings)
+        ):
+            hidden, keys, (_, c, h, w) = fast_transformer(
+                self, image_embeddings, image_pe, dense_prompt_embeddings, sparse_prompt_embeddings, output_tokens
+            )
+            upscaled = self.output_upscaling(keys.transpose(1, 2).reshape(n, c, h, w))
+            return hidden[:, 0, :], hidden[:, 1 : 1 + self.num_mask_tokens, :], upscaled
         prompt_tokens = torch.cat(
             (output_tokens.unsqueeze(0).expand(n, -1, -1), sparse_prompt_embeddings), dim=1
         )
@@ -360,7 +379,7 @@ class RobustMaskDecoder(MaskDecoder):
 
         tokens = torch.cat((self.iou_token.weight, self.custom_robust_token.weight), dim=0)
         iou_token, mask_tokens, upscaled = self._run_transformer(
-            image_embeddings, image_pe, sparse_prompt_embeddings, dense_prompt_embeddings, tokens
+            image_embeddings, image_pe, sparse_prompt_embeddings, dense_prompt_embeddings, tokens, fast=True
         )
         n = mask_tokens.shape[0]
         img = self._resolve_image_features(image_embeddings, image_features, early_features)
