@@ -374,3 +374,109 @@ def test_cli_gallery_renders_a_png(tmp_path, tiny_images):
     from napari_robustmedsam.degradations.gallery import gallery_types
 
     assert len(gallery_types("xray")) == 12 and len(gallery_types(None)) == len(ALL_TYPES)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# fast paths (speed target: benchmarks/degradations.py) keep what they compute
+
+
+def _smooth_rgb(rng: np.random.Generator, shape=(96, 112, 3)) -> np.ndarray:
+    from scipy import ndimage
+
+    return ndimage.gaussian_filter(rng.random(shape), (3, 3, 0)).astype(np.float32)
+
+
+def test_upsample_matches_elementwise_linear_resampling():
+    from napari_robustmedsam.degradations._fields import _linear_taps, upsample
+
+    def reference(field, shape):  # the original implementation: np.take per axis, first axis first
+        out = np.asarray(field, dtype=np.float32)
+        for axis, n_out in enumerate(shape):
+            if out.shape[axis] == n_out:
+                continue
+            lo, hi, frac = _linear_taps(n_out, out.shape[axis])
+            bshape = [1] * out.ndim
+            bshape[axis] = n_out
+            a, b = np.take(out, lo, axis=axis), np.take(out, hi, axis=axis)
+            out = a + (b - a) * frac.reshape(bshape)
+        return out
+
+    rng = np.random.default_rng(0)
+    for small, shape in [((7, 9), (50, 41)), ((11, 13, 3), (33, 52, 3)), ((3, 6, 5), (7, 24, 20))]:
+        field = rng.random(small, dtype=np.float32)
+        out = upsample(field, shape)
+        assert out.shape == shape and out.dtype == np.float32 and out.flags.c_contiguous
+        np.testing.assert_allclose(out, reference(field, shape), atol=1e-6)
+
+
+def test_reduced_resolution_gaussian_blur_is_close_to_the_exact_blur():
+    from scipy import ndimage
+
+    from napari_robustmedsam.degradations.blur import REDUCED_FROM, gaussian_blur
+
+    x = np.clip(_smooth_rgb(np.random.default_rng(1), (128, 120, 3)) * 3 - 1, 0, 1).astype(np.float32)
+    x[40:80, 30:90] = 1.0  # sharp edges: the worst case of the approximation
+    for sigma in (REDUCED_FROM, 2.5, 5.4):
+        exact = ndimage.gaussian_filter(x, (sigma, sigma, 0), mode="reflect", truncate=3.0)
+        fast = gaussian_blur(x, sigma)
+        assert fast.shape == x.shape and fast.dtype == np.float32
+        err = np.abs(fast - exact)[8:-8, 8:-8]
+        assert err.mean() < 0.003 and err.max() < 0.04, (sigma, err.mean(), err.max())
+        # RGB is blurred channel by channel
+        np.testing.assert_allclose(gaussian_blur(np.ascontiguousarray(x[..., 1]), sigma), fast[..., 1], atol=1e-5)
+
+
+def test_motion_blur_rgb_equals_per_channel():
+    from napari_robustmedsam.degradations.blur import convolve_reflect, line_kernel
+
+    x = _smooth_rgb(np.random.default_rng(2))
+    kernel = line_kernel(17.5, 33.0)
+    out = convolve_reflect(x, kernel)
+    assert out.shape == x.shape and out.dtype == np.float32
+    for c in range(3):
+        np.testing.assert_allclose(out[..., c], convolve_reflect(np.ascontiguousarray(x[..., c]), kernel), atol=1e-5)
+
+
+@pytest.mark.parametrize("rgb", [False, True])
+def test_stepwise_motion_2d_matches_torchio(rgb):
+    """The numpy k-space motion of 2D images equals torchio's Motion (kept for volumes)."""
+    from napari_robustmedsam.degradations.mri import StepwiseMotion, _TorchioDegradation
+
+    x = _smooth_rgb(np.random.default_rng(3), (80, 96, 3))
+    x = x if rgb else np.ascontiguousarray(x[..., 0])
+    for seed in range(4):
+        deg = StepwiseMotion.from_severity(0.9, np.random.default_rng(seed), x.shape[:2])
+        fast = deg.apply(x, np.random.default_rng(0))
+        slow = _TorchioDegradation.apply(deg, x, np.random.default_rng(0))
+        assert fast.shape == x.shape and fast.dtype == np.float32
+        np.testing.assert_allclose(fast, slow, atol=2e-4)
+
+
+def test_poisson_noise_has_poisson_statistics():
+    from napari_robustmedsam.degradations.noise import PoissonNoise
+
+    peak = 8.0
+    for level in (0.2, 0.45, 0.9):  # expected counts 1.6 (exact draws), 3.6 (exact), 7.2 (normal approximation)
+        x = np.full((256, 256, 3), level, np.float32)
+        counts = PoissonNoise(peak=peak).apply(x, np.random.default_rng(4)) * peak
+        assert counts.dtype == np.float32 and counts.min() >= 0
+        assert abs(counts.mean() - level * peak) < 0.05 and abs(counts.var() / (level * peak) - 1) < 0.03
+        if level * peak < PoissonNoise.EXACT_BELOW:
+            np.testing.assert_allclose(counts, np.rint(counts), atol=1e-4)  # whole photon counts
+    mixed = np.linspace(0, 1, 64 * 64, dtype=np.float32).reshape(64, 64)
+    out = PoissonNoise(peak=peak).apply(mixed, np.random.default_rng(5))
+    assert np.array_equal(out, PoissonNoise(peak=peak).apply(mixed, np.random.default_rng(5)))
+
+
+def test_exact_small_count_poisson_draws_follow_the_poisson_pmf():
+    from scipy import stats
+
+    from napari_robustmedsam.degradations.noise import _poisson_small
+
+    rng = np.random.default_rng(6)
+    for lam in (0.05, 1.6, 4.9):
+        counts = _poisson_small(rng, np.full(400_000, lam, np.float32))
+        assert counts.dtype == np.float32
+        freq = np.bincount(counts.astype(np.int64), minlength=25)[:25] / counts.size
+        np.testing.assert_allclose(freq, stats.poisson.pmf(np.arange(25), lam), atol=0.005)
+    assert not _poisson_small(rng, np.zeros(1000, np.float32)).any()

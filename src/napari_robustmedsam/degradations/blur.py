@@ -14,29 +14,48 @@ from .base import Degradation, lerp, size_scale
 from .registry import register
 
 
+REDUCED_FROM = 1.7  # px: wider Gaussian blurs are computed at half (or lower) resolution
+
+
 def _gaussian(x: np.ndarray, sigma: float) -> np.ndarray:
     sig = (sigma, sigma, 0) if x.ndim == 3 else sigma
     return ndimage.gaussian_filter(x, sig, mode="reflect", truncate=3.0)
 
 
+def block_mean(x: np.ndarray, factor: int) -> np.ndarray:
+    """Mean over factor x factor blocks of a (H, W[, C]) float32 image whose sides are multiples of
+    `factor` (strided slice sums: much faster than a reshaped mean, notably for channel-last RGB)."""
+    rows = x[0::factor].copy()
+    for i in range(1, factor):
+        rows += x[i::factor]
+    small = rows[:, 0::factor].copy()
+    for j in range(1, factor):
+        small += rows[:, j::factor]
+    small *= np.float32(1.0 / (factor * factor))
+    return small
+
+
 def gaussian_blur(x: np.ndarray, sigma: float) -> np.ndarray:
-    """Gaussian blur of a (H, W) or (H, W, C) float image over its two spatial axes. Wide blurs
-    (sigma >= 3 px) are computed at a reduced resolution and interpolated back (the block averaging and
-    the interpolation are counted in the blur's width), which keeps them fast."""
+    """Gaussian blur of a (H, W) or (H, W, C) float image over its two spatial axes. Blurs with
+    sigma >= 1.7 px are computed at a reduced resolution (factor 2 up to sigma 4.5 px, then 3, then 4)
+    and interpolated back (the block averaging and the interpolation are counted in the blur's width),
+    which keeps them fast: at sigma 1.7 px the result is within 0.1 % of the range of the exact Gaussian
+    on average (at most ~2 % at the sharpest edges), closer for wider blurs."""
     if sigma <= 0:
         return x
     factor = min(4, int(sigma // 1.5))
+    if factor < 2 and sigma >= REDUCED_FROM:
+        factor = 2
     if factor < 2:
         return _gaussian(x, sigma)
     h, w = x.shape[:2]
     ph, pw = -h % factor, -w % factor
     pad = ((0, ph), (0, pw)) + (((0, 0),) if x.ndim == 3 else ())
     padded = np.pad(x, pad, mode="reflect") if (ph or pw) else x
-    small = padded.reshape(padded.shape[0] // factor, factor, padded.shape[1] // factor, factor, *x.shape[2:])
-    small = small.mean(axis=(1, 3))
+    small = block_mean(padded.astype(np.float32, copy=False), factor)
     # variance added by block averaging ((f^2 - 1) / 12) and linear interpolation (~ f^2 / 6), in pixels^2
     rest = np.sqrt(max(sigma**2 - (factor**2 - 1) / 12 - factor**2 / 6, 0.25)) / factor
-    blurred = _gaussian(small.astype(np.float32), rest)
+    blurred = _gaussian(small, rest)
     return upsample(blurred, padded.shape)[:h, :w]
 
 
@@ -78,18 +97,28 @@ def line_kernel(length: float, angle_deg: float) -> np.ndarray:
 
 
 def convolve_reflect(x: np.ndarray, kernel: np.ndarray) -> np.ndarray:
-    """FFT convolution of a (H, W[, C]) image with a 2D kernel, reflect-padded so borders stay unbiased."""
+    """FFT convolution of a (H, W[, C]) image with a 2D kernel, reflect-padded so borders stay unbiased.
+    The kernel's centre is its middle pixel; the kernel is cropped to its non-zero box (a line at an angle
+    fills little of its square) to keep the padded FFT small. Colour channels are transformed as contiguous
+    (C, H, W) planes, in float32 (complex64 spectra)."""
+    cy, cx = kernel.shape[0] // 2, kernel.shape[1] // 2
+    rows, cols = np.nonzero(kernel)
+    if rows.size:  # the box of the non-zero taps and the centre
+        r0, r1 = min(int(rows.min()), cy), max(int(rows.max()), cy) + 1
+        c0, c1 = min(int(cols.min()), cx), max(int(cols.max()), cx) + 1
+        kernel, cy, cx = kernel[r0:r1, c0:c1], cy - r0, cx - c0
     ky, kx = kernel.shape
-    py, px = ky // 2, kx // 2
-    pad = ((py, ky - 1 - py), (px, kx - 1 - px)) + (((0, 0),) if x.ndim == 3 else ())
-    padded = np.pad(x, pad, mode="reflect")
     h, w = x.shape[:2]
+    planes = np.moveaxis(x, -1, 0) if x.ndim == 3 else x[None]
+    padded = np.pad(planes.astype(np.float32, copy=False), ((0, 0), (ky - 1 - cy, cy), (kx - 1 - cx, cx)),
+                    mode="reflect")
     # circular FFT convolution of the padded image; the wrap-around only touches the discarded border
-    fh, fw = scipy.fft.next_fast_len(padded.shape[0], real=True), scipy.fft.next_fast_len(padded.shape[1], real=True)
-    spec = scipy.fft.rfft2(padded, s=(fh, fw), axes=(0, 1))
-    kspec = scipy.fft.rfft2(kernel, s=(fh, fw))
-    out = scipy.fft.irfft2(spec * (kspec[..., None] if x.ndim == 3 else kspec), s=(fh, fw), axes=(0, 1))
-    return out[ky - 1 : ky - 1 + h, kx - 1 : kx - 1 + w].astype(np.float32)
+    fh, fw = scipy.fft.next_fast_len(padded.shape[1], real=True), scipy.fft.next_fast_len(padded.shape[2], real=True)
+    spec = scipy.fft.rfft2(padded, s=(fh, fw))
+    spec *= scipy.fft.rfft2(kernel.astype(np.float32, copy=False), s=(fh, fw))
+    out = scipy.fft.irfft2(spec, s=(fh, fw))[:, ky - 1 : ky - 1 + h, kx - 1 : kx - 1 + w]
+    out = np.ascontiguousarray(np.moveaxis(out, 0, -1)) if x.ndim == 3 else out[0]
+    return out.astype(np.float32, copy=False)
 
 
 @register
@@ -157,14 +186,20 @@ class ZoomBlur(Degradation):
         # mean over zooms s^0 .. s^(2^d - 1) by repeated doubling: A <- (A + zoom(A, s^(2^k))) / 2, since
         # zooms about the same centre compose by multiplying their factors (d resizes instead of 2^d - 1)
         step = float(self.max_zoom) ** (1.0 / (2**doublings - 1))
+        if x.ndim == 3:  # colour: resampled as one 8-bit RGB image (colour images are 8-bit in practice);
+            # the running average is kept in uint16 fixed point (8-bit levels with 7 fractional bits)
+            rgb = np.clip(x, 0, 1) * np.float32(255 * 128)
+            acc = np.rint(rgb, out=rgb).astype(np.uint16)
+            for k in range(doublings):
+                acc8 = ((acc + np.uint16(64)) >> 7).astype(np.uint8)  # rounded to 8-bit levels
+                zoomed = np.asarray(_zoom(Image.fromarray(acc8, mode="RGB"), step ** (2**k), cy, cx))
+                acc += zoomed.astype(np.uint16) << 7  # <= 2 * 255 * 128 + 1 < 2**16
+                acc += np.uint16(1)
+                acc >>= 1
+            return acc.astype(np.float32) * np.float32(1 / (255 * 128))
         acc = np.clip(x, 0, 1).astype(np.float32)
         for k in range(doublings):
-            factor = step ** (2**k)
-            if x.ndim == 3:  # colour: resampled as one 8-bit RGB image (colour images are 8-bit in practice)
-                img = Image.fromarray(np.rint(acc * 255).astype(np.uint8), mode="RGB")
-                zoomed = np.asarray(_zoom(img, factor, cy, cx), dtype=np.float32) * np.float32(1 / 255)
-            else:
-                img = Image.fromarray(np.ascontiguousarray(acc), mode="F")
-                zoomed = np.asarray(_zoom(img, factor, cy, cx), dtype=np.float32)
+            img = Image.fromarray(np.ascontiguousarray(acc), mode="F")
+            zoomed = np.asarray(_zoom(img, step ** (2**k), cy, cx), dtype=np.float32)
             acc = 0.5 * (acc + zoomed)
         return acc

@@ -2,8 +2,9 @@
 transforms (k-space segments / planes / spikes, polynomial coil field); Gibbs ringing is k-space
 truncation. 2D images (H, W) are passed to torchio as a one-voxel-thick slab (H, 1, W), which keeps
 SimpleITK's resampling fast and puts torchio's k-space segments along the image columns; 3D volumes
-(Z, Y, X) are passed as they are. torchio runs single-threaded here: on a shared CPU that is faster than
-thread contention for single images."""
+(Z, Y, X) are passed as they are. Step-wise motion of 2D gray and RGB images runs torchio's Motion
+computation in numpy instead (``motion_2d``: all channels at once, same result). torchio runs
+single-threaded here: on a shared CPU that is faster than thread contention for single images."""
 
 from __future__ import annotations
 
@@ -52,6 +53,85 @@ def _from_tio(t: torch.Tensor, like: np.ndarray, volume: bool) -> np.ndarray:
     return np.moveaxis(a[:, :, 0, :], 0, -1)
 
 
+def _rigid_warp(planes: np.ndarray, degrees: float, shift: tuple[float, float]) -> np.ndarray:
+    """torchio Motion's resampling of a 2D slab, for (C, H, W) float32 planes at once: output pixel
+    (i, k) takes the input at R(i, k) + (-shift_rows, shift_cols), R the in-plane rotation by `degrees`
+    about pixel (0, 0) (torchio composes its Euler transform without the centre); linear interpolation,
+    edge pixels extended by half a pixel and the channel minimum outside, as SimpleITK's resampler."""
+    n, h, w = planes.shape
+    c, s = np.float32(np.cos(np.radians(degrees))), np.float32(np.sin(np.radians(degrees)))
+    ii = np.arange(h, dtype=np.float32)[:, None]
+    kk = np.arange(w, dtype=np.float32)[None, :]
+    r = (c * ii + np.float32(-shift[0])) - s * kk
+    q = (s * ii + np.float32(shift[1])) + c * kk
+    outside = (r < -0.5) | (r >= h - 0.5) | (q < -0.5) | (q >= w - 0.5)
+    np.clip(r, 0, h - 1, out=r)
+    np.clip(q, 0, w - 1, out=q)
+    r0 = np.minimum(r.astype(np.intp), h - 2)
+    q0 = np.minimum(q.astype(np.intp), w - 2)
+    fr, fq = (r - r0).ravel(), (q - q0).ravel()
+    idx = (r0 * w + q0).ravel()
+    flat = planes.reshape(n, h * w)
+    top, right = np.take(flat, idx, axis=1), np.take(flat, idx + 1, axis=1)
+    right -= top
+    right *= fq
+    top += right
+    bottom, corner = np.take(flat, idx + w, axis=1), np.take(flat, idx + (w + 1), axis=1)
+    corner -= bottom
+    corner *= fq
+    bottom += corner
+    bottom -= top
+    bottom *= fr
+    top += bottom
+    out = top.reshape(n, h, w)
+    if outside.any():
+        out[:, outside] = flat.min(axis=1)[:, None]
+    return out
+
+
+def _segment_masks(times: np.ndarray, n_poses: int, w: int) -> np.ndarray:
+    """(n_poses, w) 0/1 masks over the fft-shifted column frequencies: which pose fills which k-space
+    segment, with torchio Motion's ordering (the pose acquired at t > 0.5 swaps with the first)."""
+    order = list(range(n_poses))
+    index = int(np.where(times > 0.5)[0].min()) if np.any(times > 0.5) else n_poses - 1
+    order[0], order[index] = order[index], order[0]
+    bounds = [int(v) for v in (w * times).astype(int)] + [w]
+    masks = np.zeros((n_poses, w))
+    ini = 0
+    for pose, fin in zip(order, bounds):
+        masks[pose, ini:fin] = 1.0
+        ini = fin
+    return masks
+
+
+def motion_2d(x: np.ndarray, degrees, translation, times) -> np.ndarray:
+    """torchio Motion on a 2D (H, W) or (H, W, C) image, all channels at once, in numpy.
+
+    torchio fills the (fft-shifted) k-space columns [W t_j, W t_j+1) from pose j and returns the real part
+    of the inverse FFT. The segments only split the column frequencies, so the row FFTs cancel and the
+    result is, per pose, a 1-D FFT along the rows of pixels, masked, summed and inverted; taking the real
+    part equals masking with the mask symmetrised between +f and -f, which makes real FFTs exact."""
+    planes = np.ascontiguousarray(x[None] if x.ndim == 2 else np.moveaxis(x, -1, 0), dtype=np.float32)
+    w = planes.shape[2]
+    shifts = np.asarray(translation, dtype=float).reshape(-1, 2)
+    angles = np.asarray(degrees, dtype=float)
+    masks = _segment_masks(np.asarray(times, dtype=float), len(angles) + 1, w)
+    spectrum = None
+    for pose in range(len(angles) + 1):
+        m = np.fft.ifftshift(masks[pose])
+        half = (0.5 * (m + np.roll(m[::-1], 1)))[: w // 2 + 1].astype(np.float32)
+        if not half.any():
+            continue
+        moved = planes if pose == 0 else _rigid_warp(planes, angles[pose - 1], shifts[pose - 1])
+        spec = scipy.fft.rfft(moved, axis=-1)
+        spec *= half
+        spectrum = spec if spectrum is None else spectrum.__iadd__(spec)
+    if spectrum is None:  # pragma: no cover - only with hand-made, unsorted times that leave k-space empty
+        return np.zeros_like(x, dtype=np.float32)
+    out = scipy.fft.irfft(spectrum, n=w, axis=-1).astype(np.float32, copy=False)
+    return out[0] if x.ndim == 2 else np.moveaxis(out, 0, -1)
+
+
 @contextlib.contextmanager
 def _single_threaded() -> Iterator[None]:
     import SimpleITK as sitk
@@ -95,7 +175,9 @@ class StepwiseMotion(_TorchioDegradation):
     along the phase-encoding direction. RobustMedSAM applies it to MRI and CT.
 
     degrees, translation: per step, in-plane rotation (deg) and (rows, cols) translation (px); times:
-    fraction of k-space acquired before each step. Volumes move in-plane the same way.
+    fraction of k-space acquired before each step. Volumes move in-plane the same way (torchio); 2D gray
+    and RGB images use ``motion_2d``, the same computation in numpy for all channels at once (equal to
+    torchio's output within float32 rounding, about 3x faster on RGB).
     """
 
     degrees: list[float] = field(default_factory=lambda: [4.0, -3.0])
@@ -118,6 +200,9 @@ class StepwiseMotion(_TorchioDegradation):
             translation=[[round(float(a) * shift, 3), round(float(b) * shift, 3)] for a, b in shift_dir],
             times=[round(float(t), 4) for t in times],
         )
+
+    def apply(self, x, rng):
+        return motion_2d(x, self.degrees, self.translation, self.times)
 
     def _transform(self, volume):
         angles = np.asarray(self.degrees, dtype=float)

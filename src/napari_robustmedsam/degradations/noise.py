@@ -40,6 +40,45 @@ class GaussianNoise(Degradation):
         return x + np.float32(self.sigma) * _normal(rng, x.shape)
 
 
+def _normal_counts(lam: np.ndarray, z: np.ndarray) -> np.ndarray:
+    """Photon counts from the normal approximation N(lam, lam) of Poisson(lam), float32: lam + sqrt(lam) z,
+    clipped at 0 (`z` is overwritten)."""
+    z *= np.sqrt(lam)
+    z += lam
+    return np.maximum(z, np.float32(0.0), out=z)
+
+
+def _poisson_small(rng: np.random.Generator, lam: np.ndarray, full_steps: int = 7) -> np.ndarray:
+    """Poisson(lam) draws for small expected counts `lam` (float32, 1-D), as float32: inversion of the
+    CDF with one float32 uniform per draw. The first `full_steps` CDF terms are computed for all draws at
+    once (vectorised, that is where most of the mass is), the rest on the shrinking subset of draws still
+    above the CDF. Exact up to float32 rounding (tail terms below 1e-10 are dropped); about twice as fast as
+    ``Generator.poisson`` on this CPU."""
+    u = rng.random(lam.shape, dtype=np.float32)
+    p = np.exp(-lam)
+    c = p.copy()
+    above = np.greater(u, c)
+    counts = above.astype(np.float32)
+    for k in range(1, full_steps + 1):
+        p *= lam
+        p *= np.float32(1.0 / k)
+        c += p
+        np.greater(u, c, out=above)
+        counts += above
+    ids = np.flatnonzero(above)
+    u, lam, p, c = u[ids], lam[ids], p[ids], c[ids]
+    k = full_steps
+    while ids.size:
+        k += 1
+        p *= lam
+        p *= np.float32(1.0 / k)
+        c += p
+        keep = (u > c) & (p > np.float32(1e-10))
+        ids, u, lam, p, c = ids[keep], u[keep], lam[keep], p[keep], c[keep]
+        counts[ids] += 1
+    return counts
+
+
 @register
 @dataclass
 class PoissonNoise(Degradation):
@@ -47,8 +86,8 @@ class PoissonNoise(Degradation):
     dim fluorescence microscopy.
 
     peak: expected photon count at the brightest intensity (lower = noisier). Counts are drawn exactly
-    where fewer than 5 photons are expected and from the normal approximation N(n, n) elsewhere (fast,
-    and indistinguishable at those counts).
+    (CDF inversion, float32) where fewer than 5 photons are expected and from the normal approximation
+    N(n, n) elsewhere (fast, and indistinguishable at those counts).
     """
 
     peak: float = 30.0
@@ -64,13 +103,22 @@ class PoissonNoise(Degradation):
 
     def apply(self, x, rng):
         peak = np.float32(max(float(self.peak), 1e-3))
-        lam = np.clip(x, 0, None) * peak
-        z = _normal(rng, x.shape)
-        counts = np.maximum(lam + np.sqrt(lam) * z, 0.0)
+        lam = np.clip(x, 0, None)
+        lam *= peak
         low = lam < self.EXACT_BELOW
-        if low.any():
-            counts[low] = rng.poisson(lam[low].astype(np.float64))
-        return counts / peak
+        n_low = int(np.count_nonzero(low))
+        if n_low == lam.size:
+            counts = _poisson_small(rng, lam.ravel()).reshape(lam.shape)
+        elif n_low == 0:
+            counts = _normal_counts(lam, _normal(rng, lam.shape))
+        else:  # normal draws only where the approximation is used, exact counts elsewhere (float32 path)
+            high = ~low
+            counts = np.empty_like(lam)
+            lam_high = lam[high]
+            counts[high] = _normal_counts(lam_high, _normal(rng, lam_high.shape))
+            counts[low] = _poisson_small(rng, lam[low])
+        counts *= np.float32(1.0 / peak)
+        return counts
 
 
 @register
@@ -198,12 +246,13 @@ class ISONoise(Degradation):
         return cls(luminance_sigma=lerp(0.0, 0.1, severity), color_sigma=lerp(0.0, 0.04, severity))
 
     def apply(self, x, rng):
-        lum = luminance(x)
-        grain = _normal(rng, x.shape[:2]) * np.float32(self.luminance_sigma) * np.sqrt(lum + 0.05) * 1.4
+        grain = np.sqrt(luminance(x) + np.float32(0.05))
+        grain *= _normal(rng, x.shape[:2])
+        grain *= np.float32(self.luminance_sigma * 1.4)
         out = x + per_pixel(grain, x)
         if x.ndim == 3:  # blotchy chroma noise: drawn at half resolution, interpolated
             h, w = x.shape[:2]
             chroma = upsample(_normal(rng, ((h + 1) // 2, (w + 1) // 2, 3)), x.shape)
             chroma *= np.float32(self.color_sigma) / max(float(chroma.std()), 1e-6)
-            out = out + chroma
+            out += chroma
         return out

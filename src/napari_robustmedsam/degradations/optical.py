@@ -201,10 +201,12 @@ class Fog(Degradation):
 
     def apply(self, x, rng):
         field_ = smooth_noise(x.shape, rng, cells=3)
-        t = np.float32(self.density) * (1.0 - self.variation + self.variation * field_)
+        t = np.float32(self.density) * (np.float32(1.0 - self.variation) + np.float32(self.variation) * field_)
         hazy = gaussian_blur(x, self.blur)
-        t = per_pixel(t.astype(np.float32), x)
-        return hazy * (1.0 - t) + np.float32(self.airlight) * t
+        # hazy * (1 - t) + airlight * t, with the (H, W) factors broadcast over the colour channels
+        out = hazy * per_pixel(np.float32(1.0) - t, x)
+        out += per_pixel(np.float32(self.airlight) * t, x)
+        return out
 
 
 def _shift_edge(x: np.ndarray, dy: int, dx: int) -> np.ndarray:
