@@ -339,8 +339,13 @@ def test_robust_features_are_cached_and_keyed_by_the_decoder(tiny_robust, image,
     with torch.no_grad():
         other.mask_decoder.fourier_last_layer_features.parameters().__next__().mul_(1.5)
     third = _engine(other, tmp_path)
-    third.embed_image(image)
-    assert third.stats["computed"] == 1
+    swapped = third.embed_image(image)
+    # ... it recomputes them from the encoder-level entry (embedding + early features): no encoder run
+    assert third.stats["computed"] == 0 and third.stats["from_encoder_cache"] == 1 and third.stats["from_disk"] == 0
+    torch.testing.assert_close(swapped.image_embeddings, emb.image_embeddings)
+    assert not torch.allclose(swapped.features["robust_image_features"], emb.features["robust_image_features"])
+    torch.testing.assert_close(swapped.features["robust_image_features"],
+                               third.encode(image).features["robust_image_features"], atol=1e-5, rtol=1e-5)
 
 
 def test_float16_storage_roundtrip(tiny, image, tmp_path):

@@ -286,3 +286,30 @@ def test_logits_to_original_is_bit_identical_to_the_frame_method():
                 inp = (max(1, int(h * s + 0.5)), max(1, int(w * s + 0.5)))
             frame = ImageFrame(pre, (h, w), inp, size)
             assert torch.equal(logits_to_original(frame, x), frame.logits_to_original(x))
+
+
+def test_fine_tuned_decoder_reuses_the_encoders_cached_outputs(tmp_path):
+    """Hot swap: a robust decoder on the same encoder finds the encoder-level entry (embedding + early
+    features) and only recomputes its own image-level features; the encoder does not run again."""
+    from napari_robustmedsam.checkpoints import load_model
+
+    img = (np.random.default_rng(0).random((120, 100)) * 1000).astype(np.int16)
+    base = load_model("litemedsam_robust", device="cpu")
+    first = EmbeddingEngine(base, cache_dir=tmp_path)
+    first.embed_image(img)
+    assert first.stats["computed"] == 1 and first.stats["written"] == 2  # model entry + encoder entry
+    tuned = load_model("litemedsam_robust", device="cpu")
+    with torch.no_grad():
+        for p in tuned.model.mask_decoder.robust_parameters():
+            p.add_(0.01)  # another decoder: its image-level features differ
+    second = EmbeddingEngine(tuned, cache_dir=tmp_path)
+    emb = second.embed_image(img)
+    assert second.stats["computed"] == 0 and second.stats["from_encoder_cache"] == 1
+    assert sorted(emb.features) == ["image_embeddings", "robust_image_features"]
+    ref = second.encode(img)  # what the encoder + this decoder give from scratch
+    for key, value in ref.features.items():
+        torch.testing.assert_close(emb.features[key], value, atol=1e-4, rtol=1e-4)
+    # the swapped model's own entry is written too: a third engine reads it from disk
+    third = EmbeddingEngine(tuned, cache_dir=tmp_path)
+    third.embed_image(img)
+    assert third.stats["from_disk"] == 1 and third.stats["computed"] == 0

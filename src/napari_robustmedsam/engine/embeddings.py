@@ -32,6 +32,7 @@ When the cache directory cannot be used (unwritable, full), the engine warns onc
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import threading
 import warnings
@@ -259,26 +260,71 @@ class EmbeddingEngine:
         store.notices.clear()
         return store
 
-    def _entry(self, store: EmbeddingStore | None, index: int, image_fn: Callable[[], np.ndarray], extra=None) -> ImageEmbedding:
+    def _open_encoder_store(self, sig: Signature, n_entries: int, store_path=None) -> EmbeddingStore | None:
+        """For a robust decoder: the store of the encoder's own outputs (embedding + early features).
+
+        Its signature has no decoder hash, so a fine-tuned decoder on the same encoder (the Fine-tune
+        widget's hot swap, a fused checkpoint) finds it and only recomputes its image-level features.
+        """
+        if not self.model.is_robust or store_path is not None:
+            return None
+        return self._open_store(dataclasses.replace(sig, decoder_hash=None, content="encoder"), n_entries)
+
+    def _read(self, store: EmbeddingStore, index: int):
+        got = store.read(index)
+        for message in store.notices:
+            self._notice(message)
+        store.notices.clear()
+        return got
+
+    def _write(self, store: EmbeddingStore | None, index: int, features: dict, frame, extra) -> None:
+        if store is None or not self._disk_ok:
+            return
+        try:
+            store.write(index, features, frame, extra)
+            self.stats["written"] += 1
+        except CacheError as err:
+            self._fallback(err)
+
+    def _entry(
+        self,
+        store: EmbeddingStore | None,
+        index: int,
+        image_fn: Callable[[], np.ndarray],
+        extra=None,
+        encoder_store: EmbeddingStore | None = None,
+    ) -> ImageEmbedding:
         if not self._disk_ok:
-            store = None
+            store = encoder_store = None
         if store is not None:
-            got = store.read(index)
-            for message in store.notices:
-                self._notice(message)
-            store.notices.clear()
+            got = self._read(store, index)
             if got is not None:
                 features, frame, _ = got
                 self.stats["from_disk"] += 1
                 return ImageEmbedding(features, frame)
-        emb = self.encode(image_fn())
-        if store is not None:
-            try:
-                store.write(index, emb.features, emb.frame, extra)
-                self.stats["written"] += 1
-            except CacheError as err:
-                self._fallback(err)
-        return emb
+        if encoder_store is not None:
+            got = self._read(encoder_store, index)
+            if got is not None and "early_features" in got[0]:
+                enc, frame, _ = got
+                dtype = next(self.model.parameters()).dtype
+                emb_t = enc["image_embeddings"].to(self.model.device, dtype)
+                image_level = self.model.image_features(emb_t, enc["early_features"].to(self.model.device, dtype))
+                features = {"image_embeddings": enc["image_embeddings"]}
+                features.update({k: v.float().cpu().contiguous() for k, v in image_level.items()})
+                self.stats["from_encoder_cache"] += 1
+                self._write(store, index, features, frame, extra)
+                return ImageEmbedding(features, frame)
+        if encoder_store is None:
+            emb = self.encode(image_fn())
+            self._write(store, index, emb.features, emb.frame, extra)
+            return emb
+        tensor, frame = preprocess(image_fn(), self.preprocessing)
+        out = self.runner(tensor, keep_early=True)
+        self.stats["computed"] += 1
+        early = out.pop("early_features")
+        self._write(encoder_store, index, {"image_embeddings": out["image_embeddings"], "early_features": early}, frame, extra)
+        self._write(store, index, out, frame, extra)
+        return ImageEmbedding(out, frame)
 
     def _remember(self, key: str, value: Any) -> None:
         self._memory[key] = value
@@ -318,8 +364,9 @@ class EmbeddingEngine:
                 return hit
             n = len(tiles) if tiles else 1
             store = self._open_store(sig, n, store_path=store_path)
+            encoder_store = self._open_encoder_store(sig, n, store_path=store_path)
             if not tiles:
-                emb = self._deliver(self._entry(store, 0, lambda: arr))
+                emb = self._deliver(self._entry(store, 0, lambda: arr, encoder_store=encoder_store))
                 if progress is not None:
                     progress(1, 1, "image embedded")
                 self._remember(key, emb)
@@ -330,7 +377,8 @@ class EmbeddingEngine:
                     raise EmbeddingCancelled(f"cancelled after {i} of {n} tiles (finished tiles are cached)")
                 y0, y1, x0, x1 = tile.outer
                 embeddings.append(
-                    self._deliver(self._entry(store, tile.index, lambda: arr[y0:y1, x0:x1], extra=tile.to_json()))
+                    self._deliver(self._entry(store, tile.index, lambda: arr[y0:y1, x0:x1], extra=tile.to_json(),
+                                              encoder_store=encoder_store))
                 )
                 if progress is not None:
                     progress(i + 1, n, f"tile {i + 1}/{n}")

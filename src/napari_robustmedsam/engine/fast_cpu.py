@@ -274,12 +274,12 @@ class EncoderRunner:
 
     # ---- run ------------------------------------------------------------------------------------
     @torch.no_grad()
-    def __call__(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+    def __call__(self, images: torch.Tensor, keep_early: bool = False) -> dict[str, torch.Tensor]:
         model = self._get_model()
         param_dtype = next(self.model.parameters()).dtype
         x = images.to(device=self.device, dtype=param_dtype)
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         with self._autocast():
-            features = model.encode(x)
+            features = model.encode(x, keep_early=True) if keep_early else model.encode(x)
         return {k: v.float().contiguous() for k, v in features.items()}

@@ -159,6 +159,10 @@ class Signature:
     cache_format: int = CACHE_FORMAT
     package_version: str = field(default_factory=lambda: package_version())
     checkpoint_sha256: str | None = None  # informational (the weights are hashed directly)
+    # "model": what the model's decoder reads (embedding + a robust decoder's image-level features);
+    # "encoder": the encoder's outputs alone (embedding + early features), shared by every decoder on top of
+    # this encoder, so that swapping in a fine-tuned decoder reuses the encoder's work (decoder_hash None)
+    content: str = "model"
 
     # fields that never invalidate an entry
     _INFO_FIELDS = ("package_version", "checkpoint_sha256")

@@ -53,12 +53,14 @@ class PromptableSegmenter(nn.Module):
         return next(self.parameters()).device
 
     @torch.no_grad()
-    def encode(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+    def encode(self, images: torch.Tensor, keep_early: bool = False) -> dict[str, torch.Tensor]:
         """Run the image encoder on preprocessed images (B, 3, S, S).
 
         Returns ``{"image_embeddings": (B, 256, 64, 64)}`` plus, for a robust decoder, the
         image-level robust features it precomputes (see :meth:`image_features`). Everything returned
-        depends on the image only, so the embedding engine can cache all of it.
+        depends on the image only, so the embedding engine can cache all of it. ``keep_early`` (robust
+        decoders) also returns the early encoder features as ``"early_features"``, from which another
+        decoder on the same encoder can compute its own image-level features without the encoder.
         """
         if not self.is_robust:
             return {"image_embeddings": self.image_encoder(images)}
@@ -68,6 +70,8 @@ class PromptableSegmenter(nn.Module):
             embeddings = self.image_encoder(images)
         features = {"image_embeddings": embeddings}
         features.update(self.image_features(embeddings, capture.features))
+        if keep_early:
+            features["early_features"] = capture.features
         return features
 
     @torch.no_grad()
