@@ -254,6 +254,31 @@ def test_corrective_click_refines_with_previous_logits(plugin, qtbot):
     shot(viewer, "04_corrective_clicks")
 
 
+def test_live_click_decodes_on_the_gui_thread_and_updates_the_layer_in_place(plugin, qtbot):
+    """A click on a fast model: the mask is in the layer before the click's event handler returns (no worker
+    hop), the layer's array is updated in place, and a prompt change giving the same mask leaves it alone."""
+    from napari_robustmedsam.sample_data import mri_phantom
+
+    viewer, widget = plugin
+    image, truth = mri_phantom(256, seed=0)
+    layer = viewer.add_image(image, name="phantom")
+    annotator = widget.annotator
+    assert annotator.set_image_layer(layer)
+    organ = truth >= 1
+    segment_with_box(qtbot, annotator, tight_box(organ))
+    data = annotator.current_layer.data
+    n_sync = annotator.decode_modes["sync"]
+    seen = []
+    annotator.segmented.connect(lambda z, seconds: seen.append(seconds))
+    ys, xs = np.nonzero(organ)
+    annotator.add_point(float(xs[len(xs) // 2]), float(ys[len(ys) // 2]), positive=True)
+    assert len(seen) == 1  # emitted inside add_point
+    assert annotator.decode_modes["sync"] == n_sync + 1
+    assert annotator.current_layer.data is data  # in place, same array
+    np.testing.assert_array_equal(np.asarray(data).astype(bool), annotator.session.current)
+    assert dice(annotator.session.current, organ) > 0.8
+
+
 def test_bad_model_file_and_unsupported_layer_show_visible_errors(plugin, qtbot, tmp_path, litemedsam):
     viewer, widget = plugin
     bad = tmp_path / "broken_checkpoint.pth"

@@ -84,6 +84,29 @@ def test_preview_layer_updates_live_and_segment_on_degraded_gives_dice(annotated
     shot(viewer, "21_segment_on_degraded")
 
 
+def test_fast_preview_updates_within_the_change_once_per_set_settings(annotated, qtbot):
+    """A fast degradation is shown before the control change returns (no timer, no worker), one update for all
+    the changes of ``set_settings``, into the same layer and array."""
+    from napari_robustmedsam.annotation.robustness import degrade_slice
+    from widget_helpers import any_running
+
+    viewer, widget, image = annotated
+    preview = widget.preview
+    widget.show_tab("degrade")
+    qtbot.waitUntil(lambda: preview.degraded_layer is not None and not any_running(), timeout=60_000)
+    layer = preview.degraded_layer
+    data = layer.data
+    updates = []
+    preview.preview_updated.connect(updates.append)
+    preview.set_settings(name="brightness", severity=0.8, seed=3)  # type, mode, severity and seed change
+    assert len(updates) == 1
+    assert preview.degraded_layer is layer and layer.data is data
+    s = preview.settings()
+    expected = degrade_slice(image, s["name"], s["level"], s["severity"], s["seed"], s["modality"])
+    np.testing.assert_array_equal(np.asarray(layer.data), expected)
+    assert preview.preview_modes["sync"] >= 1
+
+
 def test_robustness_sweep_shows_a_table(annotated, qtbot, tmp_path):
     viewer, widget, _ = annotated
     sweep = widget.sweep

@@ -127,6 +127,64 @@ def test_launcher_uses_a_real_image_when_present(shared_data, monkeypatch):
     assert name.startswith("hc18_fetal_head_us/") and modality == "ultrasound" and Path(source).exists()
 
 
+def _view_box(viewer):
+    """(y0, x0, y1, x1) of the world region the canvas shows."""
+    camera = viewer.scene.camera
+    h, w = viewer.canvas.size
+    cy, cx = camera.center[-2:]
+    return cy - h / 2 / camera.zoom, cx - w / 2 / camera.zoom, cy + h / 2 / camera.zoom, cx + w / 2 / camera.zoom
+
+
+def _assert_whole_image_shown(viewer, layer):
+    from qtpy.QtWidgets import QApplication
+
+    for _ in range(5):
+        QApplication.processEvents()
+    vy0, vx0, vy1, vx1 = _view_box(viewer)
+    lo, hi = np.asarray(layer.extent.world, dtype=float)[:, -2:]
+    (iy0, ix0), (iy1, ix1) = lo - 0.5, hi + 0.5  # data extent (pixel centres) +- half a pixel
+    tol = 1e-3
+    assert vy0 <= iy0 + tol and vx0 <= ix0 + tol and iy1 <= vy1 + tol and ix1 <= vx1 + tol, (
+        f"image {iy0, ix0, iy1, ix1} not inside the canvas view {vy0, vx0, vy1, vx1}")
+    fill = max((iy1 - iy0) / (vy1 - vy0), (ix1 - ix0) / (vx1 - vx0))
+    assert fill > 0.85, f"the image fills only {fill:.0%} of the canvas"
+
+
+@pytest.mark.gui
+def test_launcher_shows_the_whole_image_and_keeps_it_fitted(monkeypatch):
+    """The launcher's view: the whole image inside the canvas once the window is laid out, fitted again when
+    the canvas changes size, and left alone once the user zoomed (the --screenshot bug: zoomed in, cropped)."""
+    from conftest import shared_data_dir
+    from qtpy.QtWidgets import QApplication
+
+    from napari_robustmedsam import launch
+
+    shared = shared_data_dir()
+    if (shared / "medseg").is_dir():
+        monkeypatch.setenv("ROBUSTMEDSAM_SHARED_DATA", str(shared))  # a non-square real image (hc18: 800 x 540)
+        argv = ["--no-embed"]
+    else:
+        argv = ["--no-embed", "--phantom"]
+    ready = launch.setup(launch.parse_args(argv))
+    assert not isinstance(ready, int)
+    viewer, widget, fit = ready
+    try:
+        layer = widget.annotator.image_layer
+        _assert_whole_image_shown(viewer, layer)
+        viewer.window.resize(1100, 700)  # e.g. a re-wrapped panel or the user resizing the window
+        _assert_whole_image_shown(viewer, layer)
+        camera = viewer.scene.camera
+        camera.zoom = camera.zoom * 3  # the user zooms in: the launcher must not undo it
+        zoom = camera.zoom
+        viewer.window.resize(1300, 850)
+        for _ in range(5):
+            QApplication.processEvents()
+        assert camera.zoom == pytest.approx(zoom)
+        assert fit() is False
+    finally:
+        viewer.close()
+
+
 def test_sample_data_and_writer(tmp_path):
     from napari_robustmedsam.io import read_image
     from napari_robustmedsam.widgets.npe2_hooks import sample_phantom_2d, sample_phantom_3d, write_labels

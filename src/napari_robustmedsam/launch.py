@@ -87,6 +87,22 @@ def _load_image(args: argparse.Namespace):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    ready = setup(args)
+    if isinstance(ready, int):
+        return ready
+    viewer, widget, fit = ready
+    if args.screenshot:
+        _screenshot_when_ready(viewer, widget.annotator, args.screenshot, fit)
+    import napari
+
+    napari.run()
+    return 0
+
+
+def setup(args: argparse.Namespace):
+    """Everything :func:`main` does before the event loop: ``(viewer, widget, fit)``, or an exit code.
+
+    ``fit()`` fits the image to the canvas again (see :func:`keep_view_fitted`)."""
     from .annotation.model_info import preimport_model_modules
     from .errors import UserFacingError
 
@@ -123,13 +139,46 @@ def main(argv=None) -> int:
         widget.sweep.modality_combo.setCurrentText(modality)
     annotator.select_prompt_layer()
     viewer.window.resize(1500, 950)
-    viewer.reset_view()
+    # The canvas gets its final size only once the window is laid out (dock, status texts): fit the image
+    # again on every canvas resize until the user zooms or pans.
+    fit = keep_view_fitted(viewer)
     if not args.no_embed and annotator.state.loaded is not None:
         annotator.compute_embeddings()
-    if args.screenshot:
-        _screenshot_when_ready(viewer, annotator, args.screenshot)
-    napari.run()
-    return 0
+    return viewer, widget, fit
+
+
+def keep_view_fitted(viewer):
+    """Fit the layers to the canvas now and again whenever the canvas changes size, until the user moves the
+    camera (zoom or pan). Returns the function that fits (it returns False once the user took over).
+
+    Why: ``reset_view`` uses the canvas size known at the time of the call; before the window is shown and laid
+    out that is a provisional size, and docking the panel or a re-wrapped status text resizes the canvas later,
+    which left the image zoomed in and cropped at the top-left.
+    """
+    state: dict = {}
+
+    def view():
+        scene = getattr(viewer, "scene", None)  # napari >= 0.9; viewer.camera before
+        camera = scene.camera if scene is not None and hasattr(scene, "camera") else viewer.camera
+        return tuple(round(float(v), 6) for v in camera.center), round(float(camera.zoom), 9)
+
+    def fit(event=None) -> bool:
+        if state.get("done"):
+            return False
+        if "view" in state and view() != state["view"]:  # the user zoomed or panned: leave the view alone
+            state["done"] = True
+            try:
+                viewer.canvas.events.size.disconnect(fit)
+            except Exception:
+                pass
+            return False
+        viewer.reset_view()
+        state["view"] = view()
+        return True
+
+    viewer.canvas.events.size.connect(fit)
+    fit()
+    return fit
 
 
 def _dock(viewer):
@@ -148,8 +197,9 @@ def _dock(viewer):
 _KEEP: list = []
 
 
-def _screenshot_when_ready(viewer, annotator, path: str) -> None:
+def _screenshot_when_ready(viewer, annotator, path: str, fit=None) -> None:
     from qtpy.QtCore import QTimer
+    from qtpy.QtWidgets import QApplication
 
     from .widgets._common import any_task_running
 
@@ -158,6 +208,11 @@ def _screenshot_when_ready(viewer, annotator, path: str) -> None:
     def check():
         if not any_task_running():
             timer.stop()
+            for _ in range(3):  # let the layout settle (word-wrapped status texts resize the dock)
+                QApplication.processEvents()
+            if fit is not None:
+                fit()
+                QApplication.processEvents()
             viewer.screenshot(path, canvas_only=False)
             print(f"screenshot: {path}")
             viewer.close()

@@ -70,10 +70,17 @@ class Banner(QLabel):
         self.hide()
 
     def show_message(self, text: str, kind: str = "info") -> None:
-        self.kind = kind if text else ""
-        self.setStyleSheet(_STYLES.get(kind, _STYLES["info"]))
-        self.setText(text)
-        self.setVisible(bool(text))
+        # Only touch what changed: setStyleSheet re-polishes the widget and a new text re-lays out the panel,
+        # and the annotator clears its banner on every click.
+        kind = kind if text else ""
+        style = _STYLES.get(kind, _STYLES["info"])
+        if self.styleSheet() != style:
+            self.setStyleSheet(style)
+        self.kind = kind
+        if self.text() != text:
+            self.setText(text)
+        if self.isHidden() == bool(text):
+            self.setVisible(bool(text))
 
     def show_error(self, err: BaseException | str) -> None:
         text = err if isinstance(err, str) else describe_error(err)

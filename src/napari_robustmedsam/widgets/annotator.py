@@ -17,6 +17,7 @@ The logic lives in :mod:`napari_robustmedsam.annotation` (no Qt); this module wi
 
 from __future__ import annotations
 
+import contextlib
 import time
 from typing import Any
 
@@ -49,7 +50,7 @@ from ..annotation.propagation import (
 )
 from ..annotation.session import AnnotationSession, SlicePrompts
 from ..errors import ImageInputError, UserFacingError
-from ._common import Banner, TaskRow, mark, role_of, run_task, shrinkable, unwrap
+from ._common import Banner, TaskRow, any_task_running, mark, role_of, run_task, shrinkable, unwrap
 from ._state import get_state
 
 POINTS_NAME = "point prompts"
@@ -58,7 +59,18 @@ CURRENT_NAME = "current object"
 COMMITTED_NAME = "committed objects"
 POINT_COLORS = ["#00ff00", "#ff2020"]  # positive, negative
 POLARITIES = ["positive", "negative"]
-SYNC_DECODER_MS = 80.0  # run the decoder on the GUI thread only while it is this fast
+# The decoder runs on the GUI thread while its median time there stays at or below this; slower models
+# (or a machine under heavy load) use a worker. On 2 CPU cores a decode in a worker measured 3-5x slower than
+# the same decode on the GUI thread (it competes with Qt/OpenGL rendering of the click for the cores), so the
+# GUI thread is the fast path whenever the freeze it causes stays short (docs/annotator.md, "UI latency").
+SYNC_DECODER_MS = 250.0
+SYNC_PROBE_EVERY = 8  # in worker mode, every 8th decode runs on the GUI thread again to re-measure it
+# Intra-op threads for a decode on the GUI thread (None: torch's setting). A decode is a few hundred small ops:
+# with 2 OpenMP threads each op waits for the second thread, and on a loaded 2-core machine that thread is often
+# descheduled. Measured interleaved on this machine under load 3.6 (30 box decodes each, 512 x 512): 1 thread
+# p50 147 / p95 181 ms, 2 threads p50 191 / p95 572 ms; in a second state of the same process 84 vs 384 ms.
+GUI_DECODE_THREADS: int | None = 1
+THUMBNAIL_DELAY_MS = 250  # the layer-list thumbnail of "current object" follows after a pause in clicking
 KEYS = {
     "s": "segment",
     "c": "commit",
@@ -98,7 +110,10 @@ class AnnotatorWidget(QWidget):
         self._seg_running = False
         self._seg_pending: tuple[int, float] | None = None
         self._embed_handles: dict[int, Any] = {}
-        self._decoder_ms: list[float] = []
+        self._decoder_ms: list[float] = []  # every decode (GUI thread or worker), ms
+        self._sync_ms: list[float] = []  # decodes on the GUI thread, ms: what the sync/worker choice uses
+        self._since_probe = 0
+        self.decode_modes = {"sync": 0, "worker": 0}  # how the decodes ran (benchmarks, status)
         self._propagated_once = False
         self._changed_since_propagation: set[int] = set()
         self._propagation_handle = None
@@ -109,6 +124,10 @@ class AnnotatorWidget(QWidget):
         self._repropagate_timer.setSingleShot(True)
         self._repropagate_timer.setInterval(700)
         self._repropagate_timer.timeout.connect(self._auto_repropagate)
+        self._thumbnail_timer = QTimer(self)
+        self._thumbnail_timer.setSingleShot(True)
+        self._thumbnail_timer.setInterval(THUMBNAIL_DELAY_MS)
+        self._thumbnail_timer.timeout.connect(self._update_current_thumbnail)
 
         self.state.set_annotator(self)
         self.state.model_changed.connect(self._on_model_changed)
@@ -431,12 +450,22 @@ class AnnotatorWidget(QWidget):
         if not isinstance(data, np.ndarray) or data.shape != self.session.shape or not data.flags.writeable:
             self.current_layer.data = self.session.current.astype(np.uint8)
             return
-        # in place + one refresh (cheaper than the data setter on every click)
+        # in place + one refresh (cheaper than the data setter on every click); nothing to do if the mask is
+        # unchanged; the layer-list thumbnail is refreshed once the clicks pause (it costs a repaint of the list)
         if z is None or not self.session.is_volume:
-            np.copyto(data, self.session.current, casting="unsafe")
+            target, source = data, self.session.current
         else:
-            np.copyto(data[z], self.session.current[z], casting="unsafe")
-        self.current_layer.refresh()
+            target, source = data[z], self.session.current[z]
+        if np.array_equal(target, source):
+            return
+        np.copyto(target, source, casting="unsafe")
+        self.current_layer.refresh(thumbnail=False)
+        self._thumbnail_timer.start()
+
+    def _update_current_thumbnail(self) -> None:
+        layer = self.current_layer
+        if layer is not None and layer in self.viewer.layers:
+            layer.refresh(data_displayed=False, highlight=False, extent=False)
 
     def _update_committed_layer(self) -> None:
         if self.committed_layer is not None and self.session is not None:
@@ -448,6 +477,8 @@ class AnnotatorWidget(QWidget):
     def _on_model_changed(self, loaded) -> None:
         self._make_embeddings()
         self._decoder_ms.clear()
+        self._sync_ms.clear()
+        self._since_probe = 0
         self._update_hint()
         self.select_prompt_layer()
         if self.session is not None and self.session.has_current:
@@ -514,10 +545,13 @@ class AnnotatorWidget(QWidget):
                 self._set_status("Embeddings are already computed.")
                 return
             t0 = time.perf_counter()
+            z_visible = self.current_z()
 
             def work(handle):
-                return emb.compute(todo, progress=lambda d, t: handle.report(d, t, "slices"),
-                                   is_cancelled=handle.is_cancelled)
+                n = emb.compute(todo, progress=lambda d, t: handle.report(d, t, "slices"),
+                                is_cancelled=handle.is_cancelled)
+                _warm_decoder(emb, z_visible)
+                return n
 
             def done(n):
                 if gen == self._generation:
@@ -645,7 +679,7 @@ class AnnotatorWidget(QWidget):
             return
         z = self.current_z() if z is None else int(z)
         t_request = time.perf_counter() if t_request is None else t_request
-        if self.slice_prompts(z).is_empty and self.state.loaded is None:
+        if self.state.loaded is None and self.slice_prompts(z).is_empty:
             self._set_status(f"No prompts on slice {z}: draw a box or click a point first.")
             return
         self._with_model(lambda: self._request(z, t_request))
@@ -666,20 +700,25 @@ class AnnotatorWidget(QWidget):
         if self._seg_running:
             self._seg_pending = (z, t_request)
             return
-        fast = bool(self._decoder_ms) and float(np.median(self._decoder_ms[-5:])) <= SYNC_DECODER_MS
         args = self._segment_args(z, prompts)
         gen = self._generation
-        if fast:
+        if self._decode_on_gui_thread():
             try:
                 t0 = time.perf_counter()
-                result = segment_slice(**args)
-                self._decoder_ms.append((time.perf_counter() - t0) * 1000)
+                with _intra_op_threads(GUI_DECODE_THREADS):
+                    result = segment_slice(**args)
+                ms = (time.perf_counter() - t0) * 1000
+                self._decoder_ms.append(ms)
+                self._sync_ms.append(ms)
+                del self._sync_ms[:-5]
+                self.decode_modes["sync"] += 1
             except Exception as err:  # noqa: BLE001 - shown in the widget
                 self.banner.show_error(err)
                 return
             self._apply(z, result, gen, t_request)
             return
         self._seg_running = True
+        self.decode_modes["worker"] += 1
 
         def work(handle):
             t0 = time.perf_counter()
@@ -699,6 +738,23 @@ class AnnotatorWidget(QWidget):
             self._run_pending()
 
         run_task(work, done, failed, name="segmenting")
+
+    def _decode_on_gui_thread(self) -> bool:
+        """Decode on the GUI thread (no thread hop, no contention with rendering) while that is fast.
+
+        The first three decodes of a model run there to measure it (one warm-up outlier does not decide); after
+        that the median of the last five GUI-thread decodes decides. In worker mode every
+        ``SYNC_PROBE_EVERY``-th decode runs on the GUI thread again, so that a passing load spike does not keep
+        the annotator in the slower mode (not for models far too slow for the GUI thread).
+        """
+        if len(self._sync_ms) < 3 or float(np.median(self._sync_ms)) <= SYNC_DECODER_MS:
+            self._since_probe = 0
+            return True
+        self._since_probe += 1
+        if self._since_probe >= SYNC_PROBE_EVERY and float(np.median(self._sync_ms)) <= 4 * SYNC_DECODER_MS:
+            self._since_probe = 0
+            return True
+        return False
 
     def _run_pending(self) -> None:
         if self._seg_pending is not None:
@@ -994,6 +1050,44 @@ class AnnotatorWidget(QWidget):
 
         handler.__name__ = f"robustmedsam_{action}"
         return handler
+
+
+@contextlib.contextmanager
+def _intra_op_threads(n: int | None):
+    """torch's intra-op threads set to ``n`` for the block (GUI thread only).
+
+    Left alone while a background task runs: the setting is process-wide for threads that start using torch
+    in the meantime, and a worker must not pick up the GUI thread's single thread.
+    """
+    if n is None or any_task_running():
+        yield
+        return
+    import torch
+
+    previous = torch.get_num_threads()
+    if previous == n:
+        yield
+        return
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _warm_decoder(emb: SliceEmbeddings, z: int) -> None:
+    """One throw-away decode on slice ``z`` right after its embedding (in the embedding's worker).
+
+    The first decode after an embedding measured slower than the next ones (697 ms vs 300-530 ms in one run
+    under load 3.8), and the predictor's fast decoder path computes its per-image cache on it: doing it here
+    keeps that off the user's first click. Best effort: errors are ignored (the click reports them).
+    """
+    try:
+        embedding = emb.get(z)
+        h, w = tuple(getattr(embedding, "frame", embedding).original_size)
+        segment_slice(emb.predictor, embedding, SlicePrompts(box=np.array([0.0, 0.0, float(w), float(h)])))
+    except Exception:  # noqa: BLE001
+        pass
 
 
 def _still_drawing(shapes_layer) -> bool:

@@ -1,10 +1,12 @@
 """Live degradation preview and "Segment on degraded".
 
 Pick a degradation (the registry's list, filtered by modality), a level (LQ-1..LQ-3+) or a continuous
-severity, and a seed: a ``degraded`` image layer follows the controls live. Changes are debounced (all changes
-of one event-loop turn, and all changes made while a degradation runs, give one update) and the
-degradation runs in a worker (the latest setting wins), so the UI never freezes. For a volume only
-the visible slice is degraded (a one-slice layer placed at that slice).
+severity, and a seed: a ``degraded`` image layer follows the controls live. A degradation that is fast on
+the slice (at most ``SYNC_PREVIEW_MS``, measured per type and slice shape; the first run of a type on a slice of
+up to 0.6 megapixel measures it) runs right away on the GUI thread, inside the control's change: no timer, no
+thread hop, no paint in between (the first preview, which adds the layer, runs from the event loop). Slower ones run in a worker (the latest setting wins, all changes made while
+one runs give one update), so the UI never freezes for long. For a volume only the visible slice is degraded
+(a one-slice layer placed at that slice).
 
 "Segment on degraded" reuses the annotator's prompts of the visible slice on the degraded slice (with its
 own embedding) and shows the clean and the degraded mask side by side with their Dice.
@@ -43,7 +45,10 @@ DEGRADED_NAME = "degraded"
 CLEAN_MASK_NAME = "mask on clean"
 DEGRADED_MASK_NAME = "mask on degraded"
 ALL_MODALITIES = "(all types)"
-DEBOUNCE_MS = 0  # coalesce the changes of one event-loop turn; a running preview coalesces the rest (latest wins)
+DEBOUNCE_MS = 0  # worker path: coalesce the changes of one event-loop turn; a running preview coalesces the rest
+SYNC_PREVIEW_MS = 100.0  # degradations measured at or below this (median of the last 3 runs) run on the GUI thread
+SYNC_PROBE_PIXELS = 600_000  # an unmeasured type runs on the GUI thread (to measure it) on slices up to this size
+THUMBNAIL_DELAY_MS = 250  # the layer-list thumbnail of "degraded" follows after a pause
 
 
 class DegradationPreview(QWidget):
@@ -64,6 +69,10 @@ class DegradationPreview(QWidget):
         self.last_latency: float | None = None
         self.last_result = None
         self._last_seconds: float | None = None
+        self._ready = False  # set at the end of __init__: changes before that never compute on the spot
+        self._batch = 0  # > 0 inside set_settings: one update for all its changes
+        self._seconds: dict[tuple, list[float]] = {}  # (type, slice shape) -> last degradation times (s)
+        self.preview_modes = {"sync": 0, "worker": 0}
 
         self.modality_combo = shrinkable(QComboBox())
         self.modality_combo.addItems([ALL_MODALITIES, *MODALITIES])
@@ -142,6 +151,10 @@ class DegradationPreview(QWidget):
         self._timer.setSingleShot(True)
         self._timer.setInterval(DEBOUNCE_MS)
         self._timer.timeout.connect(self._timer_fired)
+        self._thumbnail_timer = QTimer(self)
+        self._thumbnail_timer.setSingleShot(True)
+        self._thumbnail_timer.setInterval(THUMBNAIL_DELAY_MS)
+        self._thumbnail_timer.timeout.connect(self._update_thumbnail)
 
         self._fill_types()
         self._update_mode()
@@ -153,6 +166,7 @@ class DegradationPreview(QWidget):
         self.seed_spin.valueChanged.connect(self._on_control)
         self.live_check.toggled.connect(self._on_live_toggled)
         napari_viewer.dims.events.current_step.connect(self._on_slice)
+        self._ready = True
 
     # ---- controls -------------------------------------------------------------------------------
     @property
@@ -183,10 +197,11 @@ class DegradationPreview(QWidget):
         try:
             from ..degradations import describe
 
-            info = describe(self.type_combo.currentText())
-            self.describe_label.setText(str(info.get("simulates", "")))
+            text = str(describe(self.type_combo.currentText()).get("simulates", ""))
         except Exception:
-            self.describe_label.setText("")
+            text = ""
+        if self.describe_label.text() != text:  # a new text re-lays out the panel
+            self.describe_label.setText(text)
 
     def _on_modality(self, *_):
         self._fill_types()
@@ -217,27 +232,40 @@ class DegradationPreview(QWidget):
         }
 
     def set_settings(self, name=None, level=None, severity=None, seed=None, modality=None) -> None:
-        """Set the controls programmatically (tests, scripts); triggers a preview like the user would."""
-        if modality is not None:
-            self.modality_combo.setCurrentText(modality)
-        if name is not None:
-            self.type_combo.setCurrentText(name)
-        if severity is not None:
-            self.mode_combo.setCurrentText("severity")
-            self.severity_slider.setValue(float(severity))
-        elif level is not None:
-            self.mode_combo.setCurrentText("level")
-            self.level_combo.setCurrentText(level)
-        if seed is not None:
-            self.seed_spin.setValue(int(seed))
+        """Set the controls programmatically (tests, scripts); triggers one preview like the user would."""
+        self._batch += 1
+        try:
+            if modality is not None:
+                self.modality_combo.setCurrentText(modality)
+            if name is not None:
+                self.type_combo.setCurrentText(name)
+            if severity is not None:
+                self.mode_combo.setCurrentText("severity")
+                self.severity_slider.setValue(float(severity))
+            elif level is not None:
+                self.mode_combo.setCurrentText("level")
+                self.level_combo.setCurrentText(level)
+            if seed is not None:
+                self.seed_spin.setValue(int(seed))
+        finally:
+            self._batch -= 1
         self._on_control()
 
     def _on_control(self, *_):
+        if self._batch:
+            return
         self._describe()
         if not self.live_check.isChecked():
             return
         self._t_change = time.perf_counter()
-        self._timer.start()
+        if self._ready and not self._running and self._layer_shown():
+            self._timer.stop()
+            self._start_preview()  # fast types update right here; slow ones start a worker
+        else:  # not yet a layer to update: it is added from the event loop, not from inside a control's signal
+            self._timer.start()
+
+    def _layer_shown(self) -> bool:
+        return self.degraded_layer is not None and self.degraded_layer in self.viewer.layers
 
     def _timer_fired(self) -> None:
         if self.live_check.isChecked():
@@ -289,27 +317,40 @@ class DegradationPreview(QWidget):
         if settings["level"] == "LQ-3+" and settings["modality"] is None:
             self.banner.show_error(UserFacingError("LQ-3+ adds the modality's domain artifacts: choose a modality"))
             return
-        self._running = True
         self._pending = False
         t_change = self._t_change or time.perf_counter()
+        key = (settings["name"], tuple(image.shape))
+
+        def degrade():
+            return degrade_slice(image, settings["name"], settings["level"], settings["severity"], settings["seed"],
+                                 settings["modality"])
+
+        if self._runs_on_gui_thread(key, image):
+            t0 = time.perf_counter()
+            try:
+                out = degrade()
+            except Exception as err:  # noqa: BLE001 - shown in the widget
+                self.banner.show_error(err)
+                return
+            seconds = time.perf_counter() - t0
+            self._record(key, seconds)
+            self.preview_modes["sync"] += 1
+            self._finish(layer, kind, z, out, settings, seconds, t_change)
+            return
+
+        self._running = True
+        self.preview_modes["worker"] += 1
 
         def work(handle):
             t0 = time.perf_counter()
-            out = degrade_slice(image, settings["name"], settings["level"], settings["severity"], settings["seed"],
-                                settings["modality"])
+            out = degrade()
             return out, time.perf_counter() - t0
 
         def done(value):
             self._running = False
             out, seconds = value
-            self._show_degraded(layer, kind, z, out)
-            self.last_latency = time.perf_counter() - t_change
-            self._last_seconds = seconds
-            self.banner.clear_message()
-            how = settings["level"] or f"severity {settings['severity']:.2f}"
-            self.timing.setText(f"{settings['name']} {how}, seed {settings['seed']}: degraded in {seconds * 1000:.0f} ms, "
-                                f"shown {self.last_latency * 1000:.0f} ms after the change")
-            self.preview_updated.emit(self.last_latency)
+            self._record(key, seconds)  # a worker's time is an upper bound of the GUI thread's: it may switch back
+            self._finish(layer, kind, z, out, settings, seconds, t_change)
             if self._pending:
                 self._start_preview()
 
@@ -320,6 +361,32 @@ class DegradationPreview(QWidget):
                 self._start_preview()
 
         run_task(work, done, failed, name="degrading")
+
+    def _record(self, key: tuple, seconds: float) -> None:
+        times = self._seconds.setdefault(key, [])
+        times.append(seconds)
+        del times[:-3]
+
+    def _runs_on_gui_thread(self, key: tuple, image: np.ndarray) -> bool:
+        times = self._seconds.get(key)
+        if not times:
+            return int(np.prod(image.shape[:2])) <= SYNC_PROBE_PIXELS
+        return float(np.median(times)) * 1000 <= SYNC_PREVIEW_MS
+
+    def _finish(self, layer, kind: str, z: int, out: np.ndarray, settings: dict, seconds: float, t_change: float) -> None:
+        self._show_degraded(layer, kind, z, out)
+        self.last_latency = time.perf_counter() - t_change
+        self._last_seconds = seconds
+        self.banner.clear_message()
+        how = settings["level"] or f"severity {settings['severity']:.2f}"
+        self.timing.setText(f"{settings['name']} {how}, seed {settings['seed']}: degraded in {seconds * 1000:.0f} ms, "
+                            f"shown {self.last_latency * 1000:.0f} ms after the change")
+        self.preview_updated.emit(self.last_latency)
+
+    def _update_thumbnail(self) -> None:
+        layer = self.degraded_layer
+        if layer is not None and layer in self.viewer.layers:
+            layer.refresh(data_displayed=False, highlight=False, extent=False)
 
     def _show_degraded(self, layer, kind: str, z: int, out: np.ndarray) -> None:
         volume = kind in ("volume", "rgb_volume")
@@ -343,13 +410,19 @@ class DegradationPreview(QWidget):
             if selected is not None and selected in self.viewer.layers:
                 self.viewer.layers.selection.active = selected  # keep the prompt layer active
         else:
-            # in place + one refresh: cheaper than the data setter; translate / limits only when they change
-            np.copyto(existing.data, data)
+            # in place + one refresh: cheaper than the data setter; translate / limits only when they change; the
+            # layer-list thumbnail follows once the controls pause (it costs a repaint of the layer list)
             if not np.allclose(existing.translate, translate):
                 existing.translate = translate
             if not layer.rgb and tuple(existing.contrast_limits) != tuple(layer.contrast_limits):
                 existing.contrast_limits = layer.contrast_limits  # same window: brightness changes stay visible
-            existing.refresh()
+            target = existing.data
+            if isinstance(target, np.ndarray) and target.flags.writeable and target.dtype == data.dtype:
+                np.copyto(target, data)
+                existing.refresh(thumbnail=False)
+                self._thumbnail_timer.start()
+            else:
+                existing.data = data
         annotator = self.state.annotator
         if annotator is not None and annotator.current_layer is not None and annotator.current_layer in self.viewer.layers:
             idx = self.viewer.layers.index(existing)
