@@ -251,11 +251,15 @@ def test_fast_plain_decoder_equals_sams_mask_decoder(tiny):
             for r, o in zip(ref, got):
                 assert r.shape == o.shape
                 torch.testing.assert_close(o, r, atol=1e-4, rtol=1e-4)
-        # a mask prompt (dense not constant) takes SAM's own path: identical
-        sparse, dense = pe(points=None, boxes=torch.tensor([[5.0, 5, 50, 50]]), masks=torch.randn(1, 1, 256, 256))
-        ref = tiny.mask_decoder(feat, pe.get_dense_pe(), sparse, dense, False)
-        got = tiny.decode({"image_embeddings": feat}, sparse, dense, False)
-        assert torch.equal(ref[0], got[0])
+        # a mask prompt (corrective clicks feeding back logits): the image side is computed per call
+        for n in (1, 3):
+            sparse, dense = pe(points=(torch.rand(n, 2, 2, generator=g) * 255, torch.ones(n, 2, dtype=torch.int64)),
+                               boxes=None, masks=torch.randn(n, 1, 256, 256, generator=g))
+            assert dense.stride(-1) != 0
+            ref = tiny.mask_decoder(feat, pe.get_dense_pe(), sparse, dense, False)
+            got = tiny.decode({"image_embeddings": feat}, sparse, dense, False)
+            for r, o in zip(ref, got):
+                torch.testing.assert_close(o, r, atol=1e-4, rtol=1e-4)
     # with autograd on (training), SAM's path as well
     sparse, dense = pe(points=None, boxes=torch.tensor([[5.0, 5, 50, 50]]), masks=None)
     out = tiny.decode({"image_embeddings": feat.requires_grad_()}, sparse, dense, False)

@@ -5,7 +5,8 @@ cached per image) or spent in memory traffic that a different but equivalent ord
 
 1. With no mask prompt, the first two-way attention block's image-side inputs depend on the image alone:
    keys = embedding + no-mask embedding, and the token->image keys/values and image->token queries projected
-   from them. They are computed once per image (last image kept) and reused on every click.
+   from them. They are computed once per image (last image kept) and reused on every click. With a mask
+   prompt (corrective clicks with the previous logits) they are computed per call; the rest still applies.
 2. The output upscaling (two 2x2 stride-2 transposed convolutions with a channel LayerNorm and GELUs) is run
    as per-pixel matrix products in token order, and only the returned mask tokens' hypernetwork weights are
    applied before the single final reshuffle into image order. A 2x2 stride-2 transposed convolution writes
@@ -44,8 +45,12 @@ def fast_transformer_applies(decoder: nn.Module, dense: torch.Tensor) -> bool:
         return False
     if any(layer.skip_first_layer_pe for layer in layers[1:]):
         return False
-    # dense must be the no-mask embedding broadcast over the grid (PromptEncoder without a mask prompt)
-    return dense.dim() == 4 and dense.stride(-1) == 0 and dense.stride(-2) == 0
+    return dense.dim() == 4
+
+
+def _dense_is_constant(dense: torch.Tensor) -> bool:
+    """The no-mask embedding broadcast over the grid (PromptEncoder without a mask prompt)."""
+    return dense.stride(-1) == 0 and dense.stride(-2) == 0
 
 
 def fast_plain_decoder_applies(decoder: nn.Module, dense: torch.Tensor) -> bool:
@@ -127,25 +132,30 @@ def _image_side(decoder: nn.Module, image_embeddings: torch.Tensor, image_pe: to
     cache = decoder.__dict__.get("_image_side_cache")
     if cache is not None and cache["key"] == key:
         return cache
-    src = image_embeddings + dense_row  # (B, C, H, W) + (1, C, 1, 1), as SAM's src + dense
+    cache = _compute_image_side(decoder, image_embeddings + dense_row, image_pe)  # SAM's src + dense
+    cache["key"] = key
+    # keep the embedding alive so that its id/data_ptr cannot be reused by another tensor
+    cache["_embedding"] = image_embeddings
+    decoder.__dict__["_image_side_cache"] = cache
+    return cache
+
+
+def _compute_image_side(decoder: nn.Module, src: torch.Tensor, image_pe: torch.Tensor) -> dict:
+    first = decoder.transformer.layers[0]
+    t2i, i2t = first.cross_attn_token_to_image, first.cross_attn_image_to_token
     b, c, h, w = src.shape
     # token-major and contiguous once per image: every per-click add and projection then streams memory
     keys = src.flatten(2).permute(0, 2, 1).contiguous()
     key_pe = image_pe.flatten(2).permute(0, 2, 1).contiguous()
     k = keys + key_pe
-    cache = {
-        "key": key,
+    return {
         "shape": (b, c, h, w),
         "keys": keys,
         "key_pe": key_pe,
         "t2i_k": _heads(t2i.k_proj(k), t2i.num_heads),
         "t2i_v": _heads(t2i.v_proj(keys), t2i.num_heads),
         "i2t_q": _heads(i2t.q_proj(k), i2t.num_heads),
-        # keep the embedding alive so that its id/data_ptr cannot be reused by another tensor
-        "_embedding": image_embeddings,
     }
-    decoder.__dict__["_image_side_cache"] = cache
-    return cache
 
 
 def fast_transformer(
@@ -158,15 +168,20 @@ def fast_transformer(
 ) -> tuple[torch.Tensor, torch.Tensor, tuple[int, int, int, int]]:
     """SAM's two-way transformer for N prompt sets: (token outputs (N, T, C), image side (N, HW, C), shape).
 
-    ``dense`` is the (broadcast) no-mask prompt embedding; ``output_tokens`` the decoder's output tokens
-    (SAM: IoU + mask tokens; RobustSAM: IoU + robust tokens).
+    ``dense``: the dense prompt embedding. Without a mask prompt it is the no-mask embedding broadcast over
+    the grid, and the image side of the first block is cached per image; with a mask prompt (corrective
+    clicks feeding back the previous logits) it is computed for this call. ``output_tokens``: the decoder's
+    output tokens (SAM: IoU + mask tokens; RobustSAM: IoU + robust tokens).
     """
     transformer = decoder.transformer
-    dense_row = dense[:1, :, :1, :1]
     n = sparse.shape[0]
-    if image_embeddings.shape[0] not in (1, n):
-        raise ValueError(f"image_embeddings batch {image_embeddings.shape[0]} does not match {n} prompts")
-    side = _image_side(decoder, image_embeddings, image_pe, dense_row)
+    if image_embeddings.shape[0] not in (1, n) or dense.shape[0] not in (1, n):
+        raise ValueError(f"image_embeddings batch {image_embeddings.shape[0]} / dense batch {dense.shape[0]} "
+                         f"does not match {n} prompts")
+    if _dense_is_constant(dense):
+        side = _image_side(decoder, image_embeddings, image_pe, dense[:1, :, :1, :1])
+    else:
+        side = _compute_image_side(decoder, image_embeddings + dense, image_pe)
 
     tokens = torch.cat((output_tokens.unsqueeze(0).expand(n, -1, -1), sparse), dim=1)
     query_pe = tokens
@@ -205,11 +220,11 @@ def fast_plain_decode(
     image_embeddings: torch.Tensor,
     image_pe: torch.Tensor,
     sparse: torch.Tensor,
+    dense: torch.Tensor,
     multimask_output: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     decoder = model.mask_decoder
     n = sparse.shape[0]
-    dense = model.prompt_encoder.no_mask_embed.weight.reshape(1, -1, 1, 1)
     output_tokens = torch.cat([decoder.iou_token.weight, decoder.mask_tokens.weight], dim=0)
     queries, keys, (b, c, h, w) = fast_transformer(decoder, image_embeddings, image_pe, dense, sparse, output_tokens)
 

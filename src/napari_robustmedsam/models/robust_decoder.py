@@ -302,6 +302,7 @@ class RobustMaskDecoder(MaskDecoder):
             and not torch.is_grad_enabled()
             and image_embeddings.shape[0] in (1, n)
             and image_pe.shape[0] == 1
+            and dense_prompt_embeddings.shape[0] in (1, n)
             and fast_transformer_applies(self, dense_prompt_embeddings)
         ):
             hidden, keys, (_, c, h, w) = fast_transformer(

@@ -135,5 +135,5 @@ class PromptableSegmenter(nn.Module):
             image_level = {k: v for k, v in features.items() if k != "image_embeddings"}
             kwargs["image_features"] = image_level
         elif not torch.is_grad_enabled() and fast_plain_decoder_applies(self.mask_decoder, dense):
-            return fast_plain_decode(self, features["image_embeddings"], kwargs["image_pe"], sparse, multimask_output)
+            return fast_plain_decode(self, features["image_embeddings"], kwargs["image_pe"], sparse, dense, multimask_output)
         return self.mask_decoder(**kwargs)
