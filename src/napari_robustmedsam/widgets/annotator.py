@@ -69,7 +69,10 @@ SYNC_PROBE_EVERY = 8  # in worker mode, every 8th decode runs on the GUI thread 
 # with 2 OpenMP threads each op waits for the second thread, and on a loaded 2-core machine that thread is often
 # descheduled. Measured interleaved on this machine under load 3.6 (30 box decodes each, 512 x 512): 1 thread
 # p50 147 / p95 181 ms, 2 threads p50 191 / p95 572 ms; in a second state of the same process 84 vs 384 ms.
-GUI_DECODE_THREADS: int | None = 1
+# On the idle machine (04:45, benchmarks/ui_latency.py, 30 clicks each) 2 threads won: decoder p50 86 vs 102 ms,
+# prompt -> layer 119 vs 142 ms. Users' machines are not loaded by other people's jobs: torch's setting is the
+# default; 1 is the choice for a shared, loaded machine.
+GUI_DECODE_THREADS: int | None = None
 THUMBNAIL_DELAY_MS = 250  # the layer-list thumbnail of "current object" follows after a pause in clicking
 KEYS = {
     "s": "segment",
