@@ -70,14 +70,20 @@ def focal_loss(logits: Tensor, target: Tensor, valid: Tensor | None = None, alph
     return loss.mean()
 
 
+def _hard_masks(logits: Tensor, target: Tensor, valid: Tensor | None) -> tuple[Tensor, Tensor]:
+    """(prediction logits > 0, target) as (N, pixels) bool, restricted to the valid region when given."""
+    p = (logits > 0).flatten(1)
+    t = target.flatten(1).bool()
+    if valid is not None:
+        v = valid.flatten(1).bool()
+        p, t = p & v, t & v
+    return p, t
+
+
 def mask_iou(logits: Tensor, target: Tensor, valid: Tensor | None = None) -> Tensor:
     """Hard IoU per object (N,) of logits > 0 against the target (no gradient)."""
     with torch.no_grad():
-        p = (logits > 0).flatten(1)
-        t = target.flatten(1).bool()
-        if valid is not None:
-            v = valid.flatten(1).bool()
-            p, t = p & v, t & v
+        p, t = _hard_masks(logits, target, valid)
         inter = (p & t).sum(1).float()
         union = (p | t).sum(1).float()
         return torch.where(union > 0, inter / union.clamp_min(1.0), torch.ones_like(union))
@@ -86,11 +92,7 @@ def mask_iou(logits: Tensor, target: Tensor, valid: Tensor | None = None) -> Ten
 def dice_score(logits: Tensor, target: Tensor, valid: Tensor | None = None) -> Tensor:
     """Hard Dice per object (N,) (1 when both are empty)."""
     with torch.no_grad():
-        p = (logits > 0).flatten(1)
-        t = target.flatten(1).bool()
-        if valid is not None:
-            v = valid.flatten(1).bool()
-            p, t = p & v, t & v
+        p, t = _hard_masks(logits, target, valid)
         inter = (p & t).sum(1).float()
         total = p.sum(1).float() + t.sum(1).float()
         return torch.where(total > 0, 2 * inter / total.clamp_min(1.0), torch.ones_like(total))

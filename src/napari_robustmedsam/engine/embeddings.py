@@ -231,10 +231,13 @@ class EmbeddingEngine:
         return tile_layout(shape_hw, self.tile_threshold, self.halo, self.tile_shape)
 
     # ---- low level ------------------------------------------------------------------------------
-    def encode(self, image: np.ndarray) -> ImageEmbedding:
-        """Run the encoder on one (untiled) 2D image, no cache involved."""
+    def encode(self, image: np.ndarray, keep_early: bool = False) -> ImageEmbedding:
+        """Run the encoder on one (untiled) 2D image, no cache involved.
+
+        ``keep_early`` (robust decoders): the features also hold ``"early_features"`` for the encoder-level entry.
+        """
         tensor, frame = preprocess(image, self.preprocessing)
-        features = self.runner(tensor)
+        features = self.runner(tensor, keep_early=True) if keep_early else self.runner(tensor)
         self.stats["computed"] += 1
         return ImageEmbedding(features, frame)
 
@@ -314,17 +317,13 @@ class EmbeddingEngine:
                 self.stats["from_encoder_cache"] += 1
                 self._write(store, index, features, frame, extra)
                 return ImageEmbedding(features, frame)
-        if encoder_store is None:
-            emb = self.encode(image_fn())
-            self._write(store, index, emb.features, emb.frame, extra)
-            return emb
-        tensor, frame = preprocess(image_fn(), self.preprocessing)
-        out = self.runner(tensor, keep_early=True)
-        self.stats["computed"] += 1
-        early = out.pop("early_features")
-        self._write(encoder_store, index, {"image_embeddings": out["image_embeddings"], "early_features": early}, frame, extra)
-        self._write(store, index, out, frame, extra)
-        return ImageEmbedding(out, frame)
+        emb = self.encode(image_fn(), keep_early=encoder_store is not None)
+        if encoder_store is not None:
+            early = emb.features.pop("early_features")
+            self._write(encoder_store, index, {"image_embeddings": emb.image_embeddings, "early_features": early},
+                        emb.frame, extra)
+        self._write(store, index, emb.features, emb.frame, extra)
+        return emb
 
     def _remember(self, key: str, value: Any) -> None:
         self._memory[key] = value
