@@ -165,20 +165,22 @@ def fast_transformer(
     dense: torch.Tensor,
     sparse: torch.Tensor,
     output_tokens: torch.Tensor,
+    cache: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor, tuple[int, int, int, int]]:
     """SAM's two-way transformer for N prompt sets: (token outputs (N, T, C), image side (N, HW, C), shape).
 
     ``dense``: the dense prompt embedding. Without a mask prompt it is the no-mask embedding broadcast over
     the grid, and the image side of the first block is cached per image; with a mask prompt (corrective
     clicks feeding back the previous logits) it is computed for this call. ``output_tokens``: the decoder's
-    output tokens (SAM: IoU + mask tokens; RobustSAM: IoU + robust tokens).
+    output tokens (SAM: IoU + mask tokens; RobustSAM: IoU + robust tokens). ``cache=False`` (training, where
+    the projections carry gradients and change every step) computes the image side for this call only.
     """
     transformer = decoder.transformer
     n = sparse.shape[0]
     if image_embeddings.shape[0] not in (1, n) or dense.shape[0] not in (1, n):
         raise ValueError(f"image_embeddings batch {image_embeddings.shape[0]} / dense batch {dense.shape[0]} "
                          f"does not match {n} prompts")
-    if _dense_is_constant(dense):
+    if cache and _dense_is_constant(dense):
         side = _image_side(decoder, image_embeddings, image_pe, dense[:1, :, :1, :1])
     else:
         side = _compute_image_side(decoder, image_embeddings + dense, image_pe)

@@ -292,24 +292,23 @@ class RobustMaskDecoder(MaskDecoder):
     ) -> tuple[Tensor, Tensor, Tensor]:
         """SAM's token/image transformer; returns (iou token, mask tokens, upscaled features).
 
-        ``fast=True`` (the robust path at inference, without a mask prompt) takes the click-time fast path of
-        the plain decoder (:mod:`.fast_plain_decoder`: image-side inputs cached per image, same results up to
-        float rounding); the plain path (``robust=False``) stays SAM's computation exactly.
+        ``fast=True`` (the robust path) takes the fast path of the plain decoder (:mod:`.fast_plain_decoder`:
+        same results up to float rounding; at inference the image-side inputs are cached per image, in
+        training they are computed per call so gradients flow); the plain path (``robust=False``) stays SAM's
+        computation exactly.
         """
         n = sparse_prompt_embeddings.shape[0]
-        if (
-            fast
-            and not torch.is_grad_enabled()
-            and image_embeddings.shape[0] in (1, n)
-            and image_pe.shape[0] == 1
-            and dense_prompt_embeddings.shape[0] in (1, n)
-            and fast_transformer_applies(self, dense_prompt_embeddings)
-        ):
-            hidden, keys, (_, c, h, w) = fast_transformer(
-                self, image_embeddings, image_pe, dense_prompt_embeddings, sparse_prompt_embeddings, output_tokens
-            )
-            upscaled = self.output_upscaling(keys.transpose(1, 2).reshape(n, c, h, w))
-            return hidden[:, 0, :], hidden[:, 1 : 1 + self.num_mask_tokens, :], upscaled
+        if fast and image_pe.shape[0] == 1 and fast_transformer_applies(self, dense_prompt_embeddings):
+            grad = torch.is_grad_enabled()
+            if grad:  # training: prompts grouped per image; no per-image cache (the projections are trained)
+                image_embeddings = _match_batch(image_embeddings, n, "image_embeddings")
+            if image_embeddings.shape[0] in (1, n) and dense_prompt_embeddings.shape[0] in (1, n):
+                hidden, keys, (_, c, h, w) = fast_transformer(
+                    self, image_embeddings, image_pe, dense_prompt_embeddings, sparse_prompt_embeddings,
+                    output_tokens, cache=not grad,
+                )
+                upscaled = self.output_upscaling(keys.transpose(1, 2).reshape(n, c, h, w))
+                return hidden[:, 0, :], hidden[:, 1 : 1 + self.num_mask_tokens, :], upscaled
         prompt_tokens = torch.cat(
             (output_tokens.unsqueeze(0).expand(n, -1, -1), sparse_prompt_embeddings), dim=1
         )
