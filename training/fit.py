@@ -32,6 +32,11 @@ PRESETS: dict[str, dict] = {
     "robust-lite": dict(model="litemedsam_robust", epochs=6, batch_size=2, objects_per_image=2, lr=2e-4,
                         n_steps=3, p_box=0.5, points="1,3", p_mask=0.5, variants=2, p_identity=0.2,
                         val_fraction=0.1, time_budget=40.0, train_amfg=False, consistency_steps="first"),
+    # CPU preset of the PGE-SAM head (issue 8): LiteMedSAM + a lite enhancer (1 EBlock per stage), the same data
+    # split and budget as robust-lite; 5 supervised interactions per sample (first prompt + 4 corrections).
+    "pge-lite": dict(model="litemedsam", head="pge", enhancer_blocks=1, epochs=6, batch_size=2, objects_per_image=1,
+                     lr=2e-4, n_steps=4, p_box=0.5, points="1,3", p_mask=1.0, variants=2, p_identity=0.2,
+                     val_fraction=0.1, time_budget=40.0),
 }
 
 
@@ -76,6 +81,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="consistency losses on every prediction of an iteration (default) or only the first")
     m.add_argument("--svd-neck", action="store_true", help="also train the singular values of the encoder neck "
                    "(RobustMedSAM Sec. 3.4)")
+    m.add_argument("--head", choices=("robust", "pge"), default=None,
+                   help="robust: RobustSAM robust decoder (default); pge: PGE-SAM prompt-guided feature enhancer "
+                   "trained jointly with the mask decoder (runs per click)")
+    m.add_argument("--enhancer-blocks", type=int, default=None,
+                   help="EBlocks per stage of a new PGE enhancer (1 = lite, default; 5 = full)")
     m.add_argument("--device", default="cpu")
     m.add_argument("--seed", type=int, default=0)
     m.add_argument("--time-budget", type=float, default=None, help="stop training after this many minutes")
@@ -94,6 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
     lo.add_argument("--w-feature", type=float, default=100.0, help="MSE of clean vs degraded mask features")
     lo.add_argument("--w-token", type=float, default=2.0, help="MSE of clean vs degraded output tokens")
     lo.add_argument("--w-iou", type=float, default=1.0, help="IoU-prediction regression (micro_sam)")
+    lo.add_argument("--w-fr", type=float, default=5.0, help="PGE head: foreground reconstruction loss weight")
     lo.add_argument("--no-consistency", action="store_true",
                     help="plain decoder fine-tuning (feature and token weights 0): the papers' ablation")
 
@@ -128,6 +139,8 @@ def config_from_args(args):
     except ValueError:
         raise TrainingError(f"--points must be comma-separated integers, got {points!r}") from None
     feature, token = (0.0, 0.0) if args.no_consistency else (args.w_feature, args.w_token)
+    if _pick(args, "head", preset, "robust") == "pge":
+        feature, token = 0.0, 0.0  # the PGE head's feature term is the FR loss (--w-fr)
     try:
         prompts = PromptConfig(p_box=_pick(args, "p_box", preset, 0.5), point_counts=point_counts,
                                n_steps=_pick(args, "n_steps", preset, 3), p_mask=_pick(args, "p_mask", preset, 0.5),
@@ -142,8 +155,12 @@ def config_from_args(args):
         val_level = normalize_level(args.val_level)
     except Exception as err:  # noqa: BLE001
         raise TrainingError(str(err)) from None
+    head = _pick(args, "head", preset, "robust")
     return TrainConfig(
-        model=args.model or preset.get("model", "litemedsam_robust"),
+        head=head,
+        enhancer_blocks=_pick(args, "enhancer_blocks", preset, 1),
+        fr_weight=args.w_fr,
+        model=args.model or preset.get("model", "litemedsam" if head == "pge" else "litemedsam_robust"),
         device=args.device,
         epochs=_pick(args, "epochs", preset, 10),
         steps_per_epoch=args.steps,

@@ -51,11 +51,12 @@ class TrainingEncoderView(nn.Module):
 
     is_robust = False
 
-    def __init__(self, segmenter: nn.Module, neck_input: bool = False) -> None:
+    def __init__(self, segmenter: nn.Module, neck_input: bool = False, intermediates: bool = False) -> None:
         super().__init__()
         self.image_encoder = segmenter.image_encoder
         self.architecture = segmenter.architecture
         self.want_neck_input = neck_input
+        self.want_intermediates = intermediates  # the PGE enhancer's multi-scale encoder features
 
     @torch.no_grad()
     def encode(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -66,13 +67,22 @@ class TrainingEncoderView(nn.Module):
                 captured["neck_input"] = args[0].detach()
 
             handle = self.image_encoder.neck.register_forward_pre_hook(pre_hook)
+        inter = None
         try:
             with EarlyFeatureCapture(self.image_encoder) as cap:
-                embeddings = self.image_encoder(images)
+                if self.want_intermediates:
+                    from napari_robustmedsam.models.intermediate_features import IntermediateFeatureCapture
+
+                    with IntermediateFeatureCapture(self.image_encoder) as inter:
+                        embeddings = self.image_encoder(images)
+                else:
+                    embeddings = self.image_encoder(images)
         finally:
             if handle is not None:
                 handle.remove()
         out = {"image_embeddings": embeddings, "early_features": cap.features}
+        if inter is not None:
+            out.update(inter.features)
         if self.want_neck_input:
             out["neck_input"] = captured["neck_input"]
         return out
@@ -127,16 +137,20 @@ class FeatureBank:
     cache_dir: str | os.PathLike | None = None
     use_cache: bool = True
     neck_input: bool = False
+    intermediates: bool = False  # also the PGE enhancer's intermediate encoder features
     memory_bytes: int = 2 * 1024**3
     items: list[TrainItem] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         from napari_robustmedsam.engine.embeddings import EmbeddingEngine
 
-        self.view = TrainingEncoderView(self.model, neck_input=self.neck_input).eval()
+        self.view = TrainingEncoderView(self.model, neck_input=self.neck_input,
+                                        intermediates=self.intermediates).eval()
         cache_dir = Path(self.cache_dir) if self.cache_dir is not None else default_training_cache_dir()
         if self.neck_input:
             cache_dir = cache_dir / "with-neck-input"
+        if self.intermediates:  # entries with more content: their own folder, never mixed with the others
+            cache_dir = cache_dir / "with-intermediates"
         self.engine = EmbeddingEngine(self.view, self.preprocessing, cache_dir=cache_dir, use_cache=self.use_cache,
                                       tile_threshold=None, memory_entries=0)
         self._sigs: dict[tuple[int, int], Any] = {}
@@ -214,6 +228,12 @@ class FeatureBank:
             features = {k: t.detach().to("cpu") for k, t in emb.features.items()}
             if "early_features" not in features:
                 raise TrainingError("the training feature cache holds entries without early features; clear it")
+            if self.intermediates:
+                from napari_robustmedsam.models.intermediate_features import has_intermediates
+
+                if not has_intermediates(features):
+                    raise TrainingError("the training feature cache holds entries without the enhancer's "
+                                        "intermediate features; clear it (or give another --cache)")
             self._frames[i] = emb.frame
             self._keep(i, v, features, image)
             if progress is not None:

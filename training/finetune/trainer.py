@@ -111,8 +111,17 @@ class TrainConfig:
     memory_gb: float = 2.0
     threads: int | None = None
     progress_bar: bool = True
+    head: str = "robust"  # "robust": RobustSAM decoder; "pge": PGE-SAM feature enhancer + mask decoder
+    enhancer_blocks: int = 1  # EBlocks per stage of a new PGE enhancer (1 lite, 5 full)
+    fr_weight: float = 5.0  # PGE-SAM's foreground reconstruction loss weight
 
     def __post_init__(self) -> None:
+        if self.head not in ("robust", "pge"):
+            raise TrainingError(f"head must be 'robust' or 'pge', got {self.head!r}")
+        if self.head == "pge" and self.svd_neck:
+            raise TrainingError("the SVD neck option is for the robust decoder head; the PGE head keeps the encoder frozen")
+        if int(self.enhancer_blocks) < 1:
+            raise TrainingError(f"enhancer_blocks must be >= 1, got {self.enhancer_blocks}")
         if self.trainable not in ("decoder", "robust"):
             raise TrainingError(f"trainable must be 'decoder' or 'robust', got {self.trainable!r}")
         for name in ("epochs", "batch_size", "objects_per_image"):
@@ -140,6 +149,9 @@ class TrainConfig:
         for key in ("epochs", "time_budget_s", "save_every_steps", "cache_dir", "use_cache", "memory_gb", "threads",
                     "progress_bar", "lr", "device"):
             d.pop(key, None)
+        if d.get("head") == "robust":  # fields added with the PGE head: absent from older states' fingerprints
+            for key in ("head", "enhancer_blocks", "fr_weight"):
+                d.pop(key, None)
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -169,6 +181,26 @@ def check_out_dir(out_dir: str | os.PathLike) -> Path:
 
 def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def load_pge_base_model(name_or_path: str, device: str, blocks_per_stage: int = 1):
+    """The model to train a PGE head on: its plain decoder, and its enhancer (a new identity one if it has none)."""
+    from napari_robustmedsam.checkpoints import load_model
+    from napari_robustmedsam.models.pge_enhancer import enhancer_for
+
+    try:
+        loaded = load_model(name_or_path, device=device, half=False, progress=False)
+        if loaded.decoder == "robust":
+            loaded = load_model(name_or_path, device=device, half=False, decoder_override="sam", progress=False)
+    except UserFacingError as err:
+        raise TrainingError(f"cannot load the model to fine-tune: {err}") from None
+    model = loaded.model.float()
+    if model.feature_enhancer is None:
+        try:
+            model.attach_enhancer(enhancer_for(model, blocks_per_stage).to(model.device))
+        except (TypeError, ValueError) as err:
+            raise TrainingError(f"cannot add a PGE enhancer to {name_or_path}: {err}") from None
+    return loaded
 
 
 def load_base_model(name_or_path: str, device: str):
@@ -268,12 +300,16 @@ class Trainer:
         # The identity-initialised robust parts of a LiteMedSAM base have randomly initialised inner layers:
         # seed them, so that runs (and all ranks of a torchrun job) start from the same weights.
         torch.manual_seed(derive_seed(cfg.seed, "init") % (2**63))
-        self.loaded = load_base_model(cfg.model, device)
+        self.loaded = load_pge_base_model(cfg.model, device, cfg.enhancer_blocks) if cfg.head == "pge" else (
+            load_base_model(cfg.model, device))
         self.model = self.loaded.model
         self.device = self.model.device
         self.decoder = self.model.mask_decoder
         self.model.requires_grad_(False)
         self.model.eval()
+        if cfg.head == "pge":
+            self._setup_pge()
+            return
         if cfg.trainable == "decoder":
             named = list(self.decoder.named_parameters())
         else:
@@ -311,6 +347,30 @@ class Trainer:
                                     seed=derive_seed(cfg.seed, "validation"), cache_dir=cfg.cache_dir,
                                     use_cache=cfg.use_cache, neck_input=cfg.svd_neck, memory_bytes=memory // 4)
         self.val_bank.add_items(self.val_items)
+        self.notices.extend(n for n in self.bank.engine.notices if n not in self.notices)
+        self._prepare_features()
+
+    def _setup_pge(self) -> None:
+        """PGE head: the enhancer and the whole mask decoder are trained; encoders frozen."""
+        cfg = self.cfg
+        self._swapped = {}
+        self.svd = None
+        enhancer = self.model.feature_enhancer
+        params = list(self.decoder.parameters()) + list(enhancer.parameters())
+        for p in params:
+            p.requires_grad_(True)
+        self.params = params
+        self.optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        memory = int(cfg.memory_gb * 1024**3)
+        common = dict(cache_dir=cfg.cache_dir, use_cache=cfg.use_cache, intermediates=True)
+        self.bank = FeatureBank(self.model, self.loaded.preprocessing, variants=cfg.variants, levels=tuple(cfg.levels),
+                                seed=cfg.seed, memory_bytes=memory, **common)
+        self.bank.add_items(self.train_items)
+        self.val_bank = FeatureBank(self.model, self.loaded.preprocessing, variants=1, levels=(cfg.val_level,),
+                                    seed=derive_seed(cfg.seed, "validation"), memory_bytes=memory // 4, **common)
+        self.val_bank.add_items(self.val_items)
+        self.notices.append(f"PGE head: {enhancer.parameter_count() / 1e6:.2f} M enhancer parameters + "
+                            f"{sum(p.numel() for p in self.decoder.parameters()) / 1e6:.2f} M decoder parameters trained")
         self.notices.extend(n for n in self.bank.engine.notices if n not in self.notices)
         self._prepare_features()
 
@@ -387,6 +447,10 @@ class Trainer:
     # ------------------------------------------------------------------ one iteration
     def train_step(self, planes: list[int], rng: np.random.Generator) -> dict:
         cfg = self.cfg
+        if cfg.head == "pge":
+            from .pge_step import pge_train_step
+
+            return pge_train_step(self, planes, rng)
         n_obj = cfg.objects_per_image
         pairs_c, pairs_d, gts, valids = [], [], [], []
         for i in planes:
@@ -461,6 +525,15 @@ class Trainer:
             grads.append(emb_d.grad)
         if roots:  # one backward pass through the image-level part (AMFG on images, SVD neck)
             torch.autograd.backward(roots, grads)
+        self.finish_step()
+        sums["dice_first"] = dices[0]
+        sums["dice_last"] = dices[-1]
+        sums["start"] = state.start
+        return sums
+
+    def finish_step(self) -> None:
+        """Gradients of this iteration are in: all-reduce (DDP), clip, check, step the optimizer."""
+        cfg = self.cfg
         ddp.allreduce_gradients(self.params, self.ctx)
         if cfg.grad_clip and cfg.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(self.params, cfg.grad_clip)
@@ -471,10 +544,8 @@ class Trainer:
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         ddp.average_buffers(self.decoder, self.ctx)
-        sums["dice_first"] = dices[0]
-        sums["dice_last"] = dices[-1]
-        sums["start"] = state.start
-        return sums
+        if self.model.feature_enhancer is not None:
+            ddp.average_buffers(self.model.feature_enhancer, self.ctx)
 
     # ------------------------------------------------------------------ validation
     @torch.no_grad()
@@ -508,12 +579,17 @@ class Trainer:
                           torch.ones(pts.shape[:2], dtype=torch.int64, device=self.device))
                 for v, cond in ((0, "clean"), (1, "degraded")):
                     feats = self.val_bank.batch([(i, v)], self.device)
+                    pge = self.cfg.head == "pge"
                     emb = self._embeddings(feats, grad=False)
-                    image_features = self.decoder.image_level_features(emb, feats["early_features"])
+                    if not pge:
+                        image_features = self.decoder.image_level_features(emb, feats["early_features"])
                     for prompt, kw in (("box", dict(points=None, boxes=boxes)), ("points3", dict(points=points, boxes=None))):
                         sparse, dense = self.model.prompt_encoder(masks=None, **kw)
-                        low, _ = self.decoder(emb, self._dense_pe(), sparse, dense, False,
-                                              image_features=image_features)
+                        if pge:
+                            low, _ = self.model.decode(feats, sparse, dense, False, prompts=(kw["points"], kw["boxes"]))
+                        else:
+                            low, _ = self.decoder(emb, self._dense_pe(), sparse, dense, False,
+                                                  image_features=image_features)
                         d = dice_score(low[:, :1], target, valid)
                         scores.setdefault(f"val_dice_{cond}_{prompt}", []).extend(d.tolist())
         finally:
@@ -539,9 +615,15 @@ class Trainer:
 
         loaded = self.loaded
         cfg = self.cfg
+        extra_meta = {}
+        if cfg.head == "pge":
+            from napari_robustmedsam.models.pge_enhancer import head_metadata
+
+            extra_meta["head"] = head_metadata(self.model.feature_enhancer)
         return make_metadata(
+            **extra_meta,
             architecture=loaded.architecture,
-            decoder="robust",
+            decoder=loaded.decoder,
             preprocessing=loaded.preprocessing,
             preprocessing_reason=f"inherited from the fine-tuned base model {loaded.name}",
             box_primary=bool(cfg.prompts.p_box >= 1.0),
@@ -553,7 +635,8 @@ class Trainer:
                     "path": str(loaded.checkpoint_path) if loaded.checkpoint_path else None,
                     "layout": loaded.layout,
                 },
-                "trained": ["mask_decoder"] + (["image_encoder.neck (singular values)"] if self.svd is not None else []),
+                "trained": ["mask_decoder"] + (["image_encoder.neck (singular values)"] if self.svd is not None else [])
+                + (["feature_enhancer (PGE-SAM head)"] if cfg.head == "pge" else []),
                 "frozen": ["image_encoder" if self.svd is None else "image_encoder except neck singular values",
                            "prompt_encoder"],
                 "sources": [{"role": "base", "registry_name": loaded.name if loaded.checkpoint_path else None,
@@ -600,6 +683,8 @@ class Trainer:
             "planes_seen": self.planes_seen,
             "decoder": self._decoder_state(),
             "svd": None if self.svd is None else {k: v.detach().cpu() for k, v in self.svd.state_dict().items()},
+            "enhancer": None if self.model.feature_enhancer is None else {
+                k: v.detach().cpu().clone() for k, v in self.model.feature_enhancer.state_dict().items()},
             "optimizer": self.optimizer.state_dict(),
             "history": self.history,
             "step_log": self.step_log,
@@ -645,6 +730,10 @@ class Trainer:
             self._install_standins()
         if self.svd is not None and state.get("svd") is not None:
             self.svd.load_state_dict(state["svd"])
+        if self.model.feature_enhancer is not None:
+            if state.get("enhancer") is None:
+                raise TrainingError(f"{self.state_path} holds no feature-enhancer weights to resume the PGE head from")
+            self.model.feature_enhancer.load_state_dict(state["enhancer"])
         self.optimizer.load_state_dict(state["optimizer"])
         for group in self.optimizer.param_groups:
             group["initial_lr"] = self.cfg.lr

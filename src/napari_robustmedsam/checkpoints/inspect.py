@@ -64,6 +64,9 @@ def describe_checkpoint(
         info.update(preprocessing=None, preprocessing_reason="no image encoder", preprocessing_guessed=False,
                     box_primary=None)
     metadata = dict(ckpt.metadata)
+    head = metadata.get("head") if isinstance(metadata.get("head"), Mapping) else None
+    info["head"] = "pge" if head and head.get("kind") == "pge" else ("robust" if layout.decoder == "robust" else "none")
+    info["head_config"] = dict(head.get("config") or {}) if head else None
     info["provenance"] = metadata.pop("provenance", None)
     info["metadata"] = metadata
     return info
@@ -93,13 +96,22 @@ def render_description(info: Mapping) -> str:
     if info.get("early_feature_width"):
         decoder += f" (reads {info['early_feature_width']}-channel early encoder features)"
     lines.append(f"  decoder: {decoder}")
+    head = info.get("head")
+    if head == "pge":
+        cfg = info.get("head_config") or {}
+        lines.append(f"  robust head: pge (PGE-SAM prompt-guided feature enhancer, "
+                     f"{cfg.get('blocks_per_stage', '?')} EBlock(s) per stage; runs on every click)")
+    elif head:
+        lines.append(f"  robust head: {head}")
     if info.get("preprocessing"):
         lines.append(f"  preprocessing: {info['preprocessing']} ({info.get('preprocessing_reason')})")
         lines.append(f"  box-primary: {'yes (trained with boxes only)' if info.get('box_primary') else 'no'}")
     params = info.get("parameters", {})
     tensors = info.get("tensors", {})
     lines.append("  parameters:")
-    for part in ("image_encoder", "prompt_encoder", "mask_decoder"):
+    for part in ("image_encoder", "prompt_encoder", "mask_decoder", "feature_enhancer"):
+        if part == "feature_enhancer" and not params.get(part):
+            continue
         lines.append(f"    {part:<16} {_millions(params.get(part, 0)):>10}  ({tensors.get(part, 0)} tensors)")
     if params.get("mask_decoder_robust"):
         lines.append(f"      of which robust {_millions(params['mask_decoder_robust']):>10}")

@@ -369,7 +369,14 @@ def _analyse(obj: Any, where: str) -> tuple[Layout, dict]:
     keys = [str(k) for k in raw]
     prefix = _strip_wrappers(keys)
     state = {key[len(prefix):]: value for key, value in raw.items()} if prefix else dict(raw)
-    stray = [key for key in state if key.split(".", 1)[0] not in PARTS]
+    head = metadata.get("head") if isinstance(metadata.get("head"), Mapping) else {}
+    allowed = PARTS + (("feature_enhancer",) if head.get("kind") == "pge" else ())
+    stray = [key for key in state if key.split(".", 1)[0] not in allowed]
+    if stray and all(key.startswith("feature_enhancer.") for key in stray):
+        raise CheckpointError(
+            f"{where} holds {len(stray)} feature_enhancer.* tensors (a PGE-SAM head) but no metadata saying how to "
+            "build that head; only project checkpoints written by training.fit (metadata 'head') carry one"
+        )
     if stray:
         raise _layout_error(
             state,

@@ -36,6 +36,11 @@ from .safe_load import file_sha256, notice
 
 _PATH_SUFFIXES = (".pth", ".pt", ".ckpt", ".bin", ".tar", ".pkl")
 BOX_PRIMARY_PREPROCESSING = ("medsam", "litemedsam")  # MedSAM and LiteMedSAM were trained with boxes only
+HEAD_DESCRIPTIONS = {
+    "pge": "PGE-SAM prompt-guided feature enhancer (runs per click)",
+    "robust": "RobustSAM robust mask decoder (image-level features cached)",
+    "none": "none (plain SAM decoder)",
+}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -254,7 +259,8 @@ def with_identity_robust_decoder(state: Mapping, where: str) -> dict:
 # --------------------------------------------------------------------------------------------------
 def count_parameters(state_dict: Mapping) -> dict[str, int]:
     """Trainable-parameter counts per module from a state dict (BatchNorm statistics excluded)."""
-    counts = {"image_encoder": 0, "prompt_encoder": 0, "mask_decoder": 0, "mask_decoder_robust": 0}
+    counts = {"image_encoder": 0, "prompt_encoder": 0, "mask_decoder": 0, "mask_decoder_robust": 0,
+              "feature_enhancer": 0}
     for key, value in state_dict.items():
         if key.endswith(("running_mean", "running_var", "num_batches_tracked")):
             continue
@@ -266,8 +272,43 @@ def count_parameters(state_dict: Mapping) -> dict[str, int]:
             counts[part] += numel
         if is_robust_key(key):
             counts["mask_decoder_robust"] += numel
-    counts["total"] = counts["image_encoder"] + counts["prompt_encoder"] + counts["mask_decoder"]
+    counts["total"] = (counts["image_encoder"] + counts["prompt_encoder"] + counts["mask_decoder"]
+                       + counts["feature_enhancer"])
+    if not counts["feature_enhancer"]:  # only models with a PGE head list it
+        del counts["feature_enhancer"]
     return counts
+
+
+def split_enhancer(state: Mapping, metadata: Mapping, where: str):
+    """(state without the PGE head, the head built and loaded strictly, or None)."""
+    from ..models.pge_enhancer import ENHANCER_PREFIX, EnhancerConfig, PromptGuidedEnhancer
+
+    head = metadata.get("head") if isinstance(metadata.get("head"), Mapping) else {}
+    keys = [k for k in state if k.startswith(ENHANCER_PREFIX)]
+    if head.get("kind") != "pge":
+        return state, None
+    if not keys:
+        raise CheckpointError(f"{where}: its metadata names a PGE feature-enhancer head but it holds no "
+                              f"{ENHANCER_PREFIX}* tensors; the file is incomplete")
+    try:
+        config = EnhancerConfig.from_dict(dict(head.get("config") or {}))  # "parameters" is informational
+        enhancer = PromptGuidedEnhancer(config)
+    except (TypeError, ValueError) as err:
+        raise CheckpointError(f"{where}: cannot build its PGE feature-enhancer head: {err}") from None
+    sub = {k[len(ENHANCER_PREFIX):]: v for k, v in state.items() if k.startswith(ENHANCER_PREFIX)}
+    check_state_dict_fits(sub, shapes_of(enhancer), where, "its PGE feature enhancer (as its metadata describes it)")
+    try:
+        enhancer.load_state_dict(sub, strict=True)
+    except RuntimeError as err:
+        raise CheckpointError(f"{where}: its PGE feature-enhancer tensors do not fit: {err}") from None
+    return {k: v for k, v in state.items() if not k.startswith(ENHANCER_PREFIX)}, enhancer
+
+
+def attach_enhancer_checked(model, enhancer, where: str) -> None:
+    try:
+        model.attach_enhancer(enhancer)
+    except (TypeError, ValueError) as err:
+        raise CheckpointError(f"{where}: its PGE head does not match its image encoder: {err}") from None
 
 
 @dataclass
@@ -301,6 +342,7 @@ class LoadedModel:
             f"  sha256: {self.sha256 or '-'}",
             f"  layout: {self.layout}",
             f"  architecture: {self.architecture}, decoder: {self.decoder}",
+            f"  robust head: {HEAD_DESCRIPTIONS.get(getattr(self.model, 'head', 'none'), '-')}",
             f"  preprocessing: {self.preprocessing} ({self.preprocessing_reason})",
             f"  prompts: {'boxes (trained with boxes only; points alone give poor masks)' if self.box_primary else 'points and boxes'}",
             f"  device: {self.device}, dtype: {str(self.dtype).replace('torch.', '')}",
@@ -413,7 +455,10 @@ def load_model(
             ))
         box_primary = infer_box_primary(source, prep)
 
+    state, enhancer = split_enhancer(state, metadata, where)
     model = build_and_load(architecture, decoder, state, where)
+    if enhancer is not None:
+        attach_enhancer_checked(model, enhancer, where)
     model.eval()
     model.to(device=target_device, dtype=dtype)
     return LoadedModel(

@@ -223,6 +223,8 @@ class EmbeddingEngine:
             tile_shape=None if not tiles else tuple(int(v) for v in _max_inner(tiles)),
             halo=None if not tiles else (self.halo, self.halo),
             checkpoint_sha256=self.checkpoint_sha256,
+            # a feature-enhancer model also stores the encoder's intermediate features (pge_feature_*)
+            content="model+pge" if getattr(self.model, "feature_enhancer", None) is not None else "model",
         )
 
     def tiles_for(self, shape_hw: tuple[int, int]) -> list[Tile] | None:
@@ -269,7 +271,7 @@ class EmbeddingEngine:
         Its signature has no decoder hash, so a fine-tuned decoder on the same encoder (the Fine-tune
         widget's hot swap, a fused checkpoint) finds it and only recomputes its image-level features.
         """
-        if not self.model.is_robust or store_path is not None:
+        if not self.model.is_robust or store_path is not None or getattr(self.model, "feature_enhancer", None) is not None:
             return None
         return self._open_store(dataclasses.replace(sig, decoder_hash=None, content="encoder"), n_entries)
 
@@ -301,7 +303,7 @@ class EmbeddingEngine:
             store = encoder_store = None
         if store is not None:
             got = self._read(store, index)
-            if got is not None:
+            if got is not None and self._complete(got[0]):
                 features, frame, _ = got
                 self.stats["from_disk"] += 1
                 return ImageEmbedding(features, frame)
@@ -324,6 +326,17 @@ class EmbeddingEngine:
                         emb.frame, extra)
         self._write(store, index, emb.features, emb.frame, extra)
         return emb
+
+    def _complete(self, features: dict) -> bool:
+        """An entry holds everything this model reads (an old entry may lack the enhancer's features)."""
+        if getattr(self.model, "feature_enhancer", None) is None:
+            return True
+        from ..models.intermediate_features import has_intermediates
+
+        if has_intermediates(features):
+            return True
+        self._notice("cached embedding lacks the feature enhancer's intermediate features: recomputing it")
+        return False
 
     def _remember(self, key: str, value: Any) -> None:
         self._memory[key] = value

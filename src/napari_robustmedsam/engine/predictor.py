@@ -228,7 +228,7 @@ class Predictor:
         mask_arg = mask_input.to(device=device, dtype=dtype) if mask_input is not None else None
 
         sparse, dense = self.model.embed_prompts(point_arg, box_arg, mask_arg)
-        low_res, iou = self.model.decode(emb.features, sparse, dense, multimask_output)
+        low_res, iou = self.model.decode(emb.features, sparse, dense, multimask_output, prompts=(point_arg, box_arg))
         best = iou.argmax(dim=1)
         idx = torch.arange(low_res.shape[0], device=low_res.device)
         chosen = low_res[idx, best][:, None]

@@ -224,11 +224,13 @@ def fast_plain_decode(
     sparse: torch.Tensor,
     dense: torch.Tensor,
     multimask_output: bool,
+    cache: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     decoder = model.mask_decoder
     n = sparse.shape[0]
     output_tokens = torch.cat([decoder.iou_token.weight, decoder.mask_tokens.weight], dim=0)
-    queries, keys, (b, c, h, w) = fast_transformer(decoder, image_embeddings, image_pe, dense, sparse, output_tokens)
+    queries, keys, (b, c, h, w) = fast_transformer(decoder, image_embeddings, image_pe, dense, sparse, output_tokens,
+                                                   cache=cache)
 
     iou_token_out = queries[:, 0, :]
     mask_tokens_out = queries[:, 1 : 1 + decoder.num_mask_tokens, :]

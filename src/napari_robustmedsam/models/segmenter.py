@@ -43,6 +43,34 @@ class PromptableSegmenter(nn.Module):
         self.prompt_encoder = prompt_encoder
         self.mask_decoder = mask_decoder
         self.architecture = architecture
+        self.feature_enhancer: nn.Module | None = None  # PGE-SAM head (attach_enhancer)
+
+    def attach_enhancer(self, enhancer: nn.Module | None) -> None:
+        """Add (or remove, with None) a prompt-guided feature enhancer between the encoder and the decoder."""
+        if enhancer is None:
+            self.feature_enhancer = None
+            return
+        from .intermediate_features import intermediate_spec
+
+        _, channels, strides = intermediate_spec(self.image_encoder)
+        cfg = enhancer.config
+        if tuple(cfg.feature_channels) != tuple(channels) or tuple(cfg.feature_strides) != tuple(strides):
+            raise ValueError(
+                f"the feature enhancer expects intermediate features of {list(cfg.feature_channels)} channels "
+                f"(strides {list(cfg.feature_strides)}) but this {self.architecture.name} encoder gives "
+                f"{list(channels)} (strides {list(strides)}): the head was trained on another encoder"
+            )
+        if cfg.image_size != self.architecture.image_size:
+            raise ValueError(f"the feature enhancer was built for {cfg.image_size} px inputs, this encoder takes "
+                             f"{self.architecture.image_size} px")
+        self.feature_enhancer = enhancer
+
+    @property
+    def head(self) -> str:
+        """Which robust head the model has: ``"pge"`` (feature enhancer), ``"robust"`` (decoder) or ``"none"``."""
+        if self.feature_enhancer is not None:
+            return "pge"
+        return "robust" if self.is_robust else "none"
 
     @property
     def is_robust(self) -> bool:
@@ -62,6 +90,16 @@ class PromptableSegmenter(nn.Module):
         decoders) also returns the early encoder features as ``"early_features"``, from which another
         decoder on the same encoder can compute its own image-level features without the encoder.
         """
+        if self.feature_enhancer is not None:  # + the enhancer's intermediate features (pge_feature_*)
+            from .intermediate_features import IntermediateFeatureCapture
+
+            with IntermediateFeatureCapture(self.image_encoder) as inter:
+                features = self._encode_base(images, keep_early)
+            features.update(inter.features)
+            return features
+        return self._encode_base(images, keep_early)
+
+    def _encode_base(self, images: torch.Tensor, keep_early: bool) -> dict[str, torch.Tensor]:
         if not self.is_robust:
             return {"image_embeddings": self.image_encoder(images)}
         from .early_features import EarlyFeatureCapture
@@ -122,18 +160,77 @@ class PromptableSegmenter(nn.Module):
         sparse: torch.Tensor,
         dense: torch.Tensor,
         multimask_output: bool,
+        prompts: tuple | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Prompt-level decoding: returns low-resolution logits (N, C, 256, 256) and IoU predictions."""
+        """Prompt-level decoding: returns low-resolution logits (N, C, 256, 256) and IoU predictions.
+
+        ``prompts`` = (points, boxes) in the model frame, as given to :meth:`embed_prompts`; a model with a
+        feature enhancer needs them (its guidance maps are drawn from the raw prompts).
+        """
+        embeddings = features["image_embeddings"]
+        if self.feature_enhancer is not None:
+            if prompts is None:
+                raise ValueError("this model has a prompt-guided feature enhancer: decode() needs prompts=(points, boxes)")
+            embeddings = self.enhance(features, prompts[0], prompts[1], dense)
+        return self.decode_embeddings(embeddings, features, sparse, dense, multimask_output)
+
+    def decode_embeddings(
+        self,
+        embeddings: torch.Tensor,
+        features: dict[str, torch.Tensor],
+        sparse: torch.Tensor,
+        dense: torch.Tensor,
+        multimask_output: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The mask decoder on given image embeddings: (1, C, g, g) shared by the N prompt sets, or (N, C, g, g)
+        one per prompt set (the feature enhancer's output). ``features`` supplies a robust decoder's cached
+        image-level features."""
+        n = sparse.shape[0]
+        per_prompt = embeddings.shape[0] > 1 and embeddings.shape[0] == n
         kwargs = dict(
-            image_embeddings=features["image_embeddings"],
+            image_embeddings=embeddings,
             image_pe=self.dense_pe(),
             sparse_prompt_embeddings=sparse,
             dense_prompt_embeddings=dense,
             multimask_output=multimask_output,
         )
         if self.is_robust:
-            image_level = {k: v for k, v in features.items() if k != "image_embeddings"}
-            kwargs["image_features"] = image_level
-        elif not torch.is_grad_enabled() and fast_plain_decoder_applies(self.mask_decoder, dense):
-            return fast_plain_decode(self, features["image_embeddings"], kwargs["image_pe"], sparse, dense, multimask_output)
+            from .robust_decoder import IMAGE_FEATURES_KEY
+
+            kwargs["image_features"] = {k: v for k, v in features.items() if k == IMAGE_FEATURES_KEY}
+            return self.mask_decoder(**kwargs)
+        if fast_plain_decoder_applies(self.mask_decoder, dense) and (per_prompt or not torch.is_grad_enabled()):
+            # per-prompt embeddings change on every call: no per-image cache (and gradients may flow)
+            return fast_plain_decode(self, embeddings, kwargs["image_pe"], sparse, dense, multimask_output,
+                                     cache=not per_prompt and not torch.is_grad_enabled())
+        if per_prompt:  # SAM's decoder repeats its image batch per prompt: one prompt set at a time
+            outs = [self.mask_decoder(embeddings[i : i + 1], kwargs["image_pe"], sparse[i : i + 1],
+                                      dense[i : i + 1] if dense.shape[0] == n else dense, multimask_output)
+                    for i in range(n)]
+            return torch.cat([o[0] for o in outs]), torch.cat([o[1] for o in outs])
         return self.mask_decoder(**kwargs)
+
+    def enhancer_image_side(self, features: dict[str, torch.Tensor]) -> list:
+        """The enhancer's per-image part, computed once per image and kept for the following clicks."""
+        from .intermediate_features import INTERMEDIATE_KEYS, stack_intermediates
+
+        enhancer = self.feature_enhancer
+        first = features.get(INTERMEDIATE_KEYS[0])
+        if torch.is_grad_enabled() and any(p.requires_grad for p in enhancer.parameters()):
+            return enhancer.image_side(stack_intermediates(features))  # training: gradients flow, no cache
+        key = None
+        if first is not None:
+            key = (id(first), first.data_ptr(), first._version, tuple(
+                (id(p), p._version) for p in enhancer.parameters()))
+        cached = self.__dict__.get("_enhancer_side")
+        if cached is not None and key is not None and cached[0] == key:
+            return cached[1]
+        with torch.no_grad():
+            side = enhancer.image_side(stack_intermediates(features))
+        self.__dict__["_enhancer_side"] = (key, side, first)  # keep ``first`` alive: its id stays unique
+        return side
+
+    def enhance(self, features: dict[str, torch.Tensor], points, boxes, dense: torch.Tensor) -> torch.Tensor:
+        """Enhanced image embeddings (N, 256, 64, 64) for N prompt sets."""
+        side = self.enhancer_image_side(features)
+        return self.feature_enhancer(features["image_embeddings"], side, points, boxes, dense)

@@ -1,0 +1,307 @@
+"""PGE-SAM's prompt-guided feature enhancer: a second robust head between the frozen encoder and the decoder.
+
+Why: decoder-side robust heads (RobustSAM's AMFG/AOTG, a fine-tuned decoder) restore features once per
+image, globally; PGE-SAM (``../shared/seeds/pge-sam.txt`` Sec. 3) restores the degraded embedding per
+interaction, guided by where the user's clicks, box and previous mask point, and mixes in intermediate
+encoder features through attention gates. It therefore runs on every click.
+
+Structure (Sec. 3.1-3.2, App. 0.C):
+
+* :class:`PromptGuidanceGenerator` (PGG): positive / negative clicks and the box rendered as Gaussian maps on
+  the embedding grid and encoded by small conv stacks (summed), the previous mask through the frozen prompt
+  encoder's dense path (the ``dense`` embedding the decoder gets anyway) and a 1x1 projection; the two are
+  concatenated and fused by a 1x1 convolution into the guidance feature ``G``.
+* Three stages. Stage ``i`` gates an intermediate encoder feature ``F_i`` (deepest first) with a
+  :class:`MultiScaleAttentionGate` conditioned on the current enhanced feature ``x``, then
+  ``x = EBlocks(x + gated + G)``. :class:`EBlock` is NAFNet's block with the spatial-channel module of the
+  paper (parallel depth-wise convolutions of several kernel sizes + simplified channel attention).
+* ``enhanced = degraded + out_proj(x)``; ``out_proj`` starts at zero, so an untrained enhancer is the
+  identity and fine-tuning starts from the base model's masks.
+
+Per-image work (projecting the intermediate features and the gate's feature branch) is split off in
+:meth:`PromptGuidedEnhancer.image_side`, so an annotator computes it once per image and every click only
+runs the prompt-dependent part.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+from segment_anything.modeling.common import LayerNorm2d
+from torch import Tensor, nn
+
+__all__ = [
+    "EBlock",
+    "EnhancerConfig",
+    "MultiScaleAttentionGate",
+    "PromptGuidanceGenerator",
+    "PromptGuidedEnhancer",
+    "render_prompt_maps",
+]
+
+#: Prefix of the enhancer's parameters in a segmenter state dict / checkpoint.
+ENHANCER_PREFIX = "feature_enhancer."
+
+
+@dataclass(frozen=True)
+class EnhancerConfig:
+    """Shape of an enhancer; stored in checkpoints so that a file rebuilds its own head."""
+
+    feature_channels: tuple[int, ...]  # channels of the intermediate features, deepest first (one per stage)
+    feature_strides: tuple[int, ...]  # their grid side / embedding grid side (2 = twice as fine)
+    blocks_per_stage: int = 1  # 1: lite (PGE-SAM's LiteMedSAM setting), 5: full (ViT-B)
+    channels: int = 256  # embedding channels
+    gate_channels: int = 64  # inner channels of the attention gates
+    guidance_hidden: int = 32  # hidden channels of the PGG's map encoders
+    gate_kernels: tuple[int, ...] = (7, 11)  # multi-scale large-kernel depth-wise convs in each gate
+    block_kernels: tuple[int, ...] = (3, 5, 7)  # depth-wise convs of the EBlock's spatial branch
+    point_sigma: float = 1.5  # Gaussian of a click, in embedding-grid cells
+    box_sigma_scale: float = 0.5  # box Gaussian sigma = scale x half the box side
+    image_size: int = 256  # model input side (prompt coordinates are in this frame)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "EnhancerConfig":
+        known = {f for f in cls.__dataclass_fields__}
+        unknown = set(data) - known
+        if unknown:
+            raise ValueError(f"unknown enhancer settings {sorted(unknown)}")
+        values = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items()}
+        return cls(**values)
+
+    @property
+    def stages(self) -> int:
+        return len(self.feature_channels)
+
+
+def render_prompt_maps(
+    points: tuple[Tensor, Tensor] | None,
+    boxes: Tensor | None,
+    n: int,
+    grid: int,
+    image_size: int,
+    point_sigma: float,
+    box_sigma_scale: float,
+    device: torch.device,
+    dtype: torch.dtype,
+) -> Tensor:
+    """(N, 3, grid, grid) maps: positive clicks, negative clicks (max of Gaussians), box Gaussian.
+
+    ``points``: coordinates (N, P, 2) in the model input frame and labels (N, P) (1 positive, 0 negative,
+    anything else, e.g. SAM's -1 padding, ignored); ``boxes`` (N, 4) x0, y0, x1, y1 in the same frame.
+    """
+    cell = image_size / grid
+    centres = (torch.arange(grid, device=device, dtype=dtype) + 0.5) * cell
+    yy, xx = centres[:, None], centres[None, :]
+    maps = torch.zeros(n, 3, grid, grid, device=device, dtype=dtype)
+    if points is not None:
+        coords, labels = points
+        coords = coords.to(device=device, dtype=dtype)
+        labels = labels.to(device)
+        sigma = point_sigma * cell
+        dx = xx[None, None] - coords[..., 0, None, None]  # (N, P, grid, grid)
+        dy = yy[None, None] - coords[..., 1, None, None]
+        g = torch.exp(-(dx.square() + dy.square()) / (2 * sigma * sigma))
+        for channel, label in ((0, 1), (1, 0)):
+            keep = (labels == label)[..., None, None]
+            if keep.any():
+                maps[:, channel] = torch.where(keep, g, torch.zeros_like(g)).amax(dim=1)
+    if boxes is not None:
+        b = boxes.to(device=device, dtype=dtype).reshape(n, 4)
+        cx, cy = (b[:, 0] + b[:, 2]) / 2, (b[:, 1] + b[:, 3]) / 2
+        sx = ((b[:, 2] - b[:, 0]) / 2 * box_sigma_scale).clamp_min(cell / 2)
+        sy = ((b[:, 3] - b[:, 1]) / 2 * box_sigma_scale).clamp_min(cell / 2)
+        gx = (xx[None] - cx[:, None, None]).square() / (2 * sx[:, None, None].square())
+        gy = (yy[None] - cy[:, None, None]).square() / (2 * sy[:, None, None].square())
+        maps[:, 2] = torch.exp(-(gx + gy))
+    return maps
+
+
+class PromptGuidanceGenerator(nn.Module):
+    """Prompts (+ the previous mask's dense embedding) -> guidance feature G (N, C, grid, grid)."""
+
+    def __init__(self, channels: int, hidden: int) -> None:
+        super().__init__()
+        self.point_encoder = nn.Sequential(
+            nn.Conv2d(2, hidden, 3, padding=1), nn.GELU(), nn.Conv2d(hidden, channels, 3, padding=1)
+        )
+        self.box_encoder = nn.Sequential(
+            nn.Conv2d(1, hidden, 3, padding=1), nn.GELU(), nn.Conv2d(hidden, channels, 3, padding=1)
+        )
+        self.mask_proj = nn.Conv2d(channels, channels, 1)
+        self.fuse = nn.Conv2d(2 * channels, channels, 1)
+
+    def forward(self, maps: Tensor, dense: Tensor) -> Tensor:
+        geometric = self.point_encoder(maps[:, :2]) + self.box_encoder(maps[:, 2:3])
+        mask_prior = self.mask_proj(dense.expand(maps.shape[0], -1, -1, -1))
+        return self.fuse(torch.cat((geometric, mask_prior), dim=1))
+
+
+def channel_norm(norm: LayerNorm2d, x: Tensor) -> Tensor:
+    """``LayerNorm2d`` (normalise over channels per pixel) as one fused ``layer_norm`` over a channels-last view:
+    the same values, without the five elementwise passes of segment_anything's implementation."""
+    y = F.layer_norm(x.permute(0, 2, 3, 1), (x.shape[1],), norm.weight, norm.bias, norm.eps)
+    return y.permute(0, 3, 1, 2)
+
+
+class _SimpleGate(nn.Module):
+    def forward(self, x: Tensor) -> Tensor:
+        a, b = x.chunk(2, dim=1)
+        return a * b
+
+
+class EBlock(nn.Module):
+    """NAFNet block whose spatial mixing is a spatial-channel module (multi-kernel depth-wise + SCA)."""
+
+    def __init__(self, channels: int, kernels: tuple[int, ...] = (3, 5, 7)) -> None:
+        super().__init__()
+        c = channels
+        self.norm1 = LayerNorm2d(c)
+        self.conv_in = nn.Conv2d(c, c, 1)
+        self.spatial = nn.ModuleList(nn.Conv2d(c, c, k, padding=k // 2, groups=c) for k in kernels)
+        self.channel = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Conv2d(c, c, 1))  # simplified channel attention
+        self.conv_out = nn.Conv2d(c, c, 1)
+        self.norm2 = LayerNorm2d(c)
+        self.ffn = nn.Sequential(nn.Conv2d(c, 2 * c, 1), _SimpleGate(), nn.Conv2d(c, c, 1))
+        # NAFNet's zero-initialised residual scales: a new block starts as the identity
+        self.beta = nn.Parameter(torch.zeros(1, c, 1, 1))
+        self.gamma = nn.Parameter(torch.zeros(1, c, 1, 1))
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = self.conv_in(channel_norm(self.norm1, x))
+        spatial = sum(conv(y) for conv in self.spatial)
+        channel = y * self.channel(y)
+        x = x + self.beta * self.conv_out(spatial + channel)
+        return x + self.gamma * self.ffn(channel_norm(self.norm2, x))
+
+
+class MultiScaleAttentionGate(nn.Module):
+    """Attention gate over an intermediate feature, conditioned on the current enhanced feature.
+
+    3x3 projections instead of the original gate's 1x1, plus parallel large-kernel depth-wise convolutions
+    on the joint map (PGE-SAM Fig. 3b). The feature branch depends on the image only (:meth:`feature_side`).
+    """
+
+    def __init__(self, in_channels: int, channels: int, gate_channels: int, stride: int,
+                 kernels: tuple[int, ...] = (7, 11)) -> None:
+        super().__init__()
+        if stride not in (1, 2, 4):
+            raise ValueError(f"intermediate feature stride {stride} not supported (1, 2 or 4)")
+        self.stride = stride
+        self.project = nn.Conv2d(in_channels, channels, 3, stride=stride, padding=1)
+        self.theta = nn.Conv2d(channels, gate_channels, 3, padding=1)
+        self.phi = nn.Conv2d(channels, gate_channels, 3, padding=1)
+        self.scales = nn.ModuleList(
+            nn.Conv2d(gate_channels, gate_channels, k, padding=k // 2, groups=gate_channels) for k in kernels
+        )
+        self.psi = nn.Conv2d(gate_channels, 1, 1)
+
+    def feature_side(self, feature: Tensor) -> tuple[Tensor, Tensor]:
+        """Image-only part: the projected feature and its gate branch."""
+        projected = self.project(feature)
+        return projected, self.theta(projected)
+
+    def forward(self, side: tuple[Tensor, Tensor], gate: Tensor) -> Tensor:
+        projected, theta = side
+        joint = F.relu(theta + self.phi(gate))  # theta broadcasts over the prompts
+        joint = joint + sum(conv(joint) for conv in self.scales)
+        alpha = torch.sigmoid(self.psi(joint))
+        return alpha * projected
+
+
+class PromptGuidedEnhancer(nn.Module):
+    """Degraded embedding + intermediate features + prompts -> enhanced embedding, per object."""
+
+    def __init__(self, config: EnhancerConfig) -> None:
+        super().__init__()
+        if len(config.feature_strides) != config.stages:
+            raise ValueError("feature_channels and feature_strides must have one entry per stage")
+        self.config = config
+        c = config.channels
+        self.guidance = PromptGuidanceGenerator(c, config.guidance_hidden)
+        self.gates = nn.ModuleList(
+            MultiScaleAttentionGate(ch, c, config.gate_channels, s, config.gate_kernels)
+            for ch, s in zip(config.feature_channels, config.feature_strides)
+        )
+        self.stages = nn.ModuleList(
+            nn.Sequential(*(EBlock(c, config.block_kernels) for _ in range(config.blocks_per_stage)))
+            for _ in range(config.stages)
+        )
+        self.out_proj = nn.Conv2d(c, c, 1)
+        nn.init.zeros_(self.out_proj.weight)
+        nn.init.zeros_(self.out_proj.bias)
+
+    def image_side(self, intermediates: list[Tensor] | tuple[Tensor, ...]) -> list[tuple[Tensor, Tensor]]:
+        """Per-image part: intermediate features (deepest first, channels-first) through the gates' projections."""
+        if len(intermediates) != len(self.gates):
+            raise ValueError(f"the enhancer needs {len(self.gates)} intermediate features, got {len(intermediates)}")
+        return [gate.feature_side(f) for gate, f in zip(self.gates, intermediates)]
+
+    def forward(
+        self,
+        embeddings: Tensor,
+        side: list[tuple[Tensor, Tensor]],
+        points: tuple[Tensor, Tensor] | None,
+        boxes: Tensor | None,
+        dense: Tensor,
+    ) -> Tensor:
+        """``embeddings`` (1 or N, C, g, g); prompts in the model frame; ``dense`` the prompt encoder's dense
+        embedding (the previous mask's, or the no-mask embedding). Returns (N, C, g, g)."""
+        cfg = self.config
+        n = max(dense.shape[0], embeddings.shape[0])
+        if points is not None:
+            n = max(n, points[0].shape[0])
+        if boxes is not None:
+            n = max(n, boxes.reshape(-1, 4).shape[0])
+        grid = embeddings.shape[-1]
+        maps = render_prompt_maps(points, boxes, n, grid, cfg.image_size, cfg.point_sigma, cfg.box_sigma_scale,
+                                  embeddings.device, embeddings.dtype)
+        g = self.guidance(maps, dense)
+        x = embeddings.expand(n, -1, -1, -1) if embeddings.shape[0] == 1 else embeddings
+        for gate, feature_side, stage in zip(self.gates, side, self.stages):
+            x = stage(x + gate(feature_side, x) + g)
+        return embeddings + self.out_proj(x)
+
+    def parameter_count(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+
+# ------------------------------------------------------------------------------------------------------
+# configurations per encoder
+# ------------------------------------------------------------------------------------------------------
+def lite_config(blocks_per_stage: int = 1) -> EnhancerConfig:
+    """LiteMedSAM's TinyViT: stage outputs layers[2] (320 ch, 64x64), layers[1] (160, 64x64), layers[0] (128, 128x128)."""
+    return EnhancerConfig(feature_channels=(320, 160, 128), feature_strides=(1, 1, 2),
+                          blocks_per_stage=blocks_per_stage, image_size=256)
+
+
+def vit_config(embed_dim: int = 768, blocks_per_stage: int = 5, image_size: int = 1024) -> EnhancerConfig:
+    """SAM/MedSAM ViT: outputs of the third, second and first global-attention blocks (all 64x64)."""
+    return EnhancerConfig(feature_channels=(embed_dim,) * 3, feature_strides=(1, 1, 1),
+                          blocks_per_stage=blocks_per_stage, image_size=image_size)
+
+
+def describe(config: EnhancerConfig, parameters: int) -> str:
+    kind = "lite" if config.blocks_per_stage == 1 else "full"
+    return (f"PGE feature enhancer ({kind}: {config.stages} stages x {config.blocks_per_stage} EBlock, "
+            f"{parameters / 1e6:.2f} M parameters)")
+
+
+def head_metadata(enhancer: PromptGuidedEnhancer) -> dict:
+    """The checkpoint metadata entry ``head`` that lets a file rebuild its enhancer."""
+    return {"kind": "pge", "config": enhancer.config.to_dict(), "parameters": enhancer.parameter_count()}
+
+
+def enhancer_for(model: nn.Module, blocks_per_stage: int = 1, **overrides) -> PromptGuidedEnhancer:
+    """A new (identity) enhancer matching ``model``'s image encoder."""
+    from .intermediate_features import intermediate_spec
+
+    _, channels, strides = intermediate_spec(model.image_encoder)
+    cfg = EnhancerConfig(feature_channels=tuple(channels), feature_strides=tuple(strides),
+                         blocks_per_stage=blocks_per_stage, image_size=int(model.architecture.image_size),
+                         **overrides)
+    return PromptGuidedEnhancer(cfg)
