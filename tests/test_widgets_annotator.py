@@ -302,3 +302,45 @@ def test_bad_model_file_and_unsupported_layer_show_visible_errors(plugin, qtbot,
     assert annotator.set_image_layer(labels) is False
     assert "works on image layers" in annotator.banner.text()
     shot(viewer, "06_unsupported_layer_error")
+
+
+def test_pge_head_checkpoint_loads_in_the_model_panel_and_segments(plugin, qtbot, tmp_path, litemedsam):
+    """Issue 8: a checkpoint with the PGE-SAM head is used by the annotator without any option."""
+    import torch
+
+    from napari_robustmedsam.checkpoints import make_metadata, save_checkpoint
+    from napari_robustmedsam.models.pge_enhancer import enhancer_for, head_metadata
+    from napari_robustmedsam.sample_data import mri_phantom
+
+    model = litemedsam.model
+    enhancer = enhancer_for(model)
+    with torch.no_grad():
+        for name, p in enhancer.named_parameters():
+            if name.endswith(("beta", "gamma")) or name.startswith("out_proj"):
+                p.normal_(0, 0.02, generator=torch.Generator().manual_seed(0))
+    state = dict(model.state_dict())
+    state.update({"feature_enhancer." + k: v for k, v in enhancer.state_dict().items()})
+    path = tmp_path / "pge_lite.pth"
+    save_checkpoint(path, state, make_metadata(architecture="tiny_vit", decoder="sam", preprocessing="litemedsam",
+                                               box_primary=True, head=head_metadata(enhancer)))
+    viewer, widget = plugin
+    panel = widget.model_panel
+    widget.show_tab("model")
+    panel.load(str(path), "cpu")
+    wait_idle(qtbot)
+    assert panel.state.loaded is not litemedsam and panel.state.loaded.model.head == "pge"
+    assert "PGE-SAM feature enhancer" in panel.info.text()
+    shot(viewer, "09_pge_head_loaded")
+
+    widget.show_tab("annotate")
+    image, labels = mri_phantom(160, seed=2)
+    layer = viewer.add_image(image, name="phantom")
+    annotator = widget.annotator
+    annotator.set_image_layer(layer)
+    annotator.compute_embeddings()
+    wait_idle(qtbot)
+    organ = labels >= 1
+    ys, xs = np.nonzero(organ)
+    segment_with_box(qtbot, annotator, [xs.min(), ys.min(), xs.max() + 1, ys.max() + 1])
+    mask = np.asarray(annotator.current_layer.data) > 0
+    assert dice(mask, organ) > 0.5

@@ -35,6 +35,13 @@ def describe_model(loaded: Any) -> list[tuple[str, str]]:
         ("model", display_name(loaded)),
         ("architecture", _ARCH_NAMES.get(arch, arch)),
         ("robust decoder", "yes (RobustSAM-style, degradation-robust)" if decoder == "robust" else "no (SAM mask decoder)"),
+    ]
+    model = getattr(loaded, "model", None)
+    if getattr(model, "head", None) == "pge":
+        enhancer = model.feature_enhancer
+        rows.append(("robust head", f"PGE-SAM feature enhancer ({enhancer.config.blocks_per_stage} EBlock(s) per stage, "
+                                    f"{enhancer.parameter_count() / 1e6:.1f} M; runs on every click)"))
+    rows += [
         ("preprocessing", str(getattr(loaded, "preprocessing", "?"))),
         ("prompts", "box first (box-trained)" if getattr(loaded, "box_primary", False) else "points and boxes"),
     ]

@@ -1,0 +1,133 @@
+"""Benchmark: the two robust heads side by side in the iterative setting (issue 8).
+
+Runs ``python -m training.evaluate`` (resumable) on the held-out split of ``benchmarks/train_lite.py`` for
+LiteMedSAM, the robust-lite decoder and the PGE-lite head, with interaction curves from a point start and from a
+box start (steps 0..N), clean and LQ-1..LQ-3+, then checks the issue's targets from the measurements:
+
+- the PGE-lite head's Dice never falls from one step to the next (mean over datasets, per start and condition);
+- after 5 steps on degraded images it beats the robust-lite decoder;
+- its click p50 (``benchmarks/click_latency.py``, measured in the same run) is <= 80 ms;
+
+and prints parameter counts. Checkpoints come from earlier training runs::
+
+    python -m training.fit --data runs/bench-train-lite-45/split/train --preset pge-lite --out runs/bench-pge-lite/pge \\
+        --cache runs/bench-pge-lite/cache --time-budget 45 --threads 1 --variants 2
+    python benchmarks/compare_heads.py --split runs/bench-train-lite-45/split/heldout \\
+        --robust runs/bench-train-lite-45/robust/best.pth --pge runs/bench-pge-lite/pge/best.pth --out runs/compare-heads
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def evaluate(args, out: Path) -> float:
+    cmd = [sys.executable, "-m", "training.evaluate", "--data", str(args.split), "--model", "litemedsam",
+           "--model", f"robust-lite={args.robust}", "--model", f"pge-lite={args.pge}",
+           "--levels", args.levels, "--prompts", "iterative,box,points3", "--steps", str(args.steps),
+           "--out", str(out), "--no-progress"]
+    if args.images_per_dataset:
+        cmd += ["--images-per-dataset", str(args.images_per_dataset)]
+    if args.workers > 1:
+        cmd += ["--workers", str(args.workers)]
+    print("$", " ".join(cmd), flush=True)
+    t0 = time.perf_counter()
+    subprocess.run(cmd, cwd=ROOT, check=True)
+    return time.perf_counter() - t0
+
+
+def curves(out: Path):
+    import pandas as pd
+
+    df = pd.read_csv(out / "measurements.csv")
+    it = df[df["prompt"].isin(["iter_point", "iter_box"])]
+    per_ds = it.groupby(["model", "prompt", "condition", "dataset", "step"])["dice"].mean().reset_index()
+    return per_ds.groupby(["model", "prompt", "condition", "step"])["dice"].mean()
+
+
+def check_targets(agg, steps: int) -> list[str]:
+    lines = []
+    conditions = sorted({c for (_, _, c, _) in agg.index})
+    degraded = [c for c in conditions if c != "clean"]
+    for start in ("iter_point", "iter_box"):
+        for cond in conditions:
+            try:
+                pge = [float(agg[("pge-lite", start, cond, s)]) for s in range(steps + 1)]
+            except KeyError:
+                continue
+            falls = [s for s in range(1, steps + 1) if pge[s] < pge[s - 1]]
+            lines.append(f"- PGE-lite, {start} start, {cond}: Dice by step " + " / ".join(f"{v:.3f}" for v in pge)
+                         + (f"; never falls: yes" if not falls else f"; never falls: NO (falls at step(s) {falls})"))
+    for start in ("iter_point", "iter_box"):
+        for cond in degraded:
+            try:
+                p5, r5 = float(agg[("pge-lite", start, cond, 5)]), float(agg[("robust-lite", start, cond, 5)])
+            except KeyError:
+                continue
+            lines.append(f"- after 5 steps, {start} start, {cond}: PGE-lite {p5:.3f} vs robust-lite {r5:.3f}: "
+                         + ("beats" if p5 > r5 else "does NOT beat"))
+    return lines
+
+
+def latency(clicks: int) -> str:
+    res = subprocess.run([sys.executable, "benchmarks/click_latency.py", "--skip-vit", "--clicks", str(clicks)],
+                         cwd=ROOT, check=True, capture_output=True, text=True)
+    return res.stdout
+
+
+def parameter_counts(paths: dict[str, str]) -> dict[str, dict]:
+    from napari_robustmedsam.checkpoints.inspect import describe_checkpoint
+
+    out = {}
+    for name, path in paths.items():
+        info = describe_checkpoint(path)
+        out[name] = info["parameters"]
+    return out
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--split", required=True, help="held-out folder (medseg layout)")
+    p.add_argument("--robust", required=True, help="robust-lite checkpoint (training.fit --preset robust-lite)")
+    p.add_argument("--pge", required=True, help="PGE-lite checkpoint (training.fit --preset pge-lite)")
+    p.add_argument("--out", default="runs/compare-heads")
+    p.add_argument("--steps", type=int, default=8)
+    p.add_argument("--levels", default="LQ-1,LQ-2,LQ-3,LQ-3+")
+    p.add_argument("--images-per-dataset", type=int, default=None)
+    p.add_argument("--workers", type=int, default=1)
+    p.add_argument("--clicks", type=int, default=30, help="clicks of the latency measurement")
+    p.add_argument("--skip-eval", action="store_true", help="only analyse an existing --out")
+    args = p.parse_args(argv)
+    out = Path(args.out)
+    wall = None if args.skip_eval else evaluate(args, out)
+    agg = curves(out)
+    lines = [f"# Robust heads compared ({time.strftime('%Y-%m-%d %H:%M')})", ""]
+    if wall is not None:
+        lines.append(f"Evaluation wall time: {wall / 60:.1f} min. Summary tables and plots: `{out}/summary.md`.")
+    lines += ["", "## Targets (issue 8)", ""] + check_targets(agg, args.steps)
+    lat = latency(args.clicks)
+    lines += ["", "## Click latency (same machine, same run)", "", "```", lat.strip(), "```", ""]
+    counts = parameter_counts({"litemedsam": "litemedsam", "robust-lite": args.robust, "pge-lite": args.pge})
+    lines += ["## Parameters (M)", "", "| model | image encoder | prompt encoder | mask decoder | of which robust | "
+              "feature enhancer | total |", "|---|---|---|---|---|---|---|"]
+    for name, c in counts.items():
+        lines.append(f"| {name} | " + " | ".join(f"{c.get(k, 0) / 1e6:.2f}" for k in (
+            "image_encoder", "prompt_encoder", "mask_decoder", "mask_decoder_robust", "feature_enhancer", "total"))
+            + " |")
+    text = "\n".join(lines) + "\n"
+    (out / "heads.md").write_text(text)
+    (out / "heads.json").write_text(json.dumps({"targets": check_targets(agg, args.steps), "parameters": counts,
+                                                "latency": lat}, indent=1))
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
