@@ -967,7 +967,7 @@ def plot_history(history: list[dict], steps: list[dict], path: Path) -> None:
             k = max(2, len(y) // 20)
             smooth = np.convolve(y, np.ones(k) / k, mode="valid")
             ax1.plot(x[k - 1:], smooth, lw=1.5, label=f"total (mean of {k})")
-        for term in ("dice", "focal", "feature", "token", "iou"):
+        for term in ("dice", "focal", "feature", "token", "iou", "fr"):
             vals = [s.get(term) for s in steps]
             if any(v for v in vals if isinstance(v, float)):
                 ax1.plot(x, vals, lw=0.5, alpha=0.6, label=term + " (unweighted)")
