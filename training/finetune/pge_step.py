@@ -23,8 +23,7 @@ import torch.nn.functional as F
 
 from napari_robustmedsam.models.intermediate_features import stack_intermediates
 
-from . import ddp
-from .interactive import add_clicks, corrective_clicks, start_prompts
+from .interactive import start_prompts
 from .losses import dice_score, robust_loss
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -46,45 +45,34 @@ def foreground_reconstruction_loss(enhanced: torch.Tensor, clean: torch.Tensor, 
 
 
 def pge_train_step(tr: "Trainer", planes: list[int], rng: np.random.Generator) -> dict:
+    from .trainer import backward_through_leaves, finish_sums, leaf_of
+
     cfg = tr.cfg
     n_obj = cfg.objects_per_image
     model = tr.model
     enhancer = model.feature_enhancer
-    pairs_c, pairs_d, gts, valids = [], [], [], []
-    from .pairs import sample_variant
+    batch = tr.sample_batch(planes, rng)
+    target, valid = batch.target, batch.valid
 
-    for i in planes:
-        tgt = tr.bank.targets[i]
-        k = tgt.masks.shape[0]
-        pick = rng.choice(k, size=n_obj, replace=k < n_obj)
-        gts.append(tgt.masks[pick])
-        valids.append(tgt.valid[None].expand(n_obj, -1, -1))
-        pairs_c.append((i, 0))
-        pairs_d.append((i, sample_variant(rng, cfg.variants, cfg.p_identity)))
-    gt = torch.cat(gts)
-    valid = torch.cat(valids)[:, None].to(tr.device)
-    target = gt[:, None].to(tr.device)
-    gt_np = gt.numpy()
-    scale = tr.bank.targets[planes[0]].frame.model_size / gt.shape[-1]
-
-    feats_d = tr.bank.batch(pairs_d, tr.device)
+    feats_d = tr.bank.batch(batch.pairs_d, tr.device)
     fr_weight = float(cfg.fr_weight)
     emb_c = None
     if fr_weight > 0:
-        emb_c = tr.bank.batch(pairs_c, tr.device)["image_embeddings"].repeat_interleave(n_obj, 0)
-    side_graph = enhancer.image_side(stack_intermediates(feats_d))
-    leaves = [(p.detach().requires_grad_(), t.detach().requires_grad_()) for p, t in side_graph]
-    side = [(p.repeat_interleave(n_obj, 0), t.repeat_interleave(n_obj, 0)) for p, t in leaves]
+        emb_c = tr.bank.batch(batch.pairs_c, tr.device)["image_embeddings"].repeat_interleave(n_obj, 0)
+    side_graph = [t for pair in enhancer.image_side(stack_intermediates(feats_d)) for t in pair]
+    leaves = [leaf_of(t) for t in side_graph]
+    side = [(leaves[j].repeat_interleave(n_obj, 0), leaves[j + 1].repeat_interleave(n_obj, 0))
+            for j in range(0, len(leaves), 2)]
     emb_d = feats_d["image_embeddings"].repeat_interleave(n_obj, 0)
     weights = replace(cfg.weights, feature=0.0, token=0.0)
 
-    state = start_prompts(gt_np, rng, cfg.prompts)
+    state = start_prompts(batch.gt_np, rng, cfg.prompts)
     n_pred = cfg.prompts.n_steps + 1
     sums: dict[str, float] = {}
     dices: list[float] = []
     bad_message = ""
     for step in range(n_pred):
-        points, boxes = state.to_model(scale, tr.device)
+        points, boxes = state.to_model(batch.scale, tr.device)
         with torch.no_grad():
             sparse, dense = model.prompt_encoder(points=points, boxes=boxes, masks=state.mask_input)
         enhanced = enhancer(emb_d, side, points, boxes, dense)
@@ -95,43 +83,14 @@ def pge_train_step(tr: "Trainer", planes: list[int], rng: np.random.Generator) -
         if emb_c is not None:
             terms["fr"] = foreground_reconstruction_loss(enhanced, emb_c, target)
             loss = loss + fr_weight * terms["fr"]
-        if not torch.isfinite(loss):
-            bad_message = ("loss became " + ("NaN" if torch.isnan(loss) else "infinite") + " ("
-                           + ", ".join(f"{k} {float(v):.4g}" for k, v in terms.items()) + ")")
+        bad_message = tr.backward_step(loss, terms, n_pred, sums)
+        if bad_message:
             break
-        (loss / n_pred).backward()
-        for key, value in terms.items():
-            sums[key] = sums.get(key, 0.0) + float(value.detach()) / n_pred
-        sums["total"] = sums.get("total", 0.0) + float(loss.detach()) / n_pred
         logits = low[:, :1].detach()
         dices.append(float(dice_score(logits, target, valid).mean()))
         if step + 1 < n_pred:
-            pred = (logits[:, 0] > 0).cpu().numpy()
-            pts, labs = corrective_clicks(gt_np, pred, rng, cfg.prompts)
-            state = add_clicks(state, pts, labs)
-            state.mask_input = logits if rng.random() < cfg.prompts.p_mask else None
-    if ddp.broadcast_flag(bool(bad_message), tr.ctx):
-        tr.optimizer.zero_grad(set_to_none=True)
-        from .trainer import NonFiniteLoss
-
-        raise NonFiniteLoss(bad_message or "the loss became NaN or infinite on another process")
-    roots, grads = [], []
-    for (p_graph, t_graph), (p_leaf, t_leaf) in zip(side_graph, leaves):
-        for graph, leaf in ((p_graph, p_leaf), (t_graph, t_leaf)):
-            if graph.requires_grad and leaf.grad is not None:
-                roots.append(graph)
-                grads.append(leaf.grad)
-    if roots:
-        torch.autograd.backward(roots, grads)
+            state = tr.next_prompts(state, logits, batch.gt_np, rng)
+    tr.stop_if_nonfinite(bad_message)
+    backward_through_leaves(zip(side_graph, leaves))
     tr.finish_step()
-    sums["dice_first"] = dices[0] if dices else float("nan")
-    sums["dice_last"] = dices[-1] if dices else float("nan")
-    sums["start"] = state.start
-    return sums
-
-
-@torch.no_grad()
-def pge_decode(model, feats: dict, sparse: torch.Tensor, dense: torch.Tensor, points, boxes) -> torch.Tensor:
-    """Validation: low-resolution logits of the enhanced model for one prompt set per object."""
-    low, _ = model.decode(feats, sparse, dense, False, prompts=(points, boxes))
-    return low
+    return finish_sums(sums, dices, state)

@@ -81,6 +81,41 @@ class NonFiniteLoss(TrainingError):
 
 
 @dataclass
+class SampledBatch:
+    """One iteration's objects: (plane, variant) pairs of both branches and the ground truth, grouped by plane."""
+
+    pairs_c: list[tuple[int, int]]
+    pairs_d: list[tuple[int, int]]
+    target: torch.Tensor  # (N, 1, 256, 256) bool
+    valid: torch.Tensor  # (N, 1, 256, 256) bool
+    gt_np: np.ndarray  # (N, 256, 256) bool
+    scale: float  # model frame / low-resolution frame
+
+
+def leaf_of(graph: torch.Tensor) -> torch.Tensor:
+    """A detached copy that collects the gradients of every interaction of an iteration."""
+    return graph.detach().requires_grad_(graph.requires_grad)
+
+
+def backward_through_leaves(pairs) -> None:
+    """Carry the gradients the leaves collected back through their graphs, in one backward pass."""
+    roots, grads = [], []
+    for graph, leaf in pairs:
+        if graph.requires_grad and leaf.grad is not None:
+            roots.append(graph)
+            grads.append(leaf.grad)
+    if roots:
+        torch.autograd.backward(roots, grads)
+
+
+def finish_sums(sums: dict, dices: list[float], state) -> dict:
+    sums["dice_first"] = dices[0] if dices else float("nan")
+    sums["dice_last"] = dices[-1] if dices else float("nan")
+    sums["start"] = state.start
+    return sums
+
+
+@dataclass
 class TrainConfig:
     model: str = "litemedsam_robust"
     device: str = "cpu"
@@ -338,17 +373,21 @@ class Trainer:
             params = params + self.svd.trainable_parameters()
         self.params = params
         self.optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self._make_banks(neck_input=cfg.svd_neck)
+        self._prepare_features()
+
+    def _make_banks(self, **features) -> None:
+        """Feature banks of the training and validation planes (``features``: what FeatureBank stores extra)."""
+        cfg = self.cfg
         memory = int(cfg.memory_gb * 1024**3)
+        common = dict(cache_dir=cfg.cache_dir, use_cache=cfg.use_cache, **features)
         self.bank = FeatureBank(self.model, self.loaded.preprocessing, variants=cfg.variants, levels=tuple(cfg.levels),
-                                seed=cfg.seed, cache_dir=cfg.cache_dir, use_cache=cfg.use_cache, neck_input=cfg.svd_neck,
-                                memory_bytes=memory)
+                                seed=cfg.seed, memory_bytes=memory, **common)
         self.bank.add_items(self.train_items)
         self.val_bank = FeatureBank(self.model, self.loaded.preprocessing, variants=1, levels=(cfg.val_level,),
-                                    seed=derive_seed(cfg.seed, "validation"), cache_dir=cfg.cache_dir,
-                                    use_cache=cfg.use_cache, neck_input=cfg.svd_neck, memory_bytes=memory // 4)
+                                    seed=derive_seed(cfg.seed, "validation"), memory_bytes=memory // 4, **common)
         self.val_bank.add_items(self.val_items)
         self.notices.extend(n for n in self.bank.engine.notices if n not in self.notices)
-        self._prepare_features()
 
     def _setup_pge(self) -> None:
         """PGE head: the enhancer and the whole mask decoder are trained; encoders frozen."""
@@ -361,17 +400,9 @@ class Trainer:
             p.requires_grad_(True)
         self.params = params
         self.optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-        memory = int(cfg.memory_gb * 1024**3)
-        common = dict(cache_dir=cfg.cache_dir, use_cache=cfg.use_cache, intermediates=True)
-        self.bank = FeatureBank(self.model, self.loaded.preprocessing, variants=cfg.variants, levels=tuple(cfg.levels),
-                                seed=cfg.seed, memory_bytes=memory, **common)
-        self.bank.add_items(self.train_items)
-        self.val_bank = FeatureBank(self.model, self.loaded.preprocessing, variants=1, levels=(cfg.val_level,),
-                                    seed=derive_seed(cfg.seed, "validation"), memory_bytes=memory // 4, **common)
-        self.val_bank.add_items(self.val_items)
         self.notices.append(f"PGE head: {enhancer.parameter_count() / 1e6:.2f} M enhancer parameters + "
                             f"{sum(p.numel() for p in self.decoder.parameters()) / 1e6:.2f} M decoder parameters trained")
-        self.notices.extend(n for n in self.bank.engine.notices if n not in self.notices)
+        self._make_banks(intermediates=True)
         self._prepare_features()
 
     def _prepare_features(self) -> None:
@@ -451,22 +482,9 @@ class Trainer:
             from .pge_step import pge_train_step
 
             return pge_train_step(self, planes, rng)
-        n_obj = cfg.objects_per_image
-        pairs_c, pairs_d, gts, valids = [], [], [], []
-        for i in planes:
-            tgt = self.bank.targets[i]
-            k = tgt.masks.shape[0]
-            pick = rng.choice(k, size=n_obj, replace=k < n_obj)
-            gts.append(tgt.masks[pick])
-            valids.append(tgt.valid[None].expand(n_obj, -1, -1))
-            v = sample_variant(rng, cfg.variants, cfg.p_identity)
-            pairs_c.append((i, 0))
-            pairs_d.append((i, v))
-        gt = torch.cat(gts)  # (N, 256, 256) bool, grouped by plane
-        valid = torch.cat(valids)[:, None].to(self.device)
-        target = gt[:, None].to(self.device)
-        gt_np = gt.numpy()
-        scale = self.bank.targets[planes[0]].frame.model_size / gt.shape[-1]
+        batch = self.sample_batch(planes, rng)
+        target, valid, gt_np, scale = batch.target, batch.valid, batch.gt_np, batch.scale
+        pairs_c, pairs_d = batch.pairs_c, batch.pairs_d
 
         feats_d = self.bank.batch(pairs_d, self.device)
         consistency = cfg.weights.consistency
@@ -475,8 +493,8 @@ class Trainer:
         # gradients of all steps, then one backward pass through the image-level part (memory-light).
         emb_d_graph = self._embeddings(feats_d, grad=True)
         img_graph = self.decoder.image_level_features(emb_d_graph, feats_d["early_features"])[IMAGE_FEATURES_KEY]
-        emb_d = emb_d_graph.detach().requires_grad_(emb_d_graph.requires_grad)
-        img_d = img_graph.detach().requires_grad_(img_graph.requires_grad)
+        emb_d = leaf_of(emb_d_graph)
+        img_d = leaf_of(img_graph)
         if consistency:
             with torch.no_grad():
                 emb_c = self._embeddings(feats_c, grad=False)
@@ -498,38 +516,69 @@ class Trainer:
             if consistency and clean_out is None:
                 weights = replace(weights, feature=0.0, token=0.0)
             loss, terms = robust_loss(out, target, weights, clean_out, valid)
-            if not torch.isfinite(loss):
-                bad_message = ("loss became " + ("NaN" if torch.isnan(loss) else "infinite") + " ("
-                               + ", ".join(f"{k} {float(v):.4g}" for k, v in terms.items()) + ")")
+            bad_message = self.backward_step(loss, terms, n_pred, sums)
+            if bad_message:
                 break
-            (loss / n_pred).backward()
-            for key, value in terms.items():
-                sums[key] = sums.get(key, 0.0) + float(value.detach()) / n_pred
-            sums["total"] = sums.get("total", 0.0) + float(loss.detach()) / n_pred
             logits = out["masks"][:, :1].detach()
             dices.append(float(dice_score(logits, target, valid).mean()))
             if step + 1 < n_pred:
-                pred = (logits[:, 0] > 0).cpu().numpy()
-                pts, labs = corrective_clicks(gt_np, pred, rng, cfg.prompts)
-                state = add_clicks(state, pts, labs)
-                state.mask_input = logits if rng.random() < cfg.prompts.p_mask else None
+                state = self.next_prompts(state, logits, gt_np, rng)
+        self.stop_if_nonfinite(bad_message)
+        # one backward pass through the image-level part (AMFG on images, SVD neck)
+        backward_through_leaves([(img_graph, img_d), (emb_d_graph, emb_d)])
+        self.finish_step()
+        return finish_sums(sums, dices, state)
+
+    # ------------------------------------------------------------------ pieces shared by the heads' steps
+    def sample_batch(self, planes: list[int], rng: np.random.Generator) -> "SampledBatch":
+        """Objects and clean/degraded variants of one iteration's planes (same draws for every head)."""
+        cfg = self.cfg
+        n_obj = cfg.objects_per_image
+        pairs_c, pairs_d, gts, valids = [], [], [], []
+        for i in planes:
+            tgt = self.bank.targets[i]
+            k = tgt.masks.shape[0]
+            pick = rng.choice(k, size=n_obj, replace=k < n_obj)
+            gts.append(tgt.masks[pick])
+            valids.append(tgt.valid[None].expand(n_obj, -1, -1))
+            v = sample_variant(rng, cfg.variants, cfg.p_identity)
+            pairs_c.append((i, 0))
+            pairs_d.append((i, v))
+        gt = torch.cat(gts)  # (N, 256, 256) bool, grouped by plane
+        return SampledBatch(
+            pairs_c=pairs_c,
+            pairs_d=pairs_d,
+            target=gt[:, None].to(self.device),
+            valid=torch.cat(valids)[:, None].to(self.device),
+            gt_np=gt.numpy(),
+            scale=self.bank.targets[planes[0]].frame.model_size / gt.shape[-1],
+        )
+
+    @staticmethod
+    def backward_step(loss: torch.Tensor, terms: dict, n_pred: int, sums: dict[str, float]) -> str:
+        """Backward of one interaction's loss (averaged over the iteration) and its logged terms; returns a
+        message instead when the loss is not finite (nothing is backpropagated then)."""
+        if not torch.isfinite(loss):
+            return ("loss became " + ("NaN" if torch.isnan(loss) else "infinite") + " ("
+                    + ", ".join(f"{k} {float(v):.4g}" for k, v in terms.items()) + ")")
+        (loss / n_pred).backward()
+        for key, value in terms.items():
+            sums[key] = sums.get(key, 0.0) + float(value.detach()) / n_pred
+        sums["total"] = sums.get("total", 0.0) + float(loss.detach()) / n_pred
+        return ""
+
+    def next_prompts(self, state, logits: torch.Tensor, gt_np: np.ndarray, rng: np.random.Generator):
+        """One corrective click from the current prediction's errors; the logits fed back with p_mask."""
+        pred = (logits[:, 0] > 0).cpu().numpy()
+        pts, labs = corrective_clicks(gt_np, pred, rng, self.cfg.prompts)
+        state = add_clicks(state, pts, labs)
+        state.mask_input = logits if rng.random() < self.cfg.prompts.p_mask else None
+        return state
+
+    def stop_if_nonfinite(self, bad_message: str) -> None:
         if ddp.broadcast_flag(bool(bad_message), self.ctx):  # every rank stops together
             self.optimizer.zero_grad(set_to_none=True)
             raise NonFiniteLoss(bad_message or "the loss became NaN or infinite on another process")
-        roots, grads = [], []
-        if img_graph.requires_grad and img_d.grad is not None:
-            roots.append(img_graph)
-            grads.append(img_d.grad)
-        if emb_d_graph.requires_grad and emb_d.grad is not None:
-            roots.append(emb_d_graph)
-            grads.append(emb_d.grad)
-        if roots:  # one backward pass through the image-level part (AMFG on images, SVD neck)
-            torch.autograd.backward(roots, grads)
-        self.finish_step()
-        sums["dice_first"] = dices[0]
-        sums["dice_last"] = dices[-1]
-        sums["start"] = state.start
-        return sums
 
     def finish_step(self) -> None:
         """Gradients of this iteration are in: all-reduce (DDP), clip, check, step the optimizer."""

@@ -284,10 +284,10 @@ def split_enhancer(state: Mapping, metadata: Mapping, where: str):
     from ..models.pge_enhancer import ENHANCER_PREFIX, EnhancerConfig, PromptGuidedEnhancer
 
     head = metadata.get("head") if isinstance(metadata.get("head"), Mapping) else {}
-    keys = [k for k in state if k.startswith(ENHANCER_PREFIX)]
     if head.get("kind") != "pge":
         return state, None
-    if not keys:
+    sub = {k[len(ENHANCER_PREFIX):]: v for k, v in state.items() if k.startswith(ENHANCER_PREFIX)}
+    if not sub:
         raise CheckpointError(f"{where}: its metadata names a PGE feature-enhancer head but it holds no "
                               f"{ENHANCER_PREFIX}* tensors; the file is incomplete")
     try:
@@ -295,7 +295,6 @@ def split_enhancer(state: Mapping, metadata: Mapping, where: str):
         enhancer = PromptGuidedEnhancer(config)
     except (TypeError, ValueError) as err:
         raise CheckpointError(f"{where}: cannot build its PGE feature-enhancer head: {err}") from None
-    sub = {k[len(ENHANCER_PREFIX):]: v for k, v in state.items() if k.startswith(ENHANCER_PREFIX)}
     check_state_dict_fits(sub, shapes_of(enhancer), where, "its PGE feature enhancer (as its metadata describes it)")
     try:
         enhancer.load_state_dict(sub, strict=True)

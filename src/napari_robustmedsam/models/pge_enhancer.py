@@ -286,18 +286,6 @@ def lite_config(blocks_per_stage: int = 1) -> EnhancerConfig:
                           blocks_per_stage=blocks_per_stage, image_size=256)
 
 
-def vit_config(embed_dim: int = 768, blocks_per_stage: int = 5, image_size: int = 1024) -> EnhancerConfig:
-    """SAM/MedSAM ViT: outputs of the third, second and first global-attention blocks (all 64x64)."""
-    return EnhancerConfig(feature_channels=(embed_dim,) * 3, feature_strides=(1, 1, 1),
-                          blocks_per_stage=blocks_per_stage, image_size=image_size)
-
-
-def describe(config: EnhancerConfig, parameters: int) -> str:
-    kind = "lite" if config.blocks_per_stage == 1 else "full"
-    return (f"PGE feature enhancer ({kind}: {config.stages} stages x {config.blocks_per_stage} EBlock, "
-            f"{parameters / 1e6:.2f} M parameters)")
-
-
 def head_metadata(enhancer: PromptGuidedEnhancer) -> dict:
     """The checkpoint metadata entry ``head`` that lets a file rebuild its enhancer."""
     return {"kind": "pge", "config": enhancer.config.to_dict(), "parameters": enhancer.parameter_count()}
