@@ -242,6 +242,8 @@ def test_fast_plain_decoder_equals_sams_mask_decoder(tiny):
         (None, torch.tensor([[10.0, 20, 120, 200]]), False),
         ((torch.rand(1, 1, 2, generator=g) * 255, torch.ones(1, 1, dtype=torch.int64)), None, True),
         ((torch.rand(3, 2, 2, generator=g) * 255, torch.tensor([[1, 0], [1, 1], [0, 1]])), torch.rand(3, 4, generator=g).sort(-1).values * 255, False),
+        # 12 points + padding + 5 output tokens = 18 tokens: 8 heads x 18 > 128, the projected (not absorbed) path
+        ((torch.rand(2, 12, 2, generator=g) * 255, torch.randint(0, 2, (2, 12), generator=g)), None, False),
     ]
     with torch.no_grad():
         for points, boxes, multimask in cases:
@@ -251,9 +253,11 @@ def test_fast_plain_decoder_equals_sams_mask_decoder(tiny):
             for r, o in zip(ref, got):
                 assert r.shape == o.shape
                 torch.testing.assert_close(o, r, atol=1e-4, rtol=1e-4)
-        # a mask prompt (corrective clicks feeding back logits): the image side is computed per call
-        for n in (1, 3):
-            sparse, dense = pe(points=(torch.rand(n, 2, 2, generator=g) * 255, torch.ones(n, 2, dtype=torch.int64)),
+        # a mask prompt (corrective clicks feeding back logits): the image side is computed per call, absorbed
+        # into the token side (few tokens) or projected (many)
+        for n, n_points in ((1, 2), (3, 2), (2, 14)):
+            sparse, dense = pe(points=(torch.rand(n, n_points, 2, generator=g) * 255,
+                                       torch.ones(n, n_points, dtype=torch.int64)),
                                boxes=None, masks=torch.randn(n, 1, 256, 256, generator=g))
             assert dense.stride(-1) != 0
             ref = tiny.mask_decoder(feat, pe.get_dense_pe(), sparse, dense, False)

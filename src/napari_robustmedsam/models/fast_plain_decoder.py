@@ -13,6 +13,15 @@ cached per image) or spent in memory traffic that a different but equivalent ord
    each input pixel's 4 output pixels independently, so it *is* a (C_in -> 4 C_out) linear map per pixel; this
    skips the (N, 32, 256, 256) intermediate in image layout and its copies.
 
+3. Attention between the 4096 image positions and the handful of prompt tokens (T = 5 output tokens + the
+   prompt's points/box corners) runs with the image-side projections folded into the token side: for a head h,
+   ``q_h . (W_k,h x + b_k,h) = (W_k,h^T q_h) . x + const``, so the scores are the image tokens times T x heads
+   "absorbed" query vectors of width 256 instead of projecting all 4096 image tokens to keys and values
+   (and likewise for the values, the image->token queries and the output projection). With heads x T below the
+   projection width (8 x T < 128, i.e. up to 15 tokens) this does less than half the image-sized arithmetic;
+   otherwise the projections are computed as SAM does. Inference only (no autograd); the bias terms that
+   cancel in a softmax are dropped, the others kept.
+
 Everything else is SAM's computation, step by step, on the same modules (so loaded weights are used as they
 are). The prompt batch is broadcast instead of materialised. See tests/test_embeddings.py.
 """
@@ -89,23 +98,91 @@ def _attend_image_to_tokens(attn: nn.Module, q: torch.Tensor, k: torch.Tensor, v
     return attn.out_proj(_merge_heads(out))
 
 
+def _absorb_applies(attn: nn.Module, n_tokens: int) -> bool:
+    """Absorbed attention is cheaper when heads x tokens < the projection width, and used without autograd."""
+    return attn.num_heads * n_tokens < attn.internal_dim and not torch.is_grad_enabled()
+
+
+def _per_head(weight: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """A (internal, D) projection weight as (heads, head_dim, D)."""
+    return weight.reshape(num_heads, weight.shape[0] // num_heads, weight.shape[1])
+
+
+def _tokens_attend_image_absorbed(attn: nn.Module, q: torch.Tensor, k_image: torch.Tensor, v_image: torch.Tensor) -> torch.Tensor:
+    """``attn(q=q, k=k_image, v=v_image)`` for T tokens over HW image positions, without projecting the image.
+
+    q: (n, T, D) token side; k_image, v_image: (B, HW, D), B in {1, n}. Scores ``(W_k,h^T q_h) . x`` (the key
+    bias adds a per-row constant, which the softmax over positions cancels); values ``(S_h x) W_v,h^T + b_v,h``
+    (softmax rows sum to one).
+    """
+    n, t, _ = q.shape
+    heads = attn.num_heads
+    qh = _heads(attn.q_proj(q), heads)  # (n, H, T, c)
+    absorbed = torch.einsum("nhtc,hcd->nhtd", qh, _per_head(attn.k_proj.weight, heads)).reshape(n, heads * t, -1)
+    scores = absorbed @ k_image.transpose(-1, -2)  # (n, H*T, HW)
+    weights = torch.softmax(scores / math.sqrt(qh.shape[-1]), dim=-1)
+    mixed = (weights @ v_image).reshape(n, heads, t, -1)  # (n, H, T, D)
+    out = torch.einsum("nhtd,hcd->nhtc", mixed, _per_head(attn.v_proj.weight, heads))
+    out = out + attn.v_proj.bias.reshape(heads, 1, -1)
+    return attn.out_proj(_merge_heads(out))
+
+
+def _image_attends_tokens_absorbed(
+    attn: nn.Module,
+    residual: torch.Tensor,
+    q_image: torch.Tensor | None,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    q_projected: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``residual + attn(q=q_image, k=k, v=v)`` for HW image queries over T tokens, output projection folded in.
+
+    q_image: (B, HW, D) image side, or ``q_projected`` (B, H, HW, c) already projected (the per-image cache);
+    k, v: (n, T, D) token side; residual: (B, HW, D), the block's skip connection (added by the product itself).
+    Scores per head ``x . (W_q,h^T k_h) + b_q,h . k_h`` (this bias varies over the softmax axis, so it is kept),
+    formed transposed (tokens x positions) so that the softmax runs over a short strided axis; output
+    ``sum_h,t p_h,t (W_o,h v_h,t + b_o / H)``: each head's weights sum to one, so the output bias rides along.
+    """
+    heads = attn.num_heads
+    kh = _heads(attn.k_proj(k), heads)  # (n, H, T, c)
+    vh = _heads(attn.v_proj(v), heads)
+    n, _, t, c = kh.shape
+    if q_projected is not None:
+        scores_t = (kh @ q_projected.transpose(-1, -2)).reshape(n, heads * t, -1)  # (n, H*T, HW)
+    else:
+        absorbed = torch.einsum("nhtc,hcd->nhtd", kh, _per_head(attn.q_proj.weight, heads)).reshape(n, heads * t, -1)
+        bias = torch.einsum("nhtc,hc->nht", kh, attn.q_proj.bias.reshape(heads, c)).reshape(n, heads * t, 1)
+        scores_t = torch.baddbmm(bias, absorbed, q_image.transpose(-1, -2)) if q_image.shape[0] == n else (
+            absorbed @ q_image.transpose(-1, -2) + bias)
+    weights = torch.softmax((scores_t / math.sqrt(c)).reshape(n, heads, t, -1), dim=2).reshape(n, heads * t, -1)
+    w_out = attn.out_proj.weight  # (D, H*c)
+    folded = torch.einsum("nhtc,dhc->nhtd", vh, w_out.reshape(w_out.shape[0], heads, c)) + attn.out_proj.bias / heads
+    return torch.baddbmm(residual, weights.transpose(-1, -2), folded.reshape(n, heads * t, -1))
+
+
 def _two_way_block(layer: nn.Module, queries, keys, query_pe, key_pe):
     """SAM's TwoWayAttentionBlock (not the first one) with ``keys + key_pe`` formed once instead of twice."""
     q = queries + query_pe
     queries = layer.norm1(queries + layer.self_attn(q=q, k=q, v=queries))
     q = queries + query_pe
     k = keys + key_pe
-    queries = layer.norm2(queries + layer.cross_attn_token_to_image(q=q, k=k, v=keys))
+    t2i, i2t = layer.cross_attn_token_to_image, layer.cross_attn_image_to_token
+    if _absorb_applies(t2i, queries.shape[1]):
+        queries = layer.norm2(queries + _tokens_attend_image_absorbed(t2i, q, k, keys))
+    else:
+        queries = layer.norm2(queries + t2i(q=q, k=k, v=keys))
     queries = layer.norm3(queries + layer.mlp(queries))
     q = queries + query_pe
-    i2t = layer.cross_attn_image_to_token
-    attn_out = _attend_image_to_tokens(
-        i2t,
-        _heads(i2t.q_proj(k), i2t.num_heads),
-        _heads(i2t.k_proj(q), i2t.num_heads),
-        _heads(i2t.v_proj(queries), i2t.num_heads),
-    )
-    keys = layer.norm4(keys + attn_out)
+    if _absorb_applies(i2t, queries.shape[1]):
+        keys = layer.norm4(_image_attends_tokens_absorbed(i2t, keys, k, q, queries))
+    else:
+        attn_out = _attend_image_to_tokens(
+            i2t,
+            _heads(i2t.q_proj(k), i2t.num_heads),
+            _heads(i2t.k_proj(q), i2t.num_heads),
+            _heads(i2t.v_proj(queries), i2t.num_heads),
+        )
+        keys = layer.norm4(keys + attn_out)
     return queries, keys
 
 
@@ -140,22 +217,34 @@ def _image_side(decoder: nn.Module, image_embeddings: torch.Tensor, image_pe: to
     return cache
 
 
-def _compute_image_side(decoder: nn.Module, src: torch.Tensor, image_pe: torch.Tensor) -> dict:
+def _token_major_pe(decoder: nn.Module, image_pe: torch.Tensor) -> torch.Tensor:
+    """The dense positional encoding in token-major layout, kept on the decoder (it is the same every call)."""
+    if torch.is_grad_enabled() and image_pe.requires_grad:
+        return image_pe.flatten(2).permute(0, 2, 1).contiguous()
+    key = (id(image_pe), image_pe.data_ptr(), image_pe._version, tuple(image_pe.shape), image_pe.dtype, image_pe.device)
+    cached = decoder.__dict__.get("_token_major_pe")
+    if cached is None or cached[0] != key:
+        # the source tensor is kept alive with the entry, so its id/data_ptr cannot be reused by another tensor
+        cached = (key, image_pe.flatten(2).permute(0, 2, 1).contiguous(), image_pe)
+        decoder.__dict__["_token_major_pe"] = cached
+    return cached[1]
+
+
+def _compute_image_side(decoder: nn.Module, src: torch.Tensor, image_pe: torch.Tensor, project: bool = True) -> dict:
+    """Token-major image inputs of the first block; with ``project`` also its image-side projections."""
     first = decoder.transformer.layers[0]
     t2i, i2t = first.cross_attn_token_to_image, first.cross_attn_image_to_token
     b, c, h, w = src.shape
     # token-major and contiguous once per image: every per-click add and projection then streams memory
     keys = src.flatten(2).permute(0, 2, 1).contiguous()
-    key_pe = image_pe.flatten(2).permute(0, 2, 1).contiguous()
+    key_pe = _token_major_pe(decoder, image_pe)
     k = keys + key_pe
-    return {
-        "shape": (b, c, h, w),
-        "keys": keys,
-        "key_pe": key_pe,
-        "t2i_k": _heads(t2i.k_proj(k), t2i.num_heads),
-        "t2i_v": _heads(t2i.v_proj(keys), t2i.num_heads),
-        "i2t_q": _heads(i2t.q_proj(k), i2t.num_heads),
-    }
+    side = {"shape": (b, c, h, w), "keys": keys, "key_pe": key_pe, "k": k}
+    if project:
+        side["t2i_k"] = _heads(t2i.k_proj(k), t2i.num_heads)
+        side["t2i_v"] = _heads(t2i.v_proj(keys), t2i.num_heads)
+        side["i2t_q"] = _heads(i2t.q_proj(k), i2t.num_heads)
+    return side
 
 
 def fast_transformer(
@@ -180,38 +269,51 @@ def fast_transformer(
     if image_embeddings.shape[0] not in (1, n) or dense.shape[0] not in (1, n):
         raise ValueError(f"image_embeddings batch {image_embeddings.shape[0]} / dense batch {dense.shape[0]} "
                          f"does not match {n} prompts")
+    tokens = torch.cat((output_tokens.unsqueeze(0).expand(n, -1, -1), sparse), dim=1)
+    first = transformer.layers[0]
+    t2i, i2t = first.cross_attn_token_to_image, first.cross_attn_image_to_token
     if cache and _dense_is_constant(dense):
         side = _image_side(decoder, image_embeddings, image_pe, dense[:1, :, :1, :1])
-    else:
-        side = _compute_image_side(decoder, image_embeddings + dense, image_pe)
+    else:  # per call: the absorbed forms need no image-side projections
+        side = _compute_image_side(decoder, image_embeddings + dense, image_pe,
+                                   project=not _absorb_applies(t2i, tokens.shape[1]))
 
-    tokens = torch.cat((output_tokens.unsqueeze(0).expand(n, -1, -1), sparse), dim=1)
     query_pe = tokens
     keys, key_pe = side["keys"], side["key_pe"]
 
-    # first block, image side from the cache
-    first = transformer.layers[0]
+    # first block: the image side from the cache, or absorbed
     if first.skip_first_layer_pe:
         queries = first.self_attn(q=tokens, k=tokens, v=tokens)
     else:
         q = tokens + query_pe
         queries = tokens + first.self_attn(q=q, k=q, v=tokens)
     queries = first.norm1(queries)
-    t2i = first.cross_attn_token_to_image
-    q = _heads(t2i.q_proj(queries + query_pe), t2i.num_heads)
-    queries = first.norm2(queries + _attend(t2i, q, side["t2i_k"], side["t2i_v"]))
+    if "t2i_k" in side:
+        q = _heads(t2i.q_proj(queries + query_pe), t2i.num_heads)
+        queries = first.norm2(queries + _attend(t2i, q, side["t2i_k"], side["t2i_v"]))
+    else:
+        queries = first.norm2(queries + _tokens_attend_image_absorbed(t2i, queries + query_pe, side["k"], keys))
     queries = first.norm3(queries + first.mlp(queries))
-    i2t = first.cross_attn_image_to_token
     token_side = queries + query_pe
-    k = _heads(i2t.k_proj(token_side), i2t.num_heads)
-    v = _heads(i2t.v_proj(queries), i2t.num_heads)
-    keys = first.norm4(keys + _attend_image_to_tokens(i2t, side["i2t_q"], k, v))  # broadcasts to (n, HW, C)
+    if "i2t_q" not in side:
+        keys = _image_attends_tokens_absorbed(i2t, keys, side["k"], token_side, queries)
+    elif _absorb_applies(i2t, queries.shape[1]):
+        keys = _image_attends_tokens_absorbed(i2t, keys, None, token_side, queries, q_projected=side["i2t_q"])
+    else:
+        k = _heads(i2t.k_proj(token_side), i2t.num_heads)
+        v = _heads(i2t.v_proj(queries), i2t.num_heads)
+        keys = keys + _attend_image_to_tokens(i2t, side["i2t_q"], k, v)
+    keys = first.norm4(keys)  # (n, HW, C): the image side broadcast over the prompts
 
     for layer in transformer.layers[1:]:
         queries, keys = _two_way_block(layer, queries, keys, query_pe, key_pe)
     q = queries + query_pe
     k = keys + key_pe
-    queries = transformer.norm_final_attn(queries + transformer.final_attn_token_to_image(q=q, k=k, v=keys))
+    final = transformer.final_attn_token_to_image
+    if _absorb_applies(final, queries.shape[1]):
+        queries = transformer.norm_final_attn(queries + _tokens_attend_image_absorbed(final, q, k, keys))
+    else:
+        queries = transformer.norm_final_attn(queries + final(q=q, k=k, v=keys))
     if keys.shape[0] != n:
         keys = keys.expand(n, -1, -1)
     return queries, keys, side["shape"]

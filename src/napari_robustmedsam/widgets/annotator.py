@@ -462,7 +462,8 @@ class AnnotatorWidget(QWidget):
         if np.array_equal(target, source):
             return
         np.copyto(target, source, casting="unsafe")
-        self.current_layer.refresh(thumbnail=False)
+        # same shape and dtype: the extent (and with it the viewer's dims) cannot have changed
+        self.current_layer.refresh(thumbnail=False, extent=False, highlight=False)
         self._thumbnail_timer.start()
 
     def _update_current_thumbnail(self) -> None:
