@@ -256,7 +256,7 @@ def fast_transformer(
     output_tokens: torch.Tensor,
     cache: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor, tuple[int, int, int, int]]:
-    """SAM's two-way transformer for N prompt sets: (token outputs (N, T, C), image side (N, HW, C), shape).
+    """SAM's two-way transformer for N prompt sets: (output tokens (N, T_out, C), image side (N, HW, C), shape).
 
     ``dense``: the dense prompt embedding. Without a mask prompt it is the no-mask embedding broadcast over
     the grid, and the image side of the first block is cached per image; with a mask prompt (corrective
@@ -307,6 +307,10 @@ def fast_transformer(
 
     for layer in transformer.layers[1:]:
         queries, keys = _two_way_block(layer, queries, keys, query_pe, key_pe)
+    # the final attention updates each token on its own: only the output tokens are read afterwards (the
+    # prompt tokens' outputs are discarded by every decoder), so only they are computed
+    n_out = output_tokens.shape[0]
+    queries, query_pe = queries[:, :n_out], query_pe[:, :n_out]
     q = queries + query_pe
     k = keys + key_pe
     final = transformer.final_attn_token_to_image
