@@ -451,3 +451,17 @@ def test_fast_transformer_in_training_matches_sams_values_and_gradients(lite):
         for a, b in zip(grads, ref_grads):
             torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-3)
     dec.zero_grad(set_to_none=True)
+
+
+def test_folded_robust_mask_equals_the_robust_features_path(vitb):
+    """At inference the robust mask is computed with the mask combination folded into the last AMFG
+    convolution; it equals the explicit path (robust features, then the weighted sum) that training uses."""
+    ours = vitb["ours"]
+    sparse, dense = vitb["sparse"][:3], vitb["dense"][:3]
+    for multimask in (False, True):
+        with torch.no_grad():
+            folded = ours(vitb["emb"], vitb["pe"], sparse, dense, multimask, image_features=vitb["features"])
+        with torch.enable_grad():  # autograd on: the explicit path
+            explicit = ours(vitb["emb"], vitb["pe"], sparse, dense, multimask, image_features=vitb["features"])
+        for a, b in zip(folded, explicit):
+            torch.testing.assert_close(a, b.detach(), atol=2e-4, rtol=1e-4)

@@ -329,6 +329,26 @@ class RobustMaskDecoder(MaskDecoder):
         b, c, h, w = upscaled.shape
         return (weights @ upscaled.reshape(b, c, h * w)).reshape(b, -1, h, w)
 
+    def _robust_mask_folded(self, upscaled: Tensor, img: Tensor, weights: Tensor) -> Tensor:
+        """``weights . R`` without forming the 32-channel robust features R (inference).
+
+        The mask AMFG ends in a 3x3 convolution (64 -> 32 channels at 256 x 256) and the robust mask is a linear
+        combination of its output channels, so the combination is folded into that convolution: one output
+        channel per prompt (a grouped convolution over the prompts) instead of 32. Same values up to float
+        rounding; it removes about a third of the per-click convolution work.
+        """
+        amfg = self.fourier_mask_features
+        head = amfg.head
+        last = head[-1]
+        z = head[:-1](amfg.refine(upscaled))  # (n, 64, H, W)
+        n, cz, h, w = z.shape
+        kernel = torch.einsum("nc,cikl->nikl", weights, last.weight)  # (n, 64, 3, 3): one output channel each
+        bias = weights @ last.bias if last.bias is not None else None
+        mask = F.conv2d(z.reshape(1, n * cz, h, w), kernel, bias, stride=last.stride, padding=last.padding,
+                        dilation=last.dilation, groups=n).reshape(n, 1, h, w)
+        rest = img + upscaled if self.residual else img
+        return mask + torch.einsum("nc,nchw->nhw", weights, rest).unsqueeze(1)
+
     def _resolve_image_features(
         self,
         image_embeddings: Tensor,
@@ -384,14 +404,16 @@ class RobustMaskDecoder(MaskDecoder):
         n = mask_tokens.shape[0]
         img = self._resolve_image_features(image_embeddings, image_features, early_features)
         img = _match_batch(img.to(device=upscaled.device, dtype=upscaled.dtype), n, "image_features")
-        robust_features = self.fourier_mask_features(upscaled, refine=True) + img
-        if self.residual:
-            robust_features = robust_features + upscaled
-
         refined = self.custom_token_block(mask_tokens[:, 0, :])
         weights = self.robust_mlp(refined).unsqueeze(1)  # (n, 1, c)
-        b, c, h, w = robust_features.shape
-        robust_mask = (weights @ robust_features.reshape(b, c, h * w)).reshape(b, 1, h, w)
+        b, c, h, w = upscaled.shape
+        if aux or torch.is_grad_enabled():
+            robust_features = self.fourier_mask_features(upscaled, refine=True) + img
+            if self.residual:
+                robust_features = robust_features + upscaled
+            robust_mask = (weights @ robust_features.reshape(b, c, h * w)).reshape(b, 1, h, w)
+        else:
+            robust_mask = self._robust_mask_folded(upscaled, img, weights[:, 0])
         iou = self.iou_prediction_head(iou_token)
         if multimask_output:
             others = list(range(2, self.num_mask_tokens))
