@@ -172,6 +172,8 @@ class PromptableSegmenter(nn.Module):
             if prompts is None:
                 raise ValueError("this model has a prompt-guided feature enhancer: decode() needs prompts=(points, boxes)")
             embeddings = self.enhance(features, prompts[0], prompts[1], dense)
+            # enhanced embeddings are new on every click: caching their image side would only cost
+            return self.decode_embeddings(embeddings, features, sparse, dense, multimask_output, per_image_cache=False)
         return self.decode_embeddings(embeddings, features, sparse, dense, multimask_output)
 
     def decode_embeddings(
@@ -181,10 +183,12 @@ class PromptableSegmenter(nn.Module):
         sparse: torch.Tensor,
         dense: torch.Tensor,
         multimask_output: bool,
+        per_image_cache: bool = True,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """The mask decoder on given image embeddings: (1, C, g, g) shared by the N prompt sets, or (N, C, g, g)
         one per prompt set (the feature enhancer's output). ``features`` supplies a robust decoder's cached
-        image-level features."""
+        image-level features. ``per_image_cache=False``: the embeddings are new on every call (enhanced), so
+        the fast decoder computes their image side for this call only."""
         n = sparse.shape[0]
         per_prompt = embeddings.shape[0] > 1 and embeddings.shape[0] == n
         kwargs = dict(
@@ -202,7 +206,7 @@ class PromptableSegmenter(nn.Module):
         if fast_plain_decoder_applies(self.mask_decoder, dense) and (per_prompt or not torch.is_grad_enabled()):
             # per-prompt embeddings change on every call: no per-image cache (and gradients may flow)
             return fast_plain_decode(self, embeddings, kwargs["image_pe"], sparse, dense, multimask_output,
-                                     cache=not per_prompt and not torch.is_grad_enabled())
+                                     cache=per_image_cache and not per_prompt and not torch.is_grad_enabled())
         if per_prompt:  # SAM's decoder repeats its image batch per prompt: one prompt set at a time
             outs = [self.mask_decoder(embeddings[i : i + 1], kwargs["image_pe"], sparse[i : i + 1],
                                       dense[i : i + 1] if dense.shape[0] == n else dense, multimask_output)
