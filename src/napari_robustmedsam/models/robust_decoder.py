@@ -407,7 +407,8 @@ class RobustMaskDecoder(MaskDecoder):
         refined = self.custom_token_block(mask_tokens[:, 0, :])
         weights = self.robust_mlp(refined).unsqueeze(1)  # (n, 1, c)
         b, c, h, w = upscaled.shape
-        if aux or torch.is_grad_enabled():
+        # the folded form needs RobustSAM's mask AMFG itself (training may swap in a stand-in module)
+        if aux or torch.is_grad_enabled() or type(self.fourier_mask_features) is not MaskFeatureAMFG:
             robust_features = self.fourier_mask_features(upscaled, refine=True) + img
             if self.residual:
                 robust_features = robust_features + upscaled
