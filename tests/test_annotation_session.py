@@ -144,3 +144,27 @@ def test_save_refuses_bad_formats_without_writing(tmp_path):
     with pytest.raises(UserFacingError):
         save_session(tmp_path / "x.jpg", labels[0], [])
     assert list(tmp_path.iterdir()) == []
+
+
+def test_an_empty_mask_comes_with_a_hint_that_says_what_to_try():
+    """A prompt that segments nothing (e.g. a box around a thin vessel tree at 256 px) explains itself."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from napari_robustmedsam.annotation.interactive import segment_slice
+
+    def predictor_returning(mask):
+        def predict(**kwargs):
+            return SimpleNamespace(masks=mask[None], scores=np.array([-0.1]),
+                                   low_res_logits=torch.zeros(1, 1, 256, 256))
+        return SimpleNamespace(predict=predict)
+
+    frame = SimpleNamespace(original_size=(64, 64), model_size=256)
+    embedding = SimpleNamespace(frame=frame)
+    prompts = SlicePrompts(np.zeros((0, 2)), np.zeros(0), np.array([5.0, 5, 60, 60]))
+    empty = segment_slice(predictor_returning(np.zeros((64, 64), bool)), embedding, prompts, model_name="robust-lite")
+    assert "robust-lite segmented no pixel" in empty.hint and "256 px" in empty.hint and "-0.10" in empty.hint
+    found = np.zeros((64, 64), bool)
+    found[10:20, 10:20] = True
+    assert segment_slice(predictor_returning(found), embedding, prompts).hint == ""

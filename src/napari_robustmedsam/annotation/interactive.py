@@ -22,6 +22,16 @@ BOX_PRIMARY_HINT = (
 )
 
 
+# Seen with the fine-tuned robust-lite decoder on retinal vessels: a box around the whole vessel tree gives an
+# empty mask (LiteMedSAM gives a blob), because 1-2 px vessels vanish at the 256 px input. Say so instead of
+# leaving the user with nothing.
+EMPTY_MASK_HINT = (
+    "{name} segmented no pixel for these prompts (predicted IoU {score:.2f}). Objects thinner or smaller than "
+    "a few pixels at the model's {size} px input often come out empty: add positive points on the object, "
+    "draw a tighter box around part of it, or try a model with a larger input (MedSAM, SAM: 1024 px)."
+)
+
+
 @dataclass
 class SliceResult:
     mask: np.ndarray  # (H, W) bool
@@ -109,8 +119,12 @@ def segment_slice(
         mask_input=previous_logits if use_logits else None,
         embedding=embedding,
     )
+    mask = prediction.masks[0]
+    if not mask.any() and not hint:
+        hint = EMPTY_MASK_HINT.format(name=model_name, score=float(prediction.scores[0]),
+                                      size=getattr(getattr(embedding, "frame", embedding), "model_size", "its"))
     return SliceResult(
-        mask=prediction.masks[0],
+        mask=mask,
         logits=prediction.low_res_logits[:1],
         score=float(prediction.scores[0]),
         used_previous_logits=use_logits,
