@@ -168,3 +168,16 @@ def test_an_empty_mask_comes_with_a_hint_that_says_what_to_try():
     found = np.zeros((64, 64), bool)
     found[10:20, 10:20] = True
     assert segment_slice(predictor_returning(found), embedding, prompts).hint == ""
+
+
+def test_display_name_says_what_a_fine_tuned_checkpoint_was_trained_from():
+    from types import SimpleNamespace
+
+    from napari_robustmedsam.annotation.model_info import display_name
+
+    assert display_name(SimpleNamespace(name="litemedsam")) == "LiteMedSAM"
+    tuned = SimpleNamespace(name="best.pth", metadata={
+        "provenance": {"base_model": {"name": "litemedsam_robust"}}, "extra": {"training": {"kind": "best"}}})
+    assert display_name(tuned) == "best.pth (fine-tuned from LiteMedSAM + robust decoder)"
+    fused = SimpleNamespace(name="fused.pth", metadata={"provenance": {"base_model": {"name": "x"}}, "extra": {}})
+    assert display_name(fused) == "fused.pth"  # not trained by this project: the file name alone

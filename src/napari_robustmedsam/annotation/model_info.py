@@ -14,11 +14,24 @@ _ARCH_NAMES = {
 }
 
 
+_PRETTY = {"litemedsam": "LiteMedSAM", "litemedsam_robust": "LiteMedSAM + robust decoder",
+           "medsam_vit_b": "MedSAM", "sam_vit_b": "SAM ViT-B", "robustsam_vit_b": "RobustSAM",
+           "robustmedsam_vit_b": "RobustMedSAM"}
+
+
 def display_name(loaded: Any) -> str:
+    """Registry models by their usual name; a fine-tuned checkpoint file by its file name and what it was
+    trained from (``best.pth (fine-tuned from LiteMedSAM + robust decoder)``), so that messages say which
+    model spoke."""
     name = str(getattr(loaded, "name", "model"))
-    pretty = {"litemedsam": "LiteMedSAM", "medsam_vit_b": "MedSAM", "sam_vit_b": "SAM ViT-B",
-              "robustsam_vit_b": "RobustSAM", "robustmedsam_vit_b": "RobustMedSAM"}
-    return pretty.get(name, name)
+    if name in _PRETTY:
+        return _PRETTY[name]
+    metadata = getattr(loaded, "metadata", None) or {}
+    base = ((metadata.get("provenance") or {}).get("base_model") or {}).get("name")
+    trained = isinstance(metadata.get("extra"), dict) and "training" in metadata["extra"]
+    if trained and base:
+        return f"{name} (fine-tuned from {_PRETTY.get(str(base), str(base))})"
+    return name
 
 
 def prompt_advice(loaded: Any) -> str:
