@@ -160,29 +160,40 @@ def _image_attends_tokens_absorbed(
     return torch.baddbmm(residual, weights.transpose(-1, -2), folded.reshape(n, heads * t, -1))
 
 
+def _tokens_attend_image(attn: nn.Module, q: torch.Tensor, k_image: torch.Tensor, v_image: torch.Tensor) -> torch.Tensor:
+    """``attn(q=q, k=k_image, v=v_image)``: absorbed when that is cheaper, SAM's module otherwise."""
+    if _absorb_applies(attn, q.shape[1]):
+        return _tokens_attend_image_absorbed(attn, q, k_image, v_image)
+    return attn(q=q, k=k_image, v=v_image)
+
+
+def _image_attends_tokens(
+    attn: nn.Module,
+    residual: torch.Tensor,
+    q_image: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    q_projected: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``residual + attn(q=q_image, k=k, v=v)``: absorbed when that is cheaper, else projected (the image queries
+    from ``q_projected`` when the per-image cache has them)."""
+    if _absorb_applies(attn, k.shape[1]):
+        return _image_attends_tokens_absorbed(attn, residual, q_image, k, v, q_projected=q_projected)
+    q = q_projected if q_projected is not None else _heads(attn.q_proj(q_image), attn.num_heads)
+    return residual + _attend_image_to_tokens(
+        attn, q, _heads(attn.k_proj(k), attn.num_heads), _heads(attn.v_proj(v), attn.num_heads))
+
+
 def _two_way_block(layer: nn.Module, queries, keys, query_pe, key_pe):
     """SAM's TwoWayAttentionBlock (not the first one) with ``keys + key_pe`` formed once instead of twice."""
     q = queries + query_pe
     queries = layer.norm1(queries + layer.self_attn(q=q, k=q, v=queries))
     q = queries + query_pe
     k = keys + key_pe
-    t2i, i2t = layer.cross_attn_token_to_image, layer.cross_attn_image_to_token
-    if _absorb_applies(t2i, queries.shape[1]):
-        queries = layer.norm2(queries + _tokens_attend_image_absorbed(t2i, q, k, keys))
-    else:
-        queries = layer.norm2(queries + t2i(q=q, k=k, v=keys))
+    queries = layer.norm2(queries + _tokens_attend_image(layer.cross_attn_token_to_image, q, k, keys))
     queries = layer.norm3(queries + layer.mlp(queries))
     q = queries + query_pe
-    if _absorb_applies(i2t, queries.shape[1]):
-        keys = layer.norm4(_image_attends_tokens_absorbed(i2t, keys, k, q, queries))
-    else:
-        attn_out = _attend_image_to_tokens(
-            i2t,
-            _heads(i2t.q_proj(k), i2t.num_heads),
-            _heads(i2t.k_proj(q), i2t.num_heads),
-            _heads(i2t.v_proj(queries), i2t.num_heads),
-        )
-        keys = layer.norm4(keys + attn_out)
+    keys = layer.norm4(_image_attends_tokens(layer.cross_attn_image_to_token, keys, k, q, queries))
     return queries, keys
 
 
@@ -292,18 +303,11 @@ def fast_transformer(
         q = _heads(t2i.q_proj(queries + query_pe), t2i.num_heads)
         queries = first.norm2(queries + _attend(t2i, q, side["t2i_k"], side["t2i_v"]))
     else:
-        queries = first.norm2(queries + _tokens_attend_image_absorbed(t2i, queries + query_pe, side["k"], keys))
+        queries = first.norm2(queries + _tokens_attend_image(t2i, queries + query_pe, side["k"], keys))
     queries = first.norm3(queries + first.mlp(queries))
-    token_side = queries + query_pe
-    if "i2t_q" not in side:
-        keys = _image_attends_tokens_absorbed(i2t, keys, side["k"], token_side, queries)
-    elif _absorb_applies(i2t, queries.shape[1]):
-        keys = _image_attends_tokens_absorbed(i2t, keys, None, token_side, queries, q_projected=side["i2t_q"])
-    else:
-        k = _heads(i2t.k_proj(token_side), i2t.num_heads)
-        v = _heads(i2t.v_proj(queries), i2t.num_heads)
-        keys = keys + _attend_image_to_tokens(i2t, side["i2t_q"], k, v)
-    keys = first.norm4(keys)  # (n, HW, C): the image side broadcast over the prompts
+    # (n, HW, C): the image side broadcast over the prompts
+    keys = first.norm4(_image_attends_tokens(i2t, keys, side["k"], queries + query_pe, queries,
+                                             q_projected=side.get("i2t_q")))
 
     for layer in transformer.layers[1:]:
         queries, keys = _two_way_block(layer, queries, keys, query_pe, key_pe)
@@ -313,11 +317,7 @@ def fast_transformer(
     queries, query_pe = queries[:, :n_out], query_pe[:, :n_out]
     q = queries + query_pe
     k = keys + key_pe
-    final = transformer.final_attn_token_to_image
-    if _absorb_applies(final, queries.shape[1]):
-        queries = transformer.norm_final_attn(queries + _tokens_attend_image_absorbed(final, q, k, keys))
-    else:
-        queries = transformer.norm_final_attn(queries + final(q=q, k=k, v=keys))
+    queries = transformer.norm_final_attn(queries + _tokens_attend_image(transformer.final_attn_token_to_image, q, k, keys))
     if keys.shape[0] != n:
         keys = keys.expand(n, -1, -1)
     return queries, keys, side["shape"]
