@@ -27,7 +27,7 @@ BOX_PRIMARY_HINT = (
 # leaving the user with nothing.
 EMPTY_MASK_HINT = (
     "{name} segmented no pixel for these prompts (predicted IoU {score:.2f}). Objects thinner or smaller than "
-    "a few pixels at the model's {size} px input often come out empty: add positive points on the object, "
+    "a few pixels at the model's {size} often come out empty: add positive points on the object, "
     "draw a tighter box around part of it, or try a model with a larger input (MedSAM, SAM: 1024 px)."
 )
 
@@ -64,6 +64,15 @@ def clip_points(points: np.ndarray, plane: tuple[int, int]) -> np.ndarray:
     p[:, 0] = np.clip(p[:, 0], 0, w - 1)
     p[:, 1] = np.clip(p[:, 1], 0, h - 1)
     return p
+
+
+def _input_size_text(embedding) -> str:
+    """``"256 px input"`` from an ImageEmbedding's frame (or a TiledEmbedding's first tile), else ``"input size"``."""
+    frame = getattr(embedding, "frame", None)
+    if frame is None and getattr(embedding, "embeddings", None):
+        frame = getattr(embedding.embeddings[0], "frame", None)
+    size = getattr(frame, "model_size", None)
+    return f"{size} px input" if size else "input size"
 
 
 def segment_slice(
@@ -122,7 +131,7 @@ def segment_slice(
     mask = prediction.masks[0]
     if not mask.any() and not hint:
         hint = EMPTY_MASK_HINT.format(name=model_name, score=float(prediction.scores[0]),
-                                      size=getattr(getattr(embedding, "frame", embedding), "model_size", "its"))
+                                      size=_input_size_text(embedding))
     return SliceResult(
         mask=mask,
         logits=prediction.low_res_logits[:1],
