@@ -270,6 +270,62 @@ def test_fast_plain_decoder_equals_sams_mask_decoder(tiny):
     assert out[0].requires_grad
 
 
+def test_prepared_mask_prompt_gives_the_same_masks_and_skips_the_per_click_image_side(monkeypatch):
+    """Between clicks the annotator prepares the next corrective click's mask prompt (previous logits):
+    the click then starts from the prepared image side, with SAM's result; another or a changed mask tensor
+    is never served the prepared entry."""
+    from napari_robustmedsam.engine.predictor import Predictor
+    from napari_robustmedsam.models import fast_plain_decoder as fpd
+
+    model = tiny_segmenter()
+    predictor = Predictor(model, "litemedsam")
+    rng = np.random.default_rng(0)
+    emb = predictor.compute_embedding((rng.random((200, 300)) * 255).astype(np.uint8))
+    box = np.array([40.0, 30, 180, 150])
+    points, labels = np.array([[100.0, 90], [60, 40]]), [1, 0]
+    logits = predictor.predict(boxes=box, embedding=emb).low_res_logits
+
+    def reference(mask):
+        pe = model.prompt_encoder
+        point_arg = (torch.as_tensor(emb.frame.points_to_model(points[None]), dtype=torch.float32),
+                     torch.tensor([labels]))
+        box_arg = torch.as_tensor(emb.frame.boxes_to_model(box[None]), dtype=torch.float32)
+        with torch.no_grad():
+            sparse, dense = pe(points=point_arg, boxes=box_arg, masks=mask)
+            return model.mask_decoder(emb.features["image_embeddings"], pe.get_dense_pe(), sparse, dense, False)[0]
+
+    calls = []
+    real = fpd._compute_image_side
+    monkeypatch.setattr(fpd, "_compute_image_side", lambda *a, **k: calls.append(1) or real(*a, **k))
+    predictor.prepare_mask_prompt(logits, embedding=emb)
+    assert len(calls) == 1
+    predictor.prepare_mask_prompt(logits, embedding=emb)  # already prepared: nothing recomputed
+    assert len(calls) == 1
+    got = predictor.predict(boxes=box, points=points, point_labels=labels, mask_input=logits, embedding=emb)
+    assert len(calls) == 1  # the click used the prepared image side
+    torch.testing.assert_close(got.low_res_logits, reference(logits), atol=1e-4, rtol=1e-4)
+
+    other = logits.clone() * 0.5  # another mask tensor: computed for the call, not served the prepared entry
+    got = predictor.predict(boxes=box, points=points, point_labels=labels, mask_input=other, embedding=emb)
+    assert len(calls) == 2
+    torch.testing.assert_close(got.low_res_logits, reference(other), atol=1e-4, rtol=1e-4)
+
+    with torch.no_grad():
+        logits.mul_(-1.0)  # changed in place after it was prepared: the version counter tells
+    got = predictor.predict(boxes=box, points=points, point_labels=labels, mask_input=logits, embedding=emb)
+    assert len(calls) == 3
+    torch.testing.assert_close(got.low_res_logits, reference(logits), atol=1e-4, rtol=1e-4)
+
+    emb2 = predictor.compute_embedding((rng.random((200, 300)) * 255).astype(np.uint8))
+    predictor.prepare_mask_prompt(other, embedding=emb)
+    got = predictor.predict(boxes=box, points=points, point_labels=labels, mask_input=other, embedding=emb2)
+    assert len(calls) == 5  # prepared for another image: not used
+    with torch.inference_mode():  # inference tensors have no version counter: never prepared or served
+        frozen = logits.clone()
+    predictor.prepare_mask_prompt(frozen, embedding=emb)
+    assert len(calls) == 5
+
+
 def test_dense_pe_is_cached_and_follows_the_buffer(tiny):
     first = tiny.dense_pe()
     assert tiny.dense_pe() is first

@@ -277,6 +277,27 @@ def test_live_click_decodes_on_the_gui_thread_and_updates_the_layer_in_place(plu
     assert annotator.current_layer.data is data  # in place, same array
     np.testing.assert_array_equal(np.asarray(data).astype(bool), annotator.session.current)
     assert dice(annotator.session.current, organ) > 0.8
+    # small changes go through napari's partial labels update, whose undo step is dropped again (the
+    # session owns undo): Ctrl-Z on the display layer cannot bring back a stale mask
+    assert len(annotator.current_layer._undo_history) == 0
+
+    # in the pause after the click the next corrective click's mask prompt is prepared: that click starts
+    # from it (no image side of its own) and the layer still shows the session's mask
+    from napari_robustmedsam.models import fast_plain_decoder as fpd
+
+    model, z = annotator.state.loaded.model, annotator.current_z()
+    qtbot.waitUntil(lambda: model.__dict__.get("_prepared_mask", (None,) * 3)[2] is annotator.session.current_logits[z],
+                    timeout=10_000)
+    calls = []
+    real = fpd._compute_image_side
+    fpd._compute_image_side = lambda *a, **k: calls.append(1) or real(*a, **k)
+    try:
+        annotator.add_point(float(xs[len(xs) // 3]), float(ys[len(ys) // 3]), positive=True)
+    finally:
+        fpd._compute_image_side = real
+    assert len(seen) == 2 and "refined with the previous mask" in annotator.status.text()
+    assert calls == []
+    np.testing.assert_array_equal(np.asarray(data).astype(bool), annotator.session.current)
 
 
 def test_bad_model_file_and_unsupported_layer_show_visible_errors(plugin, qtbot, tmp_path, litemedsam):

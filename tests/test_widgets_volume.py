@@ -67,6 +67,7 @@ def test_propagation_on_brain_mri_reaches_measured_floor(make_napari_viewer, qtb
     wait_idle(qtbot)
     seed_dice = dice(annotator.session.current[SEED_SLICE], truth[SEED_SLICE])
     assert annotator.session.user_slices() == [SEED_SLICE]
+    np.testing.assert_array_equal(np.asarray(annotator.current_layer.data) > 0, annotator.session.current)
 
     # propagate through the volume (worker, progress bar, cancel button)
     with qtbot.waitSignal(annotator.propagated, timeout=300_000) as blocker:

@@ -74,6 +74,9 @@ class EnginePredictor:
     def predict(self, *args, **kwargs):
         return self.engine.tiled_predictor.predict(*args, **kwargs)
 
+    def prepare_mask_prompt(self, mask_input, embedding=None) -> None:
+        self.engine.tiled_predictor.prepare_mask_prompt(mask_input, embedding=embedding)
+
 
 def make_engine(loaded: Any, cache_dir: str | None = None):
     """The project's disk-cached embedding engine for a loaded model, or None when it cannot be built."""

@@ -168,6 +168,12 @@ class TiledPredictor:
             self.predictor.set_embedding(embedding)
             self.embedding = self.predictor.embedding
 
+    def prepare_mask_prompt(self, mask_input, embedding=None) -> None:
+        """:meth:`Predictor.prepare_mask_prompt` for a plain embedding; tiled ones are not prepared."""
+        emb = embedding if embedding is not None else self.embedding
+        if not isinstance(emb, TiledEmbedding):
+            self.predictor.prepare_mask_prompt(mask_input, embedding=emb)
+
     def predict(
         self,
         points=None,

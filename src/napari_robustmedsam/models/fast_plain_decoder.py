@@ -39,7 +39,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from .segmenter import PromptableSegmenter
 
 def fast_transformer_applies(decoder: nn.Module, dense: torch.Tensor) -> bool:
-    """SAM's TwoWayTransformer of plain Attention blocks, and no mask prompt (``dense`` constant over the grid)."""
+    """SAM's TwoWayTransformer of plain Attention blocks, and a (B, C, h, w) dense prompt embedding."""
     from segment_anything.modeling.transformer import Attention, TwoWayAttentionBlock, TwoWayTransformer
 
     if type(getattr(decoder, "transformer", None)) is not TwoWayTransformer:
@@ -199,13 +199,7 @@ def _two_way_block(layer: nn.Module, queries, keys, query_pe, key_pe):
 
 def _image_side(decoder: nn.Module, image_embeddings: torch.Tensor, image_pe: torch.Tensor, dense_row: torch.Tensor) -> dict:
     """Image-only inputs of the first block, cached on the decoder (last image kept)."""
-    first = decoder.transformer.layers[0]
-    t2i, i2t = first.cross_attn_token_to_image, first.cross_attn_image_to_token
-    weights = tuple(
-        (id(t), t._version, t.data_ptr())
-        for m in (t2i.k_proj, t2i.v_proj, i2t.q_proj)
-        for t in (m.weight, m.bias)
-    )
+    weights = _first_block_weights_key(decoder)
     key = (
         id(image_embeddings),
         image_embeddings.data_ptr(),
@@ -226,6 +220,56 @@ def _image_side(decoder: nn.Module, image_embeddings: torch.Tensor, image_pe: to
     cache["_embedding"] = image_embeddings
     decoder.__dict__["_image_side_cache"] = cache
     return cache
+
+
+def _tensor_key(t: torch.Tensor) -> tuple | None:
+    """Identity of a tensor's current values: storage position, layout and in-place version (the cache entry
+    keeps the tensor alive, so its memory cannot be handed to another tensor while the key is in use).
+    None for an inference-mode tensor, which has no version counter: never cached."""
+    if t.is_inference():
+        return None
+    return (t.data_ptr(), t._version, tuple(t.shape), t.stride(), t.dtype, t.device)
+
+
+def _mask_side_key(decoder: nn.Module, image_embeddings, image_pe, dense) -> tuple | None:
+    keys = (_tensor_key(image_embeddings), _tensor_key(dense), _tensor_key(image_pe))
+    return None if None in keys else keys + (_first_block_weights_key(decoder),)
+
+
+def _first_block_weights_key(decoder: nn.Module) -> tuple:
+    first = decoder.transformer.layers[0]
+    t2i, i2t = first.cross_attn_token_to_image, first.cross_attn_image_to_token
+    return tuple((id(t), t._version, t.data_ptr()) for m in (t2i.k_proj, t2i.v_proj, i2t.q_proj) for t in (m.weight, m.bias))
+
+
+def prepare_mask_side(decoder: nn.Module, image_embeddings: torch.Tensor, image_pe: torch.Tensor, dense: torch.Tensor) -> None:
+    """Compute the first block's image side for a mask prompt ahead of the click that will use it.
+
+    A corrective click feeds the previous logits back as a mask prompt, so its image side (embedding + the
+    mask's dense embedding, and the first block's projections of it) is known as soon as the previous mask
+    is. The annotator calls this between clicks; the next :func:`fast_transformer` call with the same
+    embedding and the same ``dense`` tensor then starts from it, as a box click starts from the per-image
+    cache. One entry (the latest mask) is kept, beside the per-image one.
+    """
+    if not fast_transformer_applies(decoder, dense) or dense.shape[0] != 1 or image_embeddings.shape[0] != 1:
+        return
+    key = _mask_side_key(decoder, image_embeddings, image_pe, dense)
+    cached = decoder.__dict__.get("_mask_side_cache")
+    if key is None or (cached is not None and cached["key"] == key):
+        return
+    with torch.no_grad():
+        side = _compute_image_side(decoder, image_embeddings + dense, image_pe)
+    side["key"] = key
+    side["_alive"] = (image_embeddings, dense, image_pe)
+    decoder.__dict__["_mask_side_cache"] = side
+
+
+def _prepared_mask_side(decoder: nn.Module, image_embeddings: torch.Tensor, image_pe: torch.Tensor, dense: torch.Tensor):
+    cached = decoder.__dict__.get("_mask_side_cache")
+    if cached is None or dense.shape[0] != 1 or image_embeddings.shape[0] != 1:
+        return None
+    key = _mask_side_key(decoder, image_embeddings, image_pe, dense)
+    return cached if key is not None and cached["key"] == key else None
 
 
 def _token_major_pe(decoder: nn.Module, image_pe: torch.Tensor) -> torch.Tensor:
@@ -285,6 +329,8 @@ def fast_transformer(
     t2i, i2t = first.cross_attn_token_to_image, first.cross_attn_image_to_token
     if cache and _dense_is_constant(dense):
         side = _image_side(decoder, image_embeddings, image_pe, dense[:1, :, :1, :1])
+    elif cache and (prepared := _prepared_mask_side(decoder, image_embeddings, image_pe, dense)) is not None:
+        side = prepared  # a mask prompt prepared between clicks (prepare_mask_side)
     else:  # per call: the absorbed forms need no image-side projections
         side = _compute_image_side(decoder, image_embeddings + dense, image_pe,
                                    project=not _absorb_applies(t2i, tokens.shape[1]))

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .fast_plain_decoder import fast_plain_decode, fast_plain_decoder_applies
+from .fast_plain_decoder import fast_plain_decode, fast_plain_decoder_applies, prepare_mask_side
 
 
 @dataclass(frozen=True)
@@ -125,8 +125,53 @@ class PromptableSegmenter(nn.Module):
         boxes: torch.Tensor | None,
         masks: torch.Tensor | None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Prompts already in the model's input frame -> (sparse, dense) prompt embeddings."""
+        """Prompts already in the model's input frame -> (sparse, dense) prompt embeddings.
+
+        A mask prepared by :meth:`prepare_mask_prompt` reuses its dense embedding (the same tensor, which the
+        fast decoder recognises), when points or a box fix the batch size.
+        """
+        prepared = self._prepared_dense(masks)
+        if prepared is not None and (points is not None or boxes is not None):
+            sparse, _ = self.prompt_encoder(points=points, boxes=boxes, masks=None)
+            if sparse.shape[0] == 1:
+                return sparse, prepared
         return self.prompt_encoder(points=points, boxes=boxes, masks=masks)
+
+    def _mask_key(self, masks: torch.Tensor) -> tuple | None:
+        from .fast_plain_decoder import _tensor_key
+
+        key = _tensor_key(masks)
+        if key is None:
+            return None
+        return (key,) + tuple((id(p), p._version) for p in self.prompt_encoder.mask_downscaling.parameters())
+
+    def _prepared_dense(self, masks: torch.Tensor | None) -> torch.Tensor | None:
+        cached = self.__dict__.get("_prepared_mask")
+        if masks is None or cached is None or torch.is_grad_enabled() or masks.shape[0] != 1:
+            return None
+        key = self._mask_key(masks)
+        return cached[1] if key is not None and cached[0] == key else None
+
+    @torch.no_grad()
+    def prepare_mask_prompt(self, features: dict[str, torch.Tensor], masks: torch.Tensor) -> None:
+        """Do a corrective click's mask-prompt work before the click: the mask's dense embedding and, for the
+        fast plain decoder, the first attention block's image side for it.
+
+        ``masks``: the previous low-resolution logits (1, 1, 256, 256) in the model's device/dtype, the very
+        tensor the next :meth:`embed_prompts` will get. Why: an annotator knows the next mask prompt as soon as
+        a mask is shown, and the user's pause before the next click is idle time. One mask is kept (the latest).
+        """
+        if masks.dim() != 4 or masks.shape[0] != 1 or not hasattr(self.prompt_encoder, "_embed_masks"):
+            return
+        key = self._mask_key(masks)
+        if key is None:
+            return
+        dense = self._prepared_dense(masks)
+        if dense is None:
+            dense = self.prompt_encoder._embed_masks(masks)
+            self.__dict__["_prepared_mask"] = (key, dense, masks)  # keeps ``masks`` alive
+        if self.feature_enhancer is None and fast_plain_decoder_applies(self.mask_decoder, dense):
+            prepare_mask_side(self.mask_decoder, features["image_embeddings"], self.dense_pe(), dense)
 
     def dense_pe(self) -> torch.Tensor:
         """``prompt_encoder.get_dense_pe()`` (1, 256, 64, 64), computed once and reused on every click.

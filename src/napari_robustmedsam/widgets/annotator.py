@@ -73,6 +73,7 @@ SYNC_PROBE_EVERY = 8  # in worker mode, every 8th decode runs on the GUI thread 
 # prompt -> layer 119 vs 142 ms. Users' machines are not loaded by other people's jobs: torch's setting is the
 # default; 1 is the choice for a shared, loaded machine.
 GUI_DECODE_THREADS: int | None = None
+PARTIAL_UPDATE_FRACTION = 0.25  # up to this share of a plane changed: napari's partial labels update
 THUMBNAIL_DELAY_MS = 250  # the layer-list thumbnail of "current object" follows after a pause in clicking
 KEYS = {
     "s": "segment",
@@ -131,6 +132,12 @@ class AnnotatorWidget(QWidget):
         self._thumbnail_timer.setSingleShot(True)
         self._thumbnail_timer.setInterval(THUMBNAIL_DELAY_MS)
         self._thumbnail_timer.timeout.connect(self._update_current_thumbnail)
+        # after a mask is shown: the next corrective click's mask-prompt work, in the pause before that click
+        self._prepare_timer = QTimer(self)
+        self._prepare_timer.setSingleShot(True)
+        self._prepare_timer.setInterval(0)
+        self._prepare_timer.timeout.connect(self._prepare_next_click)
+        self._prepare_z: int | None = None
 
         self.state.set_annotator(self)
         self.state.model_changed.connect(self._on_model_changed)
@@ -453,13 +460,19 @@ class AnnotatorWidget(QWidget):
         if not isinstance(data, np.ndarray) or data.shape != self.session.shape or not data.flags.writeable:
             self.current_layer.data = self.session.current.astype(np.uint8)
             return
-        # in place + one refresh (cheaper than the data setter on every click); nothing to do if the mask is
-        # unchanged; the layer-list thumbnail is refreshed once the clicks pause (it costs a repaint of the list)
+        # in place (cheaper than the data setter on every click): a small change through napari's partial
+        # update, a large one with one refresh; nothing to do if the mask is unchanged; the layer-list
+        # thumbnail is refreshed once the clicks pause (it costs a repaint of the list)
         if z is None or not self.session.is_volume:
             target, source = data, self.session.current
         else:
             target, source = data[z], self.session.current[z]
-        if np.array_equal(target, source):
+        changed = target != source
+        n_changed = int(np.count_nonzero(changed))
+        if n_changed == 0:
+            return
+        if n_changed <= PARTIAL_UPDATE_FRACTION * changed.size and _set_pixels(self.current_layer, changed, source, z):
+            self._thumbnail_timer.start()
             return
         np.copyto(target, source, casting="unsafe")
         # same shape and dtype: the extent (and with it the viewer's dims) cannot have changed
@@ -824,6 +837,26 @@ class AnnotatorWidget(QWidget):
             if self.auto_repropagate_check.isChecked() and (was_propagated or z in session.user_slices()):
                 self._repropagate_timer.start()
         self.segmented.emit(z, latency)
+        self._prepare_z = z
+        self._prepare_timer.start()
+
+    def _prepare_next_click(self) -> None:
+        """Precompute the mask prompt of the next corrective click on this slice (the logits just shown), so
+        that click skips that work (about a quarter of a LiteMedSAM corrective decode; same masks). Idle
+        time only: skipped while a decode runs in a worker; an optimisation, so a failure here is ignored
+        (the click computes the same thing itself)."""
+        z, session, emb = self._prepare_z, self.session, self.embeddings
+        if z is None or session is None or emb is None or self._seg_running or not emb.has(z):
+            return
+        logits = session.current_logits.get(z)
+        prepare = getattr(emb.predictor, "prepare_mask_prompt", None)
+        if logits is None or prepare is None:
+            return
+        try:
+            with _intra_op_threads(GUI_DECODE_THREADS):
+                prepare(logits, embedding=emb.get(z))
+        except Exception:  # noqa: BLE001 - see docstring
+            pass
 
     # =============================================================================================
     # commit / clear / undo / polarity
@@ -1054,6 +1087,29 @@ class AnnotatorWidget(QWidget):
 
         handler.__name__ = f"robustmedsam_{action}"
         return handler
+
+
+def _set_pixels(layer, changed: np.ndarray, source: np.ndarray, z: int | None) -> bool:
+    """Write the changed pixels of one plane into a Labels layer with napari's partial update (only the
+    changed region is re-coloured and re-uploaded to the GPU); False if that path is not available.
+
+    ``Labels.data_setitem`` records an undo step; the "current object" layer is a display of the session (its
+    own undo lives there), so that history is dropped again: Ctrl-Z on the layer cannot show a stale mask.
+    """
+    setitem = getattr(layer, "data_setitem", None)
+    if setitem is None:
+        return False
+    indices = np.nonzero(changed)
+    if z is not None and np.ndim(layer.data) == changed.ndim + 1:
+        indices = (np.full(indices[0].shape, z, dtype=indices[0].dtype),) + indices
+    try:
+        setitem(indices, source[changed].astype(layer.data.dtype, copy=False))
+    except Exception:  # noqa: BLE001 - napari internals differ: the caller falls back to a full refresh
+        return False
+    reset = getattr(layer, "_reset_history", None)
+    if reset is not None:
+        reset()
+    return True
 
 
 @contextlib.contextmanager
