@@ -57,6 +57,8 @@ def main(argv=None) -> int:
                    help="comma-separated degradation types for the preview, 'all', or 'none' to skip it")
     p.add_argument("--preview-repeats", type=int, default=3)
     p.add_argument("--json", default=None)
+    p.add_argument("--pause", type=float, default=0.0,
+                   help="seconds the event loop idles between prompt events, as a user's pause (default 0)")
     args = p.parse_args(argv)
 
     from napari_robustmedsam.annotation.model_info import preimport_model_modules
@@ -169,6 +171,9 @@ def main(argv=None) -> int:
         else:
             action = lambda: annotator.points_layer.data.__len__() and _remove_last_point(annotator)  # noqa: E731
             kind = "remove point"
+        if args.pause > 0:
+            QTimer.singleShot(int(args.pause * 1000), loop.quit)
+            loop.exec()
         a, b = timed(action)
         to_layer.append(a)
         to_paint.append(b)
@@ -231,6 +236,7 @@ def main(argv=None) -> int:
         "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None,
         "torch_threads": torch.get_num_threads(),
         "image": f"{args.size} x {args.size} synthetic MRI phantom",
+        "pause_between_events_s": args.pause,
         "model": loaded.name,
         "embedding_s": embed_s,
         "live_mode": modes,
@@ -254,7 +260,7 @@ def main(argv=None) -> int:
         return "PASS" if ok else "FAIL"
 
     print(f"\nUI latency, {info['image']}, {info['model']}, {info['machine']}, torch threads {info['torch_threads']}, "
-          f"load average {tuple(round(v, 2) for v in info['load_average'] or ())}")
+          f"load average {tuple(round(v, 2) for v in info['load_average'] or ())}, pause between events {args.pause:g} s")
     if decoder_ms:
         print(f"embedding: {embed_s:.2f} s; decodes: {mode}; decoder median {info['decoder_ms_median']:.0f} ms")
         for key in ("reference_decode_box_outside_viewer", "reference_decode_corrective_outside_viewer",

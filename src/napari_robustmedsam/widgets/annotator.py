@@ -937,8 +937,9 @@ class AnnotatorWidget(QWidget):
     def add_point(self, x: float, y: float, positive: bool = True, z: int | None = None) -> None:
         """Programmatic click (tests, benchmarks, scripts): a point at pixel (x, y) on slice z."""
         pol = "positive" if positive else "negative"
-        self.points_layer.feature_defaults = {"label": pol}
-        self._update_polarity_button()
+        if self.polarity != pol:  # setting the defaults re-emits napari's feature events (a few ms)
+            self.points_layer.feature_defaults = {"label": pol}
+            self._update_polarity_button()
         coords = [y, x] if not self.session.is_volume else [self.current_z() if z is None else z, y, x]
         self.points_layer.add(np.asarray([coords], dtype=float))
 
