@@ -1023,7 +1023,10 @@ def plot_history(history: list[dict], steps: list[dict], path: Path) -> None:
     ax1.set_xlabel("iteration")
     ax1.set_ylabel("loss")
     ax1.set_yscale("log")
-    ax1.legend(fontsize=7)
+    if steps:
+        ax1.legend(fontsize=7)
+    else:  # before the first iteration (the epoch-0 plot): say so instead of an empty legend's warning
+        ax1.text(0.5, 0.5, "no iteration yet", ha="center", va="center", transform=ax1.transAxes)
     ax1.set_title("training loss")
     epochs = [r["epoch"] for r in history]
     for key in ("val_dice_clean_box", "val_dice_degraded_box", "val_dice_clean_points3", "val_dice_degraded_points3"):
