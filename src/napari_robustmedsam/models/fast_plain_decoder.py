@@ -222,7 +222,7 @@ def _image_side(decoder: nn.Module, image_embeddings: torch.Tensor, image_pe: to
     return cache
 
 
-def _tensor_key(t: torch.Tensor) -> tuple | None:
+def tensor_key(t: torch.Tensor) -> tuple | None:
     """Identity of a tensor's current values: storage position, layout and in-place version (the cache entry
     keeps the tensor alive, so its memory cannot be handed to another tensor while the key is in use).
     None for an inference-mode tensor, which has no version counter: never cached."""
@@ -232,7 +232,7 @@ def _tensor_key(t: torch.Tensor) -> tuple | None:
 
 
 def _mask_side_key(decoder: nn.Module, image_embeddings, image_pe, dense) -> tuple | None:
-    keys = (_tensor_key(image_embeddings), _tensor_key(dense), _tensor_key(image_pe))
+    keys = (tensor_key(image_embeddings), tensor_key(dense), tensor_key(image_pe))
     return None if None in keys else keys + (_first_block_weights_key(decoder),)
 
 

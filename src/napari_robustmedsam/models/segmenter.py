@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .fast_plain_decoder import fast_plain_decode, fast_plain_decoder_applies, prepare_mask_side
+from .fast_plain_decoder import fast_plain_decode, fast_plain_decoder_applies, prepare_mask_side, tensor_key
 
 
 @dataclass(frozen=True)
@@ -138,12 +138,11 @@ class PromptableSegmenter(nn.Module):
         return self.prompt_encoder(points=points, boxes=boxes, masks=masks)
 
     def _mask_key(self, masks: torch.Tensor) -> tuple | None:
-        from .fast_plain_decoder import _tensor_key
-
-        key = _tensor_key(masks)
+        key = tensor_key(masks)
         if key is None:
             return None
-        return (key,) + tuple((id(p), p._version) for p in self.prompt_encoder.mask_downscaling.parameters())
+        mask_path = getattr(self.prompt_encoder, "mask_downscaling", None)
+        return (key,) + tuple((id(p), p._version) for p in (mask_path.parameters() if mask_path is not None else ()))
 
     def _prepared_dense(self, masks: torch.Tensor | None) -> torch.Tensor | None:
         cached = self.__dict__.get("_prepared_mask")
