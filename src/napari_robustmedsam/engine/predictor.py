@@ -61,6 +61,13 @@ def _as_objects(arr, last: int, name: str) -> np.ndarray | None:
     return a
 
 
+def _mask_batch(mask_input) -> torch.Tensor:
+    """Previous logits as a tensor with a batch axis ((1, 256, 256) -> (1, 1, 256, 256)); a tensor stays the
+    same storage, so a mask prepared ahead (``prepare_mask_prompt``) is recognised by ``predict``."""
+    mask = torch.as_tensor(mask_input)
+    return mask[None] if mask.ndim == 3 else mask
+
+
 def logits_to_original(frame: ImageFrame, low_res_logits: torch.Tensor) -> torch.Tensor:
     """Same result as :meth:`ImageFrame.logits_to_original`, without the needless work.
 
@@ -153,9 +160,7 @@ class Predictor:
         emb = embedding if embedding is not None else self.embedding
         if emb is None or mask_input is None:
             return
-        mask = torch.as_tensor(mask_input)
-        if mask.ndim == 3:
-            mask = mask[None]
+        mask = _mask_batch(mask_input)
         if mask.shape[-2:] != (LOW_RES_SIZE, LOW_RES_SIZE):
             return
         prepare = getattr(self.model, "prepare_mask_prompt", None)
@@ -220,9 +225,7 @@ class Predictor:
                 raise PromptError(f"{bxs.shape[0]} boxes but {n_objects} point sets: give one of each per object")
             n_objects = bxs.shape[0]
         if mask_input is not None:
-            mask_input = torch.as_tensor(mask_input)
-            if mask_input.ndim == 3:
-                mask_input = mask_input[None]
+            mask_input = _mask_batch(mask_input)
             low = LOW_RES_SIZE
             if mask_input.shape[-2:] != (low, low):
                 raise PromptError(f"mask_input must be low-resolution logits (N, 1, {low}, {low}), got {tuple(mask_input.shape)}")

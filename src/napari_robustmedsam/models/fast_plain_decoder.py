@@ -199,25 +199,16 @@ def _two_way_block(layer: nn.Module, queries, keys, query_pe, key_pe):
 
 def _image_side(decoder: nn.Module, image_embeddings: torch.Tensor, image_pe: torch.Tensor, dense_row: torch.Tensor) -> dict:
     """Image-only inputs of the first block, cached on the decoder (last image kept)."""
-    weights = _first_block_weights_key(decoder)
-    key = (
-        id(image_embeddings),
-        image_embeddings.data_ptr(),
-        image_embeddings._version,
-        tuple(image_embeddings.shape),
-        image_embeddings.dtype,
-        id(image_pe),
-        dense_row.data_ptr(),
-        dense_row._version,
-        weights,
-    )
+    key = _side_key(decoder, image_embeddings, image_pe, dense_row)
     cache = decoder.__dict__.get("_image_side_cache")
-    if cache is not None and cache["key"] == key:
+    if key is not None and cache is not None and cache["key"] == key:
         return cache
     cache = _compute_image_side(decoder, image_embeddings + dense_row, image_pe)  # SAM's src + dense
+    if key is None:  # inference-mode tensors: no version counter, so not cached
+        return cache
     cache["key"] = key
-    # keep the embedding alive so that its id/data_ptr cannot be reused by another tensor
-    cache["_embedding"] = image_embeddings
+    # keep the keyed tensors alive so that their memory cannot be handed to another tensor
+    cache["_alive"] = (image_embeddings, image_pe)
     decoder.__dict__["_image_side_cache"] = cache
     return cache
 
@@ -231,8 +222,9 @@ def tensor_key(t: torch.Tensor) -> tuple | None:
     return (t.data_ptr(), t._version, tuple(t.shape), t.stride(), t.dtype, t.device)
 
 
-def _mask_side_key(decoder: nn.Module, image_embeddings, image_pe, dense) -> tuple | None:
-    keys = (tensor_key(image_embeddings), tensor_key(dense), tensor_key(image_pe))
+def _side_key(decoder: nn.Module, *tensors: torch.Tensor) -> tuple | None:
+    """Key of a cached first-block image side: its input tensors' identities and the projection weights."""
+    keys = tuple(tensor_key(t) for t in tensors)
     return None if None in keys else keys + (_first_block_weights_key(decoder),)
 
 
@@ -253,7 +245,7 @@ def prepare_mask_side(decoder: nn.Module, image_embeddings: torch.Tensor, image_
     """
     if not fast_transformer_applies(decoder, dense) or dense.shape[0] != 1 or image_embeddings.shape[0] != 1:
         return
-    key = _mask_side_key(decoder, image_embeddings, image_pe, dense)
+    key = _side_key(decoder, image_embeddings, image_pe, dense)
     cached = decoder.__dict__.get("_mask_side_cache")
     if key is None or (cached is not None and cached["key"] == key):
         return
@@ -268,7 +260,7 @@ def _prepared_mask_side(decoder: nn.Module, image_embeddings: torch.Tensor, imag
     cached = decoder.__dict__.get("_mask_side_cache")
     if cached is None or dense.shape[0] != 1 or image_embeddings.shape[0] != 1:
         return None
-    key = _mask_side_key(decoder, image_embeddings, image_pe, dense)
+    key = _side_key(decoder, image_embeddings, image_pe, dense)
     return cached if key is not None and cached["key"] == key else None
 
 
