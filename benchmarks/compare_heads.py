@@ -28,11 +28,26 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def pge_heads(args) -> dict[str, str]:
+    """``--pge [LABEL=]PATH`` entries as label -> path (default label ``pge-lite``)."""
+    heads = {}
+    for spec in args.pge:
+        label, sep, path = spec.partition("=")
+        if not sep:
+            label, path = "pge-lite", spec
+        if label in heads:
+            raise SystemExit(f"two PGE heads labelled {label!r}: name them LABEL=PATH")
+        heads[label] = path
+    return heads
+
+
 def evaluate(args, out: Path) -> float:
     cmd = [sys.executable, "-m", "training.evaluate", "--data", str(args.split), "--model", "litemedsam",
-           "--model", f"robust-lite={args.robust}", "--model", f"pge-lite={args.pge}",
-           "--levels", args.levels, "--prompts", "iterative,box,points3", "--steps", str(args.steps),
-           "--out", str(out), "--no-progress"]
+           "--model", f"robust-lite={args.robust}"]
+    for label, path in pge_heads(args).items():
+        cmd += ["--model", f"{label}={path}"]
+    cmd += ["--levels", args.levels, "--prompts", "iterative,box,points3", "--steps", str(args.steps),
+            "--out", str(out), "--no-progress"]
     if args.images_per_dataset:
         cmd += ["--images-per-dataset", str(args.images_per_dataset)]
     if args.workers > 1:
@@ -52,33 +67,42 @@ def curves(out: Path):
     return per_ds.groupby(["model", "prompt", "condition", "step"])["dice"].mean()
 
 
-def check_targets(agg, steps: int) -> list[str]:
+def check_targets(agg, steps: int, heads=("pge-lite",)) -> list[str]:
+    lines = []
+    for head in heads:
+        lines += check_head(agg, steps, head)
+    return lines
+
+
+def check_head(agg, steps: int, head: str) -> list[str]:
     lines = []
     conditions = sorted({c for (_, _, c, _) in agg.index})
     degraded = [c for c in conditions if c != "clean"]
     for start in ("iter_point", "iter_box"):
         for cond in conditions:
             try:
-                pge = [float(agg[("pge-lite", start, cond, s)]) for s in range(steps + 1)]
+                pge = [float(agg[(head, start, cond, s)]) for s in range(steps + 1)]
             except KeyError:
                 continue
             falls = [s for s in range(1, steps + 1) if pge[s] < pge[s - 1]]
-            lines.append(f"- PGE-lite, {start} start, {cond}: Dice by step " + " / ".join(f"{v:.3f}" for v in pge)
+            lines.append(f"- {head}, {start} start, {cond}: Dice by step " + " / ".join(f"{v:.3f}" for v in pge)
                          + (f"; never falls: yes" if not falls else f"; never falls: NO (falls at step(s) {falls})"))
     for start in ("iter_point", "iter_box"):
         for cond in degraded:
             try:
-                p5, r5 = float(agg[("pge-lite", start, cond, 5)]), float(agg[("robust-lite", start, cond, 5)])
+                p5, r5 = float(agg[(head, start, cond, 5)]), float(agg[("robust-lite", start, cond, 5)])
             except KeyError:
                 continue
-            lines.append(f"- after 5 steps, {start} start, {cond}: PGE-lite {p5:.3f} vs robust-lite {r5:.3f}: "
+            lines.append(f"- after 5 steps, {start} start, {cond}: {head} {p5:.3f} vs robust-lite {r5:.3f}: "
                          + ("beats" if p5 > r5 else "does NOT beat"))
     return lines
 
 
-def latency(clicks: int) -> str:
-    res = subprocess.run([sys.executable, "benchmarks/click_latency.py", "--skip-vit", "--clicks", str(clicks)],
-                         cwd=ROOT, check=True, capture_output=True, text=True)
+def latency(clicks: int, heads: dict[str, str]) -> str:
+    cmd = [sys.executable, "benchmarks/click_latency.py", "--skip-vit", "--clicks", str(clicks)]
+    for label, path in heads.items():
+        cmd += ["--pge-checkpoint", f"{label}={path}"]
+    res = subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True, text=True)
     return res.stdout
 
 
@@ -96,7 +120,9 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--split", required=True, help="held-out folder (medseg layout)")
     p.add_argument("--robust", required=True, help="robust-lite checkpoint (training.fit --preset robust-lite)")
-    p.add_argument("--pge", required=True, help="PGE-lite checkpoint (training.fit --preset pge-lite)")
+    p.add_argument("--pge", required=True, action="append", metavar="[LABEL=]PATH",
+                   help="PGE-head checkpoint (training.fit --preset pge-lite / pge-lite-fast); repeatable, "
+                   "default label pge-lite")
     p.add_argument("--out", default="runs/compare-heads")
     p.add_argument("--steps", type=int, default=8)
     p.add_argument("--levels", default="LQ-1,LQ-2,LQ-3,LQ-3+")
@@ -111,10 +137,11 @@ def main(argv=None) -> int:
     lines = [f"# Robust heads compared ({time.strftime('%Y-%m-%d %H:%M')})", ""]
     if wall is not None:
         lines.append(f"Evaluation wall time: {wall / 60:.1f} min. Summary tables and plots: `{out}/summary.md`.")
-    lines += ["", "## Targets (issue 8)", ""] + check_targets(agg, args.steps)
-    lat = latency(args.clicks)
+    heads = pge_heads(args)
+    lines += ["", "## Targets (issue 8)", ""] + check_targets(agg, args.steps, tuple(heads))
+    lat = latency(args.clicks, heads)
     lines += ["", "## Click latency (same machine, same run)", "", "```", lat.strip(), "```", ""]
-    counts = parameter_counts({"litemedsam": "litemedsam", "robust-lite": args.robust, "pge-lite": args.pge})
+    counts = parameter_counts({"litemedsam": "litemedsam", "robust-lite": args.robust, **heads})
     lines += ["## Parameters (M)", "", "| model | image encoder | prompt encoder | mask decoder | of which robust | "
               "feature enhancer | total |", "|---|---|---|---|---|---|---|"]
     for name, c in counts.items():
@@ -123,7 +150,8 @@ def main(argv=None) -> int:
             + " |")
     text = "\n".join(lines) + "\n"
     (out / "heads.md").write_text(text)
-    (out / "heads.json").write_text(json.dumps({"targets": check_targets(agg, args.steps), "parameters": counts,
+    (out / "heads.json").write_text(json.dumps({"targets": check_targets(agg, args.steps, tuple(heads)),
+                                                "parameters": counts,
                                                 "latency": lat}, indent=1))
     print(text)
     return 0

@@ -86,6 +86,56 @@ def test_enhancer_config_round_trips_and_rejects_unknown_settings():
     assert EnhancerConfig.from_dict(cfg.to_dict()) == cfg
     with pytest.raises(ValueError, match="unknown enhancer settings"):
         EnhancerConfig.from_dict({**cfg.to_dict(), "depth": 3})
+    # a file written before the working-grid options rebuilds the same head (no input projection)
+    old = {k: v for k, v in cfg.to_dict().items() if k not in ("work_stride", "width")}
+    assert EnhancerConfig.from_dict(old) == cfg
+    assert not any(k.startswith("in_proj") for k in PromptGuidedEnhancer(cfg).state_dict())
+
+
+def test_fast_enhancer_works_on_a_coarser_narrower_grid_and_starts_as_the_identity():
+    torch.manual_seed(0)
+    fast = EnhancerConfig(feature_channels=(320, 160, 128), feature_strides=(1, 1, 2), work_stride=2, width=96,
+                          gate_channels=32)
+    enh = PromptGuidedEnhancer(fast).eval()
+    assert 0.9e6 < enh.parameter_count() < 1.2e6
+    assert "on the embedding grid / 2, 96 channels" in fast.summary()
+    emb = torch.randn(1, 256, 64, 64)
+    inter = [torch.randn(1, 320, 64, 64), torch.randn(1, 160, 64, 64), torch.randn(1, 128, 128, 128)]
+    dense = torch.randn(1, 256, 64, 64)  # the same previous mask for both objects
+    clicks = (torch.tensor([[[100.0, 120.0]], [[30.0, 40.0]]]), torch.tensor([[1], [1]]))
+    with torch.no_grad():
+        side = enh.image_side(inter)
+        assert [tuple(p.shape[-2:]) for p, _ in side] == [(32, 32)] * 3  # every feature on the working grid
+        assert torch.equal(enh(emb, side, clicks, None, dense), emb.expand(2, -1, -1, -1))
+        perturbed(enh)
+        out = enh(emb, side, clicks, None, dense)
+    assert out.shape == (2, 256, 64, 64)
+    assert (out - emb).abs().max() > 1e-4
+    # the two objects differ only in where their click is: the difference is largest around the clicks
+    diff = (out[0] - out[1]).abs().mean(0)
+    assert diff[27:33, 22:28].mean() > 2 * diff[50:, 50:].mean()
+    assert diff[7:13, 4:10].mean() > 2 * diff[50:, 50:].mean()
+    with pytest.raises(ValueError, match="work_stride"):
+        PromptGuidedEnhancer(EnhancerConfig(feature_channels=(8,), feature_strides=(1,), work_stride=3))
+
+
+def test_merged_depthwise_convolutions_equal_the_sum_of_the_branches():
+    from napari_robustmedsam.models.pge_enhancer import EBlock, _pool, depthwise_sum
+
+    torch.manual_seed(0)
+    block = EBlock(16, (3, 5, 7))
+    x = torch.randn(2, 16, 12, 12)
+    summed = sum(conv(x) for conv in block.spatial)
+    torch.testing.assert_close(depthwise_sum(block.spatial, x), summed, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(depthwise_sum(block.spatial, x, identity=True), x + summed, atol=1e-5, rtol=1e-5)
+    # the gradient reaches every branch's kernel, as with separate convolutions
+    depthwise_sum(block.spatial, x).square().sum().backward()
+    assert all(conv.weight.grad is not None and conv.weight.grad.abs().sum() > 0 for conv in block.spatial)
+    # pooling the no-mask embedding (one vector broadcast over the grid) = average pooling
+    const = torch.randn(1, 8, 1, 1).expand(1, 8, 16, 16)
+    torch.testing.assert_close(_pool(const, 2), torch.nn.functional.avg_pool2d(const.contiguous(), 2))
+    varying = torch.randn(1, 8, 16, 16)
+    torch.testing.assert_close(_pool(varying, 2), torch.nn.functional.avg_pool2d(varying, 2))
 
 
 # ---------------------------------------------------------------------------------------------- model
@@ -110,6 +160,38 @@ def test_identity_head_keeps_litemedsams_masks_for_one_and_several_objects(lite)
         side = model.__dict__["_enhancer_side"][1]
         pred.predict(points=[[70, 60]])
         assert model.__dict__["_enhancer_side"][1] is side
+    finally:
+        model.attach_enhancer(None)
+
+
+def test_segmenter_serves_the_fast_head_from_its_per_image_cache_with_the_same_values(lite):
+    model = lite.model
+    try:
+        enh = perturbed(enhancer_for(model, work_stride=2, width=96, gate_channels=32)).eval()
+        model.attach_enhancer(enh)
+        pred = Predictor.from_loaded(lite)
+        emb = pred.set_image(disc_image())
+        feats = emb.features
+        points = (torch.tensor([[[80.0, 90.0]]]), torch.tensor([[1]]))
+        box = torch.tensor([[40.0, 30.0, 160.0, 150.0]])
+        dense = torch.randn(1, 256, 64, 64)
+        with torch.no_grad():
+            got = model.enhance(feats, points, box, dense)
+            cached_emb = model.__dict__["_enhancer_side"][2]
+            assert cached_emb[0].is_contiguous(memory_format=torch.channels_last)
+            assert cached_emb[1].shape == (1, 96, 32, 32)  # the stages' input: pooled and projected once per image
+            again = model.enhance(feats, points, box, dense)
+            assert model.__dict__["_enhancer_side"][2] is cached_emb
+            direct = enh(feats["image_embeddings"], enh.image_side([feats[k] for k in INTERMEDIATE_KEYS]),
+                         points, box, dense)
+            torch.testing.assert_close(got, direct, atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(again, got)
+            # another image's embedding (same intermediate features) is not served from the entry
+            other = dict(feats, image_embeddings=feats["image_embeddings"] * 0.5)
+            moved = model.enhance(other, points, box, dense)
+            assert model.__dict__["_enhancer_side"][2] is not cached_emb
+            assert (moved - got).abs().max() > 1e-3
+        assert pred.predict(boxes=[40, 30, 100, 90]).masks.shape == (1, 120, 150)
     finally:
         model.attach_enhancer(None)
 
@@ -233,3 +315,30 @@ def test_pge_head_training_run_writes_a_checkpoint_the_predictor_loads(tmp_path)
     pred = Predictor.from_loaded(loaded)
     pred.set_image(imgs[0])
     assert pred.predict(boxes=[20, 20, 70, 70]).masks.shape == (1, *imgs[0].shape[:2])
+
+
+def test_fast_head_options_reach_the_trainer_and_keep_older_runs_resumable():
+    import hashlib
+    import json
+
+    from training.finetune import TrainConfig
+    from training.finetune.data import TrainingError
+    from training.fit import build_parser, config_from_args
+
+    with pytest.raises(TrainingError, match="enhancer_work_stride"):
+        TrainConfig(head="pge", enhancer_work_stride=3)
+    with pytest.raises(TrainingError, match="enhancer_width"):
+        TrainConfig(head="pge", enhancer_width=-1)
+    cfg, _ = config_from_args(build_parser().parse_args(["--data", "x", "--preset", "pge-lite-fast"]))
+    assert (cfg.head, cfg.enhancer_work_stride, cfg.enhancer_width, cfg.enhancer_gate_channels) == ("pge", 2, 96, 32)
+    cfg, _ = config_from_args(build_parser().parse_args(
+        ["--data", "x", "--preset", "pge-lite-fast", "--enhancer-width", "128"]))
+    assert cfg.enhancer_width == 128  # an explicit option overrides the preset
+    # a PGE run started before these options existed has a fingerprint without them: it still resumes
+    default = TrainConfig(head="pge")
+    d = default.to_dict()
+    for key in ("epochs", "time_budget_s", "save_every_steps", "cache_dir", "use_cache", "memory_gb", "threads",
+                "progress_bar", "lr", "device", "enhancer_work_stride", "enhancer_width", "enhancer_gate_channels"):
+        d.pop(key)
+    assert default.fingerprint() == hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+    assert TrainConfig(head="pge", enhancer_work_stride=2).fingerprint() != default.fingerprint()

@@ -37,6 +37,12 @@ PRESETS: dict[str, dict] = {
     "pge-lite": dict(model="litemedsam", head="pge", enhancer_blocks=1, epochs=6, batch_size=2, objects_per_image=1,
                      lr=2e-4, n_steps=4, p_box=0.5, points="1,3", p_mask=1.0, variants=2, p_identity=0.2,
                      val_fraction=0.1, time_budget=40.0),
+    # The same head on a coarser, narrower working grid (32 x 32, 96 channels, 1.05 M parameters): a click with
+    # it fits the 80 ms of issue 8 on this CPU, the 64 x 64 lite head takes about 180 ms (docs/benchmarks.md 5b).
+    "pge-lite-fast": dict(model="litemedsam", head="pge", enhancer_blocks=1, enhancer_work_stride=2,
+                          enhancer_width=96, enhancer_gate_channels=32, epochs=6, batch_size=2, objects_per_image=1,
+                          lr=2e-4, n_steps=4, p_box=0.5, points="1,3", p_mask=1.0, variants=2, p_identity=0.2,
+                          val_fraction=0.1, time_budget=40.0),
 }
 
 
@@ -86,6 +92,13 @@ def build_parser() -> argparse.ArgumentParser:
                    "trained jointly with the mask decoder (runs per click)")
     m.add_argument("--enhancer-blocks", type=int, default=None,
                    help="EBlocks per stage of a new PGE enhancer (1 = lite, default; 5 = full)")
+    m.add_argument("--enhancer-work-stride", type=int, default=None, choices=(1, 2, 4),
+                   help="a new PGE enhancer works on the embedding grid / this (default 1; 2 = about 4x less work "
+                   "per click, its residual upsampled back)")
+    m.add_argument("--enhancer-width", type=int, default=None,
+                   help="working channels of a new PGE enhancer (default 0 = the embedding's 256)")
+    m.add_argument("--enhancer-gate-channels", type=int, default=None,
+                   help="attention-gate channels of a new PGE enhancer (default 64)")
     m.add_argument("--device", default="cpu")
     m.add_argument("--seed", type=int, default=0)
     m.add_argument("--time-budget", type=float, default=None, help="stop training after this many minutes")
@@ -159,6 +172,9 @@ def config_from_args(args):
     return TrainConfig(
         head=head,
         enhancer_blocks=_pick(args, "enhancer_blocks", preset, 1),
+        enhancer_work_stride=_pick(args, "enhancer_work_stride", preset, 1),
+        enhancer_width=_pick(args, "enhancer_width", preset, 0),
+        enhancer_gate_channels=_pick(args, "enhancer_gate_channels", preset, 64),
         fr_weight=args.w_fr,
         model=args.model or preset.get("model", "litemedsam" if head == "pge" else "litemedsam_robust"),
         device=args.device,

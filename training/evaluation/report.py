@@ -180,7 +180,10 @@ def plot_dice_vs_step(df: pd.DataFrame, path: Path) -> Path | None:
         ax.set_xlabel("interaction step (corrective clicks)")
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel("Dice (mean of datasets)")
-    axes[0][-1].legend(fontsize=7, loc="lower right")
+    if len(models) * len(conds) > 8:  # many curves: the legend beside the panels, not over them
+        axes[0][-1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0))
+    else:
+        axes[0][-1].legend(fontsize=7, loc="lower right")
     fig.suptitle("Dice vs interaction step")
     return _save(fig, path)
 

@@ -148,6 +148,9 @@ class TrainConfig:
     progress_bar: bool = True
     head: str = "robust"  # "robust": RobustSAM decoder; "pge": PGE-SAM feature enhancer + mask decoder
     enhancer_blocks: int = 1  # EBlocks per stage of a new PGE enhancer (1 lite, 5 full)
+    enhancer_work_stride: int = 1  # a new enhancer's working grid = embedding grid / this (2: the fast lite head)
+    enhancer_width: int = 0  # a new enhancer's working channels (0: the embedding's 256)
+    enhancer_gate_channels: int = 64  # a new enhancer's attention-gate channels
     fr_weight: float = 5.0  # PGE-SAM's foreground reconstruction loss weight
 
     def __post_init__(self) -> None:
@@ -157,6 +160,11 @@ class TrainConfig:
             raise TrainingError("the SVD neck option is for the robust decoder head; the PGE head keeps the encoder frozen")
         if int(self.enhancer_blocks) < 1:
             raise TrainingError(f"enhancer_blocks must be >= 1, got {self.enhancer_blocks}")
+        if self.enhancer_work_stride not in (1, 2, 4):
+            raise TrainingError(f"enhancer_work_stride must be 1, 2 or 4, got {self.enhancer_work_stride}")
+        if self.enhancer_width < 0 or self.enhancer_gate_channels < 1:
+            raise TrainingError("enhancer_width must be >= 0 (0: the embedding's channels) and "
+                                f"enhancer_gate_channels >= 1, got {self.enhancer_width} / {self.enhancer_gate_channels}")
         if self.trainable not in ("decoder", "robust"):
             raise TrainingError(f"trainable must be 'decoder' or 'robust', got {self.trainable!r}")
         for name in ("epochs", "batch_size", "objects_per_image"):
@@ -186,6 +194,9 @@ class TrainConfig:
             d.pop(key, None)
         if d.get("head") == "robust":  # fields added with the PGE head: absent from older states' fingerprints
             for key in ("head", "enhancer_blocks", "fr_weight"):
+                d.pop(key, None)
+        for key, default in (("enhancer_work_stride", 1), ("enhancer_width", 0), ("enhancer_gate_channels", 64)):
+            if d.get(key) == default or d.get("head") == "robust":  # added later: absent from older fingerprints
                 d.pop(key, None)
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -218,8 +229,9 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
-def load_pge_base_model(name_or_path: str, device: str, blocks_per_stage: int = 1):
-    """The model to train a PGE head on: its plain decoder, and its enhancer (a new identity one if it has none)."""
+def load_pge_base_model(name_or_path: str, device: str, blocks_per_stage: int = 1, **enhancer_options):
+    """The model to train a PGE head on: its plain decoder, and its enhancer (a new identity one if it has none,
+    shaped by ``enhancer_options``: work_stride, width, gate_channels)."""
     from napari_robustmedsam.checkpoints import load_model
     from napari_robustmedsam.models.pge_enhancer import enhancer_for
 
@@ -232,7 +244,7 @@ def load_pge_base_model(name_or_path: str, device: str, blocks_per_stage: int = 
     model = loaded.model.float()
     if model.feature_enhancer is None:
         try:
-            model.attach_enhancer(enhancer_for(model, blocks_per_stage).to(model.device))
+            model.attach_enhancer(enhancer_for(model, blocks_per_stage, **enhancer_options).to(model.device))
         except (TypeError, ValueError) as err:
             raise TrainingError(f"cannot add a PGE enhancer to {name_or_path}: {err}") from None
     return loaded
@@ -335,7 +347,9 @@ class Trainer:
         # The identity-initialised robust parts of a LiteMedSAM base have randomly initialised inner layers:
         # seed them, so that runs (and all ranks of a torchrun job) start from the same weights.
         torch.manual_seed(derive_seed(cfg.seed, "init") % (2**63))
-        self.loaded = load_pge_base_model(cfg.model, device, cfg.enhancer_blocks) if cfg.head == "pge" else (
+        self.loaded = load_pge_base_model(
+            cfg.model, device, cfg.enhancer_blocks, work_stride=cfg.enhancer_work_stride, width=cfg.enhancer_width,
+            gate_channels=cfg.enhancer_gate_channels) if cfg.head == "pge" else (
             load_base_model(cfg.model, device))
         self.model = self.loaded.model
         self.device = self.model.device

@@ -52,7 +52,7 @@ def describe_model(loaded: Any) -> list[tuple[str, str]]:
     model = getattr(loaded, "model", None)
     if getattr(model, "head", None) == "pge":
         enhancer = model.feature_enhancer
-        rows.append(("robust head", f"PGE-SAM feature enhancer ({enhancer.config.blocks_per_stage} EBlock(s) per stage, "
+        rows.append(("robust head", f"PGE-SAM feature enhancer ({enhancer.config.summary()}, "
                                     f"{enhancer.parameter_count() / 1e6:.1f} M; runs on every click)"))
     rows += [
         ("preprocessing", str(getattr(loaded, "preprocessing", "?"))),

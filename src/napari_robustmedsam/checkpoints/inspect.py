@@ -98,9 +98,14 @@ def render_description(info: Mapping) -> str:
     lines.append(f"  decoder: {decoder}")
     head = info.get("head")
     if head == "pge":
+        from ..models.pge_enhancer import EnhancerConfig
+
         cfg = info.get("head_config") or {}
-        lines.append(f"  robust head: pge (PGE-SAM prompt-guided feature enhancer, "
-                     f"{cfg.get('blocks_per_stage', '?')} EBlock(s) per stage; runs on every click)")
+        try:
+            shape = EnhancerConfig.from_dict(cfg).summary()
+        except (TypeError, ValueError):
+            shape = f"{cfg.get('blocks_per_stage', '?')} EBlock(s) per stage"
+        lines.append(f"  robust head: pge (PGE-SAM prompt-guided feature enhancer, {shape}; runs on every click)")
     elif head:
         lines.append(f"  robust head: {head}")
     if info.get("preprocessing"):

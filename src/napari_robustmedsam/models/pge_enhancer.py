@@ -60,6 +60,8 @@ class EnhancerConfig:
     point_sigma: float = 1.5  # Gaussian of a click, in embedding-grid cells
     box_sigma_scale: float = 0.5  # box Gaussian sigma = scale x half the box side
     image_size: int = 256  # model input side (prompt coordinates are in this frame)
+    work_stride: int = 1  # the stages run on the embedding grid / work_stride; the residual is upsampled back
+    width: int = 0  # channels the stages work with (0: the embedding's); 1x1 projections in and out otherwise
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -76,6 +78,15 @@ class EnhancerConfig:
     @property
     def stages(self) -> int:
         return len(self.feature_channels)
+
+    @property
+    def working_channels(self) -> int:
+        return self.width or self.channels
+
+    def summary(self) -> str:
+        """One line for ``robustmedsam info`` and the widget: what shape of head this is."""
+        grid = "the embedding grid" if self.work_stride == 1 else f"the embedding grid / {self.work_stride}"
+        return f"{self.blocks_per_stage} EBlock(s) per stage on {grid}, {self.working_channels} channels"
 
 
 def render_prompt_maps(
@@ -124,7 +135,7 @@ def render_prompt_maps(
 class PromptGuidanceGenerator(nn.Module):
     """Prompts (+ the previous mask's dense embedding) -> guidance feature G (N, C, grid, grid)."""
 
-    def __init__(self, channels: int, hidden: int) -> None:
+    def __init__(self, channels: int, hidden: int, dense_channels: int | None = None) -> None:
         super().__init__()
         self.point_encoder = nn.Sequential(
             nn.Conv2d(2, hidden, 3, padding=1), nn.GELU(), nn.Conv2d(hidden, channels, 3, padding=1)
@@ -132,7 +143,7 @@ class PromptGuidanceGenerator(nn.Module):
         self.box_encoder = nn.Sequential(
             nn.Conv2d(1, hidden, 3, padding=1), nn.GELU(), nn.Conv2d(hidden, channels, 3, padding=1)
         )
-        self.mask_proj = nn.Conv2d(channels, channels, 1)
+        self.mask_proj = nn.Conv2d(dense_channels or channels, channels, 1)
         self.fuse = nn.Conv2d(2 * channels, channels, 1)
 
     def forward(self, maps: Tensor, dense: Tensor) -> Tensor:
@@ -146,6 +157,25 @@ def channel_norm(norm: LayerNorm2d, x: Tensor) -> Tensor:
     the same values, without the five elementwise passes of segment_anything's implementation."""
     y = F.layer_norm(x.permute(0, 2, 3, 1), (x.shape[1],), norm.weight, norm.bias, norm.eps)
     return y.permute(0, 3, 1, 2)
+
+
+def merged_depthwise(convs: nn.ModuleList, identity: bool = False) -> tuple[Tensor, Tensor, int]:
+    """Parallel same-centre depth-wise convolutions (summed) as one: the kernels zero-padded to the largest
+    and added (plus a centre 1 for ``identity``, the branch ``x + sum(conv(x))``). The same values with one
+    convolution instead of several; gradients reach every kernel, so training uses it as well."""
+    k = max(conv.kernel_size[0] for conv in convs)
+    weight = sum(F.pad(conv.weight, [(k - conv.kernel_size[0]) // 2] * 4) for conv in convs)
+    if identity:
+        centre = torch.ones_like(weight[:, :, :1, :1])
+        weight = weight + F.pad(centre, [k // 2] * 4)
+    bias = sum(conv.bias for conv in convs)
+    return weight, bias, k
+
+
+def depthwise_sum(convs: nn.ModuleList, x: Tensor, identity: bool = False) -> Tensor:
+    """``(x if identity else 0) + sum(conv(x) for conv in convs)`` in one depth-wise convolution."""
+    weight, bias, k = merged_depthwise(convs, identity)
+    return F.conv2d(x, weight, bias, padding=k // 2, groups=x.shape[1])
 
 
 class _SimpleGate(nn.Module):
@@ -173,7 +203,7 @@ class EBlock(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         y = self.conv_in(channel_norm(self.norm1, x))
-        spatial = sum(conv(y) for conv in self.spatial)
+        spatial = depthwise_sum(self.spatial, y)
         channel = y * self.channel(y)
         x = x + self.beta * self.conv_out(spatial + channel)
         return x + self.gamma * self.ffn(channel_norm(self.norm2, x))
@@ -189,8 +219,8 @@ class MultiScaleAttentionGate(nn.Module):
     def __init__(self, in_channels: int, channels: int, gate_channels: int, stride: int,
                  kernels: tuple[int, ...] = (7, 11)) -> None:
         super().__init__()
-        if stride not in (1, 2, 4):
-            raise ValueError(f"intermediate feature stride {stride} not supported (1, 2 or 4)")
+        if stride not in (1, 2, 4, 8):
+            raise ValueError(f"intermediate feature stride {stride} not supported (1, 2, 4 or 8)")
         self.stride = stride
         self.project = nn.Conv2d(in_channels, channels, 3, stride=stride, padding=1)
         self.theta = nn.Conv2d(channels, gate_channels, 3, padding=1)
@@ -208,9 +238,17 @@ class MultiScaleAttentionGate(nn.Module):
     def forward(self, side: tuple[Tensor, Tensor], gate: Tensor) -> Tensor:
         projected, theta = side
         joint = F.relu(theta + self.phi(gate))  # theta broadcasts over the prompts
-        joint = joint + sum(conv(joint) for conv in self.scales)
+        joint = depthwise_sum(self.scales, joint, identity=True)
         alpha = torch.sigmoid(self.psi(joint))
         return alpha * projected
+
+
+def _pool(dense: Tensor, stride: int) -> Tensor:
+    """Average-pool a dense prompt embedding; the no-mask embedding (one vector broadcast over the grid, zero
+    spatial strides) is pooled by taking every ``stride``-th cell: the same values without reading the grid."""
+    if dense.stride(-1) == 0 and dense.stride(-2) == 0:
+        return dense[..., ::stride, ::stride]
+    return F.avg_pool2d(dense, stride)
 
 
 def _channels_last(x: Tensor) -> Tensor:
@@ -226,18 +264,22 @@ class PromptGuidedEnhancer(nn.Module):
         super().__init__()
         if len(config.feature_strides) != config.stages:
             raise ValueError("feature_channels and feature_strides must have one entry per stage")
+        if config.work_stride not in (1, 2, 4):
+            raise ValueError(f"enhancer work_stride {config.work_stride} not supported (1, 2 or 4)")
         self.config = config
-        c = config.channels
-        self.guidance = PromptGuidanceGenerator(c, config.guidance_hidden)
+        c, w = config.channels, config.working_channels
+        self.guidance = PromptGuidanceGenerator(w, config.guidance_hidden, dense_channels=c)
         self.gates = nn.ModuleList(
-            MultiScaleAttentionGate(ch, c, config.gate_channels, s, config.gate_kernels)
+            MultiScaleAttentionGate(ch, w, config.gate_channels, s * config.work_stride, config.gate_kernels)
             for ch, s in zip(config.feature_channels, config.feature_strides)
         )
         self.stages = nn.ModuleList(
-            nn.Sequential(*(EBlock(c, config.block_kernels) for _ in range(config.blocks_per_stage)))
+            nn.Sequential(*(EBlock(w, config.block_kernels) for _ in range(config.blocks_per_stage)))
             for _ in range(config.stages)
         )
-        self.out_proj = nn.Conv2d(c, c, 1)
+        # a narrower working width reads the embedding through a projection (none at full width: old files load)
+        self.in_proj = nn.Conv2d(c, w, 1) if w != c else None
+        self.out_proj = nn.Conv2d(w, c, 1)
         nn.init.zeros_(self.out_proj.weight)
         nn.init.zeros_(self.out_proj.bias)
 
@@ -247,6 +289,15 @@ class PromptGuidedEnhancer(nn.Module):
             raise ValueError(f"the enhancer needs {len(self.gates)} intermediate features, got {len(intermediates)}")
         return [gate.feature_side(_channels_last(f)) for gate, f in zip(self.gates, intermediates)]
 
+    def embedding_side(self, embeddings: Tensor) -> tuple[Tensor, Tensor]:
+        """Per-image part of the embedding path: the embedding in channels-last memory (the enhancer works
+        channels-last) and the stages' input, pooled to the working grid and projected to the working width."""
+        embeddings = _channels_last(embeddings)
+        x = F.avg_pool2d(embeddings, self.config.work_stride) if self.config.work_stride > 1 else embeddings
+        if self.in_proj is not None:
+            x = self.in_proj(x)
+        return embeddings, x
+
     def forward(
         self,
         embeddings: Tensor,
@@ -254,24 +305,32 @@ class PromptGuidedEnhancer(nn.Module):
         points: tuple[Tensor, Tensor] | None,
         boxes: Tensor | None,
         dense: Tensor,
+        embedding_side: tuple[Tensor, Tensor] | None = None,
     ) -> Tensor:
         """``embeddings`` (1 or N, C, g, g); prompts in the model frame; ``dense`` the prompt encoder's dense
-        embedding (the previous mask's, or the no-mask embedding). Returns (N, C, g, g)."""
+        embedding (the previous mask's, or the no-mask embedding); ``embedding_side``: a cached
+        :meth:`embedding_side` of these embeddings. Returns (N, C, g, g)."""
         cfg = self.config
         n = max(dense.shape[0], embeddings.shape[0])
         if points is not None:
             n = max(n, points[0].shape[0])
         if boxes is not None:
             n = max(n, boxes.reshape(-1, 4).shape[0])
-        grid = embeddings.shape[-1]
+        embeddings, x = embedding_side if embedding_side is not None else self.embedding_side(embeddings)
+        if cfg.work_stride > 1:  # a coarser working grid: about work_stride^2 times less work per click
+            dense = _pool(dense, cfg.work_stride)
+        dense = _channels_last(dense)
+        grid = x.shape[-1]
         maps = render_prompt_maps(points, boxes, n, grid, cfg.image_size, cfg.point_sigma, cfg.box_sigma_scale,
                                   embeddings.device, embeddings.dtype)
-        embeddings = _channels_last(embeddings)
-        g = self.guidance(_channels_last(maps), _channels_last(dense))
-        x = embeddings.expand(n, -1, -1, -1) if embeddings.shape[0] == 1 else embeddings
+        g = self.guidance(_channels_last(maps), dense)
+        x = x.expand(n, -1, -1, -1) if x.shape[0] == 1 else x
         for gate, feature_side, stage in zip(self.gates, side, self.stages):
             x = stage(x + gate(feature_side, x) + g)
-        return embeddings + self.out_proj(x)
+        residual = self.out_proj(x)
+        if cfg.work_stride > 1:
+            residual = F.interpolate(residual, size=embeddings.shape[-2:], mode="bilinear", align_corners=False)
+        return embeddings + residual
 
     def parameter_count(self) -> int:
         return sum(p.numel() for p in self.parameters())

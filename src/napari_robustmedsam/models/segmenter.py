@@ -260,25 +260,34 @@ class PromptableSegmenter(nn.Module):
 
     def enhancer_image_side(self, features: dict[str, torch.Tensor]) -> list:
         """The enhancer's per-image part, computed once per image and kept for the following clicks."""
+        return self._enhancer_image_parts(features)[0]
+
+    def _enhancer_image_parts(self, features: dict[str, torch.Tensor]) -> tuple[list, tuple | None]:
+        """(the enhancer's image side, its embedding side), cached per image: the gates' projections of the
+        intermediate features, the embedding in channels-last memory and the stages' input computed from it
+        (converting and pooling the (1, 256, 64, 64) embedding on every click cost 2-3 ms)."""
         from .intermediate_features import INTERMEDIATE_KEYS, stack_intermediates
 
         enhancer = self.feature_enhancer
         first = features.get(INTERMEDIATE_KEYS[0])
+        embeddings = features["image_embeddings"]
         if torch.is_grad_enabled() and any(p.requires_grad for p in enhancer.parameters()):
-            return enhancer.image_side(stack_intermediates(features))  # training: gradients flow, no cache
+            return enhancer.image_side(stack_intermediates(features)), None  # training: gradients flow, no cache
         key = None
         if first is not None:
-            key = (id(first), first.data_ptr(), first._version, tuple(
-                (id(p), p._version) for p in enhancer.parameters()))
+            key = (id(first), first.data_ptr(), first._version, id(embeddings), embeddings.data_ptr(),
+                   getattr(embeddings, "_version", 0), tuple((id(p), p._version) for p in enhancer.parameters()))
         cached = self.__dict__.get("_enhancer_side")
         if cached is not None and key is not None and cached[0] == key:
-            return cached[1]
+            return cached[1], cached[2]
         with torch.no_grad():
             side = enhancer.image_side(stack_intermediates(features))
-        self.__dict__["_enhancer_side"] = (key, side, first)  # keep ``first`` alive: its id stays unique
-        return side
+            embedding_side = enhancer.embedding_side(embeddings)
+        # keep ``first`` and ``embeddings`` alive: their ids stay unique while the entry exists
+        self.__dict__["_enhancer_side"] = (key, side, embedding_side, first, embeddings)
+        return side, embedding_side
 
     def enhance(self, features: dict[str, torch.Tensor], points, boxes, dense: torch.Tensor) -> torch.Tensor:
         """Enhanced image embeddings (N, 256, 64, 64) for N prompt sets."""
-        side = self.enhancer_image_side(features)
-        return self.feature_enhancer(features["image_embeddings"], side, points, boxes, dense)
+        side, embedding_side = self._enhancer_image_parts(features)
+        return self.feature_enhancer(features["image_embeddings"], side, points, boxes, dense, embedding_side)
