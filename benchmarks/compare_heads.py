@@ -12,8 +12,13 @@ and prints parameter counts. Checkpoints come from earlier training runs::
 
     python -m training.fit --data runs/bench-train-lite-45/split/train --preset pge-lite --out runs/bench-pge-lite/pge \\
         --cache runs/bench-pge-lite/cache --time-budget 45 --threads 1 --variants 2
+    python -m training.fit --data runs/bench-train-lite-45/split/train --preset pge-lite-fast \\
+        --out runs/s6-pge-fast/pge --cache runs/bench-pge-lite/cache --threads 2 --variants 2
     python benchmarks/compare_heads.py --split runs/bench-train-lite-45/split/heldout \\
-        --robust runs/bench-train-lite-45/robust/best.pth --pge runs/bench-pge-lite/pge/best.pth --out runs/compare-heads
+        --robust runs/s5-robust-2t/best.pth --pge pge-lite=runs/bench-pge-lite/pge/best.pth \\
+        --pge pge-lite-fast=runs/s6-pge-fast/pge/best.pth --out runs/s6-compare-heads --images-per-dataset 2 --workers 2
+
+Every ``--pge LABEL=PATH`` head is checked against the targets and timed with its trained weights.
 """
 
 from __future__ import annotations
