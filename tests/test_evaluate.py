@@ -91,6 +91,10 @@ def test_csv_columns_and_box_floor(resumed_run):
     out, _, _, second = resumed_run
     df = pd.read_csv(out / "measurements.csv")
     assert list(df.columns) == list(COLUMNS)
+    # click_honoured: empty without a click (single prompts, step 0), a share in [0, 1] after each click
+    clicked = df["prompt"].str.startswith("iter_") & (df["step"] > 0) & (df["click_label"] >= 0)
+    assert df.loc[~clicked, "click_honoured"].isna().all()
+    assert df.loc[clicked, "click_honoured"].between(0, 1).all() and clicked.any()
     assert set(df["condition"]) == {"clean", "LQ-2"}
     assert set(df["prompt"]) == {"box", "points3", "iter_box", "iter_point"}
     assert df[["dice", "iou", "nsd", "hd95"]].notna().all().all()
@@ -154,6 +158,7 @@ def test_report_tables_and_plots_from_synthetic_measurements(tmp_path):
                                          "condition": cond, "degradation": "", "object_id": "label1",
                                          "object_px": 100, "prompt": prompt, "step": step, "n_points": step,
                                          "click_label": -1, "dice": d, "iou": d / (2 - d), "nsd": d, "hd95": 3.0,
+                                         "click_honoured": (float(model == "a") if step else np.nan),
                                          "pred_px": 90, "score": 0.9, "protocol": "p", "run_id": "r"})
     df = pd.DataFrame(rows, columns=list(COLUMNS))
     written = write_report(df, tmp_path, "header line")
@@ -161,9 +166,22 @@ def test_report_tables_and_plots_from_synthetic_measurements(tmp_path):
     assert "header line" in text and "## Dice" in text and "## NSD" in text and "## HD95" in text
     assert "| a | **all datasets** | box |" in text and "| b | d2 | iter_box |" in text
     assert "step 2" in text  # per-step table of the iterative mode
+    # clicks honoured: all of a's, none of b's (2 datasets x 3 images x 3 conditions x 2 steps)
+    assert "| a | iter_box | 1.00 | 1.00 | 1.00 | 36 |" in text and "| b | iter_box | 0.00 | 0.00 | 0.00 | 36 |" in text
     for key in ("dice_vs_step", "degradation_bars", "ecdf", "scatter_a", "scatter_b"):
         assert written[key].exists() and written[key].stat().st_size > 10_000
     # the iterative mode reports its last step: mean of the step-2 rows of model a, d1, clean
     sel = df[(df.model == "a") & (df.dataset == "d1") & (df.condition == "clean")]
     sel = sel[(sel.prompt == "iter_box") & (sel.step == 2)]
     assert f"{sel.dice.mean():.3f} ± {sel.dice.std():.3f}" in text
+
+
+def test_clicks_honoured_reads_each_click_at_its_pixel():
+    from training.evaluation.runner import clicks_honoured
+
+    mask = np.zeros((10, 20), bool)
+    mask[2:5, 12:18] = True  # rows 2-4, columns 12-17
+    assert clicks_honoured(mask, [np.array([13.0, 3.0])], [1]) == 1.0  # (x, y) inside, positive
+    assert clicks_honoured(mask, [np.array([3.0, 13.0])], [1]) == 0.0  # swapped axes would be outside
+    assert clicks_honoured(mask, [np.array([1.0, 1.0]), np.array([15.0, 4.0])], [0, 0]) == 0.5
+    assert clicks_honoured(mask, [np.array([25.0, -3.0])], [0]) == 1.0  # off-image clicks are clamped, not an error

@@ -118,6 +118,25 @@ def step_table(df: pd.DataFrame, metric: str = "dice") -> str:
     return _md_table(["model", "start", "condition"] + [f"step {s}" for s in steps], rows)
 
 
+def honoured_table(df: pd.DataFrame) -> str:
+    """Markdown: share of corrective clicks the very next mask agrees with, per model, start and condition
+    (clicks pooled per dataset, then the mean of datasets). Empty for runs measured before the column existed."""
+    if "click_honoured" not in df.columns:
+        return ""
+    it = df[df["prompt"].str.startswith("iter_")].copy()
+    it["click_honoured"] = pd.to_numeric(it["click_honoured"], errors="coerce")
+    it = it.dropna(subset=["click_honoured"])
+    if it.empty:
+        return ""
+    per_ds = it.groupby(["model", "prompt", "condition", "dataset"])["click_honoured"].mean().reset_index()
+    agg = per_ds.groupby(["model", "prompt", "condition"])["click_honoured"].mean().unstack("condition")
+    conds = [c for c in _condition_order(it["condition"]) if c in agg.columns]
+    n = it.groupby(["model", "prompt"]).size()
+    rows = [[model, prompt] + ["-" if pd.isna(vals[c]) else f"{vals[c]:.2f}" for c in conds] + [str(int(n[(model, prompt)]))]
+            for (model, prompt), vals in agg.iterrows()]
+    return _md_table(["model", "start"] + conds + ["clicks"], rows)
+
+
 def per_image(fin: pd.DataFrame, metric: str = "dice") -> pd.DataFrame:
     return fin.groupby(["model", "dataset", "sample", "condition", "prompt"])[metric].mean().reset_index()
 
@@ -303,6 +322,11 @@ def write_report(df: pd.DataFrame, out: str | Path, header: str = "", plots: boo
     st = step_table(df, "dice")
     if st:
         parts += ["## Dice after each interaction step (mean of datasets)", "", st, ""]
+    ht = honoured_table(df)
+    if ht:
+        parts += ["## Corrective clicks honoured by the next mask (mean of datasets)", "",
+                  "Share of corrective clicks whose pixel the next mask labels as asked (inside for a positive "
+                  "click, outside for a negative one).", "", ht, ""]
     parts += ["## Tail robustness: per-image Dice (all datasets pooled)", "", tail_table(fin), ""]
     if plots:
         pdir = out / "plots"

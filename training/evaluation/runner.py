@@ -354,11 +354,11 @@ def _iterative(predictor, emb, objects: list[GTObject], prompt: str, sample_key:
     scores = [float(v) for v in pred.scores]
     rows: list[dict] = []
 
-    def record(i: int, step: int, click_label: int) -> None:
+    def record(i: int, step: int, click_label: int, honoured: float | str = "") -> None:
         o = objects[i]
         row = _metrics_row(o.mask, masks[i], cfg.tolerance_px)
         row.update(object_id=o.object_id, object_px=o.size, prompt=prompt, step=step, n_points=len(points[i]),
-                   click_label=click_label, score=scores[i])
+                   click_label=click_label, click_honoured=honoured, score=scores[i])
         rows.append(row)
 
     for i in range(n):
@@ -366,6 +366,7 @@ def _iterative(predictor, emb, objects: list[GTObject], prompt: str, sample_key:
     for step in range(1, cfg.steps + 1):
         click_labels = [-1] * n
         active: list[int] = []
+        new_clicks: list[list] = [[] for _ in range(n)]
         for i, o in enumerate(objects):
             if cfg.click_strategy == "micro_sam":
                 new_pts, new_labels = micro_sam_corrective_clicks(
@@ -379,6 +380,7 @@ def _iterative(predictor, emb, objects: list[GTObject], prompt: str, sample_key:
                 new_pts, new_labels, click_labels[i] = [click.point], [click.label], click.label
             points[i].extend(np.asarray(p, dtype=np.float64) for p in new_pts)
             labels[i].extend(int(v) for v in new_labels)
+            new_clicks[i] = list(new_labels)
             active.append(i)
         groups: dict[int, list[int]] = {}
         for i in active:
@@ -394,8 +396,19 @@ def _iterative(predictor, emb, objects: list[GTObject], prompt: str, sample_key:
             for j, i in enumerate(idx):
                 masks[i], logits[i], scores[i] = pred.masks[j], pred.low_res_logits[j : j + 1], float(pred.scores[j])
         for i in range(n):
-            record(i, step, click_labels[i])
+            new = len(new_clicks[i]) if i in active else 0
+            honoured = clicks_honoured(masks[i], points[i][-new:], labels[i][-new:]) if new else ""
+            record(i, step, click_labels[i], honoured)
     return rows
+
+
+def clicks_honoured(mask: np.ndarray, points, labels) -> float:
+    """Share of the clicks (x, y) whose pixel the mask labels as the click asked: inside for a positive click,
+    outside for a negative one. Why: a corrective click the next mask ignores is what users notice first."""
+    h, w = mask.shape[:2]
+    ok = [bool(mask[min(max(int(round(y)), 0), h - 1), min(max(int(round(x)), 0), w - 1)]) == bool(label)
+          for (x, y), label in zip(points, labels)]
+    return float(np.mean(ok)) if ok else float("nan")
 
 
 # ---- the loop --------------------------------------------------------------------------------

@@ -43,6 +43,7 @@ COLUMNS: tuple[str, ...] = (
     "step",  # 0 = initial prompt; 1..N corrective clicks (iterative prompts)
     "n_points",
     "click_label",  # label of the click added at this step (1/0), -1 for none
+    "click_honoured",  # share of this step's new clicks the new mask agrees with (empty: no click this step)
     "dice",
     "iou",
     "nsd",
@@ -143,7 +144,8 @@ class ResultStore:
             frames.append(df)
         if not frames:
             return pd.DataFrame(columns=list(COLUMNS))
-        df = pd.concat(frames, ignore_index=True)
+        # files written before a column was added lack it: every table has COLUMNS, in their order
+        df = pd.concat(frames, ignore_index=True).reindex(columns=list(COLUMNS))
         df["degradation"] = df["degradation"].fillna("")
         return df
 
