@@ -28,14 +28,17 @@ from __future__ import annotations
 
 import argparse
 import platform
+import sys
 import time
 import warnings
+from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 warnings.filterwarnings("ignore")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the training package (model-argument parsing)
 
 
 def percentiles(times: list[float]) -> str:
@@ -153,8 +156,10 @@ def main() -> None:
                         p.copy_(torch.randn(p.shape, generator=g) * 0.05)
             pge_model.attach_enhancer(enhancer)
             add_pge(label, pge_model)
+        from training.evaluation.runner import split_model_arg
+
         for spec in args.pge_checkpoint:
-            label, _, path = spec.rpartition("=")
+            label, path = split_model_arg(spec)
             loaded = load_model(path, device="cpu", half=False, progress=False)
             if loaded.model.feature_enhancer is None:
                 raise SystemExit(f"{path} has no PGE head")

@@ -31,15 +31,17 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
 
 
 def pge_heads(args) -> dict[str, str]:
     """``--pge [LABEL=]PATH`` entries as label -> path (default label ``pge-lite``)."""
+    from training.evaluation.runner import split_model_arg
+
     heads = {}
     for spec in args.pge:
-        label, sep, path = spec.partition("=")
-        if not sep:
-            label, path = "pge-lite", spec
+        label, path = split_model_arg(spec)
+        label = label or "pge-lite"
         if label in heads:
             raise SystemExit(f"two PGE heads labelled {label!r}: name them LABEL=PATH")
         heads[label] = path
@@ -143,7 +145,8 @@ def main(argv=None) -> int:
     if wall is not None:
         lines.append(f"Evaluation wall time: {wall / 60:.1f} min. Summary tables and plots: `{out}/summary.md`.")
     heads = pge_heads(args)
-    lines += ["", "## Targets (issue 8)", ""] + check_targets(agg, args.steps, tuple(heads))
+    targets = check_targets(agg, args.steps, tuple(heads))
+    lines += ["", "## Targets (issue 8)", ""] + targets
     lat = latency(args.clicks, heads)
     lines += ["", "## Click latency (same machine, same run)", "", "```", lat.strip(), "```", ""]
     counts = parameter_counts({"litemedsam": "litemedsam", "robust-lite": args.robust, **heads})
@@ -155,9 +158,7 @@ def main(argv=None) -> int:
             + " |")
     text = "\n".join(lines) + "\n"
     (out / "heads.md").write_text(text)
-    (out / "heads.json").write_text(json.dumps({"targets": check_targets(agg, args.steps, tuple(heads)),
-                                                "parameters": counts,
-                                                "latency": lat}, indent=1))
+    (out / "heads.json").write_text(json.dumps({"targets": targets, "parameters": counts, "latency": lat}, indent=1))
     print(text)
     return 0
 

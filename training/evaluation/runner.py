@@ -396,7 +396,7 @@ def _iterative(predictor, emb, objects: list[GTObject], prompt: str, sample_key:
             for j, i in enumerate(idx):
                 masks[i], logits[i], scores[i] = pred.masks[j], pred.low_res_logits[j : j + 1], float(pred.scores[j])
         for i in range(n):
-            new = len(new_clicks[i]) if i in active else 0
+            new = len(new_clicks[i])
             honoured = clicks_honoured(masks[i], points[i][-new:], labels[i][-new:]) if new else ""
             record(i, step, click_labels[i], honoured)
     return rows

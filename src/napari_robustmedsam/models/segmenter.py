@@ -273,10 +273,8 @@ class PromptableSegmenter(nn.Module):
         embeddings = features["image_embeddings"]
         if torch.is_grad_enabled() and any(p.requires_grad for p in enhancer.parameters()):
             return enhancer.image_side(stack_intermediates(features)), None  # training: gradients flow, no cache
-        key = None
-        if first is not None:
-            key = (id(first), first.data_ptr(), first._version, id(embeddings), embeddings.data_ptr(),
-                   getattr(embeddings, "_version", 0), tuple((id(p), p._version) for p in enhancer.parameters()))
+        keys = (tensor_key(first) if first is not None else None, tensor_key(embeddings))
+        key = None if None in keys else keys + (tuple((id(p), p._version) for p in enhancer.parameters()),)
         cached = self.__dict__.get("_enhancer_side")
         if cached is not None and key is not None and cached[0] == key:
             return cached[1], cached[2]
