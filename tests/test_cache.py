@@ -366,3 +366,32 @@ def test_cache_dir_from_environment(monkeypatch, tmp_path):
     monkeypatch.setenv("ROBUSTMEDSAM_CACHE_DIR", str(tmp_path / "home"))
     assert cache_mod.default_cache_dir() == tmp_path / "home" / "embeddings"
     assert EmbeddingCache().directory == tmp_path / "home" / "embeddings"
+
+
+def test_all_zero_features_are_served_from_disk(tmp_path):
+    """zarr leaves out chunks equal to the fill value; an all-zero feature (the lite robust decoder's image
+    features) must still be a cache hit, and a chunk that went missing from real data must still be caught."""
+    from napari_robustmedsam.engine.preprocessing import ImageFrame
+
+    sig = signature_mod.Signature(
+        kind="image", data_hash="a", data_shape=(2, 2), data_dtype="<i2", encoder_hash="e", decoder_hash="d",
+        architecture="tiny", preprocessing="litemedsam", model_size=256, precision="fp32", storage_dtype="float32",
+        package_version="1.0",
+    )
+    frame = ImageFrame(preprocessing="litemedsam", original_size=(2, 2), input_size=(256, 256), model_size=256)
+    store = EmbeddingStore.open(tmp_path / "s.zarr", sig, 1)
+    features = {"image_embeddings": torch.randn(1, 4, 8, 8), "robust_image_features": torch.zeros(1, 4, 8, 8)}
+    store.write(0, features, frame)
+    entry = store.entry_path(0)
+    assert (entry / "robust_image_features" / "c" / "0" / "0" / "0" / "0").is_file()  # written, not left out
+    got, _, _ = store.read(0)
+    assert torch.equal(got["robust_image_features"], features["robust_image_features"])
+    # an entry written without the chunk (as zarr's default did) is read as zeros and passes its checksum
+    (entry / "robust_image_features" / "c" / "0" / "0" / "0" / "0").unlink()
+    got, _, _ = store.read(0)
+    assert torch.equal(got["robust_image_features"], features["robust_image_features"])
+    # a missing chunk of non-zero data is corrupt: the entry is dropped and recomputed
+    (entry / "image_embeddings" / "c" / "0" / "0" / "0" / "0").unlink()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert store.read(0) is None

@@ -185,3 +185,29 @@ def test_clicks_honoured_reads_each_click_at_its_pixel():
     assert clicks_honoured(mask, [np.array([3.0, 13.0])], [1]) == 0.0  # swapped axes would be outside
     assert clicks_honoured(mask, [np.array([1.0, 1.0]), np.array([15.0, 4.0])], [0, 0]) == 0.5
     assert clicks_honoured(mask, [np.array([25.0, -3.0])], [0]) == 1.0  # off-image clicks are clamped, not an error
+
+
+def test_local_corrections_change_only_the_corrective_steps(resumed_run, shared_data, tmp_path):
+    """Same images and prompts as the resumed run, corrective clicks kept local: the start is the same, the
+    iterative rows carry their own protocol (a resumed run never mixes the two), box rows keep theirs."""
+    import json
+
+    from training.evaluation.runner import EvalConfig
+
+    assert EvalConfig().protocol("iter_box") != EvalConfig(local_corrections=True).protocol("iter_box")
+    assert EvalConfig().protocol("box") == EvalConfig(local_corrections=True).protocol("box")
+    out, *_ = resumed_run
+    args = _args(shared_data, tmp_path, "--local-corrections", datasets="ph2_dermoscopy")
+    args[args.index("--prompts") + 1] = "iterative"
+    main(args)
+    local = load_measurements(tmp_path)
+    whole = load_measurements(out)
+    whole = whole[(whole["dataset"] == "ph2_dermoscopy") & whole["prompt"].str.startswith("iter_")]
+    key = ["model", "sample", "condition", "object_id", "prompt", "step"]
+    merged = whole.merge(local, on=key, suffixes=("_whole", "_local"))
+    assert len(merged) == len(local) == len(whole) > 0
+    assert (merged["protocol_whole"] != merged["protocol_local"]).all()
+    start = merged[merged["step"] == 0]
+    assert np.allclose(start["dice_whole"], start["dice_local"])
+    record = json.loads((tmp_path / "runs.jsonl").read_text().splitlines()[-1])
+    assert record["config"]["local_corrections"] is True

@@ -79,8 +79,10 @@ class _BoxPredictor:
 
         self.model = _Model()
 
-    def predict(self, points=None, point_labels=None, boxes=None, mask_input=None, multimask_output=None, embedding=None):
+    def predict(self, points=None, point_labels=None, boxes=None, mask_input=None, multimask_output=None, embedding=None,
+                local_clicks=None):
         h, w = embedding.frame.original_size
+        self.local_clicks = local_clicks
         self.calls.append((embedding.features["tile"], None if boxes is None else np.asarray(boxes), points))
         n = len(boxes) if boxes is not None else len(points)
         masks = np.zeros((n, h, w), bool)
@@ -123,6 +125,18 @@ def test_prompts_are_routed_and_masks_pasted_at_the_right_place():
     # points go the same way
     pred = predictor.predict(points=[[[410.0, 250.0], [420, 260]]], embedding=tiled)
     assert pred.masks[0, 250:261, 410:421].all() and pred.masks[0].sum() == 11 * 11
+
+
+def test_local_clicks_are_shifted_into_the_tile_frame():
+    fake = _BoxPredictor()
+    tiled = _fake_tiled((300, 500), threshold=200, halo=20)
+    pred = TiledPredictor(fake).predict(points=[[410.0, 250.0]], boxes=[400.0, 220, 480, 290],
+                                        mask_input=torch.zeros(1, 1, 256, 256), local_clicks=np.array([[410.0, 250.0]]),
+                                        embedding=tiled, tile=None)
+    ox, oy = tiled.tiles[pred.tile_indices[0]].offset
+    np.testing.assert_allclose(fake.local_clicks[0], [[410.0 - ox, 250.0 - oy]])
+    TiledPredictor(fake).predict(boxes=[400.0, 220, 480, 290], embedding=tiled, local_clicks=np.array([[410.0, 250.0]]))
+    assert fake.local_clicks is None  # without previous logits there is nothing to keep
 
 
 def test_box_larger_than_a_tile_is_clipped_to_the_chosen_tile():

@@ -251,6 +251,12 @@ def test_corrective_click_refines_with_previous_logits(plugin, qtbot):
         annotator.add_point(5.0, 5.0, positive=False)
     wait_idle(qtbot)
     assert annotator.points_layer.features["label"].tolist() == ["positive", "negative"]
+    # corrections stay local once the object has a box (the default), the choice reaches the segmentation
+    z = 0
+    assert annotator._segment_args(z, annotator.slice_prompts(z))["local_corrections"] == "with a box"
+    annotator.local_combo.setCurrentText("off")
+    assert annotator._segment_args(z, annotator.slice_prompts(z))["local_corrections"] == "off"
+    annotator.local_combo.setCurrentText("with a box")
     shot(viewer, "04_corrective_clicks")
 
 

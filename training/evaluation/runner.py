@@ -103,6 +103,7 @@ class EvalConfig:
     click_strategy: str = "center"  # center | random | micro_sam
     jitter: float = 0.1
     feed_logits: bool = True
+    local_corrections: bool = False  # keep only the changes connected to each step's new clicks
 
     @property
     def prompts_2d(self) -> tuple[str, ...]:
@@ -123,6 +124,8 @@ class EvalConfig:
             parts["jitter"] = self.jitter
         if prompt.startswith("iter_"):
             parts.update(steps=self.steps, click_strategy=self.click_strategy, feed_logits=self.feed_logits)
+            if self.local_corrections:  # absent when off, so earlier runs keep their protocol hash
+                parts["local_corrections"] = True
         if prompt == PROPAGATE:
             parts.update(propagation=PROPAGATION_SETTINGS)
         return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:10]
@@ -392,6 +395,8 @@ def _iterative(predictor, emb, objects: list[GTObject], prompt: str, sample_key:
                 boxes=boxes[idx] if boxes is not None else None,
                 mask_input=torch.cat([logits[i] for i in idx]) if cfg.feed_logits else None,
                 multimask_output=False, embedding=emb,
+                local_clicks=[np.stack(points[i][-len(new_clicks[i]):]) for i in idx]
+                if cfg.local_corrections and cfg.feed_logits else None,
             )
             for j, i in enumerate(idx):
                 masks[i], logits[i], scores[i] = pred.masks[j], pred.low_res_logits[j : j + 1], float(pred.scores[j])

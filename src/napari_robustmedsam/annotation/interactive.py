@@ -32,6 +32,23 @@ EMPTY_MASK_HINT = (
 )
 
 
+#: When a corrective click changes only the region connected to it (:mod:`..engine.local_correction`).
+LOCAL_CORRECTION_MODES = ("off", "with a box", "always")
+# Chosen on the training split's validation images (23, docs/results/local-corrections): from a box start, local
+# corrections removed most per-object falls and ended higher on degraded images; from a point start the PGE head
+# lost Dice with them (its far-away changes there are mostly gains), so point-only prompts take the whole mask.
+DEFAULT_LOCAL_CORRECTIONS = "with a box"
+
+
+def local_corrections_apply(mode: str | bool, has_box: bool) -> bool:
+    """Whether a corrective click is kept local under ``mode`` (one of LOCAL_CORRECTION_MODES, or a bool)."""
+    if isinstance(mode, bool):
+        return mode
+    if mode not in LOCAL_CORRECTION_MODES:
+        raise ValueError(f"unknown local-corrections mode {mode!r}; valid: {', '.join(LOCAL_CORRECTION_MODES)}")
+    return mode == "always" or (mode == "with a box" and has_box)
+
+
 @dataclass
 class SliceResult:
     mask: np.ndarray  # (H, W) bool
@@ -85,11 +102,14 @@ def segment_slice(
     box_primary: bool = False,
     use_previous_logits: bool = True,
     model_name: str = "this model",
+    local_corrections: str | bool = "off",
 ) -> SliceResult:
     """Segment one object on one slice from its prompts.
 
     ``previous_*``: what the current object had on this slice before this prompt change; the logits are
     fed back when the new prompts only add points to the previous ones (a corrective click).
+    ``local_corrections`` (one of LOCAL_CORRECTION_MODES, or a bool): on a corrective click, change the mask only
+    in the regions connected to the new points; the rest of the previous mask stays as it was.
     """
     plane = tuple(getattr(embedding, "frame", embedding).original_size)  # ImageEmbedding / TiledEmbedding
     sent = SlicePrompts(prompts.points, prompts.labels, prompts.box, prompts.source)
@@ -121,12 +141,16 @@ def segment_slice(
         and (sent.extends(previous_prompts) or (previous_prompts is not None and previous_prompts.source == "propagated"
                                                and sent.points.shape[0] > 0))
     )
+    extra = {}
+    if use_logits and sent.extends(previous_prompts) and local_corrections_apply(local_corrections, sent.box is not None):
+        extra["local_clicks"] = [sent.points[previous_prompts.points.shape[0]:]]
     prediction = predictor.predict(
         points=sent.points if sent.points.shape[0] else None,
         point_labels=sent.labels if sent.points.shape[0] else None,
         boxes=sent.box,
         mask_input=previous_logits if use_logits else None,
         embedding=embedding,
+        **extra,
     )
     mask = prediction.masks[0]
     if not mask.any() and not hint:

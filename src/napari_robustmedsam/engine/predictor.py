@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import ImageInputError, PromptError
+from .local_correction import merge_local_correction
 from .preprocessing import LOW_RES_SIZE, ImageFrame, preprocess
 
 # Points and boxes may touch the border; allow half a pixel of slack for napari's pixel-centre coordinates.
@@ -168,6 +169,22 @@ class Predictor:
             with torch.no_grad():  # not inference mode: the cache keys read the tensors' version counters
                 prepare(emb.features, mask.to(device=self.device, dtype=self.dtype))
 
+    def _clicks_on_logits(self, local_clicks, frame: ImageFrame, n_objects: int, side: int) -> list[np.ndarray | None]:
+        """Original-pixel (x, y) clicks per object -> positions on the low-resolution logits grid."""
+        if isinstance(local_clicks, np.ndarray) and local_clicks.ndim == 2:
+            local_clicks = [local_clicks]
+        per_object = list(local_clicks)
+        if len(per_object) != n_objects:
+            raise PromptError(f"local_clicks has {len(per_object)} entries for {n_objects} objects")
+        out: list[np.ndarray | None] = []
+        for pts in per_object:
+            if pts is None or np.size(pts) == 0:
+                out.append(None)
+                continue
+            a = _as_objects(pts, 2, "local_clicks").reshape(-1, 2)
+            out.append(frame.points_to_model(a) * (side / frame.model_size))
+        return out
+
     @torch.no_grad()
     def predict(
         self,
@@ -177,6 +194,7 @@ class Predictor:
         mask_input: torch.Tensor | None = None,
         multimask_output: bool | None = None,
         embedding: ImageEmbedding | None = None,
+        local_clicks=None,
     ) -> Prediction:
         """Segment N objects.
 
@@ -184,7 +202,9 @@ class Predictor:
         (default all positive). boxes: (4,) or (N, 4) as (x0, y0, x1, y1). mask_input: previous
         low-resolution logits (N, 1, 256, 256). ``multimask_output=None`` asks for three candidate masks
         exactly when one object has a single point and nothing else (ambiguous prompt), and keeps the
-        one with the highest predicted IoU.
+        one with the highest predicted IoU. ``local_clicks`` (with ``mask_input``): the corrective clicks just added,
+        (K, 2) for one object or one (K, 2) array (or None) per object; only the changes connected to them are
+        kept, the rest of the previous mask stays (:mod:`.local_correction`).
         """
         emb = embedding if embedding is not None else self.embedding
         if emb is None:
@@ -253,6 +273,8 @@ class Predictor:
         idx = torch.arange(low_res.shape[0], device=low_res.device)
         chosen = low_res[idx, best][:, None]
         scores = iou[idx, best]
+        if local_clicks is not None and mask_arg is not None:
+            chosen = merge_local_correction(mask_arg, chosen, self._clicks_on_logits(local_clicks, frame, n_objects, chosen.shape[-1]))
         full = logits_to_original(frame, chosen)[:, 0]
         return Prediction(
             masks=(full > 0).cpu().numpy(),

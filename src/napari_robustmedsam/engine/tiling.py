@@ -183,12 +183,17 @@ class TiledPredictor:
         multimask_output: bool | None = None,
         embedding=None,
         tile: int | None = None,
+        local_clicks=None,
     ) -> Prediction:
         """Segment N objects; prompts in full-image (x, y) pixels. ``tile`` forces one tile (e.g. to feed
-        back ``mask_input`` logits of an earlier :class:`TiledPrediction`)."""
+        back ``mask_input`` logits of an earlier :class:`TiledPrediction`); ``local_clicks`` as in
+        :meth:`Predictor.predict`."""
         emb = embedding if embedding is not None else self.embedding
         if not isinstance(emb, TiledEmbedding):
-            return self.predictor.predict(points, point_labels, boxes, mask_input, multimask_output, embedding=emb)
+            return self.predictor.predict(points, point_labels, boxes, mask_input, multimask_output, embedding=emb,
+                                          local_clicks=local_clicks)
+        if local_clicks is not None and isinstance(local_clicks, np.ndarray) and local_clicks.ndim == 2:
+            local_clicks = [local_clicks]
         pts = None if points is None or np.size(points) == 0 else np.asarray(points, dtype=np.float64)
         bxs = None if boxes is None or np.size(boxes) == 0 else np.asarray(boxes, dtype=np.float64)
         if pts is not None and pts.ndim == 2:
@@ -253,6 +258,11 @@ class TiledPredictor:
                 sub_box = np.clip(sub_box, 0, [tw, th, tw, th])
             if sub_pts is None and sub_box is None and mask_input is None:
                 continue  # nothing of this object's prompt lies in the tile
+            sub_local = None
+            if local_clicks is not None and mask_input is not None:
+                sub_local = [None if local_clicks[o] is None or np.size(local_clicks[o]) == 0
+                             else np.asarray(local_clicks[o], dtype=np.float64).reshape(-1, 2) - np.array([ox, oy])
+                             for o in objects]
             pred = self.predictor.predict(
                 points=sub_pts,
                 point_labels=sub_lbl,
@@ -260,6 +270,7 @@ class TiledPredictor:
                 mask_input=mask_input,
                 multimask_output=multimask_output,
                 embedding=emb.embeddings[emb.tiles.index(t)],
+                local_clicks=sub_local,
             )
             y0, y1, x0, x1 = t.outer
             for j, obj in enumerate(objects):

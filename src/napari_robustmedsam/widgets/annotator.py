@@ -39,7 +39,12 @@ from qtpy.QtWidgets import (
 )
 
 from ..annotation.embeddings import SliceEmbeddings, image_kind
-from ..annotation.interactive import BOX_PRIMARY_HINT, segment_slice
+from ..annotation.interactive import (
+    BOX_PRIMARY_HINT,
+    DEFAULT_LOCAL_CORRECTIONS,
+    LOCAL_CORRECTION_MODES,
+    segment_slice,
+)
 from ..annotation.model_info import display_name
 from ..annotation.propagation import (
     DEFAULT_IOU_THRESHOLD,
@@ -169,6 +174,14 @@ class AnnotatorWidget(QWidget):
 
         self.live_check = QCheckBox("Live: segment on every prompt change")
         self.live_check.setChecked(True)
+        self.local_combo = shrinkable(QComboBox())
+        self.local_combo.addItems(LOCAL_CORRECTION_MODES)
+        self.local_combo.setCurrentText(DEFAULT_LOCAL_CORRECTIONS)
+        self.local_combo.setToolTip(
+            "Local: a corrective click changes the mask only in the region connected to the click, the rest "
+            "stays as it was (otherwise the model re-predicts the whole object on every click). 'with a box': "
+            "local once the object has a box; from points alone the whole new mask is taken."
+        )
         self.polarity_button = QPushButton()
         self.polarity_button.setToolTip("Polarity of the next point (T)")
         self.polarity_button.clicked.connect(self.toggle_polarity)
@@ -230,6 +243,10 @@ class AnnotatorWidget(QWidget):
         layout.addWidget(self.embed_status)
         layout.addWidget(self.hint)
         layout.addWidget(self.live_check)
+        local_row = QHBoxLayout()
+        local_row.addWidget(QLabel("Corrections stay local"))
+        local_row.addWidget(self.local_combo, 1)
+        layout.addLayout(local_row)
         layout.addLayout(polarity_row)
         layout.addLayout(buttons)
         layout.addWidget(self.overwrite_check)
@@ -793,6 +810,7 @@ class AnnotatorWidget(QWidget):
             previous_mask=prev_mask.copy() if prev_mask.any() else None,
             box_primary=bool(loaded.box_primary),
             model_name=display_name(loaded),
+            local_corrections=self.local_combo.currentText(),
         )
 
     def _embed_then_segment(self, z: int, t_request: float) -> None:
