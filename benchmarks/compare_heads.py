@@ -59,8 +59,8 @@ def evaluate(args, out: Path) -> float:
         cmd += ["--images-per-dataset", str(args.images_per_dataset)]
     if args.workers > 1:
         cmd += ["--workers", str(args.workers)]
-    if args.local_corrections:
-        cmd += ["--local-corrections"]
+    if args.local_corrections != "off":
+        cmd += ["--local-corrections", args.local_corrections]
     print("$", " ".join(cmd), flush=True)
     t0 = time.perf_counter()
     subprocess.run(cmd, cwd=ROOT, check=True)
@@ -138,8 +138,10 @@ def main(argv=None) -> int:
     p.add_argument("--images-per-dataset", type=int, default=None)
     p.add_argument("--workers", type=int, default=1)
     p.add_argument("--clicks", type=int, default=30, help="clicks of the latency measurement")
-    p.add_argument("--local-corrections", action="store_true",
-                   help="corrective clicks change only the region connected to the click (the annotator's option)")
+    p.add_argument("--local-corrections", nargs="?", const="always", default="off",
+                   choices=("off", "with-a-box", "always"),
+                   help="corrective clicks change only the region connected to the click (the annotator's option; "
+                   "with-a-box: from box starts only, its default)")
     p.add_argument("--skip-eval", action="store_true", help="only analyse an existing --out")
     args = p.parse_args(argv)
     out = Path(args.out)
@@ -148,8 +150,12 @@ def main(argv=None) -> int:
     lines = [f"# Robust heads compared ({time.strftime('%Y-%m-%d %H:%M')})", ""]
     if wall is not None:
         lines.append(f"Evaluation wall time: {wall / 60:.1f} min. Summary tables and plots: `{out}/summary.md`.")
-    lines.append("Corrective clicks: " + ("local (only the changes connected to each click are kept)."
-                                          if args.local_corrections else "the whole new prediction is taken."))
+    lines.append("Corrective clicks: " + {
+        "off": "the whole new prediction is taken.",
+        "always": "local (only the changes connected to each click are kept).",
+        "with-a-box": "local from a box start (only the changes connected to each click are kept), the whole new "
+                      "prediction from a point start (the annotator's default).",
+    }[args.local_corrections])
     heads = pge_heads(args)
     targets = check_targets(agg, args.steps, tuple(heads))
     lines += ["", "## Targets (issue 8)", ""] + targets

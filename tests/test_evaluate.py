@@ -196,6 +196,11 @@ def test_local_corrections_change_only_the_corrective_steps(resumed_run, shared_
 
     assert EvalConfig().protocol("iter_box") != EvalConfig(local_corrections=True).protocol("iter_box")
     assert EvalConfig().protocol("box") == EvalConfig(local_corrections=True).protocol("box")
+    # the annotator's default: local from a box start only; each start shares its hash with the run it equals
+    boxed = EvalConfig(local_corrections="with a box")
+    assert boxed.protocol("iter_box") == EvalConfig(local_corrections="always").protocol("iter_box")
+    assert boxed.protocol("iter_point") == EvalConfig().protocol("iter_point")
+    assert not EvalConfig(local_corrections=True, feed_logits=False).local_for("iter_box")
     out, *_ = resumed_run
     args = _args(shared_data, tmp_path, "--local-corrections", datasets="ph2_dermoscopy")
     args[args.index("--prompts") + 1] = "iterative"
@@ -210,4 +215,4 @@ def test_local_corrections_change_only_the_corrective_steps(resumed_run, shared_
     start = merged[merged["step"] == 0]
     assert np.allclose(start["dice_whole"], start["dice_local"])
     record = json.loads((tmp_path / "runs.jsonl").read_text().splitlines()[-1])
-    assert record["config"]["local_corrections"] is True
+    assert record["config"]["local_corrections"] == "always"

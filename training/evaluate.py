@@ -74,9 +74,11 @@ def build_parser() -> argparse.ArgumentParser:
                    "or micro_sam's one positive + one negative sampled click per step")
     p.add_argument("--no-feed-logits", action="store_true",
                    help="do not feed the previous low-res logits back as a mask prompt in iterative modes")
-    p.add_argument("--local-corrections", action="store_true",
-                   help="iterative modes: keep only the changes connected to each step's new clicks, the rest of "
-                   "the previous mask stays (the annotator's 'corrections stay local' option)")
+    p.add_argument("--local-corrections", nargs="?", const="always", default="off",
+                   choices=("off", "with-a-box", "always"),
+                   help="iterative modes: keep only the changes connected to each step's new clicks, the rest of the "
+                   "previous mask stays (the annotator's 'Corrections stay local'); 'with-a-box': from box starts "
+                   "only, the annotator's default; alone: always; default off")
     p.add_argument("--jitter", type=float, default=0.1, help="box_jitter: max side shift as a fraction of the box side")
     p.add_argument("--objects", choices=("label", "components"), default="label",
                    help="an object is a label value (default) or each connected component of a label value")
@@ -120,7 +122,7 @@ def _config(args) -> EvalConfig:
         click_strategy=args.click_strategy,
         jitter=args.jitter,
         feed_logits=not args.no_feed_logits,
-        local_corrections=args.local_corrections,
+        local_corrections=args.local_corrections.replace("-", " "),
     )
 
 

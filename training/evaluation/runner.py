@@ -34,6 +34,7 @@ from typing import Callable
 import numpy as np
 import torch
 
+from napari_robustmedsam.annotation.interactive import local_corrections_apply
 from napari_robustmedsam.metrics import segmentation_metrics
 from napari_robustmedsam.prompting import (
     corrective_click,
@@ -103,7 +104,14 @@ class EvalConfig:
     click_strategy: str = "center"  # center | random | micro_sam
     jitter: float = 0.1
     feed_logits: bool = True
-    local_corrections: bool = False  # keep only the changes connected to each step's new clicks
+    # keep only the changes connected to each step's new clicks: "off", "with a box" (box starts only, the
+    # annotator's default) or "always" (the annotator's modes; True/False mean always/off)
+    local_corrections: str | bool = "off"
+
+    def local_for(self, prompt: str) -> bool:
+        """Whether the corrective clicks of ``prompt`` are kept local (needs the previous logits fed back)."""
+        return (prompt.startswith("iter_") and self.feed_logits
+                and local_corrections_apply(self.local_corrections, has_box=prompt == "iter_box"))
 
     @property
     def prompts_2d(self) -> tuple[str, ...]:
@@ -124,7 +132,7 @@ class EvalConfig:
             parts["jitter"] = self.jitter
         if prompt.startswith("iter_"):
             parts.update(steps=self.steps, click_strategy=self.click_strategy, feed_logits=self.feed_logits)
-            if self.local_corrections:  # absent when off, so earlier runs keep their protocol hash
+            if self.local_for(prompt):  # absent when off, so earlier runs keep their protocol hash
                 parts["local_corrections"] = True
         if prompt == PROPAGATE:
             parts.update(propagation=PROPAGATION_SETTINGS)
@@ -396,7 +404,7 @@ def _iterative(predictor, emb, objects: list[GTObject], prompt: str, sample_key:
                 mask_input=torch.cat([logits[i] for i in idx]) if cfg.feed_logits else None,
                 multimask_output=False, embedding=emb,
                 local_clicks=[np.stack(points[i][-len(new_clicks[i]):]) for i in idx]
-                if cfg.local_corrections and cfg.feed_logits else None,
+                if cfg.local_for(prompt) else None,
             )
             for j, i in enumerate(idx):
                 masks[i], logits[i], scores[i] = pred.masks[j], pred.low_res_logits[j : j + 1], float(pred.scores[j])
