@@ -99,6 +99,9 @@ def test_predictor_local_click_changes_only_the_region_at_the_click(predictor_an
     assert np.array_equal((logits_to_original(emb.frame, local.low_res_logits)[:, 0] > 0).numpy(), local.masks)
     with pytest.raises(PromptError, match="local_clicks"):
         predictor.predict(**args, local_clicks=[click, click])
+    # plain lists work as in the README: one object's clicks, (K, 2)
+    as_list = predictor.predict(**args, local_clicks=[[float(click[0, 0]), float(click[0, 1])]])
+    assert np.array_equal(as_list.masks, local.masks)
     # the tiled wrapper passes it through for a plain embedding
     tiled = TiledPredictor(predictor).predict(**args, local_clicks=click)
     assert np.array_equal(tiled.masks, local.masks)

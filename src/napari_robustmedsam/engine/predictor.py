@@ -171,9 +171,16 @@ class Predictor:
 
     def _clicks_on_logits(self, local_clicks, frame: ImageFrame, n_objects: int, side: int) -> list[np.ndarray | None]:
         """Original-pixel (x, y) clicks per object -> positions on the low-resolution logits grid."""
-        if isinstance(local_clicks, np.ndarray) and local_clicks.ndim == 2:
-            local_clicks = [local_clicks]
-        per_object = list(local_clicks)
+        try:  # a regular array: (K, 2) clicks of the one object, or (N, K, 2)
+            arr = np.asarray(local_clicks, dtype=np.float64)
+        except (TypeError, ValueError):  # ragged: one entry per object
+            arr = None
+        if arr is not None and arr.ndim == 2 and n_objects == 1:
+            per_object = [arr]
+        elif arr is not None and arr.ndim == 3:
+            per_object = list(arr)
+        else:
+            per_object = list(local_clicks)
         if len(per_object) != n_objects:
             raise PromptError(f"local_clicks has {len(per_object)} entries for {n_objects} objects")
         out: list[np.ndarray | None] = []
