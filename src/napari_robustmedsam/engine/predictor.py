@@ -96,6 +96,25 @@ def logits_to_original(frame: ImageFrame, low_res_logits: torch.Tensor) -> torch
     return F.interpolate(x, frame.original_size, mode="bilinear", align_corners=False)
 
 
+def clicks_per_object(local_clicks, n_objects: int) -> list[np.ndarray | None]:
+    """``local_clicks`` as one (K, 2) array (or None) per object: a (K, 2) array or list is the one object's
+    clicks, (N, K, 2) or a list of N entries (ragged, or None for "take the whole new mask") one per object."""
+    try:
+        arr = np.asarray(local_clicks, dtype=np.float64)
+    except (TypeError, ValueError):  # ragged or with None entries
+        arr = None
+    if arr is not None and arr.ndim == 2 and n_objects == 1:
+        per_object = [arr]
+    elif arr is not None and arr.ndim == 3:
+        per_object = list(arr)
+    else:
+        per_object = list(local_clicks)
+    if len(per_object) != n_objects:
+        raise PromptError(f"local_clicks has {len(per_object)} entries for {n_objects} objects")
+    return [None if pts is None or np.size(pts) == 0 else _as_objects(pts, 2, "local_clicks").reshape(-1, 2)
+            for pts in per_object]
+
+
 class Predictor:
     """Segment with any :class:`~napari_robustmedsam.models.segmenter.PromptableSegmenter`."""
 
@@ -171,26 +190,8 @@ class Predictor:
 
     def _clicks_on_logits(self, local_clicks, frame: ImageFrame, n_objects: int, side: int) -> list[np.ndarray | None]:
         """Original-pixel (x, y) clicks per object -> positions on the low-resolution logits grid."""
-        try:  # a regular array: (K, 2) clicks of the one object, or (N, K, 2)
-            arr = np.asarray(local_clicks, dtype=np.float64)
-        except (TypeError, ValueError):  # ragged: one entry per object
-            arr = None
-        if arr is not None and arr.ndim == 2 and n_objects == 1:
-            per_object = [arr]
-        elif arr is not None and arr.ndim == 3:
-            per_object = list(arr)
-        else:
-            per_object = list(local_clicks)
-        if len(per_object) != n_objects:
-            raise PromptError(f"local_clicks has {len(per_object)} entries for {n_objects} objects")
-        out: list[np.ndarray | None] = []
-        for pts in per_object:
-            if pts is None or np.size(pts) == 0:
-                out.append(None)
-                continue
-            a = _as_objects(pts, 2, "local_clicks").reshape(-1, 2)
-            out.append(frame.points_to_model(a) * (side / frame.model_size))
-        return out
+        return [None if pts is None else frame.points_to_model(pts) * (side / frame.model_size)
+                for pts in clicks_per_object(local_clicks, n_objects)]
 
     @torch.no_grad()
     def predict(

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from ..errors import PromptError
-from .predictor import ImageEmbedding, Prediction, Predictor
+from .predictor import ImageEmbedding, Prediction, Predictor, clicks_per_object
 
 DEFAULT_TILE_THRESHOLD = 2048
 DEFAULT_HALO = 256
@@ -192,8 +192,6 @@ class TiledPredictor:
         if not isinstance(emb, TiledEmbedding):
             return self.predictor.predict(points, point_labels, boxes, mask_input, multimask_output, embedding=emb,
                                           local_clicks=local_clicks)
-        if local_clicks is not None and isinstance(local_clicks, np.ndarray) and local_clicks.ndim == 2:
-            local_clicks = [local_clicks]
         pts = None if points is None or np.size(points) == 0 else np.asarray(points, dtype=np.float64)
         bxs = None if boxes is None or np.size(boxes) == 0 else np.asarray(boxes, dtype=np.float64)
         if pts is not None and pts.ndim == 2:
@@ -229,6 +227,8 @@ class TiledPredictor:
                     None if labels is None else labels[i],
                 )
             groups.setdefault(t.index, []).append(i)
+        if local_clicks is not None:
+            local_clicks = clicks_per_object(local_clicks, n)
         if mask_input is not None and len(groups) > 1:
             raise PromptError("mask_input feeds back logits of one tile, but the prompts fall into several tiles")
 
@@ -260,9 +260,7 @@ class TiledPredictor:
                 continue  # nothing of this object's prompt lies in the tile
             sub_local = None
             if local_clicks is not None and mask_input is not None:
-                sub_local = [None if local_clicks[o] is None or np.size(local_clicks[o]) == 0
-                             else np.asarray(local_clicks[o], dtype=np.float64).reshape(-1, 2) - np.array([ox, oy])
-                             for o in objects]
+                sub_local = [None if local_clicks[o] is None else local_clicks[o] - np.array([ox, oy]) for o in objects]
             pred = self.predictor.predict(
                 points=sub_pts,
                 point_labels=sub_lbl,
