@@ -70,10 +70,10 @@ def evaluate(args, out: Path) -> float:
 def curves(out: Path):
     import pandas as pd
 
+    from training.evaluation.report import step_means
+
     df = pd.read_csv(out / "measurements.csv")
-    it = df[df["prompt"].isin(["iter_point", "iter_box"])]
-    per_ds = it.groupby(["model", "prompt", "condition", "dataset", "step"])["dice"].mean().reset_index()
-    return per_ds.groupby(["model", "prompt", "condition", "step"])["dice"].mean()
+    return step_means(df[df["prompt"].isin(["iter_point", "iter_box"])], "dice")
 
 
 def check_targets(agg, steps: int, heads=("pge-lite",)) -> list[str]:

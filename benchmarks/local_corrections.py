@@ -46,6 +46,8 @@ def table(outs: dict[str, Path], steps: int) -> list[str]:
     import numpy as np
     import pandas as pd
 
+    from training.evaluation.report import step_means
+
     frames = []
     for mode, out in outs.items():
         df = pd.read_csv(out / "measurements.csv")
@@ -60,7 +62,7 @@ def table(outs: dict[str, Path], steps: int) -> list[str]:
             gm = g[g["mode"] == mode]
             if gm.empty:
                 continue
-            by_step = gm.groupby(["dataset", "step"])["dice"].mean().groupby("step").mean()
+            by_step = step_means(gm, "dice")[(model, prompt, cond)]
             curve = [float(by_step.get(s, np.nan)) for s in range(steps + 1)]
             falls = [s for s in range(1, steps + 1) if curve[s] < curve[s - 1]]
             per_obj = gm.pivot_table(index=["sample", "object_id"], columns="step", values="dice")

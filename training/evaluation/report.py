@@ -102,13 +102,20 @@ def metric_table(fin: pd.DataFrame, metric: str) -> str:
     return _md_table(header, rows)
 
 
+def step_means(df: pd.DataFrame, metric: str = "dice") -> pd.Series:
+    """Mean-of-datasets metric after each interaction step of the iterative modes, indexed by (model, prompt,
+    condition, step): objects averaged per dataset first, so that datasets with many objects do not dominate."""
+    it = df[df["prompt"].str.startswith("iter_")]
+    per_ds = it.groupby(["model", "prompt", "condition", "dataset", "step"])[metric].mean()
+    return per_ds.groupby(["model", "prompt", "condition", "step"]).mean()
+
+
 def step_table(df: pd.DataFrame, metric: str = "dice") -> str:
     """Markdown: mean-of-datasets metric after each interaction step, per model, start and condition."""
     it = df[df["prompt"].str.startswith("iter_")]
     if it.empty:
         return ""
-    per_ds = it.groupby(["model", "prompt", "condition", "dataset", "step"])[metric].mean().reset_index()
-    agg = per_ds.groupby(["model", "prompt", "condition", "step"])[metric].mean().unstack("step")
+    agg = step_means(it, metric).unstack("step")
     steps = list(agg.columns)
     corder = {c: i for i, c in enumerate(_condition_order(it["condition"]))}
     rows = []
@@ -185,8 +192,7 @@ def plot_dice_vs_step(df: pd.DataFrame, path: Path) -> Path | None:
     models = sorted(set(it["model"]))
     cmap = plt.get_cmap("viridis", max(len(conds), 2))
     fig, axes = plt.subplots(1, len(starts), figsize=(5.2 * len(starts), 4), squeeze=False, sharey=True)
-    per_ds = it.groupby(["model", "prompt", "condition", "dataset", "step"])["dice"].mean().reset_index()
-    agg = per_ds.groupby(["model", "prompt", "condition", "step"])["dice"].mean().reset_index()
+    agg = step_means(it, "dice").reset_index()
     for ax, start in zip(axes[0], starts):
         for mi, model in enumerate(models):
             for ci, cond in enumerate(conds):

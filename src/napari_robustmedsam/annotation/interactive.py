@@ -135,14 +135,15 @@ def segment_slice(
     if sent.box is None and sent.n_positive == 0:
         raise PromptError("only negative points: add a positive point or a box to say which object to segment")
 
+    corrective = sent.extends(previous_prompts)
     use_logits = bool(
         use_previous_logits
         and previous_logits is not None
-        and (sent.extends(previous_prompts) or (previous_prompts is not None and previous_prompts.source == "propagated"
-                                               and sent.points.shape[0] > 0))
+        and (corrective or (previous_prompts is not None and previous_prompts.source == "propagated"
+                            and sent.points.shape[0] > 0))
     )
     extra = {}
-    if use_logits and sent.extends(previous_prompts) and local_corrections_apply(local_corrections, sent.box is not None):
+    if use_logits and corrective and local_corrections_apply(local_corrections, sent.box is not None):
         extra["local_clicks"] = [sent.points[previous_prompts.points.shape[0]:]]
     prediction = predictor.predict(
         points=sent.points if sent.points.shape[0] else None,

@@ -188,11 +188,6 @@ class Predictor:
             with torch.no_grad():  # not inference mode: the cache keys read the tensors' version counters
                 prepare(emb.features, mask.to(device=self.device, dtype=self.dtype))
 
-    def _clicks_on_logits(self, local_clicks, frame: ImageFrame, n_objects: int, side: int) -> list[np.ndarray | None]:
-        """Original-pixel (x, y) clicks per object -> positions on the low-resolution logits grid."""
-        return [None if pts is None else frame.points_to_model(pts) * (side / frame.model_size)
-                for pts in clicks_per_object(local_clicks, n_objects)]
-
     @torch.no_grad()
     def predict(
         self,
@@ -282,7 +277,9 @@ class Predictor:
         chosen = low_res[idx, best][:, None]
         scores = iou[idx, best]
         if local_clicks is not None and mask_arg is not None:
-            chosen = merge_local_correction(mask_arg, chosen, self._clicks_on_logits(local_clicks, frame, n_objects, chosen.shape[-1]))
+            clicks = [None if pts is None else frame.points_to_model(pts) * (chosen.shape[-1] / frame.model_size)
+                      for pts in clicks_per_object(local_clicks, n_objects)]  # on the logits grid
+            chosen = merge_local_correction(mask_arg, chosen, clicks)
         full = logits_to_original(frame, chosen)[:, 0]
         return Prediction(
             masks=(full > 0).cpu().numpy(),
