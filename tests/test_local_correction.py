@@ -149,3 +149,45 @@ def test_point_only_corrections_take_the_whole_mask_with_a_box_mode(predictor_an
     assert np.array_equal(segment_slice(predictor, emb, more, **kw, local_corrections="with a box").mask, whole.mask)
     always = segment_slice(predictor, emb, more, **kw, local_corrections="always")
     assert not ((always.mask != first.mask) & (whole.mask == first.mask)).any()
+
+
+def test_training_samples_the_next_click_from_the_merged_prediction():
+    """Training with local corrections (``training.fit --local-corrections``) feeds back, and samples the next click
+    from, what the annotator would show: the new logits only in the changed region at the last click."""
+    from training.finetune.interactive import PromptConfig, PromptState, add_clicks, shown_logits
+
+    prev = torch.full((2, 1, 32, 32), -5.0)
+    prev[:, :, 8:16, 8:16] = 5.0
+    new = prev.clone()
+    new[:, :, 8:16, 16:20] = 3.0  # grown at the click
+    new[:, :, 25:30, 25:30] = 2.0  # a far blob the click did not ask for
+    first = PromptState(np.zeros((2, 0, 2)), np.zeros((2, 0), np.int64), np.array([[8, 8, 16, 16]] * 2), start="box")
+    assert torch.equal(shown_logits(first, new, PromptConfig(local_corrections="always")), new)  # first prompt
+    state = add_clicks(first, np.array([[[17.0, 12.0]], [[0.0, 0.0]]]), np.array([[1], [-1]]))
+    state.mask_input = prev
+    local = shown_logits(state, new, PromptConfig(local_corrections="with a box"))
+    assert torch.equal(local[0, 0, 8:16, 16:20], new[0, 0, 8:16, 16:20])
+    assert torch.equal(local[0, 0, 25:30, 25:30], prev[0, 0, 25:30, 25:30])
+    assert torch.equal(local[1], prev[1])  # nothing left to correct (padding click): the mask stays
+    assert torch.equal(shown_logits(state, new, PromptConfig()), new)  # off: the whole prediction
+    points = PromptState(state.points, state.labels, None, prev, start="points1", new_clicks=1)
+    assert torch.equal(shown_logits(points, new, PromptConfig(local_corrections="with a box")), new)
+    assert not torch.equal(shown_logits(points, new, PromptConfig(local_corrections="always")), new)
+    state.mask_input = None  # logits not fed back: as in the annotator and the evaluation, nothing to merge with
+    assert torch.equal(shown_logits(state, new, PromptConfig(local_corrections="always")), new)
+    with pytest.raises(ValueError, match="local_corrections"):
+        PromptConfig(local_corrections="sometimes")
+
+
+def test_fit_option_reaches_the_config_and_keeps_older_runs_resumable():
+    from training.finetune import TrainConfig
+    from training.fit import build_parser, config_from_args
+
+    cfg, _ = config_from_args(build_parser().parse_args(
+        ["--data", "x", "--preset", "pge-lite-fast", "--local-corrections", "with-a-box"]))
+    assert cfg.prompts.local_corrections == "with a box"
+    cfg_off, _ = config_from_args(build_parser().parse_args(["--data", "x", "--preset", "pge-lite-fast"]))
+    assert cfg_off.prompts.local_corrections == "off"
+    assert cfg_off.to_dict()["prompts"]["local_corrections"] == "off"  # recorded in the run's provenance
+    assert cfg.fingerprint() != cfg_off.fingerprint()
+    # runs started before the option existed still resume: tests/test_pge_head.py recomputes their fingerprint

@@ -299,7 +299,8 @@ def test_pge_head_training_run_writes_a_checkpoint_the_predictor_loads(tmp_path)
     train, val = split_items(items_from_arrays(list(imgs), list(labs), names=["a", "b", "c"], modality="mri"),
                              0.34, seed=0)
     cfg = TrainConfig(model="litemedsam", head="pge", epochs=1, steps_per_epoch=2, batch_size=1, objects_per_image=1,
-                      variants=1, prompts=PromptConfig(n_steps=2, point_counts=(1,)), cache_dir=str(tmp_path / "c"),
+                      variants=1, prompts=PromptConfig(n_steps=2, point_counts=(1,), local_corrections="always"),
+                      cache_dir=str(tmp_path / "c"),
                       progress_bar=False, val_max_objects=1, seed=1, lr=1e-3)
     trainer = Trainer(cfg, tmp_path / "out", train, val)
     result = trainer.run()
@@ -334,11 +335,12 @@ def test_fast_head_options_reach_the_trainer_and_keep_older_runs_resumable():
     cfg, _ = config_from_args(build_parser().parse_args(
         ["--data", "x", "--preset", "pge-lite-fast", "--enhancer-width", "128"]))
     assert cfg.enhancer_width == 128  # an explicit option overrides the preset
-    # a PGE run started before these options existed has a fingerprint without them: it still resumes
+    # a PGE run started before these options (and --local-corrections) existed has a fingerprint without them: it still resumes
     default = TrainConfig(head="pge")
     d = default.to_dict()
     for key in ("epochs", "time_budget_s", "save_every_steps", "cache_dir", "use_cache", "memory_gb", "threads",
                 "progress_bar", "lr", "device", "enhancer_work_stride", "enhancer_width", "enhancer_gate_channels"):
         d.pop(key)
+    d["prompts"].pop("local_corrections")  # added later still: "off" is left out of the fingerprint
     assert default.fingerprint() == hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
     assert TrainConfig(head="pge", enhancer_work_stride=2).fingerprint() != default.fingerprint()

@@ -128,6 +128,9 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--p-mask", type=float, default=None, help="probability of feeding back the previous logits (0.5)")
     pr.add_argument("--clicks", choices=("largest", "micro_sam"), default="largest",
                     help="corrective click sampler (default: largest error region, as the evaluation)")
+    pr.add_argument("--local-corrections", choices=("off", "with-a-box", "always"), default=None,
+                    help="simulate the annotator's 'Corrections stay local': the next click is sampled from, and the "
+                    "previous logits fed back are, the prediction merged around the last click (default off)")
     pr.add_argument("--variants", type=int, default=None, help="cached degraded variants per image (default 3)")
     pr.add_argument("--levels", default="LQ-1,LQ-2,LQ-3,LQ-3+", help="levels the variants are drawn from")
     pr.add_argument("--p-identity", type=float, default=None, help="probability of a clean 'degraded' branch (0.2)")
@@ -157,7 +160,8 @@ def config_from_args(args):
     try:
         prompts = PromptConfig(p_box=_pick(args, "p_box", preset, 0.5), point_counts=point_counts,
                                n_steps=_pick(args, "n_steps", preset, 3), p_mask=_pick(args, "p_mask", preset, 0.5),
-                               click_mode=args.clicks)
+                               click_mode=args.clicks,
+                               local_corrections=_pick(args, "local_corrections", preset, "off").replace("-", " "))
     except ValueError as err:
         raise TrainingError(str(err)) from None
     budget = args.time_budget if args.time_budget is not None else preset.get("time_budget")

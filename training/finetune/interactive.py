@@ -8,6 +8,12 @@ Per training iteration (one batch of planes, ``n_obj`` objects each):
    previous low-resolution logits fed back as the mask prompt with probability ``p_mask``;
 3. the losses of all ``n_steps + 1`` predictions are averaged (one optimiser step per iteration).
 
+With ``local_corrections`` ("with a box" or "always", the annotator's modes), the prediction that the next click
+is sampled from and that is fed back is the annotator's merged one: the new logits only in the changed regions
+touching the step's new clicks, the previous logits elsewhere (:mod:`napari_robustmedsam.engine.local_correction`).
+Why: a head trained on whole-mask states meets different states in the annotator; this lets it learn from the
+states the annotator's default produces. The loss stays on the head's whole prediction.
+
 The prompts are simulated in the decoder's low-resolution (256 x 256) model frame, where the ground truth is
 kept (:mod:`.pairs`), and scaled to the model input frame (x ``model_size / 256``). Everything is drawn from the
 ``numpy.random.Generator`` passed in, so an iteration is reproducible from its seed.
@@ -28,6 +34,8 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 
+from napari_robustmedsam.annotation.interactive import LOCAL_CORRECTION_MODES, local_corrections_apply
+from napari_robustmedsam.engine.local_correction import merge_local_correction
 from napari_robustmedsam.prompting import corrective_click, jittered_box, random_positive_points, tight_box
 
 CLICK_MODES = ("largest", "micro_sam")
@@ -43,8 +51,11 @@ class PromptConfig:
     p_mask: float = 0.5
     click_mode: str = "largest"
     p_random_click: float = 0.5
+    local_corrections: str = "off"  # one of the annotator's LOCAL_CORRECTION_MODES
 
     def __post_init__(self) -> None:
+        if self.local_corrections not in LOCAL_CORRECTION_MODES:
+            raise ValueError(f"local_corrections must be one of {LOCAL_CORRECTION_MODES}, got {self.local_corrections!r}")
         if self.click_mode not in CLICK_MODES:
             raise ValueError(f"click_mode must be one of {CLICK_MODES}, got {self.click_mode!r}")
         if not self.point_counts or min(self.point_counts) < 1:
@@ -67,6 +78,7 @@ class PromptState:
     boxes: np.ndarray | None  # (N, 4) (x0, y0, x1, y1), exclusive upper corners
     mask_input: torch.Tensor | None = None  # (N, 1, 256, 256) previous logits
     start: str = "box"
+    new_clicks: int = 0  # clicks per object added by the last corrective step (0: the first prompt)
 
     def to_model(self, scale: float, device: torch.device) -> tuple[tuple[torch.Tensor, torch.Tensor] | None, torch.Tensor | None]:
         pts = None
@@ -124,4 +136,18 @@ def corrective_clicks(gt: np.ndarray, pred: np.ndarray, rng: np.random.Generator
 
 def add_clicks(state: PromptState, pts: np.ndarray, labels: np.ndarray) -> PromptState:
     return PromptState(np.concatenate([state.points, pts], axis=1), np.concatenate([state.labels, labels], axis=1),
-                       state.boxes, state.mask_input, state.start)
+                       state.boxes, state.mask_input, state.start, new_clicks=pts.shape[1])
+
+
+def shown_logits(state: PromptState, logits: torch.Tensor, cfg: PromptConfig) -> torch.Tensor:
+    """The logits the annotator would show after predicting ``logits`` from ``state``: merged locally around the
+    last step's clicks when ``cfg.local_corrections`` applies to this start (and the previous logits were fed
+    back, as in the annotator and the evaluation), else ``logits`` unchanged. Padding clicks (label -1, nothing
+    left to correct) add no region, so such an object keeps its previous mask."""
+    if (state.new_clicks == 0 or state.mask_input is None
+            or not local_corrections_apply(cfg.local_corrections, has_box=state.boxes is not None)):
+        return logits
+    pts = state.points[:, -state.new_clicks:]
+    labs = state.labels[:, -state.new_clicks:]
+    clicks = [pts[i][labs[i] >= 0] for i in range(pts.shape[0])]
+    return merge_local_correction(state.mask_input, logits, clicks)

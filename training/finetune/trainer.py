@@ -42,7 +42,7 @@ from napari_robustmedsam.prompting import derive_seed, random_positive_points, r
 
 from . import ddp
 from .data import TrainingError, TrainItem, describe_items
-from .interactive import PromptConfig, add_clicks, corrective_clicks, start_prompts
+from .interactive import PromptConfig, add_clicks, corrective_clicks, shown_logits, start_prompts
 from .losses import LossWeights, dice_score, robust_loss
 from .pairs import FeatureBank, sample_variant
 
@@ -195,6 +195,8 @@ class TrainConfig:
         if d.get("head") == "robust":  # fields added with the PGE head: absent from older states' fingerprints
             for key in ("head", "enhancer_blocks", "fr_weight"):
                 d.pop(key, None)
+        if d["prompts"].get("local_corrections") == "off":  # added later: absent from older fingerprints
+            d["prompts"].pop("local_corrections")
         for key, default in (("enhancer_work_stride", 1), ("enhancer_width", 0), ("enhancer_gate_channels", 64)):
             if d.get(key) == default or d.get("head") == "robust":  # added later: absent from older fingerprints
                 d.pop(key, None)
@@ -582,7 +584,9 @@ class Trainer:
         return ""
 
     def next_prompts(self, state, logits: torch.Tensor, gt_np: np.ndarray, rng: np.random.Generator):
-        """One corrective click from the current prediction's errors; the logits fed back with p_mask."""
+        """One corrective click from the current prediction's errors; the logits fed back with p_mask. With local
+        corrections the current prediction is the merged one the annotator would show (``shown_logits``)."""
+        logits = shown_logits(state, logits, self.cfg.prompts)
         pred = (logits[:, 0] > 0).cpu().numpy()
         pts, labs = corrective_clicks(gt_np, pred, rng, self.cfg.prompts)
         state = add_clicks(state, pts, labs)
