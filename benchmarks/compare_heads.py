@@ -59,6 +59,8 @@ def evaluate(args, out: Path) -> float:
         cmd += ["--images-per-dataset", str(args.images_per_dataset)]
     if args.workers > 1:
         cmd += ["--workers", str(args.workers)]
+    if args.cache:
+        cmd += ["--cache", str(args.cache)]
     if args.local_corrections != "off":
         cmd += ["--local-corrections", args.local_corrections]
     print("$", " ".join(cmd), flush=True)
@@ -138,6 +140,7 @@ def main(argv=None) -> int:
     p.add_argument("--images-per-dataset", type=int, default=None)
     p.add_argument("--workers", type=int, default=1)
     p.add_argument("--clicks", type=int, default=30, help="clicks of the latency measurement")
+    p.add_argument("--cache", default=None, help="embedding cache of the evaluation (default: the user cache)")
     p.add_argument("--local-corrections", nargs="?", const="always", default="off",
                    choices=("off", "with-a-box", "always"),
                    help="corrective clicks change only the region connected to the click (the annotator's option; "
