@@ -128,6 +128,8 @@ def parameter_counts(paths: dict[str, str]) -> dict[str, dict]:
 
 
 def main(argv=None) -> int:
+    from napari_robustmedsam.annotation.interactive import LOCAL_CORRECTION_WORDS
+
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--split", required=True, help="held-out folder (medseg layout)")
     p.add_argument("--robust", required=True, help="robust-lite checkpoint (training.fit --preset robust-lite)")
@@ -142,7 +144,7 @@ def main(argv=None) -> int:
     p.add_argument("--clicks", type=int, default=30, help="clicks of the latency measurement")
     p.add_argument("--cache", default=None, help="embedding cache of the evaluation (default: the user cache)")
     p.add_argument("--local-corrections", nargs="?", const="always", default="off",
-                   choices=("off", "with-a-box", "always"),
+                   choices=LOCAL_CORRECTION_WORDS,
                    help="corrective clicks change only the region connected to the click (the annotator's option; "
                    "with-a-box: from box starts only, its default)")
     p.add_argument("--skip-eval", action="store_true", help="only analyse an existing --out")

@@ -28,6 +28,7 @@ import time
 import uuid
 from pathlib import Path
 
+from napari_robustmedsam.annotation.interactive import LOCAL_CORRECTION_WORDS, local_corrections_mode
 from training.evaluation.dataset import discover, select_samples
 from training.evaluation.parallel import dist_info, exit_marker, run_in_workers, shard, wait_for_ranks
 from training.evaluation.report import write_report
@@ -75,7 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-feed-logits", action="store_true",
                    help="do not feed the previous low-res logits back as a mask prompt in iterative modes")
     p.add_argument("--local-corrections", nargs="?", const="always", default="off",
-                   choices=("off", "with-a-box", "always"),
+                   choices=LOCAL_CORRECTION_WORDS,
                    help="iterative modes: keep only the changes connected to each step's new clicks, the rest of the "
                    "previous mask stays (the annotator's 'Corrections stay local'); 'with-a-box': from box starts "
                    "only, the annotator's default; alone: always; default off")
@@ -122,7 +123,7 @@ def _config(args) -> EvalConfig:
         click_strategy=args.click_strategy,
         jitter=args.jitter,
         feed_logits=not args.no_feed_logits,
-        local_corrections=args.local_corrections.replace("-", " "),
+        local_corrections=local_corrections_mode(args.local_corrections),
     )
 
 

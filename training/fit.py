@@ -47,6 +47,8 @@ PRESETS: dict[str, dict] = {
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from napari_robustmedsam.annotation.interactive import LOCAL_CORRECTION_WORDS
+
     p = argparse.ArgumentParser(
         prog="python -m training.fit",
         description="Fine-tune a (lite) robust mask decoder on clean/degraded pairs with iterative prompts "
@@ -128,7 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--p-mask", type=float, default=None, help="probability of feeding back the previous logits (0.5)")
     pr.add_argument("--clicks", choices=("largest", "micro_sam"), default="largest",
                     help="corrective click sampler (default: largest error region, as the evaluation)")
-    pr.add_argument("--local-corrections", choices=("off", "with-a-box", "always"), default=None,
+    pr.add_argument("--local-corrections", choices=LOCAL_CORRECTION_WORDS, default=None,
                     help="simulate the annotator's 'Corrections stay local': the next click is sampled from, and the "
                     "previous logits fed back are, the prediction merged around the last click (default off)")
     pr.add_argument("--variants", type=int, default=None, help="cached degraded variants per image (default 3)")
@@ -146,6 +148,7 @@ def _pick(args, name: str, preset: dict, default):
 
 
 def config_from_args(args):
+    from napari_robustmedsam.annotation.interactive import local_corrections_mode
     from training.finetune import LossWeights, PromptConfig, TrainConfig, TrainingError
 
     preset = PRESETS.get(args.preset, {}) if args.preset else {}
@@ -161,7 +164,7 @@ def config_from_args(args):
         prompts = PromptConfig(p_box=_pick(args, "p_box", preset, 0.5), point_counts=point_counts,
                                n_steps=_pick(args, "n_steps", preset, 3), p_mask=_pick(args, "p_mask", preset, 0.5),
                                click_mode=args.clicks,
-                               local_corrections=_pick(args, "local_corrections", preset, "off").replace("-", " "))
+                               local_corrections=local_corrections_mode(_pick(args, "local_corrections", preset, "off")))
     except ValueError as err:
         raise TrainingError(str(err)) from None
     budget = args.time_budget if args.time_budget is not None else preset.get("time_budget")

@@ -38,6 +38,13 @@ LOCAL_CORRECTION_MODES = ("off", "with a box", "always")
 # corrections removed most per-object falls and ended higher on degraded images; from a point start the PGE head
 # lost Dice with them (its far-away changes there are mostly gains), so point-only prompts take the whole mask.
 DEFAULT_LOCAL_CORRECTIONS = "with a box"
+#: the same modes as command-line words (training.evaluate, training.fit, benchmarks/compare_heads.py)
+LOCAL_CORRECTION_WORDS = tuple(mode.replace(" ", "-") for mode in LOCAL_CORRECTION_MODES)
+
+
+def local_corrections_mode(word: str) -> str:
+    """The mode a command-line word of LOCAL_CORRECTION_WORDS names ("with-a-box" -> "with a box")."""
+    return word.replace("-", " ")
 
 
 def local_corrections_apply(mode: str | bool, has_box: bool) -> bool:
