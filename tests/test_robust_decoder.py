@@ -465,3 +465,79 @@ def test_folded_robust_mask_equals_the_robust_features_path(vitb):
             explicit = ours(vitb["emb"], vitb["pe"], sparse, dense, multimask, image_features=vitb["features"])
         for a, b in zip(folded, explicit):
             torch.testing.assert_close(a, b.detach(), atol=2e-4, rtol=1e-4)
+
+
+def _perturbed_lite_decoder(lite, seed: int = 7):
+    """The lite robust decoder with non-zero robust parts and non-trivial normalisation statistics, so the
+    mask AMFG actually changes the mask (at initialisation its last layer is zero)."""
+    import copy
+
+    dec = copy.deepcopy(lite["decoder"])
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in dec.named_parameters():
+            if name.split(".")[0] in ROBUST_KEY_PREFIXES:
+                p.add_(0.05 * torch.randn(p.shape, generator=gen))
+        for module in dec.modules():
+            if isinstance(module, torch.nn.BatchNorm2d):
+                module.running_mean.normal_(0.0, 0.5, generator=gen)
+                module.running_var.uniform_(0.5, 2.0, generator=gen)
+    return dec.eval()
+
+
+@pytest.mark.parametrize("n_prompts", [1, 2])
+def test_channels_last_robust_mask_equals_the_module_path(lite, n_prompts):
+    """The inference path of models/fast_robust_mask.py (channels-last, folded gate and last convolution,
+    residual fusion of the lite decoder) gives the module path's masks up to float rounding, for one prompt
+    (the folded gate) and for several (the gate applied per prompt)."""
+    from napari_robustmedsam.models.fast_robust_mask import fast_robust_mask_applies
+
+    dec = _perturbed_lite_decoder(lite)
+    sparse = lite["sparse"].repeat(n_prompts, 1, 1)
+    if n_prompts > 1:
+        sparse = sparse + 0.1 * torch.randn(sparse.shape, generator=torch.Generator().manual_seed(3))
+    dense = lite["dense"].repeat(n_prompts, 1, 1, 1)
+    with torch.no_grad():
+        features = dec.image_level_features(lite["emb"], lite["early"])
+        assert fast_robust_mask_applies(dec.fourier_mask_features)
+        fast, fast_iou = dec(lite["emb"], lite["pe"], sparse, dense, False, image_features=features)
+    with torch.enable_grad():  # autograd on: the module path
+        ref, ref_iou = dec(lite["emb"], lite["pe"], sparse, dense, False, image_features=features)
+    assert fast.shape == (n_prompts, 1, 256, 256)
+    torch.testing.assert_close(fast, ref.detach(), atol=2e-4, rtol=1e-4)
+    torch.testing.assert_close(fast_iou, ref_iou.detach())
+    assert (fast > 0).eq(ref.detach() > 0).float().mean() > 0.9999
+    # the robust parts matter here: the robust mask is not the SAM mask
+    with torch.no_grad():
+        sam, _ = dec(lite["emb"], lite["pe"], sparse, dense, False, robust=False)
+    assert (fast - sam).abs().max() > 1e-2
+
+
+def test_fast_robust_mask_applies_only_where_it_is_exact(lite):
+    from napari_robustmedsam.models.fast_robust_mask import fast_robust_mask_applies
+
+    dec = _perturbed_lite_decoder(lite)
+    amfg = dec.fourier_mask_features
+    with torch.no_grad():
+        assert fast_robust_mask_applies(amfg)
+        dec.set_fgm_mode("paper")  # the paper's FGM is not the identity: the module runs
+        assert not fast_robust_mask_applies(amfg)
+        dec.set_fgm_mode("released")
+        amfg.train()  # BatchNorm on batch statistics
+        assert not fast_robust_mask_applies(amfg)
+        amfg.eval()
+    with torch.enable_grad():
+        assert not fast_robust_mask_applies(amfg)
+
+
+def test_upscale_channels_last_equals_the_output_upscaling(lite):
+    from napari_robustmedsam.models.fast_plain_decoder import upscale_channels_last
+
+    dec = lite["decoder"]
+    keys = torch.randn(2, 64 * 64, 256, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        ours = upscale_channels_last(dec.output_upscaling, keys, 64, 64)
+        ref = dec.output_upscaling(keys.transpose(1, 2).reshape(2, 256, 64, 64))
+    assert ours.shape == ref.shape == (2, 32, 256, 256)
+    assert ours.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(ours, ref, atol=1e-5, rtol=1e-4)

@@ -429,13 +429,9 @@ def _pixel_linear(conv: nn.ConvTranspose2d) -> tuple[torch.Tensor, torch.Tensor]
     return weight, conv.bias.repeat(4)
 
 
-def upscale_and_project(up: nn.Sequential, keys: torch.Tensor, hyper_in: torch.Tensor, h: int, w: int) -> torch.Tensor:
-    """``hyper_in @ up(keys as an image)`` for keys (B, h*w, C) in token order -> masks (N, M, 4h, 4w).
-
-    B is 1 (shared by all N prompts) or N. Row ``4y + 2a + a2``, column ``4x + 2b + b2`` of the output comes
-    from token (y, x), first-stage offset (a, b), second-stage offset (a2, b2).
-    """
-    n, m = hyper_in.shape[:2]
+def _upscaled_tokens(up: nn.Sequential, keys: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """``up(keys as an image)`` in token order: (B, h*w*16, C_out), row (y, x, a, b, a2, b2) holding output pixel
+    (4y + 2a + a2, 4x + 2b + b2) (first-stage offset (a, b), second-stage offset (a2, b2))."""
     conv1, norm, act1, conv2, act2 = up
     w1, b1 = _pixel_linear(conv1)
     w2, b2 = _pixel_linear(conv2)
@@ -444,9 +440,27 @@ def upscale_and_project(up: nn.Sequential, keys: torch.Tensor, hyper_in: torch.T
     x = x.reshape(keys.shape[0], h * w * 4, c1)
     # LayerNorm2d normalises over channels with a biased variance: exactly layer_norm over the last axis
     x = act1(F.layer_norm(x, (c1,), norm.weight, norm.bias, norm.eps))
-    x = act2(torch.addmm(b2, x.reshape(-1, c1), w2)).reshape(keys.shape[0], h * w * 16, c2)
-    masks = x @ hyper_in.transpose(1, 2)  # (B or N, h*w*16, M), broadcast over the prompt batch
+    return act2(torch.addmm(b2, x.reshape(-1, c1), w2)).reshape(keys.shape[0], h * w * 16, c2)
+
+
+def upscale_and_project(up: nn.Sequential, keys: torch.Tensor, hyper_in: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """``hyper_in @ up(keys as an image)`` for keys (B, h*w, C) in token order -> masks (N, M, 4h, 4w).
+
+    B is 1 (shared by all N prompts) or N. The masks are formed in token order and reshuffled into image
+    order once (see :func:`_upscaled_tokens`), with no (N, C_out, 4h, 4w) intermediate.
+    """
+    n, m = hyper_in.shape[:2]
+    masks = _upscaled_tokens(up, keys, h, w) @ hyper_in.transpose(1, 2)  # (B or N, h*w*16, M)
     if masks.shape[0] != n:
         masks = masks.expand(n, -1, -1)
     masks = masks.reshape(n, h, w, 2, 2, 2, 2, m).permute(0, 7, 1, 3, 5, 2, 4, 6)
     return masks.reshape(n, m, 4 * h, 4 * w)
+
+
+def upscale_channels_last(up: nn.Sequential, keys: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """``up(keys as an image)`` for keys (B, h*w, C) in token order -> (B, C_out, 4h, 4w) in channels-last
+    memory, the layout the robust mask path convolves fastest in (:mod:`.fast_robust_mask`)."""
+    x = _upscaled_tokens(up, keys, h, w)
+    b, c = x.shape[0], x.shape[-1]
+    x = x.reshape(b, h, w, 2, 2, 2, 2, c).permute(0, 1, 3, 5, 2, 4, 6, 7).reshape(b, 4 * h, 4 * w, c)
+    return x.permute(0, 3, 1, 2)

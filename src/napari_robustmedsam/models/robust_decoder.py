@@ -83,7 +83,8 @@ from segment_anything.modeling.mask_decoder import MLP
 from torch import Tensor, nn
 
 from .amfg import EarlyFeatureAMFG, EmbeddingAMFG, FourierModulation, MaskFeatureAMFG, check_fgm_mode
-from .fast_plain_decoder import fast_transformer, fast_transformer_applies
+from .fast_plain_decoder import fast_transformer, fast_transformer_applies, upscale_channels_last, upscaling_is_pixelwise
+from .fast_robust_mask import fast_robust_mask, fast_robust_mask_applies
 
 __all__ = [
     "IMAGE_FEATURES_KEY",
@@ -307,7 +308,10 @@ class RobustMaskDecoder(MaskDecoder):
                     self, image_embeddings, image_pe, dense_prompt_embeddings, sparse_prompt_embeddings,
                     output_tokens, cache=not grad,
                 )
-                upscaled = self.output_upscaling(keys.transpose(1, 2).reshape(n, c, h, w))
+                if not grad and upscaling_is_pixelwise(self.output_upscaling):  # NHWC, for fast_robust_mask
+                    upscaled = upscale_channels_last(self.output_upscaling, keys, h, w)
+                else:
+                    upscaled = self.output_upscaling(keys.transpose(1, 2).reshape(n, c, h, w))
                 return hidden[:, 0, :], hidden[:, 1 : 1 + self.num_mask_tokens, :], upscaled
         prompt_tokens = torch.cat(
             (output_tokens.unsqueeze(0).expand(n, -1, -1), sparse_prompt_embeddings), dim=1
@@ -404,18 +408,22 @@ class RobustMaskDecoder(MaskDecoder):
         )
         n = mask_tokens.shape[0]
         img = self._resolve_image_features(image_embeddings, image_features, early_features)
-        img = _match_batch(img.to(device=upscaled.device, dtype=upscaled.dtype), n, "image_features")
+        img = img.to(device=upscaled.device, dtype=upscaled.dtype)
         refined = self.custom_token_block(mask_tokens[:, 0, :])
         weights = self.robust_mlp(refined).unsqueeze(1)  # (n, 1, c)
         b, c, h, w = upscaled.shape
-        # the folded form needs RobustSAM's mask AMFG itself (training may swap in a stand-in module)
-        if aux or torch.is_grad_enabled() or type(self.fourier_mask_features) is not MaskFeatureAMFG:
-            robust_features = self.fourier_mask_features(upscaled, refine=True) + img
-            if self.residual:
-                robust_features = robust_features + upscaled
-            robust_mask = (weights @ robust_features.reshape(b, c, h * w)).reshape(b, 1, h, w)
+        if not aux and img.shape[0] in (1, n) and fast_robust_mask_applies(self.fourier_mask_features):
+            robust_mask = fast_robust_mask(self.fourier_mask_features, upscaled, img, weights[:, 0], self.residual)
         else:
-            robust_mask = self._robust_mask_folded(upscaled, img, weights[:, 0])
+            img = _match_batch(img, n, "image_features")
+            # the folded form needs RobustSAM's mask AMFG itself (training may swap in a stand-in module)
+            if aux or torch.is_grad_enabled() or type(self.fourier_mask_features) is not MaskFeatureAMFG:
+                robust_features = self.fourier_mask_features(upscaled, refine=True) + img
+                if self.residual:
+                    robust_features = robust_features + upscaled
+                robust_mask = (weights @ robust_features.reshape(b, c, h * w)).reshape(b, 1, h, w)
+            else:
+                robust_mask = self._robust_mask_folded(upscaled, img, weights[:, 0])
         iou = self.iou_prediction_head(iou_token)
         if multimask_output:
             others = list(range(2, self.num_mask_tokens))
