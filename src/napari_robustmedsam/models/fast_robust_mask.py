@@ -13,7 +13,8 @@ for oneDNN on a CPU:
 * the channel-attention gate scales the input channels of the next convolution, so it is folded into that
   convolution's weights (one prompt; per prompt it is applied as in the module), and the concatenation
   ``[U, DNC(U)]`` is never formed: the convolution is split over its two input halves;
-* LayerNorm2d is ``layer_norm`` over the contiguous channel axis of the NHWC tensor;
+* LayerNorm2d is ``layer_norm`` over the contiguous channel axis of the NHWC tensor, and the instance norm is
+  computed in place on NHWC (``F.instance_norm`` converts the layout);
 * the last convolution and the combination with the robust token's weights are one convolution with one
   output channel per prompt (as in ``RobustMaskDecoder._robust_mask_folded``).
 
@@ -69,6 +70,14 @@ def _times_grid(x: torch.Tensor, grid_weights: torch.Tensor) -> torch.Tensor:
     return (tiles * grid_weights[:, :, :, None, :, None]).flatten(4, 5).flatten(2, 3)
 
 
+def _instance_norm(x: torch.Tensor, eps: float) -> torch.Tensor:
+    """InstanceNorm2d without affine parameters; on channels-last input about twice as fast as
+    ``F.instance_norm``, which converts the layout (measured on this project's CPU: 4.9 vs 9.0 ms at 32 x 256 x 256)."""
+    centred = x - x.mean(dim=(2, 3), keepdim=True)
+    var = (centred * centred).mean(dim=(2, 3), keepdim=True)
+    return centred.mul_((var + eps).rsqrt())
+
+
 def _channel_norm(x: torch.Tensor, norm: LayerNorm2d) -> torch.Tensor:
     """LayerNorm2d over the channels of a channels-last tensor, as one fused layer_norm."""
     nhwc = x.permute(0, 2, 3, 1)
@@ -80,7 +89,7 @@ def _mask_amfg_hidden(amfg: MaskFeatureAMFG, u: torch.Tensor) -> torch.Tensor:
     sel = amfg.dnc_block_combined.SEMBlock.maxpool_conv[0]
     slope = sel.negative_slope
     b = sel.conv1(F.leaky_relu(sel.BN(u), slope))
-    i = sel.conv2(F.leaky_relu(F.instance_norm(u, eps=sel.IN.eps), slope))
+    i = sel.conv2(F.leaky_relu_(_instance_norm(u, sel.IN.eps), slope))
     normalised = i + _times_grid(b - i, _blend_weights(sel.selector, b + i))
     # channel attention over [u, normalised] (SqueezeExcitation), folded into conv_layer's input channels
     c = u.shape[1]
