@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 _SRC = Path(__file__).resolve().parents[1] / "src"
 if _SRC.is_dir() and str(_SRC) not in sys.path:
@@ -541,3 +542,13 @@ def test_upscale_channels_last_equals_the_output_upscaling(lite):
     assert ours.shape == ref.shape == (2, 32, 256, 256)
     assert ours.is_contiguous(memory_format=torch.channels_last)
     torch.testing.assert_close(ours, ref, atol=1e-5, rtol=1e-4)
+
+
+def test_instance_norm_on_channels_last_equals_torchs():
+    from napari_robustmedsam.models.fast_robust_mask import _instance_norm
+
+    x = torch.randn(2, 8, 32, 32, generator=torch.Generator().manual_seed(9)) * 3 + 1
+    for dtype in (torch.float32, torch.float64):  # float64 takes torch's own instance norm
+        xc = x.to(dtype).contiguous(memory_format=torch.channels_last)
+        ours = _instance_norm(xc.clone(), 1e-5)
+        torch.testing.assert_close(ours, F.instance_norm(x.to(dtype), eps=1e-5), atol=1e-5, rtol=1e-5)

@@ -35,8 +35,11 @@ __all__ = ["fast_robust_mask", "fast_robust_mask_applies"]
 
 
 def fast_robust_mask_applies(amfg: nn.Module) -> bool:
-    """True for RobustSAM's mask AMFG at inference: released FGM, BatchNorm using running statistics."""
+    """True for RobustSAM's mask AMFG at inference on the CPU or CUDA: released FGM, BatchNorm using running
+    statistics. (Apple MPS keeps the module path: its channels-last convolutions have had correctness bugs.)"""
     if type(amfg) is not MaskFeatureAMFG or amfg.fgm_block.mode != "released" or torch.is_grad_enabled():
+        return False
+    if amfg.conv_layer.weight.device.type not in ("cpu", "cuda"):
         return False
     sel = amfg.dnc_block_combined.SEMBlock.maxpool_conv[0]
     head = amfg.head
@@ -72,7 +75,11 @@ def _times_grid(x: torch.Tensor, grid_weights: torch.Tensor) -> torch.Tensor:
 
 def _instance_norm(x: torch.Tensor, eps: float) -> torch.Tensor:
     """InstanceNorm2d without affine parameters; on channels-last input about twice as fast as
-    ``F.instance_norm``, which converts the layout (measured on this project's CPU: 4.9 vs 9.0 ms at 32 x 256 x 256)."""
+    ``F.instance_norm``, which converts the layout (measured on this project's CPU: 4.9 vs 9.0 ms at 32 x 256 x 256).
+    Other dtypes than float32 (half precision on CUDA) keep ``F.instance_norm``, whose statistics are accumulated in
+    float32."""
+    if x.dtype != torch.float32:
+        return F.instance_norm(x, eps=eps)
     centred = x - x.mean(dim=(2, 3), keepdim=True)
     var = (centred * centred).mean(dim=(2, 3), keepdim=True)
     return centred.mul_((var + eps).rsqrt())

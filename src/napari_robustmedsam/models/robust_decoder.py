@@ -308,7 +308,9 @@ class RobustMaskDecoder(MaskDecoder):
                     self, image_embeddings, image_pe, dense_prompt_embeddings, sparse_prompt_embeddings,
                     output_tokens, cache=not grad,
                 )
-                if not grad and upscaling_is_pixelwise(self.output_upscaling):  # NHWC, for fast_robust_mask
+                if not grad and fast_robust_mask_applies(self.fourier_mask_features) and upscaling_is_pixelwise(
+                    self.output_upscaling
+                ):  # NHWC, for fast_robust_mask
                     upscaled = upscale_channels_last(self.output_upscaling, keys, h, w)
                 else:
                     upscaled = self.output_upscaling(keys.transpose(1, 2).reshape(n, c, h, w))
