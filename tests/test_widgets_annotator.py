@@ -331,6 +331,41 @@ def test_bad_model_file_and_unsupported_layer_show_visible_errors(plugin, qtbot,
     shot(viewer, "06_unsupported_layer_error")
 
 
+def test_robust_decoder_segments_through_the_fast_robust_mask_path(plugin, qtbot, monkeypatch):
+    """A robust decoder loaded in the model panel segments in the annotator's worker through the channels-last
+    robust mask path (models/fast_robust_mask.py): the worker runs without autograd, so the path applies."""
+    import napari_robustmedsam.models.robust_decoder as robust_decoder
+    from napari_robustmedsam.sample_data import mri_phantom
+
+    calls = []
+    original = robust_decoder.fast_robust_mask
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(robust_decoder, "fast_robust_mask", counted)
+    viewer, widget = plugin
+    widget.show_tab("model")
+    widget.model_panel.load("litemedsam_robust", "cpu")
+    wait_idle(qtbot)
+    assert widget.model_panel.state.loaded.decoder == "robust"
+    widget.show_tab("annotate")
+    image, labels = mri_phantom(160, seed=2)
+    layer = viewer.add_image(image, name="phantom")
+    annotator = widget.annotator
+    annotator.set_image_layer(layer)
+    annotator.compute_embeddings()
+    wait_idle(qtbot)
+    organ = labels >= 1
+    ys, xs = np.nonzero(organ)
+    segment_with_box(qtbot, annotator, [xs.min(), ys.min(), xs.max() + 1, ys.max() + 1])
+    mask = np.asarray(annotator.current_layer.data) > 0
+    assert calls, "the robust click did not take the fast robust mask path"
+    assert dice(mask, organ) > 0.5
+    shot(viewer, "12_robust_decoder_segmented")
+
+
 def test_pge_head_checkpoint_loads_in_the_model_panel_and_segments(plugin, qtbot, tmp_path, litemedsam):
     """Issue 8: a checkpoint with the PGE-SAM head is used by the annotator without any option."""
     import torch
