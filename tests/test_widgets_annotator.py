@@ -78,6 +78,23 @@ def segment_with_box(qtbot, annotator, box, z=None):
     wait_idle(qtbot)
 
 
+
+def segment_phantom_organ(qtbot, viewer, widget):
+    """Box the organ of a small MRI phantom in the annotator with the loaded model: (mask shown, organ truth)."""
+    from napari_robustmedsam.sample_data import mri_phantom
+
+    widget.show_tab("annotate")
+    image, labels = mri_phantom(160, seed=2)
+    layer = viewer.add_image(image, name="phantom")
+    annotator = widget.annotator
+    annotator.set_image_layer(layer)
+    annotator.compute_embeddings()
+    wait_idle(qtbot)
+    organ = labels >= 1
+    ys, xs = np.nonzero(organ)
+    segment_with_box(qtbot, annotator, [xs.min(), ys.min(), xs.max() + 1, ys.max() + 1])
+    return np.asarray(annotator.current_layer.data) > 0, organ
+
 # ---------------------------------------------------------------------------------------------------------
 def test_widgets_created_through_npe2(make_napari_viewer, qtbot):
     viewer = make_napari_viewer(show=True)
@@ -335,7 +352,6 @@ def test_robust_decoder_segments_through_the_fast_robust_mask_path(plugin, qtbot
     """A robust decoder loaded in the model panel segments in the annotator's worker through the channels-last
     robust mask path (models/fast_robust_mask.py): the worker runs without autograd, so the path applies."""
     import napari_robustmedsam.models.robust_decoder as robust_decoder
-    from napari_robustmedsam.sample_data import mri_phantom
 
     calls = []
     original = robust_decoder.fast_robust_mask
@@ -350,17 +366,7 @@ def test_robust_decoder_segments_through_the_fast_robust_mask_path(plugin, qtbot
     widget.model_panel.load("litemedsam_robust", "cpu")
     wait_idle(qtbot)
     assert widget.model_panel.state.loaded.decoder == "robust"
-    widget.show_tab("annotate")
-    image, labels = mri_phantom(160, seed=2)
-    layer = viewer.add_image(image, name="phantom")
-    annotator = widget.annotator
-    annotator.set_image_layer(layer)
-    annotator.compute_embeddings()
-    wait_idle(qtbot)
-    organ = labels >= 1
-    ys, xs = np.nonzero(organ)
-    segment_with_box(qtbot, annotator, [xs.min(), ys.min(), xs.max() + 1, ys.max() + 1])
-    mask = np.asarray(annotator.current_layer.data) > 0
+    mask, organ = segment_phantom_organ(qtbot, viewer, widget)
     assert calls, "the robust click did not take the fast robust mask path"
     assert dice(mask, organ) > 0.5
     shot(viewer, "12_robust_decoder_segmented")
@@ -372,7 +378,6 @@ def test_pge_head_checkpoint_loads_in_the_model_panel_and_segments(plugin, qtbot
 
     from napari_robustmedsam.checkpoints import make_metadata, save_checkpoint
     from napari_robustmedsam.models.pge_enhancer import enhancer_for, head_metadata
-    from napari_robustmedsam.sample_data import mri_phantom
 
     model = litemedsam.model
     enhancer = enhancer_for(model)
@@ -394,15 +399,5 @@ def test_pge_head_checkpoint_loads_in_the_model_panel_and_segments(plugin, qtbot
     assert "PGE-SAM feature enhancer" in panel.info.text()
     shot(viewer, "09_pge_head_loaded")
 
-    widget.show_tab("annotate")
-    image, labels = mri_phantom(160, seed=2)
-    layer = viewer.add_image(image, name="phantom")
-    annotator = widget.annotator
-    annotator.set_image_layer(layer)
-    annotator.compute_embeddings()
-    wait_idle(qtbot)
-    organ = labels >= 1
-    ys, xs = np.nonzero(organ)
-    segment_with_box(qtbot, annotator, [xs.min(), ys.min(), xs.max() + 1, ys.max() + 1])
-    mask = np.asarray(annotator.current_layer.data) > 0
+    mask, organ = segment_phantom_organ(qtbot, viewer, widget)
     assert dice(mask, organ) > 0.5
