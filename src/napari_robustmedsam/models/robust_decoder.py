@@ -290,13 +290,15 @@ class RobustMaskDecoder(MaskDecoder):
         dense_prompt_embeddings: Tensor,
         output_tokens: Tensor,
         fast: bool = False,
+        channels_last: bool = False,
     ) -> tuple[Tensor, Tensor, Tensor]:
         """SAM's token/image transformer; returns (iou token, mask tokens, upscaled features).
 
         ``fast=True`` (the robust path) takes the fast path of the plain decoder (:mod:`.fast_plain_decoder`:
         same results up to float rounding; at inference the image-side inputs are cached per image, in
         training they are computed per call so gradients flow); the plain path (``robust=False``) stays SAM's
-        computation exactly.
+        computation exactly. ``channels_last=True`` (with ``fast``; for :func:`.fast_robust_mask`) returns the
+        upscaled features NHWC in memory, built in token order.
         """
         n = sparse_prompt_embeddings.shape[0]
         if fast and image_pe.shape[0] == 1 and fast_transformer_applies(self, dense_prompt_embeddings):
@@ -308,9 +310,7 @@ class RobustMaskDecoder(MaskDecoder):
                     self, image_embeddings, image_pe, dense_prompt_embeddings, sparse_prompt_embeddings,
                     output_tokens, cache=not grad,
                 )
-                if not grad and fast_robust_mask_applies(self.fourier_mask_features) and upscaling_is_pixelwise(
-                    self.output_upscaling
-                ):  # NHWC, for fast_robust_mask
+                if channels_last and upscaling_is_pixelwise(self.output_upscaling):
                     upscaled = upscale_channels_last(self.output_upscaling, keys, h, w)
                 else:
                     upscaled = self.output_upscaling(keys.transpose(1, 2).reshape(n, c, h, w))
@@ -405,8 +405,10 @@ class RobustMaskDecoder(MaskDecoder):
             return out
 
         tokens = torch.cat((self.iou_token.weight, self.custom_robust_token.weight), dim=0)
+        fast_mask = not aux and fast_robust_mask_applies(self.fourier_mask_features)
         iou_token, mask_tokens, upscaled = self._run_transformer(
-            image_embeddings, image_pe, sparse_prompt_embeddings, dense_prompt_embeddings, tokens, fast=True
+            image_embeddings, image_pe, sparse_prompt_embeddings, dense_prompt_embeddings, tokens, fast=True,
+            channels_last=fast_mask,
         )
         n = mask_tokens.shape[0]
         img = self._resolve_image_features(image_embeddings, image_features, early_features)
@@ -414,7 +416,7 @@ class RobustMaskDecoder(MaskDecoder):
         refined = self.custom_token_block(mask_tokens[:, 0, :])
         weights = self.robust_mlp(refined).unsqueeze(1)  # (n, 1, c)
         b, c, h, w = upscaled.shape
-        if not aux and img.shape[0] in (1, n) and fast_robust_mask_applies(self.fourier_mask_features):
+        if fast_mask and img.shape[0] in (1, n):
             robust_mask = fast_robust_mask(self.fourier_mask_features, upscaled, img, weights[:, 0], self.residual)
         else:
             img = _match_batch(img, n, "image_features")
