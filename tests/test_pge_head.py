@@ -288,7 +288,7 @@ def test_foreground_reconstruction_loss_counts_the_mask_only():
 
 def test_pge_head_training_run_writes_a_checkpoint_the_predictor_loads(tmp_path):
     from napari_robustmedsam.sample_data import mri_phantom
-    from training.finetune import PromptConfig, TrainConfig, Trainer, items_from_arrays, split_items
+    from training.finetune import LossWeights, PromptConfig, TrainConfig, Trainer, items_from_arrays, split_items
     from training.finetune.data import TrainingError
 
     with pytest.raises(TrainingError, match="head"):
@@ -300,13 +300,14 @@ def test_pge_head_training_run_writes_a_checkpoint_the_predictor_loads(tmp_path)
                              0.34, seed=0)
     cfg = TrainConfig(model="litemedsam", head="pge", epochs=1, steps_per_epoch=2, batch_size=1, objects_per_image=1,
                       variants=1, prompts=PromptConfig(n_steps=2, point_counts=(1,), local_corrections="always"),
-                      cache_dir=str(tmp_path / "c"),
+                      weights=LossWeights(feature=0.0, token=0.0, fall=1.0), cache_dir=str(tmp_path / "c"),
                       progress_bar=False, val_max_objects=1, seed=1, lr=1e-3)
     trainer = Trainer(cfg, tmp_path / "out", train, val)
     result = trainer.run()
     assert result.stopped == "completed"
     steps = trainer.step_log
     assert steps and all(np.isfinite(s["fr"]) and np.isfinite(s["dice"]) for s in steps)
+    assert all(s["fall"] >= 0 for s in steps)  # --w-fall: charged on the corrective clicks, logged
     loaded = load_model(tmp_path / "out" / "last.pth", device="cpu", progress=False)
     assert loaded.model.head == "pge"
     out_proj = loaded.model.feature_enhancer.out_proj.weight
@@ -342,5 +343,9 @@ def test_fast_head_options_reach_the_trainer_and_keep_older_runs_resumable():
                 "progress_bar", "lr", "device", "enhancer_work_stride", "enhancer_width", "enhancer_gate_channels"):
         d.pop(key)
     d["prompts"].pop("local_corrections")  # added later still: "off" is left out of the fingerprint
+    d["weights"].pop("fall")  # --w-fall, added later again: 0 is left out
     assert default.fingerprint() == hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
     assert TrainConfig(head="pge", enhancer_work_stride=2).fingerprint() != default.fingerprint()
+    cfg, _ = config_from_args(build_parser().parse_args(["--data", "x", "--preset", "pge-lite-fast", "--w-fall", "2"]))
+    assert cfg.weights.fall == 2.0 and cfg.fingerprint() != config_from_args(
+        build_parser().parse_args(["--data", "x", "--preset", "pge-lite-fast"]))[0].fingerprint()

@@ -151,3 +151,15 @@ def test_svd_neck_option_trains_singular_values_and_saves_a_plain_checkpoint(pha
     assert torch.equal(base["image_encoder.layers.0.blocks.0.conv1.c.weight"],
                        tuned["image_encoder.layers.0.blocks.0.conv1.c.weight"])
     assert "singular values" in " ".join(loaded.metadata["provenance"]["trained"])
+
+
+def test_fall_penalty_runs_in_the_robust_decoder_step(phantom_items, cache_dir, tmp_path):
+    """--w-fall: the robust decoder's iterations charge each corrective click's drop in soft Dice and log it."""
+    from training.finetune import LossWeights
+
+    train, val = phantom_items
+    cfg = tiny_config(cache_dir, epochs=1, prompts=PromptConfig(n_steps=2, point_counts=(1,), p_mask=1.0),
+                      weights=LossWeights(fall=2.0))
+    trainer = Trainer(cfg, tmp_path, train, val)
+    assert trainer.run().stopped == "completed"
+    assert trainer.step_log and all(np.isfinite(s["fall"]) and s["fall"] >= 0 for s in trainer.step_log)

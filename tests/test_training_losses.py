@@ -7,7 +7,8 @@ import math
 import pytest
 import torch
 
-from training.finetune.losses import LossWeights, dice_loss, dice_score, focal_loss, mask_iou, robust_loss
+from training.finetune.losses import (LossWeights, dice_loss, dice_score, fall_loss, focal_loss, mask_iou, robust_loss,
+                                      soft_dice)
 
 
 def _target():
@@ -102,3 +103,36 @@ def test_ablation_needs_no_clean_branch():
     assert math.isfinite(total.item())
     with pytest.raises(ValueError, match="consistency"):
         robust_loss(deg, target, LossWeights(), None)
+
+
+def test_fall_loss_charges_only_a_drop_below_the_mask_shown_before():
+    target = torch.zeros(2, 1, 8, 8, dtype=torch.bool)
+    target[:, :, 2:6, 2:6] = True
+    logits = torch.where(target, 4.0, -4.0).float().requires_grad_(True)
+    now = soft_dice(logits, target).detach()
+    assert now.shape == (2,) and bool((now > 0.9).all())
+    # object 0 was better before the click (drop 0.05), object 1 was worse: only object 0 is charged
+    before = torch.stack([now[0] + 0.05, now[1] - 0.3])
+    loss = fall_loss(logits, target, before)
+    assert loss.item() == pytest.approx(0.05 / 2, rel=1e-4)
+    loss.backward()
+    assert logits.grad[0].abs().sum() > 0 and logits.grad[1].abs().sum() == 0
+    assert fall_loss(logits, target, now - 0.01).item() == 0.0  # no fall, no loss
+    assert dice_loss(logits, target).item() == pytest.approx(1 - now.mean().item(), rel=1e-6)
+
+
+def test_robust_loss_adds_the_fall_term_only_when_weighted_and_after_a_click():
+    deg = _outputs(requires_grad=True)
+    target = torch.zeros(2, 1, 8, 8, dtype=torch.bool)
+    target[:, :, 2:6, 2:6] = True
+    off = LossWeights(feature=0.0, token=0.0)
+    on = LossWeights(feature=0.0, token=0.0, fall=3.0)
+    high = torch.ones(2)  # the mask shown before was perfect: any prediction now is a fall
+    base, terms = robust_loss(deg, target, off, None, None, high)
+    assert "fall" not in terms  # weight 0: nothing computed or logged
+    first, terms = robust_loss(deg, target, on, None, None, None)
+    assert "fall" not in terms and first.item() == pytest.approx(base.item())  # first prompt: nothing before
+    total, terms = robust_loss(deg, target, on, None, None, high)
+    expected = 1.0 - soft_dice(deg["masks"][:, :1], target).mean()
+    assert terms["fall"].item() == pytest.approx(expected.item(), rel=1e-5)
+    assert total.item() == pytest.approx(base.item() + 3.0 * terms["fall"].item(), rel=1e-6)

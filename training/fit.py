@@ -120,6 +120,9 @@ def build_parser() -> argparse.ArgumentParser:
     lo.add_argument("--w-token", type=float, default=2.0, help="MSE of clean vs degraded output tokens")
     lo.add_argument("--w-iou", type=float, default=1.0, help="IoU-prediction regression (micro_sam)")
     lo.add_argument("--w-fr", type=float, default=5.0, help="PGE head: foreground reconstruction loss weight")
+    lo.add_argument("--w-fall", type=float, default=0.0,
+                    help="penalty on a simulated corrective click that lowers the object's soft Dice below the mask "
+                    "shown before it (hinge; default 0 = off)")
     lo.add_argument("--no-consistency", action="store_true",
                     help="plain decoder fine-tuning (feature and token weights 0): the papers' ablation")
 
@@ -195,7 +198,8 @@ def config_from_args(args):
         trainable=args.trainable,
         train_amfg=_pick(args, "train_amfg", preset, True),
         consistency_steps=_pick(args, "consistency_steps", preset, "all"),
-        weights=LossWeights(dice=args.w_dice, focal=args.w_focal, feature=feature, token=token, iou=args.w_iou),
+        weights=LossWeights(dice=args.w_dice, focal=args.w_focal, feature=feature, token=token, iou=args.w_iou,
+                            fall=args.w_fall),
         prompts=prompts,
         variants=_pick(args, "variants", preset, 3),
         levels=levels,

@@ -25,6 +25,7 @@ class LossWeights:
     feature: float = 100.0
     token: float = 2.0
     iou: float = 1.0
+    fall: float = 0.0  # penalty on a simulated click that lowers the object's soft Dice (0 = off)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -39,11 +40,11 @@ def _flat(x: Tensor, valid: Tensor | None) -> tuple[Tensor, Tensor | None]:
     return x, (valid.flatten(1).to(x.dtype) if valid is not None else None)
 
 
-def dice_loss(logits: Tensor, target: Tensor, valid: Tensor | None = None, eps: float = 1.0) -> Tensor:
-    """Soft Dice loss of sigmoid(logits) against a binary target, mean over objects.
+def soft_dice(logits: Tensor, target: Tensor, valid: Tensor | None = None, eps: float = 1.0) -> Tensor:
+    """Soft Dice of sigmoid(logits) against a binary target, per object (N,).
 
     logits, target: (N, 1, H, W) or (N, H, W); ``valid`` (same shape, optional) masks out padding.
-    ``eps`` = 1 (smoothing as in MedSAM's / monai's soft Dice): an empty target with an empty prediction is 0.
+    ``eps`` = 1 (smoothing as in MedSAM's / monai's soft Dice): an empty target with an empty prediction is 1.
     """
     p, w = _flat(torch.sigmoid(logits), valid)
     t = target.flatten(1).to(p.dtype)
@@ -51,7 +52,23 @@ def dice_loss(logits: Tensor, target: Tensor, valid: Tensor | None = None, eps: 
         p, t = p * w, t * w
     inter = (p * t).sum(1)
     denom = p.sum(1) + t.sum(1)
-    return (1.0 - (2.0 * inter + eps) / (denom + eps)).mean()
+    return (2.0 * inter + eps) / (denom + eps)
+
+
+def dice_loss(logits: Tensor, target: Tensor, valid: Tensor | None = None, eps: float = 1.0) -> Tensor:
+    """Soft Dice loss (1 - :func:`soft_dice`), mean over objects."""
+    return (1.0 - soft_dice(logits, target, valid, eps)).mean()
+
+
+def fall_loss(logits: Tensor, target: Tensor, previous: Tensor, valid: Tensor | None = None) -> Tensor:
+    """How far this interaction's soft Dice fell below the previous one's, per object, averaged (hinge).
+
+    Why: the Dice/focal terms pull every interaction toward the ground truth, but a corrective click that makes
+    an already good mask worse costs no more than one that fails to improve a bad mask. Users judge a tool by
+    whether a click ever undoes their work; this term adds gradient exactly where a click did. ``previous``:
+    (N,) soft Dice of the mask shown before the click (detached).
+    """
+    return torch.relu(previous.detach() - soft_dice(logits, target, valid)).mean()
 
 
 def focal_loss(logits: Tensor, target: Tensor, valid: Tensor | None = None, alpha: float = 0.25,
@@ -104,6 +121,7 @@ def robust_loss(
     weights: LossWeights,
     clean: dict[str, Tensor] | None = None,
     valid: Tensor | None = None,
+    previous_dice: Tensor | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """Weighted loss of one decoder step and its unweighted terms.
 
@@ -111,6 +129,8 @@ def robust_loss(
     ``iou_predictions``, ``mask_features``, ``refined_token``). ``clean``: the clean branch's targets
     (``mask_features``, ``mask_tokens``; detached), needed when a consistency weight is non-zero.
     ``target``: (N, 1, H, W) bool ground truth; ``valid``: (N, 1, H, W) or broadcastable region mask.
+    ``previous_dice``: (N,) soft Dice of the mask shown before this interaction (a corrective step); with a
+    non-zero ``weights.fall`` it adds the :func:`fall_loss` term.
     """
     logits = degraded["masks"][:, :1]
     if valid is not None:
@@ -134,4 +154,7 @@ def robust_loss(
         terms["token"] = zero
     total = (weights.dice * terms["dice"] + weights.focal * terms["focal"] + weights.iou * terms["iou"]
              + weights.feature * terms["feature"] + weights.token * terms["token"])
+    if weights.fall > 0 and previous_dice is not None:
+        terms["fall"] = fall_loss(logits, target, previous_dice, valid)
+        total = total + weights.fall * terms["fall"]
     return total, terms

@@ -71,13 +71,15 @@ def pge_train_step(tr: "Trainer", planes: list[int], rng: np.random.Generator) -
     sums: dict[str, float] = {}
     dices: list[float] = []
     bad_message = ""
+    previous_dice = None
     for step in range(n_pred):
         points, boxes = state.to_model(batch.scale, tr.device)
         with torch.no_grad():
             sparse, dense = model.prompt_encoder(points=points, boxes=boxes, masks=state.mask_input)
         enhanced = enhancer(emb_d, side, points, boxes, dense)
         low, iou = model.decode_embeddings(enhanced, {}, sparse, dense, False)
-        loss, terms = robust_loss({"masks": low, "iou_predictions": iou}, target, weights, None, valid)
+        loss, terms = robust_loss({"masks": low, "iou_predictions": iou}, target, weights, None, valid,
+                                  previous_dice)
         terms.pop("feature", None)
         terms.pop("token", None)
         if emb_c is not None:
@@ -89,7 +91,8 @@ def pge_train_step(tr: "Trainer", planes: list[int], rng: np.random.Generator) -
         logits = low[:, :1].detach()
         dices.append(float(dice_score(logits, target, valid).mean()))
         if step + 1 < n_pred:
-            state = tr.next_prompts(state, logits, batch.gt_np, rng)
+            shown, previous_dice = tr.shown_and_dice(state, logits, target, valid)
+            state = tr.next_prompts(state, shown, batch.gt_np, rng)
     tr.stop_if_nonfinite(bad_message)
     backward_through_leaves(zip(side_graph, leaves))
     tr.finish_step()

@@ -43,7 +43,7 @@ from napari_robustmedsam.prompting import derive_seed, random_positive_points, r
 from . import ddp
 from .data import TrainingError, TrainItem, describe_items
 from .interactive import PromptConfig, add_clicks, corrective_clicks, shown_logits, start_prompts
-from .losses import LossWeights, dice_score, robust_loss
+from .losses import LossWeights, dice_score, robust_loss, soft_dice
 from .pairs import FeatureBank, sample_variant
 
 STATE_FORMAT = "napari-robustmedsam-train-state"
@@ -195,6 +195,8 @@ class TrainConfig:
         if d.get("head") == "robust":  # fields added with the PGE head: absent from older states' fingerprints
             for key in ("head", "enhancer_blocks", "fr_weight"):
                 d.pop(key, None)
+        if d["weights"].get("fall") == 0.0:  # added later: absent from older fingerprints
+            d["weights"].pop("fall")
         if d["prompts"].get("local_corrections") == "off":  # added later: absent from older fingerprints
             d["prompts"].pop("local_corrections")
         for key, default in (("enhancer_work_stride", 1), ("enhancer_width", 0), ("enhancer_gate_channels", 64)):
@@ -520,6 +522,7 @@ class Trainer:
         bad_message = ""
         sums: dict[str, float] = {}
         dices = []
+        previous_dice = None
         for step in range(n_pred):
             sparse, dense = self._prompt_embed(state, scale)
             clean_out = None
@@ -531,14 +534,15 @@ class Trainer:
                                image_features={IMAGE_FEATURES_KEY: img_d})
             if consistency and clean_out is None:
                 weights = replace(weights, feature=0.0, token=0.0)
-            loss, terms = robust_loss(out, target, weights, clean_out, valid)
+            loss, terms = robust_loss(out, target, weights, clean_out, valid, previous_dice)
             bad_message = self.backward_step(loss, terms, n_pred, sums)
             if bad_message:
                 break
             logits = out["masks"][:, :1].detach()
             dices.append(float(dice_score(logits, target, valid).mean()))
             if step + 1 < n_pred:
-                state = self.next_prompts(state, logits, gt_np, rng)
+                shown, previous_dice = self.shown_and_dice(state, logits, target, valid)
+                state = self.next_prompts(state, shown, gt_np, rng)
         self.stop_if_nonfinite(bad_message)
         # one backward pass through the image-level part (AMFG on images, SVD neck)
         backward_through_leaves([(img_graph, img_d), (emb_d_graph, emb_d)])
@@ -583,14 +587,21 @@ class Trainer:
         sums["total"] = sums.get("total", 0.0) + float(loss.detach()) / n_pred
         return ""
 
-    def next_prompts(self, state, logits: torch.Tensor, gt_np: np.ndarray, rng: np.random.Generator):
-        """One corrective click from the current prediction's errors; the logits fed back with p_mask. With local
-        corrections the current prediction is the merged one the annotator would show (``shown_logits``)."""
-        logits = shown_logits(state, logits, self.cfg.prompts)
-        pred = (logits[:, 0] > 0).cpu().numpy()
+    def shown_and_dice(self, state, logits: torch.Tensor, target: torch.Tensor, valid: torch.Tensor):
+        """The logits the annotator would show after this prediction (merged around the last clicks under local
+        corrections, ``shown_logits``) and, when the fall penalty is on, their soft Dice per object (else None)."""
+        shown = shown_logits(state, logits, self.cfg.prompts)
+        if self.cfg.weights.fall <= 0:
+            return shown, None
+        return shown, soft_dice(shown, target, valid.expand_as(shown)).detach()
+
+    def next_prompts(self, state, shown: torch.Tensor, gt_np: np.ndarray, rng: np.random.Generator):
+        """One corrective click from the errors of the mask shown (``shown_and_dice``); those logits fed back with
+        p_mask."""
+        pred = (shown[:, 0] > 0).cpu().numpy()
         pts, labs = corrective_clicks(gt_np, pred, rng, self.cfg.prompts)
         state = add_clicks(state, pts, labs)
-        state.mask_input = logits if rng.random() < self.cfg.prompts.p_mask else None
+        state.mask_input = shown if rng.random() < self.cfg.prompts.p_mask else None
         return state
 
     def stop_if_nonfinite(self, bad_message: str) -> None:
