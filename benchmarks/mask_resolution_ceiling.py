@@ -3,9 +3,9 @@
 Why: the mask decoder predicts 256 x 256 low-resolution logits that are upsampled to the image. Thin vessels or
 small lesions could be out of reach at that resolution whatever the decoder learns, and the evaluation's
 targets (Dice >= 0.80 after 5 clicks) would then be unreachable by construction. This script measures it: each
-evaluated ground-truth object is area-averaged onto the low-resolution grid (a logit map that exists), mapped
-back with the predictor's own upsampling (``ImageFrame.logits_to_original``), and scored against the original
-mask. The result is a lower bound on what the best 256 x 256 logit map could give.
+evaluated ground-truth object is area-averaged onto the low-resolution grid (a logit map that exists,
+``ImageFrame.mask_to_low_res``), mapped back with the predictor's own upsampling
+(``ImageFrame.logits_to_original``), and scored against the original mask. The result is a lower bound on what the best 256 x 256 logit map could give.
 
     python benchmarks/mask_resolution_ceiling.py --data runs/bench-train-lite-45/split/heldout
 """
@@ -21,12 +21,9 @@ sys.path.insert(0, str(ROOT))
 
 
 def main(argv=None) -> int:
-    import numpy as np
     import pandas as pd
-    import torch
-    import torch.nn.functional as F
 
-    from napari_robustmedsam.engine.preprocessing import LOW_RES_SIZE, preprocess
+    from napari_robustmedsam.engine.preprocessing import preprocess
     from napari_robustmedsam.metrics import dice
     from training.evaluation.dataset import discover, select_objects
 
@@ -41,13 +38,9 @@ def main(argv=None) -> int:
         for sample in sorted(ds.samples, key=lambda s: s.key):
             image, labels = sample.load()
             _, frame = preprocess(image, "litemedsam")
-            h, w = frame.input_size
             for obj in select_objects(labels, sample.key, args.seed, max_objects=args.max_objects):
-                gt = torch.from_numpy(obj.mask.astype(np.float32))[None, None]
-                low = F.interpolate(gt, (h, w), mode="bilinear", align_corners=False, antialias=True)
-                low = F.pad(low, (0, frame.model_size - w, 0, frame.model_size - h))
-                low = F.interpolate(low, (LOW_RES_SIZE, LOW_RES_SIZE), mode="bilinear", align_corners=False)
-                pred = frame.logits_to_original((low - 0.5) * 8.0)[0, 0].numpy() > 0
+                low = frame.mask_to_low_res(obj.mask, antialias=True)
+                pred = frame.logits_to_original(low)[0, 0].numpy() > 0
                 rows.append({"dataset": ds.name, "sample": sample.key, "object": obj.object_id,
                              "object_px": obj.size, "dice": dice(pred, obj.mask)})
     df = pd.DataFrame(rows)

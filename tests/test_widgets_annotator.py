@@ -78,7 +78,6 @@ def segment_with_box(qtbot, annotator, box, z=None):
     wait_idle(qtbot)
 
 
-
 def segment_phantom_organ(qtbot, viewer, widget):
     """Box the organ of a small MRI phantom in the annotator with the loaded model: (mask shown, organ truth)."""
     from napari_robustmedsam.sample_data import mri_phantom
@@ -94,6 +93,7 @@ def segment_phantom_organ(qtbot, viewer, widget):
     ys, xs = np.nonzero(organ)
     segment_with_box(qtbot, annotator, [xs.min(), ys.min(), xs.max() + 1, ys.max() + 1])
     return np.asarray(annotator.current_layer.data) > 0, organ
+
 
 # ---------------------------------------------------------------------------------------------------------
 def test_widgets_created_through_npe2(make_napari_viewer, qtbot):

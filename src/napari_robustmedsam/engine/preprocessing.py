@@ -58,13 +58,15 @@ class ImageFrame:
         x = x[..., : self.input_size[0], : self.input_size[1]]
         return F.interpolate(x, self.original_size, mode="bilinear", align_corners=False)
 
-    def mask_to_low_res(self, mask: np.ndarray | torch.Tensor, logit_scale: float = 8.0) -> torch.Tensor:
+    def mask_to_low_res(self, mask: np.ndarray | torch.Tensor, logit_scale: float = 8.0,
+                        antialias: bool = False) -> torch.Tensor:
         """A binary mask (H, W) at the original size -> (1, 1, 256, 256) logits usable as a mask prompt.
 
         Used to turn a user's existing mask into a prompt; previous decoder logits are fed back as they are.
+        ``antialias=True`` area-averages when shrinking, so thin structures keep a share of each cell they cross.
         """
         m = torch.as_tensor(np.asarray(mask), dtype=torch.float32)[None, None]
-        m = F.interpolate(m, self.input_size, mode="bilinear", align_corners=False)
+        m = F.interpolate(m, self.input_size, mode="bilinear", align_corners=False, antialias=antialias)
         m = F.pad(m, (0, self.model_size - self.input_size[1], 0, self.model_size - self.input_size[0]))
         m = F.interpolate(m, (LOW_RES_SIZE, LOW_RES_SIZE), mode="bilinear", align_corners=False)
         return (m * 2.0 - 1.0) * logit_scale
