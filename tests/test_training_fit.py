@@ -163,3 +163,32 @@ def test_fall_penalty_runs_in_the_robust_decoder_step(phantom_items, cache_dir, 
     trainer = Trainer(cfg, tmp_path, train, val)
     assert trainer.run().stopped == "completed"
     assert trainer.step_log and all(np.isfinite(s["fall"]) and s["fall"] >= 0 for s in trainer.step_log)
+
+
+def test_training_plot_without_a_validation_split_says_so_and_shows_the_fall_term(tmp_path, monkeypatch):
+    """--val-fraction 0 leaves the validation panel empty: the plot says so instead of warning about a legend, and the
+    fall penalty's term (--w-fall) is drawn with the other loss terms."""
+    import warnings
+
+    from matplotlib.figure import Figure
+
+    from training.finetune.trainer import plot_history
+
+    drawn = {}
+    real_savefig = Figure.savefig
+
+    def spy(fig, path, **kw):
+        ax1, ax2 = fig.axes
+        drawn["terms"] = [line.get_label() for line in ax1.get_lines()]
+        drawn["texts"] = [t.get_text() for t in ax2.texts]
+        return real_savefig(fig, path, **kw)
+
+    monkeypatch.setattr(Figure, "savefig", spy)
+    steps = [{"global_step": i, "loss": 1.0 / (i + 1), "dice": 0.5, "fall": 0.01 * (i % 2)} for i in range(6)]
+    history = [{"epoch": 0}, {"epoch": 1}]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        plot_history(history, steps, tmp_path / "training.png")
+    assert (tmp_path / "training.png").is_file()
+    assert "fall (unweighted)" in drawn["terms"] and "dice (unweighted)" in drawn["terms"]
+    assert drawn["texts"] == ["no validation split"]

@@ -1045,7 +1045,7 @@ def plot_history(history: list[dict], steps: list[dict], path: Path) -> None:
             k = max(2, len(y) // 20)
             smooth = np.convolve(y, np.ones(k) / k, mode="valid")
             ax1.plot(x[k - 1:], smooth, lw=1.5, label=f"total (mean of {k})")
-        for term in ("dice", "focal", "feature", "token", "iou", "fr"):
+        for term in ("dice", "focal", "feature", "token", "iou", "fr", "fall"):
             vals = [s.get(term) for s in steps]
             if any(v for v in vals if isinstance(v, float)):
                 ax1.plot(x, vals, lw=0.5, alpha=0.6, label=term + " (unweighted)")
@@ -1066,7 +1066,10 @@ def plot_history(history: list[dict], steps: list[dict], path: Path) -> None:
     ax2.set_ylabel("validation Dice")
     ax2.set_ylim(0, 1)
     ax2.grid(alpha=0.3)
-    ax2.legend(fontsize=7)
+    if ax2.get_lines():
+        ax2.legend(fontsize=7)
+    else:  # --val-fraction 0: nothing to plot; say so instead of an empty legend's warning
+        ax2.text(0.5, 0.5, "no validation split", ha="center", va="center", transform=ax2.transAxes)
     ax2.set_title("validation")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
