@@ -166,6 +166,7 @@ def test_report_tables_and_plots_from_synthetic_measurements(tmp_path):
     assert "header line" in text and "## Dice" in text and "## NSD" in text and "## HD95" in text
     assert "| a | **all datasets** | box |" in text and "| b | d2 | iter_box |" in text
     assert "step 2" in text  # per-step table of the iterative mode
+    assert "## Steps where the mean falls" in text and "95 % interval" in text  # random Dice: some steps fall
     # clicks honoured: all of a's, none of b's (2 datasets x 3 images x 3 conditions x 2 steps)
     assert "| a | iter_box | 1.00 | 1.00 | 1.00 | 36 |" in text and "| b | iter_box | 0.00 | 0.00 | 0.00 | 36 |" in text
     for key in ("dice_vs_step", "degradation_bars", "ecdf", "scatter_a", "scatter_b"):
@@ -174,6 +175,34 @@ def test_report_tables_and_plots_from_synthetic_measurements(tmp_path):
     sel = df[(df.model == "a") & (df.dataset == "d1") & (df.condition == "clean")]
     sel = sel[(sel.prompt == "iter_box") & (sel.step == 2)]
     assert f"{sel.dice.mean():.3f} ± {sel.dice.std():.3f}" in text
+
+
+def test_step_falls_tell_a_consistent_fall_from_sampling_noise():
+    """A fall every image shares is beyond the bootstrap interval; a mean fall made of a few large slips among
+    rises is not; a rising curve is not listed. Objects are averaged per dataset first, as in step_means."""
+    from training.evaluation.report import falls_table, step_falls
+
+    rows = []
+    for prompt in ("iter_box", "iter_point"):
+        for ds in ("d1", "d2"):
+            for img in range(12):
+                for obj in range(2 if ds == "d1" else 1):
+                    curve = {"iter_box": [0.5, 0.8, 0.7],  # every object falls by 0.1 at step 2
+                             "iter_point": [0.5, 0.6, 0.6 + (0.1 if img % 3 else -0.25)]}[prompt]
+                    rows += [{"model": "m", "prompt": prompt, "condition": "LQ-3", "dataset": ds, "sample": f"{ds}/{img}",
+                              "object_id": f"label{obj}", "step": s, "dice": d} for s, d in enumerate(curve)]
+    df = pd.DataFrame(rows)
+    rising = df.assign(model="r", dice=df["step"] * 0.1)
+    falls = step_falls(pd.concat([df, rising]), n_boot=500, seed=1)
+    assert list(falls["model"]) == ["m", "m"] and list(falls["step"]) == [2, 2]
+    box, point = falls.iloc[0], falls.iloc[1]
+    assert box.prompt == "iter_box" and box.change == pytest.approx(-0.1) and box.ci_high < 0
+    # 8 of 12 images rise by 0.1, 4 fall by 0.25: the mean falls by 0.0167, but resampling often makes it rise
+    assert point.change == pytest.approx((8 * 0.1 - 4 * 0.25) / 12) and point.ci_low < 0 < point.ci_high
+    assert point.images == 24
+    text = falls_table(df)
+    assert "| m | iter_box | LQ-3 | 2 | -0.10000 |" in text and "| yes | 24 |" in text and "| no | 24 |" in text
+    assert falls_table(rising) == "No step lowers the mean of any model, start and condition."
 
 
 def test_clicks_honoured_reads_each_click_at_its_pixel():
