@@ -115,6 +115,48 @@ def test_slice_prompts_extends_is_a_corrective_click():
     assert SlicePrompts.from_json(json.loads(json.dumps(more.to_json()))).extends(base)
 
 
+def test_step_back_restores_each_earlier_state_of_a_slice_exactly():
+    s = AnnotationSession((2, 8, 8))
+    box = np.array([1.0, 1.0, 7.0, 7.0])
+    asked = [SlicePrompts(box=box), SlicePrompts([[3, 3]], [1], box), SlicePrompts([[3, 3], [5, 5]], [1, 0], box)]
+    masks = [np.eye(8, dtype=bool), np.ones((8, 8), bool), np.tri(8, dtype=bool)]
+    logits = [object(), object(), object()]
+    for k in range(3):
+        s.set_current_slice(1, masks[k], logits[k], asked[k].copy(), score=0.5 + k / 10, asked=asked[k])
+    assert s.steps_back(1) == 2 and s.steps_back(0) == 0
+    # prompts that are not the previous state's (a point moved, a label flipped) restore nothing
+    assert not s.step_back(1, SlicePrompts([[3, 4]], [1], box))
+    assert not s.step_back(1, SlicePrompts([[3, 3]], [0], box))
+    assert np.array_equal(s.current[1], masks[2]) and s.steps_back(1) == 2
+    for k in (1, 0):  # take the clicks back one by one
+        assert s.step_back(1, asked[k].copy())
+        assert np.array_equal(s.current[1], masks[k]) and s.current_logits[1] is logits[k]
+        assert s.current_scores[1] == pytest.approx(0.5 + k / 10) and s.current_prompts[1].same_prompts(asked[k])
+    assert s.steps_back(1) == 0 and not s.step_back(1, asked[0])
+    # a new click after stepping back is kept as well
+    s.set_current_slice(1, masks[2], logits[2], asked[2], asked=asked[2])
+    assert s.steps_back(1) == 1
+    # propagation (no user prompts), clearing the slice and committing drop the slice's history
+    s.set_current_slice(1, masks[1], None, SlicePrompts(box=box, source="propagated"))
+    assert s.steps_back(1) == 0 and not s.step_back(1, asked[0])
+    s.set_current_slice(1, masks[0], None, asked[0], asked=asked[0])
+    s.set_current_slice(1, masks[1], None, asked[1], asked=asked[1])
+    s.clear_current_slice(1)
+    assert s.steps_back(1) == 0
+    s.set_current_slice(0, masks[0], None, asked[0], asked=asked[0])
+    s.set_current_slice(0, masks[1], None, asked[1], asked=asked[1])
+    s.commit()
+    assert s.steps_back(0) == 0
+
+
+def test_step_back_history_is_bounded():
+    s = AnnotationSession((8, 8), max_steps_back=3)
+    for k in range(6):
+        p = SlicePrompts(np.arange(2 * k, dtype=float).reshape(-1, 2), np.ones(k, np.int64))
+        s.set_current_slice(0, np.zeros((8, 8), bool), None, p, asked=p)
+    assert s.steps_back(0) == 3
+
+
 @pytest.mark.parametrize("suffix", [".tif", ".npy", ".nii.gz"])
 def test_save_and_resume_session(tmp_path, suffix):
     s = AnnotationSession((3, 20, 20))

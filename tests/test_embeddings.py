@@ -193,15 +193,25 @@ def test_precision_choices_on_cpu(tiny, tmp_path):
         EmbeddingEngine(tiny, "litemedsam", cache_dir=tmp_path, precision="fp16")
     with pytest.raises(UserFacingError):
         EmbeddingEngine(tiny, "litemedsam", cache_dir=tmp_path, precision="int8")
+    from napari_robustmedsam.engine.fast_cpu import cpu_has_native_bf16
+
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
+        fast32 = EmbeddingEngine(tiny, "litemedsam", cache_dir=tmp_path, cpu_fast=True, precision="fp32")
         fast = EmbeddingEngine(tiny, "litemedsam", cache_dir=tmp_path, cpu_fast=True)
     plain = EmbeddingEngine(tiny, "litemedsam", cache_dir=tmp_path, use_cache=False)
     image = (np.random.default_rng(6).random((64, 64)) * 100).astype(np.float32)
-    torch.testing.assert_close(
-        fast.embed_image(image).image_embeddings, plain.embed_image(image).image_embeddings, atol=1e-5, rtol=1e-5
-    )
-    assert "channels_last" in fast.description and plain.cache is None
+    reference = plain.embed_image(image).image_embeddings
+    # channels_last alone changes nothing but the memory layout
+    torch.testing.assert_close(fast32.embed_image(image).image_embeddings, reference, atol=1e-5, rtol=1e-5)
+    assert "channels_last" in fast32.description and plain.cache is None
+    # "auto" takes bf16 only where the CPU computes it natively (AMX-BF16 / AVX512-BF16), fp32 elsewhere
+    if cpu_has_native_bf16():
+        assert fast.runner.precision == "bf16"
+        torch.testing.assert_close(fast.embed_image(image).image_embeddings, reference, atol=3e-2, rtol=3e-2)
+    else:
+        assert fast.runner.precision == "fp32"
+        torch.testing.assert_close(fast.embed_image(image).image_embeddings, reference, atol=1e-5, rtol=1e-5)
 
 
 # ---- CLI ------------------------------------------------------------------------------------------

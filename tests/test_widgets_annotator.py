@@ -277,6 +277,43 @@ def test_corrective_click_refines_with_previous_logits(plugin, qtbot):
     shot(viewer, "04_corrective_clicks")
 
 
+def test_taking_a_click_back_restores_the_earlier_mask_exactly_without_decoding(plugin, qtbot):
+    """B (or deleting the last point) returns the mask, logits and score from before that click; segmenting the
+    remaining prompts again would start without the earlier mask and give a different one."""
+    from napari_robustmedsam.widgets.annotator import KEYS
+
+    viewer, widget = plugin
+    annotator = widget.annotator
+    segment_phantom_organ(qtbot, viewer, widget)
+    session = annotator.session
+    annotator.local_combo.setCurrentText("off")  # the whole new mask at each click: both clicks change it
+
+    def state():
+        return session.current.copy(), session.current_logits[0], session.current_scores[0]
+
+    states = [state()]
+    for x, y, positive in ((80.0, 80.0, False), (60.0, 70.0, True)):
+        with qtbot.waitSignal(annotator.segmented, timeout=180_000):
+            annotator.add_point(x, y, positive=positive)
+        wait_idle(qtbot)
+        states.append(state())
+    annotator.local_combo.setCurrentText("with a box")
+    assert not np.array_equal(states[2][0], states[1][0]) and session.steps_back(0) == 2
+    decodes = sum(annotator.decode_modes.values())
+    for k in (1, 0):
+        with qtbot.waitSignal(annotator.segmented, timeout=60_000):
+            annotator._key_handler(KEYS["b"])()
+        wait_idle(qtbot)
+        mask, logits, score = states[k]
+        assert len(annotator.points_layer.data) == k
+        assert np.array_equal(session.current, mask) and np.array_equal(np.asarray(annotator.current_layer.data) > 0, mask)
+        assert session.current_logits[0] is logits and session.current_scores[0] == score
+        assert "back to the mask before that click" in annotator.status.text()
+    assert sum(annotator.decode_modes.values()) == decodes  # restored, not decoded again
+    assert annotator.take_back_click() is False and "No click to take back" in annotator.status.text()
+    assert session.steps_back(0) == 0
+
+
 def test_live_click_decodes_on_the_gui_thread_and_updates_the_layer_in_place(plugin, qtbot):
     """A click on a fast model: the mask is in the layer before the click's event handler returns (no worker
     hop), the layer's array is updated in place, and a prompt change giving the same mask leaves it alone."""

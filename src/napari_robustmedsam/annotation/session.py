@@ -67,6 +67,12 @@ class SlicePrompts:
             return self.box is None and other.box is None
         return bool(np.allclose(self.box, other.box))
 
+    def same_prompts(self, other: "SlicePrompts | None") -> bool:
+        """True when ``other`` has the same box and the same points with the same labels, in the same order."""
+        if other is None or not self.same_box(other) or self.points.shape != other.points.shape:
+            return False
+        return bool(np.allclose(self.points, other.points) and np.array_equal(self.labels, other.labels))
+
     def extends(self, other: "SlicePrompts | None") -> bool:
         """True when these prompts are ``other`` plus more points (same box): a corrective click."""
         if other is None or other.is_empty or not self.same_box(other):
@@ -143,10 +149,22 @@ class _UndoEntry:
     kind: str = "commit"  # "commit" or "remove"
 
 
+@dataclass
+class _SliceState:
+    """A slice of the current object as it was before a prompt change, with the user's prompts that made it."""
+
+    asked: SlicePrompts
+    prompts: SlicePrompts | None
+    mask: np.ndarray
+    logits: Any
+    score: float | None
+
+
 class AnnotationSession:
     """Current object + committed labels over a 2D image (Y, X) or a volume (Z, Y, X)."""
 
-    def __init__(self, shape: tuple[int, ...], labels: np.ndarray | None = None, max_undo: int = 50) -> None:
+    def __init__(self, shape: tuple[int, ...], labels: np.ndarray | None = None, max_undo: int = 50,
+                 max_steps_back: int = 20) -> None:
         shape = tuple(int(s) for s in shape)
         if len(shape) not in (2, 3):
             raise UserFacingError(f"an annotation session needs a 2D (Y, X) or 3D (Z, Y, X) shape, got {shape}")
@@ -163,6 +181,10 @@ class AnnotationSession:
         self.objects: dict[int, ObjectRecord] = {}
         self._undo: list[_UndoEntry] = []
         self.max_undo = int(max_undo)
+        # Taking a click back: the user prompts behind each slice's current mask, and the states before them
+        self._asked: dict[int, SlicePrompts] = {}
+        self._history: dict[int, list[_SliceState]] = {}
+        self.max_steps_back = int(max_steps_back)
 
     # ---- geometry ---------------------------------------------------------------------------
     @property
@@ -246,12 +268,57 @@ class AnnotationSession:
         logits: Any = None,
         prompts: SlicePrompts | None = None,
         score: float | None = None,
+        asked: SlicePrompts | None = None,
     ) -> None:
-        """Replace the current object on one slice (other slices are kept)."""
+        """Replace the current object on one slice (other slices are kept).
+
+        ``asked``: the user's prompts this mask was segmented from. When given, the slice's previous state is kept
+        so that taking those prompts back (:meth:`step_back`) restores it exactly; without it (propagation,
+        loading) the slice's history is dropped.
+        """
         z = self._check_z(z)
         m = np.asarray(mask).astype(bool)
         if m.shape != self.plane_shape:
             raise UserFacingError(f"mask of shape {m.shape} does not match the slice shape {self.plane_shape}")
+        if asked is None:
+            self._forget_history(z)
+        else:
+            if z in self._asked:
+                history = self._history.setdefault(z, [])
+                history.append(_SliceState(self._asked[z], self.current_prompts.get(z), self.plane(self.current, z).copy(),
+                                           self.current_logits.get(z), self.current_scores.get(z)))
+                del history[: max(0, len(history) - self.max_steps_back)]
+            self._asked[z] = asked.copy()
+        self._put_slice(z, m, logits, prompts, score)
+
+    def step_back(self, z: int, asked: SlicePrompts) -> bool:
+        """Restore slice ``z`` exactly as it was before the last prompt change, when ``asked`` (the user's prompts
+        now) equals the prompts of that earlier state, e.g. after the last click was removed. Why: segmenting the
+        remaining prompts again starts without the earlier mask and gives a different one; a click that made the
+        mask worse should cost nothing to take back. Returns whether it restored."""
+        z = self._check_z(z)
+        history = self._history.get(z)
+        if not history or not history[-1].asked.same_prompts(asked):
+            return False
+        state = history.pop()
+        self._asked[z] = state.asked
+        self._put_slice(z, state.mask, state.logits, state.prompts, state.score, drop_missing=True)
+        return True
+
+    def steps_back(self, z: int) -> int:
+        """How many earlier states of slice ``z`` can be restored by taking prompts back."""
+        return len(self._history.get(z, ()))
+
+    def _forget_history(self, z: int | None = None) -> None:
+        if z is None:
+            self._asked.clear()
+            self._history.clear()
+        else:
+            self._asked.pop(z, None)
+            self._history.pop(z, None)
+
+    def _put_slice(self, z: int, m: np.ndarray, logits: Any, prompts: SlicePrompts | None, score: float | None,
+                   drop_missing: bool = False) -> None:
         if self.is_volume:
             self.current[z] = m
         else:
@@ -262,8 +329,12 @@ class AnnotationSession:
             self.current_logits.pop(z, None)
         if prompts is not None:
             self.current_prompts[z] = prompts
+        elif drop_missing:
+            self.current_prompts.pop(z, None)
         if score is not None:
             self.current_scores[z] = float(score)
+        elif drop_missing:
+            self.current_scores.pop(z, None)
 
     def clear_current_slice(self, z: int) -> None:
         z = self._check_z(z)
@@ -274,6 +345,7 @@ class AnnotationSession:
         self.current_logits.pop(z, None)
         self.current_prompts.pop(z, None)
         self.current_scores.pop(z, None)
+        self._forget_history(z)
 
     def clear_current(self) -> None:
         self.current = np.zeros(self.shape, bool)
@@ -281,6 +353,7 @@ class AnnotationSession:
         self.current_prompts.clear()
         self.current_scores.clear()
         self.current_label_id = None
+        self._forget_history()
 
     # ---- commit / undo ------------------------------------------------------------------------
     def commit(self, overwrite: bool = False, label_id: int | None = None, info: dict | None = None) -> CommitResult:

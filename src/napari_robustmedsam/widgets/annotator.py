@@ -86,6 +86,7 @@ KEYS = {
     "Shift-C": "clear",
     "t": "toggle_polarity",
     "u": "undo",
+    "b": "take_back_click",
     "Shift-S": "propagate",
 }
 
@@ -727,6 +728,14 @@ class AnnotatorWidget(QWidget):
                 self._update_current_layer(z)
             self.segmented.emit(z, time.perf_counter() - t_request)
             return
+        if not self._seg_running and self.session.step_back(z, prompts):
+            self._update_current_layer(z)
+            latency = time.perf_counter() - t_request
+            self.last_latency = latency
+            n = int(self.session.plane(self.session.current, z).sum())
+            self._set_status(f"Slice {z}: back to the mask before that click ({n} px), exactly as it was.")
+            self.segmented.emit(z, latency)
+            return
         emb = self.embeddings
         if not emb.has(z):
             self._embed_then_segment(z, t_request)
@@ -749,7 +758,7 @@ class AnnotatorWidget(QWidget):
             except Exception as err:  # noqa: BLE001 - shown in the widget
                 self.banner.show_error(err)
                 return
-            self._apply(z, result, gen, t_request)
+            self._apply(z, result, gen, t_request, prompts)
             return
         self._seg_running = True
         self.decode_modes["worker"] += 1
@@ -763,7 +772,7 @@ class AnnotatorWidget(QWidget):
             self._seg_running = False
             result, ms = value
             self._decoder_ms.append(ms)
-            self._apply(z, result, gen, t_request)
+            self._apply(z, result, gen, t_request, prompts)
             self._run_pending()
 
         def failed(err, tb):
@@ -833,12 +842,12 @@ class AnnotatorWidget(QWidget):
         self._embed_handles[z] = run_task(lambda h: emb.get(z), done, failed, name=f"embedding slice {z}",
                                           row=self.embed_row)
 
-    def _apply(self, z: int, result, gen: int, t_request: float) -> None:
+    def _apply(self, z: int, result, gen: int, t_request: float, asked: SlicePrompts | None = None) -> None:
         if gen != self._generation or self.session is None:
             return
         session = self.session
         was_propagated = session.current_prompts.get(z) is not None and session.current_prompts[z].source == "propagated"
-        session.set_current_slice(z, result.mask, result.logits, result.prompts, result.score)
+        session.set_current_slice(z, result.mask, result.logits, result.prompts, result.score, asked=asked)
         self._update_current_layer(z)
         latency = time.perf_counter() - t_request
         self.last_latency = latency
@@ -848,7 +857,7 @@ class AnnotatorWidget(QWidget):
         refine = " (refined with the previous mask)" if result.used_previous_logits else ""
         self._set_status(
             f"Slice {z}: {int(result.mask.sum())} px, predicted IoU {result.score:.2f}{refine}; "
-            f"{latency * 1000:.0f} ms. C commits, Shift-C clears."
+            f"{latency * 1000:.0f} ms. C commits, B takes the last click back, Shift-C clears."
         )
         if session.is_volume and self._propagated_once:
             self._changed_since_propagation.add(z)
@@ -930,6 +939,22 @@ class AnnotatorWidget(QWidget):
             self._set_status(f"Undid the commit of object {label_id}.")
         self._update_enabled()
         return label_id
+
+    def take_back_click(self) -> bool:
+        """Remove the last point clicked on the visible slice; the mask returns to what it was before that click
+        (the session keeps the earlier states, see AnnotationSession.step_back). Returns whether a point was removed."""
+        if self.session is None or self.points_layer is None or not len(self.points_layer.data):
+            self._set_status("No click to take back.")
+            return False
+        z = self.current_z()
+        data = np.asarray(self.points_layer.data, dtype=float)
+        on_slice = np.flatnonzero(np.round(data[:, 0]) == z) if self.session.is_volume else np.arange(len(data))
+        if on_slice.size == 0:
+            self._set_status(f"No click to take back on slice {z}.")
+            return False
+        self.points_layer.selected_data = {int(on_slice[-1])}
+        self.points_layer.remove_selected()  # the layer's change event re-segments, which restores the earlier mask
+        return True
 
     def toggle_polarity(self) -> str:
         if self.points_layer is None:
