@@ -309,6 +309,8 @@ def test_taking_a_click_back_restores_the_earlier_mask_exactly_without_decoding(
         assert np.array_equal(session.current, mask) and np.array_equal(np.asarray(annotator.current_layer.data) > 0, mask)
         assert session.current_logits[0] is logits and session.current_scores[0] == score
         assert "back to the mask before that click" in annotator.status.text()
+        if k == 1:
+            shot(viewer, "04b_click_taken_back")
     assert sum(annotator.decode_modes.values()) == decodes  # restored, not decoded again
     assert annotator.take_back_click() is False and "No click to take back" in annotator.status.text()
     assert session.steps_back(0) == 0
