@@ -13,7 +13,7 @@ load from other processes on the shared machine hits them alike. Prints:
 3. reopening the cached 23-slice volume in a new engine: time until every slice is known to be cached, time to
    read and verify all 23 slices, and to get one slice; cache size on disk (fp32 and fp16 storage).
 4. fp16 storage: mask differences (tumour box + random boxes on every slice) between fp32 and fp16 cached
-   embeddings.
+   embeddings; 4b: the same for the ``cpu_fast`` path and, on CPUs with native bf16, for bf16.
 
 Usage: ``python benchmarks/embeddings.py [--reps 5] [--skip-vit] [--data ../shared/data]``
 """
@@ -68,6 +68,44 @@ def interleaved(variants: dict, inputs: list, reps: int) -> dict[str, list[float
     return times
 
 
+def _mask_boxes(labels: np.ndarray, plane: tuple[int, int], rng) -> list[np.ndarray]:
+    """Per slice: the tumour's tight box (where labelled) and 3 random boxes."""
+    h, w = plane
+    out = []
+    for z in range(labels.shape[0]):
+        boxes = []
+        if labels[z].any():
+            ys, xs = np.nonzero(labels[z])
+            boxes.append([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1])
+        for _ in range(3):
+            bw, bh = rng.integers(20, w // 2), rng.integers(20, h // 2)
+            x0, y0 = rng.integers(0, w - bw), rng.integers(0, h - bh)
+            boxes.append([x0, y0, x0 + bw, y0 + bh])
+        out.append(np.asarray(boxes, float))
+    return out
+
+
+def mask_differences(predictor, reference: list, other: list, boxes: list, name: str) -> str:
+    """How far the box masks from ``other`` embeddings are from those of ``reference`` (one line)."""
+    n_masks, n_diff_masks, worst_frac, min_iou, total_px, diff_px, max_logit = 0, 0, 0.0, 1.0, 0, 0, 0.0
+    for e_ref, e_other, b in zip(reference, other, boxes):
+        p_ref = predictor.predict(boxes=b, embedding=e_ref)
+        p_other = predictor.predict(boxes=b, embedding=e_other)
+        max_logit = max(max_logit, float((p_ref.low_res_logits - p_other.low_res_logits).abs().max()))
+        for a, c in zip(p_ref.masks, p_other.masks):
+            n_masks += 1
+            d = int((a != c).sum())
+            diff_px += d
+            total_px += a.size
+            n_diff_masks += bool(d)
+            worst_frac = max(worst_frac, d / a.size)
+            union = (a | c).sum()
+            min_iou = min(min_iou, float((a & c).sum() / union) if union else 1.0)
+    return (f"masks with any differing pixel: {n_diff_masks}/{n_masks}; differing pixels overall "
+            f"{diff_px / total_px:.2e}; worst mask {worst_frac:.2e}; min IoU(fp32, {name}) {min_iou:.4f}; "
+            f"max |logit difference| {max_logit:.3g}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--reps", type=int, default=5)
@@ -114,6 +152,11 @@ def main() -> None:
     model.eval()
     engine = EmbeddingEngine(model, "litemedsam", use_cache=False)
     fast = EmbeddingEngine(model, "litemedsam", use_cache=False, cpu_fast=True)
+    from napari_robustmedsam.engine.fast_cpu import cpu_has_native_bf16
+
+    # bf16 is opt-in (it moves masks, section 4b); timed only where the CPU computes it natively
+    bf16 = EmbeddingEngine(model, "litemedsam", use_cache=False, cpu_fast=True, precision="bf16") \
+        if cpu_has_native_bf16() else None
     slices = [volume[z] for z in range(0, volume.shape[0], max(1, volume.shape[0] // 6))]
 
     def naive_encoder(image):
@@ -130,6 +173,8 @@ def main() -> None:
         f"project engine, default ({engine.description})": engine.encode,
         f"project engine, cpu_fast ({fast.description})": fast.encode,
     }
+    if bf16 is not None:
+        variants[f"project engine, cpu_fast + bf16 ({bf16.description})"] = bf16.encode
     if 1 in sections and args.allocator == "tuned":
         # the same variants with the allocator defaults, in a child process (the settings are process-wide)
         cmd = [sys.executable, __file__, "--sections", "1", "--allocator=default", "--reps", str(args.reps),
@@ -224,40 +269,19 @@ def main() -> None:
         print(f"  cache size on disk: fp32 {size32 / 2**20:.1f} MiB ({size32 / volume.shape[0] / 2**20:.2f} MiB per slice), "
               f"fp16 {size16 / 2**20:.1f} MiB")
 
-        # ---- 4. fp16 storage effect on masks ----------------------------------------------------------
+        # ---- 4. fp16 storage and the cpu_fast path: effect on masks -----------------------------------------
         predictor = Predictor(model, "litemedsam", box_primary=True)
-        rng = np.random.default_rng(0)
-        n_masks, n_diff_masks, worst_frac, min_iou, total_px, diff_px = 0, 0, 0.0, 1.0, 0, 0
-        max_logit = 0.0
-        for z in range(volume.shape[0]):
-            e32 = embs[z]
-            e16 = ImageEmbedding({k: v.half().float() for k, v in e32.features.items()}, e32.frame)
-            h, w = volume.shape[1:]
-            boxes = []
-            if labels[z].any():
-                ys, xs = np.nonzero(labels[z])
-                boxes.append([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1])
-            for _ in range(3):
-                bw, bh = rng.integers(20, w // 2), rng.integers(20, h // 2)
-                x0, y0 = rng.integers(0, w - bw), rng.integers(0, h - bh)
-                boxes.append([x0, y0, x0 + bw, y0 + bh])
-            p32 = predictor.predict(boxes=np.asarray(boxes, float), embedding=e32)
-            p16 = predictor.predict(boxes=np.asarray(boxes, float), embedding=e16)
-            max_logit = max(max_logit, float((p32.low_res_logits - p16.low_res_logits).abs().max()))
-            for a, b in zip(p32.masks, p16.masks):
-                n_masks += 1
-                d = int((a != b).sum())
-                diff_px += d
-                total_px += a.size
-                if d:
-                    n_diff_masks += 1
-                worst_frac = max(worst_frac, d / a.size)
-                union = (a | b).sum()
-                min_iou = min(min_iou, float((a & b).sum() / union) if union else 1.0)
-        print(f"\n4. fp16 cache storage vs fp32 ({n_masks} box masks on {volume.shape[0]} slices)")
-        print(f"  masks with any differing pixel: {n_diff_masks}/{n_masks}; differing pixels overall "
-              f"{diff_px / total_px:.2e}; worst mask {worst_frac:.2e}; min IoU(fp32, fp16) {min_iou:.4f}; "
-              f"max |logit difference| {max_logit:.3g}")
+        boxes = _mask_boxes(labels, volume.shape[1:], np.random.default_rng(0))
+        half_embs = [ImageEmbedding({k: v.half().float() for k, v in e.features.items()}, e.frame) for e in embs]
+        print(f"\n4. fp16 cache storage vs fp32 ({sum(len(b) for b in boxes)} box masks on {volume.shape[0]} slices)")
+        print("  " + mask_differences(predictor, embs, half_embs, boxes, "fp16"))
+        for name, eng in (("cpu_fast", fast), ("cpu_fast + bf16", bf16)):
+            if eng is None:
+                print(f"\n4b. {name}: not measured (this CPU has no native bf16)")
+                continue
+            other = [eng.embed_image(volume[z]) for z in range(volume.shape[0])]
+            print(f"\n4b. project engine, {name} ({eng.description}) vs default fp32, same boxes")
+            print("  " + mask_differences(predictor, embs, other, boxes, name))
     finally:
         if not args.cache:
             shutil.rmtree(cache_root, ignore_errors=True)

@@ -6,10 +6,11 @@ What the engine does (measured on the project's 2-core AVX-512 CPU, see docs/ben
   into their convolutions in a private copy of the encoder (inference only: running statistics are
   constants). This is exact up to fp32 rounding (max abs difference of the embeddings about 4e-6 for values
   up to about 0.6). ViT encoders have no batch norm and are used as they are (no copy).
-- ``cpu_fast=True`` (opt-in, CPU): additionally channels_last tensors for the convolution stages, and bf16
-  autocast only when the CPU has native bf16 (AMX-BF16 or AVX512-BF16); without it bf16 is emulated and
-  slower, so it is skipped with a notice. ``compile=True`` additionally tries ``torch.compile`` (slow to
-  compile on 2 cores; off by default).
+- ``cpu_fast=True`` (opt-in, CPU): additionally channels_last tensors for the convolution stages (same
+  embeddings up to fp32 rounding). bf16 autocast only when asked for (``precision="bf16"``): it is fast on CPUs
+  with native bf16 (AMX-BF16 or AVX512-BF16) but changes masks noticeably; without native bf16 it is emulated
+  and slower (a notice says so). ``compile=True`` additionally tries ``torch.compile`` (slow to compile on 2
+  cores; off by default).
 - CUDA: fp16 autocast for the encoder by default (``precision="auto"``), bf16 if asked for; outputs are
   returned as float32 either way. It is kept simple and guarded (no GPU on the project's machines).
 
@@ -210,8 +211,10 @@ class EncoderRunner:
                     "this CPU has no native bf16 (AMX-BF16 / AVX512-BF16): bf16 is emulated and slower than fp32 here"
                 )
             return "bf16"
-        if precision == "auto" and self.cpu_fast and cpu_has_native_bf16():
-            return "bf16"
+        # "auto" stays fp32 on the CPU even with cpu_fast: on a CPU with native bf16 (AMD EPYC, AVX512-BF16,
+        # 2026-11-23) bf16 made LiteMedSAM's encoder 1.8-2.1x faster but moved its box masks (median IoU with the fp32
+        # masks 0.953, 12 of 72 below 0.9; docs/benchmarks.md 1b). A speed option must not change masks that much
+        # unasked: bf16 is there for whoever asks for it.
         return "fp32"
 
     @property
