@@ -197,7 +197,11 @@ class AnnotatorWidget(QWidget):
         self.commit_button = QPushButton("Commit [C]")
         self.clear_button = QPushButton("Clear [Shift-C]")
         self.undo_button = QPushButton("Undo commit [U]")
+        self.take_back_button = QPushButton("Take back click [B]")
+        self.take_back_button.setToolTip("Remove the last point on this slice: the mask returns exactly to what it "
+                                         "was before that click")
         self.segment_button.clicked.connect(lambda: self.segment())
+        self.take_back_button.clicked.connect(lambda: self.take_back_click())
         self.commit_button.clicked.connect(lambda: self.commit())
         self.clear_button.clicked.connect(lambda: self.clear())
         self.undo_button.clicked.connect(lambda: self.undo())
@@ -205,6 +209,7 @@ class AnnotatorWidget(QWidget):
         buttons.addWidget(self.commit_button, 0, 1)
         buttons.addWidget(self.clear_button, 1, 0)
         buttons.addWidget(self.undo_button, 1, 1)
+        buttons.addWidget(self.take_back_button, 2, 0, 1, 2)
 
         self.volume_box = QGroupBox("3D")
         vform = QFormLayout(self.volume_box)
@@ -260,7 +265,8 @@ class AnnotatorWidget(QWidget):
 
     def _update_enabled(self) -> None:
         has_image = self.session is not None
-        for w in (self.embed_button, self.segment_button, self.commit_button, self.clear_button, self.undo_button):
+        for w in (self.embed_button, self.segment_button, self.commit_button, self.clear_button, self.undo_button,
+                  self.take_back_button):
             w.setEnabled(has_image)
         self.undo_button.setEnabled(bool(self.session and self.session.can_undo))
         self.volume_box.setVisible(bool(self.session and self.session.is_volume))
