@@ -314,6 +314,11 @@ def test_taking_a_click_back_restores_the_earlier_mask_exactly_without_decoding(
     assert sum(annotator.decode_modes.values()) == decodes  # restored, not decoded again
     assert annotator.take_back_click() is False and "No click to take back" in annotator.status.text()
     assert session.steps_back(0) == 0
+    # clicking on from the restored state refines it like any corrective click, and can be taken back again
+    with qtbot.waitSignal(annotator.segmented, timeout=180_000):
+        annotator.add_point(60.0, 70.0, positive=True)
+    wait_idle(qtbot)
+    assert "refined with the previous mask" in annotator.status.text() and session.steps_back(0) == 1
 
 
 def test_live_click_decodes_on_the_gui_thread_and_updates_the_layer_in_place(plugin, qtbot):

@@ -741,6 +741,8 @@ class AnnotatorWidget(QWidget):
             n = int(self.session.plane(self.session.current, z).sum())
             self._set_status(f"Slice {z}: back to the mask before that click ({n} px), exactly as it was.")
             self.segmented.emit(z, latency)
+            self._prepare_z = z  # the next click starts from the restored logits: prepare their mask prompt
+            self._prepare_timer.start()
             return
         emb = self.embeddings
         if not emb.has(z):
