@@ -149,6 +149,19 @@ def test_step_back_restores_each_earlier_state_of_a_slice_exactly():
     assert s.steps_back(0) == 0
 
 
+def test_a_click_on_a_propagated_slice_can_be_taken_back_to_the_propagated_mask():
+    s = AnnotationSession((3, 8, 8))
+    propagated = SlicePrompts(box=np.array([1.0, 1.0, 6.0, 6.0]), source="propagated")
+    mask, logits = np.eye(8, dtype=bool), object()
+    s.set_current_slice(2, mask, logits, propagated, score=0.7)  # no user prompts made it
+    click = SlicePrompts([[4, 4]], [1])
+    s.set_current_slice(2, np.ones((8, 8), bool), object(), click, score=0.9, asked=click)
+    assert s.steps_back(2) == 1
+    assert s.step_back(2, SlicePrompts())  # the user's only click removed: no prompts of theirs on the slice
+    assert np.array_equal(s.current[2], mask) and s.current_logits[2] is logits and s.current_scores[2] == 0.7
+    assert s.current_prompts[2].source == "propagated" and 2 not in s.user_slices()
+
+
 def test_step_back_history_is_bounded():
     s = AnnotationSession((8, 8), max_steps_back=3)
     for k in range(6):

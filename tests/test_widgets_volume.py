@@ -80,6 +80,20 @@ def test_propagation_on_brain_mri_reaches_measured_floor(make_napari_viewer, qtb
     annotator.set_slice(9)
     shot(viewer, "10_volume_propagated_slice9")
 
+    # a click on a propagated slice, taken back: the propagated mask returns as it was, not an empty slice
+    propagated9 = annotator.session.current[9].copy()
+    ys, xs = np.nonzero(truth[9])
+    with qtbot.waitSignal(annotator.segmented, timeout=300_000):
+        annotator.add_point(float(xs.mean()), float(ys.mean()), positive=False, z=9)
+    wait_idle(qtbot)
+    assert 9 in annotator.session.user_slices()
+    with qtbot.waitSignal(annotator.segmented, timeout=60_000):
+        assert annotator.take_back_click()
+    wait_idle(qtbot)
+    assert np.array_equal(annotator.session.current[9], propagated9) and propagated9.any()
+    assert annotator.session.current_prompts[9].source == "propagated" and 9 not in annotator.session.user_slices()
+    np.testing.assert_array_equal(np.asarray(annotator.current_layer.data) > 0, annotator.session.current)
+
     # corrections: the object ends on slices 7 and 11 -> the stretches next to them are re-propagated
     for z in (SEED_SLICE - 1, SEED_SLICE + 3):
         annotator.set_slice(z)

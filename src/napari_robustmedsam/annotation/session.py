@@ -273,8 +273,9 @@ class AnnotationSession:
         """Replace the current object on one slice (other slices are kept).
 
         ``asked``: the user's prompts this mask was segmented from. When given, the slice's previous state is kept
-        so that taking those prompts back (:meth:`step_back`) restores it exactly; without it (propagation,
-        loading) the slice's history is dropped.
+        so that taking those prompts back (:meth:`step_back`) restores it exactly; a state that no user prompt
+        made (propagated, reopened, marked as the end) is kept under empty prompts, so removing the user's only
+        click brings it back. Without ``asked`` (propagation, loading) the slice's history is dropped.
         """
         z = self._check_z(z)
         m = np.asarray(mask).astype(bool)
@@ -283,10 +284,11 @@ class AnnotationSession:
         if asked is None:
             self._forget_history(z)
         else:
-            if z in self._asked:
+            previous = self.plane(self.current, z)
+            if z in self._asked or z in self.current_prompts or previous.any():
                 history = self._history.setdefault(z, [])
-                history.append(_SliceState(self._asked[z], self.current_prompts.get(z), self.plane(self.current, z).copy(),
-                                           self.current_logits.get(z), self.current_scores.get(z)))
+                history.append(_SliceState(self._asked.get(z, SlicePrompts()), self.current_prompts.get(z),
+                                           previous.copy(), self.current_logits.get(z), self.current_scores.get(z)))
                 del history[: max(0, len(history) - self.max_steps_back)]
             self._asked[z] = asked.copy()
         self._put_slice(z, m, logits, prompts, score)

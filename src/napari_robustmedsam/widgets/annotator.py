@@ -727,22 +727,17 @@ class AnnotatorWidget(QWidget):
 
     def _request(self, z: int, t_request: float) -> None:
         prompts = self.slice_prompts(z)
+        if self._restore_earlier_state(z, prompts, t_request):
+            return
         if prompts.is_empty:
+            if self._seg_running:  # the running decode's mask would land after the clear: clear after it
+                self._seg_pending = (z, t_request)
+                return
             had = self.session.plane(self.session.current, z).any()
             self.session.clear_current_slice(z)
             if had:
                 self._update_current_layer(z)
             self.segmented.emit(z, time.perf_counter() - t_request)
-            return
-        if not self._seg_running and self.session.step_back(z, prompts):
-            self._update_current_layer(z)
-            latency = time.perf_counter() - t_request
-            self.last_latency = latency
-            n = int(self.session.plane(self.session.current, z).sum())
-            self._set_status(f"Slice {z}: back to the mask before that click ({n} px), exactly as it was.")
-            self.segmented.emit(z, latency)
-            self._prepare_z = z  # the next click starts from the restored logits: prepare their mask prompt
-            self._prepare_timer.start()
             return
         emb = self.embeddings
         if not emb.has(z):
@@ -789,6 +784,21 @@ class AnnotatorWidget(QWidget):
             self._run_pending()
 
         run_task(work, done, failed, name="segmenting")
+
+    def _restore_earlier_state(self, z: int, prompts: SlicePrompts, t_request: float) -> bool:
+        """A click taken back: the slice's earlier state for these prompts, if the session kept one, is shown
+        again as it was (no decode). Not while a decode runs: its result would land on top (it is retried after)."""
+        if self._seg_running or not self.session.step_back(z, prompts):
+            return False
+        self._update_current_layer(z)
+        latency = time.perf_counter() - t_request
+        self.last_latency = latency
+        n = int(self.session.plane(self.session.current, z).sum())
+        self._set_status(f"Slice {z}: back to the mask before that click ({n} px), exactly as it was.")
+        self.segmented.emit(z, latency)
+        self._prepare_z = z  # the next click starts from the restored logits: prepare their mask prompt
+        self._prepare_timer.start()
+        return True
 
     def _decode_on_gui_thread(self) -> bool:
         """Decode on the GUI thread (no thread hop, no contention with rendering) while that is fast.
