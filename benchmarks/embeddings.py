@@ -70,13 +70,12 @@ def interleaved(variants: dict, inputs: list, reps: int) -> dict[str, list[float
 
 def _mask_boxes(labels: np.ndarray, plane: tuple[int, int], rng) -> list[np.ndarray]:
     """Per slice: the tumour's tight box (where labelled) and 3 random boxes."""
+    from napari_robustmedsam.prompting import tight_box
+
     h, w = plane
     out = []
     for z in range(labels.shape[0]):
-        boxes = []
-        if labels[z].any():
-            ys, xs = np.nonzero(labels[z])
-            boxes.append([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1])
+        boxes = [tight_box(labels[z])] if labels[z].any() else []
         for _ in range(3):
             bw, bh = rng.integers(20, w // 2), rng.integers(20, h // 2)
             x0, y0 = rng.integers(0, w - bw), rng.integers(0, h - bh)
@@ -87,6 +86,8 @@ def _mask_boxes(labels: np.ndarray, plane: tuple[int, int], rng) -> list[np.ndar
 
 def mask_differences(predictor, reference: list, other: list, boxes: list, name: str) -> str:
     """How far the box masks from ``other`` embeddings are from those of ``reference`` (one line)."""
+    from napari_robustmedsam.metrics import iou
+
     n_masks, n_diff_masks, worst_frac, min_iou, total_px, diff_px, max_logit = 0, 0, 0.0, 1.0, 0, 0, 0.0
     for e_ref, e_other, b in zip(reference, other, boxes):
         p_ref = predictor.predict(boxes=b, embedding=e_ref)
@@ -99,8 +100,7 @@ def mask_differences(predictor, reference: list, other: list, boxes: list, name:
             total_px += a.size
             n_diff_masks += bool(d)
             worst_frac = max(worst_frac, d / a.size)
-            union = (a | c).sum()
-            min_iou = min(min_iou, float((a & c).sum() / union) if union else 1.0)
+            min_iou = min(min_iou, iou(a, c))
     return (f"masks with any differing pixel: {n_diff_masks}/{n_masks}; differing pixels overall "
             f"{diff_px / total_px:.2e}; worst mask {worst_frac:.2e}; min IoU(fp32, {name}) {min_iou:.4f}; "
             f"max |logit difference| {max_logit:.3g}")
