@@ -89,8 +89,12 @@ def test_propagation_on_brain_mri_reaches_measured_floor(make_napari_viewer, qtb
     assert 9 in annotator.session.user_slices()
     with qtbot.waitSignal(annotator.segmented, timeout=60_000):
         assert annotator.take_back_click()
-    wait_idle(qtbot)
     assert np.array_equal(annotator.session.current[9], propagated9) and propagated9.any()
+    # the click had re-propagated the neighbours from slice 9; taking it back re-propagates them from the seeds
+    with qtbot.waitSignal(annotator.propagated, timeout=300_000):
+        assert annotator._repropagate_timer.isActive()
+    wait_idle(qtbot)
+    assert np.array_equal(annotator.session.current[9], propagated9)
     assert annotator.session.current_prompts[9].source == "propagated" and 9 not in annotator.session.user_slices()
     np.testing.assert_array_equal(np.asarray(annotator.current_layer.data) > 0, annotator.session.current)
 

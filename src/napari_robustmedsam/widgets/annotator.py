@@ -788,16 +788,15 @@ class AnnotatorWidget(QWidget):
     def _restore_earlier_state(self, z: int, prompts: SlicePrompts, t_request: float) -> bool:
         """A click taken back: the slice's earlier state for these prompts, if the session kept one, is shown
         again as it was (no decode). Not while a decode runs: its result would land on top (it is retried after)."""
-        if self._seg_running or not self.session.step_back(z, prompts):
+        if self._seg_running:
             return False
-        self._update_current_layer(z)
-        latency = time.perf_counter() - t_request
-        self.last_latency = latency
-        n = int(self.session.plane(self.session.current, z).sum())
-        self._set_status(f"Slice {z}: back to the mask before that click ({n} px), exactly as it was.")
-        self.segmented.emit(z, latency)
-        self._prepare_z = z  # the next click starts from the restored logits: prepare their mask prompt
-        self._prepare_timer.start()
+        session = self.session
+        was_user_slice = z in session.user_slices()
+        if not session.step_back(z, prompts):
+            return False
+        n = int(session.plane(session.current, z).sum())
+        self._show_changed_slice(z, t_request, was_user_slice or z in session.user_slices(),
+                                 lambda _: f"Slice {z}: back to the mask before that click ({n} px), exactly as it was.")
         return True
 
     def _decode_on_gui_thread(self) -> bool:
@@ -866,23 +865,31 @@ class AnnotatorWidget(QWidget):
         session = self.session
         was_propagated = session.current_prompts.get(z) is not None and session.current_prompts[z].source == "propagated"
         session.set_current_slice(z, result.mask, result.logits, result.prompts, result.score, asked=asked)
-        self._update_current_layer(z)
-        latency = time.perf_counter() - t_request
-        self.last_latency = latency
         self.banner.clear_message()
         if result.hint:
             self.banner.show_message(result.hint, "hint")
         refine = " (refined with the previous mask)" if result.used_previous_logits else ""
-        self._set_status(
-            f"Slice {z}: {int(result.mask.sum())} px, predicted IoU {result.score:.2f}{refine}; "
-            f"{latency * 1000:.0f} ms. C commits, B takes the last click back, Shift-C clears."
+        self._show_changed_slice(
+            z, t_request, was_propagated or z in session.user_slices(),
+            lambda latency: f"Slice {z}: {int(result.mask.sum())} px, predicted IoU {result.score:.2f}{refine}; "
+            f"{latency * 1000:.0f} ms. C commits, B takes the last click back, Shift-C clears.",
         )
+
+    def _show_changed_slice(self, z: int, t_request: float, seeds_changed: bool, status) -> None:
+        """After slice ``z``'s mask changed (a decode, or an earlier state restored): update the layer and the
+        status line (``status(latency)``), mark the slice for re-propagation (started when ``seeds_changed`` and
+        automatic re-propagation is on), signal it, and prepare the next click's mask prompt."""
+        session = self.session
+        self._update_current_layer(z)
+        latency = time.perf_counter() - t_request
+        self.last_latency = latency
+        self._set_status(status(latency))
         if session.is_volume and self._propagated_once:
             self._changed_since_propagation.add(z)
-            if self.auto_repropagate_check.isChecked() and (was_propagated or z in session.user_slices()):
+            if self.auto_repropagate_check.isChecked() and seeds_changed:
                 self._repropagate_timer.start()
         self.segmented.emit(z, latency)
-        self._prepare_z = z
+        self._prepare_z = z  # the next click starts from these logits: prepare their mask prompt in idle time
         self._prepare_timer.start()
 
     def _prepare_next_click(self) -> None:
