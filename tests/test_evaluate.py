@@ -245,3 +245,33 @@ def test_local_corrections_change_only_the_corrective_steps(resumed_run, shared_
     assert np.allclose(start["dice_whole"], start["dice_local"])
     record = json.loads((tmp_path / "runs.jsonl").read_text().splitlines()[-1])
     assert record["config"]["local_corrections"] == "always"
+
+
+def test_click_guard_runs_and_only_adds_at_positive_clicks(resumed_run, shared_data, tmp_path):
+    """The same run with guarded clicks: its own protocol for the iterative rows, the same start, and a guarded
+    positive click never lowers the predicted area nor a negative click raises it."""
+    import json
+
+    from training.evaluation.runner import EvalConfig
+
+    assert EvalConfig().protocol("iter_box") != EvalConfig(click_guard=True).protocol("iter_box")
+    assert EvalConfig(click_guard="with a box").protocol("iter_point") == EvalConfig().protocol("iter_point")
+    assert EvalConfig(click_guard=True).protocol("box") == EvalConfig().protocol("box")
+    assert not EvalConfig(click_guard=True, feed_logits=False).guard_for("iter_box")
+    out, *_ = resumed_run
+    args = _args(shared_data, tmp_path, "--click-guard", datasets="ph2_dermoscopy")
+    args[args.index("--prompts") + 1] = "iterative"
+    main(args)
+    guarded = load_measurements(tmp_path).sort_values(["sample", "condition", "object_id", "prompt", "step"])
+    whole = load_measurements(out)
+    whole = whole[(whole["dataset"] == "ph2_dermoscopy") & whole["prompt"].str.startswith("iter_")]
+    assert len(guarded) == len(whole) > 0
+    start = guarded[guarded["step"] == 0].merge(whole[whole["step"] == 0], on=["sample", "condition", "object_id", "prompt"])
+    assert np.allclose(start["dice_x"], start["dice_y"])
+    prev_px = guarded.groupby(["sample", "condition", "object_id", "prompt"])["pred_px"].shift(1)
+    grew = guarded["pred_px"] - prev_px
+    steps = guarded["step"] > 0
+    assert (grew[steps & (guarded["click_label"] == 1)] >= 0).all()
+    assert (grew[steps & (guarded["click_label"] == 0)] <= 0).all()
+    record = json.loads((tmp_path / "runs.jsonl").read_text().splitlines()[-1])
+    assert record["config"]["click_guard"] == "always"

@@ -274,6 +274,14 @@ def test_corrective_click_refines_with_previous_logits(plugin, qtbot):
     annotator.local_combo.setCurrentText("off")
     assert annotator._segment_args(z, annotator.slice_prompts(z))["local_corrections"] == "off"
     annotator.local_combo.setCurrentText("with a box")
+    # so does the click guard's
+    from napari_robustmedsam.annotation.interactive import DEFAULT_CLICK_GUARD, DEFAULT_CLICK_GUARD_REACH
+
+    args = annotator._segment_args(z, annotator.slice_prompts(z))
+    assert (args["click_guard"], args["click_guard_reach"]) == (DEFAULT_CLICK_GUARD, DEFAULT_CLICK_GUARD_REACH)
+    annotator.guard_combo.setCurrentText("always")
+    assert annotator._segment_args(z, annotator.slice_prompts(z))["click_guard"] == "always"
+    annotator.guard_combo.setCurrentText(DEFAULT_CLICK_GUARD)
     shot(viewer, "04_corrective_clicks")
 
 

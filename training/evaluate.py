@@ -49,6 +49,16 @@ from training.evaluation.runner import (
 from training.evaluation.store import ResultStore, load_measurements
 
 
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"{text} must be greater than 0")
+    return value
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m training.evaluate",
@@ -80,6 +90,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="iterative modes: keep only the changes connected to each step's new clicks, the rest of the "
                    "previous mask stays (the annotator's 'Corrections stay local'); 'with-a-box': from box starts "
                    "only, the annotator's default; alone: always; default off")
+    p.add_argument("--click-guard", nargs="?", const="always", default="off", choices=LOCAL_CORRECTION_WORDS,
+                   help="iterative modes: keep each click's change only in its direction (a positive click adds, a "
+                   "negative click removes) and nearer to it than to earlier clicks of the other label; "
+                   "'with-a-box': from box starts only; alone: always; default off")
+    p.add_argument("--click-guard-reach", type=_positive_float, default=None,
+                   help="with --click-guard: a click also reaches no further than this many times its distance to "
+                   "the previous mask's edge (default: no bound)")
     p.add_argument("--jitter", type=float, default=0.1, help="box_jitter: max side shift as a fraction of the box side")
     p.add_argument("--objects", choices=("label", "components"), default="label",
                    help="an object is a label value (default) or each connected component of a label value")
@@ -124,6 +141,8 @@ def _config(args) -> EvalConfig:
         jitter=args.jitter,
         feed_logits=not args.no_feed_logits,
         local_corrections=local_corrections_mode(args.local_corrections),
+        click_guard=local_corrections_mode(args.click_guard),
+        click_guard_reach=args.click_guard_reach,
     )
 
 

@@ -107,6 +107,15 @@ class EvalConfig:
     # keep only the changes connected to each step's new clicks: "off", "with a box" (box starts only, the
     # annotator's default) or "always" (the annotator's modes; True/False mean always/off)
     local_corrections: str | bool = "off"
+    # keep each click's change in its direction and within its reach (engine.click_guard): "off", "with a box",
+    # "always" (the annotator's modes; True/False mean always/off)
+    click_guard: str | bool = "off"
+    click_guard_reach: float | None = None  # engine.click_guard.allowed_changes(edge_reach=)
+
+    def guard_for(self, prompt: str) -> bool:
+        """Whether the corrective clicks of ``prompt`` are guarded (needs the previous logits fed back)."""
+        return (prompt.startswith("iter_") and self.feed_logits
+                and local_corrections_apply(self.click_guard, has_box=prompt == "iter_box"))
 
     def local_for(self, prompt: str) -> bool:
         """Whether the corrective clicks of ``prompt`` are kept local (needs the previous logits fed back)."""
@@ -134,6 +143,10 @@ class EvalConfig:
             parts.update(steps=self.steps, click_strategy=self.click_strategy, feed_logits=self.feed_logits)
             if self.local_for(prompt):  # absent when off, so earlier runs keep their protocol hash
                 parts["local_corrections"] = True
+            if self.guard_for(prompt):
+                parts["click_guard"] = True
+                if self.click_guard_reach is not None:
+                    parts["click_guard_reach"] = self.click_guard_reach
         if prompt == PROPAGATE:
             parts.update(propagation=PROPAGATION_SETTINGS)
         return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:10]
@@ -405,6 +418,8 @@ def _iterative(predictor, emb, objects: list[GTObject], prompt: str, sample_key:
                 multimask_output=False, embedding=emb,
                 local_clicks=[np.stack(points[i][-len(new_clicks[i]):]) for i in idx]
                 if cfg.local_for(prompt) else None,
+                guard_new_clicks=[len(new_clicks[i]) for i in idx] if cfg.guard_for(prompt) else None,
+                guard_edge_reach=cfg.click_guard_reach,
             )
             for j, i in enumerate(idx):
                 masks[i], logits[i], scores[i] = pred.masks[j], pred.low_res_logits[j : j + 1], float(pred.scores[j])

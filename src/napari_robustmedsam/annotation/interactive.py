@@ -38,6 +38,12 @@ LOCAL_CORRECTION_MODES = ("off", "with a box", "always")
 # corrections removed most per-object falls and ended higher on degraded images; from a point start the PGE head
 # lost Dice with them (its far-away changes there are mostly gains), so point-only prompts take the whole mask.
 DEFAULT_LOCAL_CORRECTIONS = "with a box"
+#: When a corrective click may only change the mask in its direction and within its reach (:mod:`..engine.click_guard`);
+#: the same modes as the local corrections.
+CLICK_GUARD_MODES = LOCAL_CORRECTION_MODES
+DEFAULT_CLICK_GUARD = "off"
+#: a guarded click reaches no further than this many times its distance to the previous mask's edge (None: no bound)
+DEFAULT_CLICK_GUARD_REACH: float | None = None
 #: the same modes as command-line words (training.evaluate, training.fit, benchmarks/compare_heads.py)
 LOCAL_CORRECTION_WORDS = tuple(mode.replace(" ", "-") for mode in LOCAL_CORRECTION_MODES)
 
@@ -110,6 +116,8 @@ def segment_slice(
     use_previous_logits: bool = True,
     model_name: str = "this model",
     local_corrections: str | bool = "off",
+    click_guard: str | bool = "off",
+    click_guard_reach: float | None = None,
 ) -> SliceResult:
     """Segment one object on one slice from its prompts.
 
@@ -117,6 +125,9 @@ def segment_slice(
     fed back when the new prompts only add points to the previous ones (a corrective click).
     ``local_corrections`` (one of LOCAL_CORRECTION_MODES, or a bool): on a corrective click, change the mask only
     in the regions connected to the new points; the rest of the previous mask stays as it was.
+    ``click_guard`` (the same modes): on a corrective click, keep only the changes in the new points' direction
+    (a positive point adds, a negative point removes) that are nearer to them than to earlier points of the other
+    label; ``click_guard_reach`` also bounds their reach by their distance to the previous mask's edge.
     """
     plane = tuple(getattr(embedding, "frame", embedding).original_size)  # ImageEmbedding / TiledEmbedding
     sent = SlicePrompts(prompts.points, prompts.labels, prompts.box, prompts.source)
@@ -152,6 +163,9 @@ def segment_slice(
     extra = {}
     if use_logits and corrective and local_corrections_apply(local_corrections, sent.box is not None):
         extra["local_clicks"] = [sent.points[previous_prompts.points.shape[0]:]]
+    if use_logits and corrective and local_corrections_apply(click_guard, sent.box is not None):
+        extra["guard_new_clicks"] = sent.points.shape[0] - previous_prompts.points.shape[0]
+        extra["guard_edge_reach"] = click_guard_reach
     prediction = predictor.predict(
         points=sent.points if sent.points.shape[0] else None,
         point_labels=sent.labels if sent.points.shape[0] else None,

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import ImageInputError, PromptError
+from .click_guard import guard_clicks
 from .local_correction import merge_local_correction
 from .preprocessing import LOW_RES_SIZE, ImageFrame, preprocess
 
@@ -94,6 +95,21 @@ def logits_to_original(frame: ImageFrame, low_res_logits: torch.Tensor) -> torch
     if tuple(x.shape[-2:]) == tuple(frame.original_size):
         return x
     return F.interpolate(x, frame.original_size, mode="bilinear", align_corners=False)
+
+
+def guarded_counts(guard_new_clicks, n_objects: int, n_points: int) -> list[int]:
+    """``guard_new_clicks`` (an int, or one int/None per object) as one count per object, checked against the
+    number of points each object has."""
+    if isinstance(guard_new_clicks, (int, np.integer)):
+        counts = [int(guard_new_clicks)] * n_objects
+    else:
+        counts = [0 if c is None else int(c) for c in guard_new_clicks]
+        if len(counts) != n_objects:
+            raise PromptError(f"guard_new_clicks has {len(counts)} entries for {n_objects} objects")
+    bad = [c for c in counts if not 0 <= c <= n_points]
+    if bad:
+        raise PromptError(f"guard_new_clicks asks for {bad[0]} new clicks but an object has {n_points} points")
+    return counts
 
 
 def clicks_per_object(local_clicks, n_objects: int) -> list[np.ndarray | None]:
@@ -198,6 +214,8 @@ class Predictor:
         multimask_output: bool | None = None,
         embedding: ImageEmbedding | None = None,
         local_clicks=None,
+        guard_new_clicks=None,
+        guard_edge_reach: float | None = None,
     ) -> Prediction:
         """Segment N objects.
 
@@ -207,7 +225,11 @@ class Predictor:
         exactly when one object has a single point and nothing else (ambiguous prompt), and keeps the
         one with the highest predicted IoU. ``local_clicks`` (with ``mask_input``): the corrective clicks just added,
         (K, 2) for one object or one (K, 2) array (or None) per object; only the changes connected to them are
-        kept, the rest of the previous mask stays (:mod:`.local_correction`).
+        kept, the rest of the previous mask stays (:mod:`.local_correction`). ``guard_new_clicks`` (with ``mask_input``
+        and points): how many of each object's points, at the end, are new clicks (an int for all objects or one
+        per object, 0/None for none); the change they make is kept only in their direction and within their reach
+        (:mod:`.click_guard`), after the local merge; ``guard_edge_reach`` also bounds their reach by their
+        distance to the previous mask's edge (:func:`.click_guard.allowed_changes`).
         """
         emb = embedding if embedding is not None else self.embedding
         if emb is None:
@@ -280,6 +302,12 @@ class Predictor:
             clicks = [None if pts is None else frame.points_to_model(pts) * (chosen.shape[-1] / frame.model_size)
                       for pts in clicks_per_object(local_clicks, n_objects)]  # on the logits grid
             chosen = merge_local_correction(mask_arg, chosen, clicks)
+        if guard_new_clicks is not None and mask_arg is not None and pts is not None:
+            counts = guarded_counts(guard_new_clicks, n_objects, pts.shape[1])
+            grid = chosen.shape[-1] / frame.model_size
+            entries = [None if not c else (frame.points_to_model(pts[i]) * grid, labels[i], c)
+                       for i, c in enumerate(counts)]
+            chosen = guard_clicks(mask_arg, chosen, entries, edge_reach=guard_edge_reach)
         full = logits_to_original(frame, chosen)[:, 0]
         return Prediction(
             masks=(full > 0).cpu().numpy(),

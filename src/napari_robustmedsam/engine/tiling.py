@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from ..errors import PromptError
-from .predictor import ImageEmbedding, Prediction, Predictor, clicks_per_object
+from .predictor import ImageEmbedding, Prediction, Predictor, clicks_per_object, guarded_counts
 
 DEFAULT_TILE_THRESHOLD = 2048
 DEFAULT_HALO = 256
@@ -184,14 +184,17 @@ class TiledPredictor:
         embedding=None,
         tile: int | None = None,
         local_clicks=None,
+        guard_new_clicks=None,
+        guard_edge_reach: float | None = None,
     ) -> Prediction:
         """Segment N objects; prompts in full-image (x, y) pixels. ``tile`` forces one tile (e.g. to feed
-        back ``mask_input`` logits of an earlier :class:`TiledPrediction`); ``local_clicks`` as in
-        :meth:`Predictor.predict`."""
+        back ``mask_input`` logits of an earlier :class:`TiledPrediction`); ``local_clicks``, ``guard_new_clicks`` and ``guard_edge_reach``
+        as in :meth:`Predictor.predict`."""
         emb = embedding if embedding is not None else self.embedding
         if not isinstance(emb, TiledEmbedding):
             return self.predictor.predict(points, point_labels, boxes, mask_input, multimask_output, embedding=emb,
-                                          local_clicks=local_clicks)
+                                          local_clicks=local_clicks, guard_new_clicks=guard_new_clicks,
+                                          guard_edge_reach=guard_edge_reach)
         pts = None if points is None or np.size(points) == 0 else np.asarray(points, dtype=np.float64)
         bxs = None if boxes is None or np.size(boxes) == 0 else np.asarray(boxes, dtype=np.float64)
         if pts is not None and pts.ndim == 2:
@@ -229,6 +232,9 @@ class TiledPredictor:
             groups.setdefault(t.index, []).append(i)
         if local_clicks is not None:
             local_clicks = clicks_per_object(local_clicks, n)
+        guard_counts = None
+        if guard_new_clicks is not None and pts is not None:
+            guard_counts = guarded_counts(guard_new_clicks, n, pts.shape[1])
         if mask_input is not None and len(groups) > 1:
             raise PromptError("mask_input feeds back logits of one tile, but the prompts fall into several tiles")
 
@@ -242,6 +248,7 @@ class TiledPredictor:
             ox, oy = t.offset
             th, tw = t.outer_shape
             sub_pts = sub_lbl = sub_box = None
+            sub_guard = None if guard_counts is None else [guard_counts[o] for o in objects]
             if pts is not None:
                 sub_pts = pts[objects] - np.array([ox, oy])
                 sub_lbl = labels[objects]
@@ -250,6 +257,8 @@ class TiledPredictor:
                     # Only with a prompt larger than a tile: drop the points outside it (per object).
                     if len(objects) == 1:
                         keep = inside[0]
+                        if sub_guard is not None and sub_guard[0]:  # the new clicks are the last points
+                            sub_guard = [int(keep[keep.size - sub_guard[0]:].sum())]
                         sub_pts, sub_lbl = (sub_pts[:, keep], sub_lbl[:, keep]) if keep.any() else (None, None)
                     else:
                         sub_pts = np.clip(sub_pts, 0, [tw, th])
@@ -269,6 +278,8 @@ class TiledPredictor:
                 multimask_output=multimask_output,
                 embedding=emb.embeddings[emb.tiles.index(t)],
                 local_clicks=sub_local,
+                guard_new_clicks=sub_guard if sub_pts is not None else None,
+                guard_edge_reach=guard_edge_reach,
             )
             y0, y1, x0, x1 = t.outer
             for j, obj in enumerate(objects):

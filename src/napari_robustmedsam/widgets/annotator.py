@@ -41,6 +41,9 @@ from qtpy.QtWidgets import (
 from ..annotation.embeddings import SliceEmbeddings, image_kind
 from ..annotation.interactive import (
     BOX_PRIMARY_HINT,
+    CLICK_GUARD_MODES,
+    DEFAULT_CLICK_GUARD,
+    DEFAULT_CLICK_GUARD_REACH,
     DEFAULT_LOCAL_CORRECTIONS,
     LOCAL_CORRECTION_MODES,
     segment_slice,
@@ -183,6 +186,14 @@ class AnnotatorWidget(QWidget):
             "stays as it was (otherwise the model re-predicts the whole object on every click). 'with a box': "
             "local once the object has a box; from points alone the whole new mask is taken."
         )
+        self.guard_combo = shrinkable(QComboBox())
+        self.guard_combo.addItems(CLICK_GUARD_MODES)
+        self.guard_combo.setCurrentText(DEFAULT_CLICK_GUARD)
+        self.guard_combo.setToolTip(
+            "Guarded: a positive click only adds to the mask and a negative click only removes from it, and only "
+            "where the new click is nearer than your earlier clicks of the other label, so earlier clicks keep "
+            "their label. 'with a box': guarded once the object has a box."
+        )
         self.polarity_button = QPushButton()
         self.polarity_button.setToolTip("Polarity of the next point (T)")
         self.polarity_button.clicked.connect(self.toggle_polarity)
@@ -253,6 +264,10 @@ class AnnotatorWidget(QWidget):
         local_row.addWidget(QLabel("Corrections stay local"))
         local_row.addWidget(self.local_combo, 1)
         layout.addLayout(local_row)
+        guard_row = QHBoxLayout()
+        guard_row.addWidget(QLabel("Clicks only add / remove"))
+        guard_row.addWidget(self.guard_combo, 1)
+        layout.addLayout(guard_row)
         layout.addLayout(polarity_row)
         layout.addLayout(buttons)
         layout.addWidget(self.overwrite_check)
@@ -837,6 +852,8 @@ class AnnotatorWidget(QWidget):
             box_primary=bool(loaded.box_primary),
             model_name=display_name(loaded),
             local_corrections=self.local_combo.currentText(),
+            click_guard=self.guard_combo.currentText(),
+            click_guard_reach=DEFAULT_CLICK_GUARD_REACH,
         )
 
     def _embed_then_segment(self, z: int, t_request: float) -> None:

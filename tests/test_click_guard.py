@@ -1,0 +1,158 @@
+"""The click guard: a click changes the mask only in its direction and within its reach."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from napari_robustmedsam.engine.click_guard import allowed_changes, guard_clicks
+from napari_robustmedsam.engine.predictor import Predictor, logits_to_original
+from napari_robustmedsam.engine.tiling import TiledPredictor
+from napari_robustmedsam.errors import PromptError
+
+
+def test_a_new_click_reaches_only_pixels_nearer_to_it_than_to_contradicting_clicks():
+    points = np.array([[4.5, 8.5], [12.5, 8.5], [20.5, 8.5]])  # positive, positive, negative (new)
+    may_add, may_remove = allowed_changes((16, 32), points, np.array([1, 1, 0]), n_new=1)
+    assert not may_add.any()  # the only new click is negative
+    assert may_remove[8, 20] and may_remove[8, 17] and not may_remove[8, 16] and not may_remove[8, 12]
+    assert may_remove[:, 17:].all() and not may_remove[:, :16].any()  # the bisector with the nearer positive
+    # a new positive click with no negative click before it may add anywhere
+    may_add, may_remove = allowed_changes((16, 32), points[:2], np.array([1, 1]), n_new=1)
+    assert may_add.all() and not may_remove.any()
+    with pytest.raises(ValueError, match="labels"):
+        allowed_changes((16, 32), points, np.array([1, 0]), n_new=1)
+    with pytest.raises(ValueError, match="n_new"):
+        allowed_changes((16, 32), points, np.array([1, 1, 0]), n_new=4)
+
+
+def test_guard_keeps_only_changes_in_the_clicks_direction():
+    prev = torch.full((1, 1, 32, 32), -4.0)
+    prev[..., 8:24, 8:24] = 4.0
+    new = prev.clone()
+    new[..., 8:24, 20:24] = -3.0  # the mask loses its right side...
+    new[..., 0:4, 0:4] = 3.0  # ...and gains a far blob
+    new[..., 8:24, 24:28] = 2.0  # ...and grows at the click
+    click = (np.array([[26.0, 16.0]]), np.array([1]), 1)  # a positive click right of the mask
+    out = guard_clicks(prev, new, [click])
+    assert torch.equal(out[..., 8:24, 24:28], new[..., 8:24, 24:28])  # added at a positive click: taken
+    assert torch.equal(out[..., 0:4, 0:4], new[..., 0:4, 0:4])  # added, nothing contradicts it: taken
+    assert torch.equal(out[..., 8:24, 20:24], prev[..., 8:24, 20:24])  # removed by a positive click: refused
+    # the same change after a negative click: only the removal is taken
+    out = guard_clicks(prev, new, [(np.array([[22.0, 16.0]]), np.array([0]), 1)])
+    assert torch.equal(out[..., 8:24, 20:24], new[..., 8:24, 20:24])
+    assert torch.equal(out[..., 8:24, 24:28], prev[..., 8:24, 24:28])
+    assert torch.equal(out[..., 0:4, 0:4], prev[..., 0:4, 0:4])
+    # None keeps the object's new logits whole
+    assert torch.equal(guard_clicks(prev, new, [None]), new)
+    with pytest.raises(ValueError, match="click sets"):
+        guard_clicks(prev, new, [])
+
+
+def test_an_earlier_positive_click_stays_inside():
+    prev = torch.full((1, 1, 32, 32), -4.0)
+    prev[..., 4:28, 4:28] = 4.0
+    new = torch.full((1, 1, 32, 32), -4.0)  # the negative click wipes the whole object
+    points = np.array([[8.0, 8.0], [24.0, 24.0]])  # an earlier positive click, the new negative one
+    out = guard_clicks(prev, new, [(points, np.array([1, 0]), 1)])
+    fg = out[0, 0] > 0
+    assert fg[8, 8] and fg[4:10, 4:10].all()  # the positive click's side stays
+    assert not fg[24, 24] and not fg[20:28, 20:28].any()  # the negative click's side goes
+
+
+@pytest.fixture(scope="module")
+def predictor_and_embedding(litemedsam, shared_data):
+    from napari_robustmedsam.io import read_image
+
+    image = read_image(sorted((shared_data / "medseg" / "ph2_dermoscopy" / "images").glob("*.png"))[0])
+    predictor = Predictor.from_loaded(litemedsam)
+    return predictor, predictor.compute_embedding(image)
+
+
+def test_predictor_guarded_clicks_only_add_or_only_remove(predictor_and_embedding):
+    """On a real image and LiteMedSAM: whatever the decoder does, a guarded negative click only removes pixels
+    and a guarded positive click only adds them, at full resolution, and the mask shown is the logits fed back."""
+    predictor, emb = predictor_and_embedding
+    h, w = emb.frame.original_size
+    box = np.array([w * 0.2, h * 0.2, w * 0.8, h * 0.8])
+    first = predictor.predict(boxes=box, embedding=emb)
+    ys, xs = np.nonzero(first.masks[0])
+    inside = np.array([[float(xs.mean()), float(ys.mean())]])
+    outside = np.array([[w * 0.25, h * 0.25]]) if not first.masks[0][int(h * 0.25), int(w * 0.25)] else None
+    checked = 0
+    for click, label in ((inside, 0), (outside, 1)):
+        if click is None:
+            continue
+        args = dict(points=click, point_labels=np.array([label]), boxes=box, mask_input=first.low_res_logits,
+                    embedding=emb)
+        whole = predictor.predict(**args)
+        guarded = predictor.predict(**args, guard_new_clicks=1)
+        added = guarded.masks[0] & ~first.masks[0]
+        removed = first.masks[0] & ~guarded.masks[0]
+        assert not (removed if label == 1 else added).any()
+        assert np.array_equal((logits_to_original(emb.frame, guarded.low_res_logits)[:, 0] > 0).numpy(), guarded.masks)
+        # the guard refuses what whole prediction does against the click (LiteMedSAM moves the whole mask)
+        against = (first.masks[0] & ~whole.masks[0]) if label == 1 else (whole.masks[0] & ~first.masks[0])
+        if against.any():
+            assert (guarded.masks[0] != whole.masks[0]).any()
+        tiled = TiledPredictor(predictor).predict(**args, guard_new_clicks=[1])
+        assert np.array_equal(tiled.masks, guarded.masks)
+        checked += 1
+    assert checked
+    args = dict(points=inside, point_labels=np.array([0]), boxes=box, mask_input=first.low_res_logits, embedding=emb)
+    with pytest.raises(PromptError, match="guard_new_clicks"):
+        predictor.predict(**args, guard_new_clicks=[1, 1])
+    with pytest.raises(PromptError, match="new clicks"):
+        predictor.predict(**args, guard_new_clicks=2)
+
+
+def test_segment_slice_guards_corrective_clicks_by_mode(predictor_and_embedding):
+    from napari_robustmedsam.annotation.interactive import segment_slice
+    from napari_robustmedsam.annotation.session import SlicePrompts
+
+    predictor, emb = predictor_and_embedding
+    h, w = emb.frame.original_size
+    box = np.array([w * 0.2, h * 0.2, w * 0.8, h * 0.8])
+    first = segment_slice(predictor, emb, SlicePrompts(box=box))
+    ys, xs = np.nonzero(first.mask)
+    click = np.array([[float(xs.mean()), float(ys.mean())]])
+    kw = dict(previous_prompts=first.prompts, previous_logits=first.logits, previous_mask=first.mask)
+    prompts = SlicePrompts(points=click, labels=np.array([0]), box=box)
+    whole = segment_slice(predictor, emb, prompts, **kw)
+    guarded = segment_slice(predictor, emb, prompts, **kw, click_guard="with a box")
+    assert (whole.mask & ~first.mask).any(), "LiteMedSAM grows the mask somewhere at this negative click"
+    assert not (guarded.mask & ~first.mask).any()  # a guarded negative click only removes
+    assert np.array_equal(segment_slice(predictor, emb, prompts, **kw, click_guard=True).mask, guarded.mask)
+    assert np.array_equal(segment_slice(predictor, emb, prompts, **kw, click_guard="off").mask, whole.mask)
+    # from points alone, 'with a box' leaves the click unguarded; 'always' guards it
+    p_first = segment_slice(predictor, emb, SlicePrompts(points=click, labels=np.array([1])))
+    outside = np.array([[w * 0.1, h * 0.1]])
+    p_prompts = SlicePrompts(points=np.vstack([click, outside]), labels=np.array([1, 0]))
+    p_kw = dict(previous_prompts=p_first.prompts, previous_logits=p_first.logits, previous_mask=p_first.mask)
+    assert np.array_equal(segment_slice(predictor, emb, p_prompts, **p_kw, click_guard="with a box").mask,
+                          segment_slice(predictor, emb, p_prompts, **p_kw).mask)
+    always = segment_slice(predictor, emb, p_prompts, **p_kw, click_guard="always")
+    assert not (always.mask & ~p_first.mask).any()
+
+
+def test_edge_reach_bounds_a_click_by_its_distance_to_the_mask_edge():
+    from napari_robustmedsam.engine.click_guard import edge_distance
+
+    previous = np.zeros((40, 40), bool)
+    previous[10:30, 4:36] = True  # a band 20 px high; a negative click in its middle is 10 px from its edge
+    click = np.array([[20.0, 20.0]])
+    assert edge_distance(previous, click[0], 0) == pytest.approx(10.0, abs=0.6)
+    assert edge_distance(previous, np.array([20.0, 5.0]), 1) == pytest.approx(5.0, abs=0.6)  # nearest mask pixel
+    assert edge_distance(np.zeros((8, 8), bool), np.array([4.0, 4.0]), 1) == float("inf")
+    _, free = allowed_changes(previous.shape, click, np.array([0]), 1)
+    _, bounded = allowed_changes(previous.shape, click, np.array([0]), 1, previous, edge_reach=1.5)
+    assert free[20, 38] and not bounded[20, 38]  # 18 px away: beyond 1.5 x 10.5 px
+    assert bounded[20, 30] and bounded[20, 20]
+    with pytest.raises(ValueError, match="previous mask"):
+        allowed_changes(previous.shape, click, np.array([0]), 1, edge_reach=2.0)
+    # through guard_clicks: a negative click that wipes the band only removes around itself
+    prev = torch.where(torch.from_numpy(previous), 4.0, -4.0)[None, None]
+    new = torch.full_like(prev, -4.0)
+    out = guard_clicks(prev, new, [(click, np.array([0]), 1)], edge_reach=1.0)[0, 0] > 0
+    assert not out[20, 20] and out[20, 33] and out[12, 5]
