@@ -295,6 +295,7 @@ def test_taking_a_click_back_restores_the_earlier_mask_exactly_without_decoding(
     segment_phantom_organ(qtbot, viewer, widget)
     session = annotator.session
     annotator.local_combo.setCurrentText("off")  # the whole new mask at each click: both clicks change it
+    annotator.guard_combo.setCurrentText("off")
 
     def state():
         return session.current.copy(), session.current_logits[0], session.current_scores[0]
@@ -306,6 +307,7 @@ def test_taking_a_click_back_restores_the_earlier_mask_exactly_without_decoding(
         wait_idle(qtbot)
         states.append(state())
     annotator.local_combo.setCurrentText("with a box")
+    annotator.guard_combo.setCurrentText("always")
     assert not np.array_equal(states[2][0], states[1][0]) and session.steps_back(0) == 2
     decodes = sum(annotator.decode_modes.values())
     for k in (1, 0):  # the key, then the button
