@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from napari_robustmedsam.engine.predictor import ImageEmbedding, Prediction
+from napari_robustmedsam.errors import PromptError
 from napari_robustmedsam.engine.preprocessing import ImageFrame
 from napari_robustmedsam.engine.tiling import (
     TiledEmbedding,
@@ -80,9 +81,10 @@ class _BoxPredictor:
         self.model = _Model()
 
     def predict(self, points=None, point_labels=None, boxes=None, mask_input=None, multimask_output=None, embedding=None,
-                local_clicks=None):
+                local_clicks=None, guard_new_clicks=None, guard_edge_reach=None):
         h, w = embedding.frame.original_size
         self.local_clicks = local_clicks
+        self.guard = (guard_new_clicks, guard_edge_reach, None if points is None else np.asarray(points).copy())
         self.calls.append((embedding.features["tile"], None if boxes is None else np.asarray(boxes), points))
         n = len(boxes) if boxes is not None else len(points)
         masks = np.zeros((n, h, w), bool)
@@ -137,6 +139,24 @@ def test_local_clicks_are_shifted_into_the_tile_frame():
     np.testing.assert_allclose(fake.local_clicks[0], [[410.0 - ox, 250.0 - oy]])
     TiledPredictor(fake).predict(boxes=[400.0, 220, 480, 290], embedding=tiled, local_clicks=np.array([[410.0, 250.0]]))
     assert fake.local_clicks is None  # without previous logits there is nothing to keep
+
+
+def test_guarded_clicks_reach_the_tile_and_are_recounted_when_points_fall_outside_it():
+    fake = _BoxPredictor()
+    tiled = _fake_tiled((300, 500), threshold=200, halo=20)
+    logits = torch.zeros(1, 1, 256, 256)
+    TiledPredictor(fake).predict(points=[[410.0, 250.0], [420.0, 260.0]], point_labels=[1, 0], boxes=[400.0, 220, 480, 290],
+                                 mask_input=logits, embedding=tiled, guard_new_clicks=1, guard_edge_reach=2.0)
+    assert fake.guard[0] == [1] and fake.guard[1] == 2.0 and fake.guard[2].shape == (1, 2, 2)
+    # an early point far outside the chosen tile is dropped: the new click is still the last one, counted once
+    TiledPredictor(fake).predict(points=[[10.0, 10.0], [410.0, 250.0], [420.0, 260.0]], point_labels=[1, 1, 0],
+                                 mask_input=logits, embedding=tiled, tile=tiled.tiles[-1].index, guard_new_clicks=2)
+    assert fake.guard[2].shape == (1, 2, 2) and fake.guard[0] == [2]
+    TiledPredictor(fake).predict(points=[[410.0, 250.0], [10.0, 10.0]], point_labels=[1, 0],
+                                 mask_input=logits, embedding=tiled, tile=tiled.tiles[-1].index, guard_new_clicks=1)
+    assert fake.guard[2].shape == (1, 1, 2) and fake.guard[0] == [0]  # the new click lies outside the tile
+    with pytest.raises(PromptError, match="guard_new_clicks"):
+        TiledPredictor(fake).predict(points=[[410.0, 250.0]], mask_input=logits, embedding=tiled, guard_new_clicks=[1, 1])
 
 
 def test_box_larger_than_a_tile_is_clipped_to_the_chosen_tile():
