@@ -21,6 +21,8 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
+from .local_correction import paste_new_logits
+
 
 def allowed_changes(
     shape: tuple[int, int], points: np.ndarray, labels: np.ndarray, n_new: int,
@@ -86,21 +88,16 @@ def guard_clicks(
     (:func:`allowed_changes`). ``previous_logits``/``new_logits``: (N, 1, L, L); ``clicks``: per object
     (points (K, 2) on the L x L grid, labels (K,), number of new clicks at the end), or None to keep that object's
     new logits whole. ``edge_reach``: as in :func:`allowed_changes`."""
-    if previous_logits.shape != new_logits.shape:
-        raise ValueError(f"previous logits {tuple(previous_logits.shape)} and new logits {tuple(new_logits.shape)} differ")
     if len(clicks) != new_logits.shape[0]:
         raise ValueError(f"{len(clicks)} click sets for {new_logits.shape[0]} objects")
-    prev = previous_logits.to(device=new_logits.device, dtype=new_logits.dtype)
-    out = new_logits.clone()
-    prev_fg = (prev[:, 0] > 0).cpu().numpy()
-    new_fg = (new_logits[:, 0] > 0).cpu().numpy()
-    for i, entry in enumerate(clicks):
-        if entry is None:
-            continue
-        points, labels, n_new = entry
-        may_add, may_remove = allowed_changes(prev_fg[i].shape, points, labels, n_new, prev_fg[i], edge_reach)
-        keep = (new_fg[i] & ~prev_fg[i] & may_add) | (prev_fg[i] & ~new_fg[i] & may_remove)
+
+    def keep(i: int, prev_fg: np.ndarray, new_fg: np.ndarray) -> np.ndarray | None:
+        if clicks[i] is None:
+            return None
+        points, labels, n_new = clicks[i]
+        may_add, may_remove = allowed_changes(prev_fg.shape, points, labels, n_new, prev_fg, edge_reach)
         # everything else keeps the previous logits, unchanged pixels included: the upsampled mask then only
         # grows at a positive click and only shrinks at a negative one, at full resolution too
-        out[i, 0] = torch.where(torch.from_numpy(keep).to(out.device), new_logits[i, 0], prev[i, 0])
-    return out
+        return (new_fg & ~prev_fg & may_add) | (prev_fg & ~new_fg & may_remove)
+
+    return paste_new_logits(previous_logits, new_logits, keep)

@@ -59,6 +59,15 @@ def shrinkable(combo: QComboBox, chars: int = 8) -> QComboBox:
     return combo
 
 
+def mode_combo(modes, default: str, tooltip: str) -> QComboBox:
+    """A shrinkable combo box of ``modes`` set to ``default``, with ``tooltip`` (the annotator's option rows)."""
+    combo = shrinkable(QComboBox())
+    combo.addItems(list(modes))
+    combo.setCurrentText(default)
+    combo.setToolTip(tooltip)
+    return combo
+
+
 class Banner(QLabel):
     """A word-wrapped message line: errors in red, hints in blue, info in grey; hidden when empty."""
 

@@ -58,7 +58,7 @@ from ..annotation.propagation import (
 )
 from ..annotation.session import AnnotationSession, SlicePrompts
 from ..errors import ImageInputError, UserFacingError
-from ._common import Banner, TaskRow, any_task_running, mark, role_of, run_task, shrinkable, unwrap
+from ._common import Banner, TaskRow, any_task_running, mark, mode_combo, role_of, run_task, shrinkable, unwrap
 from ._state import get_state
 
 POINTS_NAME = "point prompts"
@@ -178,21 +178,17 @@ class AnnotatorWidget(QWidget):
 
         self.live_check = QCheckBox("Live: segment on every prompt change")
         self.live_check.setChecked(True)
-        self.local_combo = shrinkable(QComboBox())
-        self.local_combo.addItems(LOCAL_CORRECTION_MODES)
-        self.local_combo.setCurrentText(DEFAULT_LOCAL_CORRECTIONS)
-        self.local_combo.setToolTip(
+        self.local_combo = mode_combo(
+            LOCAL_CORRECTION_MODES, DEFAULT_LOCAL_CORRECTIONS,
             "Local: a corrective click changes the mask only in the region connected to the click, the rest "
             "stays as it was (otherwise the model re-predicts the whole object on every click). 'with a box': "
-            "local once the object has a box; from points alone the whole new mask is taken."
+            "local once the object has a box; from points alone the whole new mask is taken.",
         )
-        self.guard_combo = shrinkable(QComboBox())
-        self.guard_combo.addItems(CLICK_GUARD_MODES)
-        self.guard_combo.setCurrentText(DEFAULT_CLICK_GUARD)
-        self.guard_combo.setToolTip(
+        self.guard_combo = mode_combo(
+            CLICK_GUARD_MODES, DEFAULT_CLICK_GUARD,
             "Guarded: a positive click only adds to the mask and a negative click only removes from it, and only "
             "where the new click is nearer than your earlier clicks of the other label, so earlier clicks keep "
-            "their label. 'with a box': guarded once the object has a box."
+            "their label. 'with a box': guarded once the object has a box.",
         )
         self.polarity_button = QPushButton()
         self.polarity_button.setToolTip("Polarity of the next point (T)")
