@@ -156,3 +156,40 @@ def test_edge_reach_bounds_a_click_by_its_distance_to_the_mask_edge():
     new = torch.full_like(prev, -4.0)
     out = guard_clicks(prev, new, [(click, np.array([0]), 1)], edge_reach=1.0)[0, 0] > 0
     assert not out[20, 20] and out[20, 33] and out[12, 5]
+
+
+def test_training_samples_the_next_click_from_the_guarded_prediction():
+    """``training.fit --click-guard``: the state fed back and clicked on is the guarded one (after the local merge
+    when that is on too); padding clicks (nothing left to correct) leave the object's mask as it was."""
+    from training.finetune.interactive import PromptConfig, PromptState, add_clicks, shown_logits
+
+    prev = torch.full((2, 1, 32, 32), -5.0)
+    prev[:, :, 8:16, 8:16] = 5.0
+    new = prev.clone()
+    new[:, :, 8:16, 16:20] = 3.0  # grown at the click
+    new[:, :, 8:10, 8:16] = -2.0  # and shrunk on top: against a positive click
+    first = PromptState(np.zeros((2, 0, 2)), np.zeros((2, 0), np.int64), np.array([[8, 8, 16, 16]] * 2), start="box")
+    state = add_clicks(first, np.array([[[17.0, 12.0]], [[0.0, 0.0]]]), np.array([[1], [-1]]))
+    state.mask_input = prev
+    guarded = shown_logits(state, new, PromptConfig(click_guard="with a box"))
+    assert torch.equal(guarded[0, 0, 8:16, 16:20], new[0, 0, 8:16, 16:20])
+    assert torch.equal(guarded[0, 0, 8:10, 8:16], prev[0, 0, 8:10, 8:16])  # the shrink is refused
+    assert torch.equal(guarded[1], prev[1])  # padding click: nothing changes
+    both = shown_logits(state, new, PromptConfig(local_corrections="always", click_guard="always"))
+    assert torch.equal(both[0], guarded[0])
+    points = PromptState(state.points, state.labels, None, prev, start="points1", new_clicks=1)
+    assert torch.equal(shown_logits(points, new, PromptConfig(click_guard="with a box")), new)
+    with pytest.raises(ValueError, match="click_guard"):
+        PromptConfig(click_guard="sometimes")
+
+
+def test_fit_click_guard_option_reaches_the_config_and_keeps_older_runs_resumable():
+    from training.fit import build_parser, config_from_args
+
+    cfg, _ = config_from_args(build_parser().parse_args(
+        ["--data", "x", "--preset", "pge-lite-fast", "--click-guard", "always"]))
+    assert cfg.prompts.click_guard == "always"
+    cfg_off, _ = config_from_args(build_parser().parse_args(["--data", "x", "--preset", "pge-lite-fast"]))
+    assert cfg_off.prompts.click_guard == "off" and cfg_off.to_dict()["prompts"]["click_guard"] == "off"
+    assert cfg.fingerprint() != cfg_off.fingerprint()
+    # runs started before the option existed still resume: tests/test_pge_head.py recomputes their fingerprint

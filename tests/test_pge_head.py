@@ -299,7 +299,8 @@ def test_pge_head_training_run_writes_a_checkpoint_the_predictor_loads(tmp_path)
     train, val = split_items(items_from_arrays(list(imgs), list(labs), names=["a", "b", "c"], modality="mri"),
                              0.34, seed=0)
     cfg = TrainConfig(model="litemedsam", head="pge", epochs=1, steps_per_epoch=2, batch_size=1, objects_per_image=1,
-                      variants=1, prompts=PromptConfig(n_steps=2, point_counts=(1,), local_corrections="always"),
+                      variants=1, prompts=PromptConfig(n_steps=2, point_counts=(1,), local_corrections="always",
+                                                       click_guard="always"),
                       weights=LossWeights(feature=0.0, token=0.0, fall=1.0), cache_dir=str(tmp_path / "c"),
                       progress_bar=False, val_max_objects=1, seed=1, lr=1e-3)
     trainer = Trainer(cfg, tmp_path / "out", train, val)
@@ -343,6 +344,7 @@ def test_fast_head_options_reach_the_trainer_and_keep_older_runs_resumable():
                 "progress_bar", "lr", "device", "enhancer_work_stride", "enhancer_width", "enhancer_gate_channels"):
         d.pop(key)
     d["prompts"].pop("local_corrections")  # added later still: "off" is left out of the fingerprint
+    d["prompts"].pop("click_guard")  # --click-guard, added after that: "off" is left out too
     d["weights"].pop("fall")  # --w-fall, added later again: 0 is left out
     assert default.fingerprint() == hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
     assert TrainConfig(head="pge", enhancer_work_stride=2).fingerprint() != default.fingerprint()

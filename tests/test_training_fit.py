@@ -158,7 +158,7 @@ def test_fall_penalty_runs_in_the_robust_decoder_step(phantom_items, cache_dir, 
     from training.finetune import LossWeights
 
     train, val = phantom_items
-    cfg = tiny_config(cache_dir, epochs=1, prompts=PromptConfig(n_steps=2, point_counts=(1,), p_mask=1.0),
+    cfg = tiny_config(cache_dir, epochs=1, prompts=PromptConfig(n_steps=2, point_counts=(1,), p_mask=1.0, click_guard="always"),
                       weights=LossWeights(fall=2.0))
     trainer = Trainer(cfg, tmp_path, train, val)
     assert trainer.run().stopped == "completed"

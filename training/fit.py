@@ -136,6 +136,10 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--local-corrections", choices=LOCAL_CORRECTION_WORDS, default=None,
                     help="simulate the annotator's 'Corrections stay local': the next click is sampled from, and the "
                     "previous logits fed back are, the prediction merged around the last click (default off)")
+    pr.add_argument("--click-guard", choices=LOCAL_CORRECTION_WORDS, default=None,
+                    help="simulate the annotator's 'Clicks only add / remove' after the local merge: a click's change "
+                    "is kept only in its direction and nearer to it than to earlier clicks of the other label "
+                    "(default off; the annotator's default is 'always')")
     pr.add_argument("--variants", type=int, default=None, help="cached degraded variants per image (default 3)")
     pr.add_argument("--levels", default="LQ-1,LQ-2,LQ-3,LQ-3+", help="levels the variants are drawn from")
     pr.add_argument("--p-identity", type=float, default=None, help="probability of a clean 'degraded' branch (0.2)")
@@ -167,7 +171,8 @@ def config_from_args(args):
         prompts = PromptConfig(p_box=_pick(args, "p_box", preset, 0.5), point_counts=point_counts,
                                n_steps=_pick(args, "n_steps", preset, 3), p_mask=_pick(args, "p_mask", preset, 0.5),
                                click_mode=args.clicks,
-                               local_corrections=local_corrections_mode(_pick(args, "local_corrections", preset, "off")))
+                               local_corrections=local_corrections_mode(_pick(args, "local_corrections", preset, "off")),
+                               click_guard=local_corrections_mode(_pick(args, "click_guard", preset, "off")))
     except ValueError as err:
         raise TrainingError(str(err)) from None
     budget = args.time_budget if args.time_budget is not None else preset.get("time_budget")

@@ -11,8 +11,10 @@ Per training iteration (one batch of planes, ``n_obj`` objects each):
 With ``local_corrections`` ("with a box" or "always", the annotator's modes), the prediction that the next click
 is sampled from and that is fed back is the annotator's merged one: the new logits only in the changed regions
 touching the step's new clicks, the previous logits elsewhere (:mod:`napari_robustmedsam.engine.local_correction`).
-Why: a head trained on whole-mask states meets different states in the annotator; this lets it learn from the
-states the annotator's default produces. The loss stays on the head's whole prediction.
+``click_guard`` (the same modes) does the same for the annotator's click guard (:mod:`napari_robustmedsam.engine.
+click_guard`), after the local merge. Why: a head trained on whole-mask states meets different states in the
+annotator; this lets it learn from the states the annotator's default produces. The loss stays on the head's whole
+prediction.
 
 The prompts are simulated in the decoder's low-resolution (256 x 256) model frame, where the ground truth is
 kept (:mod:`.pairs`), and scaled to the model input frame (x ``model_size / 256``). Everything is drawn from the
@@ -35,6 +37,7 @@ import numpy as np
 import torch
 
 from napari_robustmedsam.annotation.interactive import LOCAL_CORRECTION_MODES, local_corrections_apply
+from napari_robustmedsam.engine.click_guard import guard_clicks
 from napari_robustmedsam.engine.local_correction import merge_local_correction
 from napari_robustmedsam.prompting import corrective_click, jittered_box, random_positive_points, tight_box
 
@@ -52,10 +55,13 @@ class PromptConfig:
     click_mode: str = "largest"
     p_random_click: float = 0.5
     local_corrections: str = "off"  # one of the annotator's LOCAL_CORRECTION_MODES
+    click_guard: str = "off"  # the same modes
 
     def __post_init__(self) -> None:
         if self.local_corrections not in LOCAL_CORRECTION_MODES:
             raise ValueError(f"local_corrections must be one of {LOCAL_CORRECTION_MODES}, got {self.local_corrections!r}")
+        if self.click_guard not in LOCAL_CORRECTION_MODES:
+            raise ValueError(f"click_guard must be one of {LOCAL_CORRECTION_MODES}, got {self.click_guard!r}")
         if self.click_mode not in CLICK_MODES:
             raise ValueError(f"click_mode must be one of {CLICK_MODES}, got {self.click_mode!r}")
         if not self.point_counts or min(self.point_counts) < 1:
@@ -141,13 +147,21 @@ def add_clicks(state: PromptState, pts: np.ndarray, labels: np.ndarray) -> Promp
 
 def shown_logits(state: PromptState, logits: torch.Tensor, cfg: PromptConfig) -> torch.Tensor:
     """The logits the annotator would show after predicting ``logits`` from ``state``: merged locally around the
-    last step's clicks when ``cfg.local_corrections`` applies to this start (and the previous logits were fed
-    back, as in the annotator and the evaluation), else ``logits`` unchanged. Padding clicks (label -1, nothing
-    left to correct) add no region, so such an object keeps its previous mask."""
-    if (state.new_clicks == 0 or state.mask_input is None
-            or not local_corrections_apply(cfg.local_corrections, has_box=state.boxes is not None)):
+    last step's clicks when ``cfg.local_corrections`` applies to this start, then guarded when ``cfg.click_guard``
+    does (both only when the previous logits were fed back, as in the annotator and the evaluation); else
+    ``logits`` unchanged. Padding clicks (label -1, nothing left to correct) add no region, so such an object keeps
+    its previous mask."""
+    if state.new_clicks == 0 or state.mask_input is None:
         return logits
-    pts = state.points[:, -state.new_clicks:]
-    labs = state.labels[:, -state.new_clicks:]
-    clicks = [pts[i][labs[i] >= 0] for i in range(pts.shape[0])]
-    return merge_local_correction(state.mask_input, logits, clicks)
+    has_box = state.boxes is not None
+    valid = state.labels >= 0
+    if local_corrections_apply(cfg.local_corrections, has_box=has_box):
+        pts = state.points[:, -state.new_clicks:]
+        new_valid = valid[:, -state.new_clicks:]
+        logits = merge_local_correction(state.mask_input, logits, [pts[i][new_valid[i]] for i in range(pts.shape[0])])
+    if local_corrections_apply(cfg.click_guard, has_box=has_box):
+        # an object with only a padding click gets n_new = 0: no change is allowed, its mask stays
+        entries = [(state.points[i][valid[i]], state.labels[i][valid[i]], int(valid[i, -state.new_clicks:].sum()))
+                   for i in range(state.points.shape[0])]
+        logits = guard_clicks(state.mask_input, logits, entries)
+    return logits

@@ -197,8 +197,9 @@ class TrainConfig:
                 d.pop(key, None)
         if d["weights"].get("fall") == 0.0:  # added later: absent from older fingerprints
             d["weights"].pop("fall")
-        if d["prompts"].get("local_corrections") == "off":  # added later: absent from older fingerprints
-            d["prompts"].pop("local_corrections")
+        for key in ("local_corrections", "click_guard"):  # added later: absent from older fingerprints
+            if d["prompts"].get(key) == "off":
+                d["prompts"].pop(key)
         for key, default in (("enhancer_work_stride", 1), ("enhancer_width", 0), ("enhancer_gate_channels", 64)):
             if d.get(key) == default or d.get("head") == "robust":  # added later: absent from older fingerprints
                 d.pop(key, None)
