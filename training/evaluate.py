@@ -49,7 +49,6 @@ from training.evaluation.runner import (
 from training.evaluation.store import ResultStore, load_measurements
 
 
-
 def _positive_float(text: str) -> float:
     try:
         value = float(text)
@@ -58,6 +57,7 @@ def _positive_float(text: str) -> float:
     if not value > 0:
         raise argparse.ArgumentTypeError(f"{text} must be greater than 0")
     return value
+
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(

@@ -112,15 +112,18 @@ class EvalConfig:
     click_guard: str | bool = "off"
     click_guard_reach: float | None = None  # engine.click_guard.allowed_changes(edge_reach=)
 
+    def _applies(self, mode: str | bool, prompt: str) -> bool:
+        """Whether an option in one of the annotator's modes acts on the corrective clicks of ``prompt`` (both options
+        need the previous logits fed back)."""
+        return prompt.startswith("iter_") and self.feed_logits and local_corrections_apply(mode, prompt == "iter_box")
+
     def guard_for(self, prompt: str) -> bool:
-        """Whether the corrective clicks of ``prompt`` are guarded (needs the previous logits fed back)."""
-        return (prompt.startswith("iter_") and self.feed_logits
-                and local_corrections_apply(self.click_guard, has_box=prompt == "iter_box"))
+        """Whether the corrective clicks of ``prompt`` are guarded."""
+        return self._applies(self.click_guard, prompt)
 
     def local_for(self, prompt: str) -> bool:
-        """Whether the corrective clicks of ``prompt`` are kept local (needs the previous logits fed back)."""
-        return (prompt.startswith("iter_") and self.feed_logits
-                and local_corrections_apply(self.local_corrections, has_box=prompt == "iter_box"))
+        """Whether the corrective clicks of ``prompt`` are kept local."""
+        return self._applies(self.local_corrections, prompt)
 
     @property
     def prompts_2d(self) -> tuple[str, ...]:

@@ -58,10 +58,9 @@ class PromptConfig:
     click_guard: str = "off"  # the same modes
 
     def __post_init__(self) -> None:
-        if self.local_corrections not in LOCAL_CORRECTION_MODES:
-            raise ValueError(f"local_corrections must be one of {LOCAL_CORRECTION_MODES}, got {self.local_corrections!r}")
-        if self.click_guard not in LOCAL_CORRECTION_MODES:
-            raise ValueError(f"click_guard must be one of {LOCAL_CORRECTION_MODES}, got {self.click_guard!r}")
+        for name in ("local_corrections", "click_guard"):
+            if getattr(self, name) not in LOCAL_CORRECTION_MODES:
+                raise ValueError(f"{name} must be one of {LOCAL_CORRECTION_MODES}, got {getattr(self, name)!r}")
         if self.click_mode not in CLICK_MODES:
             raise ValueError(f"click_mode must be one of {CLICK_MODES}, got {self.click_mode!r}")
         if not self.point_counts or min(self.point_counts) < 1:

@@ -164,11 +164,13 @@ def segment_slice(
                             and sent.points.shape[0] > 0))
     )
     extra = {}
-    if use_logits and corrective and local_corrections_apply(local_corrections, sent.box is not None):
-        extra["local_clicks"] = [sent.points[previous_prompts.points.shape[0]:]]
-    if use_logits and corrective and local_corrections_apply(click_guard, sent.box is not None):
-        extra["guard_new_clicks"] = sent.points.shape[0] - previous_prompts.points.shape[0]
-        extra["guard_edge_reach"] = click_guard_reach
+    if use_logits and corrective:
+        new_points = sent.points[previous_prompts.points.shape[0]:]
+        if local_corrections_apply(local_corrections, sent.box is not None):
+            extra["local_clicks"] = [new_points]
+        if local_corrections_apply(click_guard, sent.box is not None):
+            extra["guard_new_clicks"] = new_points.shape[0]
+            extra["guard_edge_reach"] = click_guard_reach
     prediction = predictor.predict(
         points=sent.points if sent.points.shape[0] else None,
         point_labels=sent.labels if sent.points.shape[0] else None,

@@ -49,18 +49,15 @@ def allowed_changes(
         raise ValueError(f"n_new={n_new} for {pts.shape[0]} points")
     yy, xx = np.mgrid[0:h, 0:w]
     cx, cy = xx + 0.5, yy + 0.5  # pixel centres, the convention of the points
-
-    def dist2(p: np.ndarray) -> np.ndarray:
-        return (cx - p[0]) ** 2 + (cy - p[1]) ** 2
+    dist2 = [(cx - p[0]) ** 2 + (cy - p[1]) ** 2 for p in pts]  # each point's squared distance map, once
 
     for k in range(pts.shape[0] - n_new, pts.shape[0]):
         others = [j for j in range(pts.shape[0]) if labs[j] != labs[k]]
         reach = np.ones((h, w), dtype=bool)
         if others:
-            nearest_other = np.min(np.stack([dist2(pts[j]) for j in others]), axis=0)
-            reach = dist2(pts[k]) < nearest_other
+            reach = dist2[k] < np.min(np.stack([dist2[j] for j in others]), axis=0)
         if edge_reach is not None:
-            reach &= dist2(pts[k]) <= (edge_reach * edge_distance(previous, pts[k], labs[k])) ** 2
+            reach &= dist2[k] <= (edge_reach * edge_distance(previous, pts[k], labs[k])) ** 2
         if labs[k] == 1:
             may_add |= reach
         else:
@@ -88,16 +85,12 @@ def guard_clicks(
     (:func:`allowed_changes`). ``previous_logits``/``new_logits``: (N, 1, L, L); ``clicks``: per object
     (points (K, 2) on the L x L grid, labels (K,), number of new clicks at the end), or None to keep that object's
     new logits whole. ``edge_reach``: as in :func:`allowed_changes`."""
-    if len(clicks) != new_logits.shape[0]:
-        raise ValueError(f"{len(clicks)} click sets for {new_logits.shape[0]} objects")
 
-    def keep(i: int, prev_fg: np.ndarray, new_fg: np.ndarray) -> np.ndarray | None:
-        if clicks[i] is None:
-            return None
-        points, labels, n_new = clicks[i]
+    def keep(entry: tuple[np.ndarray, np.ndarray, int], prev_fg: np.ndarray, new_fg: np.ndarray) -> np.ndarray:
+        points, labels, n_new = entry
         may_add, may_remove = allowed_changes(prev_fg.shape, points, labels, n_new, prev_fg, edge_reach)
         # everything else keeps the previous logits, unchanged pixels included: the upsampled mask then only
         # grows at a positive click and only shrinks at a negative one, at full resolution too
         return (new_fg & ~prev_fg & may_add) | (prev_fg & ~new_fg & may_remove)
 
-    return paste_new_logits(previous_logits, new_logits, keep)
+    return paste_new_logits(previous_logits, new_logits, clicks, keep)

@@ -11,10 +11,13 @@ the next click stay one and the same.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import TypeVar
 
 import numpy as np
 import torch
 from scipy import ndimage
+
+T = TypeVar("T")
 
 #: 8-connectivity: a diagonal step joins two changed pixels into one region
 _EIGHT = np.ones((3, 3), dtype=bool)
@@ -45,22 +48,25 @@ def changed_regions_at_clicks(previous: np.ndarray, new: np.ndarray, clicks: np.
 def paste_new_logits(
     previous_logits: torch.Tensor,
     new_logits: torch.Tensor,
-    keep: Callable[[int, np.ndarray, np.ndarray], np.ndarray | None],
+    clicks: Sequence[T | None],
+    keep: Callable[[T, np.ndarray, np.ndarray], np.ndarray],
 ) -> torch.Tensor:
-    """Previous logits (N, 1, L, L), with the new logits pasted where ``keep(i, previous_fg, new_fg)`` is True for
-    object i (boolean (L, L) maps of the two masks in, a boolean map out; None keeps the object's new logits whole).
-    Shared by the local merge and the click guard (:mod:`.click_guard`), so both keep the previous logits, not
-    only the previous label, wherever they refuse a change."""
+    """Previous logits (N, 1, L, L), with the new logits pasted where ``keep(clicks[i], previous_fg, new_fg)`` is
+    True for object i (boolean (L, L) maps of the two masks in, a boolean map out); an object whose ``clicks[i]``
+    is None keeps its new logits whole. Shared by the local merge and the click guard (:mod:`.click_guard`), so both
+    keep the previous logits, not only the previous label, wherever they refuse a change."""
     if previous_logits.shape != new_logits.shape:
         raise ValueError(f"previous logits {tuple(previous_logits.shape)} and new logits {tuple(new_logits.shape)} differ")
+    if len(clicks) != new_logits.shape[0]:
+        raise ValueError(f"{len(clicks)} click sets for {new_logits.shape[0]} objects")
     prev = previous_logits.to(device=new_logits.device, dtype=new_logits.dtype)
     out = new_logits.clone()
     prev_fg = (prev[:, 0] > 0).cpu().numpy()
     new_fg = (new_logits[:, 0] > 0).cpu().numpy()
-    for i in range(new_logits.shape[0]):
-        kept = keep(i, prev_fg[i], new_fg[i])
-        if kept is not None:
-            out[i, 0] = torch.where(torch.from_numpy(kept).to(out.device), new_logits[i, 0], prev[i, 0])
+    for i, entry in enumerate(clicks):
+        if entry is not None:
+            kept = torch.from_numpy(keep(entry, prev_fg[i], new_fg[i])).to(out.device)
+            out[i, 0] = torch.where(kept, new_logits[i, 0], prev[i, 0])
     return out
 
 
@@ -74,10 +80,5 @@ def merge_local_correction(
     clicks. ``previous_logits``/``new_logits``: (N, 1, L, L); ``clicks``: one (K, 2) array of (x, y) positions on
     the L x L grid per object, or None to keep that object's new logits whole. A click the new prediction did not
     act on (its pixel and neighbours unchanged) leaves the object's mask as it was."""
-    if len(clicks) != new_logits.shape[0]:
-        raise ValueError(f"{len(clicks)} click sets for {new_logits.shape[0]} objects")
-
-    def keep(i: int, prev_fg: np.ndarray, new_fg: np.ndarray) -> np.ndarray | None:
-        return None if clicks[i] is None else changed_regions_at_clicks(prev_fg, new_fg, clicks[i], radius)
-
-    return paste_new_logits(previous_logits, new_logits, keep)
+    return paste_new_logits(previous_logits, new_logits, clicks,
+                            lambda pts, prev_fg, new_fg: changed_regions_at_clicks(prev_fg, new_fg, pts, radius))

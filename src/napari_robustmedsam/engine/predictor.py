@@ -298,13 +298,13 @@ class Predictor:
         idx = torch.arange(low_res.shape[0], device=low_res.device)
         chosen = low_res[idx, best][:, None]
         scores = iou[idx, best]
+        grid = chosen.shape[-1] / frame.model_size  # model input pixels -> logits grid
         if local_clicks is not None and mask_arg is not None:
-            clicks = [None if pts is None else frame.points_to_model(pts) * (chosen.shape[-1] / frame.model_size)
-                      for pts in clicks_per_object(local_clicks, n_objects)]  # on the logits grid
+            clicks = [None if pts is None else frame.points_to_model(pts) * grid
+                      for pts in clicks_per_object(local_clicks, n_objects)]
             chosen = merge_local_correction(mask_arg, chosen, clicks)
         if guard_new_clicks is not None and mask_arg is not None and pts is not None:
             counts = guarded_counts(guard_new_clicks, n_objects, pts.shape[1])
-            grid = chosen.shape[-1] / frame.model_size
             entries = [None if not c else (frame.points_to_model(pts[i]) * grid, labels[i], c)
                        for i, c in enumerate(counts)]
             chosen = guard_clicks(mask_arg, chosen, entries, edge_reach=guard_edge_reach)
