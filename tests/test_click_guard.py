@@ -158,6 +158,39 @@ def test_edge_reach_bounds_a_click_by_its_distance_to_the_mask_edge():
     assert not out[20, 20] and out[20, 33] and out[12, 5]
 
 
+def test_a_scoped_edge_reach_bounds_only_negative_clicks_made_before_any_positive_click():
+    """``EdgeReach(f, "negatives-before-positive")``: a box start's first negative click is bounded like the plain
+    bound; a negative click after a positive one, and every positive click, reach as without a bound."""
+    from napari_robustmedsam.engine.click_guard import EdgeReach
+
+    previous = np.zeros((40, 40), bool)
+    previous[10:30, 4:36] = True
+    scoped = EdgeReach(1.5, "negatives-before-positive")
+    lone = np.array([[20.0, 20.0]])
+    _, plain = allowed_changes(previous.shape, lone, np.array([0]), 1, previous, edge_reach=1.5)
+    _, first = allowed_changes(previous.shape, lone, np.array([0]), 1, previous, edge_reach=scoped)
+    assert np.array_equal(first, plain) and not first[20, 38]
+    # after a positive click far to the left the same negative click is free again (up to the bisector)
+    after = np.array([[2.0, 20.0], [20.0, 20.0]])
+    _, free = allowed_changes(previous.shape, after, np.array([1, 0]), 1, previous)
+    _, opposed = allowed_changes(previous.shape, after, np.array([1, 0]), 1, previous, edge_reach=scoped)
+    assert np.array_equal(opposed, free) and opposed[20, 38]
+    # a positive click outside the mask is never bounded by this scope
+    outside = np.array([[20.0, 36.5]])
+    grow_free, _ = allowed_changes(previous.shape, outside, np.array([1]), 1, previous)
+    grow_scoped, _ = allowed_changes(previous.shape, outside, np.array([1]), 1, previous, edge_reach=scoped)
+    grow_plain, _ = allowed_changes(previous.shape, outside, np.array([1]), 1, previous, edge_reach=1.5)
+    assert np.array_equal(grow_scoped, grow_free) and grow_plain.sum() < grow_free.sum()
+    # two new clicks at once: the negative one is bounded only when the positive one comes after it
+    both = np.array([[20.0, 20.0], [2.0, 20.0]])
+    _, neg_first = allowed_changes(previous.shape, both, np.array([0, 1]), 2, previous, edge_reach=scoped)
+    assert not neg_first[20, 38]
+    with pytest.raises(ValueError, match="scope"):
+        EdgeReach(2.0, "sometimes")
+    with pytest.raises(ValueError, match="greater than 0"):
+        EdgeReach(0.0)
+
+
 def test_training_samples_the_next_click_from_the_guarded_prediction():
     """``training.fit --click-guard``: the state fed back and clicked on is the guarded one (after the local merge
     when that is on too); padding clicks (nothing left to correct) leave the object's mask as it was."""
@@ -193,3 +226,41 @@ def test_fit_click_guard_option_reaches_the_config_and_keeps_older_runs_resumabl
     assert cfg_off.prompts.click_guard == "off" and cfg_off.to_dict()["prompts"]["click_guard"] == "off"
     assert cfg.fingerprint() != cfg_off.fingerprint()
     # runs started before the option existed still resume: tests/test_pge_head.py recomputes their fingerprint
+
+
+def test_the_annotators_default_reach_bounds_a_box_starts_first_negative_click(predictor_and_embedding):
+    """segment_slice with the annotator's default reach: a box start's first negative click removes only near
+    itself (twice its distance to the mask's edge, up to the logits grid's cell); once a positive click exists the
+    next negative click is guarded as without the bound."""
+    from napari_robustmedsam.annotation.interactive import DEFAULT_CLICK_GUARD_REACH, segment_slice
+    from napari_robustmedsam.annotation.session import SlicePrompts
+    from napari_robustmedsam.engine.click_guard import edge_distance
+
+    assert DEFAULT_CLICK_GUARD_REACH is not None and DEFAULT_CLICK_GUARD_REACH.scope == "negatives-before-positive"
+    predictor, emb = predictor_and_embedding
+    h, w = emb.frame.original_size
+    box = np.array([w * 0.2, h * 0.2, w * 0.8, h * 0.8])
+    first = segment_slice(predictor, emb, SlicePrompts(box=box))
+    ys, xs = np.nonzero(first.mask)
+    # near the lesion's left edge: LiteMedSAM removes a band far beyond the click's neighbourhood here
+    click = np.array([[float(xs.min() + 0.15 * (xs.max() - xs.min())), float(ys.mean())]])
+    assert first.mask[int(click[0, 1]), int(click[0, 0])]
+    kw = dict(previous_prompts=first.prompts, previous_logits=first.logits, previous_mask=first.mask,
+              click_guard="always")
+    prompts = SlicePrompts(points=click, labels=np.array([0]), box=box)
+    free = segment_slice(predictor, emb, prompts, **kw)
+    bounded = segment_slice(predictor, emb, prompts, **kw, click_guard_reach=DEFAULT_CLICK_GUARD_REACH)
+    removed_free, removed = first.mask & ~free.mask, first.mask & ~bounded.mask
+    assert not (bounded.mask & ~first.mask).any()  # still only removes
+    assert removed.sum() < removed_free.sum()
+    cell = max(h, w) / 256  # one cell of the low-resolution logits grid, in image pixels
+    ry, rx = np.nonzero(removed)
+    reach = 2 * edge_distance(first.mask, click[0], 0) + 2 * cell
+    assert np.hypot(rx + 0.5 - click[0, 0], ry + 0.5 - click[0, 1]).max() <= reach
+    # after a positive click the same kind of negative click is not bounded
+    pos = np.array([[float(xs.min()) + 2, float(ys[xs.argmin()])]])
+    second = segment_slice(predictor, emb, SlicePrompts(points=pos, labels=np.array([1]), box=box), **kw)
+    later = SlicePrompts(points=np.vstack([pos, click]), labels=np.array([1, 0]), box=box)
+    kw2 = dict(kw, previous_prompts=second.prompts, previous_logits=second.logits, previous_mask=second.mask)
+    assert np.array_equal(segment_slice(predictor, emb, later, **kw2, click_guard_reach=DEFAULT_CLICK_GUARD_REACH).mask,
+                          segment_slice(predictor, emb, later, **kw2).mask)

@@ -258,6 +258,15 @@ def test_click_guard_runs_and_only_adds_at_positive_clicks(resumed_run, shared_d
     assert EvalConfig(click_guard="with a box").protocol("iter_point") == EvalConfig().protocol("iter_point")
     assert EvalConfig(click_guard=True).protocol("box") == EvalConfig().protocol("box")
     assert not EvalConfig(click_guard=True, feed_logits=False).guard_for("iter_box")
+    reach = EvalConfig(click_guard=True, click_guard_reach=2.0)
+    scoped = EvalConfig(click_guard=True, click_guard_reach=2.0, click_guard_reach_scope="negatives-before-positive")
+    assert len({EvalConfig(click_guard=True).protocol("iter_box"), reach.protocol("iter_box"),
+                scoped.protocol("iter_box")}) == 3
+    assert scoped.edge_reach.scope == "negatives-before-positive" and reach.edge_reach.scope == "all"
+    assert EvalConfig(click_guard=True).edge_reach is None
+    with pytest.raises(ValueError, match="needs --click-guard-reach"):  # a scope without its factor is refused
+        main(_args(shared_data, tmp_path / "x", "--click-guard", "--click-guard-reach-scope",
+                   "negatives-before-positive"))
     out, *_ = resumed_run
     args = _args(shared_data, tmp_path, "--click-guard", datasets="ph2_dermoscopy")
     args[args.index("--prompts") + 1] = "iterative"

@@ -29,6 +29,7 @@ import uuid
 from pathlib import Path
 
 from napari_robustmedsam.annotation.interactive import LOCAL_CORRECTION_WORDS, local_corrections_mode
+from napari_robustmedsam.engine.click_guard import REACH_SCOPES
 from training.evaluation.dataset import discover, select_samples
 from training.evaluation.parallel import dist_info, exit_marker, run_in_workers, shard, wait_for_ranks
 from training.evaluation.report import write_report
@@ -97,6 +98,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--click-guard-reach", type=_positive_float, default=None,
                    help="with --click-guard: a click also reaches no further than this many times its distance to "
                    "the previous mask's edge (default: no bound)")
+    p.add_argument("--click-guard-reach-scope", choices=REACH_SCOPES, default="all",
+                   help="with --click-guard-reach: the clicks it bounds, every click (default) or only a negative "
+                   "click made before any positive click on that object")
     p.add_argument("--jitter", type=float, default=0.1, help="box_jitter: max side shift as a fraction of the box side")
     p.add_argument("--objects", choices=("label", "components"), default="label",
                    help="an object is a label value (default) or each connected component of a label value")
@@ -129,6 +133,8 @@ def build_parser() -> argparse.ArgumentParser:
 def _config(args) -> EvalConfig:
     if args.steps < 0:
         raise ValueError("--steps must be >= 0")
+    if args.click_guard_reach_scope != "all" and args.click_guard_reach is None:
+        raise ValueError("--click-guard-reach-scope needs --click-guard-reach (the factor it applies)")
     return EvalConfig(
         prompts=parse_prompts(args.prompts),
         steps=args.steps,
@@ -143,6 +149,7 @@ def _config(args) -> EvalConfig:
         local_corrections=local_corrections_mode(args.local_corrections),
         click_guard=local_corrections_mode(args.click_guard),
         click_guard_reach=args.click_guard_reach,
+        click_guard_reach_scope=args.click_guard_reach_scope,
     )
 
 

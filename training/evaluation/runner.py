@@ -35,6 +35,7 @@ import numpy as np
 import torch
 
 from napari_robustmedsam.annotation.interactive import local_corrections_apply
+from napari_robustmedsam.engine.click_guard import EdgeReach
 from napari_robustmedsam.metrics import segmentation_metrics
 from napari_robustmedsam.prompting import (
     corrective_click,
@@ -110,7 +111,15 @@ class EvalConfig:
     # keep each click's change in its direction and within its reach (engine.click_guard): "off", "with a box",
     # "always" (the annotator's modes; True/False mean always/off)
     click_guard: str | bool = "off"
-    click_guard_reach: float | None = None  # engine.click_guard.allowed_changes(edge_reach=)
+    click_guard_reach: float | None = None  # engine.click_guard.EdgeReach.factor
+    click_guard_reach_scope: str = "all"  # engine.click_guard.EdgeReach.scope (REACH_SCOPES)
+
+    @property
+    def edge_reach(self) -> EdgeReach | None:
+        """The guard's reach bound, None for none."""
+        if self.click_guard_reach is None:
+            return None
+        return EdgeReach(self.click_guard_reach, self.click_guard_reach_scope)
 
     def _applies(self, mode: str | bool, prompt: str) -> bool:
         """Whether an option in one of the annotator's modes acts on the corrective clicks of ``prompt`` (both options
@@ -150,6 +159,8 @@ class EvalConfig:
                 parts["click_guard"] = True
                 if self.click_guard_reach is not None:
                     parts["click_guard_reach"] = self.click_guard_reach
+                    if self.click_guard_reach_scope != "all":  # absent for every click, as before scopes existed
+                        parts["click_guard_reach_scope"] = self.click_guard_reach_scope
         if prompt == PROPAGATE:
             parts.update(propagation=PROPAGATION_SETTINGS)
         return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:10]
@@ -422,7 +433,7 @@ def _iterative(predictor, emb, objects: list[GTObject], prompt: str, sample_key:
                 local_clicks=[np.stack(points[i][-len(new_clicks[i]):]) for i in idx]
                 if cfg.local_for(prompt) else None,
                 guard_new_clicks=[len(new_clicks[i]) for i in idx] if cfg.guard_for(prompt) else None,
-                guard_edge_reach=cfg.click_guard_reach,
+                guard_edge_reach=cfg.edge_reach,
             )
             for j, i in enumerate(idx):
                 masks[i], logits[i], scores[i] = pred.masks[j], pred.low_res_logits[j : j + 1], float(pred.scores[j])

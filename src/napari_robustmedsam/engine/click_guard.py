@@ -17,6 +17,7 @@ the mask shown and the logits fed back at the next click stay one and the same.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -24,9 +25,42 @@ import torch
 from .local_correction import paste_new_logits
 
 
+#: which clicks the edge-reach bound acts on: every new click, or only a negative click made before any positive one
+#: (a box start's first removals, which nothing else bounds: no positive click says where the object is)
+REACH_SCOPES = ("all", "negatives-before-positive")
+
+
+@dataclass(frozen=True)
+class EdgeReach:
+    """How far a guarded click may reach: ``factor`` times its distance to the previous mask's edge, for the clicks
+    in ``scope`` (one of REACH_SCOPES)."""
+
+    factor: float
+    scope: str = "all"
+
+    def __post_init__(self):
+        if not self.factor > 0:
+            raise ValueError(f"edge reach factor must be greater than 0, got {self.factor}")
+        if self.scope not in REACH_SCOPES:
+            raise ValueError(f"edge reach scope {self.scope!r}: use one of {', '.join(REACH_SCOPES)}")
+
+    def bounds(self, label: int, earlier_labels: np.ndarray) -> bool:
+        """Whether a click with ``label`` after clicks with ``earlier_labels`` (on the same object) is bounded."""
+        if self.scope == "all":
+            return True
+        return label == 0 and not (np.asarray(earlier_labels) == 1).any()
+
+
+def as_edge_reach(value: float | EdgeReach | None) -> EdgeReach | None:
+    """A number means the bound on every click (the earlier API); None means no bound."""
+    if value is None or isinstance(value, EdgeReach):
+        return value
+    return EdgeReach(float(value))
+
+
 def allowed_changes(
     shape: tuple[int, int], points: np.ndarray, labels: np.ndarray, n_new: int,
-    previous: np.ndarray | None = None, edge_reach: float | None = None,
+    previous: np.ndarray | None = None, edge_reach: float | EdgeReach | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """(may_add, may_remove) boolean maps on an (H, W) grid for the last ``n_new`` of ``points`` ((K, 2) x, y on
     that grid) with ``labels`` (K,) 1/0: a new positive click may add the pixels nearer to it than to every other
@@ -35,7 +69,9 @@ def allowed_changes(
     ``edge_reach`` (with ``previous``, the (H, W) mask before the click): a click also reaches no further than
     ``edge_reach`` times its distance to the nearest pixel of the other label in ``previous`` (for a negative click
     inside the mask, the mask's edge): a click in the middle of a small wrong part changes about that part, one in
-    the middle of a large wrong part can change all of it. Without a pixel of the other label the reach is free."""
+    the middle of a large wrong part can change all of it. Without a pixel of the other label the reach is free. An
+    :class:`EdgeReach` can limit the bound to some clicks (its ``scope``); a number bounds every click."""
+    edge_reach = as_edge_reach(edge_reach)
     h, w = shape
     if edge_reach is not None and (previous is None or previous.shape != (h, w)):
         raise ValueError("edge_reach needs the previous mask on the same grid")
@@ -56,8 +92,8 @@ def allowed_changes(
         reach = np.ones((h, w), dtype=bool)
         if others:
             reach = dist2[k] < np.min(np.stack([dist2[j] for j in others]), axis=0)
-        if edge_reach is not None:
-            reach &= dist2[k] <= (edge_reach * edge_distance(previous, pts[k], labs[k])) ** 2
+        if edge_reach is not None and edge_reach.bounds(labs[k], labs[:k]):
+            reach &= dist2[k] <= (edge_reach.factor * edge_distance(previous, pts[k], labs[k])) ** 2
         if labs[k] == 1:
             may_add |= reach
         else:
@@ -79,12 +115,13 @@ def guard_clicks(
     previous_logits: torch.Tensor,
     new_logits: torch.Tensor,
     clicks: Sequence[tuple[np.ndarray, np.ndarray, int] | None],
-    edge_reach: float | None = None,
+    edge_reach: float | EdgeReach | None = None,
 ) -> torch.Tensor:
     """Previous logits, with the new logits pasted where the change is one the new clicks allow
     (:func:`allowed_changes`). ``previous_logits``/``new_logits``: (N, 1, L, L); ``clicks``: per object
     (points (K, 2) on the L x L grid, labels (K,), number of new clicks at the end), or None to keep that object's
     new logits whole. ``edge_reach``: as in :func:`allowed_changes`."""
+    edge_reach = as_edge_reach(edge_reach)
 
     def keep(entry: tuple[np.ndarray, np.ndarray, int], prev_fg: np.ndarray, new_fg: np.ndarray) -> np.ndarray:
         points, labels, n_new = entry

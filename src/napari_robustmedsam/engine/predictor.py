@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import ImageInputError, PromptError
-from .click_guard import guard_clicks
+from .click_guard import EdgeReach, guard_clicks
 from .local_correction import merge_local_correction
 from .preprocessing import LOW_RES_SIZE, ImageFrame, preprocess
 
@@ -215,7 +215,7 @@ class Predictor:
         embedding: ImageEmbedding | None = None,
         local_clicks=None,
         guard_new_clicks=None,
-        guard_edge_reach: float | None = None,
+        guard_edge_reach: float | EdgeReach | None = None,
     ) -> Prediction:
         """Segment N objects.
 
@@ -229,7 +229,8 @@ class Predictor:
         and points): how many of each object's points, at the end, are new clicks (an int for all objects or one
         per object, 0/None for none); the change they make is kept only in their direction and within their reach
         (:mod:`.click_guard`), after the local merge; ``guard_edge_reach`` also bounds their reach by their
-        distance to the previous mask's edge (:func:`.click_guard.allowed_changes`).
+        distance to the previous mask's edge (a number: every click; an :class:`.click_guard.EdgeReach`: the clicks
+        in its scope; :func:`.click_guard.allowed_changes`).
         """
         emb = embedding if embedding is not None else self.embedding
         if emb is None:

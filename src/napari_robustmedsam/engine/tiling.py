@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from ..errors import PromptError
+from .click_guard import EdgeReach
 from .predictor import ImageEmbedding, Prediction, Predictor, clicks_per_object, guarded_counts
 
 DEFAULT_TILE_THRESHOLD = 2048
@@ -185,7 +186,7 @@ class TiledPredictor:
         tile: int | None = None,
         local_clicks=None,
         guard_new_clicks=None,
-        guard_edge_reach: float | None = None,
+        guard_edge_reach: float | EdgeReach | None = None,
     ) -> Prediction:
         """Segment N objects; prompts in full-image (x, y) pixels. ``tile`` forces one tile (e.g. to feed
         back ``mask_input`` logits of an earlier :class:`TiledPrediction`); ``local_clicks``, ``guard_new_clicks`` and ``guard_edge_reach``

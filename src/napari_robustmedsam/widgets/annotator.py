@@ -188,7 +188,8 @@ class AnnotatorWidget(QWidget):
             CLICK_GUARD_MODES, DEFAULT_CLICK_GUARD,
             "Guarded: a positive click only adds to the mask and a negative click only removes from it, and only "
             "where the new click is nearer than your earlier clicks of the other label, so earlier clicks keep "
-            "their label. 'with a box': guarded once the object has a box.",
+            "their label. A negative click made before any positive click removes only near itself (within twice "
+            "its distance to the mask's edge). 'with a box': guarded once the object has a box.",
         )
         self.polarity_button = QPushButton()
         self.polarity_button.setToolTip("Polarity of the next point (T)")
