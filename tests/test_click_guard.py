@@ -216,18 +216,6 @@ def test_training_samples_the_next_click_from_the_guarded_prediction():
         PromptConfig(click_guard="sometimes")
 
 
-def test_fit_click_guard_option_reaches_the_config_and_keeps_older_runs_resumable():
-    from training.fit import build_parser, config_from_args
-
-    cfg, _ = config_from_args(build_parser().parse_args(
-        ["--data", "x", "--preset", "pge-lite-fast", "--click-guard", "always"]))
-    assert cfg.prompts.click_guard == "always"
-    cfg_off, _ = config_from_args(build_parser().parse_args(["--data", "x", "--preset", "pge-lite-fast"]))
-    assert cfg_off.prompts.click_guard == "off" and cfg_off.to_dict()["prompts"]["click_guard"] == "off"
-    assert cfg.fingerprint() != cfg_off.fingerprint()
-    # runs started before the option existed still resume: tests/test_pge_head.py recomputes their fingerprint
-
-
 def test_the_annotators_default_reach_bounds_a_box_starts_first_negative_click(predictor_and_embedding):
     """segment_slice with the annotator's default reach: a box start's first negative click removes only near
     itself (twice its distance to the mask's edge, up to the logits grid's cell); once a positive click exists the

@@ -179,15 +179,18 @@ def test_training_samples_the_next_click_from_the_merged_prediction():
         PromptConfig(local_corrections="sometimes")
 
 
-def test_fit_option_reaches_the_config_and_keeps_older_runs_resumable():
-    from training.finetune import TrainConfig
+@pytest.mark.parametrize("flag, word, field, mode", [
+    ("--local-corrections", "with-a-box", "local_corrections", "with a box"),
+    ("--click-guard", "always", "click_guard", "always"),
+])
+def test_fit_option_reaches_the_config_and_keeps_older_runs_resumable(flag, word, field, mode):
+    """``training.fit --local-corrections`` / ``--click-guard``: the annotator's mode reaches the prompt config."""
     from training.fit import build_parser, config_from_args
 
-    cfg, _ = config_from_args(build_parser().parse_args(
-        ["--data", "x", "--preset", "pge-lite-fast", "--local-corrections", "with-a-box"]))
-    assert cfg.prompts.local_corrections == "with a box"
+    cfg, _ = config_from_args(build_parser().parse_args(["--data", "x", "--preset", "pge-lite-fast", flag, word]))
+    assert getattr(cfg.prompts, field) == mode
     cfg_off, _ = config_from_args(build_parser().parse_args(["--data", "x", "--preset", "pge-lite-fast"]))
-    assert cfg_off.prompts.local_corrections == "off"
-    assert cfg_off.to_dict()["prompts"]["local_corrections"] == "off"  # recorded in the run's provenance
+    assert getattr(cfg_off.prompts, field) == "off"
+    assert cfg_off.to_dict()["prompts"][field] == "off"  # recorded in the run's provenance
     assert cfg.fingerprint() != cfg_off.fingerprint()
     # runs started before the option existed still resume: tests/test_pge_head.py recomputes their fingerprint
