@@ -47,7 +47,7 @@ PRESETS: dict[str, dict] = {
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from napari_robustmedsam.annotation.interactive import LOCAL_CORRECTION_WORDS
+    from napari_robustmedsam.annotation.prompt_decoding import LOCAL_CORRECTION_WORDS
 
     p = argparse.ArgumentParser(
         prog="python -m training.fit",
@@ -155,7 +155,7 @@ def _pick(args, name: str, preset: dict, default):
 
 
 def config_from_args(args):
-    from napari_robustmedsam.annotation.interactive import local_corrections_mode
+    from napari_robustmedsam.annotation.prompt_decoding import local_corrections_mode
     from training.finetune import LossWeights, PromptConfig, TrainConfig, TrainingError
 
     preset = PRESETS.get(args.preset, {}) if args.preset else {}

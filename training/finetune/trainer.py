@@ -1,6 +1,6 @@
 """The fine-tuning loop: frozen encoders, trained (lite) robust decoder, clean/degraded pairs, iterative prompts.
 
-One iteration (see :mod:`.interactive`, :mod:`.losses`, :mod:`.pairs`):
+One iteration (see :mod:`.prompt_simulation`, :mod:`.losses`, :mod:`.pairs`):
 
     sample B planes (this rank's shard of the epoch) and n_obj objects per plane
     pick a degraded variant per plane (or the clean image itself with probability p_identity)
@@ -42,7 +42,7 @@ from napari_robustmedsam.prompting import derive_seed, random_positive_points, r
 
 from . import ddp
 from .data import TrainingError, TrainItem, describe_items
-from .interactive import PromptConfig, add_clicks, corrective_clicks, shown_logits, start_prompts
+from .prompt_simulation import PromptConfig, add_clicks, corrective_clicks, shown_logits, start_prompts
 from .losses import LossWeights, dice_score, robust_loss, soft_dice
 from .pairs import FeatureBank, sample_variant
 

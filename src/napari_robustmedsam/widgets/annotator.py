@@ -38,8 +38,8 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
-from ..annotation.embeddings import SliceEmbeddings, image_kind
-from ..annotation.interactive import (
+from ..annotation.slice_embeddings import SliceEmbeddings, image_kind
+from ..annotation.prompt_decoding import (
     BOX_PRIMARY_HINT,
     CLICK_GUARD_MODES,
     DEFAULT_CLICK_GUARD,
@@ -1123,7 +1123,7 @@ class AnnotatorWidget(QWidget):
 
     def _apply_propagation(self, result, seeds: dict) -> None:
         session = self.session
-        from ..annotation.interactive import mask_box
+        from ..annotation.prompt_decoding import mask_box
 
         for z in range(session.n_slices):
             if z in seeds:

@@ -36,7 +36,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 
-from napari_robustmedsam.annotation.interactive import LOCAL_CORRECTION_MODES, local_corrections_apply
+from napari_robustmedsam.annotation.prompt_decoding import LOCAL_CORRECTION_MODES, local_corrections_apply
 from napari_robustmedsam.engine.click_guard import guard_clicks
 from napari_robustmedsam.engine.local_correction import merge_local_correction
 from napari_robustmedsam.prompting import corrective_click, jittered_box, random_positive_points, tight_box
