@@ -76,7 +76,7 @@ def precompute(out: Path, seed: int, variants: int | None = None) -> dict:
     from training.finetune import split_items
     from training.finetune.data import items_from_folder
     from training.finetune.pairs import FeatureBank
-    from training.finetune.trainer import load_base_model
+    from training.finetune.heads import load_base_model
     from training.finetune.presets import PRESETS
 
     preset = PRESETS["robust-lite"]
@@ -129,7 +129,7 @@ def _fast_model(path: str | None):
     """A Predictor for a checkpoint (or LiteMedSAM for None) whose frozen zero-output AMFG blocks are skipped."""
     from napari_robustmedsam.checkpoints import load_model
     from napari_robustmedsam.engine.predictor import Predictor
-    from training.finetune.trainer import AMFG_NAMES, _outputs_zero, _ZeroAMFG
+    from training.finetune.heads import AMFG_NAMES, _outputs_zero, _ZeroAMFG
 
     loaded = load_model(path or "litemedsam", device="cpu", progress=False)
     model = loaded.model

@@ -92,7 +92,8 @@ def test_folder_layout_and_missing_folder(tmp_path):
 
 
 def test_unknown_model_and_unwritable_out_dir(tmp_path):
-    from training.finetune.trainer import check_out_dir, load_base_model
+    from training.finetune.heads import load_base_model
+    from training.finetune.run_io import check_out_dir
 
     with pytest.raises(TrainingError, match="unknown model"):
         load_base_model("no_such_model", "cpu")

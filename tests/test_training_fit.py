@@ -107,10 +107,10 @@ def test_interrupt_and_resume_continue_exactly(full_run, phantom_items, cache_di
 
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(phantom_items, cache_dir, tmp_path, monkeypatch):
-    import training.finetune.trainer as trainer_mod
+    import training.finetune.robust_step as step_mod
 
     train, val = phantom_items
-    real = trainer_mod.robust_loss
+    real = step_mod.robust_loss
     calls = {"n": 0}
 
     def flaky(*args, **kwargs):
@@ -120,7 +120,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(phantom_items, cache_
             total = total * float("nan")
         return total, terms
 
-    monkeypatch.setattr(trainer_mod, "robust_loss", flaky)
+    monkeypatch.setattr(step_mod, "robust_loss", flaky)
     cfg = tiny_config(cache_dir, epochs=1, steps_per_epoch=3, save_every_steps=1)
     tr = Trainer(cfg, tmp_path, train, val)
     result = tr.run()
@@ -172,7 +172,7 @@ def test_training_plot_without_a_validation_split_says_so_and_shows_the_fall_ter
 
     from matplotlib.figure import Figure
 
-    from training.finetune.trainer import plot_history
+    from training.finetune.run_io import plot_history
 
     drawn = {}
     real_savefig = Figure.savefig

@@ -80,3 +80,20 @@ def test_settings_that_may_change_on_resume_stay_out_of_the_fingerprint():
                      type(None): lambda v: 7}[type(field_default(f))](field_default(f))
             assert dataclasses.replace(base, **{f.name: value}).fingerprint() == base.fingerprint(), f.name
     assert dataclasses.replace(base, batch_size=3).fingerprint() != base.fingerprint()
+
+
+def test_the_loop_names_no_head_and_each_head_brings_its_parts():
+    """The heads (training/finetune/heads.py) are the trainer's extension point: the loop and the run's files
+    never branch on a head's name."""
+    from pathlib import Path
+
+    from training.finetune import heads
+
+    root = Path(heads.__file__).parent
+    for module in ("trainer.py", "run_io.py", "validation.py", "step_tools.py"):
+        text = (root / module).read_text()
+        assert '"pge"' not in text and '"robust"' not in text and "cfg.head ==" not in text, module
+    assert set(heads.HEADS) == {"robust", "pge"}
+    assert heads.head_for("pge").base_model == "litemedsam" and not heads.head_for("pge").consistency_terms
+    with pytest.raises(TrainingError, match="unknown head"):
+        heads.head_for("unet")

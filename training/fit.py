@@ -35,7 +35,8 @@ from training.finetune.losses import LossWeights
 from training.finetune.options import add_arguments, given_values
 from training.finetune.presets import PRESETS, build_config, preset
 from training.finetune.prompt_simulation import PromptConfig
-from training.finetune.trainer import Trainer, check_out_dir
+from training.finetune.run_io import check_out_dir
+from training.finetune.trainer import Trainer
 
 SETTING_CLASSES = (TrainConfig, LossWeights, PromptConfig)
 

@@ -15,7 +15,7 @@ by one backward pass through the per-image part.
 from __future__ import annotations
 
 from dataclasses import replace
-from typing import TYPE_CHECKING
+from typing import Any
 
 import numpy as np
 import torch
@@ -23,11 +23,9 @@ import torch.nn.functional as F
 
 from napari_robustmedsam.models.intermediate_features import stack_intermediates
 
-from .prompt_simulation import start_prompts
 from .losses import dice_score, robust_loss
-
-if TYPE_CHECKING:  # pragma: no cover
-    from .trainer import Trainer
+from .prompt_simulation import start_prompts
+from . import step_tools as steps
 
 
 def foreground_reconstruction_loss(enhanced: torch.Tensor, clean: torch.Tensor, target: torch.Tensor,
@@ -44,14 +42,13 @@ def foreground_reconstruction_loss(enhanced: torch.Tensor, clean: torch.Tensor, 
     return (sq * mask).sum() / (mask.sum() + eps)
 
 
-def pge_train_step(tr: "Trainer", planes: list[int], rng: np.random.Generator) -> dict:
-    from .trainer import backward_through_leaves, finish_sums, leaf_of
-
+def pge_train_step(tr: Any, planes: list[int], rng: np.random.Generator) -> dict:
+    """One iteration on ``planes`` for the :class:`~.trainer.Trainer` ``tr``; returns the logged loss terms."""
     cfg = tr.cfg
     n_obj = cfg.objects_per_image
     model = tr.model
     enhancer = model.feature_enhancer
-    batch = tr.sample_batch(planes, rng)
+    batch = steps.sample_batch(tr, planes, rng)
     target, valid = batch.target, batch.valid
 
     feats_d = tr.bank.batch(batch.pairs_d, tr.device)
@@ -60,7 +57,7 @@ def pge_train_step(tr: "Trainer", planes: list[int], rng: np.random.Generator) -
     if fr_weight > 0:
         emb_c = tr.bank.batch(batch.pairs_c, tr.device)["image_embeddings"].repeat_interleave(n_obj, 0)
     side_graph = [t for pair in enhancer.image_side(stack_intermediates(feats_d)) for t in pair]
-    leaves = [leaf_of(t) for t in side_graph]
+    leaves = [steps.leaf_of(t) for t in side_graph]
     side = [(leaves[j].repeat_interleave(n_obj, 0), leaves[j + 1].repeat_interleave(n_obj, 0))
             for j in range(0, len(leaves), 2)]
     emb_d = feats_d["image_embeddings"].repeat_interleave(n_obj, 0)
@@ -85,15 +82,15 @@ def pge_train_step(tr: "Trainer", planes: list[int], rng: np.random.Generator) -
         if emb_c is not None:
             terms["fr"] = foreground_reconstruction_loss(enhanced, emb_c, target)
             loss = loss + fr_weight * terms["fr"]
-        bad_message = tr.backward_step(loss, terms, n_pred, sums)
+        bad_message = steps.backward_step(loss, terms, n_pred, sums)
         if bad_message:
             break
         logits = low[:, :1].detach()
         dices.append(float(dice_score(logits, target, valid).mean()))
         if step + 1 < n_pred:
-            shown, previous_dice = tr.shown_and_dice(state, logits, target, valid)
-            state = tr.next_prompts(state, shown, batch.gt_np, rng)
+            shown, previous_dice = steps.shown_and_dice(tr, state, logits, target, valid)
+            state = steps.next_prompts(tr, state, shown, batch.gt_np, rng)
     tr.stop_if_nonfinite(bad_message)
-    backward_through_leaves(zip(side_graph, leaves))
+    steps.backward_through_leaves(zip(side_graph, leaves))
     tr.finish_step()
-    return finish_sums(sums, dices, state)
+    return steps.finish_sums(sums, dices, state)

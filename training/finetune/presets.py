@@ -14,18 +14,13 @@ from dataclasses import dataclass, field
 
 from .config import TrainConfig
 from .data import TrainingError
+from .heads import head_for
 from .losses import LossWeights
 from .prompt_simulation import PromptConfig
 
 #: the share of a run's images held out for validation when neither the preset nor the user says otherwise
 VAL_FRACTION = 0.2
 
-#: the model a head starts from when no --model is given: the robust decoder head trains RobustSAM's decoder
-#: (LiteMedSAM's, identity-initialised), the PGE head trains LiteMedSAM's plain decoder with its enhancer
-BASE_MODELS = {"robust": "litemedsam_robust", "pge": "litemedsam"}
-
-#: the heads whose losses compare a clean and a degraded branch (the PGE head's feature term is its own FR loss)
-CONSISTENCY_HEADS = ("robust",)
 
 
 @dataclass(frozen=True)
@@ -78,17 +73,16 @@ def preset(name: str | None) -> Preset:
 def build_config(settings: dict) -> TrainConfig:
     """A :class:`TrainConfig` from flat settings (field names of TrainConfig, PromptConfig and LossWeights).
 
-    The two rules that tie settings together live here: without a model, the head's base model
-    (:data:`BASE_MODELS`); a head outside :data:`CONSISTENCY_HEADS` trains without the clean/degraded consistency
-    terms (feature and token weights 0)."""
+    The two rules that tie settings together come from the head (:mod:`.heads`): without a model, the head's base
+    model; a head without consistency terms trains with feature and token weights 0."""
     unknown = set(settings) - _PROMPT_FIELDS - _LOSS_FIELDS - _RUN_FIELDS
     if unknown:
         raise TrainingError(f"unknown training settings: {', '.join(sorted(unknown))}")
     run = {k: v for k, v in settings.items() if k in _RUN_FIELDS}
     loss = {k: v for k, v in settings.items() if k in _LOSS_FIELDS}
-    head = run.get("head", "robust")
-    run.setdefault("model", BASE_MODELS.get(head, BASE_MODELS["robust"]))
-    if head not in CONSISTENCY_HEADS:
+    head = head_for(run.get("head", "robust"))
+    run.setdefault("model", head.base_model)
+    if not head.consistency_terms:
         loss.update(feature=0.0, token=0.0)
     try:
         prompts = PromptConfig(**{k: v for k, v in settings.items() if k in _PROMPT_FIELDS})

@@ -1,6 +1,10 @@
-"""The fine-tuning loop: frozen encoders, trained (lite) robust decoder, clean/degraded pairs, iterative prompts.
+"""The fine-tuning loop: frozen encoders, a trained head, clean/degraded pairs, iterative prompts.
 
-One iteration (see :mod:`.prompt_simulation`, :mod:`.losses`, :mod:`.pairs`):
+The head (:mod:`.heads`: RobustSAM's robust decoder, or PGE-SAM's feature enhancer with the mask decoder) loads
+the base model, chooses the trained parameters and runs one iteration (:mod:`.robust_step`, :mod:`.pge_step`); the
+loop here knows none of them by name. The run's files are written by :mod:`.run_io`.
+
+One iteration of the robust decoder head (see :mod:`.prompt_simulation`, :mod:`.losses`, :mod:`.pairs`):
 
     sample B planes (this rank's shard of the epoch) and n_obj objects per plane
     pick a degraded variant per plane (or the clean image itself with probability p_identity)
@@ -21,98 +25,33 @@ per epoch), ``log.json`` (config, per-epoch and per-step logs, notices), ``train
 
 from __future__ import annotations
 
-import csv
-import json
 import math
 import os
-import resource
 import signal
 import threading
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 import torch
 
-from napari_robustmedsam.errors import UserFacingError
-from napari_robustmedsam.models.robust_decoder import IMAGE_FEATURES_KEY
-from napari_robustmedsam.prompting import derive_seed, random_positive_points, rng_for, tight_box
+from napari_robustmedsam.prompting import derive_seed
 
-from . import ddp
+from . import ddp, run_io
 from .config import TrainConfig
 from .data import TrainingError, TrainItem, describe_items
-from .prompt_simulation import add_clicks, corrective_clicks, shown_logits, start_prompts
-from .losses import dice_score, robust_loss, soft_dice
-from .pairs import FeatureBank, sample_variant
-
-STATE_FORMAT = "napari-robustmedsam-train-state"
-STATE_VERSION = 1
-
+from .heads import _ZeroAMFG, head_for
+from .pairs import FeatureBank
+from .validation import validate
 
 _STOP_CODES = {"time budget": 1, "cancelled": 2, "interrupted": 3}
 _STOP_NAMES = {0: None, 1: "time budget", 2: "cancelled", 3: "interrupted"}
 
 
-AMFG_NAMES = ("fourier_first_layer_features", "fourier_last_layer_features", "fourier_mask_features")
-
-
-class _ZeroAMFG(torch.nn.Module):
-    """Stand-in for a frozen AMFG block whose output layer is all zeros: returns the same exact zeros without
-    running the block (the block costs seconds per call on a CPU). Never saved: the real block is put back
-    for every state dict."""
-
-    def __init__(self, channels: int, upscale: int) -> None:
-        super().__init__()
-        self.channels, self.upscale = channels, upscale
-
-    def forward(self, x: torch.Tensor, refine: bool = True) -> torch.Tensor:
-        return x.new_zeros(x.shape[0], self.channels, x.shape[-2] * self.upscale, x.shape[-1] * self.upscale)
-
-
-def _outputs_zero(block: torch.nn.Module) -> bool:
-    last = block.head[-1]
-    return bool((last.weight == 0).all()) and (last.bias is None or bool((last.bias == 0).all()))
-
-
 class NonFiniteLoss(TrainingError):
     """The loss became NaN or infinite."""
-
-
-@dataclass
-class SampledBatch:
-    """One iteration's objects: (plane, variant) pairs of both branches and the ground truth, grouped by plane."""
-
-    pairs_c: list[tuple[int, int]]
-    pairs_d: list[tuple[int, int]]
-    target: torch.Tensor  # (N, 1, 256, 256) bool
-    valid: torch.Tensor  # (N, 1, 256, 256) bool
-    gt_np: np.ndarray  # (N, 256, 256) bool
-    scale: float  # model frame / low-resolution frame
-
-
-def leaf_of(graph: torch.Tensor) -> torch.Tensor:
-    """A detached copy that collects the gradients of every interaction of an iteration."""
-    return graph.detach().requires_grad_(graph.requires_grad)
-
-
-def backward_through_leaves(pairs) -> None:
-    """Carry the gradients the leaves collected back through their graphs, in one backward pass."""
-    roots, grads = [], []
-    for graph, leaf in pairs:
-        if graph.requires_grad and leaf.grad is not None:
-            roots.append(graph)
-            grads.append(leaf.grad)
-    if roots:
-        torch.autograd.backward(roots, grads)
-
-
-def finish_sums(sums: dict, dices: list[float], state) -> dict:
-    sums["dice_first"] = dices[0] if dices else float("nan")
-    sums["dice_last"] = dices[-1] if dices else float("nan")
-    sums["start"] = state.start
-    return sums
 
 
 @dataclass
@@ -124,67 +63,6 @@ class TrainResult:
     stopped: str  # "completed", "interrupted", "time budget", "nan", "cancelled"
     message: str = ""
     notices: list[str] = field(default_factory=list)
-
-
-def check_out_dir(out_dir: str | os.PathLike) -> Path:
-    """Create ``out_dir`` if needed and make sure files can be written there (before any work is done)."""
-    out = Path(out_dir).expanduser()
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / f".write-probe-{os.getpid()}"
-        probe.write_bytes(b"ok")
-        probe.unlink()
-    except OSError as err:
-        raise TrainingError(f"cannot write to the output folder {out}: {err.strerror or err}; choose another --out") from None
-    return out
-
-
-def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
-
-
-def load_pge_base_model(name_or_path: str, device: str, blocks_per_stage: int = 1, **enhancer_options):
-    """The model to train a PGE head on: its plain decoder, and its enhancer (a new identity one if it has none,
-    shaped by ``enhancer_options``: work_stride, width, gate_channels)."""
-    from napari_robustmedsam.checkpoints import load_model
-    from napari_robustmedsam.models.pge_enhancer import enhancer_for
-
-    try:
-        loaded = load_model(name_or_path, device=device, half=False, progress=False)
-        if loaded.decoder == "robust":
-            loaded = load_model(name_or_path, device=device, half=False, decoder_override="sam", progress=False)
-    except UserFacingError as err:
-        raise TrainingError(f"cannot load the model to fine-tune: {err}") from None
-    model = loaded.model.float()
-    if model.feature_enhancer is None:
-        try:
-            model.attach_enhancer(enhancer_for(model, blocks_per_stage, **enhancer_options).to(model.device))
-        except (TypeError, ValueError) as err:
-            raise TrainingError(f"cannot add a PGE enhancer to {name_or_path}: {err}") from None
-    return loaded
-
-
-def load_base_model(name_or_path: str, device: str):
-    """Load the model to fine-tune; a plain TinyViT (LiteMedSAM) decoder gets the identity-initialised lite robust
-    decoder. Errors are :class:`TrainingError` with the reason."""
-    from napari_robustmedsam.checkpoints import load_model
-
-    try:
-        loaded = load_model(name_or_path, device=device, half=False, progress=False)
-        if loaded.decoder != "robust":
-            if loaded.architecture == "tiny_vit":
-                loaded = load_model(name_or_path, device=device, half=False, decoder_override="robust", progress=False)
-            else:
-                raise TrainingError(
-                    f"{name_or_path} has a plain SAM decoder; fine-tuning trains a robust decoder. Start from "
-                    "'litemedsam_robust', a RobustSAM / RobustMedSAM checkpoint, or a fused one (`robustmedsam fuse`)"
-                )
-    except UserFacingError as err:
-        if isinstance(err, TrainingError):
-            raise
-        raise TrainingError(f"cannot load the model to fine-tune: {err}") from None
-    loaded.model.float()
-    return loaded
 
 
 class Trainer:
@@ -209,7 +87,7 @@ class Trainer:
             raise TrainingError("no training planes with labelled objects")
         self.cfg = config
         self.ctx = ctx or ddp.DistContext()
-        self.out_dir = check_out_dir(out_dir) if self.ctx.is_main else Path(out_dir)
+        self.out_dir = run_io.check_out_dir(out_dir) if self.ctx.is_main else Path(out_dir)
         self.train_items = list(train_items)
         self.val_items = list(val_items or [])
         self.data_description = data_description or {"train": describe_items(self.train_items),
@@ -261,47 +139,18 @@ class Trainer:
         # The identity-initialised robust parts of a LiteMedSAM base have randomly initialised inner layers:
         # seed them, so that runs (and all ranks of a torchrun job) start from the same weights.
         torch.manual_seed(derive_seed(cfg.seed, "init") % (2**63))
-        self.loaded = load_pge_base_model(
-            cfg.model, device, cfg.enhancer_blocks, work_stride=cfg.enhancer_work_stride, width=cfg.enhancer_width,
-            gate_channels=cfg.enhancer_gate_channels) if cfg.head == "pge" else (
-            load_base_model(cfg.model, device))
+        self.head = head_for(cfg.head)
+        self.loaded = self.head.load(cfg, device)
         self.model = self.loaded.model
         self.device = self.model.device
         self.decoder = self.model.mask_decoder
         self.model.requires_grad_(False)
         self.model.eval()
-        if cfg.head == "pge":
-            self._setup_pge()
-            return
-        if cfg.trainable == "decoder":
-            named = list(self.decoder.named_parameters())
-        else:
-            named = self.decoder.robust_named_parameters()
-        if not cfg.train_amfg:
-            named = [(n, p) for n, p in named if n.split(".")[0] not in AMFG_NAMES]
-        params = [p for _, p in named]
-        for p in params:
-            p.requires_grad_(True)
-        self._swapped: dict[str, torch.nn.Module] = {}
-        if not cfg.train_amfg:
-            for name in AMFG_NAMES:
-                block = getattr(self.decoder, name)
-                if _outputs_zero(block):
-                    self._swapped[name] = block
-            self._install_standins()
-            if self._swapped:
-                self.notices.append(
-                    "AMFG blocks frozen (" + ", ".join(sorted(self._swapped)) + " output exactly zero, as "
-                    "identity-initialised: they are skipped during training)")
-        self.svd = None
-        if cfg.svd_neck:
-            from .svd_neck import SVDNeck
-
-            self.svd = SVDNeck(self.model.image_encoder.neck).to(self.device)
-            params = params + self.svd.trainable_parameters()
-        self.params = params
-        self.optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-        self._make_banks(neck_input=cfg.svd_neck)
+        self._swapped: dict[str, torch.nn.Module] = {}  # frozen AMFG blocks replaced by stand-ins (robust head)
+        self.svd = None  # the encoder neck's singular values, when the head trains them
+        self.params = self.head.trainable_parameters(self)
+        self.optimizer = torch.optim.AdamW(self.params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self._make_banks(**self.head.bank_features(cfg))
         self._prepare_features()
 
     def _make_banks(self, **features) -> None:
@@ -316,22 +165,6 @@ class Trainer:
                                     seed=derive_seed(cfg.seed, "validation"), memory_bytes=memory // 4, **common)
         self.val_bank.add_items(self.val_items)
         self.notices.extend(n for n in self.bank.engine.notices if n not in self.notices)
-
-    def _setup_pge(self) -> None:
-        """PGE head: the enhancer and the whole mask decoder are trained; encoders frozen."""
-        cfg = self.cfg
-        self._swapped = {}
-        self.svd = None
-        enhancer = self.model.feature_enhancer
-        params = list(self.decoder.parameters()) + list(enhancer.parameters())
-        for p in params:
-            p.requires_grad_(True)
-        self.params = params
-        self.optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-        self.notices.append(f"PGE head: {enhancer.parameter_count() / 1e6:.2f} M enhancer parameters + "
-                            f"{sum(p.numel() for p in self.decoder.parameters()) / 1e6:.2f} M decoder parameters trained")
-        self._make_banks(intermediates=True)
-        self._prepare_features()
 
     def _prepare_features(self) -> None:
         ctx = self.ctx
@@ -375,26 +208,28 @@ class Trainer:
             self._install_standins()
 
     # ------------------------------------------------------------------ model pieces
-    def _embeddings(self, feats: dict[str, torch.Tensor], grad: bool) -> torch.Tensor:
+    def embeddings_of(self, feats: dict[str, torch.Tensor], grad: bool) -> torch.Tensor:
+        """The image embeddings of a feature batch (through the trained SVD neck when there is one)."""
         if self.svd is None:
             return feats["image_embeddings"]
         with torch.set_grad_enabled(grad):
             return self.svd(feats["neck_input"])
 
-    def _dense_pe(self) -> torch.Tensor:
+    def dense_pe(self) -> torch.Tensor:
         fn = getattr(self.model, "dense_pe", None)  # cached by newer segmenters
         return fn() if callable(fn) else self.model.prompt_encoder.get_dense_pe()
 
-    def _prompt_embed(self, state, scale: float):
+    def prompt_embed(self, state, scale: float):
         pts, boxes = state.to_model(scale, self.device)
         mask = state.mask_input
         with torch.no_grad():
             return self.model.prompt_encoder(points=pts, boxes=boxes, masks=mask)
 
-    def _decode(self, emb, early, sparse, dense, robust: bool, image_features=None) -> dict:
+    def decode(self, emb, early, sparse, dense, robust: bool, image_features=None) -> dict:
+        """The robust decoder with its auxiliary outputs (robust or SAM path)."""
         return self.decoder.forward_with_aux(
             image_embeddings=emb,
-            image_pe=self._dense_pe(),
+            image_pe=self.dense_pe(),
             sparse_prompt_embeddings=sparse,
             dense_prompt_embeddings=dense,
             multimask_output=False,
@@ -405,115 +240,10 @@ class Trainer:
 
     # ------------------------------------------------------------------ one iteration
     def train_step(self, planes: list[int], rng: np.random.Generator) -> dict:
-        cfg = self.cfg
-        if cfg.head == "pge":
-            from .pge_step import pge_train_step
+        """One iteration of the head's step (:mod:`.heads`)."""
+        return self.head.train_step(self, planes, rng)
 
-            return pge_train_step(self, planes, rng)
-        batch = self.sample_batch(planes, rng)
-        target, valid, gt_np, scale = batch.target, batch.valid, batch.gt_np, batch.scale
-        pairs_c, pairs_d = batch.pairs_c, batch.pairs_d
-
-        feats_d = self.bank.batch(pairs_d, self.device)
-        consistency = cfg.weights.consistency
-        feats_c = self.bank.batch(pairs_c, self.device) if consistency else None
-        # Degraded branch: image-level robust features once per iteration, with gradient. Leaves collect the
-        # gradients of all steps, then one backward pass through the image-level part (memory-light).
-        emb_d_graph = self._embeddings(feats_d, grad=True)
-        img_graph = self.decoder.image_level_features(emb_d_graph, feats_d["early_features"])[IMAGE_FEATURES_KEY]
-        emb_d = leaf_of(emb_d_graph)
-        img_d = leaf_of(img_graph)
-        if consistency:
-            with torch.no_grad():
-                emb_c = self._embeddings(feats_c, grad=False)
-
-        state = start_prompts(gt_np, rng, cfg.prompts)
-        n_pred = cfg.prompts.n_steps + 1
-        bad_message = ""
-        sums: dict[str, float] = {}
-        dices = []
-        previous_dice = None
-        for step in range(n_pred):
-            sparse, dense = self._prompt_embed(state, scale)
-            clean_out = None
-            weights = cfg.weights
-            if consistency and (cfg.consistency_steps == "all" or step == 0):
-                with torch.no_grad():
-                    clean_out = self._decode(emb_c, feats_c["early_features"], sparse, dense, robust=False)
-            out = self._decode(emb_d, feats_d["early_features"], sparse, dense, robust=True,
-                               image_features={IMAGE_FEATURES_KEY: img_d})
-            if consistency and clean_out is None:
-                weights = replace(weights, feature=0.0, token=0.0)
-            loss, terms = robust_loss(out, target, weights, clean_out, valid, previous_dice)
-            bad_message = self.backward_step(loss, terms, n_pred, sums)
-            if bad_message:
-                break
-            logits = out["masks"][:, :1].detach()
-            dices.append(float(dice_score(logits, target, valid).mean()))
-            if step + 1 < n_pred:
-                shown, previous_dice = self.shown_and_dice(state, logits, target, valid)
-                state = self.next_prompts(state, shown, gt_np, rng)
-        self.stop_if_nonfinite(bad_message)
-        # one backward pass through the image-level part (AMFG on images, SVD neck)
-        backward_through_leaves([(img_graph, img_d), (emb_d_graph, emb_d)])
-        self.finish_step()
-        return finish_sums(sums, dices, state)
-
-    # ------------------------------------------------------------------ pieces shared by the heads' steps
-    def sample_batch(self, planes: list[int], rng: np.random.Generator) -> "SampledBatch":
-        """Objects and clean/degraded variants of one iteration's planes (same draws for every head)."""
-        cfg = self.cfg
-        n_obj = cfg.objects_per_image
-        pairs_c, pairs_d, gts, valids = [], [], [], []
-        for i in planes:
-            tgt = self.bank.targets[i]
-            k = tgt.masks.shape[0]
-            pick = rng.choice(k, size=n_obj, replace=k < n_obj)
-            gts.append(tgt.masks[pick])
-            valids.append(tgt.valid[None].expand(n_obj, -1, -1))
-            v = sample_variant(rng, cfg.variants, cfg.p_identity)
-            pairs_c.append((i, 0))
-            pairs_d.append((i, v))
-        gt = torch.cat(gts)  # (N, 256, 256) bool, grouped by plane
-        return SampledBatch(
-            pairs_c=pairs_c,
-            pairs_d=pairs_d,
-            target=gt[:, None].to(self.device),
-            valid=torch.cat(valids)[:, None].to(self.device),
-            gt_np=gt.numpy(),
-            scale=self.bank.targets[planes[0]].frame.model_size / gt.shape[-1],
-        )
-
-    @staticmethod
-    def backward_step(loss: torch.Tensor, terms: dict, n_pred: int, sums: dict[str, float]) -> str:
-        """Backward of one interaction's loss (averaged over the iteration) and its logged terms; returns a
-        message instead when the loss is not finite (nothing is backpropagated then)."""
-        if not torch.isfinite(loss):
-            return ("loss became " + ("NaN" if torch.isnan(loss) else "infinite") + " ("
-                    + ", ".join(f"{k} {float(v):.4g}" for k, v in terms.items()) + ")")
-        (loss / n_pred).backward()
-        for key, value in terms.items():
-            sums[key] = sums.get(key, 0.0) + float(value.detach()) / n_pred
-        sums["total"] = sums.get("total", 0.0) + float(loss.detach()) / n_pred
-        return ""
-
-    def shown_and_dice(self, state, logits: torch.Tensor, target: torch.Tensor, valid: torch.Tensor):
-        """The logits the annotator would show after this prediction (merged around the last clicks under local
-        corrections, ``shown_logits``) and, when the fall penalty is on, their soft Dice per object (else None)."""
-        shown = shown_logits(state, logits, self.cfg.prompts)
-        if self.cfg.weights.fall <= 0:
-            return shown, None
-        return shown, soft_dice(shown, target, valid.expand_as(shown)).detach()
-
-    def next_prompts(self, state, shown: torch.Tensor, gt_np: np.ndarray, rng: np.random.Generator):
-        """One corrective click from the errors of the mask shown (``shown_and_dice``); those logits fed back with
-        p_mask."""
-        pred = (shown[:, 0] > 0).cpu().numpy()
-        pts, labs = corrective_clicks(gt_np, pred, rng, self.cfg.prompts)
-        state = add_clicks(state, pts, labs)
-        state.mask_input = shown if rng.random() < self.cfg.prompts.p_mask else None
-        return state
-
+    # ------------------------------------------------------------------ the end of every head's iteration
     def stop_if_nonfinite(self, bad_message: str) -> None:
         if ddp.broadcast_flag(bool(bad_message), self.ctx):  # every rank stops together
             self.optimizer.zero_grad(set_to_none=True)
@@ -536,56 +266,8 @@ class Trainer:
             ddp.average_buffers(self.model.feature_enhancer, self.ctx)
 
     # ------------------------------------------------------------------ validation
-    @torch.no_grad()
     def validate(self) -> dict:
-        """Mean Dice (low-resolution model frame) of box and 3-point prompts on clean and degraded validation planes."""
-        if not self.val_items or not self.ctx.is_main:
-            return {}
-        was_training = self.decoder.training
-        self.decoder.eval()
-        scores: dict[str, list[float]] = {}
-        try:
-            for i, item in enumerate(self.val_items):
-                tgt = self.val_bank.targets.get(i)
-                if tgt is None:
-                    continue
-                masks = tgt.masks
-                if masks.shape[0] > self.cfg.val_max_objects:
-                    idx = np.sort(rng_for(self.cfg.seed, "val-objects", item.key).choice(
-                        masks.shape[0], self.cfg.val_max_objects, replace=False))
-                    masks = masks[idx]
-                n = masks.shape[0]
-                gt_np = masks.numpy()
-                target = masks[:, None].to(self.device)
-                valid = tgt.valid[None, None].expand(n, 1, -1, -1).to(self.device)
-                scale = tgt.frame.model_size / masks.shape[-1]
-                boxes = torch.as_tensor(np.stack([tight_box(m) for m in gt_np]) * scale, dtype=torch.float32,
-                                        device=self.device)
-                pts = np.stack([random_positive_points(m, 3, rng_for(self.cfg.seed, "val-points", item.key, j))
-                                for j, m in enumerate(gt_np)])
-                points = (torch.as_tensor(pts * scale, dtype=torch.float32, device=self.device),
-                          torch.ones(pts.shape[:2], dtype=torch.int64, device=self.device))
-                for v, cond in ((0, "clean"), (1, "degraded")):
-                    feats = self.val_bank.batch([(i, v)], self.device)
-                    pge = self.cfg.head == "pge"
-                    emb = self._embeddings(feats, grad=False)
-                    if not pge:
-                        image_features = self.decoder.image_level_features(emb, feats["early_features"])
-                    for prompt, kw in (("box", dict(points=None, boxes=boxes)), ("points3", dict(points=points, boxes=None))):
-                        sparse, dense = self.model.prompt_encoder(masks=None, **kw)
-                        if pge:
-                            low, _ = self.model.decode(feats, sparse, dense, False, prompts=(kw["points"], kw["boxes"]))
-                        else:
-                            low, _ = self.decoder(emb, self._dense_pe(), sparse, dense, False,
-                                                  image_features=image_features)
-                        d = dice_score(low[:, :1], target, valid)
-                        scores.setdefault(f"val_dice_{cond}_{prompt}", []).extend(d.tolist())
-        finally:
-            self.decoder.train(was_training)
-        out = {k: float(np.mean(v)) for k, v in scores.items() if v}
-        if out:
-            out["val_score"] = float(np.mean(list(out.values())))
-        return out
+        return validate(self)
 
     # ------------------------------------------------------------------ saving
     def full_state_dict(self) -> dict[str, torch.Tensor]:
@@ -598,184 +280,21 @@ class Trainer:
             state.update({k: v.cpu() for k, v in self.svd.merged_state_dict().items()})
         return state
 
-    def _metadata(self, metrics: dict, kind: str) -> dict:
-        from napari_robustmedsam.checkpoints import make_metadata
-
-        loaded = self.loaded
-        cfg = self.cfg
-        extra_meta = {}
-        if cfg.head == "pge":
-            from napari_robustmedsam.models.pge_enhancer import head_metadata
-
-            extra_meta["head"] = head_metadata(self.model.feature_enhancer)
-        return make_metadata(
-            **extra_meta,
-            architecture=loaded.architecture,
-            decoder=loaded.decoder,
-            preprocessing=loaded.preprocessing,
-            preprocessing_reason=f"inherited from the fine-tuned base model {loaded.name}",
-            box_primary=bool(cfg.prompts.p_box >= 1.0),
-            provenance={
-                "base_model": {
-                    "given": str(cfg.model),
-                    "name": loaded.name,
-                    "sha256": loaded.sha256,
-                    "path": str(loaded.checkpoint_path) if loaded.checkpoint_path else None,
-                    "layout": loaded.layout,
-                },
-                "trained": ["mask_decoder"] + (["image_encoder.neck (singular values)"] if self.svd is not None else [])
-                + (["feature_enhancer (PGE-SAM head)"] if cfg.head == "pge" else []),
-                "frozen": ["image_encoder" if self.svd is None else "image_encoder except neck singular values",
-                           "prompt_encoder"],
-                "sources": [{"role": "base", "registry_name": loaded.name if loaded.checkpoint_path else None,
-                             "filename": loaded.checkpoint_path.name if loaded.checkpoint_path else None,
-                             "given": str(cfg.model), "sha256": loaded.sha256,
-                             "prefixes": ["image_encoder", "prompt_encoder", "mask_decoder (initial)"]}],
-            },
-            extra={
-                "training": {
-                    "kind": kind,
-                    "tool": "python -m training.fit",
-                    "hyperparameters": cfg.to_dict(),
-                    "data": self.data_description,
-                    "epoch": self.epoch,
-                    "global_step": self.global_step,
-                    "metrics": metrics,
-                    "best": dict(self.best),
-                    "world_size": self.ctx.world_size,
-                    "consistency_terms": bool(cfg.weights.consistency),
-                }
-            },
-        )
-
     def _save_checkpoint(self, path: Path, metrics: dict, kind: str) -> Path:
-        from napari_robustmedsam.checkpoints import save_checkpoint
-
-        try:
-            return save_checkpoint(path, self.full_state_dict(), self._metadata(metrics, kind))
-        except UserFacingError as err:
-            raise TrainingError(str(err)) from None
-
-    def _save_state(self, completed: bool) -> None:
-        from napari_robustmedsam.checkpoints.project_format import atomic_torch_save
-
-        state = {
-            "format": STATE_FORMAT,
-            "version": STATE_VERSION,
-            "fingerprint": self.cfg.fingerprint(),
-            "config": self.cfg.to_dict(),
-            "epoch": self.epoch,
-            "step_in_epoch": self.step_in_epoch,
-            "global_step": self.global_step,
-            "train_seconds": self.train_seconds,
-            "planes_seen": self.planes_seen,
-            "decoder": self._decoder_state(),
-            "svd": None if self.svd is None else {k: v.detach().cpu() for k, v in self.svd.state_dict().items()},
-            "enhancer": None if self.model.feature_enhancer is None else {
-                k: v.detach().cpu().clone() for k, v in self.model.feature_enhancer.state_dict().items()},
-            "optimizer": self.optimizer.state_dict(),
-            "history": self.history,
-            "step_log": self.step_log,
-            "best": dict(self.best),
-            "torch_rng": torch.get_rng_state(),
-            "completed": bool(completed),
-        }
-        try:
-            atomic_torch_save(state, self.state_path)
-        except UserFacingError as err:
-            raise TrainingError(str(err)) from None
+        return run_io.save_checkpoint(self, path, metrics, kind)
 
     def save(self, metrics: dict, completed: bool = False) -> None:
         """last.pth (+ train_state.pt) atomically; rank 0 only."""
         if not self.ctx.is_main:
             return
-        self._save_checkpoint(self.last_path, metrics, "last")
-        self._save_state(completed)
+        run_io.save_checkpoint(self, self.last_path, metrics, "last")
+        run_io.save_state(self, completed)
 
     def load_state(self) -> None:
-        if not self.state_path.is_file():
-            raise TrainingError(f"nothing to resume: {self.state_path} does not exist (run without --resume first)")
-        try:
-            state = torch.load(self.state_path, map_location="cpu", weights_only=True)
-        except Exception as err:  # noqa: BLE001
-            raise TrainingError(f"cannot read {self.state_path} to resume: {err}") from None
-        if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
-            raise TrainingError(f"{self.state_path} is not a training state written by training.fit")
-        if state["fingerprint"] != self.cfg.fingerprint():
-            old = state.get("config", {})
-            new = self.cfg.to_dict()
-            diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k)
-                          and k not in ("epochs", "time_budget_s", "save_every_steps", "cache_dir", "use_cache",
-                                        "memory_gb", "threads", "progress_bar", "lr", "device"))
-            raise TrainingError(
-                f"cannot resume {self.out_dir}: the settings differ from the interrupted run ({', '.join(diff)}); "
-                "use the same options (only --epochs, --time-budget and --lr may change) or another --out"
-            )
-        self._restore_real()
-        try:
-            self.decoder.load_state_dict(state["decoder"])
-        finally:
-            self._install_standins()
-        if self.svd is not None and state.get("svd") is not None:
-            self.svd.load_state_dict(state["svd"])
-        if self.model.feature_enhancer is not None:
-            if state.get("enhancer") is None:
-                raise TrainingError(f"{self.state_path} holds no feature-enhancer weights to resume the PGE head from")
-            self.model.feature_enhancer.load_state_dict(state["enhancer"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        for group in self.optimizer.param_groups:
-            group["initial_lr"] = self.cfg.lr
-        self.epoch = int(state["epoch"])
-        self.step_in_epoch = int(state["step_in_epoch"])
-        self.global_step = int(state["global_step"])
-        self.train_seconds = float(state.get("train_seconds", 0.0))
-        self.planes_seen = int(state.get("planes_seen", 0))
-        self.history = list(state.get("history", []))
-        self.step_log = list(state.get("step_log", []))
-        self.best = dict(state.get("best", {"score": None, "epoch": None}))
-        torch.set_rng_state(state["torch_rng"])
-        self.notices.append(f"resumed from {self.state_path} at epoch {self.epoch + 1}, iteration {self.step_in_epoch}")
+        run_io.load_state(self)
 
-    # ------------------------------------------------------------------ logs
     def write_logs(self, stopped: str = "", message: str = "") -> None:
-        if not self.ctx.is_main:
-            return
-        from napari_robustmedsam.io.atomic import atomic_write_path
-
-        fields: list[str] = []
-        for row in self.history:
-            for k in row:
-                if k not in fields:
-                    fields.append(k)
-        with atomic_write_path(self.out_dir / "log.csv") as tmp:
-            with open(tmp, "w", newline="") as fh:
-                writer = csv.DictWriter(fh, fieldnames=fields)
-                writer.writeheader()
-                for row in self.history:
-                    writer.writerow(row)
-        payload = {
-            "config": self.cfg.to_dict(),
-            "base_model": {"name": self.loaded.name, "sha256": self.loaded.sha256},
-            "data": self.data_description,
-            "history": self.history,
-            "steps": self.step_log,
-            "best": self.best,
-            "stopped": stopped,
-            "message": message,
-            "notices": self.notices,
-            "feature_seconds": getattr(self, "feature_seconds", None),
-            "train_seconds": self.train_seconds,
-            "planes_seen": self.planes_seen,
-            "samples_per_s": self.planes_seen / self.train_seconds if self.train_seconds else None,
-            "peak_rss_mb": peak_rss_mb(),
-            "world_size": self.ctx.world_size,
-        }
-        with atomic_write_path(self.out_dir / "log.json") as tmp:
-            Path(tmp).write_text(json.dumps(payload, indent=1, default=float))
-        try:
-            plot_history(self.history, self.step_log, self.out_dir / "training.png")
-        except Exception as err:  # noqa: BLE001 - a plot must never fail a run
-            self.notices.append(f"could not draw training.png: {err}")
+        run_io.write_logs(self, stopped, message)
 
     # ------------------------------------------------------------------ the loop
     def _epoch_lr(self, epoch: int) -> float:
@@ -855,6 +374,10 @@ class Trainer:
                            self.notices)
 
     def _run_epoch(self) -> str | None:
+        """One epoch (or its rest, after a resume): iterations until the shard is done or a stop is asked, then
+        validation, the best checkpoint and the resumable state. Returns the stop reason, None to go on. One
+        function on purpose: the order of these steps is what makes a resumed run identical to an uninterrupted
+        one."""
         cfg = self.cfg
         epoch = self.epoch
         lr = self._epoch_lr(epoch)
@@ -917,7 +440,7 @@ class Trainer:
                **metrics,
                "epoch_seconds": time.perf_counter() - t_epoch,
                "samples_per_s": self.planes_seen / self.train_seconds if self.train_seconds else None,
-               "peak_rss_mb": peak_rss_mb()}
+               "peak_rss_mb": run_io.peak_rss_mb()}
         self.history.append(row)
         self.epoch += 1
         self.step_in_epoch = 0
@@ -936,50 +459,3 @@ class Trainer:
         if self._should_stop() == "time budget":
             return "time budget"
         return None
-
-
-def plot_history(history: list[dict], steps: list[dict], path: Path) -> None:
-    """training.png: per-iteration loss (and its terms per epoch) and validation Dice per epoch."""
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(11, 4.2))
-    ax1, ax2 = fig.subplots(1, 2)
-    if steps:
-        x = [s["global_step"] for s in steps]
-        y = [s["loss"] for s in steps]
-        ax1.plot(x, y, lw=0.6, alpha=0.5, label="total (per iteration)")
-        if len(y) >= 5:
-            k = max(2, len(y) // 20)
-            smooth = np.convolve(y, np.ones(k) / k, mode="valid")
-            ax1.plot(x[k - 1:], smooth, lw=1.5, label=f"total (mean of {k})")
-        for term in ("dice", "focal", "feature", "token", "iou", "fr", "fall"):
-            vals = [s.get(term) for s in steps]
-            if any(v for v in vals if isinstance(v, float)):
-                ax1.plot(x, vals, lw=0.5, alpha=0.6, label=term + " (unweighted)")
-    ax1.set_xlabel("iteration")
-    ax1.set_ylabel("loss")
-    ax1.set_yscale("log")
-    if steps:
-        ax1.legend(fontsize=7)
-    else:  # before the first iteration (the epoch-0 plot): say so instead of an empty legend's warning
-        ax1.text(0.5, 0.5, "no iteration yet", ha="center", va="center", transform=ax1.transAxes)
-    ax1.set_title("training loss")
-    epochs = [r["epoch"] for r in history]
-    for key in ("val_dice_clean_box", "val_dice_degraded_box", "val_dice_clean_points3", "val_dice_degraded_points3"):
-        vals = [r.get(key) for r in history]
-        if any(v is not None for v in vals):
-            ax2.plot(epochs, [np.nan if v is None else v for v in vals], marker="o", label=key.replace("val_dice_", ""))
-    ax2.set_xlabel("epoch (0 = before fine-tuning)")
-    ax2.set_ylabel("validation Dice")
-    ax2.set_ylim(0, 1)
-    ax2.grid(alpha=0.3)
-    if ax2.get_lines():
-        ax2.legend(fontsize=7)
-    else:  # --val-fraction 0: nothing to plot; say so instead of an empty legend's warning
-        ax2.text(0.5, 0.5, "no validation split", ha="center", va="center", transform=ax2.transAxes)
-    ax2.set_title("validation")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
