@@ -23,6 +23,7 @@ import json
 import os
 import platform
 import shlex
+import signal
 import sys
 import time
 import uuid
@@ -30,6 +31,7 @@ from pathlib import Path
 
 from napari_robustmedsam.annotation.prompt_decoding import LOCAL_CORRECTION_WORDS, local_corrections_mode
 from napari_robustmedsam.engine.click_guard import REACH_SCOPES
+from napari_robustmedsam.errors import UserFacingError
 from training.evaluation.dataset import discover, select_samples
 from training.evaluation.parallel import dist_info, exit_marker, run_in_workers, shard, wait_for_ranks
 from training.evaluation.report import write_report
@@ -349,10 +351,6 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 def cli(argv: list[str] | None = None) -> int:
-    from napari_robustmedsam.errors import UserFacingError
-
-    import signal
-
     def _terminate(signum, frame):  # a killed job (SIGTERM) stops like Ctrl-C: finished work is recorded
         raise KeyboardInterrupt
 

@@ -34,9 +34,14 @@ from typing import Callable
 import numpy as np
 import torch
 
+from napari_robustmedsam.annotation.propagation import predictor_segment_fn, propagate_object
 from napari_robustmedsam.annotation.prompt_decoding import local_corrections_apply
+from napari_robustmedsam.checkpoints import load_model
+from napari_robustmedsam.degradations import LEVELS, degrade, degrade_random, list_degradations
+from napari_robustmedsam.degradations.levels import normalize_level
 from napari_robustmedsam.engine.click_guard import EdgeReach
 from napari_robustmedsam.engine.embeddings import open_engine
+from napari_robustmedsam.engine.predictor import Predictor
 from napari_robustmedsam.metrics import segmentation_metrics
 from napari_robustmedsam.prompting import (
     corrective_click,
@@ -181,12 +186,8 @@ class Condition:
         if self.level is None:
             return image, ""
         if self.type_name is None:
-            from napari_robustmedsam.degradations import degrade_random
-
             out, record = degrade_random(image, self.level, modality, derive_seed(seed, "degrade", sample_key))
             return out, "+".join(str(r.get("name")) for r in record)
-        from napari_robustmedsam.degradations import degrade
-
         type_seed = derive_seed(seed, "degrade", sample_key, self.type_name)
         out = degrade(image, self.type_name, level=self.level, seed=type_seed, modality=modality)
         return out, self.type_name
@@ -197,9 +198,6 @@ def parse_conditions(
 ) -> list[Condition]:
     """Conditions of a run. ``degradations`` lists 'random' (the PGE-SAM composition) and/or type names;
     each is evaluated at every level of ``levels``."""
-    from napari_robustmedsam.degradations import LEVELS, list_degradations
-    from napari_robustmedsam.degradations.levels import normalize_level
-
     def _split(v):
         if v is None:
             return []
@@ -261,9 +259,6 @@ def split_model_arg(arg: str) -> tuple[str | None, str]:
 
 
 def load_model_handle(arg: str, device: str = "cpu") -> ModelHandle:
-    from napari_robustmedsam.checkpoints import load_model
-    from napari_robustmedsam.engine.predictor import Predictor
-
     label, spec = split_model_arg(arg)
     loaded = load_model(spec, device=device, progress=False)
     sha = getattr(loaded, "sha256", None) or "nosha"
@@ -605,8 +600,6 @@ def _degrade_volume(cond: Condition, volume: np.ndarray, modality: str, key: str
 def propagate_rows(handle: ModelHandle, embeddings, gt3d: np.ndarray, obj_id: str, cfg: EvalConfig,
                    spacing: tuple[float, ...] | None) -> dict:
     """One object: tight box on its central slice, then the annotator's propagation; 3D metrics."""
-    from napari_robustmedsam.annotation.propagation import predictor_segment_fn, propagate_object
-
     zs = np.nonzero(gt3d.reshape(gt3d.shape[0], -1).any(axis=1))[0]
     zc = int(zs[len(zs) // 2])
     emb = embeddings.get(zc)

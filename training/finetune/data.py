@@ -25,8 +25,11 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from napari_robustmedsam.annotation.export import load_session
 from napari_robustmedsam.errors import UserFacingError
+from napari_robustmedsam.io import read_image
 from napari_robustmedsam.prompting import rng_for
+from training.evaluation.dataset import discover
 
 
 class TrainingError(UserFacingError):
@@ -181,8 +184,6 @@ def items_from_folder(
     notices: list[str] | None = None,
 ) -> list[TrainItem]:
     """Items of every dataset under ``root`` (medseg layout or image/labels volumes), sorted by key."""
-    from training.evaluation.dataset import discover
-
     root = Path(root)
     if not root.exists():
         raise TrainingError(f"data folder not found: {root}")
@@ -225,9 +226,6 @@ def items_from_session(
 
     The image is ``image`` (array or file) if given, else the file recorded in the session (``image.source``).
     """
-    from napari_robustmedsam.annotation.export import load_session
-    from napari_robustmedsam.io import read_image
-
     session = load_session(path)
     if image is None:
         source = (session.meta.get("image") or {}).get("source")

@@ -31,8 +31,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from napari_robustmedsam.engine.preprocessing import LOW_RES_SIZE, ImageFrame
+from napari_robustmedsam.degradations import degrade_random, modality_degradations
+from napari_robustmedsam.engine.cache import EmbeddingStore, default_cache_dir
+from napari_robustmedsam.engine.embeddings import EmbeddingCancelled, EmbeddingEngine, is_cancelled
+from napari_robustmedsam.engine.preprocessing import LOW_RES_SIZE, ImageFrame, validate_image
 from napari_robustmedsam.models.early_features import EarlyFeatureCapture
+from napari_robustmedsam.models.intermediate_features import IntermediateFeatureCapture, has_intermediates
 from napari_robustmedsam.prompting import derive_seed
 
 from .data import TrainingError, TrainItem
@@ -71,8 +75,6 @@ class TrainingEncoderView(nn.Module):
         try:
             with EarlyFeatureCapture(self.image_encoder) as cap:
                 if self.want_intermediates:
-                    from napari_robustmedsam.models.intermediate_features import IntermediateFeatureCapture
-
                     with IntermediateFeatureCapture(self.image_encoder) as inter:
                         embeddings = self.image_encoder(images)
                 else:
@@ -89,8 +91,6 @@ class TrainingEncoderView(nn.Module):
 
 
 def default_training_cache_dir() -> Path:
-    from napari_robustmedsam.engine.cache import default_cache_dir
-
     return default_cache_dir().parent / "training-features"
 
 
@@ -142,8 +142,6 @@ class FeatureBank:
     items: list[TrainItem] = field(default_factory=list)
 
     def __post_init__(self) -> None:
-        from napari_robustmedsam.engine.embeddings import EmbeddingEngine
-
         self.view = TrainingEncoderView(self.model, neck_input=self.neck_input,
                                         intermediates=self.intermediates).eval()
         cache_dir = Path(self.cache_dir) if self.cache_dir is not None else default_training_cache_dir()
@@ -163,8 +161,6 @@ class FeatureBank:
 
     # ---- degradation --------------------------------------------------------------------------------
     def _levels_for(self, modality: str) -> list[str]:
-        from napari_robustmedsam.degradations import modality_degradations
-
         try:
             has_domain = bool(modality_degradations(modality)["domain"])
         except Exception:  # noqa: BLE001 - unknown modality: the generic set
@@ -175,8 +171,6 @@ class FeatureBank:
     def variant_image(self, item: TrainItem, v: int) -> tuple[np.ndarray, VariantInfo]:
         if v == 0:
             return item.image, VariantInfo(None)
-        from napari_robustmedsam.degradations import degrade_random
-
         rng = np.random.default_rng(derive_seed(self.seed, "variant-level", item.key, v))
         levels = self._levels_for(item.modality)
         level = levels[int(rng.integers(len(levels)))]
@@ -202,8 +196,6 @@ class FeatureBank:
         ``shard=(rank, world)``: this process computes only every world-th (plane, variant) job; call again
         with ``shard=(0, 1)`` (after a barrier) to register the others from the cache.
         """
-        from napari_robustmedsam.engine.embeddings import is_cancelled
-
         indices = list(range(len(self.items))) if indices is None else list(indices)
         n_var = self.variants if variants is None else variants
         jobs = [(i, v) for i in indices for v in range(n_var + 1)]
@@ -211,8 +203,6 @@ class FeatureBank:
         mine = jobs[rank::world]
         for done, (i, v) in enumerate(mine):
             if is_cancelled(cancel):
-                from napari_robustmedsam.engine.embeddings import EmbeddingCancelled
-
                 raise EmbeddingCancelled(f"cancelled while preparing features ({done} of {len(mine)} done)")
             if (i, v) in self._sigs or (i, v) in self._ram:
                 continue
@@ -229,8 +219,6 @@ class FeatureBank:
             if "early_features" not in features:
                 raise TrainingError("the training feature cache holds entries without early features; clear it")
             if self.intermediates:
-                from napari_robustmedsam.models.intermediate_features import has_intermediates
-
                 if not has_intermediates(features):
                     raise TrainingError("the training feature cache holds entries without the enhancer's "
                                         "intermediate features; clear it (or give another --cache)")
@@ -245,8 +233,6 @@ class FeatureBank:
     def _keep(self, i: int, v: int, features: dict[str, torch.Tensor], image: np.ndarray) -> None:
         size = sum(t.numel() * t.element_size() for t in features.values())
         if self.engine.cache is not None:
-            from napari_robustmedsam.engine.preprocessing import validate_image
-
             self._sigs[(i, v)] = self.engine.signature(validate_image(image))
         if self.engine.cache is None or self._ram_bytes + size <= self.memory_bytes:
             self._ram[(i, v)] = features
@@ -271,8 +257,6 @@ class FeatureBank:
         sig = self._sigs.get((i, v))
         if sig is None or self.engine.cache is None:
             raise KeyError(f"features of plane {i} variant {v} were not prepared")
-        from napari_robustmedsam.engine.cache import EmbeddingStore
-
         store = EmbeddingStore.open(self.engine.cache.path_for(sig), sig, 1)
         got = store.read(0)
         if got is None:  # deleted or corrupt since: recompute
