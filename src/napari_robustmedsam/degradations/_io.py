@@ -61,9 +61,13 @@ def atomic_path(path: str | os.PathLike):
     return atomic_write_path(path)
 
 
-def write_image(path: str | os.PathLike, array: np.ndarray) -> Path:
-    """Write atomically: to a temporary file in the target folder, then rename over the target."""
-    p = Path(path)
+def write_image(path: str | os.PathLike, array: np.ndarray, *, inputs=(), overwrite: bool = False) -> Path:
+    """Write atomically: to a temporary file in the target folder, then rename over the target.
+
+    Never over one of ``inputs``; over an existing file only with ``overwrite=True`` (io.output_paths)."""
+    from ..io.output_paths import check_output
+
+    p = check_output(path, inputs=inputs, overwrite=overwrite)
     suffix = p.suffix.lower()
     if suffix not in IMAGE_SUFFIXES:
         raise DegradationError(f"unsupported output format {suffix!r} for {p}; use one of {', '.join(IMAGE_SUFFIXES)}")
@@ -72,8 +76,11 @@ def write_image(path: str | os.PathLike, array: np.ndarray) -> Path:
     return p
 
 
-def write_text(path: str | os.PathLike, text: str) -> Path:
-    """Atomic text write (manifests)."""
+def write_text(path: str | os.PathLike, text: str, *, inputs=(), overwrite: bool = False) -> Path:
+    """Atomic text write (manifests); the same output checks as :func:`write_image`."""
+    from ..io.output_paths import check_output
+
+    check_output(path, inputs=inputs, overwrite=overwrite)
     with atomic_path(path) as tmp:
         tmp.write_text(text, encoding="utf-8")
     return Path(path)

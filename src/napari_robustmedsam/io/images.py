@@ -16,6 +16,7 @@ import numpy as np
 
 from ..errors import ImageInputError, UserFacingError
 from .atomic import atomic_write_path
+from .output_paths import check_output
 
 _IMAGEIO_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp"}
 _TIFF_SUFFIXES = {".tif", ".tiff"}
@@ -198,9 +199,13 @@ def read_image(path: str | Path) -> np.ndarray:
         ) from None
 
 
-def write_mask(path: str | Path, mask: np.ndarray) -> Path:
-    """Write a label/mask array atomically; the format follows the suffix."""
-    p = Path(path)
+def write_mask(path: str | Path, mask: np.ndarray, *, inputs=(), overwrite: bool = False) -> Path:
+    """Write a label/mask array atomically; the format follows the suffix.
+
+    ``inputs``: files this mask was made from, never written over; an existing ``path`` is replaced only with
+    ``overwrite=True`` (:mod:`.output_paths`).
+    """
+    p = check_output(path, inputs=inputs, overwrite=overwrite)
     suffix = _suffix(p)
     arr = np.asarray(mask)
     if arr.dtype == bool:

@@ -93,6 +93,14 @@ def check_output_folder(folder: str | os.PathLike, names: Iterable[str], *, inpu
     return out
 
 
+def existing_file(value: str | os.PathLike | None) -> Path | None:
+    """``value`` as a path when it names an existing file (e.g. ``--model``: a checkpoint file, not a registry name)."""
+    if value is None:
+        return None
+    path = Path(value).expanduser()
+    return path if path.is_file() else None
+
+
 def add_overwrite_argument(parser) -> None:
     """The ``--overwrite`` flag every writing sub-command has (one wording everywhere)."""
     parser.add_argument(
