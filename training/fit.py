@@ -107,6 +107,8 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--save-every", type=int, default=0, help="also save a resumable state every N iterations")
     m.add_argument("--out", default="runs/finetune", help="output folder (default runs/finetune)")
     m.add_argument("--resume", action="store_true", help="continue the run saved in --out exactly")
+    m.add_argument("--overwrite", action="store_true",
+                   help="start a new run in an --out folder that holds an earlier run's files, replacing them")
     m.add_argument("--cache", default=None, help="feature cache folder (default: the user cache, training-features/)")
     m.add_argument("--no-cache", action="store_true", help="keep features in memory only")
     m.add_argument("--memory-gb", type=float, default=2.0, help="features kept in RAM (the rest is read from the cache)")
@@ -242,21 +244,38 @@ def load_items(args, notices: list[str]):
     return items
 
 
+def _remove_if_left_empty(out: str, existed: bool) -> None:
+    """A run that stopped before writing anything leaves no empty --out folder behind (only one it created)."""
+    if existed:
+        return
+    try:
+        Path(out).expanduser().rmdir()  # fails, and keeps the folder, when anything is in it
+    except OSError:
+        pass
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from napari_robustmedsam.errors import UserFacingError
     from training.finetune import Trainer, split_items
     from training.finetune import ddp
     from training.finetune.data import describe_items
-    from training.finetune.trainer import check_out_dir
+    from training.finetune.trainer import check_out_dir, check_run_outputs
 
     ctx = ddp.DistContext()
+    out_existed = Path(args.out).expanduser().exists()
     try:
         notices: list[str] = []
         cfg, val_fraction = config_from_args(args)
         if ctx.is_main:
-            check_out_dir(args.out)  # fail before any work if the folder cannot be written
+            check_out_dir(args.out, create=False)  # fail before any work if the folder cannot be written
         items = load_items(args, notices)
+        if ctx.is_main:
+            from napari_robustmedsam.io.output_paths import existing_file
+
+            inputs = [existing_file(cfg.model), *(args.session or []), *(args.session_image or []),
+                      *(it.source for it in items if it.source)]
+            check_run_outputs(args.out, inputs=inputs, resume=args.resume, overwrite=args.overwrite)
         train, val = split_items(items, val_fraction, seed=cfg.seed, notices=notices)
         ctx = ddp.init(cfg.device)
         description = {
@@ -294,10 +313,12 @@ def main(argv: list[str] | None = None) -> int:
         return code
     except UserFacingError as err:
         if ctx.is_main:
+            _remove_if_left_empty(args.out, out_existed)
             print(f"error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         if ctx.is_main:
+            _remove_if_left_empty(args.out, out_existed)
             print("interrupted before training started; nothing to resume", file=sys.stderr)
         return 130
     finally:
