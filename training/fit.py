@@ -270,7 +270,10 @@ def main(argv: list[str] | None = None) -> int:
         if ctx.is_main:
             check_out_dir(args.out, create=False)  # fail before any work if the folder cannot be written
         items = load_items(args, notices)
+        shown = len(notices)
         if ctx.is_main:
+            for n in notices:  # now: a skipped file is named even when the run stops before it starts
+                print(f"note: {n}", file=sys.stderr)
             from napari_robustmedsam.io.output_paths import existing_file
 
             inputs = [existing_file(cfg.model), *(args.session or []), *(args.session_image or []),
@@ -287,7 +290,7 @@ def main(argv: list[str] | None = None) -> int:
             "validation_keys": [it.key for it in val],
         }
         if ctx.is_main:
-            for n in notices:
+            for n in notices[shown:]:
                 print(f"note: {n}", file=sys.stderr)
             print(f"training on {len(train)} images ({sum(len(i.object_ids) for i in train)} objects), validating on "
                   f"{len(val)}; model {cfg.model}; out {args.out}" + (f"; {ctx.world_size} processes ({ctx.backend})"
