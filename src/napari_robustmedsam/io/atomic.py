@@ -3,7 +3,7 @@
 The data goes to a hidden temporary file next to the target, named ``.<stem>.<pid>.<random>.tmp<suffix>``,
 which replaces the target in one rename once it is complete. A process killed mid-write (SIGKILL, power
 loss) cannot remove its temporary file; the next atomic write into the same folder removes every such file
-whose writing process no longer runs, so stale temporary files do not pile up.
+whose writing process no longer runs (once per folder and process), so stale temporary files do not pile up.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ import contextlib
 import os
 import re
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -20,6 +21,9 @@ from pathlib import Path
 _TMP_NAME = re.compile(r"^\..+?\.(?:(?P<pid>\d+)\.)?[a-z0-9_]{8}\.tmp(?:\.[^/]*)?$")
 # A temporary file without a process id is only taken for stale after this long (a write never lasts this long).
 _UNOWNED_TMP_AGE_S = 3600.0
+# Folders already cleaned by this process: a folder is scanned once, not at each of the many files written into it.
+_cleaned_folders: set[str] = set()
+_cleaned_lock = threading.Lock()
 
 
 def _process_alive(pid: int) -> bool:
@@ -85,7 +89,12 @@ def atomic_write_path(path: str | os.PathLike, suffix: str | None = None):
     """
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale_temporaries(target.parent)
+    folder = os.path.abspath(target.parent)
+    with _cleaned_lock:
+        first_write_here = folder not in _cleaned_folders
+        _cleaned_folders.add(folder)
+    if first_write_here:
+        remove_stale_temporaries(folder)
     suffix = suffix if suffix is not None else "".join(target.suffixes)
     fd, tmp = tempfile.mkstemp(prefix=f".{target.stem}.{os.getpid()}.", suffix=f".tmp{suffix}", dir=target.parent)
     os.close(fd)

@@ -36,6 +36,8 @@ MEMORY_FACTOR = 3
 MAX_PIXELS_ENV = "ROBUSTMEDSAM_MAX_IMAGE_PIXELS"
 
 _PIL_LOCK = threading.Lock()
+_pil_uncapped_readers = 0  # reads in progress that need PIL's pixel cap lifted (threads may read at once)
+_pil_saved_cap: int | None = None
 
 
 def _human_bytes(n: float) -> str:
@@ -102,15 +104,21 @@ def check_image_size(path: Path, shape: tuple[int, ...], itemsize: int) -> None:
 def _pil_without_pixel_cap():
     """PIL refuses images above its fixed pixel count (a decompression-bomb guard); the size is bounded here by
     :func:`check_image_size` against the real memory instead, so legitimately large images can be read."""
+    global _pil_uncapped_readers, _pil_saved_cap
     from PIL import Image
 
     with _PIL_LOCK:
-        saved = Image.MAX_IMAGE_PIXELS
-        Image.MAX_IMAGE_PIXELS = None
-        try:
-            yield Image
-        finally:
-            Image.MAX_IMAGE_PIXELS = saved
+        if _pil_uncapped_readers == 0:
+            _pil_saved_cap = Image.MAX_IMAGE_PIXELS
+            Image.MAX_IMAGE_PIXELS = None
+        _pil_uncapped_readers += 1
+    try:
+        yield Image
+    finally:
+        with _PIL_LOCK:
+            _pil_uncapped_readers -= 1
+            if _pil_uncapped_readers == 0:
+                Image.MAX_IMAGE_PIXELS = _pil_saved_cap
 
 
 def _probe(path: Path, suffix: str) -> tuple[tuple[int, ...], int]:
@@ -139,7 +147,10 @@ def _probe(path: Path, suffix: str) -> tuple[tuple[int, ...], int]:
     reader.ReadImageInformation()
     size = tuple(reversed(reader.GetSize()))
     components = reader.GetNumberOfComponents()
-    itemsize = sitk.Image([1] * reader.GetDimension(), reader.GetPixelID()).GetSizeOfPixelComponent()
+    try:
+        itemsize = sitk.Image([1] * reader.GetDimension(), reader.GetPixelID()).GetSizeOfPixelComponent()
+    except Exception:  # noqa: BLE001 - an unusual pixel type: assume the widest common one
+        itemsize = 8
     return size + ((components,) if components > 1 else ()), itemsize
 
 
