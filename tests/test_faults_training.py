@@ -148,3 +148,25 @@ def test_every_torch_load_goes_through_safe_load():
                 if re.search(r"\btorch\.load\(|\bfrom torch import load\b", code):
                     offenders.append(f"{path.relative_to(REPO)}:{n}")
     assert not offenders, offenders
+
+
+@pytest.mark.parametrize("target", ["model-file", "summary-is-the-model"])
+def test_evaluate_never_writes_over_a_model_file(target, tmp_path, capsys):
+    from training import evaluate
+
+    data = _dataset(tmp_path)
+    model = tmp_path / "model.pth"
+    torch.save({"x": torch.zeros(1)}, model)
+    if target == "model-file":
+        out = model  # --out names the checkpoint itself
+    else:
+        out = tmp_path / "ev"
+        out.mkdir()
+        model = out / "summary.md"
+        torch.save({"x": torch.zeros(1)}, model)
+    before = model.read_bytes()
+    code = evaluate.cli(["--data", str(data), "--model", f"m={model}", "--out", str(out), "--no-plots"])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "Traceback" not in err
+    assert model.read_bytes() == before
