@@ -114,3 +114,25 @@ def test_cli_commands_give_one_error_line_for_a_damaged_image(command, fault, tm
     }[command]
     assert main(argv) == 2
     assert str(path) in one_error_line(capsys.readouterr().err, command)
+
+
+@pytest.mark.parametrize("fault", ["text", "empty", "header-cut"])
+def test_embed_names_a_damaged_file_of_a_folder_before_loading_the_model(fault, tmp_path, monkeypatch, capsys):
+    import napari_robustmedsam.checkpoints as checkpoints
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the model was loaded before the folder was checked")
+
+    monkeypatch.setattr(checkpoints, "load_model", refuse)
+    folder = tmp_path / "series"
+    folder.mkdir()
+    write_png(folder / "a.png")
+    bad = folder / "b.png"
+    if fault == "text":
+        bad.write_text("not an image")
+    elif fault == "empty":
+        bad.write_bytes(b"")
+    else:
+        bad.write_bytes((folder / "a.png").read_bytes()[:20])
+    assert main(["embed", str(folder), "--cache", str(tmp_path / "cache")]) == 2
+    assert str(bad) in one_error_line(capsys.readouterr().err, "embed")

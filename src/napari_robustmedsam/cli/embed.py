@@ -114,7 +114,11 @@ def run(args: argparse.Namespace) -> int:
             )
         _check_values(array, source, kind)
     else:
+        from ..io.images import check_image_file, image_files
+
         kind = "series"
+        for path in image_files(source):  # headers only: a damaged file is named before the model load
+            check_image_file(path)
     with stage(f"loading model {args.model}"):
         loaded = load_model(args.model, device=args.device, preprocessing=args.preprocessing)
     engine = EmbeddingEngine(

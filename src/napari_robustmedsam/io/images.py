@@ -164,12 +164,24 @@ def _reason(err: BaseException) -> str:
     return f"{type(err).__name__}: {text}" if text else type(err).__name__
 
 
-def read_image(path: str | Path) -> np.ndarray:
-    """Read a 2D image or 3D volume as a numpy array (no intensity change).
+def image_files(folder: str | Path) -> list[Path]:
+    """The image files of a folder (an image series), sorted by name; an error when there are none."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise ImageInputError(f"{folder} is not a folder of images")
+    files = sorted(
+        p for p in folder.iterdir() if p.is_file() and any(p.name.lower().endswith(s) for s in SUPPORTED_SUFFIXES)
+    )
+    if not files:
+        raise ImageInputError(f"no images ({', '.join(SUPPORTED_SUFFIXES)}) in {folder}")
+    return files
 
-    Any file that cannot be read (missing, empty, truncated, not really of its suffix's format, too large for
-    the memory available) raises :class:`~napari_robustmedsam.errors.ImageInputError` naming the file.
-    """
+
+def check_image_file(path: str | Path) -> tuple[tuple[int, ...], int]:
+    """Check a file from its header alone, without decoding it: it exists, has a supported suffix, is not empty,
+    is the format its suffix says, and fits the memory. Returns (shape, bytes per sample); raises
+    :class:`~napari_robustmedsam.errors.ImageInputError` naming the file otherwise. Cheap: for checking a
+    whole folder before slow work starts."""
     p = Path(path)
     if not p.exists():
         raise ImageInputError(f"image file not found: {p}")
@@ -184,7 +196,30 @@ def read_image(path: str | Path) -> np.ndarray:
         if p.stat().st_size == 0:
             raise ImageInputError(f"cannot read {p}: the file is empty (0 bytes)")
         shape, itemsize = _probe(p, suffix)
-        check_image_size(p, shape, itemsize)
+    except ImageInputError:
+        raise
+    except Exception as err:  # noqa: BLE001 - every decoder failure means a damaged or mislabelled file
+        raise _unreadable(p, suffix, err) from None
+    check_image_size(p, shape, itemsize)
+    return shape, itemsize
+
+
+def _unreadable(p: Path, suffix: str, err: BaseException) -> ImageInputError:
+    return ImageInputError(
+        f"cannot read {p}: it is not a readable {suffix} file (truncated, damaged or another format; {_reason(err)})"
+    )
+
+
+def read_image(path: str | Path) -> np.ndarray:
+    """Read a 2D image or 3D volume as a numpy array (no intensity change).
+
+    Any file that cannot be read (missing, empty, truncated, not really of its suffix's format, too large for
+    the memory available) raises :class:`~napari_robustmedsam.errors.ImageInputError` naming the file.
+    """
+    p = Path(path)
+    check_image_file(p)
+    suffix = _suffix(p)
+    try:
         if suffix in _IMAGEIO_SUFFIXES:
             import imageio.v3 as iio
 
@@ -204,10 +239,7 @@ def read_image(path: str | Path) -> np.ndarray:
     except MemoryError:
         raise ImageInputError(f"cannot read {p}: not enough memory to decode it; crop or downsample it first") from None
     except Exception as err:  # noqa: BLE001 - every decoder failure means a damaged or mislabelled file
-        raise ImageInputError(
-            f"cannot read {p}: it is not a readable {suffix} file (truncated, damaged or another format; "
-            f"{_reason(err)})"
-        ) from None
+        raise _unreadable(p, suffix, err) from None
 
 
 def write_mask(path: str | Path, mask: np.ndarray, *, inputs=(), overwrite: bool = False) -> Path:
