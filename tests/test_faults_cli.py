@@ -65,6 +65,13 @@ def test_segment_refuses_a_bad_prompt_before_loading_the_model(prompt, message, 
     assert not (tmp_path / "m.png").exists()
 
 
+@pytest.mark.parametrize("name", ["m.jpg", "m.gif", "mask"])
+def test_segment_refuses_a_mask_format_that_cannot_hold_labels_before_loading_the_model(name, image, tmp_path,
+                                                                                        no_model_load, capsys):
+    assert main(["segment", str(image), "--box", "5", "5", "40", "40", "-o", str(tmp_path / name)]) == 2
+    assert "mask" in one_error_line(capsys.readouterr().err, "segment")
+
+
 @pytest.mark.parametrize("command", ["segment", "embed"])
 def test_nan_pixels_are_refused_before_loading_the_model(command, tmp_path, no_model_load, capsys):
     path = tmp_path / "nan.npy"

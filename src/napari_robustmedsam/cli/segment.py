@@ -65,6 +65,7 @@ def run(args: argparse.Namespace) -> int:
     from ..engine.preprocessing import ImageSignalWarning, no_signal_notice, validate_image
     from ..engine.prompt_checks import check_prompts
     from ..io import read_image, write_mask
+    from ..io.images import check_mask_format
 
     # Everything that can be checked without the model is checked first: a mistake costs no model load.
     if not args.box and not args.point and not args.negative:
@@ -81,6 +82,7 @@ def run(args: argparse.Namespace) -> int:
             raise ImageInputError("points with several --box prompts are ambiguous: use one box per call with points, or boxes only")
         point_arg, label_arg = np.asarray(points)[None], np.asarray(labels)[None]
     check_output(args.output, inputs=[args.image, existing_file(args.model)], overwrite=args.overwrite)
+    check_mask_format(args.output)
     image = validate_image(select_plane(read_image(args.image), args.slice))
     check_prompts(point_arg, label_arg, boxes, image_size=image.shape[:2])
     signal = no_signal_notice(image)
@@ -103,7 +105,7 @@ def run(args: argparse.Namespace) -> int:
     label_map = np.zeros(prediction.masks.shape[1:], dtype=np.uint16 if n_objects > 255 else np.uint8)
     for index, mask in enumerate(prediction.masks, start=1):
         label_map[mask & (label_map == 0)] = index
-    write_mask(args.output, label_map, overwrite=True)  # checked above, before any work
+    write_mask(args.output, label_map, inputs=[args.image], overwrite=True)  # checked above, before any work
     for index, (mask, score) in enumerate(zip(prediction.masks, prediction.scores), start=1):
         print(f"object {index}: {int(mask.sum())} px, predicted IoU {score:.3f}")
     print(f"wrote {args.output}")

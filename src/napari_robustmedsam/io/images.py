@@ -242,6 +242,20 @@ def read_image(path: str | Path) -> np.ndarray:
         raise _unreadable(p, suffix, err) from None
 
 
+MASK_SUFFIXES = (".png", ".tif", ".tiff", ".npy", *sorted(_ITK_SUFFIXES))
+
+
+def check_mask_format(path: str | Path) -> str:
+    """The suffix of a mask file to write, or a UserFacingError when labels cannot be stored that way (a lossy or
+    unknown format). Cheap: commands call it before their slow work."""
+    suffix = _suffix(Path(path))
+    if suffix in _IMAGEIO_SUFFIXES - {".png"}:
+        raise UserFacingError(f"{suffix} is lossy and would corrupt labels; write the mask as .png, .tif, .npy or .nii.gz")
+    if suffix not in MASK_SUFFIXES:
+        raise UserFacingError(f"unsupported mask format {suffix or '(no suffix)'!r}; use .png, .tif, .npy or .nii.gz")
+    return suffix
+
+
 def write_mask(path: str | Path, mask: np.ndarray, *, inputs=(), overwrite: bool = False) -> Path:
     """Write a label/mask array atomically; the format follows the suffix.
 
@@ -249,12 +263,10 @@ def write_mask(path: str | Path, mask: np.ndarray, *, inputs=(), overwrite: bool
     ``overwrite=True`` (:mod:`.output_paths`).
     """
     p = check_output(path, inputs=inputs, overwrite=overwrite)
-    suffix = _suffix(p)
+    suffix = check_mask_format(p)
     arr = np.asarray(mask)
     if arr.dtype == bool:
         arr = arr.astype(np.uint8)
-    if suffix in _IMAGEIO_SUFFIXES - {".png"}:
-        raise UserFacingError(f"{suffix} is lossy and would corrupt labels; write the mask as .png, .tif, .npy or .nii.gz")
     try:
         with atomic_write_path(p) as tmp:
             if suffix == ".png":
