@@ -18,8 +18,10 @@ import torch
 from napari_robustmedsam.checkpoints import make_metadata
 from napari_robustmedsam.checkpoints import save_checkpoint as write_checkpoint
 from napari_robustmedsam.checkpoints.project_format import atomic_torch_save
+from napari_robustmedsam.checkpoints.safe_load import load_untrusted
 from napari_robustmedsam.errors import UserFacingError
 from napari_robustmedsam.io.atomic import atomic_write_path
+from napari_robustmedsam.io.output_paths import check_output_folder
 
 from .config import TrainConfig
 from .data import TrainingError
@@ -31,9 +33,39 @@ STATE_VERSION = 1
 RESUME_MAY_CHANGE = frozenset(f.name for f in dataclasses.fields(TrainConfig) if f.metadata.get("fingerprint") == NEVER)
 
 
-def check_out_dir(out_dir: str | os.PathLike) -> Path:
-    """Create ``out_dir`` if needed and make sure files can be written there (before any work is done)."""
+# The files a run writes into its --out folder.
+RUN_FILES = ("last.pth", "best.pth", "train_state.pt", "log.csv", "log.json", "training.png")
+
+
+def check_run_outputs(out_dir: str | os.PathLike, *, inputs=(), resume: bool = False, overwrite: bool = False) -> Path:
+    """Before any work: a run never writes over one of its inputs (the base checkpoint, a session, an image), and
+    a new run does not replace an earlier run's files in ``out_dir`` unless ``overwrite`` (``--resume`` continues
+    them instead)."""
+    try:
+        return check_output_folder(out_dir, RUN_FILES, inputs=inputs, overwrite=overwrite or resume)
+    except UserFacingError as err:
+        text = str(err)
+        if "already exists" in text:
+            text += " (or --resume to continue that run)"
+        raise TrainingError(text) from None
+
+
+def check_out_dir(out_dir: str | os.PathLike, create: bool = True) -> Path:
+    """Make sure files can be written in ``out_dir`` (before any work is done); create it if ``create``.
+
+    With ``create=False`` nothing is made on disk: the folder, or its nearest existing parent, must be a
+    writable folder (a run that fails before it starts leaves no empty folder behind).
+    """
     out = Path(out_dir).expanduser()
+    if not create:
+        existing = out
+        while not existing.exists() and existing.parent != existing:
+            existing = existing.parent
+        if not existing.is_dir():
+            raise TrainingError(f"cannot write to the output folder {out}: {existing} is a file; choose another --out")
+        if not os.access(existing, os.W_OK | os.X_OK):
+            raise TrainingError(f"cannot write to the output folder {out}: no permission in {existing}; choose another --out")
+        return out
     try:
         out.mkdir(parents=True, exist_ok=True)
         probe = out / f".write-probe-{os.getpid()}"
@@ -136,9 +168,15 @@ def load_state(tr) -> None:
     if not tr.state_path.is_file():
         raise TrainingError(f"nothing to resume: {tr.state_path} does not exist (run without --resume first)")
     try:
-        state = torch.load(tr.state_path, map_location="cpu", weights_only=True)
-    except Exception as err:  # noqa: BLE001
-        raise TrainingError(f"cannot read {tr.state_path} to resume: {err}") from None
+        state = load_untrusted(
+            tr.state_path,
+            what="training state",
+            source_hint="a fresh run (start without --resume, or choose another --out)",
+            fix="training.fit writes only tensors and numbers there, so this file was not written by it or was "
+            "altered: delete it and start without --resume, or choose another --out",
+        )
+    except UserFacingError as err:
+        raise TrainingError(f"cannot resume from {tr.state_path}: {err}") from None
     if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
         raise TrainingError(f"{tr.state_path} is not a training state written by training.fit")
     if state["fingerprint"] != tr.cfg.fingerprint():
