@@ -53,9 +53,9 @@ MIN_DICE_FLOOR = 0.85
 
 @pytest.fixture(scope="session")
 def engine(litemedsam, tmp_path_factory):
-    from napari_robustmedsam.annotation.slice_embeddings import make_engine
+    from napari_robustmedsam.engine.embeddings import open_engine
 
-    eng = make_engine(litemedsam, cache_dir=shared_cache(tmp_path_factory))
+    eng = open_engine(litemedsam, cache_dir=shared_cache(tmp_path_factory))
     assert eng is not None
     return eng
 
@@ -120,7 +120,8 @@ def test_widgets_created_through_npe2(make_napari_viewer, qtbot):
 
 
 def test_embeddings_computed_with_progress_and_cached(plugin, qtbot, litemedsam, tmp_path):
-    from napari_robustmedsam.annotation.slice_embeddings import SliceEmbeddings, make_engine
+    from napari_robustmedsam.annotation.slice_embeddings import SliceEmbeddings
+    from napari_robustmedsam.engine.embeddings import open_engine
     from napari_robustmedsam.sample_data import mri_phantom
 
     viewer, widget = plugin
@@ -136,7 +137,7 @@ def test_embeddings_computed_with_progress_and_cached(plugin, qtbot, litemedsam,
     cache_dir = annotator.embeddings.cache_dir
     assert cache_dir is not None and any(Path(cache_dir).iterdir())
     # a fresh engine on the same cache directory reads the embedding instead of computing it
-    fresh = SliceEmbeddings(None, image, "2d", engine=make_engine(litemedsam, cache_dir=str(cache_dir)))
+    fresh = SliceEmbeddings(None, image, "2d", engine=open_engine(litemedsam, cache_dir=str(cache_dir)))
     fresh.get(0)
     assert fresh.from_disk == 1 and fresh.computed == 0
 
@@ -288,7 +289,7 @@ def test_corrective_click_refines_with_previous_logits(plugin, qtbot):
 def test_taking_a_click_back_restores_the_earlier_mask_exactly_without_decoding(plugin, qtbot):
     """B (or deleting the last point) returns the mask, logits and score from before that click; segmenting the
     remaining prompts again would start without the earlier mask and give a different one."""
-    from napari_robustmedsam.widgets.annotator import KEYS
+    from napari_robustmedsam.widgets.annotator_controls import KEYS
 
     viewer, widget = plugin
     annotator = widget.annotator

@@ -114,6 +114,12 @@ class DecodeScheduler:
             del self.sync_ms[:-5]
 
 
+def seed_masks(session: AnnotationSession) -> dict[int, np.ndarray]:
+    """The slices a propagation starts from: those with user prompts, else (an object re-opened from its last
+    commit, whose prompts were not recorded) its non-empty slices."""
+    return {z: session.current[z].copy() for z in (session.user_slices() or session.current_slices())}
+
+
 def warm_decoder(emb: SliceEmbeddings, z: int) -> None:
     """One throw-away decode on slice ``z`` right after its embedding (in the embedding's worker).
 
@@ -457,8 +463,7 @@ class AnnotationController:
             self.view.labels_changed()
             self.view.mask_changed()
             self.view.set_status(f"Re-opened object {reopened} for propagation; C commits it again.")
-        seeds_z = session.user_slices() or session.current_slices()
-        seeds = {z: session.current[z].copy() for z in seeds_z}
+        seeds = seed_masks(session)
         if not any(m.any() for m in seeds.values()):
             self.view.show_error(UserFacingError("the annotated slices are empty: segment the object first"))
             return None
@@ -511,24 +516,7 @@ class AnnotationController:
         return self.propagation_handle
 
     def apply_propagation(self, result, seeds: dict) -> None:
-        """A propagation's masks into the session; the seed slices are kept as they are, and a slice the new
-        result leaves empty loses its earlier propagated mask."""
-        session = self.session
-        for z in range(session.n_slices):
-            if z in seeds:
-                continue
-            info = result.slices.get(z)
-            mask = result.masks[z]
-            if info is None:  # untouched stretch (kept) or beyond a stop: keep the result's value
-                if not mask.any():
-                    if session.current_prompts.get(z) is not None and session.current_prompts[z].source == "propagated":
-                        session.clear_current_slice(z)
-                continue
-            if mask.any():
-                prompt = SlicePrompts(box=mask_box(mask), source="propagated")
-                session.set_current_slice(z, mask, result.logits.get(z), prompt, info.score)
-            else:
-                session.clear_current_slice(z)
+        apply_propagation(self.session, result, seeds)
         self.propagated_once = True
         self.changed_since_propagation.clear()
         self.view.mask_changed()
@@ -538,3 +526,23 @@ class AnnotationController:
         self.view.set_status(f"Propagated: object on slices {z0}-{z1} ({len(result.propagated)} propagated). "
                              f"{stops}. Correct any slice (it re-propagates), C commits.")
         self.view.propagation_done(result)
+
+
+def apply_propagation(session: AnnotationSession, result, seeds: dict) -> None:
+    """A propagation's masks into the session; the seed slices are kept as they are, and a slice the new
+    result leaves empty loses its earlier propagated mask."""
+    for z in range(session.n_slices):
+        if z in seeds:
+            continue
+        info = result.slices.get(z)
+        mask = result.masks[z]
+        if info is None:  # untouched stretch (kept) or beyond a stop: keep the result's value
+            if not mask.any():
+                if session.current_prompts.get(z) is not None and session.current_prompts[z].source == "propagated":
+                    session.clear_current_slice(z)
+            continue
+        if mask.any():
+            prompt = SlicePrompts(box=mask_box(mask), source="propagated")
+            session.set_current_slice(z, mask, result.logits.get(z), prompt, info.score)
+        else:
+            session.clear_current_slice(z)

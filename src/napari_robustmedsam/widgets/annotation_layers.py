@@ -13,6 +13,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..annotation.session import SlicePrompts
+from ..annotation.slice_embeddings import image_kind
+from ..errors import ImageInputError
 from ._common import mark, unwrap
 
 POINTS_NAME = "point prompts"
@@ -81,6 +83,38 @@ def make_layers(viewer, image_layer, shape: tuple[int, ...]) -> AnnotationLayers
     for managed in (committed, current, boxes, points):
         viewer.layers.move(viewer.layers.index(managed), len(viewer.layers))
     return AnnotationLayers(points, boxes, current, committed)
+
+
+def annotatable_kind(layer, is_image: bool) -> str:
+    """The image kind of ``layer`` (:func:`..annotation.slice_embeddings.image_kind`), or an ImageInputError that
+    says why the annotator cannot work on it (not an image layer, a pyramid, a pixel type that is not a number)."""
+    if not is_image:
+        kind_name = type(layer).__name__ if layer is not None else "nothing"
+        raise ImageInputError(
+            f"the annotator works on image layers; '{getattr(layer, 'name', '')}' is a {kind_name} layer")
+    if getattr(layer, "multiscale", False):
+        raise ImageInputError(
+            f"'{layer.name}' is a multiscale (pyramid) image: open its full-resolution level as a plain image")
+    kind = image_kind(tuple(layer.data.shape), bool(layer.rgb))
+    dtype = np.dtype(layer.data.dtype)
+    if dtype.kind not in "uifb":
+        raise ImageInputError(f"'{layer.name}' has pixel type {dtype}, which cannot be segmented")
+    return kind
+
+
+def visible_slice(viewer, image_layer, n_slices: int) -> int:
+    """The volume slice the viewer shows (the dims slider's world position in the image's pixels)."""
+    point = np.asarray(viewer.dims.point, dtype=float)
+    world_z = point[-3] if point.size >= 3 else 0.0
+    scale = float(image_layer.scale[0]) or 1.0
+    z = int(round((world_z - float(image_layer.translate[0])) / scale))
+    return int(np.clip(z, 0, n_slices - 1))
+
+
+def show_slice(viewer, image_layer, z: int) -> None:
+    """Move the dims slider to slice ``z`` of the volume."""
+    world = float(image_layer.translate[0]) + z * float(image_layer.scale[0])
+    viewer.dims.set_point(viewer.dims.ndim - 3, world)
 
 
 def existing_layer(viewer, name: str, fits):
@@ -169,6 +203,36 @@ def show_mask(layer, mask: np.ndarray, z: int | None, volume: bool) -> bool:
     # same shape and dtype: the extent (and with it the viewer's dims) cannot have changed
     layer.refresh(thumbnail=False, extent=False, highlight=False)
     return True
+
+
+def activate_prompt_layer(viewer, points_layer, boxes_layer, box_primary: bool) -> None:
+    """Box-trained models: the box layer in rectangle mode; otherwise the points layer in add mode (best effort)."""
+    try:
+        if box_primary and boxes_layer is not None:
+            viewer.layers.selection.active = boxes_layer
+            boxes_layer.mode = "add_rectangle"
+        elif points_layer is not None:
+            viewer.layers.selection.active = points_layer
+            points_layer.mode = "add"
+    except Exception:
+        pass
+
+
+def remove_last_point(points_layer, z: int, volume: bool) -> bool:
+    """Remove the last point clicked on slice ``z`` (any slice of a 2D image); False when there is none."""
+    data = np.asarray(points_layer.data, dtype=float)
+    on_slice = np.flatnonzero(np.round(data[:, 0]) == z) if volume else np.arange(len(data))
+    if on_slice.size == 0:
+        return False
+    points_layer.selected_data = {int(on_slice[-1])}
+    points_layer.remove_selected()
+    return True
+
+
+def set_polarity(points_layer, polarity: str) -> str:
+    """The label ("positive" / "negative") of the next point added to the points layer."""
+    points_layer.feature_defaults = {"label": polarity}
+    return polarity
 
 
 def box_rectangle(box, z: int | None) -> np.ndarray:

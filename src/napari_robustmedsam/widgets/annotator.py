@@ -29,23 +29,28 @@ from qtpy.QtWidgets import QWidget
 
 from ..annotation.controller import AnnotationController, AnnotatorSettings
 from ..annotation.model_info import display_name
-from ..annotation.prompt_decoding import BOX_PRIMARY_HINT
 from ..annotation.session import SlicePrompts
-from ..annotation.slice_embeddings import SliceEmbeddings, image_kind
-from ..errors import ImageInputError, UserFacingError
+from ..annotation.slice_embeddings import SliceEmbeddings
+from ..errors import UserFacingError
 from ._common import any_task_running, role_of, run_task, unwrap
 from ._state import get_state
 from .annotation_layers import (
     POINT_COLORS,
+    activate_prompt_layer,
+    annotatable_kind,
+    remove_last_point,
+    set_polarity,
     box_rectangle,
     connect_once,
     make_layers,
     prompts_from_layers,
     remove_prompts,
     show_mask,
+    show_slice,
     still_drawing,
+    visible_slice,
 )
-from .annotator_controls import build_controls
+from .annotator_controls import bind_keys, build_controls, embed_status_text, key_handler, model_hint
 
 # Intra-op threads for a decode on the GUI thread (None: torch's setting). A decode is a few hundred small ops; on
 # a machine whose cores are busy with other work, waiting for a second OpenMP thread at every op can cost more
@@ -53,15 +58,65 @@ from .annotator_controls import build_controls
 # (docs/annotator.md, "UI latency", has the measurements), so it is the default.
 GUI_DECODE_THREADS: int | None = None
 THUMBNAIL_DELAY_MS = 250  # the layer-list thumbnail of "current object" follows after a pause in clicking
-KEYS = {
-    "s": "segment",
-    "c": "commit",
-    "Shift-C": "clear",
-    "t": "toggle_polarity",
-    "u": "undo",
-    "b": "take_back_click",
-    "Shift-S": "propagate",
-}
+
+
+class WidgetView:
+    """The :class:`~napari_robustmedsam.annotation.controller.AnnotatorView` of an :class:`AnnotatorWidget`: what
+    the controller reads (prompts, the user's choices, the model) and reports (masks, messages, signals)."""
+
+    def __init__(self, widget: "AnnotatorWidget") -> None:
+        self.w = widget
+
+    def slice_prompts(self, z: int) -> SlicePrompts:
+        return self.w.slice_prompts(z)
+
+    def current_z(self) -> int:
+        return self.w.current_z()
+
+    def settings(self) -> AnnotatorSettings:
+        return AnnotatorSettings(
+            local_corrections=self.w.local_combo.currentText(), click_guard=self.w.guard_combo.currentText(),
+            overwrite=self.w.overwrite_check.isChecked(), auto_repropagate=self.w.auto_repropagate_check.isChecked(),
+            iou_threshold=float(self.w.iou_spin.value()), prompt_mode=self.w.prompt_mode_combo.currentText())
+
+    def live(self) -> bool:
+        return self.w.live_check.isChecked()
+
+    def loaded_model(self):
+        return self.w.state.loaded
+
+    def with_model(self, then) -> bool:
+        return self.w._with_model(then)
+
+    def show_error(self, err: BaseException) -> None:
+        self.w.banner.show_error(err)
+
+    def show_hint(self, text: str) -> None:
+        self.w.banner.show_message(text, "hint")
+
+    def clear_message(self) -> None:
+        self.w.banner.clear_message()
+
+    def set_status(self, text: str) -> None:
+        self.w._set_status(text)
+
+    def mask_changed(self, z: int | None = None) -> None:
+        self.w._update_current_layer(z)
+
+    def labels_changed(self) -> None:
+        self.w._update_committed_layer()
+
+    def embeddings_changed(self) -> None:
+        self.w._update_embed_status()
+
+    def clear_prompts(self, z: int | None = None) -> None:
+        self.w._clear_prompt_layers(z)
+
+    def slice_done(self, z: int, seconds: float) -> None:
+        self.w.segmented.emit(z, seconds)
+
+    def propagation_done(self, result) -> None:
+        self.w.propagated.emit(result)
 
 
 class AnnotatorWidget(QWidget):
@@ -83,7 +138,7 @@ class AnnotatorWidget(QWidget):
         self.current_layer = None
         self.committed_layer = None
         self._suppress = 0
-        self.controller = AnnotationController(self, self._run_task, self._make_timer,
+        self.controller = AnnotationController(WidgetView(self), self._run_task, self._make_timer,
                                                decode_context=lambda: _intra_op_threads(GUI_DECODE_THREADS))
         build_controls(self)
         self._update_polarity_button()
@@ -105,9 +160,7 @@ class AnnotatorWidget(QWidget):
         if self.state.loaded is not None:
             self._on_model_changed(self.state.loaded)
 
-    # =============================================================================================
-    # UI
-    # =============================================================================================
+    # ---- UI
     def _update_enabled(self) -> None:
         has_image = self.session is not None
         for w in (self.embed_button, self.segment_button, self.commit_button, self.clear_button, self.undo_button,
@@ -119,9 +172,7 @@ class AnnotatorWidget(QWidget):
     def _set_status(self, text: str) -> None:
         self.status.setText(text)
 
-    # =============================================================================================
-    # image layer choice
-    # =============================================================================================
+    # ---- image layer choice
     @staticmethod
     def _is_image(layer) -> bool:
         from napari.layers import Image
@@ -174,19 +225,7 @@ class AnnotatorWidget(QWidget):
         if layer is self.image_layer and self.session is not None and not force:
             return True
         try:
-            if not self._is_image(layer):
-                kind_name = type(layer).__name__ if layer is not None else "nothing"
-                raise ImageInputError(
-                    f"the annotator works on image layers; '{getattr(layer, 'name', '')}' is a {kind_name} layer"
-                )
-            if getattr(layer, "multiscale", False):
-                raise ImageInputError(
-                    f"'{layer.name}' is a multiscale (pyramid) image: open its full-resolution level as a plain image"
-                )
-            kind = image_kind(tuple(layer.data.shape), bool(layer.rgb))
-            dtype = np.dtype(layer.data.dtype)
-            if dtype.kind not in "uifb":
-                raise ImageInputError(f"'{layer.name}' has pixel type {dtype}, which cannot be segmented")
+            kind = annotatable_kind(layer, self._is_image(layer))
         except UserFacingError as err:
             self.banner.show_error(err)
             return False
@@ -213,9 +252,7 @@ class AnnotatorWidget(QWidget):
         if layer is not None:
             self.set_image_layer(layer, force=True)
 
-    # =============================================================================================
-    # managed layers
-    # =============================================================================================
+    # ---- managed layers
     def _ensure_layers(self) -> None:
         self._suppress += 1
         try:
@@ -233,16 +270,8 @@ class AnnotatorWidget(QWidget):
 
     def select_prompt_layer(self) -> None:
         """Box-trained models: select the box layer in rectangle mode; otherwise the points layer in add mode."""
-        box_primary = bool(self.state.loaded is not None and self.state.loaded.box_primary) or self.state.loaded is None
-        try:
-            if box_primary and self.boxes_layer is not None:
-                self.viewer.layers.selection.active = self.boxes_layer
-                self.boxes_layer.mode = "add_rectangle"
-            elif self.points_layer is not None:
-                self.viewer.layers.selection.active = self.points_layer
-                self.points_layer.mode = "add"
-        except Exception:
-            pass
+        loaded = self.state.loaded
+        activate_prompt_layer(self.viewer, self.points_layer, self.boxes_layer, loaded is None or bool(loaded.box_primary))
 
     def _sync_committed_into_session(self) -> None:
         if self.session is not None and self.committed_layer is not None:
@@ -265,9 +294,7 @@ class AnnotatorWidget(QWidget):
         if self.committed_layer is not None and self.session is not None:
             self.committed_layer.data = self.session.labels.copy()
 
-    # =============================================================================================
-    # model and embeddings
-    # =============================================================================================
+    # ---- model and embeddings
     def _on_model_changed(self, loaded) -> None:
         self._make_embeddings()
         self.controller.model_changed()
@@ -277,15 +304,7 @@ class AnnotatorWidget(QWidget):
             self._set_status(f"Model changed to {display_name(loaded)}: press S to segment again with it.")
 
     def _update_hint(self) -> None:
-        loaded = self.state.loaded
-        if loaded is not None and loaded.box_primary:
-            self.hint.show_message(BOX_PRIMARY_HINT.format(name=display_name(loaded)), "hint")
-        elif loaded is None:
-            self.hint.show_message(
-                "The embedded LiteMedSAM is loaded on first use. It was trained with box prompts only: "
-                "draw a box around the object first, then refine with points.", "hint")
-        else:
-            self.hint.show_message("Click positive / negative points or draw a box.", "info")
+        self.hint.show_message(*model_hint(self.state.loaded))
 
     def _make_embeddings(self) -> None:
         if self.image_layer is None or self.state.predictor is None:
@@ -296,14 +315,7 @@ class AnnotatorWidget(QWidget):
         self._update_embed_status()
 
     def _update_embed_status(self) -> None:
-        if self.embeddings is None:
-            self.embed_status.setText("Embeddings: not computed yet.")
-            return
-        e = self.embeddings
-        disk = f", {e.from_disk} from the disk cache" if e.from_disk else ""
-        notice = getattr(self.state, "engine_notice", None)
-        where = f" Cache: {e.cache_dir}" if e.cache_dir else (f" (memory only: {notice})" if notice else " (memory only)")
-        self.embed_status.setText(f"Embeddings: {e.n_ready}/{e.n_slices} slice(s) ready{disk}.{where}")
+        self.embed_status.setText(embed_status_text(self.embeddings, getattr(self.state, "engine_notice", None)))
 
     def _with_model(self, then) -> bool:
         """Run ``then()`` now if a model is loaded, else after loading the default one."""
@@ -328,25 +340,16 @@ class AnnotatorWidget(QWidget):
         self.banner.clear_message()
         self._with_model(self.controller.compute_embeddings)
 
-    # =============================================================================================
-    # slices and prompts
-    # =============================================================================================
+    # ---- slices and prompts
     def current_z(self) -> int:
         if self.session is None or not self.session.is_volume:
             return 0
-        point = np.asarray(self.viewer.dims.point, dtype=float)
-        world_z = point[-3] if point.size >= 3 else 0.0
-        scale = float(self.image_layer.scale[0]) or 1.0
-        z = int(round((world_z - float(self.image_layer.translate[0])) / scale))
-        return int(np.clip(z, 0, self.session.n_slices - 1))
+        return visible_slice(self.viewer, self.image_layer, self.session.n_slices)
 
     def set_slice(self, z: int) -> None:
         """Show slice ``z`` of the volume (moves the dims slider)."""
-        if self.session is None or not self.session.is_volume:
-            return
-        world = float(self.image_layer.translate[0]) + z * float(self.image_layer.scale[0])
-        axis = self.viewer.dims.ndim - 3
-        self.viewer.dims.set_point(axis, world)
+        if self.session is not None and self.session.is_volume:
+            show_slice(self.viewer, self.image_layer, z)
 
     def slice_prompts(self, z: int) -> SlicePrompts:
         """The user's prompts on slice ``z`` from the prompt layers, as (x, y) pixel coordinates."""
@@ -385,9 +388,7 @@ class AnnotatorWidget(QWidget):
                 "propagated" if z in self.session.current_prompts else "no object")
             self._set_status(f"Slice {z}: {state}.")
 
-    # =============================================================================================
-    # the controller's view (annotation.controller.AnnotatorView) and its state
-    # =============================================================================================
+    # ---- the controller's view (annotation.controller.AnnotatorView) and its state
     session = property(lambda self: self.controller.session)
     embeddings = property(lambda self: self.controller.embeddings)
     decode_modes = property(lambda self: self.controller.scheduler.modes)  # how the decodes ran (benchmarks)
@@ -406,54 +407,7 @@ class AnnotatorWidget(QWidget):
         timer.timeout.connect(callback)
         return timer
 
-    def settings(self) -> AnnotatorSettings:
-        return AnnotatorSettings(
-            local_corrections=self.local_combo.currentText(), click_guard=self.guard_combo.currentText(),
-            overwrite=self.overwrite_check.isChecked(), auto_repropagate=self.auto_repropagate_check.isChecked(),
-            iou_threshold=float(self.iou_spin.value()), prompt_mode=self.prompt_mode_combo.currentText())
-
-    def live(self) -> bool:
-        return self.live_check.isChecked()
-
-    def loaded_model(self):
-        return self.state.loaded
-
-    def with_model(self, then) -> bool:
-        return self._with_model(then)
-
-    def show_error(self, err: BaseException) -> None:
-        self.banner.show_error(err)
-
-    def show_hint(self, text: str) -> None:
-        self.banner.show_message(text, "hint")
-
-    def clear_message(self) -> None:
-        self.banner.clear_message()
-
-    def set_status(self, text: str) -> None:
-        self._set_status(text)
-
-    def mask_changed(self, z: int | None = None) -> None:
-        self._update_current_layer(z)
-
-    def labels_changed(self) -> None:
-        self._update_committed_layer()
-
-    def embeddings_changed(self) -> None:
-        self._update_embed_status()
-
-    def clear_prompts(self, z: int | None = None) -> None:
-        self._clear_prompt_layers(z)
-
-    def slice_done(self, z: int, seconds: float) -> None:
-        self.segmented.emit(z, seconds)
-
-    def propagation_done(self, result) -> None:
-        self.propagated.emit(result)
-
-    # =============================================================================================
-    # segmentation
-    # =============================================================================================
+    # ---- segmentation
     def segment(self, z: int | None = None, t_request: float | None = None) -> None:
         """Segment the current object on slice ``z`` (default: the visible one) from its prompts."""
         self.controller.segment(z, t_request)
@@ -461,9 +415,7 @@ class AnnotatorWidget(QWidget):
     def _segment_args(self, z: int, prompts: SlicePrompts) -> dict:
         return self.controller.segment_args(z, prompts)
 
-    # =============================================================================================
-    # commit / clear / undo / polarity
-    # =============================================================================================
+    # ---- commit / clear / undo / polarity
     def commit(self) -> int | None:
         if self.session is None:
             return None
@@ -501,21 +453,16 @@ class AnnotatorWidget(QWidget):
             self._set_status("No click to take back.")
             return False
         z = self.current_z()
-        data = np.asarray(self.points_layer.data, dtype=float)
-        on_slice = np.flatnonzero(np.round(data[:, 0]) == z) if self.session.is_volume else np.arange(len(data))
-        if on_slice.size == 0:
+        # the layer's change event re-segments, which restores the earlier mask
+        if not remove_last_point(self.points_layer, z, self.session.is_volume):
             self._set_status(f"No click to take back on slice {z}.")
             return False
-        self.points_layer.selected_data = {int(on_slice[-1])}
-        self.points_layer.remove_selected()  # the layer's change event re-segments, which restores the earlier mask
         return True
 
     def toggle_polarity(self) -> str:
         if self.points_layer is None:
             return "positive"
-        current = str(self.points_layer.feature_defaults["label"][0])
-        new = "negative" if current == "positive" else "positive"
-        self.points_layer.feature_defaults = {"label": new}
+        new = set_polarity(self.points_layer, "negative" if self.polarity == "positive" else "positive")
         self._update_polarity_button()
         return new
 
@@ -535,7 +482,7 @@ class AnnotatorWidget(QWidget):
         """Programmatic click (tests, benchmarks, scripts): a point at pixel (x, y) on slice z."""
         pol = "positive" if positive else "negative"
         if self.polarity != pol:  # setting the defaults re-emits napari's feature events (a few ms)
-            self.points_layer.feature_defaults = {"label": pol}
+            set_polarity(self.points_layer, pol)
             self._update_polarity_button()
         coords = [y, x] if not self.session.is_volume else [self.current_z() if z is None else z, y, x]
         self.points_layer.add(np.asarray([coords], dtype=float))
@@ -545,9 +492,7 @@ class AnnotatorWidget(QWidget):
         volume_z = (self.current_z() if z is None else z) if self.session.is_volume else None
         self.boxes_layer.add_rectangles(box_rectangle(box, volume_z))
 
-    # =============================================================================================
-    # 3D
-    # =============================================================================================
+    # ---- 3D
     def mark_end(self, z: int | None = None) -> None:
         if self.session is None or not self.session.is_volume:
             return
@@ -559,26 +504,15 @@ class AnnotatorWidget(QWidget):
         """Propagate the current object through the volume from its annotated slices (worker + progress)."""
         return self.controller.propagate(changed_only)
 
-    # =============================================================================================
-    # keys
-    # =============================================================================================
+    # ---- keys
     def _bind_keys(self) -> None:
-        for key, action in KEYS.items():
-            self.viewer.bind_key(key, self._key_handler(action), overwrite=True)
+        bind_keys(self.viewer, self._key_handler)
 
     def bind_layer_keys(self, layer) -> None:
-        for key, action in KEYS.items():
-            try:
-                layer.bind_key(key, self._key_handler(action), overwrite=True)
-            except Exception:
-                pass
+        bind_keys(layer, self._key_handler, quiet=True)
 
     def _key_handler(self, action: str):
-        def handler(*_args):
-            getattr(self, action)()
-
-        handler.__name__ = f"robustmedsam_{action}"
-        return handler
+        return key_handler(self, action)
 
 
 @contextlib.contextmanager

@@ -17,7 +17,9 @@ from qtpy.QtWidgets import (
     QVBoxLayout,
 )
 
+from ..annotation.model_info import display_name
 from ..annotation.prompt_decoding import (
+    BOX_PRIMARY_HINT,
     CLICK_GUARD_MODES,
     DEFAULT_CLICK_GUARD,
     DEFAULT_LOCAL_CORRECTIONS,
@@ -27,9 +29,40 @@ from ..annotation.propagation import DEFAULT_IOU_THRESHOLD, DEFAULT_PROMPT_MODE,
 from ._common import Banner, TaskRow, mode_combo, shrinkable
 
 
+KEYS = {
+    "s": "segment",
+    "c": "commit",
+    "Shift-C": "clear",
+    "t": "toggle_polarity",
+    "u": "undo",
+    "b": "take_back_click",
+    "Shift-S": "propagate",
+}
+
+
+def key_handler(widget, action: str):
+    """A napari key callback that calls ``widget.<action>()``."""
+    def handler(*_args):
+        getattr(widget, action)()
+
+    handler.__name__ = f"robustmedsam_{action}"
+    return handler
+
+
+def bind_keys(target, handler_for, quiet: bool = False) -> None:
+    """Bind :data:`KEYS` on the viewer or a layer (``quiet``: a layer that refuses a binding is left as it is)."""
+    for key, action in KEYS.items():
+        try:
+            target.bind_key(key, handler_for(action), overwrite=True)
+        except Exception:
+            if not quiet:
+                raise
+
+
 def build_controls(w) -> None:
     """Create the annotator's controls on ``w`` and lay them out (image choice, embeddings, live / local / guard
-    choices, polarity, the action buttons, the 3D group, messages)."""
+    choices, polarity, the action buttons, the 3D group, messages). Long on purpose: one straight run of
+    statements per control, in the order they appear on screen; split up it would only scatter the layout."""
     w.image_combo = shrinkable(QComboBox())
     w.image_combo.currentIndexChanged.connect(w._on_combo_changed)
     w.embed_button = QPushButton("Compute embeddings")
@@ -135,3 +168,26 @@ def build_controls(w) -> None:
     layout.addWidget(w.banner)
     layout.addWidget(w.status)
     layout.addStretch(1)
+
+
+def model_hint(loaded) -> tuple[str, str]:
+    """The hint above the controls for the loaded model (None: the default, not loaded yet) and its level."""
+    if loaded is not None and loaded.box_primary:
+        return BOX_PRIMARY_HINT.format(name=display_name(loaded)), "hint"
+    if loaded is None:
+        return ("The embedded LiteMedSAM is loaded on first use. It was trained with box prompts only: "
+                "draw a box around the object first, then refine with points.", "hint")
+    return "Click positive / negative points or draw a box.", "info"
+
+
+def embed_status_text(emb, engine_notice: str | None) -> str:
+    """The embeddings line: slices ready, how many came from the disk cache, and where that cache is (or why
+    there is none)."""
+    if emb is None:
+        return "Embeddings: not computed yet."
+    disk = f", {emb.from_disk} from the disk cache" if emb.from_disk else ""
+    if emb.cache_dir:
+        where = f" Cache: {emb.cache_dir}"
+    else:
+        where = f" (memory only: {engine_notice})" if engine_notice else " (memory only)"
+    return f"Embeddings: {emb.n_ready}/{emb.n_slices} slice(s) ready{disk}.{where}"
