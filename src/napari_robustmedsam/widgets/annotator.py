@@ -197,6 +197,8 @@ class AnnotatorWidget(QWidget):
         self._ensure_layers()
         self._sync_committed_into_session()
         self._make_embeddings()
+        if self.session.is_volume and self.prefetch_check.isChecked() and self.state.loaded is None:
+            self._with_model(lambda: None)  # the model loads now; its embeddings then start the prefetch
         self.image_combo.blockSignals(True)
         self.image_combo.setCurrentText(layer.name)
         self.image_combo.blockSignals(False)
@@ -293,6 +295,8 @@ class AnnotatorWidget(QWidget):
         else:
             self.controller.set_embeddings(SliceEmbeddings(self.state.predictor, self.image_layer.data, self.kind,
                                                            engine=self.state.engine))
+            if self.prefetch_check.isChecked():
+                self.controller.start_prefetch()
         self._update_embed_status()
 
     def _update_embed_status(self) -> None:
@@ -381,6 +385,7 @@ class AnnotatorWidget(QWidget):
     def _on_slice_changed(self, event=None) -> None:
         if self.session is not None and self.session.is_volume:
             z = self.current_z()
+            self.controller.set_focus(z)
             state = "user prompts" if z in self.session.user_slices() else (
                 "propagated" if z in self.session.current_prompts else "no object")
             self._set_status(f"Slice {z}: {state}.")
@@ -396,7 +401,7 @@ class AnnotatorWidget(QWidget):
     last_latency = property(lambda self: self.controller.last_latency)
 
     def _run_task(self, work, done, failed, name: str, kind: str):
-        row = {"embed": self.embed_row, "propagate": self.propagate_row}.get(kind)
+        row = {"embed": self.embed_row, "prefetch": self.embed_row, "propagate": self.propagate_row}.get(kind)
         return run_task(work, done, failed, name=name, row=row)
 
     def _make_timer(self, interval_ms: int, callback) -> QTimer:
@@ -410,7 +415,8 @@ class AnnotatorWidget(QWidget):
         return AnnotatorSettings(
             local_corrections=self.local_combo.currentText(), click_guard=self.guard_combo.currentText(),
             overwrite=self.overwrite_check.isChecked(), auto_repropagate=self.auto_repropagate_check.isChecked(),
-            iou_threshold=float(self.iou_spin.value()), prompt_mode=self.prompt_mode_combo.currentText())
+            iou_threshold=float(self.iou_spin.value()), prompt_mode=self.prompt_mode_combo.currentText(),
+            min_score=float(self.score_spin.value()))
 
     def live(self) -> bool:
         return self.live_check.isChecked()
