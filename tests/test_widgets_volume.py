@@ -120,3 +120,24 @@ def test_propagation_on_brain_mri_reaches_measured_floor(make_napari_viewer, qtb
 
     assert d3 >= DICE_3D_FLOOR, d3
     assert d3_corrected >= DICE_3D_CORRECTED_FLOOR, d3_corrected
+
+
+def test_opening_a_volume_embeds_its_slices_in_the_background_current_slice_first(make_napari_viewer, qtbot,
+                                                                                  litemedsam, brain):
+    volume, truth = brain
+    viewer = make_napari_viewer(show=True)
+    _, widget = viewer.window.add_plugin_dock_widget("napari-robustmedsam", "RobustMedSAM")
+    annotator = widget.annotator
+    annotator.state.set_model(litemedsam, None)  # memory only: nothing comes from a disk cache
+    small = np.ascontiguousarray(volume[6:11, ::4, ::4])  # 5 slices of 64 x 64: cheap to embed
+    layer = viewer.add_image(small, name="small_volume")
+    viewer.dims.set_current_step(0, 3)
+    assert annotator.set_image_layer(layer)
+    z_open = annotator.current_z()
+    assert annotator.controller.prefetch_handle is not None and annotator.embed_row.isVisible()
+    qtbot.waitUntil(lambda: annotator.embeddings.complete and annotator.controller.prefetch_handle is None,
+                    timeout=300_000)
+    order = annotator.controller.prefetcher.order
+    assert order[0] == z_open and sorted(order) == list(range(5))
+    assert [abs(z - z_open) for z in order] == sorted(abs(z - z_open) for z in order)  # nearest first
+    assert "5/5" in annotator.embed_status.text()

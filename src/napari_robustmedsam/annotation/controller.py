@@ -155,6 +155,7 @@ class AnnotationController:
         self.embed_handles: dict[int, Any] = {}
         self.prefetch_handle = None  # the background embedding of a volume's slices (start_prefetch)
         self.focus_z = 0  # the slice the user looks at: the prefetch embeds nearest to it first
+        self.prefetcher: SlicePrefetcher | None = None  # the last one started (its order: tests, status)
         self.propagated_once = False
         self.changed_since_propagation: set[int] = set()
         self.propagation_handle = None
@@ -232,7 +233,7 @@ class AnnotationController:
         if self.prefetch_handle is not None and not self.prefetch_handle.done:
             return
         self.focus_z = self.view.current_z()
-        prefetcher = SlicePrefetcher(emb, lambda: self.focus_z)
+        prefetcher = self.prefetcher = SlicePrefetcher(emb, lambda: self.focus_z)
 
         def work(handle):
             return prefetcher.run(progress=lambda d, t: handle.report(d, t, "slices embedded"),

@@ -36,7 +36,7 @@ PROMPT_MODES = ("box", "mask", "points", "box+mask", "box+points", "points+mask"
                 "box+logits", "box+points+logits")
 DEFAULT_PROMPT_MODE = "box+mask"
 DEFAULT_IOU_THRESHOLD = 0.5
-DEFAULT_MIN_SCORE = 0.0  # off
+DEFAULT_MIN_SCORE = 0.8  # chosen by docs/results/propagation/rule.md (0 = off)
 
 # segment(z, box, points, point_labels, mask_prompt[, logits]) -> (mask (H, W) bool, logits or None, score);
 # ``logits`` (the neighbour's low-resolution logits) is passed only by the modes that use them
