@@ -402,7 +402,7 @@ class AnnotatorWidget(QWidget):
 
     def _run_task(self, work, done, failed, name: str, kind: str):
         row = {"embed": self.embed_row, "prefetch": self.embed_row, "propagate": self.propagate_row}.get(kind)
-        return run_task(work, done, failed, name=name, row=row)
+        return run_task(work, done, failed, name=name, row=row, background=kind == "prefetch")
 
     def _make_timer(self, interval_ms: int, callback) -> QTimer:
         timer = QTimer(self)
