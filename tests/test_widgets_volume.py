@@ -139,10 +139,9 @@ def test_opening_a_volume_embeds_its_slices_in_the_background_current_slice_firs
     annotator = widget.annotator
     annotator.state.set_model(litemedsam, None)  # memory only: nothing comes from a disk cache
     small = np.ascontiguousarray(volume[6:11, ::4, ::4])  # 5 slices of 64 x 64: cheap to embed
-    layer = viewer.add_image(small, name="small_volume")
-    viewer.dims.set_current_step(0, 3)
+    layer = viewer.add_image(small, name="small_volume")  # the annotator takes it up and starts embedding
     assert annotator.set_image_layer(layer)
-    z_open = annotator.current_z()
+    z_open = annotator.current_z()  # napari shows the middle slice; the user does not scroll here
     assert annotator.controller.prefetch_handle is not None and annotator.embed_row.isVisibleTo(annotator)
     qtbot.waitUntil(lambda: annotator.embeddings.complete and annotator.controller.prefetch_handle is None,
                     timeout=300_000)
