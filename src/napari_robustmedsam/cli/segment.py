@@ -9,7 +9,8 @@ from contextlib import contextmanager
 
 import numpy as np
 
-from ..errors import ImageInputError
+from ..errors import ImageInputError, UserFacingError
+from .volume_input import add_volume_options, read_input
 
 
 def add_parser(subparsers) -> None:
@@ -21,14 +22,18 @@ def add_parser(subparsers) -> None:
             "Each --box is one object (label 1, 2, ...); points without a box make one object."
         ),
     )
-    p.add_argument("image", help="PNG/JPG/TIFF/NPY image, or a NIfTI/NRRD/TIFF volume with --slice")
+    p.add_argument("image", help="PNG/JPG/TIFF/NPY image, a DICOM file, or a volume (DICOM folder, NIfTI, NRRD, MHA, TIFF) with --slice")
     p.add_argument("--box", nargs=4, type=float, action="append", metavar=("X0", "Y0", "X1", "Y1"), help="box prompt (repeatable: one object each)")
     p.add_argument("--point", nargs=2, type=float, action="append", metavar=("X", "Y"), default=[], help="positive point (repeatable)")
     p.add_argument("--negative", nargs=2, type=float, action="append", metavar=("X", "Y"), default=[], help="negative point (repeatable)")
     p.add_argument("--model", default="litemedsam", help="registry name (default: litemedsam, embedded) or checkpoint path")
     p.add_argument("--slice", type=int, default=None, metavar="Z", help="slice index of a 3D volume (first axis)")
     p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cuda, mps or cpu")
-    p.add_argument("-o", "--output", required=True, help="mask file to write (.png, .tif, .npy, .nii.gz)")
+    p.add_argument("-o", "--output", help="mask file to write (.png, .tif, .npy, .nii.gz, .nrrd, .mha); NIfTI/NRRD/MHA "
+                   "keep the image's geometry (a volume's slice is written as a one-slice volume at its place)")
+    p.add_argument("--into", metavar="LABELS", help="with --slice: write the masks into slice Z of this full-volume label "
+                   "file (NIfTI/NRRD/MHA on the image's grid; created if missing, other slices and labels kept)")
+    add_volume_options(p)
     p.set_defaults(func=run)
 
 
@@ -65,13 +70,24 @@ def select_plane(array: np.ndarray, slice_index: int | None) -> np.ndarray:
 def run(args: argparse.Namespace) -> int:
     from ..checkpoints import load_model
     from ..engine.predictor import Predictor
-    from ..io import read_image, write_mask
+    from ..io import write_mask
 
     if not args.box and not args.point and not args.negative:
         raise ImageInputError("no prompt given: add --box X0 Y0 X1 Y1 or --point X Y")
     if args.negative and not args.point and not args.box:
         raise ImageInputError("only negative points were given: add a --point or a --box for the object")
-    image = select_plane(read_image(args.image), args.slice)
+    if not args.output and not args.into:
+        raise UserFacingError("say where the masks go: -o MASK_FILE, or --into LABELS with --slice Z")
+    if args.into and args.slice is None:
+        raise UserFacingError("--into writes one slice of a volume's label file: give the slice with --slice Z")
+    volume, geometry, window = read_input(args)
+    image = select_plane(volume, args.slice)
+    if args.into:
+        from ..io.medical import refuse_source_overwrite
+
+        refuse_source_overwrite(args.into, geometry)  # before the slow steps
+    if window is not None:
+        image = window.apply(image)
     with _stage(f"loading model {args.model}"):
         loaded = load_model(args.model, device=args.device)
     predictor = Predictor.from_loaded(loaded)
@@ -96,8 +112,17 @@ def run(args: argparse.Namespace) -> int:
     label_map = np.zeros(prediction.masks.shape[1:], dtype=np.uint16 if n_objects > 255 else np.uint8)
     for index, mask in enumerate(prediction.masks, start=1):
         label_map[mask & (label_map == 0)] = index
-    write_mask(args.output, label_map)
     for index, (mask, score) in enumerate(zip(prediction.masks, prediction.scores), start=1):
         print(f"object {index}: {int(mask.sum())} px, predicted IoU {score:.3f}")
-    print(f"wrote {args.output}")
+    if args.output:
+        out_geometry = geometry
+        if geometry is not None and args.slice is not None and volume.ndim == 3:
+            out_geometry = geometry.slab(args.slice)
+        write_mask(args.output, label_map, out_geometry)
+        print(f"wrote {args.output}")
+    if args.into:
+        from ..io.medical import write_slice_into
+
+        write_slice_into(args.into, label_map, args.slice, volume.shape, geometry)
+        print(f"wrote slice {args.slice} of {args.into}")
     return 0

@@ -672,3 +672,33 @@ def check_labels_fit(labels_shape, labels_geometry: Geometry | None, image_shape
             f"{what} do not fit the image: " + "; ".join(problems) + ". Open the matching image, or resample the "
             "labels onto it (e.g. 3D Slicer's 'Resample Scalar/Vector/DWI Volume', nearest neighbour)"
         )
+
+
+def write_slice_into(path: str | Path, slice_labels: np.ndarray, z: int, volume_shape, geometry: Geometry | None) -> Path:
+    """Write a 2D label map into slice ``z`` of a full-volume label file on the image's grid.
+
+    An existing file must be on the image's grid (else refused, saying what differs); its other slices and,
+    on slice ``z``, its labels outside the new masks are kept. A missing file is created (zeros elsewhere).
+    """
+    from .images import read_image_geometry, write_mask
+
+    p = Path(path)
+    refuse_source_overwrite(p, geometry)
+    shape = tuple(int(s) for s in volume_shape)
+    new = np.asarray(slice_labels)
+    if new.shape != shape[1:]:
+        raise UserFacingError(f"a slice of shape {new.shape} does not fit a volume of shape {shape}")
+    if p.exists():
+        existing, existing_geometry = read_image_geometry(p)
+        check_labels_fit(existing.shape, existing_geometry, shape, geometry, what=f"the labels in {p.name}")
+        if existing.dtype.kind not in "iub":
+            raise UserFacingError(f"{p.name} does not hold integer labels ({existing.dtype}); choose another file")
+        labels = np.asarray(existing)
+    else:
+        labels = np.zeros(shape, np.uint8)
+    top = max(int(new.max(initial=0)), int(labels.max(initial=0)))
+    dtype = np.result_type(labels.dtype, np.uint8 if top <= 255 else np.uint16 if top <= 65535 else np.uint32)
+    labels = labels.astype(dtype, copy=True)
+    plane = labels[z]
+    plane[new > 0] = new[new > 0]
+    return write_mask(p, labels, geometry)
