@@ -2,14 +2,15 @@
 
 ``save_session("out/case01.tif", labels, records, ...)`` writes two files, both atomically:
 
-- ``out/case01.tif``: the label image (TIFF, NPY, NIfTI ``.nii.gz`` through SimpleITK, or PNG for 2D),
-  0 = background, one id per object;
+- ``out/case01.tif``: the label image (TIFF, NPY, NIfTI / NRRD / MetaImage through SimpleITK with the image's
+  geometry, or PNG for 2D), 0 = background, one id per object;
 - ``out/case01.prompts.json``: the session record::
 
     {"format": "napari-robustmedsam-session", "version": 1, "created": ISO time,
      "labels_file": "case01.tif", "shape": [...], "dtype": "uint32",
      "coordinates": "...",                                # the conventions below
-     "image": {"name", "shape", "dtype", "source", "kind"},   # what was annotated
+     "image": {"name", "shape", "dtype", "source", "kind",    # what was annotated: the file or DICOM folder,
+               "window", "geometry"},                       # the CT window the model saw, spacing/origin/direction
      "model": {"name", "architecture", "decoder", "preprocessing", "sha256"},
      "objects": [{"id": 1, "n_pixels": 812,
                   "slices": {"0": {"points": [[x, y], ...], "point_labels": [1, 0],
@@ -36,7 +37,7 @@ from ..errors import UserFacingError
 
 SESSION_FORMAT = "napari-robustmedsam-session"
 SESSION_VERSION = 1
-LABEL_SUFFIXES = (".tif", ".tiff", ".npy", ".nii.gz", ".nii", ".png")
+LABEL_SUFFIXES = (".tif", ".tiff", ".npy", ".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd", ".png")
 COORDINATES_NOTE = (
     "points (x, y) = (column, row) pixel indices; boxes (x0, y0, x1, y1) with exclusive upper corners; "
     "slice keys index the first axis of a volume ('0' for a 2D image)"
@@ -73,6 +74,7 @@ class LoadedSession:
     labels_path: Path
     prompts_path: Path | None
     meta: dict[str, Any] = field(default_factory=dict)
+    geometry: Any = None  # io.medical.Geometry of a NIfTI / NRRD / MetaImage labels file
 
 
 def save_session(
@@ -82,8 +84,13 @@ def save_session(
     image_meta: dict[str, Any] | None = None,
     model_meta: dict[str, Any] | None = None,
     extra: dict[str, Any] | None = None,
+    geometry: Any = None,
 ) -> tuple[Path, Path]:
-    """Write the labels and the prompts JSON next to each other (both atomic); return both paths."""
+    """Write the labels and the prompts JSON next to each other (both atomic); return both paths.
+
+    ``geometry`` (:class:`~napari_robustmedsam.io.medical.Geometry`): NIfTI / NRRD / MetaImage labels are
+    written on the image's grid; no labels file may be the source image itself.
+    """
     from ..io import atomic_write_path, write_mask
 
     p = Path(labels_path)
@@ -95,11 +102,11 @@ def save_session(
     arr = np.asarray(labels)
     if suffix == ".png" and arr.ndim != 2:
         raise UserFacingError("a 3D label volume cannot be saved as PNG; use .tif, .npy or .nii.gz")
-    if suffix in (".nii", ".nii.gz"):
+    if suffix in (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd"):
         try:
             import SimpleITK  # noqa: F401
         except ImportError:
-            raise UserFacingError("saving NIfTI needs SimpleITK (pip install SimpleITK); or save as .tif / .npy") from None
+            raise UserFacingError(f"saving {suffix} needs SimpleITK (pip install SimpleITK); or save as .tif / .npy") from None
     if arr.dtype.kind not in "iub":
         raise UserFacingError(f"labels must be integers, got {arr.dtype}")
     if arr.dtype.kind == "u" and arr.dtype.itemsize > 4 or (arr.size and arr.max() > np.iinfo(np.uint32).max):
@@ -122,7 +129,7 @@ def save_session(
     if extra:
         meta["extra"] = extra
     text = json.dumps(meta, indent=1, default=_json_default)  # serialise before writing anything
-    write_mask(p, out)
+    write_mask(p, out, geometry)
     json_path = prompts_path_for(p)
     with atomic_write_path(json_path) as tmp:
         tmp.write_text(text)
@@ -141,7 +148,7 @@ def _json_default(value: Any):
 
 def load_session(path: str | Path) -> LoadedSession:
     """Load labels (+ prompts when the JSON is there) from the labels file or the ``.prompts.json``."""
-    from ..io import read_image
+    from ..io import read_image_geometry
 
     p = Path(path)
     if p.name.endswith(".prompts.json"):
@@ -164,7 +171,8 @@ def load_session(path: str | Path) -> LoadedSession:
             raise UserFacingError(f"session file not found: {p}")
         json_path = None
         labels_path = p
-    labels = np.asarray(read_image(labels_path))
+    labels, geometry = read_image_geometry(labels_path)
+    labels = np.asarray(labels)
     if labels.dtype.kind not in "iub":
         raise UserFacingError(f"{labels_path} does not hold integer labels ({labels.dtype})")
     if data and list(labels.shape) != list(data.get("shape", labels.shape)):
@@ -175,4 +183,5 @@ def load_session(path: str | Path) -> LoadedSession:
         labels_path=labels_path,
         prompts_path=json_path,
         meta={k: v for k, v in data.items() if k != "objects"},
+        geometry=geometry,
     )

@@ -60,6 +60,8 @@ PRESETS: dict[str, Window] = {
 #: The window a CT gets when none is chosen.
 DEFAULT_CT_WINDOW = "soft-tissue"
 NO_WINDOW = "none"
+#: Layer metadata key of the window an image layer is shown and segmented with (its ``spec``).
+WINDOW_KEY = "robustmedsam_window"
 #: An image whose lowest values reach this are taken for CT in HU (air is -1000 HU; MRI and photographs
 #: have no such values) when the file does not say its modality.
 CT_AIR_HU = -900.0
@@ -128,3 +130,14 @@ class WindowedView:
 def model_view(data: Any, window: Window | None) -> Any:
     """``data`` as the model should see it under ``window`` (unchanged without a window)."""
     return data if window is None else WindowedView(data, window)
+
+
+def layer_window(metadata: dict | None, data: Any = None) -> Window | None:
+    """The window stored in a layer's metadata; without one, the default for ``data`` (given) or none."""
+    meta = metadata or {}
+    if WINDOW_KEY in meta:
+        return parse_window(meta[WINDOW_KEY])
+    if data is None:
+        return None
+    modality = (meta.get("robustmedsam_geometry") or {}).get("modality")
+    return default_window(data, modality)

@@ -32,6 +32,8 @@ ITK_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd")
 DICOM_SUFFIXES = (".dcm", ".dicom", ".ima")
 #: Layer metadata keys under which the plugin keeps a layer's geometry (a dict) and the intensity window.
 GEOMETRY_KEY = "robustmedsam_geometry"
+#: Layer metadata key of the file an image layer was read from (formats without geometry).
+SOURCE_KEY = "robustmedsam_source"
 #: Two geometries are "the same grid" within these tolerances (mm; direction cosines; relative spacing).
 ORIGIN_TOLERANCE_MM = 1e-3
 DIRECTION_TOLERANCE = 1e-4
@@ -124,6 +126,27 @@ def geometry_from_layer(layer_or_metadata: Any) -> Geometry | None:
     meta = getattr(layer_or_metadata, "metadata", layer_or_metadata)
     data = (meta or {}).get(GEOMETRY_KEY) if isinstance(meta, dict) else None
     return Geometry.from_json(data) if data else None
+
+
+def source_of(layer: Any) -> str | None:
+    """The file or DICOM folder a layer was read from: its geometry, the plugin's metadata, or napari's source."""
+    geometry = geometry_from_layer(layer)
+    if geometry is not None and geometry.source:
+        return geometry.source
+    meta = getattr(layer, "metadata", None) or {}
+    if meta.get(SOURCE_KEY):
+        return str(meta[SOURCE_KEY])
+    path = getattr(getattr(layer, "source", None), "path", None)
+    return str(path) if path else None
+
+
+def copy_geometry(source_layer: Any, target_layer: Any) -> None:
+    """Give ``target_layer`` the geometry metadata of ``source_layer`` (labels drawn on an image)."""
+    data = (getattr(source_layer, "metadata", None) or {}).get(GEOMETRY_KEY)
+    if data:
+        target_layer.metadata[GEOMETRY_KEY] = data
+    else:
+        target_layer.metadata.pop(GEOMETRY_KEY, None)
 
 
 def layer_kwargs(geometry: Geometry, ndim: int, name: str | None = None) -> dict:

@@ -57,9 +57,12 @@ from ..annotation.propagation import (
     propagate_object,
 )
 from ..annotation.session import AnnotationSession, SlicePrompts
+from ..engine.windows import layer_window, model_view
 from ..errors import ImageInputError, UserFacingError
+from ..io.medical import copy_geometry
 from ._common import Banner, TaskRow, any_task_running, mark, mode_combo, role_of, run_task, shrinkable, unwrap
 from ._state import get_state
+from .window_control import WindowControl
 
 POINTS_NAME = "point prompts"
 BOXES_NAME = "box prompts"
@@ -247,6 +250,8 @@ class AnnotatorWidget(QWidget):
 
         form = QFormLayout()
         form.addRow("Image", self.image_combo)
+        self.window_control = WindowControl(self)
+        form.addRow("Window", self.window_control)
         polarity_row = QHBoxLayout()
         polarity_row.addWidget(QLabel("Next point"))
         polarity_row.addWidget(self.polarity_button, 1)
@@ -368,6 +373,7 @@ class AnnotatorWidget(QWidget):
         self._changed_since_propagation.clear()
         self._ensure_layers()
         self._sync_committed_into_session()
+        self.window_control.show_layer(layer)
         self._make_embeddings()
         self.image_combo.blockSignals(True)
         self.image_combo.setCurrentText(layer.name)
@@ -449,6 +455,7 @@ class AnnotatorWidget(QWidget):
                 layer.data = np.zeros(shape, np.uint32)  # a new image under the same name (e.g. image series)
             self.committed_layer = mark(layer, "committed")
             self.committed_layer.metadata["robustmedsam_image"] = id(self.image_layer)
+            copy_geometry(self.image_layer, self.committed_layer)  # File > Save writes the labels on the image's grid
             for managed in (self.points_layer, self.boxes_layer, self.current_layer, self.committed_layer,
                             self.image_layer):
                 self.bind_layer_keys(managed)
@@ -554,7 +561,8 @@ class AnnotatorWidget(QWidget):
             self.embeddings = None
             self._update_embed_status()
             return
-        self.embeddings = SliceEmbeddings(self.state.predictor, self.image_layer.data, self.kind,
+        window = layer_window(self.image_layer.metadata)  # CT: the model sees the window, the layer keeps HU
+        self.embeddings = SliceEmbeddings(self.state.predictor, model_view(self.image_layer.data, window), self.kind,
                                           engine=self.state.engine)
         self._update_embed_status()
 
