@@ -252,3 +252,26 @@ def test_disk_full_keeps_the_earlier_labels(tmp_path, monkeypatch):
         write_labels(out, np.zeros_like(arr, dtype=np.uint16), geo)
     assert out.read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ct.nii.gz", "labels.nii.gz"]  # no temporary left
+
+
+def test_two_slices_at_one_position_are_refused(tmp_path):
+    folder = tmp_path / "dup"
+    write_dicom_series(folder, synthetic_hu(), positions_mm=[0, 6.5, 13, 13, 19.5, 26])
+    with pytest.raises(ImageInputError, match="two slices at the same position.*mixes acquisitions"):
+        read_medical(folder)
+
+
+def test_series_without_pixel_data_is_refused(tmp_path):
+    import pydicom
+
+    folder = tmp_path / "nopix"
+    write_dicom_series(folder, synthetic_hu((2, 40, 48)))
+    for f in folder.iterdir():
+        ds = pydicom.dcmread(f)
+        del ds.PixelData
+        ds.save_as(f)
+    with pytest.raises(ImageInputError, match="no DICOM image series|holds no images"):
+        read_medical(folder)
+    one = sorted(folder.iterdir())[0]
+    with pytest.raises(ImageInputError, match="holds no image"):
+        read_medical(one)
