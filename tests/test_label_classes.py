@@ -102,3 +102,15 @@ def test_a_click_on_a_label_started_object_starts_from_its_mask():
                   previous_mask=np.ones((10, 10), bool), box_primary=True)
     assert sent["mask_input"] == "label-logits"
     assert sent["boxes"].tolist() == [2, 2, 6, 6]
+
+
+def test_mask_prompt_in_the_model_frame():
+    from napari_robustmedsam.annotation.label_classes import mask_prompt_fn
+
+    mask = np.zeros((60, 120), bool)
+    mask[10:30, 20:80] = True
+    logits = mask_prompt_fn("litemedsam", mask.shape)(0, mask)
+    assert tuple(logits.shape) == (1, 1, 256, 256)
+    positive = (logits[0, 0] > 0).numpy()
+    # litemedsam: the longest side (120 px) fills 256 px; rows 10-30 of 60 -> 21-64 of the 128 used
+    assert positive[40, 100] and not positive[100, 100] and not positive[40, 200]

@@ -102,6 +102,7 @@ def test_launcher_volume_geometry_window_and_prompts_json(tmp_path, qtbot, monke
         assert layer.metadata[WINDOW_KEY] == "50,350" and tuple(layer.contrast_limits) == (-125.0, 225.0)
         # the committed labels carry the geometry; the Export panel writes them on the image's grid
         annotator.committed_layer.data = (np.asarray(layer.data) > 0).astype(np.uint32)
+        annotator.label_control.classes.choose("1=body")
         out = tmp_path / "ct_labels.nii.gz"
         assert widget.export.save(out) is not None, widget.export.banner.text()
         back, geo = read_medical(out)
@@ -112,6 +113,7 @@ def test_launcher_volume_geometry_window_and_prompts_json(tmp_path, qtbot, monke
         assert meta["image"]["window"] == "50,350"
         assert meta["image"]["geometry"]["spacing"] == pytest.approx(list(SPACING), abs=1e-6)
         assert meta["model"]["name"]
+        assert meta["extra"]["label_classes"] == {"1": "body"}
         # saving over the image is refused and shown
         assert widget.export.save(src) is None and "is the image being annotated" in widget.export.banner.text()
         # labels on another grid are refused on resume, saying what differs
@@ -121,3 +123,45 @@ def test_launcher_volume_geometry_window_and_prompts_json(tmp_path, qtbot, monke
         assert widget.export.load(out)
     finally:
         viewer.close()
+
+
+@pytest.mark.gui
+def test_label_row_commits_a_class_into_the_users_labels_layer(make_napari_viewer, tmp_path):
+    from napari_robustmedsam.widgets.annotator import AnnotatorWidget
+
+    viewer = make_napari_viewer()
+    image = viewer.add_image(synthetic_hu((3, 40, 48)), name="ct")
+    existing = np.zeros((3, 40, 48), np.uint16)
+    existing[1, 10:20, 10:20] = 3
+    mine = viewer.add_labels(existing, name="my segmentation")
+    annotator = AnnotatorWidget(viewer)
+    annotator.set_image_layer(image)
+    control = annotator.label_control
+    assert control.target_combo.findText("my segmentation") > 0
+    assert control.use_target("my segmentation") and annotator.committed_layer is mine
+    # start from label 3: it becomes the current object; the commit writes it back under 3
+    assert control.start_from_label("3") == 1
+    assert np.array_equal(annotator.session.current, existing == 3)
+    smaller = np.zeros((40, 48), bool)
+    smaller[10:15, 10:20] = True
+    annotator.session.set_current_slice(1, smaller)
+    assert annotator.commit() == 3
+    assert int((np.asarray(mine.data) == 3).sum()) == 50  # the correction removed half of it
+    # a named class: the value is written into the user's layer, the name into the record
+    object_mask = np.zeros((40, 48), bool)
+    object_mask[25:30, 25:35] = True
+    annotator.session.set_current_slice(2, object_mask)
+    control.label_edit.setText("2=oedema")
+    assert annotator.commit() == 2
+    assert int((np.asarray(mine.data) == 2).sum()) == 50
+    assert annotator.session.objects[2].info["class"] == "oedema"
+    assert control.start_from_label("9") == 0 and "label 9 is not in the labels" in annotator.banner.text()
+    # a labels layer on another grid is refused, saying what differs
+    from napari_robustmedsam.io.medical import GEOMETRY_KEY, Geometry
+
+    image.metadata[GEOMETRY_KEY] = Geometry((0.78, 0.78, 6.5), (0, 0, 0), tuple(np.eye(3).ravel())).to_json()
+    other = viewer.add_labels(np.zeros((3, 40, 48), np.uint8), name="other grid",
+                              metadata={GEOMETRY_KEY: Geometry((1, 1, 1), (0, 0, 0), tuple(np.eye(3).ravel())).to_json()})
+    assert other.name in [control.target_combo.itemText(i) for i in range(control.target_combo.count())]
+    assert not control.use_target("other grid")
+    assert "spacing (1, 1, 1) vs (0.78, 0.78, 6.5)" in annotator.banner.text()

@@ -88,3 +88,19 @@ def commit_as(session, choice: LabelChoice, overwrite: bool = False, info: dict 
     if choice.name:
         details["class"] = choice.name
     return session.commit(overwrite=overwrite, label_id=choice.value, info=details)
+
+
+def mask_prompt_fn(preprocessing: str, plane_shape: tuple[int, int]):
+    """``logits_for(z, mask)`` for :meth:`AnnotationSession.start_from_label`: a label's mask as the decoder's
+    mask prompt (low-resolution logits in the model's frame, as a corrective click feeds back its previous ones).
+
+    The frame depends only on the slice size and the preprocessing, so no embedding is needed.
+    """
+    from ..engine.preprocessing import preprocess
+
+    _, frame = preprocess(np.zeros(tuple(int(s) for s in plane_shape), np.float32), preprocessing)
+
+    def logits_for(z: int, mask: np.ndarray):
+        return frame.mask_to_low_res(mask)
+
+    return logits_for

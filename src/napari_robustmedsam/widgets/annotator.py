@@ -62,6 +62,7 @@ from ..errors import ImageInputError, UserFacingError
 from ..io.medical import copy_geometry
 from ._common import Banner, TaskRow, any_task_running, mark, mode_combo, role_of, run_task, shrinkable, unwrap
 from ._state import get_state
+from .label_control import LabelControl
 from .window_control import WindowControl
 
 POINTS_NAME = "point prompts"
@@ -252,6 +253,8 @@ class AnnotatorWidget(QWidget):
         form.addRow("Image", self.image_combo)
         self.window_control = WindowControl(self)
         form.addRow("Window", self.window_control)
+        self.label_control = LabelControl(self)
+        form.addRow("Label", self.label_control)
         polarity_row = QHBoxLayout()
         polarity_row.addWidget(QLabel("Next point"))
         polarity_row.addWidget(self.polarity_button, 1)
@@ -374,6 +377,7 @@ class AnnotatorWidget(QWidget):
         self._ensure_layers()
         self._sync_committed_into_session()
         self.window_control.show_layer(layer)
+        self.label_control.refresh()
         self._make_embeddings()
         self.image_combo.blockSignals(True)
         self.image_combo.setCurrentText(layer.name)
@@ -944,7 +948,7 @@ class AnnotatorWidget(QWidget):
         try:
             loaded = self.state.loaded
             info = {"model": getattr(loaded, "name", None)}
-            result = self.session.commit(overwrite=self.overwrite_check.isChecked(), info=info)
+            result = self.label_control.commit(self.session, self.overwrite_check.isChecked(), info)
         except UserFacingError as err:
             self.banner.show_error(err)
             return None

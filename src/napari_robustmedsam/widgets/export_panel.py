@@ -68,6 +68,7 @@ class ExportPanel(QWidget):
             labels_path, json_path = save_session(
                 path, session.labels, session.records_json(), image_meta,
                 model_meta(loaded) if loaded is not None else {}, geometry=geometry,
+                extra=_label_classes(annotator),
             )
         except UserFacingError as err:
             self.banner.show_error(err)
@@ -111,3 +112,10 @@ class ExportPanel(QWidget):
         path, _ = QFileDialog.getOpenFileName(self, "Resume a session", "", LOAD_FILTER)
         if path:
             self.load(path)
+
+
+def _label_classes(annotator) -> dict | None:
+    """The session's class names (value -> name) for the prompts JSON, when the user named any."""
+    control = getattr(annotator, "label_control", None)
+    names = control.classes.to_json() if control is not None else {}
+    return {"label_classes": names} if names else None
