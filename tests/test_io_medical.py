@@ -275,3 +275,32 @@ def test_series_without_pixel_data_is_refused(tmp_path):
     one = sorted(folder.iterdir())[0]
     with pytest.raises(ImageInputError, match="holds no image"):
         read_medical(one)
+
+
+def test_dicom_series_labels_as_dicom_seg(tmp_path):
+    hd = pytest.importorskip("highdicom")
+    volume = synthetic_hu()
+    folder = tmp_path / "series"
+    write_dicom_series(folder, volume)
+    arr, geo = read_medical(folder)
+    labels = _labels_for(arr)
+    labels[:2] = 0  # not symmetric along the slices: a flipped or shifted SEG would not match
+    labels[-1, :5] = 2
+    out = write_labels(tmp_path / "labels.seg.dcm", labels, geo)
+    seg = hd.seg.segread(str(out))
+    assert [seg.get_segment_description(n).segment_label for n in seg.get_segment_numbers()] == ["label 1", "label 2"]
+    vol = seg.get_volume(combine_segments=True)
+    # highdicom's volume may order its axes differently: map its voxel indices into ours through both affines
+    ours = geo.affine()[:, [2, 1, 0, 3]]  # (slice, row, column) index order, as highdicom's
+    to_ours = np.linalg.inv(ours) @ vol.affine
+    rotation = np.round(to_ours[:3, :3])
+    assert np.allclose(to_ours[:3, :3], rotation, atol=1e-4) and np.allclose(np.abs(rotation), np.eye(3))
+    back = np.asarray(vol.array)
+    for axis in range(3):
+        if rotation[axis, axis] < 0:
+            back = np.flip(back, axis)
+    assert np.allclose(to_ours[:3, 3], [labels.shape[a] - 1 if rotation[a, a] < 0 else 0 for a in range(3)], atol=1e-3)
+    assert back.shape == labels.shape and np.array_equal(back, labels)
+    nifti_arr, nifti_geo = read_medical(write_itk(tmp_path / "ct.nii.gz", volume))
+    with pytest.raises(UserFacingError, match="only for a DICOM image"):
+        write_labels(tmp_path / "x.dcm", labels, nifti_geo)

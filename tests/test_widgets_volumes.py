@@ -56,6 +56,17 @@ def test_dicom_series_opens_through_napari_reader(make_napari_viewer, tmp_path, 
     assert np.array_equal(back, np.asarray(labels.data))
     _, image_geo = read_medical(folder)
     assert geo.differences(image_geo) == []
+    # or as a DICOM-SEG referencing the series (File > Save as .dcm)
+    hd = pytest.importorskip("highdicom")
+    seg_path = tmp_path / "ct_labels.seg.dcm"
+    assert npe2.write(str(seg_path), [labels.as_layer_data_tuple()], plugin_name="napari-robustmedsam") == [str(seg_path)]
+    seg = hd.seg.segread(str(seg_path))
+    assert seg.get_segment_numbers() == [1] and seg.Modality == "SEG"
+    import pydicom
+
+    source = pydicom.dcmread(next(folder.glob("*.dcm")), stop_before_pixels=True)
+    assert seg.StudyInstanceUID == source.StudyInstanceUID
+    assert seg.ReferencedSeriesSequence[0].SeriesInstanceUID == source.SeriesInstanceUID
 
 
 @pytest.mark.gui

@@ -38,6 +38,8 @@ from ..errors import UserFacingError
 SESSION_FORMAT = "napari-robustmedsam-session"
 SESSION_VERSION = 1
 LABEL_SUFFIXES = (".tif", ".tiff", ".npy", ".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd", ".png")
+#: Written but not read back as a session: a DICOM Segmentation of labels drawn on a DICOM series.
+SAVE_ONLY_SUFFIXES = (".dcm",)
 COORDINATES_NOTE = (
     "points (x, y) = (column, row) pixel indices; boxes (x0, y0, x1, y1) with exclusive upper corners; "
     "slice keys index the first axis of a volume ('0' for a 2D image)"
@@ -95,7 +97,7 @@ def save_session(
 
     p = Path(labels_path)
     suffix = _suffix(p)
-    if suffix not in LABEL_SUFFIXES:
+    if suffix not in LABEL_SUFFIXES + SAVE_ONLY_SUFFIXES:
         raise UserFacingError(
             f"cannot save labels as {suffix or 'a file without suffix'!r}; use one of {', '.join(LABEL_SUFFIXES)}"
         )

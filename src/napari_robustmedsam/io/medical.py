@@ -634,7 +634,8 @@ def labels_image(labels: np.ndarray, geometry: Geometry | None):
 def write_labels(path: str | Path, labels: np.ndarray, geometry: Geometry | None) -> Path:
     """Write ``labels`` as NIfTI / NRRD / MetaImage on ``geometry`` (atomic; never over the source image).
 
-    A DICOM source gives NIfTI, NRRD or MetaImage out (its geometry kept); writing ``.dcm`` is refused.
+    A DICOM source gives NIfTI, NRRD or MetaImage out (its geometry kept), or a DICOM-SEG (``.dcm``, through
+    highdicom, :mod:`.dicom_seg`) referencing the series.
     A detached header (``.nhdr``, ``.mhd``) and its data file are each replaced atomically, data first.
     """
     from .atomic import atomic_write_path
@@ -643,9 +644,13 @@ def write_labels(path: str | Path, labels: np.ndarray, geometry: Geometry | None
     suffix = suffix_of(p)
     refuse_source_overwrite(p, geometry)
     if suffix in DICOM_SUFFIXES:
-        raise UserFacingError(
-            f"labels are not written as DICOM ({p.name}); save them as .nii.gz (the DICOM geometry is kept)"
-        )
+        if geometry is None or geometry.file_format != "dicom":
+            raise UserFacingError(
+                f"labels are written as DICOM-SEG ({p.name}) only for a DICOM image; save them as .nii.gz"
+            )
+        from .dicom_seg import write_dicom_seg
+
+        return write_dicom_seg(p, labels, geometry)
     if suffix not in LABEL_WRITE_SUFFIXES:
         raise UserFacingError(f"{p.name}: labels with geometry are written as {', '.join(LABEL_WRITE_SUFFIXES)}")
     image = labels_image(labels, geometry)

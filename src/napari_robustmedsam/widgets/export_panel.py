@@ -15,7 +15,8 @@ from ..io.medical import check_labels_fit, geometry_from_layer, source_of
 from ._common import Banner
 from ._state import get_state
 
-SAVE_FILTER = ("NIfTI (*.nii.gz);;NRRD (*.nrrd);;MetaImage (*.mha);;TIFF (*.tif);;NumPy (*.npy);;PNG, 2D only (*.png)")
+SAVE_FILTER = ("NIfTI (*.nii.gz);;NRRD (*.nrrd);;MetaImage (*.mha);;DICOM-SEG, DICOM series only (*.dcm);;"
+               "TIFF (*.tif);;NumPy (*.npy);;PNG, 2D only (*.png)")
 LOAD_FILTER = ("Sessions and labels (*.prompts.json *.tif *.tiff *.npy *.nii.gz *.nii *.nrrd *.nhdr *.mha *.mhd *.png);;"
                "All files (*)")
 
