@@ -85,55 +85,58 @@ def test_nifti_reader_and_writer_refuse_the_source(make_napari_viewer, tmp_path)
 
 
 @pytest.mark.gui
-def test_launcher_volume_geometry_window_and_prompts_json(tmp_path, qtbot, monkeypatch):
+def test_launcher_volume_geometry_window_and_prompts_json(make_napari_viewer, tmp_path, monkeypatch):
+    import napari
+
     from napari_robustmedsam import launch
     from napari_robustmedsam.engine.windows import WINDOW_KEY, WindowedView
 
+    # the fixture's viewer (cleaned up by napari's test fixture, as a second plain napari.Viewer in one test
+    # session would not be)
+    monkeypatch.setattr(napari, "Viewer", lambda title=None, **kw: make_napari_viewer(title=title, show=True))
     src = write_itk(tmp_path / "ct.nii.gz", synthetic_hu())
     viewer, widget, _ = launch.setup(launch.parse_args(["--volume", str(src), "--no-embed", "--device", "cpu"]))
-    try:
-        layer = viewer.layers["ct"]
-        assert tuple(layer.scale) == pytest.approx(SPACING[::-1], abs=1e-6)
-        assert tuple(layer.translate) == pytest.approx(ORIGIN[::-1], abs=1e-4)
-        assert layer.metadata[WINDOW_KEY] == "soft-tissue"
-        annotator = widget.annotator
-        assert annotator.window_control.combo.currentText() == "soft-tissue"
-        assert isinstance(annotator.embeddings.data, WindowedView)
-        assert annotator.embeddings.data.window.name == "soft-tissue"
-        # the window row: lung for the display and the model, the data stay in HU
-        annotator.window_control.combo.setCurrentText("lung")
-        assert tuple(layer.contrast_limits) == (-1350.0, 150.0) and layer.metadata[WINDOW_KEY] == "lung"
-        assert annotator.embeddings.data.window.name == "lung" and layer.data.min() < -900
-        annotator.window_control.combo.setCurrentText("custom (L,W)")
-        annotator.window_control.custom.setText("50,oops")
-        annotator.window_control.custom.returnPressed.emit()
-        assert "unknown window" in annotator.banner.text() and layer.metadata[WINDOW_KEY] == "lung"
-        annotator.window_control.custom.setText("50,350")
-        annotator.window_control.custom.returnPressed.emit()
-        assert layer.metadata[WINDOW_KEY] == "50,350" and tuple(layer.contrast_limits) == (-125.0, 225.0)
-        # the committed labels carry the geometry; the Export panel writes them on the image's grid
-        annotator.committed_layer.data = (np.asarray(layer.data) > 0).astype(np.uint32)
-        annotator.label_control.classes.choose("1=body")
-        out = tmp_path / "ct_labels.nii.gz"
-        assert widget.export.save(out) is not None, widget.export.banner.text()
-        back, geo = read_medical(out)
-        _, image_geo = read_medical(src)
-        assert geo.differences(image_geo) == [] and back.any()
-        meta = json.loads((tmp_path / "ct_labels.prompts.json").read_text())
-        assert meta["image"]["source"] == str(src)
-        assert meta["image"]["window"] == "50,350"
-        assert meta["image"]["geometry"]["spacing"] == pytest.approx(list(SPACING), abs=1e-6)
-        assert meta["model"]["name"]
-        assert meta["extra"]["label_classes"] == {"1": "body"}
-        # saving over the image is refused and shown
-        assert widget.export.save(src) is None and "is the image being annotated" in widget.export.banner.text()
-        # labels on another grid are refused on resume, saying what differs
-        other = write_itk(tmp_path / "other.nii.gz", np.zeros(layer.data.shape, np.uint16), spacing=(1, 1, 1))
-        assert not widget.export.load(other)
-        assert "spacing (1, 1, 1) vs (0.78, 0.78, 6.5)" in widget.export.banner.text()
-        assert widget.export.load(out)
-    finally:
-        viewer.close()
+    layer = viewer.layers["ct"]
+    assert tuple(layer.scale) == pytest.approx(SPACING[::-1], abs=1e-6)
+    assert tuple(layer.translate) == pytest.approx(ORIGIN[::-1], abs=1e-4)
+    assert layer.metadata[WINDOW_KEY] == "soft-tissue"
+    annotator = widget.annotator
+    assert annotator.window_control.combo.currentText() == "soft-tissue"
+    assert isinstance(annotator.embeddings.data, WindowedView)
+    assert annotator.embeddings.data.window.name == "soft-tissue"
+    # the window row: lung for the display and the model, the data stay in HU
+    annotator.window_control.combo.setCurrentText("lung")
+    assert tuple(layer.contrast_limits) == (-1350.0, 150.0) and layer.metadata[WINDOW_KEY] == "lung"
+    assert annotator.embeddings.data.window.name == "lung" and layer.data.min() < -900
+    annotator.window_control.combo.setCurrentText("custom (L,W)")
+    annotator.window_control.custom.setText("50,oops")
+    annotator.window_control.custom.returnPressed.emit()
+    assert "unknown window" in annotator.banner.text() and layer.metadata[WINDOW_KEY] == "lung"
+    annotator.window_control.custom.setText("50,350")
+    annotator.window_control.custom.returnPressed.emit()
+    assert layer.metadata[WINDOW_KEY] == "50,350" and tuple(layer.contrast_limits) == (-125.0, 225.0)
+    # the committed labels carry the geometry; the Export panel writes them on the image's grid
+    assert annotator.committed_layer.metadata[GEOMETRY_KEY]["source"] == str(src)  # for File > Save
+    annotator.committed_layer.data = (np.asarray(layer.data) > 0).astype(np.uint32)
+    annotator.label_control.classes.choose("1=body")
+    out = tmp_path / "ct_labels.nii.gz"
+    assert widget.export.save(out) is not None, widget.export.banner.text()
+    back, geo = read_medical(out)
+    _, image_geo = read_medical(src)
+    assert geo.differences(image_geo) == [] and back.any()
+    meta = json.loads((tmp_path / "ct_labels.prompts.json").read_text())
+    assert meta["image"]["source"] == str(src)
+    assert meta["image"]["window"] == "50,350"
+    assert meta["image"]["geometry"]["spacing"] == pytest.approx(list(SPACING), abs=1e-6)
+    assert meta["model"]["name"]
+    assert meta["extra"]["label_classes"] == {"1": "body"}
+    # saving over the image is refused and shown
+    assert widget.export.save(src) is None and "is the image being annotated" in widget.export.banner.text()
+    # labels on another grid are refused on resume, saying what differs
+    other = write_itk(tmp_path / "other.nii.gz", np.zeros(layer.data.shape, np.uint16), spacing=(1, 1, 1))
+    assert not widget.export.load(other)
+    assert "spacing (1, 1, 1) vs (0.78, 0.78, 6.5)" in widget.export.banner.text()
+    assert widget.export.load(out)
 
 
 @pytest.mark.gui
