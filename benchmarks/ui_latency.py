@@ -72,7 +72,7 @@ def main(argv=None) -> int:
     from qtpy.QtCore import QEventLoop, QTimer
     from qtpy.QtWidgets import QApplication
 
-    from napari_robustmedsam.annotation.embeddings import make_engine
+    from napari_robustmedsam.annotation.slice_embeddings import make_engine
     from napari_robustmedsam.annotation.model_info import load_model_for_ui
     from napari_robustmedsam.degradations import list_degradations
     from napari_robustmedsam.sample_data import mri_phantom

@@ -7,7 +7,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from napari_robustmedsam.annotation.interactive import segment_slice
+from napari_robustmedsam.annotation.prompt_decoding import segment_slice
 from napari_robustmedsam.annotation.label_classes import LabelChoice, LabelClasses, commit_as
 from napari_robustmedsam.annotation.session import AnnotationSession, SlicePrompts
 from napari_robustmedsam.errors import UserFacingError

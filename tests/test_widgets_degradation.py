@@ -27,7 +27,7 @@ pytestmark = pytest.mark.gui
 @pytest.fixture
 def annotated(make_napari_viewer, qtbot, litemedsam, tmp_path_factory):
     """Viewer + main widget on the synthetic MRI phantom with the organ segmented from a box."""
-    from napari_robustmedsam.annotation.embeddings import make_engine
+    from napari_robustmedsam.annotation.slice_embeddings import make_engine
     from napari_robustmedsam.sample_data import mri_phantom
 
     viewer = make_napari_viewer(show=True)

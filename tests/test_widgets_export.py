@@ -25,7 +25,7 @@ preimport_model_modules()  # before any viewer exists (triton + Mesa GL, see its
 
 @pytest.fixture
 def plugin(make_napari_viewer, litemedsam, tmp_path_factory):
-    from napari_robustmedsam.annotation.embeddings import make_engine
+    from napari_robustmedsam.annotation.slice_embeddings import make_engine
 
     viewer = make_napari_viewer(show=True)
     viewer.window.resize(1400, 900)

@@ -47,7 +47,7 @@ def brain(shared_data):
 
 def test_propagation_on_brain_mri_reaches_measured_floor(make_napari_viewer, qtbot, litemedsam, brain,
                                                          tmp_path_factory):
-    from napari_robustmedsam.annotation.embeddings import make_engine
+    from napari_robustmedsam.annotation.slice_embeddings import make_engine
 
     volume, truth = brain
     viewer = make_napari_viewer(show=True)

@@ -135,7 +135,7 @@ def setup(args: argparse.Namespace):
     print(f"image: {source} {image.shape} {image.dtype}")
     widget = _dock(viewer)
     # The model is loaded before the window is handed to the user: ready to click.
-    from .annotation.embeddings import make_engine
+    from .annotation.slice_embeddings import make_engine
     from .annotation.model_info import load_model_for_ui
 
     try:

@@ -34,7 +34,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from napari_robustmedsam.annotation.interactive import local_corrections_apply
+from napari_robustmedsam.annotation.prompt_decoding import local_corrections_apply
 from napari_robustmedsam.engine.click_guard import EdgeReach
 from napari_robustmedsam.metrics import segmentation_metrics
 from napari_robustmedsam.prompting import (

@@ -460,7 +460,7 @@ class AnnotationSession:
         click starts from. The labels stay as they are until the commit, which writes the corrected object under
         the same id and gives back to 0 the pixels the corrections removed (one undo step restores all).
         """
-        from .interactive import mask_box
+        from .prompt_decoding import mask_box
 
         label_id = int(label_id)
         if self.has_current:

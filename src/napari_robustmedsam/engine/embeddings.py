@@ -659,5 +659,5 @@ class EmbeddingJob:
 
 
 def annotation_cache(predictor: Any, cache_dir: str | None = None, model_key: str = "") -> EmbeddingEngine:
-    """Factory used by :mod:`napari_robustmedsam.annotation.embeddings` (``load_cached`` / ``store``)."""
+    """Factory used by :mod:`napari_robustmedsam.annotation.slice_embeddings` (``load_cached`` / ``store``)."""
     return EmbeddingEngine(predictor, cache_dir=cache_dir)

@@ -74,7 +74,7 @@ class PluginState:
                 on_error(err, tb)
 
         def work(handle):
-            from ..annotation.embeddings import make_engine
+            from ..annotation.slice_embeddings import make_engine
 
             loaded = load_model_for_ui(source, device)
             return loaded, make_engine(loaded)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 from qtpy.QtWidgets import QComboBox, QHBoxLayout, QLineEdit, QPushButton, QVBoxLayout, QWidget
 
-from ..annotation.label_classes import LabelClasses, commit_as, mask_prompt_fn
+from ..annotation.label_classes import LabelClasses, mask_prompt_fn
 from ..errors import UserFacingError
 from ..io.medical import check_labels_fit, geometry_from_layer
 from ._common import role_of, shrinkable, unwrap
@@ -105,10 +105,10 @@ class LabelControl(QWidget):
         return True
 
     # ---- commit and start ---------------------------------------------------------------------------
-    def commit(self, session, overwrite: bool, info: dict):
-        """Commit the current object under the chosen value / class (the next free id when none is chosen)."""
+    def choice(self, session) -> tuple[int | None, dict]:
+        """(label value for the next commit or None for the next free id, record info with the class name)."""
         choice = self.classes.choose(self.label_edit.text(), session.labels)
-        return commit_as(session, choice, overwrite=overwrite, info=info)
+        return choice.value, ({"class": choice.name} if choice.name else {})
 
     def start_from_label(self, text: str | None = None) -> int:
         """Make the label typed (value or class name) the current object; return its number of slices."""

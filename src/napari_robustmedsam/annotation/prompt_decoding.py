@@ -1,7 +1,7 @@
 """Prompt -> mask on one slice, the step the annotator runs on every prompt change.
 
 Only the prompt encoder and mask decoder run here (the slice's embedding is computed once, see
-:mod:`.embeddings`). A corrective click (the same box plus more points than last time on this slice)
+:mod:`.slice_embeddings`). A corrective click (the same box plus more points than last time on this slice)
 feeds the previous low-resolution logits back as the mask prompt, so the object is refined rather than
 re-segmented from scratch. Box-trained models (LiteMedSAM, MedSAM) get the box as their primary prompt:
 without a box on the slice, a box derived from the current mask (if any) is used, and a hint says why.
