@@ -231,7 +231,7 @@ def test_saving_over_the_source_image_is_refused(tmp_path):
     folder = tmp_path / "series"
     paths = write_dicom_series(folder, synthetic_hu())
     arr, geo = read_medical(folder)
-    with pytest.raises(UserFacingError, match="is the image being annotated"):
+    with pytest.raises(UserFacingError, match="would go into the DICOM folder being annotated"):
         write_labels(paths[0], _labels_for(arr), geo)
 
 

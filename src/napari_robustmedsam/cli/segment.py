@@ -82,10 +82,11 @@ def run(args: argparse.Namespace) -> int:
         raise UserFacingError("--into writes one slice of a volume's label file: give the slice with --slice Z")
     volume, geometry, window = read_input(args)
     image = select_plane(volume, args.slice)
-    if args.into:
-        from ..io.medical import refuse_source_overwrite
+    from ..io.medical import refuse_source_overwrite
 
-        refuse_source_overwrite(args.into, geometry)  # before the slow steps
+    for target in (args.output, args.into):  # before the slow steps
+        if target:
+            refuse_source_overwrite(target, geometry)
     if window is not None:
         image = window.apply(image)
     with _stage(f"loading model {args.model}"):

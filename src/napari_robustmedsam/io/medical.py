@@ -606,10 +606,15 @@ def refuse_source_overwrite(path: str | Path, geometry: Geometry | None) -> None
         return
     target, source = Path(path), Path(geometry.source)
     inside = source.is_dir() and _same_file(target.parent, source) and suffix_of(target) in DICOM_SUFFIXES
-    if _same_file(target, source) or inside:
+    if _same_file(target, source):
         raise UserFacingError(
             f"{target.name} is the image being annotated ({source}); labels never overwrite it: "
             "choose another file name, e.g. one ending in _labels.nii.gz"
+        )
+    if inside:
+        raise UserFacingError(
+            f"{target.name} would go into the DICOM folder being annotated ({source}), among the image's files: "
+            "save the labels outside it, e.g. as labels.nii.gz beside the folder"
         )
 
 
