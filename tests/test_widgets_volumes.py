@@ -4,6 +4,8 @@ row, and the launcher's --volume with the Export panel's prompts.json."""
 from __future__ import annotations
 
 import json
+import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +14,7 @@ import pytest
 from medical_fixtures import ORIGIN, SPACING, synthetic_hu, write_dicom_series, write_itk
 from napari_robustmedsam.annotation.model_info import preimport_model_modules
 from napari_robustmedsam.io.medical import GEOMETRY_KEY, read_medical
+from widget_helpers import shot
 
 preimport_model_modules()  # before any viewer exists (triton + Mesa GL, see its docstring)
 
@@ -40,8 +43,10 @@ def test_dicom_series_opens_through_napari_reader(make_napari_viewer, tmp_path, 
     viewer.reset_view()
     for _ in range(5):
         QApplication.processEvents()
-    DOCS_IMAGES.mkdir(parents=True, exist_ok=True)
-    viewer.screenshot(str(DOCS_IMAGES / "dicom_series_reader.png"), canvas_only=False)
+    path = shot(viewer, "dicom_series_reader")  # tests/artifacts (ignored by git)
+    if os.environ.get("ROBUSTMEDSAM_UPDATE_DOC_IMAGES"):  # refresh the docs' copy on request only
+        shutil.copyfile(path, DOCS_IMAGES / "dicom_series_reader.png")
+    assert path.stat().st_size > 10_000
 
     # labels drawn on it and saved through File > Save (the plugin's writer) keep the DICOM geometry
     labels = viewer.add_labels((np.asarray(layer.data) > 0).astype(np.uint8), name="labels",
