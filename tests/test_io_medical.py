@@ -286,9 +286,9 @@ def test_dicom_series_labels_as_dicom_seg(tmp_path):
     labels = _labels_for(arr)
     labels[:2] = 0  # not symmetric along the slices: a flipped or shifted SEG would not match
     labels[-1, :5] = 2
-    out = write_labels(tmp_path / "labels.seg.dcm", labels, geo)
+    out = write_labels(tmp_path / "labels.seg.dcm", labels, geo, class_names={2: "bone"})
     seg = hd.seg.segread(str(out))
-    assert [seg.get_segment_description(n).segment_label for n in seg.get_segment_numbers()] == ["label 1", "label 2"]
+    assert [seg.get_segment_description(n).segment_label for n in seg.get_segment_numbers()] == ["label 1", "bone"]
     vol = seg.get_volume(combine_segments=True)
     # highdicom's volume may order its axes differently: map its voxel indices into ours through both affines
     ours = geo.affine()[:, [2, 1, 0, 3]]  # (slice, row, column) index order, as highdicom's
@@ -304,3 +304,17 @@ def test_dicom_series_labels_as_dicom_seg(tmp_path):
     nifti_arr, nifti_geo = read_medical(write_itk(tmp_path / "ct.nii.gz", volume))
     with pytest.raises(UserFacingError, match="only for a DICOM image"):
         write_labels(tmp_path / "x.dcm", labels, nifti_geo)
+
+
+def test_session_saved_as_dicom_seg_names_segments_after_classes(tmp_path):
+    hd = pytest.importorskip("highdicom")
+    from napari_robustmedsam.annotation.export import save_session
+
+    folder = tmp_path / "series"
+    write_dicom_series(folder, synthetic_hu())
+    arr, geo = read_medical(folder)
+    labels_path, json_path = save_session(tmp_path / "ct.seg.dcm", _labels_for(arr), [], {"source": str(folder)},
+                                          geometry=geo, class_names={1: "soft tissue", 2: "bone"})
+    seg = hd.seg.segread(str(labels_path))
+    assert [seg.get_segment_description(n).segment_label for n in (1, 2)] == ["soft tissue", "bone"]
+    assert json_path.name == "ct.seg.prompts.json" and json_path.exists()

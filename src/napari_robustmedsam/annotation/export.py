@@ -87,11 +87,13 @@ def save_session(
     model_meta: dict[str, Any] | None = None,
     extra: dict[str, Any] | None = None,
     geometry: Any = None,
+    class_names: dict[int, str] | None = None,
 ) -> tuple[Path, Path]:
     """Write the labels and the prompts JSON next to each other (both atomic); return both paths.
 
     ``geometry`` (:class:`~napari_robustmedsam.io.medical.Geometry`): NIfTI / NRRD / MetaImage labels are
-    written on the image's grid; no labels file may be the source image itself.
+    written on the image's grid; no labels file may be the source image itself. ``class_names`` (value -> name)
+    name a DICOM-SEG's segments.
     """
     from ..io import atomic_write_path, write_mask
 
@@ -131,7 +133,7 @@ def save_session(
     if extra:
         meta["extra"] = extra
     text = json.dumps(meta, indent=1, default=_json_default)  # serialise before writing anything
-    write_mask(p, out, geometry)
+    write_mask(p, out, geometry, class_names)
     json_path = prompts_path_for(p)
     with atomic_write_path(json_path) as tmp:
         tmp.write_text(text)

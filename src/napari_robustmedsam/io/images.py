@@ -62,7 +62,8 @@ def _read_plain(p: Path) -> np.ndarray:
     raise ImageInputError(f"unsupported image format {suffix!r} for {p}; supported: {', '.join(SUPPORTED_SUFFIXES)}")
 
 
-def write_mask(path: str | Path, mask: np.ndarray, geometry: Geometry | None = None) -> Path:
+def write_mask(path: str | Path, mask: np.ndarray, geometry: Geometry | None = None,
+               class_names: dict[int, str] | None = None) -> Path:
     """Write a label/mask array atomically; the format follows the suffix.
 
     NIfTI / NRRD / MetaImage keep ``geometry`` (the image's spacing, origin and direction); no format
@@ -75,7 +76,7 @@ def write_mask(path: str | Path, mask: np.ndarray, geometry: Geometry | None = N
         from .medical import write_labels
 
         arr = np.asarray(mask)
-        return write_labels(p, arr.astype(np.uint8) if arr.dtype == bool else arr, geometry)
+        return write_labels(p, arr.astype(np.uint8) if arr.dtype == bool else arr, geometry, class_names)
     arr = np.asarray(mask)
     if arr.dtype == bool:
         arr = arr.astype(np.uint8)

@@ -636,11 +636,12 @@ def labels_image(labels: np.ndarray, geometry: Geometry | None):
     return image
 
 
-def write_labels(path: str | Path, labels: np.ndarray, geometry: Geometry | None) -> Path:
+def write_labels(path: str | Path, labels: np.ndarray, geometry: Geometry | None,
+                 class_names: dict[int, str] | None = None) -> Path:
     """Write ``labels`` as NIfTI / NRRD / MetaImage on ``geometry`` (atomic; never over the source image).
 
     A DICOM source gives NIfTI, NRRD or MetaImage out (its geometry kept), or a DICOM-SEG (``.dcm``, through
-    highdicom, :mod:`.dicom_seg`) referencing the series.
+    highdicom, :mod:`.dicom_seg`) referencing the series, its segments named after ``class_names`` (value -> name).
     A detached header (``.nhdr``, ``.mhd``) and its data file are each replaced atomically, data first.
     """
     from .atomic import atomic_write_path
@@ -655,7 +656,7 @@ def write_labels(path: str | Path, labels: np.ndarray, geometry: Geometry | None
             )
         from .dicom_seg import write_dicom_seg
 
-        return write_dicom_seg(p, labels, geometry)
+        return write_dicom_seg(p, labels, geometry, class_names)
     if suffix not in LABEL_WRITE_SUFFIXES:
         raise UserFacingError(f"{p.name}: labels with geometry are written as {', '.join(LABEL_WRITE_SUFFIXES)}")
     image = labels_image(labels, geometry)

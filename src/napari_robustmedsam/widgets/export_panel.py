@@ -69,7 +69,7 @@ class ExportPanel(QWidget):
             labels_path, json_path = save_session(
                 path, session.labels, session.records_json(), image_meta,
                 model_meta(loaded) if loaded is not None else {}, geometry=geometry,
-                extra=_label_classes(annotator),
+                extra=_label_classes(annotator), class_names=_class_names(annotator),
             )
         except UserFacingError as err:
             self.banner.show_error(err)
@@ -113,6 +113,11 @@ class ExportPanel(QWidget):
         path, _ = QFileDialog.getOpenFileName(self, "Resume a session", "", LOAD_FILTER)
         if path:
             self.load(path)
+
+
+def _class_names(annotator) -> dict[int, str]:
+    control = getattr(annotator, "label_control", None)
+    return dict(control.classes.names) if control is not None else {}
 
 
 def _label_classes(annotator) -> dict | None:
