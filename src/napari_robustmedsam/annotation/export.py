@@ -88,16 +88,23 @@ def save_session(
     extra: dict[str, Any] | None = None,
     geometry: Any = None,
     class_names: dict[int, str] | None = None,
+    *,
+    inputs=(),
+    overwrite: bool = False,
 ) -> tuple[Path, Path]:
     """Write the labels and the prompts JSON next to each other (both atomic); return both paths.
 
-    ``geometry`` (:class:`~napari_robustmedsam.io.medical.Geometry`): NIfTI / NRRD / MetaImage labels are
-    written on the image's grid; no labels file may be the source image itself. ``class_names`` (value -> name)
-    name a DICOM-SEG's segments.
+    Neither file may be the annotated image (``image_meta["source"]``) or one of ``inputs``; existing files are
+    replaced only with ``overwrite=True`` (:mod:`napari_robustmedsam.io.output_paths`). ``geometry``
+    (:class:`~napari_robustmedsam.io.medical.Geometry`): NIfTI / NRRD / MetaImage labels are written on the
+    image's grid; ``class_names`` (value -> name) name a DICOM-SEG's segments.
     """
     from ..io import atomic_write_path, write_mask
+    from ..io.output_paths import check_outputs
 
     p = Path(labels_path)
+    source = (image_meta or {}).get("source")
+    check_outputs([p, prompts_path_for(p)], inputs=[*inputs, source], overwrite=overwrite)
     suffix = _suffix(p)
     if suffix not in LABEL_SUFFIXES + SAVE_ONLY_SUFFIXES:
         raise UserFacingError(
@@ -133,7 +140,7 @@ def save_session(
     if extra:
         meta["extra"] = extra
     text = json.dumps(meta, indent=1, default=_json_default)  # serialise before writing anything
-    write_mask(p, out, geometry, class_names)
+    write_mask(p, out, geometry, class_names, overwrite=True)  # checked above, with the JSON
     json_path = prompts_path_for(p)
     with atomic_write_path(json_path) as tmp:
         tmp.write_text(text)

@@ -735,4 +735,4 @@ def write_slice_into(path: str | Path, slice_labels: np.ndarray, z: int, volume_
     labels = labels.astype(dtype, copy=True)
     plane = labels[z]
     plane[new > 0] = new[new > 0]
-    return write_mask(p, labels, geometry)
+    return write_mask(p, labels, geometry, overwrite=True)  # updating this file is the point

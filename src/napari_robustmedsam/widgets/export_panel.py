@@ -70,6 +70,7 @@ class ExportPanel(QWidget):
                 path, session.labels, session.records_json(), image_meta,
                 model_meta(loaded) if loaded is not None else {}, geometry=geometry,
                 extra=_label_classes(annotator), class_names=_class_names(annotator),
+                overwrite=True,  # the file dialog asked before replacing a file; the image is still refused
             )
         except UserFacingError as err:
             self.banner.show_error(err)

@@ -71,4 +71,4 @@ def write_labels(path: str, data: Any, meta: dict) -> list[str]:
     if arr.dtype.kind not in "iub":
         arr = arr.astype(np.uint32)
     geometry = geometry_from_layer(meta.get("metadata") or {})
-    return [str(write_mask(Path(path), arr, geometry))]
+    return [str(write_mask(Path(path), arr, geometry, overwrite=True))]  # napari's save dialog asked to replace
