@@ -439,12 +439,13 @@ class AnnotationController:
             pass
 
     # ------------------------------------------------------------------ commit, clear, undo
-    def commit(self, info: dict | None = None):
-        """Commit the current object (a new label id); the session's CommitResult, or None after an error."""
+    def commit(self, info: dict | None = None, label_id: int | None = None):
+        """Commit the current object (a new label id, or ``label_id``); the session's CommitResult, or None after
+        an error."""
         self.repropagate_timer.stop()
         self.cancel_propagation()
         try:
-            result = self.session.commit(overwrite=self.view.settings().overwrite, info=info or {})
+            result = self.session.commit(overwrite=self.view.settings().overwrite, label_id=label_id, info=info or {})
         except UserFacingError as err:
             self.view.show_error(err)
             return None

@@ -32,6 +32,7 @@ from ..annotation.model_info import display_name
 from ..annotation.prompt_decoding import BOX_PRIMARY_HINT
 from ..annotation.session import SlicePrompts
 from ..annotation.slice_embeddings import SliceEmbeddings, image_kind
+from ..engine.windows import layer_window, model_view
 from ..errors import ImageInputError, UserFacingError
 from ._common import any_task_running, role_of, run_task, unwrap
 from ._state import get_state
@@ -196,6 +197,8 @@ class AnnotatorWidget(QWidget):
         self.controller.open_image(spatial)
         self._ensure_layers()
         self._sync_committed_into_session()
+        self.window_control.show_layer(layer)
+        self.label_control.refresh()
         self._make_embeddings()
         if self.session.is_volume and self.prefetch_check.isChecked() and self.state.loaded is None:
             self._with_model(lambda: None)  # the model loads now; its embeddings then start the prefetch
@@ -293,7 +296,9 @@ class AnnotatorWidget(QWidget):
         if self.image_layer is None or self.state.predictor is None:
             self.controller.set_embeddings(None)
         else:
-            self.controller.set_embeddings(SliceEmbeddings(self.state.predictor, self.image_layer.data, self.kind,
+            window = layer_window(self.image_layer.metadata)  # CT: the model sees the window, the layer keeps HU
+            self.controller.set_embeddings(SliceEmbeddings(self.state.predictor,
+                                                           model_view(self.image_layer.data, window), self.kind,
                                                            engine=self.state.engine))
             if self.prefetch_check.isChecked():
                 self.controller.start_prefetch()
@@ -474,7 +479,13 @@ class AnnotatorWidget(QWidget):
         if self.session is None:
             return None
         self._sync_committed_into_session()
-        result = self.controller.commit(info={"model": getattr(self.state.loaded, "name", None)})
+        try:
+            label_id, info = self.label_control.choice(self.session)
+        except UserFacingError as err:
+            self.banner.show_error(err)
+            return None
+        info["model"] = getattr(self.state.loaded, "name", None)
+        result = self.controller.commit(info=info, label_id=label_id)
         if result is None:
             return None
         kept = f"; {result.n_kept} px already belonged to other objects and were kept" if result.n_kept else ""

@@ -25,6 +25,8 @@ from ..annotation.prompt_decoding import (
 )
 from ..annotation.propagation import DEFAULT_IOU_THRESHOLD, DEFAULT_MIN_SCORE, DEFAULT_PROMPT_MODE, PROMPT_MODES
 from ._common import Banner, TaskRow, mode_combo, shrinkable
+from .label_control import LabelControl
+from .window_control import WindowControl
 
 
 def build_controls(w) -> None:
@@ -121,6 +123,10 @@ def build_controls(w) -> None:
 
     form = QFormLayout()
     form.addRow("Image", w.image_combo)
+    w.window_control = WindowControl(w)
+    form.addRow("Window", w.window_control)
+    w.label_control = LabelControl(w)
+    form.addRow("Label", w.label_control)
     polarity_row = QHBoxLayout()
     polarity_row.addWidget(QLabel("Next point"))
     polarity_row.addWidget(w.polarity_button, 1)
