@@ -34,6 +34,10 @@ KNOWN_CYCLES = {
     # applying a level calibrates and composes, which apply single degradations
     frozenset({"napari_robustmedsam.degradations.apply", "napari_robustmedsam.degradations.calibrate",
                "napari_robustmedsam.degradations.compose"}),
+    # images.py dispatches to the medical formats (medical.py, dicom_seg.py), which write masks through images.py
+    frozenset({"napari_robustmedsam.io.dicom_seg", "napari_robustmedsam.io.images", "napari_robustmedsam.io.medical"}),
+    # the session derives a propagated slice's box with prompt_decoding.mask_box, which reads SlicePrompts
+    frozenset({"napari_robustmedsam.annotation.prompt_decoding", "napari_robustmedsam.annotation.session"}),
 }
 
 
