@@ -30,6 +30,7 @@ from pathlib import Path
 
 from napari_robustmedsam.annotation.interactive import LOCAL_CORRECTION_WORDS, local_corrections_mode
 from napari_robustmedsam.engine.click_guard import REACH_SCOPES
+from napari_robustmedsam.engine.click_refinement import REFINEMENT_METHODS
 from training.evaluation.dataset import discover, select_samples
 from training.evaluation.parallel import dist_info, exit_marker, run_in_workers, shard, wait_for_ranks
 from training.evaluation.report import write_report
@@ -101,6 +102,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--click-guard-reach-scope", choices=REACH_SCOPES, default="all",
                    help="with --click-guard-reach: the clicks it bounds, every click (default) or only a negative "
                    "click made before any positive click on that object")
+    p.add_argument("--click-refinement", choices=REFINEMENT_METHODS, default="off",
+                   help="iterative modes: after the model, honour every click and re-decide a disk around it at full "
+                   "resolution from the image (random-walker or graph-cut, engine/click_refinement.py); default off")
     p.add_argument("--jitter", type=float, default=0.1, help="box_jitter: max side shift as a fraction of the box side")
     p.add_argument("--objects", choices=("label", "components"), default="label",
                    help="an object is a label value (default) or each connected component of a label value")
@@ -150,6 +154,7 @@ def _config(args) -> EvalConfig:
         click_guard=local_corrections_mode(args.click_guard),
         click_guard_reach=args.click_guard_reach,
         click_guard_reach_scope=args.click_guard_reach_scope,
+        click_refinement=args.click_refinement,
     )
 
 

@@ -36,6 +36,7 @@ import torch
 
 from napari_robustmedsam.annotation.interactive import local_corrections_apply
 from napari_robustmedsam.engine.click_guard import EdgeReach
+from napari_robustmedsam.engine.click_refinement import RefinementSettings, as_refinement, refine_prediction
 from napari_robustmedsam.metrics import segmentation_metrics
 from napari_robustmedsam.prompting import (
     corrective_click,
@@ -113,6 +114,14 @@ class EvalConfig:
     click_guard: str | bool = "off"
     click_guard_reach: float | None = None  # engine.click_guard.EdgeReach.factor
     click_guard_reach_scope: str = "all"  # engine.click_guard.EdgeReach.scope (REACH_SCOPES)
+    # after the model, honour every click and re-decide its surroundings at full resolution
+    # (engine.click_refinement): "off" or a method of REFINEMENT_METHODS, or settings
+    click_refinement: str | RefinementSettings = "off"
+
+    @property
+    def refinement(self) -> RefinementSettings | None:
+        """The click refinement's settings, None when off."""
+        return as_refinement(self.click_refinement)
 
     @property
     def edge_reach(self) -> EdgeReach | None:
@@ -161,6 +170,8 @@ class EvalConfig:
                     parts["click_guard_reach"] = self.click_guard_reach
                     if self.click_guard_reach_scope != "all":  # absent for every click, as before scopes existed
                         parts["click_guard_reach_scope"] = self.click_guard_reach_scope
+            if self.refinement is not None:  # absent when off, so earlier runs keep their protocol hash
+                parts["click_refinement"] = asdict(self.refinement)
         if prompt == PROPAGATE:
             parts.update(propagation=PROPAGATION_SETTINGS)
         return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:10]
@@ -339,9 +350,11 @@ def _metrics_row(gt: np.ndarray, mask: np.ndarray, tol: float) -> dict:
 
 
 def run_prompt_mode(
-    predictor, emb, objects: list[GTObject], prompt: str, sample_key: str, cfg: EvalConfig
+    predictor, emb, objects: list[GTObject], prompt: str, sample_key: str, cfg: EvalConfig,
+    image: np.ndarray | None = None,
 ) -> list[dict]:
-    """Rows (without the unit's identity columns) of one prompt mode on all objects of one image."""
+    """Rows (without the unit's identity columns) of one prompt mode on all objects of one image (``image``: the
+    pixels the model saw, needed by the click refinement)."""
     rows: list[dict] = []
     tol = cfg.tolerance_px
     if prompt in ("box", "box_jitter") or _POINTS_RE.match(prompt):
@@ -366,13 +379,31 @@ def run_prompt_mode(
             rows.append(row)
         return rows
     if prompt in ("iter_box", "iter_point"):
-        return _iterative(predictor, emb, objects, prompt, sample_key, cfg)
+        return _iterative(predictor, emb, objects, prompt, sample_key, cfg, image)
     raise ValueError(f"unknown prompt mode {prompt!r}")
 
 
-def _iterative(predictor, emb, objects: list[GTObject], prompt: str, sample_key: str, cfg: EvalConfig) -> list[dict]:
+def _iterative(predictor, emb, objects: list[GTObject], prompt: str, sample_key: str, cfg: EvalConfig,
+               image: np.ndarray | None = None) -> list[dict]:
     """Iterative correction of all objects of an image, batched: objects with the same number of points
-    share one decoder call per step (each object only ever sees its own prompts and logits)."""
+    share one decoder call per step (each object only ever sees its own prompts and logits). With the click
+    refinement, the mask measured (and the next click's error map) is the refined one; the model's own logits are
+    fed back."""
+    refinement = cfg.refinement
+    if refinement is not None and image is None:
+        raise ValueError("the click refinement needs the image")
+
+    def refine(i, shown, model_before, model_after, n_new, logits_i):
+        if refinement is None:
+            return model_after
+        prior = None
+        if refinement.method == "graph-cut":
+            from napari_robustmedsam.engine.predictor import logits_to_original
+
+            prior = logits_to_original(emb.frame, logits_i)[0, 0].cpu().numpy()
+        return refine_prediction(image, shown, model_before, model_after, np.stack(points[i]) if points[i] else
+                                 np.zeros((0, 2)), labels[i], n_new, refinement, prior)
+
     n = len(objects)
     boxes = np.stack([tight_box(o.mask) for o in objects]) if prompt == "iter_box" else None
     points: list[list[np.ndarray]] = [[] for _ in range(n)]
@@ -387,8 +418,9 @@ def _iterative(predictor, emb, objects: list[GTObject], prompt: str, sample_key:
         point_labels=np.array(labels) if prompt == "iter_point" else None,
         boxes=boxes, multimask_output=boxes is None, embedding=emb,
     )
-    masks = list(pred.masks)
+    model_masks = list(pred.masks)
     logits = [pred.low_res_logits[i : i + 1] for i in range(n)]
+    masks = [refine(i, None, None, model_masks[i], len(points[i]), logits[i]) for i in range(n)]
     scores = [float(v) for v in pred.scores]
     rows: list[dict] = []
 
@@ -436,7 +468,9 @@ def _iterative(predictor, emb, objects: list[GTObject], prompt: str, sample_key:
                 guard_edge_reach=cfg.edge_reach,
             )
             for j, i in enumerate(idx):
-                masks[i], logits[i], scores[i] = pred.masks[j], pred.low_res_logits[j : j + 1], float(pred.scores[j])
+                logits[i], scores[i] = pred.low_res_logits[j : j + 1], float(pred.scores[j])
+                masks[i] = refine(i, masks[i], model_masks[i], pred.masks[j], len(new_clicks[i]), logits[i])
+                model_masks[i] = pred.masks[j]
         for i in range(n):
             new = len(new_clicks[i])
             honoured = clicks_honoured(masks[i], points[i][-new:], labels[i][-new:]) if new else ""
@@ -559,7 +593,7 @@ def evaluate_samples(
                 if objects:
                     emb = embedder.embed(m, degraded)
                     for p in prompts:
-                        rows.extend(run_prompt_mode(m.predictor, emb, objects, p, sample.key, cfg))
+                        rows.extend(run_prompt_mode(m.predictor, emb, objects, p, sample.key, cfg, degraded))
                 ident = {
                     "model": m.label, "model_key": m.key, "dataset": sample.dataset, "modality": sample.modality,
                     "sample": sample.key, "image_id": sample.image_id,
