@@ -44,6 +44,7 @@ from ..annotation.interactive import (
     CLICK_GUARD_MODES,
     DEFAULT_CLICK_GUARD,
     DEFAULT_CLICK_GUARD_REACH,
+    DEFAULT_CLICK_REFINEMENT,
     DEFAULT_LOCAL_CORRECTIONS,
     LOCAL_CORRECTION_MODES,
     segment_slice,
@@ -851,6 +852,7 @@ class AnnotatorWidget(QWidget):
             local_corrections=self.local_combo.currentText(),
             click_guard=self.guard_combo.currentText(),
             click_guard_reach=DEFAULT_CLICK_GUARD_REACH,
+            image=self.embeddings.slice_image(z), click_refinement=DEFAULT_CLICK_REFINEMENT,
         )
 
     def _embed_then_segment(self, z: int, t_request: float) -> None:
@@ -882,10 +884,10 @@ class AnnotatorWidget(QWidget):
         self.banner.clear_message()
         if result.hint:
             self.banner.show_message(result.hint, "hint")
-        refine = " (refined with the previous mask)" if result.used_previous_logits else ""
+        refine = f" {result.feedback}" if result.feedback else ""
         self._show_changed_slice(
             z, t_request, was_propagated or z in session.user_slices(),
-            lambda latency: f"Slice {z}: {int(result.mask.sum())} px, predicted IoU {result.score:.2f}{refine}; "
+            lambda latency: f"Slice {z}: {int(result.mask.sum())} px, predicted IoU {result.score:.2f}.{refine} "
             f"{latency * 1000:.0f} ms. C commits, B takes the last click back, Shift-C clears.",
         )
 
