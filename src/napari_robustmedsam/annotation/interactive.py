@@ -57,6 +57,12 @@ DEFAULT_CLICK_GUARD_REACH: EdgeReach | None = EdgeReach(2.0, "negatives-before-p
 CLICK_REFINEMENT_MODES = REFINEMENT_METHODS
 #: the annotator's default click refinement; chosen by the rule in docs/results/click-refinement/rule.md
 DEFAULT_CLICK_REFINEMENT = "off"
+CLICK_REFINEMENT_TOOLTIP = (
+    "After the model: every click is honoured (its pixel gets the clicked label) and a disk around it is "
+    "re-decided at the image's full resolution from the image's edges, with your clicks as fixed seeds. "
+    "'random-walker' decides from the image alone; 'graph-cut' also weighs the model's own mask. Use it when "
+    "clicks seem to change nothing."
+)
 #: the same modes as command-line words (training.evaluate, training.fit, benchmarks/compare_heads.py)
 LOCAL_CORRECTION_WORDS = tuple(mode.replace(" ", "-") for mode in LOCAL_CORRECTION_MODES)
 

@@ -42,6 +42,8 @@ from ..annotation.embeddings import SliceEmbeddings, image_kind
 from ..annotation.interactive import (
     BOX_PRIMARY_HINT,
     CLICK_GUARD_MODES,
+    CLICK_REFINEMENT_MODES,
+    CLICK_REFINEMENT_TOOLTIP,
     DEFAULT_CLICK_GUARD,
     DEFAULT_CLICK_GUARD_REACH,
     DEFAULT_CLICK_REFINEMENT,
@@ -192,6 +194,7 @@ class AnnotatorWidget(QWidget):
             "their label. A negative click made before any positive click removes only near itself (within twice "
             "its distance to the mask's edge). 'with a box': guarded once the object has a box.",
         )
+        self.refine_combo = mode_combo(CLICK_REFINEMENT_MODES, DEFAULT_CLICK_REFINEMENT, CLICK_REFINEMENT_TOOLTIP)
         self.polarity_button = QPushButton()
         self.polarity_button.setToolTip("Polarity of the next point (T)")
         self.polarity_button.clicked.connect(self.toggle_polarity)
@@ -266,6 +269,10 @@ class AnnotatorWidget(QWidget):
         guard_row.addWidget(QLabel("Clicks only add / remove"))
         guard_row.addWidget(self.guard_combo, 1)
         layout.addLayout(guard_row)
+        refine_row = QHBoxLayout()
+        refine_row.addWidget(QLabel("Click refinement"))
+        refine_row.addWidget(self.refine_combo, 1)
+        layout.addLayout(refine_row)
         layout.addLayout(polarity_row)
         layout.addLayout(buttons)
         layout.addWidget(self.overwrite_check)
@@ -852,7 +859,7 @@ class AnnotatorWidget(QWidget):
             local_corrections=self.local_combo.currentText(),
             click_guard=self.guard_combo.currentText(),
             click_guard_reach=DEFAULT_CLICK_GUARD_REACH,
-            image=self.embeddings.slice_image(z), click_refinement=DEFAULT_CLICK_REFINEMENT,
+            image=self.embeddings.slice_image(z), click_refinement=self.refine_combo.currentText(),
         )
 
     def _embed_then_segment(self, z: int, t_request: float) -> None:
