@@ -130,6 +130,18 @@ class EvalConfig:
             return None
         return EdgeReach(self.click_guard_reach, self.click_guard_reach_scope)
 
+    @property
+    def click_policy(self):
+        """These settings as an :class:`~napari_robustmedsam.annotation.click_policy.ClickPolicy` (its every setting
+        is in :meth:`protocol`'s hash, so a run with ``--policy annotator`` and one with the same flags share it)."""
+        from napari_robustmedsam.annotation.click_policy import ClickPolicy
+
+        def mode(value):
+            return value if isinstance(value, str) else ("always" if value else "off")
+
+        method = self.refinement.method if self.refinement is not None else "off"
+        return ClickPolicy(mode(self.local_corrections), mode(self.click_guard), self.edge_reach, method)
+
     def _applies(self, mode: str | bool, prompt: str) -> bool:
         """Whether an option in one of the annotator's modes acts on the corrective clicks of ``prompt`` (both options
         need the previous logits fed back)."""
