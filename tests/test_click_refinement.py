@@ -15,7 +15,7 @@ from napari_robustmedsam.engine.click_refinement import (
     refine_prediction,
 )
 
-METHODS = ("random-walker", "graph-cut")
+METHODS = ("random-walker", "graph-cut", "random-walker-directed", "graph-cut-directed")
 
 
 def dice(a, b):
@@ -101,6 +101,20 @@ def test_two_hundred_clicks_all_stay_honoured():
     assert dice(out, truth) > dice(model, truth)
 
 
+@pytest.mark.parametrize("solver", ("random-walker", "graph-cut"))
+def test_directed_refinement_only_adds_at_a_positive_click_and_only_removes_at_a_negative_one(solver):
+    image, truth, _ = disk_scene()
+    yy, xx = np.mgrid[:128, :128]
+    model = (truth & (xx < 74)) | ((yy - 64) ** 2 + (xx - 100) ** 2 < 6 ** 2)  # misses a part, has a wrong blob
+    plain_pos = refine_clicks(image, model, [(80, 64)], [1], 1, solver)
+    pos = refine_clicks(image, model, [(80, 64)], [1], 1, solver + "-directed")
+    assert pos[64, 80] and not (model & ~pos).any() and np.array_equal(pos, model | plain_pos)
+    neg = refine_clicks(image, model, [(100, 64)], [0], 1, solver + "-directed")
+    assert not neg[64, 100] and not (neg & ~model).any()
+    settings = as_refinement(solver + "-directed")
+    assert settings.keep_direction and settings.method == solver and settings.word == solver + "-directed"
+
+
 def test_off_none_and_bad_settings():
     image, _, model = disk_scene()
     assert np.array_equal(refine_clicks(image, model, [(84, 64)], [1], 1, "off"), model)
@@ -108,6 +122,8 @@ def test_off_none_and_bad_settings():
     assert as_refinement("graph-cut").method == "graph-cut"
     with pytest.raises(ValueError, match="use one of"):
         RefinementSettings(method="magic")
+    with pytest.raises(ValueError, match="use one of"):
+        as_refinement("magic-directed")
     with pytest.raises(ValueError, match="labels"):
         refine_clicks(image, model, [(1, 1), (2, 2)], [1], 1)
     with pytest.raises(ValueError, match="does not match"):

@@ -139,7 +139,7 @@ class EvalConfig:
         def mode(value):
             return value if isinstance(value, str) else ("always" if value else "off")
 
-        method = self.refinement.method if self.refinement is not None else "off"
+        method = self.refinement.word if self.refinement is not None else "off"
         return ClickPolicy(mode(self.local_corrections), mode(self.click_guard), self.edge_reach, method)
 
     def _applies(self, mode: str | bool, prompt: str) -> bool:

@@ -15,6 +15,9 @@ disk is re-decided from the image itself, with the click as a hard seed. Outside
   ``skimage.segmentation.random_walker``): image edges decide, the seeds' distance breaks ties.
 - ``graph-cut``: a minimum cut (PyMaxflow) with the model's logits (or the mask's signed distance) as the unary
   term, pulled towards the clicks' labels near them, and image-edge-weighted smoothness.
+- ``...-directed``: the same, but a positive click only adds pixels of its disk and a negative click only removes
+  them (as the click guard does for the model's change): re-deciding a whole disk can otherwise also take pixels
+  away from the object a positive click asked more of.
 
 The image is smoothed first (Gaussian) so that the noise of degraded images does not make false edges.
 The state across clicks: the mask shown before the click, with the model's new change applied on top
@@ -25,20 +28,25 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import numpy as np
 from scipy import ndimage
 
+#: the solvers that re-decide a click's disk
+REFINEMENT_SOLVERS = ("random-walker", "graph-cut")
+#: a solver's word with this ending keeps the change in the click's direction (RefinementSettings.keep_direction)
+DIRECTED = "-directed"
 #: command-line words; "off" keeps the model's mask
-REFINEMENT_METHODS = ("off", "random-walker", "graph-cut")
+REFINEMENT_METHODS = ("off", *REFINEMENT_SOLVERS, *(s + DIRECTED for s in REFINEMENT_SOLVERS))
 
 
 @dataclass(frozen=True)
 class RefinementSettings:
-    """How the click refinement works (see the module docstring); ``method`` one of REFINEMENT_METHODS."""
+    """How the click refinement works (see the module docstring); ``method`` "off" or one of REFINEMENT_SOLVERS."""
 
     method: str = "random-walker"
+    keep_direction: bool = False
     reach: float = 2.0
     min_radius_px: float = 6.0
     max_radius_fraction: float = 0.12
@@ -49,7 +57,7 @@ class RefinementSettings:
     click_pull: float = 4.0  # graph cut: log-odds towards a click's label at the click, falling off over the disk
 
     def __post_init__(self):
-        if self.method not in REFINEMENT_METHODS:
+        if self.method not in ("off", *REFINEMENT_SOLVERS):
             raise ValueError(f"click refinement {self.method!r}: use one of {', '.join(REFINEMENT_METHODS)}")
         if not self.reach > 0 or not self.min_radius_px > 0 or not 0 < self.max_radius_fraction <= 1:
             raise ValueError("click refinement reach, min_radius_px and max_radius_fraction must be greater than 0")
@@ -58,8 +66,10 @@ class RefinementSettings:
     def active(self) -> bool:
         return self.method != "off"
 
-    def with_method(self, method: str) -> "RefinementSettings":
-        return replace(self, method=method)
+    @property
+    def word(self) -> str:
+        """The command-line word of these settings' method (REFINEMENT_METHODS)."""
+        return self.method + (DIRECTED if self.keep_direction and self.active else "")
 
 
 def as_refinement(value: str | RefinementSettings | None) -> RefinementSettings | None:
@@ -67,7 +77,10 @@ def as_refinement(value: str | RefinementSettings | None) -> RefinementSettings 
     if value is None:
         return None
     if isinstance(value, str):
-        value = RefinementSettings(method=value)
+        if value not in REFINEMENT_METHODS:
+            raise ValueError(f"click refinement {value!r}: use one of {', '.join(REFINEMENT_METHODS)}")
+        directed = value.endswith(DIRECTED)
+        value = RefinementSettings(method=value[: -len(DIRECTED)] if directed else value, keep_direction=directed)
     return value if value.active else None
 
 
@@ -160,14 +173,15 @@ def refine_clicks(
         if features is None:
             features = _channels_last(image, shape)
         radius = _radius(out, row, col, labs[k], settings)
-        _refine_one(features, out, row, col, radius, [(pixels[j], labs[j]) for j in live], settings, prior_logits)
+        _refine_one(features, out, row, col, labs[k], radius, [(pixels[j], labs[j]) for j in live], settings,
+                    prior_logits)
     # whatever the solver decided, every live click keeps its label
     for j in live:
         out[pixels[j]] = bool(labs[j])
     return out
 
 
-def _refine_one(features, out, row, col, radius, seeds, settings, prior_logits) -> None:
+def _refine_one(features, out, row, col, label, radius, seeds, settings, prior_logits) -> None:
     h, w = out.shape
     r = int(np.ceil(radius)) + 2  # a ring of fixed pixels around the disk
     y0, y1, x0, x1 = max(row - r, 0), min(row + r + 1, h), max(col - r, 0), min(col + r + 1, w)
@@ -182,21 +196,26 @@ def _refine_one(features, out, row, col, radius, seeds, settings, prior_logits) 
             near = (np.abs(yy - sr) <= s) & (np.abs(xx - sc) <= s)
             fixed_fg = np.where(near, lab == 1, fixed_fg)
             fixed_bg = np.where(near, lab == 0, fixed_bg)
-    if not fixed_fg.any() or not fixed_bg.any():  # one label only: nothing to separate
-        result = fixed_fg | (disk & ~fixed_bg if fixed_fg.any() else np.zeros_like(disk))
-        win[disk] = result[disk]
-        return
-    data = features[y0:y1, x0:x1].astype(np.float32)
+    if not fixed_fg.any() or not fixed_bg.any():  # one label only: the disk takes it
+        fg = fixed_fg | (disk & ~fixed_bg) if fixed_fg.any() else np.zeros_like(disk)
+    else:
+        fg = _solve(features[y0:y1, x0:x1], win, fixed_fg, fixed_bg, yy, xx, row, col, radius, seeds, settings,
+                    None if prior_logits is None else np.asarray(prior_logits, dtype=np.float32)[y0:y1, x0:x1])
+    if settings.keep_direction:
+        fg = (win | fg) if label == 1 else (win & fg)
+    win[disk] = fg[disk]
+
+
+def _solve(window, win, fixed_fg, fixed_bg, yy, xx, row, col, radius, seeds, settings, prior) -> np.ndarray:
+    """The solver's foreground over the window."""
+    data = window.astype(np.float32)
     # edge strength relative to the window's contrast, so that a dim or a low-contrast image behaves the same
     data = (data - data.mean()) / max(float(data.std()), 1e-6)
     if settings.smoothing_sigma > 0:
         data = ndimage.gaussian_filter(data, (settings.smoothing_sigma, settings.smoothing_sigma, 0))
     if settings.method == "random-walker":
-        fg = _random_walker(data, fixed_fg, fixed_bg, settings)
-    else:
-        prior = None if prior_logits is None else np.asarray(prior_logits, dtype=np.float32)[y0:y1, x0:x1]
-        fg = _graph_cut(data, win, prior, fixed_fg, fixed_bg, yy, xx, row, col, radius, seeds, settings)
-    win[disk] = fg[disk]
+        return _random_walker(data, fixed_fg, fixed_bg, settings)
+    return _graph_cut(data, win, prior, fixed_fg, fixed_bg, yy, xx, row, col, radius, seeds, settings)
 
 
 def _random_walker(data, fixed_fg, fixed_bg, settings) -> np.ndarray:
