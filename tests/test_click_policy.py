@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from napari_robustmedsam.annotation import interactive
+from napari_robustmedsam.annotation import prompt_decoding as decoding
 from napari_robustmedsam.annotation.click_policy import CLICK_POLICIES, ClickPolicy, click_policy
 from napari_robustmedsam.engine.click_guard import EdgeReach
 
@@ -18,8 +18,8 @@ def config(*flags):
 def test_named_policies_hold_the_annotators_defaults_and_the_papers_protocol():
     annotator = click_policy("annotator")
     assert annotator.segment_kwargs() == dict(
-        local_corrections=interactive.DEFAULT_LOCAL_CORRECTIONS, click_guard=interactive.DEFAULT_CLICK_GUARD,
-        click_guard_reach=interactive.DEFAULT_CLICK_GUARD_REACH, click_refinement=interactive.DEFAULT_CLICK_REFINEMENT)
+        local_corrections=decoding.DEFAULT_LOCAL_CORRECTIONS, click_guard=decoding.DEFAULT_CLICK_GUARD,
+        click_guard_reach=decoding.DEFAULT_CLICK_GUARD_REACH, click_refinement=decoding.DEFAULT_CLICK_REFINEMENT)
     assert CLICK_POLICIES["papers"] == ClickPolicy()
     assert annotator.key != CLICK_POLICIES["papers"].key
     assert annotator.with_overrides(click_refinement="graph-cut").click_refinement == "graph-cut"

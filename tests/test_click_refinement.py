@@ -167,7 +167,7 @@ class _FakePredictor:
 
 @pytest.mark.parametrize("method", METHODS)
 def test_segment_slice_honours_an_ignored_click_and_says_what_changed(method):
-    from napari_robustmedsam.annotation.interactive import segment_slice
+    from napari_robustmedsam.annotation.prompt_decoding import segment_slice
     from napari_robustmedsam.annotation.session import SlicePrompts
 
     image, truth, _ = disk_scene()
@@ -192,7 +192,7 @@ def test_segment_slice_honours_an_ignored_click_and_says_what_changed(method):
 
 
 def test_click_feedback_sentences():
-    from napari_robustmedsam.annotation.interactive import click_feedback
+    from napari_robustmedsam.annotation.prompt_decoding import click_feedback
 
     before = np.zeros((10, 10), bool)
     before[2:6, 2:6] = True

@@ -3,7 +3,7 @@
 Why: the local corrections, the click guard, its reach and the click refinement were chosen one by one, and each
 entry point (the annotator, ``training.evaluate``, ``benchmarks``) set them from its own flags and defaults. A
 :class:`ClickPolicy` holds all four; ``CLICK_POLICIES["annotator"]`` is what the annotator does by default (built from
-the defaults in :mod:`.interactive`, the one place they are set), ``CLICK_POLICIES["papers"]`` the seed papers'
+the defaults in :mod:`.prompt_decoding`, the one place they are set), ``CLICK_POLICIES["papers"]`` the seed papers'
 protocol (the model's whole mask at every click). ``python -m training.evaluate --policy annotator`` evaluates
 exactly the annotator's click path; single flags override single settings.
 """
@@ -14,7 +14,7 @@ from dataclasses import dataclass, replace
 
 from ..engine.click_guard import EdgeReach
 from ..engine.click_refinement import REFINEMENT_METHODS
-from .interactive import (
+from .prompt_decoding import (
     CLICK_GUARD_MODES,
     DEFAULT_CLICK_GUARD,
     DEFAULT_CLICK_GUARD_REACH,
@@ -26,7 +26,7 @@ from .interactive import (
 
 @dataclass(frozen=True)
 class ClickPolicy:
-    """What happens to a corrective click after the model (see :func:`.interactive.segment_slice`)."""
+    """What happens to a corrective click after the model (see :func:`.prompt_decoding.segment_slice`)."""
 
     local_corrections: str = "off"  # LOCAL_CORRECTION_MODES
     click_guard: str = "off"  # CLICK_GUARD_MODES
@@ -46,7 +46,7 @@ class ClickPolicy:
         return replace(self, **{k: v for k, v in changes.items() if v is not None})
 
     def segment_kwargs(self) -> dict:
-        """The keyword arguments of :func:`.interactive.segment_slice` this policy sets."""
+        """The keyword arguments of :func:`.prompt_decoding.segment_slice` this policy sets."""
         return dict(local_corrections=self.local_corrections, click_guard=self.click_guard,
                     click_guard_reach=self.click_guard_reach, click_refinement=self.click_refinement)
 
