@@ -314,7 +314,9 @@ class AnnotationController:
             local_corrections=settings.local_corrections,
             click_guard=settings.click_guard,
             click_guard_reach=DEFAULT_CLICK_GUARD_REACH,
-            image=self.embeddings.slice_image(z), click_refinement=settings.click_refinement,
+            click_refinement=settings.click_refinement,
+            # the refinement reads the slice's pixels; without it nothing needs them
+            image=self.embeddings.slice_image(z) if settings.click_refinement != "off" else None,
         )
 
     def embed_then_segment(self, z: int, t_request: float) -> None:
