@@ -243,6 +243,8 @@ class EmbeddingStore:
                     raise ValueError(f"{name} stored as {arr.dtype}, expected {self.storage_dtype}")
                 if checksum_bytes(arr) != expected:
                     raise ValueError(f"checksum mismatch in {name}")
+                if not np.isfinite(arr).all():  # never written by this version: from an older one, or forged
+                    raise ValueError(f"NaN/inf values in {name}")
                 features[name] = torch.from_numpy(arr.astype(np.float32, copy=False))
             if "image_embeddings" not in features:
                 raise ValueError("entry has no image_embeddings")
@@ -266,6 +268,9 @@ class EmbeddingStore:
             for name, tensor in features.items():
                 arr = tensor.detach().to("cpu", torch.float32).numpy().astype(self.storage_dtype, copy=False)
                 arr = np.ascontiguousarray(arr)
+                if not np.isfinite(arr).all():
+                    raise ValueError(
+                        f"{name} holds NaN/inf values in {self.storage_dtype} (a float16 overflow, or broken weights)")
                 _write_array(group, name, arr)
                 checksums[name] = checksum_bytes(arr)
             # The attributes (with the checksums and the completion marker) are written last.

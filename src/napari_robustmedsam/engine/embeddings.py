@@ -47,7 +47,7 @@ import torch
 from ..errors import CacheError, ImageInputError, UserFacingError
 from .cache import EmbeddingCache, EmbeddingStore
 from .fast_cpu import EncoderRunner
-from .predictor import ImageEmbedding, Predictor
+from .predictor import ImageEmbedding, Predictor, require_finite
 from .preprocessing import model_input_size, preprocess, validate_image
 from .signature import Signature, hash_array, model_hashes
 from .tiling import DEFAULT_HALO, DEFAULT_TILE_THRESHOLD, TiledEmbedding, TiledPredictor, Tile, needs_tiling, tile_layout
@@ -240,6 +240,7 @@ class EmbeddingEngine:
         """
         tensor, frame = preprocess(image, self.preprocessing)
         features = self.runner(tensor, keep_early=True) if keep_early else self.runner(tensor)
+        require_finite(features, "image embedding")  # before anything is cached
         self.stats["computed"] += 1
         return ImageEmbedding(features, frame)
 
