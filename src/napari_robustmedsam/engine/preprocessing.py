@@ -188,10 +188,21 @@ def _minmax(t: torch.Tensor) -> torch.Tensor:
     return (t - lo) / span
 
 
-def _resize_longest(t: torch.Tensor, target: int) -> tuple[torch.Tensor, tuple[int, int]]:
-    h, w = t.shape[-2:]
+def _longest_side_to(h: int, w: int, target: int) -> tuple[int, int]:
     scale = target / max(h, w)
-    new_h, new_w = max(1, int(h * scale + 0.5)), max(1, int(w * scale + 0.5))
+    return max(1, int(h * scale + 0.5)), max(1, int(w * scale + 0.5))
+
+
+def frame_for(shape_hw: tuple[int, int], preprocessing: str) -> ImageFrame:
+    """The :class:`ImageFrame` that :func:`preprocess` gives an image of ``shape_hw`` (H, W)."""
+    size = model_input_size(preprocessing)
+    h, w = int(shape_hw[0]), int(shape_hw[1])
+    input_size = (size, size) if preprocessing == "medsam" else _longest_side_to(h, w, size)
+    return ImageFrame(preprocessing, (h, w), input_size, size)
+
+
+def _resize_longest(t: torch.Tensor, target: int) -> tuple[torch.Tensor, tuple[int, int]]:
+    new_h, new_w = _longest_side_to(*t.shape[-2:], target)
     out = F.interpolate(t, (new_h, new_w), mode="bilinear", align_corners=False, antialias=True)
     return out, (new_h, new_w)
 
