@@ -65,6 +65,7 @@ def select_plane(array: np.ndarray, slice_index: int | None) -> np.ndarray:
 def run(args: argparse.Namespace) -> int:
     from ..checkpoints import load_model
     from ..engine.predictor import Predictor
+    from ..engine.tiling import TiledPredictor, embedding_for_prompts
     from ..io import read_image, write_mask
 
     if not args.box and not args.point and not args.negative:
@@ -80,9 +81,6 @@ def run(args: argparse.Namespace) -> int:
             f"note: {loaded.name} was trained with box prompts only; points alone give poor masks, prefer --box",
             file=sys.stderr,
         )
-    with _stage(f"computing the image embedding on {predictor.device.type}"):
-        predictor.set_image(image)
-
     points = [*args.point, *args.negative]
     labels = [1] * len(args.point) + [0] * len(args.negative)
     boxes = np.asarray(args.box, dtype=np.float64) if args.box else None
@@ -92,7 +90,11 @@ def run(args: argparse.Namespace) -> int:
         if n_objects > 1:
             raise ImageInputError("points with several --box prompts are ambiguous: use one box per call with points, or boxes only")
         point_arg, label_arg = np.asarray(points)[None], np.asarray(labels)[None]
-    prediction = predictor.predict(points=point_arg, point_labels=label_arg, boxes=boxes)
+    # a large image is embedded only in the tiles its prompts fall in (bounded memory, full resolution)
+    with _stage(f"computing the image embedding on {predictor.device.type}"):
+        embedding = embedding_for_prompts(predictor, image, point_arg, label_arg, boxes)
+    prediction = TiledPredictor(predictor).predict(points=point_arg, point_labels=label_arg, boxes=boxes,
+                                                   embedding=embedding)
     label_map = np.zeros(prediction.masks.shape[1:], dtype=np.uint16 if n_objects > 255 else np.uint8)
     for index, mask in enumerate(prediction.masks, start=1):
         label_map[mask & (label_map == 0)] = index

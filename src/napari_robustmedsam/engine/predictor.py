@@ -24,7 +24,7 @@ _EDGE_TOLERANCE = 0.5
 
 #: Objects (prompt sets) decoded per model call. The decoder's activations grow with the batch, so any number
 #: of prompts is decoded this many at a time (docs/embeddings.md, "Many prompts, large images").
-DEFAULT_DECODE_CHUNK = 16
+DEFAULT_DECODE_CHUNK = 8
 #: Float32 bytes at the original resolution held at once while logits become full-size boolean masks.
 FULL_RES_BUDGET_BYTES = 64 * 2**20
 
@@ -84,6 +84,56 @@ def _as_objects(arr, last: int, name: str) -> np.ndarray | None:
     if not np.isfinite(a).all():
         raise PromptError(f"{name} contain NaN or inf coordinates")
     return a
+
+
+def prompt_objects(points, point_labels, boxes, frame: ImageFrame):
+    """Checked prompts with a leading object axis: ``(points (N, P, 2), labels (N, P), boxes (N, 4))``, each
+    None when not given. Raises :class:`PromptError` for a wrong shape, NaN, an inverted box, a mismatch of
+    object counts or a prompt outside the image of ``frame``."""
+    pts = _as_objects(points, 2, "points")
+    bxs = _as_objects(boxes, 4, "boxes")
+    labels = None
+    n_objects = None
+    if pts is not None:
+        if pts.ndim == 2:
+            pts = pts[None]
+        if pts.ndim != 3:
+            raise PromptError(f"points must be (P, 2) or (N, P, 2), got shape {np.shape(points)}")
+        _check_inside(pts, frame, "point")
+        labels = np.ones(pts.shape[:2]) if point_labels is None else np.asarray(point_labels, dtype=np.float64)
+        if labels.ndim == 1:
+            labels = labels[None]
+        if labels.shape != pts.shape[:2]:
+            raise PromptError(f"point_labels shape {labels.shape} does not match points shape {pts.shape}")
+        if not np.isin(labels, (0, 1)).all():
+            raise PromptError("point labels must be 1 (positive) or 0 (negative)")
+        n_objects = pts.shape[0]
+    if bxs is not None:
+        if bxs.ndim == 1:
+            bxs = bxs[None]
+        if bxs.ndim != 2:
+            raise PromptError(f"boxes must be (4,) or (N, 4), got shape {np.shape(boxes)}")
+        if ((bxs[:, 2] <= bxs[:, 0]) | (bxs[:, 3] <= bxs[:, 1])).any():
+            b = bxs[(bxs[:, 2] <= bxs[:, 0]) | (bxs[:, 3] <= bxs[:, 1])][0]
+            raise PromptError(
+                f"box {tuple(float(v) for v in b)} is inverted or empty: give (x0, y0, x1, y1) with x1 > x0 and y1 > y0"
+            )
+        _check_inside(bxs.reshape(-1, 2, 2), frame, "box corner")
+        if n_objects is not None and bxs.shape[0] != n_objects:
+            raise PromptError(f"{bxs.shape[0]} boxes but {n_objects} point sets: give one of each per object")
+    return pts, labels, bxs
+
+
+def _check_inside(coords: np.ndarray, frame: ImageFrame, name: str) -> None:
+    h, w = frame.original_size
+    xs, ys = coords[..., 0], coords[..., 1]
+    bad = (xs < -_EDGE_TOLERANCE) | (ys < -_EDGE_TOLERANCE) | (xs > w + _EDGE_TOLERANCE) | (ys > h + _EDGE_TOLERANCE)
+    if bad.any():
+        first = coords[bad][0] if coords[bad].ndim > 1 else coords[bad]
+        raise PromptError(
+            f"{name} outside the image: ({first[0]:g}, {first[1]:g}) is not within x 0..{w}, y 0..{h} "
+            "(coordinates are (x, y) in pixels of the original image)"
+        )
 
 
 def _mask_batch(mask_input) -> torch.Tensor:
@@ -248,17 +298,6 @@ class Predictor:
         require_finite(self.embedding.features, "image embedding")
 
     # ---- prompt side ------------------------------------------------------------------------
-    def _check_inside(self, coords: np.ndarray, frame: ImageFrame, name: str) -> None:
-        h, w = frame.original_size
-        xs, ys = coords[..., 0], coords[..., 1]
-        bad = (xs < -_EDGE_TOLERANCE) | (ys < -_EDGE_TOLERANCE) | (xs > w + _EDGE_TOLERANCE) | (ys > h + _EDGE_TOLERANCE)
-        if bad.any():
-            first = coords[bad][0] if coords[bad].ndim > 1 else coords[bad]
-            raise PromptError(
-                f"{name} outside the image: ({first[0]:g}, {first[1]:g}) is not within x 0..{w}, y 0..{h} "
-                "(coordinates are (x, y) in pixels of the original image)"
-            )
-
     def prepare_mask_prompt(self, mask_input: torch.Tensor, embedding: ImageEmbedding | None = None) -> None:
         """Precompute what a later :meth:`predict` with this ``mask_input`` (the previous low-resolution logits,
         the same tensor) needs for the mask prompt; that call then returns the same result, sooner. For idle
@@ -306,40 +345,10 @@ class Predictor:
         if emb is None:
             raise PromptError("no image embedding: call set_image() or compute the embedding first")
         frame = emb.frame
-        pts = _as_objects(points, 2, "points")
-        bxs = _as_objects(boxes, 4, "boxes")
+        pts, labels, bxs = prompt_objects(points, point_labels, boxes, frame)
         if pts is None and bxs is None and mask_input is None:
             raise PromptError("empty prompt: give at least one point, a box or a previous mask")
-
-        n_objects = 1
-        if pts is not None:
-            if pts.ndim == 2:
-                pts = pts[None]
-            if pts.ndim != 3:
-                raise PromptError(f"points must be (P, 2) or (N, P, 2), got shape {np.shape(points)}")
-            self._check_inside(pts, frame, "point")
-            labels = np.ones(pts.shape[:2]) if point_labels is None else np.asarray(point_labels, dtype=np.float64)
-            if labels.ndim == 1:
-                labels = labels[None]
-            if labels.shape != pts.shape[:2]:
-                raise PromptError(f"point_labels shape {labels.shape} does not match points shape {pts.shape}")
-            if not np.isin(labels, (0, 1)).all():
-                raise PromptError("point labels must be 1 (positive) or 0 (negative)")
-            n_objects = pts.shape[0]
-        if bxs is not None:
-            if bxs.ndim == 1:
-                bxs = bxs[None]
-            if bxs.ndim != 2:
-                raise PromptError(f"boxes must be (4,) or (N, 4), got shape {np.shape(boxes)}")
-            if ((bxs[:, 2] <= bxs[:, 0]) | (bxs[:, 3] <= bxs[:, 1])).any():
-                b = bxs[(bxs[:, 2] <= bxs[:, 0]) | (bxs[:, 3] <= bxs[:, 1])][0]
-                raise PromptError(
-                    f"box {tuple(float(v) for v in b)} is inverted or empty: give (x0, y0, x1, y1) with x1 > x0 and y1 > y0"
-                )
-            self._check_inside(bxs.reshape(-1, 2, 2), frame, "box corner")
-            if pts is not None and bxs.shape[0] != n_objects:
-                raise PromptError(f"{bxs.shape[0]} boxes but {n_objects} point sets: give one of each per object")
-            n_objects = bxs.shape[0]
+        n_objects = pts.shape[0] if pts is not None else (bxs.shape[0] if bxs is not None else 1)
         if mask_input is not None:
             mask_input = _mask_batch(mask_input)
             low = LOW_RES_SIZE
