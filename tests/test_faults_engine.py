@@ -319,3 +319,210 @@ def test_non_finite_mask_prompt_is_refused(litemedsam, phantom):
     logits[0, 0, 5, 5] = float("nan")
     with pytest.raises(PromptError, match="NaN/inf"):
         pred.predict(boxes=[20, 20, 120, 120], mask_input=logits)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Item 6: cache integrity (recovered: a tampered entry is detected, deleted and recomputed, never served)
+# ------------------------------------------------------------------------------------------------------------
+def _cache_image():
+    rng = np.random.default_rng(1)
+    return (rng.random((256, 200)) * 1000).astype(np.int16)
+
+
+def _entry_meta(store_dir, index=0):
+    return store_dir / "entries" / f"e{index:07d}" / "zarr.json"
+
+
+def _edit_json(path, edit):
+    meta = json.loads(path.read_text())
+    edit(meta)
+    path.write_text(json.dumps(meta))
+
+
+def _set(path_keys, value):
+    def edit(meta):
+        node = meta["attributes"]
+        for k in path_keys[:-1]:
+            node = node[k]
+        node[path_keys[-1]] = value
+    return edit
+
+
+def _reshape_embedding_array(entry_dir):
+    # same bytes, same checksum of the bytes, another shape: a different tensor for the decoder
+    _edit_json(entry_dir / "image_embeddings" / "zarr.json",
+               lambda m: m.update(shape=[1, 64, 256, 64], chunk_grid={"name": "regular", "configuration": {"chunk_shape": [1, 64, 256, 64]}}))
+
+
+def _forge_frame_with_a_valid_checksum(entry_dir):
+    from napari_robustmedsam.engine import cache as cache_mod
+
+    meta_path = entry_dir / "zarr.json"
+    meta = json.loads(meta_path.read_text())
+    attrs = meta["attributes"]
+    attrs["frame"]["original_size"] = [266, 200]
+    records = {name: cache_mod._array_record(cache_mod._read_array(entry_dir / name)) for name in attrs["checksums"]}
+    attrs["entry_checksum"] = cache_mod._entry_digest(records, attrs["frame"], attrs["extra"])
+    meta_path.write_text(json.dumps(meta))
+
+
+_TAMPERS = {
+    "original-size-256-to-266": lambda d: _edit_json(d / "zarr.json", _set(["frame", "original_size"], [266, 200])),
+    "input-size": lambda d: _edit_json(d / "zarr.json", _set(["frame", "input_size"], [256, 201])),
+    "preprocessing": lambda d: _edit_json(d / "zarr.json", _set(["frame", "preprocessing"], "medsam")),
+    "model-size": lambda d: _edit_json(d / "zarr.json", _set(["frame", "model_size"], 1024)),
+    "no-metadata-checksum": lambda d: _edit_json(d / "zarr.json", lambda m: m["attributes"].pop("entry_checksum")),
+    "array-reshaped": _reshape_embedding_array,
+    "frame-forged-with-valid-checksum": _forge_frame_with_a_valid_checksum,
+}
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return tiny_segmenter()
+
+
+@pytest.mark.parametrize("tamper", list(_TAMPERS))
+def test_tampered_entry_metadata_is_detected_and_recomputed(tiny, tmp_path, tamper):
+    from napari_robustmedsam.engine.embeddings import EmbeddingCacheWarning, EmbeddingEngine
+
+    image = _cache_image()
+    first = EmbeddingEngine(tiny, "litemedsam", cache_dir=tmp_path).embed_image(image)
+    (store_dir,) = tmp_path.glob("*.zarr")
+    _TAMPERS[tamper](_entry_meta(store_dir).parent)
+    fresh = EmbeddingEngine(tiny, "litemedsam", cache_dir=tmp_path)
+    with pytest.warns(EmbeddingCacheWarning, match="corrupt"):
+        again = fresh.embed_image(image)
+    assert fresh.stats["corrupt"] == 1 and fresh.stats["computed"] == 1 and fresh.stats["from_disk"] == 0
+    assert again.frame == first.frame and torch.equal(again.image_embeddings, first.image_embeddings)
+    third = EmbeddingEngine(tiny, "litemedsam", cache_dir=tmp_path)  # rewritten whole: served again
+    assert third.embed_image(image).frame == first.frame and third.stats["from_disk"] == 1
+
+
+def test_tampered_tile_extent_is_detected(tiny, tmp_path):
+    from napari_robustmedsam.engine.embeddings import EmbeddingCacheWarning, EmbeddingEngine
+
+    image = _cache_image()
+    kw = dict(cache_dir=tmp_path, tile_threshold=160, halo=16)
+    first = EmbeddingEngine(tiny, "litemedsam", **kw).embed_image(image)
+    (store_dir,) = tmp_path.glob("*.zarr")
+    _edit_json(_entry_meta(store_dir, 1), _set(["extra", "outer"], [0, 150, 84, 200]))
+    fresh = EmbeddingEngine(tiny, "litemedsam", **kw)
+    with pytest.warns(EmbeddingCacheWarning, match="corrupt"):
+        again = fresh.embed_image(image)
+    assert fresh.stats["corrupt"] == 1 and fresh.stats["computed"] == 1
+    assert [e.frame for e in again.embeddings] == [e.frame for e in first.embeddings]
+
+
+def test_non_finite_values_are_neither_cached_nor_served(tiny, tmp_path, monkeypatch):
+    from napari_robustmedsam.engine.cache import EmbeddingStore
+    from napari_robustmedsam.engine.embeddings import EmbeddingEngine
+    from napari_robustmedsam.errors import CacheError
+
+    image = _cache_image()
+    engine = EmbeddingEngine(tiny, "litemedsam", cache_dir=tmp_path)
+    emb = engine.embed_image(image)
+    (store_dir,) = tmp_path.glob("*.zarr")
+    store = EmbeddingStore(store_dir, engine.signature(image), 1)
+    bad = {"image_embeddings": emb.image_embeddings.clone()}
+    bad["image_embeddings"][0, 0, 0, 0] = float("nan")
+    with pytest.raises(CacheError, match="NaN/inf"):
+        store.write(1, bad, emb.frame)
+    overflow = {"image_embeddings": emb.image_embeddings.clone() * 0 + 1e6}  # beyond float16
+    half = EmbeddingStore(store_dir, __import__("dataclasses").replace(engine.signature(image), storage_dtype="float16"), 1)
+    with pytest.raises(CacheError, match="NaN/inf"):
+        half.write(2, overflow, emb.frame)
+    assert not store.has(1) and not half.has(2)
+
+
+def _volume_file(tmp_path):
+    volume = np.zeros((3, 64, 48), np.int16)
+    volume[:, 12:50, 10:40] = 400
+    volume[1, 20:40, 15:30] = 900
+    volume[2, 25:30, 20:25] = 1500
+    path = tmp_path / "vol.npy"
+    np.save(path, volume)
+    return path
+
+
+def _corrupt_bytes(entry_dir):
+    chunk = next(p for p in (entry_dir / "image_embeddings").rglob("*") if p.is_file() and p.name != "zarr.json")
+    raw = bytearray(chunk.read_bytes())
+    raw[100:140] = bytes(b ^ 0xFF for b in raw[100:140])
+    chunk.write_bytes(bytes(raw))
+
+
+def _remove_chunk(entry_dir):
+    next(p for p in (entry_dir / "image_embeddings").rglob("*") if p.is_file() and p.name != "zarr.json").unlink()
+
+
+@pytest.mark.parametrize(
+    "corrupt",
+    [lambda d: _edit_json(d / "zarr.json", _set(["frame", "original_size"], [74, 48])), _corrupt_bytes, _remove_chunk],
+    ids=["metadata-64-to-74", "flipped-bytes", "missing-chunk"],
+)
+def test_cli_embed_verifies_reused_entries_and_recomputes_corrupt_ones(tmp_path, capsys, corrupt):
+    from napari_robustmedsam.cli import main
+
+    path, cache = _volume_file(tmp_path), tmp_path / "cache"
+    args = ["embed", str(path), "--cache", str(cache), "--device", "cpu", "--no-progress"]
+    assert main(args) == 0
+    assert "3 computed, 0 already in the cache" in capsys.readouterr().out
+    entries = sorted(p.parent for p in cache.rglob("zarr.json") if p.parent.name.startswith("e0"))
+    assert len(entries) == 3  # one store per slice (content-addressed), one entry each
+    corrupt(entries[1])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        rc = main(args)
+    out = capsys.readouterr().out
+    assert rc == 0 and "1 computed, 2 already in the cache, 1 corrupt cache entry found and recomputed" in out
+    assert main(args) == 0
+    assert "0 computed, 3 already in the cache" in capsys.readouterr().out
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Item 3, large images: only the tiles the prompts need are embedded (bounded)
+# ------------------------------------------------------------------------------------------------------------
+def test_large_image_embeds_only_the_prompted_tiles_with_the_full_layouts_routing(litemedsam):
+    from napari_robustmedsam.engine.embeddings import EmbeddingEngine
+    from napari_robustmedsam.engine.tiling import TiledPredictor, embedding_for_prompts
+
+    image = mri_phantom(300, seed=2)[0]
+    boxes = np.array([[20, 30, 90, 100], [210, 200, 290, 280]], float)
+    predictor = Predictor.from_loaded(litemedsam)
+    subset = embedding_for_prompts(predictor, image, boxes=boxes, threshold=200, halo=16)
+    full = EmbeddingEngine(litemedsam, use_cache=False, tile_threshold=200, halo=16).embed_image(image)
+    assert len(subset) == 2 < len(full)
+    tiled = TiledPredictor(predictor)
+    got, reference = tiled.predict(boxes=boxes, embedding=subset), tiled.predict(boxes=boxes, embedding=full)
+    assert got.tile_indices == reference.tile_indices
+    assert (got.masks != reference.masks).mean() < 1e-3
+
+
+def test_large_image_prompt_outside_is_refused_before_embedding(litemedsam, monkeypatch):
+    from napari_robustmedsam.engine.tiling import embedding_for_prompts
+    from napari_robustmedsam.errors import PromptError
+
+    predictor = Predictor.from_loaded(litemedsam)
+    monkeypatch.setattr(predictor, "compute_embedding", lambda *a, **k: pytest.fail("embedded before checking"))
+    with pytest.raises(PromptError, match="outside the image"):
+        embedding_for_prompts(predictor, np.zeros((300, 300), np.uint8), boxes=[250, 250, 320, 290], threshold=200)
+
+
+def test_cli_segment_on_a_large_image_embeds_one_tile_at_full_resolution(tmp_path, capsys, monkeypatch):
+    from napari_robustmedsam.cli import main
+
+    image = np.full((2300, 2400), 30, np.uint8)
+    image[1900:2100, 2000:2250] = 200  # an object near the far corner
+    path = tmp_path / "large.npy"
+    np.save(path, image)
+    calls = []
+    real = Predictor.compute_embedding
+    monkeypatch.setattr(Predictor, "compute_embedding", lambda self, img: calls.append(img.shape) or real(self, img))
+    out = tmp_path / "mask.npy"
+    assert main(["segment", str(path), "--box", "1980", "1880", "2270", "2120", "--device", "cpu", "-o", str(out)]) == 0
+    assert len(calls) == 1 and max(calls[0]) <= 2048  # one tile, never the whole image
+    mask = np.load(out)
+    assert mask.shape == (2300, 2400)
+    inside = mask[1900:2100, 2000:2250].mean()
+    assert inside > 0.8 and mask.sum() < 1.3 * 200 * 250
