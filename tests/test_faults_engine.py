@@ -205,6 +205,18 @@ def test_intensities_float32_cannot_hold_give_the_healthy_model_input(phantom, f
     torch.testing.assert_close(got, healthy, atol=2e-3 * scale, rtol=0)
 
 
+@pytest.mark.parametrize("factor", [1e300, 1e-300])
+@pytest.mark.parametrize("kind", ["gaussian_noise", "bias_field"])
+def test_degrading_intensities_float32_cannot_hold_gives_the_scaled_healthy_result(phantom, kind, factor):
+    from napari_robustmedsam.degradations import degrade
+
+    image = phantom[0][:64, :96].astype(np.float64)
+    healthy = degrade(image, kind, level="LQ-2", seed=0)
+    got = degrade(image * factor, kind, level="LQ-2", seed=0)
+    assert got.dtype == np.float64 and np.isfinite(got).all()
+    np.testing.assert_allclose(got / factor, healthy, rtol=1e-5, atol=1e-6 * healthy.max())
+
+
 def test_huge_float64_image_segments_like_the_healthy_one(litemedsam, phantom):
     pred = Predictor.from_loaded(litemedsam)
     ys, xs = np.nonzero(phantom[1] > 0)
