@@ -121,8 +121,8 @@ def setup(args: argparse.Namespace):
     print(f"image: {source} {image.shape} {image.dtype}")
     widget = _dock(viewer)
     # The model is loaded before the window is handed to the user: ready to click.
-    from .annotation.embeddings import make_engine
     from .annotation.model_info import load_model_for_ui
+    from .engine.embeddings import open_engine
 
     try:
         loaded = load_model_for_ui(args.model, args.device)
@@ -130,7 +130,9 @@ def setup(args: argparse.Namespace):
         widget.model_panel.banner.show_error(err)
         print(f"error: {err}", file=sys.stderr)
     else:
-        widget.annotator.state.set_model(loaded, make_engine(loaded))
+        notices: list[str] = []
+        widget.annotator.state.set_model(loaded, open_engine(loaded, notices=notices),
+                                         notices[-1] if notices else None)
         print(loaded.summary())
     annotator = widget.annotator
     annotator.set_image_layer(layer)

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import argparse
-import sys
-import time
-from contextlib import contextmanager
+import warnings
 
 import numpy as np
 
+from ..checkpoints.project_format import PREPROCESSING_CHOICES
 from ..errors import ImageInputError
+from ..io.output_paths import add_overwrite_argument, check_output, existing_file
+from .progress import message, stage
 
 
 def add_parser(subparsers) -> None:
@@ -28,17 +29,15 @@ def add_parser(subparsers) -> None:
     p.add_argument("--model", default="litemedsam", help="registry name (default: litemedsam, embedded) or checkpoint path")
     p.add_argument("--slice", type=int, default=None, metavar="Z", help="slice index of a 3D volume (first axis)")
     p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cuda, mps or cpu")
+    p.add_argument(
+        "--preprocessing",
+        choices=PREPROCESSING_CHOICES,
+        default=None,
+        help="image preprocessing of a checkpoint that does not record it (default: recorded, else guessed)",
+    )
     p.add_argument("-o", "--output", required=True, help="mask file to write (.png, .tif, .npy, .nii.gz)")
+    add_overwrite_argument(p)
     p.set_defaults(func=run)
-
-
-@contextmanager
-def _stage(text: str):
-    """Print a status line for each slow step, with its duration (stderr, so stdout stays clean)."""
-    print(f"{text} ...", end="", file=sys.stderr, flush=True)
-    start = time.perf_counter()
-    yield
-    print(f" done ({time.perf_counter() - start:.1f} s)", file=sys.stderr, flush=True)
 
 
 def select_plane(array: np.ndarray, slice_index: int | None) -> np.ndarray:
@@ -63,24 +62,16 @@ def select_plane(array: np.ndarray, slice_index: int | None) -> np.ndarray:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..checkpoints import load_model
-    from ..engine.predictor import Predictor
-    from ..engine.tiling import TiledPredictor, embedding_for_prompts
+    from ..engine.preprocessing import ImageSignalWarning, no_signal_notice, validate_image
+    from ..engine.prompt_checks import check_prompts
     from ..io import read_image, write_mask
+    from ..io.images import check_mask_format
 
+    # Everything that can be checked without the model is checked first: a mistake costs no model load.
     if not args.box and not args.point and not args.negative:
         raise ImageInputError("no prompt given: add --box X0 Y0 X1 Y1 or --point X Y")
     if args.negative and not args.point and not args.box:
         raise ImageInputError("only negative points were given: add a --point or a --box for the object")
-    image = select_plane(read_image(args.image), args.slice)
-    with _stage(f"loading model {args.model}"):
-        loaded = load_model(args.model, device=args.device)
-    predictor = Predictor.from_loaded(loaded)
-    if predictor.box_primary and not args.box:
-        print(
-            f"note: {loaded.name} was trained with box prompts only; points alone give poor masks, prefer --box",
-            file=sys.stderr,
-        )
     points = [*args.point, *args.negative]
     labels = [1] * len(args.point) + [0] * len(args.negative)
     boxes = np.asarray(args.box, dtype=np.float64) if args.box else None
@@ -90,15 +81,34 @@ def run(args: argparse.Namespace) -> int:
         if n_objects > 1:
             raise ImageInputError("points with several --box prompts are ambiguous: use one box per call with points, or boxes only")
         point_arg, label_arg = np.asarray(points)[None], np.asarray(labels)[None]
-    # a large image is embedded only in the tiles its prompts fall in (bounded memory, full resolution)
-    with _stage(f"computing the image embedding on {predictor.device.type}"):
+    check_output(args.output, inputs=[args.image, existing_file(args.model)], overwrite=args.overwrite)
+    check_mask_format(args.output)
+    image = validate_image(select_plane(read_image(args.image), args.slice))
+    check_prompts(point_arg, label_arg, boxes, image_size=image.shape[:2])
+    signal = no_signal_notice(image)
+    if signal:
+        message(f"robustmedsam segment: warning: {signal}")
+
+    from ..checkpoints import load_model
+    from ..engine.predictor import Predictor
+    from ..engine.tiling import TiledPredictor, embedding_for_prompts
+
+    with stage(f"loading model {args.model}"):
+        loaded = load_model(args.model, device=args.device, preprocessing=args.preprocessing)
+    predictor = Predictor.from_loaded(loaded)
+    if predictor.box_primary and not args.box:
+        message(f"note: {loaded.name} was trained with box prompts only; points alone give poor masks, prefer --box")
+    with stage(f"computing the image embedding on {predictor.device.type}"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", ImageSignalWarning)  # said above, before the model load
+        # a large image is embedded only in the tiles its prompts fall in (bounded memory, full resolution)
         embedding = embedding_for_prompts(predictor, image, point_arg, label_arg, boxes)
+
     prediction = TiledPredictor(predictor).predict(points=point_arg, point_labels=label_arg, boxes=boxes,
                                                    embedding=embedding)
     label_map = np.zeros(prediction.masks.shape[1:], dtype=np.uint16 if n_objects > 255 else np.uint8)
     for index, mask in enumerate(prediction.masks, start=1):
         label_map[mask & (label_map == 0)] = index
-    write_mask(args.output, label_map)
+    write_mask(args.output, label_map, inputs=[args.image], overwrite=True)  # checked above, before any work
     for index, (mask, score) in enumerate(zip(prediction.masks, prediction.scores), start=1):
         print(f"object {index}: {int(mask.sum())} px, predicted IoU {score:.3f}")
     print(f"wrote {args.output}")

@@ -11,6 +11,7 @@ mapped to the model frame here; masks are mapped back to the original size here 
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -180,6 +181,25 @@ def _rgb(t: torch.Tensor) -> torch.Tensor:
     return t.expand(-1, 3, -1, -1) if t.shape[1] == 1 else t
 
 
+class ImageSignalWarning(UserWarning):
+    """The image carries no signal to segment: every pixel has the same value."""
+
+
+def no_signal_notice(image: np.ndarray) -> str | None:
+    """A sentence saying the image is constant (nothing to segment in it), or None when it varies."""
+    arr = np.asarray(image)
+    if arr.size == 0:
+        return None
+    low, high = arr.min(), arr.max()
+    if low != high:
+        return None
+    value = low.item() if hasattr(low, "item") else low
+    return (
+        f"every pixel of the image has the value {value:g}: it carries no signal, so any mask predicted on it is "
+        "meaningless; check the file, the slice or the window"
+    )
+
+
 def _minmax(t: torch.Tensor) -> torch.Tensor:
     lo, hi = t.amin(), t.amax()
     span = hi - lo
@@ -212,6 +232,9 @@ def preprocess(image: np.ndarray, preprocessing: str) -> tuple[torch.Tensor, Ima
     if preprocessing not in PREPROCESSINGS:
         raise ValueError(f"unknown preprocessing {preprocessing!r}; expected one of {PREPROCESSINGS}")
     arr = validate_image(image)
+    notice = no_signal_notice(arr)
+    if notice:
+        warnings.warn(notice, ImageSignalWarning, stacklevel=2)
     original_size = (int(arr.shape[0]), int(arr.shape[1]))
     t = _to_float_tensor(arr)
     size = model_input_size(preprocessing)

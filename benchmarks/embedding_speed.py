@@ -15,7 +15,7 @@ load from other processes on the shared machine hits them alike. Prints:
 4. fp16 storage: mask differences (tumour box + random boxes on every slice) between fp32 and fp16 cached
    embeddings; 4b: the same for the ``cpu_fast`` path and, on CPUs with native bf16, for bf16.
 
-Usage: ``python benchmarks/embeddings.py [--reps 5] [--skip-vit] [--data ../shared/data]``
+Usage: ``python benchmarks/embedding_speed.py [--reps 5] [--skip-vit] [--data ../shared/data]``
 """
 
 from __future__ import annotations
@@ -37,6 +37,8 @@ if "--allocator=default" in sys.argv:  # must happen before torch is imported
 import napari_robustmedsam  # noqa: E402,F401  (before torch: the package's allocator setting)
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+
+from napari_robustmedsam.checkpoints.safe_load import load_untrusted
 
 warnings.filterwarnings("ignore")
 
@@ -143,7 +145,7 @@ def main() -> None:
     print(f"volume {volume_path.parent.name}: {volume.shape} {volume.dtype}")
 
     # ---- 1. LiteMedSAM per slice ------------------------------------------------------------------------
-    state = torch.load(mlt.get_asset_path(), map_location="cpu", weights_only=True)
+    state = load_untrusted(mlt.get_asset_path())
     net = mlt.build_lite_medsam()
     net.load_state_dict(state)
     net.eval()
