@@ -18,9 +18,7 @@ from ..errors import ImageInputError, NonFiniteError, PromptError
 from .click_guard import EdgeReach, guard_clicks
 from .local_correction import merge_local_correction
 from .preprocessing import LOW_RES_SIZE, ImageFrame, preprocess
-
-# Points and boxes may touch the border; allow half a pixel of slack for napari's pixel-centre coordinates.
-_EDGE_TOLERANCE = 0.5
+from .prompt_checks import as_prompt_array, check_prompts
 
 #: Objects (prompt sets) decoded per model call. The decoder's activations grow with the batch, so any number
 #: of prompts is decoded this many at a time (docs/embeddings.md, "Many prompts, large images").
@@ -72,68 +70,11 @@ def require_finite(tensors: dict[str, torch.Tensor] | torch.Tensor, what: str) -
             )
 
 
-def _as_objects(arr, last: int, name: str) -> np.ndarray | None:
-    """Normalise a prompt array to a leading object axis: (..., last) -> (N, ..., last)."""
-    if arr is None:
-        return None
-    a = np.asarray(arr, dtype=np.float64)
-    if a.size == 0:
-        return None
-    if a.shape[-1] != last:
-        raise PromptError(f"{name} must have {last} coordinates per entry, got an array of shape {a.shape}")
-    if not np.isfinite(a).all():
-        raise PromptError(f"{name} contain NaN or inf coordinates")
-    return a
-
-
 def prompt_objects(points, point_labels, boxes, frame: ImageFrame):
-    """Checked prompts with a leading object axis: ``(points (N, P, 2), labels (N, P), boxes (N, 4))``, each
-    None when not given. Raises :class:`PromptError` for a wrong shape, NaN, an inverted box, a mismatch of
-    object counts or a prompt outside the image of ``frame``."""
-    pts = _as_objects(points, 2, "points")
-    bxs = _as_objects(boxes, 4, "boxes")
-    labels = None
-    n_objects = None
-    if pts is not None:
-        if pts.ndim == 2:
-            pts = pts[None]
-        if pts.ndim != 3:
-            raise PromptError(f"points must be (P, 2) or (N, P, 2), got shape {np.shape(points)}")
-        _check_inside(pts, frame, "point")
-        labels = np.ones(pts.shape[:2]) if point_labels is None else np.asarray(point_labels, dtype=np.float64)
-        if labels.ndim == 1:
-            labels = labels[None]
-        if labels.shape != pts.shape[:2]:
-            raise PromptError(f"point_labels shape {labels.shape} does not match points shape {pts.shape}")
-        if not np.isin(labels, (0, 1)).all():
-            raise PromptError("point labels must be 1 (positive) or 0 (negative)")
-        n_objects = pts.shape[0]
-    if bxs is not None:
-        if bxs.ndim == 1:
-            bxs = bxs[None]
-        if bxs.ndim != 2:
-            raise PromptError(f"boxes must be (4,) or (N, 4), got shape {np.shape(boxes)}")
-        if ((bxs[:, 2] <= bxs[:, 0]) | (bxs[:, 3] <= bxs[:, 1])).any():
-            b = bxs[(bxs[:, 2] <= bxs[:, 0]) | (bxs[:, 3] <= bxs[:, 1])][0]
-            raise PromptError(
-                f"box {tuple(float(v) for v in b)} is inverted or empty: give (x0, y0, x1, y1) with x1 > x0 and y1 > y0"
-            )
-        _check_inside(bxs.reshape(-1, 2, 2), frame, "box corner")
-        if n_objects is not None and bxs.shape[0] != n_objects:
-            raise PromptError(f"{bxs.shape[0]} boxes but {n_objects} point sets: give one of each per object")
-    return pts, labels, bxs
-
-
-def _check_inside(coords: np.ndarray, frame: ImageFrame, name: str) -> None:
-    h, w = frame.original_size
-    xs, ys = coords[..., 0], coords[..., 1]
-    bad = (xs < -_EDGE_TOLERANCE) | (ys < -_EDGE_TOLERANCE) | (xs > w + _EDGE_TOLERANCE) | (ys > h + _EDGE_TOLERANCE)
-    if bad.any():
-        first = coords[bad][0] if coords[bad].ndim > 1 else coords[bad]
-        raise PromptError(
-            f"{name} outside the image: ({first[0]:g}, {first[1]:g}) is not within x 0..{w}, y 0..{h} "
-            "(coordinates are (x, y) in pixels of the original image)"
-        )
+    """Checked prompts with a leading object axis, ``(points (N, P, 2), labels (N, P), boxes (N, 4))``, each None
+    when not given (:func:`.prompt_checks.check_prompts` against the image of ``frame``; no prompt at all is
+    left to the caller)."""
+    return check_prompts(points, point_labels, boxes, image_size=frame.original_size, allow_empty=True)
 
 
 def _mask_batch(mask_input) -> torch.Tensor:
@@ -243,7 +184,7 @@ def clicks_per_object(local_clicks, n_objects: int) -> list[np.ndarray | None]:
         per_object = list(local_clicks)
     if len(per_object) != n_objects:
         raise PromptError(f"local_clicks has {len(per_object)} entries for {n_objects} objects")
-    return [None if pts is None or np.size(pts) == 0 else _as_objects(pts, 2, "local_clicks").reshape(-1, 2)
+    return [None if pts is None or np.size(pts) == 0 else as_prompt_array(pts, 2, "local_clicks").reshape(-1, 2)
             for pts in per_object]
 
 
