@@ -9,6 +9,7 @@ Fast: small images, the embedded LiteMedSAM loaded once, tiny random-weight mode
 
 from __future__ import annotations
 
+import copy
 import json
 import warnings
 
@@ -58,19 +59,18 @@ class _DecodeSpy:
         monkeypatch.setattr(model, "decode", decode)
 
 
-def _pge_model():
-    from napari_robustmedsam.checkpoints import load_model
+def _pge_model(litemedsam):
     from napari_robustmedsam.models.pge_enhancer import enhancer_for
 
-    loaded = load_model("litemedsam", device="cpu", progress=False)
-    enhancer = enhancer_for(loaded.model)
+    model = copy.deepcopy(litemedsam.model)  # the session's model stays without a head
+    enhancer = enhancer_for(model)
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():  # a head that is not the identity, so that its per-prompt work matters
         for name, p in enhancer.named_parameters():
             if name.endswith(("beta", "gamma")) or name.startswith("out_proj"):
                 p.copy_(torch.randn(p.shape, generator=g) * 0.05)
-    loaded.model.attach_enhancer(enhancer.eval())
-    return loaded.model, "litemedsam"
+    model.attach_enhancer(enhancer.eval())
+    return model, "litemedsam"
 
 
 @pytest.fixture(scope="module")
@@ -79,7 +79,7 @@ def heads(litemedsam):
     return {
         "plain": (litemedsam.model, "litemedsam"),
         "robust": (tiny_segmenter(robust=True), "litemedsam"),
-        "pge": _pge_model(),
+        "pge": _pge_model(litemedsam),
     }
 
 
@@ -295,14 +295,13 @@ def _poison_module(module, value=float("nan")):
         ("mask_decoder.iou_prediction_head", "predicted IoU scores"),
     ],
 )
-def test_non_finite_model_outputs_are_refused_naming_which_one(phantom, where, message):
-    from napari_robustmedsam.checkpoints import load_model
+def test_non_finite_model_outputs_are_refused_naming_which_one(litemedsam, phantom, where, message):
     from napari_robustmedsam.errors import NonFiniteError
 
-    loaded = load_model("litemedsam", device="cpu", progress=False)
-    healthy = Predictor.from_loaded(loaded).compute_embedding(phantom[0])
-    _poison_module(loaded.model.get_submodule(where))
-    pred = Predictor.from_loaded(loaded)
+    healthy = Predictor.from_loaded(litemedsam).compute_embedding(phantom[0])
+    model = copy.deepcopy(litemedsam.model)
+    _poison_module(model.get_submodule(where))
+    pred = Predictor(model, "litemedsam")
     with pytest.raises(NonFiniteError, match=message) as err:
         if where == "image_encoder":
             pred.compute_embedding(phantom[0])
