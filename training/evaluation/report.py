@@ -381,6 +381,19 @@ def write_report(df: pd.DataFrame, out: str | Path, header: str = "", plots: boo
         parts += ["## Corrective clicks honoured by the next mask (mean of datasets)", "",
                   "Share of corrective clicks whose pixel the next mask labels as asked (inside for a positive "
                   "click, outside for a negative one).", "", ht, ""]
+    from .interaction import FALL_THRESHOLD, NOC_MAX_CLICKS, interaction_table
+
+    it_level = interaction_table(df, "condition", _condition_order(df["condition"]))
+    if it_level:
+        steps = int(df.loc[df["prompt"].astype(str).str.startswith("iter_"), "step"].max())
+        parts += ["## Interaction metrics (mean of datasets)", "",
+                  f"NoC@T: clicks until an object's Dice reaches T (a point start's point counts, a box does not); "
+                  f"an object not reaching it within the {steps} steps run counts as {NOC_MAX_CLICKS}, and the share "
+                  f"of such objects is in brackets. Clicks honoured: share of corrective clicks whose pixel the next "
+                  f"mask labels as asked. Object-steps falling: share of an object's steps whose Dice falls by more "
+                  f"than {FALL_THRESHOLD}. DSC-AUC: trapezoid area under Dice over the corrective clicks 1..{steps} "
+                  f"(the CVPR 2025 interactive challenge's; at most {max(steps - 1, 0)}).", "", it_level, "",
+                  "### Per dataset", "", interaction_table(df, "dataset", _condition_order(df["condition"])), ""]
     parts += ["## Tail robustness: per-image Dice (all datasets pooled)", "", tail_table(fin), ""]
     if plots:
         pdir = out / "plots"

@@ -40,6 +40,7 @@ from napari_robustmedsam.checkpoints import load_model
 from napari_robustmedsam.degradations import LEVELS, degrade, degrade_random, list_degradations
 from napari_robustmedsam.degradations.levels import normalize_level
 from napari_robustmedsam.engine.click_guard import EdgeReach
+from napari_robustmedsam.engine.click_refinement import RefinementSettings, as_refinement, refine_prediction
 from napari_robustmedsam.engine.embeddings import open_engine
 from napari_robustmedsam.engine.predictor import Predictor
 from napari_robustmedsam.metrics import segmentation_metrics
@@ -119,6 +120,14 @@ class EvalConfig:
     click_guard: str | bool = "off"
     click_guard_reach: float | None = None  # engine.click_guard.EdgeReach.factor
     click_guard_reach_scope: str = "all"  # engine.click_guard.EdgeReach.scope (REACH_SCOPES)
+    # after the model, honour every click and re-decide its surroundings at full resolution
+    # (engine.click_refinement): "off" or a method of REFINEMENT_METHODS, or settings
+    click_refinement: str | RefinementSettings = "off"
+
+    @property
+    def refinement(self) -> RefinementSettings | None:
+        """The click refinement's settings, None when off."""
+        return as_refinement(self.click_refinement)
 
     @property
     def edge_reach(self) -> EdgeReach | None:
@@ -126,6 +135,18 @@ class EvalConfig:
         if self.click_guard_reach is None:
             return None
         return EdgeReach(self.click_guard_reach, self.click_guard_reach_scope)
+
+    @property
+    def click_policy(self):
+        """These settings as an :class:`~napari_robustmedsam.annotation.click_policy.ClickPolicy` (its every setting
+        is in :meth:`protocol`'s hash, so a run with ``--policy annotator`` and one with the same flags share it)."""
+        from napari_robustmedsam.annotation.click_policy import ClickPolicy
+
+        def mode(value):
+            return value if isinstance(value, str) else ("always" if value else "off")
+
+        method = self.refinement.word if self.refinement is not None else "off"
+        return ClickPolicy(mode(self.local_corrections), mode(self.click_guard), self.edge_reach, method)
 
     def _applies(self, mode: str | bool, prompt: str) -> bool:
         """Whether an option in one of the annotator's modes acts on the corrective clicks of ``prompt`` (both options
@@ -171,6 +192,8 @@ class EvalConfig:
                     parts["click_guard_reach"] = self.click_guard_reach
                     if self.click_guard_reach_scope != "all":  # absent for every click, as before scopes existed
                         parts["click_guard_reach_scope"] = self.click_guard_reach_scope
+            if self.refinement is not None:  # absent when off, so earlier runs keep their protocol hash
+                parts["click_refinement"] = asdict(self.refinement)
         if prompt in VOLUME_PROMPTS:
             parts.update(propagation=PROPAGATION_SETTINGS)
         if prompt == PROPAGATE_PLUS:
@@ -326,9 +349,11 @@ def _metrics_row(gt: np.ndarray, mask: np.ndarray, tol: float) -> dict:
 
 
 def run_prompt_mode(
-    predictor, emb, objects: list[GTObject], prompt: str, sample_key: str, cfg: EvalConfig
+    predictor, emb, objects: list[GTObject], prompt: str, sample_key: str, cfg: EvalConfig,
+    image: np.ndarray | None = None,
 ) -> list[dict]:
-    """Rows (without the unit's identity columns) of one prompt mode on all objects of one image."""
+    """Rows (without the unit's identity columns) of one prompt mode on all objects of one image (``image``: the
+    pixels the model saw, needed by the click refinement)."""
     rows: list[dict] = []
     tol = cfg.tolerance_px
     if prompt in ("box", "box_jitter") or _POINTS_RE.match(prompt):
@@ -353,13 +378,31 @@ def run_prompt_mode(
             rows.append(row)
         return rows
     if prompt in ("iter_box", "iter_point"):
-        return _iterative(predictor, emb, objects, prompt, sample_key, cfg)
+        return _iterative(predictor, emb, objects, prompt, sample_key, cfg, image)
     raise ValueError(f"unknown prompt mode {prompt!r}")
 
 
-def _iterative(predictor, emb, objects: list[GTObject], prompt: str, sample_key: str, cfg: EvalConfig) -> list[dict]:
+def _iterative(predictor, emb, objects: list[GTObject], prompt: str, sample_key: str, cfg: EvalConfig,
+               image: np.ndarray | None = None) -> list[dict]:
     """Iterative correction of all objects of an image, batched: objects with the same number of points
-    share one decoder call per step (each object only ever sees its own prompts and logits)."""
+    share one decoder call per step (each object only ever sees its own prompts and logits). With the click
+    refinement, the mask measured (and the next click's error map) is the refined one; the model's own logits are
+    fed back."""
+    refinement = cfg.refinement
+    if refinement is not None and image is None:
+        raise ValueError("the click refinement needs the image")
+
+    def refine(i, shown, model_before, model_after, n_new, logits_i):
+        if refinement is None:
+            return model_after
+        prior = None
+        if refinement.method == "graph-cut":
+            from napari_robustmedsam.engine.predictor import logits_to_original
+
+            prior = logits_to_original(emb.frame, logits_i)[0, 0].cpu().numpy()
+        return refine_prediction(image, shown, model_before, model_after, np.stack(points[i]) if points[i] else
+                                 np.zeros((0, 2)), labels[i], n_new, refinement, prior)
+
     n = len(objects)
     boxes = np.stack([tight_box(o.mask) for o in objects]) if prompt == "iter_box" else None
     points: list[list[np.ndarray]] = [[] for _ in range(n)]
@@ -374,8 +417,9 @@ def _iterative(predictor, emb, objects: list[GTObject], prompt: str, sample_key:
         point_labels=np.array(labels) if prompt == "iter_point" else None,
         boxes=boxes, multimask_output=boxes is None, embedding=emb,
     )
-    masks = list(pred.masks)
+    model_masks = list(pred.masks)
     logits = [pred.low_res_logits[i : i + 1] for i in range(n)]
+    masks = [refine(i, None, None, model_masks[i], len(points[i]), logits[i]) for i in range(n)]
     scores = [float(v) for v in pred.scores]
     rows: list[dict] = []
 
@@ -423,7 +467,9 @@ def _iterative(predictor, emb, objects: list[GTObject], prompt: str, sample_key:
                 guard_edge_reach=cfg.edge_reach,
             )
             for j, i in enumerate(idx):
-                masks[i], logits[i], scores[i] = pred.masks[j], pred.low_res_logits[j : j + 1], float(pred.scores[j])
+                logits[i], scores[i] = pred.low_res_logits[j : j + 1], float(pred.scores[j])
+                masks[i] = refine(i, masks[i], model_masks[i], pred.masks[j], len(new_clicks[i]), logits[i])
+                model_masks[i] = pred.masks[j]
         for i in range(n):
             new = len(new_clicks[i])
             honoured = clicks_honoured(masks[i], points[i][-new:], labels[i][-new:]) if new else ""
@@ -545,7 +591,7 @@ def evaluate_samples(
                 if objects:
                     emb = embedder.embed(m, degraded)
                     for p in prompts:
-                        rows.extend(run_prompt_mode(m.predictor, emb, objects, p, sample.key, cfg))
+                        rows.extend(run_prompt_mode(m.predictor, emb, objects, p, sample.key, cfg, degraded))
                 ident = {
                     "model": m.label, "model_key": m.key, "dataset": sample.dataset, "modality": sample.modality,
                     "sample": sample.key, "image_id": sample.image_id,

@@ -29,7 +29,7 @@ import numpy as np
 from ..errors import UserFacingError
 from .model_info import display_name
 from .prefetch import SlicePrefetcher, prefetch_order
-from .prompt_decoding import DEFAULT_CLICK_GUARD_REACH, mask_box, segment_slice
+from .prompt_decoding import DEFAULT_CLICK_GUARD_REACH, DEFAULT_CLICK_REFINEMENT, mask_box, segment_slice
 from .propagation import (
     DEFAULT_IOU_THRESHOLD,
     DEFAULT_MIN_SCORE,
@@ -60,6 +60,7 @@ class AnnotatorSettings:
     iou_threshold: float = DEFAULT_IOU_THRESHOLD
     prompt_mode: str = DEFAULT_PROMPT_MODE
     min_score: float = DEFAULT_MIN_SCORE
+    click_refinement: str = DEFAULT_CLICK_REFINEMENT
 
 
 class AnnotatorView(Protocol):
@@ -372,6 +373,9 @@ class AnnotationController:
             local_corrections=settings.local_corrections,
             click_guard=settings.click_guard,
             click_guard_reach=DEFAULT_CLICK_GUARD_REACH,
+            click_refinement=settings.click_refinement,
+            # the refinement reads the slice's pixels; without it nothing needs them
+            image=self.embeddings.slice_image(z) if settings.click_refinement != "off" else None,
         )
 
     def embed_then_segment(self, z: int, t_request: float) -> None:
@@ -403,10 +407,10 @@ class AnnotationController:
         self.view.clear_message()
         if result.hint:
             self.view.show_hint(result.hint)
-        refine = " (refined with the previous mask)" if result.used_previous_logits else ""
+        refine = f" {result.feedback}" if result.feedback else ""
         self.show_changed_slice(
             z, t_request, was_propagated or z in session.user_slices(),
-            lambda latency: f"Slice {z}: {int(result.mask.sum())} px, predicted IoU {result.score:.2f}{refine}; "
+            lambda latency: f"Slice {z}: {int(result.mask.sum())} px, predicted IoU {result.score:.2f}.{refine} "
             f"{latency * 1000:.0f} ms. C commits, B takes the last click back, Shift-C clears.",
         )
 

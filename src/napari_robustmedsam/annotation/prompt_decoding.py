@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..engine.click_guard import EdgeReach
+from ..engine.click_refinement import REFINEMENT_METHODS, RefinementSettings, as_refinement, refine_prediction
 from ..errors import PromptError
 from .session import SlicePrompts
 
@@ -51,6 +52,17 @@ DEFAULT_CLICK_GUARD = "always"
 #: clicks are not bounded. Chosen by a third rule on the same images (docs/results/click-guard): fewer falls of the
 #: mean for both heads and no cell lower after 5 clicks.
 DEFAULT_CLICK_GUARD_REACH: EdgeReach | None = EdgeReach(2.0, "negatives-before-positive")
+#: after the model, honour each click and re-decide its surroundings at full resolution (:mod:`..engine.click_refinement`);
+#: the annotator's choices, in the order shown
+CLICK_REFINEMENT_MODES = REFINEMENT_METHODS
+#: the annotator's default click refinement; chosen by the rule in docs/results/click-refinement/rule.md
+DEFAULT_CLICK_REFINEMENT = "off"
+CLICK_REFINEMENT_TOOLTIP = (
+    "After the model: every click is honoured (its pixel gets the clicked label) and a disk around it is "
+    "re-decided at the image's full resolution from the image's edges, with your clicks as fixed seeds. "
+    "'random-walker' decides from the image alone; 'graph-cut' also weighs the model's own mask. Use it when "
+    "clicks seem to change nothing."
+)
 #: the same modes as command-line words (training.evaluate, training.fit, benchmarks/compare_heads.py)
 LOCAL_CORRECTION_WORDS = tuple(mode.replace(" ", "-") for mode in LOCAL_CORRECTION_MODES)
 
@@ -77,6 +89,7 @@ class SliceResult:
     used_previous_logits: bool
     prompts: SlicePrompts  # what was actually sent (incl. a derived box)
     hint: str = ""
+    feedback: str = ""  # what the new clicks changed, for the status line (:func:`click_feedback`)
 
 
 def mask_box(mask: np.ndarray) -> np.ndarray | None:
@@ -125,6 +138,8 @@ def segment_slice(
     local_corrections: str | bool = "off",
     click_guard: str | bool = "off",
     click_guard_reach: float | EdgeReach | None = None,
+    image: np.ndarray | None = None,
+    click_refinement: str | RefinementSettings | None = None,
 ) -> SliceResult:
     """Segment one object on one slice from its prompts.
 
@@ -135,6 +150,9 @@ def segment_slice(
     ``click_guard`` (the same modes): on a corrective click, keep only the changes in the new points' direction
     (a positive point adds, a negative point removes) that are nearer to them than to earlier points of the other
     label; ``click_guard_reach`` also bounds their reach by their distance to the previous mask's edge.
+    ``click_refinement`` (one of CLICK_REFINEMENT_MODES, or settings; needs ``image``, the slice's pixels): after
+    the model, every new point whose pixel lacks its label is honoured and its surroundings re-decided at full
+    resolution (:mod:`..engine.click_refinement`); a corrective click starts from ``previous_mask``.
     """
     plane = tuple(getattr(embedding, "frame", embedding).original_size)  # ImageEmbedding / TiledEmbedding
     sent = SlicePrompts(prompts.points, prompts.labels, prompts.box, prompts.source)
@@ -184,6 +202,26 @@ def segment_slice(
         **extra,
     )
     mask = prediction.masks[0]
+    refinement = as_refinement(click_refinement)
+    n_new = sent.points.shape[0] - (previous_prompts.points.shape[0] if corrective else 0)
+    if refinement is not None and image is not None and n_new > 0:
+        shown_before = model_before = None
+        frame = getattr(embedding, "frame", None)  # a tiled embedding has none: start from the model's mask
+        if use_logits and corrective and previous_mask is not None and frame is not None:
+            from ..engine.predictor import logits_to_original
+
+            shown_before = previous_mask
+            model_before = (logits_to_original(frame, previous_logits)[0, 0] > 0).cpu().numpy()
+        prior = None
+        if refinement.method == "graph-cut" and frame is not None:
+            from ..engine.predictor import logits_to_original
+
+            prior = logits_to_original(frame, prediction.low_res_logits[:1])[0, 0].cpu().numpy()
+        mask = refine_prediction(image, shown_before, model_before, mask, sent.points, sent.labels, n_new,
+                                 refinement, prior)
+    feedback = ""
+    if corrective and n_new > 0:
+        feedback = click_feedback(previous_mask, mask, sent.points, sent.labels, n_new)
     if not mask.any() and not hint:
         hint = EMPTY_MASK_HINT.format(name=model_name, score=float(prediction.scores[0]),
                                       size=_input_size_text(embedding))
@@ -194,4 +232,41 @@ def segment_slice(
         used_previous_logits=use_logits,
         prompts=sent,
         hint=hint,
+        feedback=feedback,
     )
+
+
+def click_feedback(before: np.ndarray | None, after: np.ndarray, points, labels, n_new: int) -> str:
+    """One sentence for the status line: what the last ``n_new`` of ``points`` ((K, 2) x, y; ``labels`` 1/0) changed
+    from ``before`` to ``after`` (pixels added and removed), and when a click changed nothing or its pixel still has
+    the other label, why that may be and what to try. Why: a click the model ignores must not look like one it
+    took (the status line used to say only "refined with the previous mask")."""
+    from ..engine.click_refinement import click_pixel
+
+    after = np.asarray(after, dtype=bool)
+    before = np.zeros_like(after) if before is None else np.asarray(before, dtype=bool)
+    pts = np.asarray(points, dtype=np.float64).reshape(-1, 2)
+    labs = np.asarray(labels).reshape(-1).astype(int)
+    pixels = [click_pixel(p, after.shape) for p in pts]
+    new = range(len(pixels) - n_new, len(pixels))
+    added, removed = int((after & ~before).sum()), int((before & ~after).sum())
+    notes = []
+    overridden = [k for k in new if any(pixels[j] == pixels[k] and labs[j] != labs[k] for j in range(k))]
+    if overridden:
+        notes.append("it contradicts an earlier click on the same pixel: the last click wins")
+    ignored = [k for k in new if after[pixels[k]] != bool(labs[k])]
+    if added == 0 and removed == 0:
+        if all(before[pixels[k]] == bool(labs[k]) for k in new):
+            text = ("The click changed nothing: its pixel already had that label. Click where the mask is wrong "
+                    "(positive on missed object, negative on wrong mask).")
+        else:
+            text = ("The click changed nothing: the model kept its mask. Try Click refinement (random walker or "
+                    "graph cut), a click nearer the middle of the wrong part, or a tighter box.")
+    else:
+        text = f"The click added {added} px and removed {removed} px."
+        if ignored:
+            text += (" Its pixel still has the other label: try Click refinement, or click again nearer the middle "
+                     "of the wrong part.")
+    if notes:
+        text += " Note: " + "; ".join(notes) + "."
+    return text

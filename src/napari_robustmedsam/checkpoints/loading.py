@@ -189,6 +189,20 @@ def load_state_dict_strict(model, state_dict: Mapping, where: str) -> None:
         raise CheckpointError(f"{where} does not fit {what}: {err}") from None
 
 
+def check_weights_finite(model, where: str) -> None:
+    """Raise a CheckpointError naming the first tensor with NaN/inf values (after the cast to the inference dtype,
+    where a float16 overflow would appear): such weights give empty masks with NaN scores, silently."""
+    import torch
+
+    for name, tensor in model.state_dict().items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            bad = int((~torch.isfinite(tensor)).sum())
+            raise CheckpointError(
+                f"{where} has {bad} NaN/inf values in its weights ({name}, {tuple(tensor.shape)}): the file is "
+                "corrupt or its training diverged; use another checkpoint (or an earlier one of the run)"
+            )
+
+
 def _meta_leftovers(model) -> list[str]:
     """Names of tensors still on the meta device (parameters, buffers or plain tensor attributes)."""
     import torch
@@ -459,6 +473,7 @@ def load_model(
         attach_enhancer_checked(model, enhancer, where)
     model.eval()
     model.to(device=target_device, dtype=dtype)
+    check_weights_finite(model, where)
     return LoadedModel(
         model=model,
         name=name,

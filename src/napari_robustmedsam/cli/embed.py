@@ -24,7 +24,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
             "segmenting it later (CLI or napari) starts at once. INPUT is a 2D image, a 3D volume "
             "(DICOM series folder, NIfTI, NRRD, MHA, TIFF stack, NPY: every slice along the first axis) or a "
             "folder of 2D images. CT is embedded under its window (--window). "
-            "Embeddings already in the cache are reused, not recomputed."
+            "Embeddings already in the cache are verified (checksums of the arrays and of their metadata) and "
+            "reused; corrupt ones are recomputed and counted in the summary."
         ),
     )
     p.add_argument("input", metavar="INPUT", help="2D image, 3D volume, DICOM folder or file, or a folder of 2D images")
@@ -184,6 +185,8 @@ def run(args: argparse.Namespace) -> int:
     reused = stats["from_disk"] + stats["from_memory"] + stats["already_cached"]
     n_done = stats["computed"]
     what = f"{n_done} computed, {reused} already in the cache"
+    if stats["corrupt"]:  # every reused entry was verified in full; the corrupt ones were recomputed above
+        what += f", {stats['corrupt']} corrupt cache {'entry' if stats['corrupt'] == 1 else 'entries'} found and recomputed"
     if n_tiles:
         what += f" ({n_tiles} tiles)"
     print(f"{kind} embedded in {elapsed:.1f} s: {what}")

@@ -109,6 +109,7 @@ def run(args: argparse.Namespace) -> int:
 
     from ..checkpoints import load_model
     from ..engine.predictor import Predictor
+    from ..engine.tiling import TiledPredictor, embedding_for_prompts
 
     with stage(f"loading model {args.model}"):
         loaded = load_model(args.model, device=args.device, preprocessing=args.preprocessing)
@@ -117,9 +118,12 @@ def run(args: argparse.Namespace) -> int:
         message(f"note: {loaded.name} was trained with box prompts only; points alone give poor masks, prefer --box")
     with stage(f"computing the image embedding on {predictor.device.type}"), warnings.catch_warnings():
         warnings.simplefilter("ignore", ImageSignalWarning)  # said above, before the model load
-        predictor.set_image(window.apply(image) if window is not None else image)
+        # a large image is embedded only in the tiles its prompts fall in (bounded memory, full resolution)
+        embedding = embedding_for_prompts(predictor, window.apply(image) if window is not None else image,
+                                          point_arg, label_arg, boxes)
 
-    prediction = predictor.predict(points=point_arg, point_labels=label_arg, boxes=boxes)
+    prediction = TiledPredictor(predictor).predict(points=point_arg, point_labels=label_arg, boxes=boxes,
+                                                   embedding=embedding)
     label_map = np.zeros(prediction.masks.shape[1:], dtype=np.uint16 if n_objects > 255 else np.uint8)
     for index, mask in enumerate(prediction.masks, start=1):
         label_map[mask & (label_map == 0)] = index

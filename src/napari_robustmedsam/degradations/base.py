@@ -101,6 +101,24 @@ def check_image(image: Any) -> np.ndarray:
     return arr
 
 
+def _unit_values(arr: np.ndarray, low: float, high: float) -> np.ndarray:
+    """``(arr - low) / (high - low)`` as float32. In float32 for 8/16-bit integers and moderate float32 values
+    (exact enough); otherwise in float64, one slab at a time,
+    because float32 would turn values beyond its range into inf/NaN, or flush values below it to zero."""
+    if arr.dtype.itemsize <= 2 or (arr.dtype == np.float32 and max(abs(low), abs(high)) <= 1e30):
+        return (arr.astype(np.float32) - np.float32(low)) * np.float32(1.0 / (high - low))
+    scale = 1.0 / (high - low)
+    if not np.isfinite(scale) or scale == 0:
+        raise DegradationError(
+            f"the image's values span {low:g} .. {high:g}, beyond what can be scaled: rescale the image first")
+    out = np.empty(arr.shape, np.float32)
+    step = max(1, (1 << 22) // max(1, int(np.prod(arr.shape[1:]))))
+    for start in range(0, arr.shape[0], step):
+        block = arr[start:start + step]
+        out[start:start + step] = (block.astype(np.float64) - low) * scale
+    return out
+
+
 def to_unit(image: Any) -> tuple[np.ndarray, Layout]:
     """Validate `image` and map it to float32 in [0, 1]; return the unit array and its Layout."""
     arr = check_image(image)
@@ -116,7 +134,7 @@ def to_unit(image: Any) -> tuple[np.ndarray, Layout]:
     clip_low, clip_high = low, high
     if high <= low:  # constant image: any positive scale works, keep the constant as 0
         high = low + 1.0
-    unit = (arr.astype(np.float32) - np.float32(low)) * np.float32(1.0 / (high - low))
+    unit = _unit_values(arr, low, high)
     layout = Layout(kind, arr.dtype, low, high, clip_low, clip_high, alpha)
     return unit, layout
 

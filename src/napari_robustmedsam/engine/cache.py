@@ -14,8 +14,13 @@ Safety:
 - An entry is written into ``entries/.tmp-<random>`` and renamed to its final name only once every array
   and its attributes (checksums last) are on disk, so a killed process or a full disk leaves no entry
   under a final name; stale temporary directories are removed the next time the store is opened.
-- Every array carries an xxh3 checksum of its stored bytes, verified on each read: a corrupt entry
-  (flipped bytes, truncated chunk, broken JSON) is deleted and reported as missing, i.e. recomputed.
+- Every array carries an xxh3 checksum of its stored bytes, and the entry's metadata (each array's checksum,
+  shape and dtype, the frame -- original and input size -- and the extra fields such as a tile's extent)
+  carries one more, ``entry_checksum``: anything in an entry that can change a mask is verified on each read
+  (and by :meth:`EmbeddingStore.verify`, which ``robustmedsam embed`` runs on every entry it would reuse). A
+  corrupt entry (flipped bytes, truncated chunk, broken JSON, an edited size, an entry without the metadata
+  checksum) is deleted and reported as missing, i.e. recomputed; the caller can also pass the frame it
+  expects, which must match.
 - The root's signature is compared on open: a mismatch (other model, data, preprocessing, tiles,
   precision...) never serves an entry; the store is replaced. A difference in the package version only
   reuses the entries with a notice.
@@ -41,7 +46,7 @@ import torch
 
 from ..errors import CacheError
 from .preprocessing import ImageFrame
-from .signature import Signature, checksum_bytes
+from .signature import Signature, checksum_bytes, checksum_json
 
 log = logging.getLogger(__name__)
 
@@ -134,6 +139,15 @@ def frame_from_json(d: Mapping) -> ImageFrame:
     )
 
 
+def _entry_digest(arrays: Mapping[str, Mapping], frame: Mapping, extra: Mapping) -> str:
+    """Checksum of everything in an entry's metadata that can change a mask."""
+    return checksum_json({"arrays": arrays, "frame": frame, "extra": extra})
+
+
+def _array_record(arr: np.ndarray) -> dict:
+    return {"checksum": checksum_bytes(arr), "shape": [int(v) for v in arr.shape], "dtype": arr.dtype.name}
+
+
 def _entry_name(index: int) -> str:
     return f"e{int(index):07d}"
 
@@ -146,6 +160,7 @@ class EmbeddingStore:
         self.signature = signature
         self.n_entries = int(n_entries)
         self.notices: list[str] = list(notices or [])
+        self.corrupt: list[int] = []  # indices of the entries found corrupt (and deleted) by this object
         self.storage_dtype = np.dtype(signature.storage_dtype)
 
     # ---- opening --------------------------------------------------------------------------------
@@ -208,7 +223,8 @@ class EmbeddingStore:
         return self.path / "entries" / _entry_name(index)
 
     def has(self, index: int) -> bool:
-        """Cheap check (no checksum): the entry exists under its final name with its completion marker."""
+        """Cheap check (no checksum): the entry exists under its final name with its completion marker.
+        :meth:`verify` checks it in full."""
         return _is_complete(self.entry_path(index))
 
     def completed(self) -> list[int]:
@@ -223,11 +239,26 @@ class EmbeddingStore:
             return []
         return sorted(out)
 
-    def read(self, index: int) -> tuple[dict[str, torch.Tensor], ImageFrame, dict] | None:
+    def read(self, index: int, expected_frame: ImageFrame | None = None,
+             expected_extra: Mapping | None = None) -> tuple[dict[str, torch.Tensor], ImageFrame, dict] | None:
         """Verified entry ``(features (float32 CPU tensors), frame, extra)``, or ``None`` if absent/corrupt.
 
-        A corrupt entry is deleted (so that it is recomputed and rewritten).
+        A corrupt entry is deleted (so that it is recomputed and rewritten). ``expected_frame`` /
+        ``expected_extra``: what the caller knows the entry must hold (its image's frame, its tile); a
+        difference is corruption too.
         """
+        got = self._load(index, expected_frame, expected_extra)
+        if got is None:
+            return None
+        arrays, frame, extra = got
+        return {k: torch.from_numpy(v.astype(np.float32, copy=False)) for k, v in arrays.items()}, frame, extra
+
+    def verify(self, index: int, expected_frame: ImageFrame | None = None, expected_extra: Mapping | None = None) -> bool:
+        """Whether entry ``index`` is complete and passes every check of :meth:`read`; a corrupt one is deleted
+        (and counted in :attr:`corrupt`). Reads the arrays, keeps nothing."""
+        return self._load(index, expected_frame, expected_extra) is not None
+
+    def _load(self, index: int, expected_frame, expected_extra) -> tuple[dict[str, np.ndarray], ImageFrame, dict] | None:
         path = self.entry_path(index)
         if not (path / "zarr.json").is_file():
             return None
@@ -235,22 +266,35 @@ class EmbeddingStore:
             attrs = _read_json(path / "zarr.json").get("attributes", {})
             if attrs.get("complete") is not True:
                 raise ValueError("entry has no completion marker")
-            checksums = attrs["checksums"]
-            features: dict[str, torch.Tensor] = {}
+            checksums, frame_json, extra = attrs["checksums"], attrs["frame"], attrs.get("extra", {})
+            if "entry_checksum" not in attrs:
+                raise ValueError("entry has no metadata checksum (written by an older version)")
+            arrays: dict[str, np.ndarray] = {}
+            records = {}
             for name, expected in checksums.items():
                 arr = _read_array(path / name)
                 if arr.dtype != self.storage_dtype:
                     raise ValueError(f"{name} stored as {arr.dtype}, expected {self.storage_dtype}")
                 if checksum_bytes(arr) != expected:
                     raise ValueError(f"checksum mismatch in {name}")
-                features[name] = torch.from_numpy(arr.astype(np.float32, copy=False))
-            if "image_embeddings" not in features:
+                if not np.isfinite(arr).all():  # never written by this version: from an older one, or forged
+                    raise ValueError(f"NaN/inf values in {name}")
+                arrays[name] = arr
+                records[name] = _array_record(arr)
+            if _entry_digest(records, frame_json, extra) != attrs["entry_checksum"]:
+                raise ValueError("metadata checksum mismatch (frame, sizes, shapes or extra fields changed)")
+            if "image_embeddings" not in arrays:
                 raise ValueError("entry has no image_embeddings")
-            frame = frame_from_json(attrs["frame"])
-            return features, frame, dict(attrs.get("extra", {}))
+            frame = frame_from_json(frame_json)
+            if expected_frame is not None and frame != expected_frame:
+                raise ValueError(f"stored frame {frame_to_json(frame)} is not this image's {frame_to_json(expected_frame)}")
+            if expected_extra is not None and dict(extra) != dict(expected_extra):
+                raise ValueError(f"stored extra fields {extra} differ from the expected {dict(expected_extra)}")
+            return arrays, frame, dict(extra)
         except Exception as err:  # noqa: BLE001 - any unreadable entry is corrupt
             log.warning("corrupt embedding cache entry %s (%s): it is recomputed", path, err)
             self.notices.append(f"corrupt cache entry {path.name} in {self.path.name} ({err}); recomputed")
+            self.corrupt.append(int(index))
             self.discard(index)
             return None
 
@@ -262,16 +306,22 @@ class EmbeddingStore:
         tmp = entries / f".tmp-{_entry_name(index)}-{uuid.uuid4().hex[:12]}"
         try:
             group = zarr.open_group(str(tmp), mode="w")
-            checksums = {}
+            checksums, records = {}, {}
             for name, tensor in features.items():
                 arr = tensor.detach().to("cpu", torch.float32).numpy().astype(self.storage_dtype, copy=False)
                 arr = np.ascontiguousarray(arr)
+                if not np.isfinite(arr).all():
+                    raise ValueError(
+                        f"{name} holds NaN/inf values in {self.storage_dtype} (a float16 overflow, or broken weights)")
                 _write_array(group, name, arr)
-                checksums[name] = checksum_bytes(arr)
+                records[name] = _array_record(arr)
+                checksums[name] = records[name]["checksum"]
+            frame_json, extra_json = frame_to_json(frame), json.loads(json.dumps(dict(extra or {})))
             # The attributes (with the checksums and the completion marker) are written last.
-            group.attrs.update(
-                {"complete": True, "checksums": checksums, "frame": frame_to_json(frame), "extra": dict(extra or {})}
-            )
+            group.attrs.update({
+                "complete": True, "checksums": checksums, "frame": frame_json, "extra": extra_json,
+                "entry_checksum": _entry_digest(records, frame_json, extra_json),
+            })
             _replace_dir(tmp, self.entry_path(index))
         except Exception as err:  # noqa: BLE001
             _rmtree_quiet(tmp)

@@ -48,8 +48,8 @@ import torch
 from ..errors import CacheError, ImageInputError, UserFacingError
 from .cache import EmbeddingCache, EmbeddingStore
 from .fast_cpu import EncoderRunner
-from .predictor import ImageEmbedding, Predictor
-from .preprocessing import model_input_size, preprocess, validate_image
+from .predictor import ImageEmbedding, Predictor, require_finite
+from .preprocessing import frame_for, model_input_size, preprocess, validate_image
 from .signature import Signature, hash_array, model_hashes
 from .tiling import DEFAULT_HALO, DEFAULT_TILE_THRESHOLD, TiledEmbedding, TiledPredictor, Tile, needs_tiling, tile_layout
 
@@ -243,6 +243,7 @@ class EmbeddingEngine:
         """
         tensor, frame = preprocess(image, self.preprocessing)
         features = self.runner(tensor, keep_early=True) if keep_early else self.runner(tensor)
+        require_finite(features, "image embedding")  # before anything is cached
         self.stats["computed"] += 1
         return ImageEmbedding(features, frame)
 
@@ -278,8 +279,10 @@ class EmbeddingEngine:
             return None
         return self._open_store(dataclasses.replace(sig, decoder_hash=None, content="encoder"), n_entries)
 
-    def _read(self, store: EmbeddingStore, index: int):
-        got = store.read(index)
+    def _read(self, store: EmbeddingStore, index: int, expected_frame=None, expected_extra=None):
+        corrupt_before = len(store.corrupt)
+        got = store.read(index, expected_frame, expected_extra)
+        self.stats["corrupt"] += len(store.corrupt) - corrupt_before
         for message in store.notices:
             self._notice(message)
         store.notices.clear()
@@ -301,17 +304,18 @@ class EmbeddingEngine:
         image_fn: Callable[[], np.ndarray],
         extra=None,
         encoder_store: EmbeddingStore | None = None,
+        expected_frame=None,
     ) -> ImageEmbedding:
         if not self._disk_ok:
             store = encoder_store = None
         if store is not None:
-            got = self._read(store, index)
+            got = self._read(store, index, expected_frame, extra)
             if got is not None and self._complete(got[0]):
                 features, frame, _ = got
                 self.stats["from_disk"] += 1
                 return ImageEmbedding(features, frame)
         if encoder_store is not None:
-            got = self._read(encoder_store, index)
+            got = self._read(encoder_store, index, expected_frame, extra)
             if got is not None and "early_features" in got[0]:
                 enc, frame, _ = got
                 dtype = next(self.model.parameters()).dtype
@@ -381,7 +385,8 @@ class EmbeddingEngine:
             store = self._open_store(sig, n, store_path=store_path)
             encoder_store = self._open_encoder_store(sig, n, store_path=store_path)
             if not tiles:
-                emb = self._deliver(self._entry(store, 0, lambda: arr, encoder_store=encoder_store))
+                emb = self._deliver(self._entry(store, 0, lambda: arr, encoder_store=encoder_store,
+                                                expected_frame=frame_for(arr.shape[:2], self.preprocessing)))
                 if progress is not None:
                     progress(1, 1, "image embedded")
                 self._remember(key, emb)
@@ -393,7 +398,8 @@ class EmbeddingEngine:
                 y0, y1, x0, x1 = tile.outer
                 embeddings.append(
                     self._deliver(self._entry(store, tile.index, lambda: arr[y0:y1, x0:x1], extra=tile.to_json(),
-                                              encoder_store=encoder_store))
+                                              encoder_store=encoder_store,
+                                              expected_frame=frame_for(tile.outer_shape, self.preprocessing)))
                 )
                 if progress is not None:
                     progress(i + 1, n, f"tile {i + 1}/{n}")
@@ -415,7 +421,7 @@ class EmbeddingEngine:
             store = self._open_store(sig, 1, create=False)
             if store is None:
                 return None
-            got = store.read(0)
+            got = self._read(store, 0, frame_for(arr.shape[:2], self.preprocessing))
             if got is None:
                 return None
             self.stats["from_disk"] += 1
@@ -512,8 +518,11 @@ class VolumeEmbeddings:
     def get(self, z: int, progress: ProgressFn | None = None, cancel: Any = None):
         return self.engine.embed_image(self.slice_image(z), progress=progress, cancel=cancel)
 
-    def is_cached(self, z: int, _hashes: tuple | None = None) -> bool:
-        """True when slice z is in memory or complete on disk (no checksum verification here)."""
+    def is_cached(self, z: int, _hashes: tuple | None = None, verify: bool = False) -> bool:
+        """True when slice z is in memory or complete on disk. Without ``verify`` only the completion markers
+        are looked at (cheap, for display); with it every entry is read and checked in full as a later read
+        would (checksums of the arrays and of the metadata, the frame this slice must have), and a corrupt one
+        is deleted and counted in ``engine.stats["corrupt"]``, so that the slice is recomputed."""
         engine = self.engine
         arr = validate_image(self.slice_image(z))
         tiles = engine.tiles_for(arr.shape[:2])
@@ -526,7 +535,24 @@ class VolumeEmbeddings:
         if not path.exists():
             return False
         store = EmbeddingStore(path, sig, len(tiles) if tiles else 1)
-        return all(store.has(i) for i in range(store.n_entries))
+        if not verify:
+            return all(store.has(i) for i in range(store.n_entries))
+        if tiles:
+            checks = [(t.index, frame_for(t.outer_shape, engine.preprocessing), t.to_json()) for t in tiles]
+        else:
+            checks = [(0, frame_for(arr.shape[:2], engine.preprocessing), None)]
+        ok = True
+        for index, frame, extra in checks:
+            if not store.has(index):
+                ok = False
+                continue
+            corrupt_before = len(store.corrupt)
+            if not store.verify(index, frame, extra):
+                ok = False
+            engine.stats["corrupt"] += len(store.corrupt) - corrupt_before
+        for message in store.notices:
+            engine._notice(message)
+        return ok
 
     def cached_slices(self) -> list[int]:
         hashes = model_hashes(self.engine.model)
@@ -540,8 +566,9 @@ class VolumeEmbeddings:
     def compute(self, slices: Sequence[int] | None = None, progress: ProgressFn | None = None, cancel: Any = None) -> int:
         """Embed the given slices (default all) that are not cached yet; returns how many were computed.
 
-        Cached slices are skipped without being read (so precomputing a cached volume is fast and does
-        not fill memory). Cancellation is checked before every slice.
+        A cached slice is verified in full (read and checked, nothing kept in memory) and skipped; a corrupt
+        one is deleted and recomputed (counted in ``engine.stats["corrupt"]``). Cancellation is checked
+        before every slice.
         """
         todo = list(range(len(self))) if slices is None else [int(z) for z in slices]
         total = len(todo)
@@ -551,7 +578,7 @@ class VolumeEmbeddings:
                 raise EmbeddingCancelled(
                     f"cancelled after {i} of {total} slices (finished slices are cached; the rest is computed on demand)"
                 )
-            if self.is_cached(z):
+            if self.is_cached(z, verify=True):
                 self.engine.stats["already_cached"] += 1
             else:
                 self.engine.embed_image(self.slice_image(z), cancel=cancel)

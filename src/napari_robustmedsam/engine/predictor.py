@@ -14,13 +14,17 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..errors import ImageInputError, PromptError
+from ..errors import ImageInputError, NonFiniteError, PromptError
 from .click_guard import EdgeReach, guard_clicks
 from .local_correction import merge_local_correction
 from .preprocessing import LOW_RES_SIZE, ImageFrame, preprocess
+from .prompt_checks import as_prompt_array, check_prompts
 
-# Points and boxes may touch the border; allow half a pixel of slack for napari's pixel-centre coordinates.
-_EDGE_TOLERANCE = 0.5
+#: Objects (prompt sets) decoded per model call. The decoder's activations grow with the batch, so any number
+#: of prompts is decoded this many at a time (docs/embeddings.md, "Many prompts, large images").
+DEFAULT_DECODE_CHUNK = 8
+#: Float32 bytes at the original resolution held at once while logits become full-size boolean masks.
+FULL_RES_BUDGET_BYTES = 64 * 2**20
 
 
 @dataclass
@@ -49,18 +53,28 @@ class Prediction:
     all_scores: np.ndarray = field(default_factory=lambda: np.zeros((0, 0)))  # (N, C) before choosing
 
 
-def _as_objects(arr, last: int, name: str) -> np.ndarray | None:
-    """Normalise a prompt array to a leading object axis: (..., last) -> (N, ..., last)."""
-    if arr is None:
-        return None
-    a = np.asarray(arr, dtype=np.float64)
-    if a.size == 0:
-        return None
-    if a.shape[-1] != last:
-        raise PromptError(f"{name} must have {last} coordinates per entry, got an array of shape {a.shape}")
-    if not np.isfinite(a).all():
-        raise PromptError(f"{name} contain NaN or inf coordinates")
-    return a
+def require_finite(tensors: dict[str, torch.Tensor] | torch.Tensor, what: str) -> None:
+    """Raise :class:`NonFiniteError` naming ``what`` (and the feature) when a tensor holds NaN/inf values.
+
+    Non-finite values enter through weights (a corrupt or diverged checkpoint, a fine-tuned decoder swapped in),
+    a half-precision overflow, or a cache written by an older version; unchecked they give an empty mask with a
+    NaN score and no error."""
+    items = tensors.items() if isinstance(tensors, dict) else [("", tensors)]
+    for name, t in items:
+        if isinstance(t, torch.Tensor) and t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            bad = int((~torch.isfinite(t)).sum())
+            label = f"{what} ({name})" if name else what
+            raise NonFiniteError(
+                f"NaN/inf values in the {label} ({bad} of {t.numel()}): the model's weights are broken or its "
+                "precision overflowed; reload or re-export the model, or run it in float32"
+            )
+
+
+def prompt_objects(points, point_labels, boxes, frame: ImageFrame):
+    """Checked prompts with a leading object axis, ``(points (N, P, 2), labels (N, P), boxes (N, 4))``, each None
+    when not given (:func:`.prompt_checks.check_prompts` against the image of ``frame``; no prompt at all is
+    left to the caller)."""
+    return check_prompts(points, point_labels, boxes, image_size=frame.original_size, allow_empty=True)
 
 
 def _mask_batch(mask_input) -> torch.Tensor:
@@ -80,21 +94,64 @@ def logits_to_original(frame: ImageFrame, low_res_logits: torch.Tensor) -> torch
     1024 px models only the low-resolution rows/columns that the crop needs (plus one) are upsampled,
     with the same scale factor. Both give bit-identical values to the reference.
     """
+    x = _cropped_logits(frame, low_res_logits)
+    if x is None:
+        return frame.logits_to_original(low_res_logits)
+    if tuple(x.shape[-2:]) == tuple(frame.original_size):
+        return x
+    return F.interpolate(x, frame.original_size, mode="bilinear", align_corners=False)
+
+
+def _cropped_logits(frame: ImageFrame, low_res_logits: torch.Tensor) -> torch.Tensor | None:
+    """The logits at the model's input scale, cropped to the unpadded image (``None``: the model size is not a
+    multiple of the logits grid, only the reference path applies)."""
     x = low_res_logits.float()
     low_h, low_w = x.shape[-2:]
     size = frame.model_size
     in_h, in_w = frame.input_size
     if (low_h, low_w) != (size, size):
         if size % low_h or size % low_w:
-            return frame.logits_to_original(low_res_logits)
+            return None
         fy, fx = size // low_h, size // low_w
         rows = min(low_h, -(-in_h // fy) + 1)
         cols = min(low_w, -(-in_w // fx) + 1)
         x = F.interpolate(x[..., :rows, :cols], (rows * fy, cols * fx), mode="bilinear", align_corners=False)
-    x = x[..., :in_h, :in_w]
-    if tuple(x.shape[-2:]) == tuple(frame.original_size):
-        return x
-    return F.interpolate(x, frame.original_size, mode="bilinear", align_corners=False)
+    return x[..., :in_h, :in_w]
+
+
+def masks_at_original(frame: ImageFrame, low_res_logits: torch.Tensor, budget_bytes: int | None = None) -> np.ndarray:
+    """(N, 1, 256, 256) logits -> (N, H, W) boolean masks at the original size, the same as
+    ``logits_to_original(frame, logits)[:, 0] > 0`` but holding at most about ``budget_bytes`` of float32 at the
+    original resolution, whatever N and the image size.
+
+    Objects are converted a few at a time. When one object alone exceeds the budget (a very large image), its
+    bilinear resize is done as two passes, across the columns then down column bands. PyTorch's bilinear kernel
+    computes ``wy0 * (wx0 * a + wx1 * b) + wy1 * (...)``, and a pass whose size does not change uses weights 1
+    and 0, so the two passes give the very values of the one-pass resize.
+    """
+    budget_bytes = FULL_RES_BUDGET_BYTES if budget_bytes is None else int(budget_bytes)
+    n = low_res_logits.shape[0]
+    h, w = frame.original_size
+    per_object = 4 * h * w
+    if n * per_object <= budget_bytes:
+        return (logits_to_original(frame, low_res_logits)[:, 0] > 0).cpu().numpy()
+    out = np.empty((n, h, w), dtype=bool)
+    step = max(1, budget_bytes // per_object)
+    for start in range(0, n, step):
+        part = low_res_logits[start:start + step]
+        cropped = None if per_object <= budget_bytes else _cropped_logits(frame, part[:, :1])
+        if cropped is None:
+            out[start:start + step] = (logits_to_original(frame, part)[:, 0] > 0).cpu().numpy()
+            continue
+        if cropped.shape[-1] != w:
+            cropped = F.interpolate(cropped, (cropped.shape[-2], w), mode="bilinear", align_corners=False)
+        cols = max(1, budget_bytes // (4 * h))
+        for c0 in range(0, w, cols):
+            band = cropped[..., c0:c0 + cols]
+            if band.shape[-2] != h:
+                band = F.interpolate(band, (h, band.shape[-1]), mode="bilinear", align_corners=False)
+            out[start, :, c0:c0 + band.shape[-1]] = (band[0, 0] > 0).cpu().numpy()
+    return out
 
 
 def guarded_counts(guard_new_clicks, n_objects: int, n_points: int) -> list[int]:
@@ -127,17 +184,19 @@ def clicks_per_object(local_clicks, n_objects: int) -> list[np.ndarray | None]:
         per_object = list(local_clicks)
     if len(per_object) != n_objects:
         raise PromptError(f"local_clicks has {len(per_object)} entries for {n_objects} objects")
-    return [None if pts is None or np.size(pts) == 0 else _as_objects(pts, 2, "local_clicks").reshape(-1, 2)
+    return [None if pts is None or np.size(pts) == 0 else as_prompt_array(pts, 2, "local_clicks").reshape(-1, 2)
             for pts in per_object]
 
 
 class Predictor:
     """Segment with any :class:`~napari_robustmedsam.models.segmenter.PromptableSegmenter`."""
 
-    def __init__(self, model: torch.nn.Module, preprocessing: str, box_primary: bool = False) -> None:
+    def __init__(self, model: torch.nn.Module, preprocessing: str, box_primary: bool = False,
+                 decode_chunk: int = DEFAULT_DECODE_CHUNK) -> None:
         self.model = model.eval()
         self.preprocessing = preprocessing
         self.box_primary = box_primary
+        self.decode_chunk = int(decode_chunk)  # objects per decoder call (memory stays flat in the prompt count)
         self.embedding: ImageEmbedding | None = None
         if self.device.type == "cpu":
             from .fast_cpu import configure_cpu_memory
@@ -168,6 +227,7 @@ class Predictor:
                 f"expects {self.model.architecture.image_size} px: the checkpoint's preprocessing is wrong"
             )
         features = self.model.encode(tensor.to(self.device, self.dtype))
+        require_finite(features, "image embedding")
         return ImageEmbedding(features, frame)
 
     def set_image(self, image: np.ndarray) -> ImageEmbedding:
@@ -176,19 +236,9 @@ class Predictor:
 
     def set_embedding(self, embedding: ImageEmbedding) -> None:
         self.embedding = embedding.to(self.device, self.dtype)
+        require_finite(self.embedding.features, "image embedding")
 
     # ---- prompt side ------------------------------------------------------------------------
-    def _check_inside(self, coords: np.ndarray, frame: ImageFrame, name: str) -> None:
-        h, w = frame.original_size
-        xs, ys = coords[..., 0], coords[..., 1]
-        bad = (xs < -_EDGE_TOLERANCE) | (ys < -_EDGE_TOLERANCE) | (xs > w + _EDGE_TOLERANCE) | (ys > h + _EDGE_TOLERANCE)
-        if bad.any():
-            first = coords[bad][0] if coords[bad].ndim > 1 else coords[bad]
-            raise PromptError(
-                f"{name} outside the image: ({first[0]:g}, {first[1]:g}) is not within x 0..{w}, y 0..{h} "
-                "(coordinates are (x, y) in pixels of the original image)"
-            )
-
     def prepare_mask_prompt(self, mask_input: torch.Tensor, embedding: ImageEmbedding | None = None) -> None:
         """Precompute what a later :meth:`predict` with this ``mask_input`` (the previous low-resolution logits,
         the same tensor) needs for the mask prompt; that call then returns the same result, sooner. For idle
@@ -236,45 +286,17 @@ class Predictor:
         if emb is None:
             raise PromptError("no image embedding: call set_image() or compute the embedding first")
         frame = emb.frame
-        pts = _as_objects(points, 2, "points")
-        bxs = _as_objects(boxes, 4, "boxes")
+        pts, labels, bxs = prompt_objects(points, point_labels, boxes, frame)
         if pts is None and bxs is None and mask_input is None:
             raise PromptError("empty prompt: give at least one point, a box or a previous mask")
-
-        n_objects = 1
-        if pts is not None:
-            if pts.ndim == 2:
-                pts = pts[None]
-            if pts.ndim != 3:
-                raise PromptError(f"points must be (P, 2) or (N, P, 2), got shape {np.shape(points)}")
-            self._check_inside(pts, frame, "point")
-            labels = np.ones(pts.shape[:2]) if point_labels is None else np.asarray(point_labels, dtype=np.float64)
-            if labels.ndim == 1:
-                labels = labels[None]
-            if labels.shape != pts.shape[:2]:
-                raise PromptError(f"point_labels shape {labels.shape} does not match points shape {pts.shape}")
-            if not np.isin(labels, (0, 1)).all():
-                raise PromptError("point labels must be 1 (positive) or 0 (negative)")
-            n_objects = pts.shape[0]
-        if bxs is not None:
-            if bxs.ndim == 1:
-                bxs = bxs[None]
-            if bxs.ndim != 2:
-                raise PromptError(f"boxes must be (4,) or (N, 4), got shape {np.shape(boxes)}")
-            if ((bxs[:, 2] <= bxs[:, 0]) | (bxs[:, 3] <= bxs[:, 1])).any():
-                b = bxs[(bxs[:, 2] <= bxs[:, 0]) | (bxs[:, 3] <= bxs[:, 1])][0]
-                raise PromptError(
-                    f"box {tuple(float(v) for v in b)} is inverted or empty: give (x0, y0, x1, y1) with x1 > x0 and y1 > y0"
-                )
-            self._check_inside(bxs.reshape(-1, 2, 2), frame, "box corner")
-            if pts is not None and bxs.shape[0] != n_objects:
-                raise PromptError(f"{bxs.shape[0]} boxes but {n_objects} point sets: give one of each per object")
-            n_objects = bxs.shape[0]
+        n_objects = pts.shape[0] if pts is not None else (bxs.shape[0] if bxs is not None else 1)
         if mask_input is not None:
             mask_input = _mask_batch(mask_input)
             low = LOW_RES_SIZE
             if mask_input.shape[-2:] != (low, low):
                 raise PromptError(f"mask_input must be low-resolution logits (N, 1, {low}, {low}), got {tuple(mask_input.shape)}")
+            if mask_input.is_floating_point() and not bool(torch.isfinite(mask_input).all()):
+                raise PromptError("mask_input (the previous logits) holds NaN/inf values: start again from a box or points")
             if pts is None and bxs is None:
                 n_objects = mask_input.shape[0]
             elif mask_input.shape[0] != n_objects:
@@ -283,6 +305,49 @@ class Predictor:
         if multimask_output is None:
             multimask_output = n_objects == 1 and pts is not None and pts.shape[1] == 1 and bxs is None and mask_input is None
 
+        clicks = None
+        if local_clicks is not None and mask_input is not None:
+            clicks = clicks_per_object(local_clicks, n_objects)
+        counts = None
+        if guard_new_clicks is not None and mask_input is not None and pts is not None:
+            counts = guarded_counts(guard_new_clicks, n_objects, pts.shape[1])
+
+        # The decoder's intermediates grow with the number of prompt sets (tens of MB each), so the objects are
+        # decoded a bounded chunk at a time and each chunk's masks go straight into the boolean result.
+        h, w = frame.original_size
+        masks = np.empty((n_objects, h, w), dtype=bool)
+        step = max(1, int(self.decode_chunk))
+        low_parts, score_parts, all_parts = [], [], []
+        for start in range(0, n_objects, step):
+            part = slice(start, min(n_objects, start + step))
+            whole = part.stop - part.start == n_objects  # the caller's own tensors: a prepared mask stays recognised
+            chosen, scores, iou = self._decode_part(
+                emb,
+                None if pts is None else pts[part],
+                None if pts is None else labels[part],
+                None if bxs is None else bxs[part],
+                None if mask_input is None else (mask_input if whole else mask_input[part]),
+                multimask_output,
+                None if clicks is None else clicks[part],
+                None if counts is None else counts[part],
+                guard_edge_reach,
+            )
+            masks[part] = masks_at_original(frame, chosen)
+            low_parts.append(chosen.float())
+            score_parts.append(scores.float().cpu().numpy())
+            all_parts.append(iou.float().cpu().numpy())
+        return Prediction(
+            masks=masks,
+            scores=np.concatenate(score_parts),
+            low_res_logits=low_parts[0] if len(low_parts) == 1 else torch.cat(low_parts),
+            all_scores=np.concatenate(all_parts),
+        )
+
+    def _decode_part(self, emb: ImageEmbedding, pts, labels, bxs, mask_input, multimask_output: bool, clicks, counts,
+                     guard_edge_reach) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Decode one chunk of objects (prompts already checked): (chosen logits (n, 1, 256, 256), chosen scores
+        (n,), every candidate's score (n, C)), after the local merge and the click guard."""
+        frame = emb.frame
         device, dtype = self.device, self.dtype
         point_arg = None
         if pts is not None:
@@ -295,24 +360,18 @@ class Predictor:
 
         sparse, dense = self.model.embed_prompts(point_arg, box_arg, mask_arg)
         low_res, iou = self.model.decode(emb.features, sparse, dense, multimask_output, prompts=(point_arg, box_arg))
+        require_finite(low_res, "mask logits")
+        require_finite(iou, "predicted IoU scores")
         best = iou.argmax(dim=1)
         idx = torch.arange(low_res.shape[0], device=low_res.device)
         chosen = low_res[idx, best][:, None]
         scores = iou[idx, best]
         grid = chosen.shape[-1] / frame.model_size  # model input pixels -> logits grid
-        if local_clicks is not None and mask_arg is not None:
-            clicks = [None if pts is None else frame.points_to_model(pts) * grid
-                      for pts in clicks_per_object(local_clicks, n_objects)]
-            chosen = merge_local_correction(mask_arg, chosen, clicks)
-        if guard_new_clicks is not None and mask_arg is not None and pts is not None:
-            counts = guarded_counts(guard_new_clicks, n_objects, pts.shape[1])
+        if clicks is not None and mask_arg is not None:
+            chosen = merge_local_correction(
+                mask_arg, chosen, [None if c is None else frame.points_to_model(c) * grid for c in clicks])
+        if counts is not None and mask_arg is not None and pts is not None:
             entries = [None if not c else (frame.points_to_model(pts[i]) * grid, labels[i], c)
                        for i, c in enumerate(counts)]
             chosen = guard_clicks(mask_arg, chosen, entries, edge_reach=guard_edge_reach)
-        full = logits_to_original(frame, chosen)[:, 0]
-        return Prediction(
-            masks=(full > 0).cpu().numpy(),
-            scores=scores.float().cpu().numpy(),
-            low_res_logits=chosen.float(),
-            all_scores=iou.float().cpu().numpy(),
-        )
+        return chosen, scores, iou

@@ -100,8 +100,8 @@ def validate_image(image: np.ndarray) -> np.ndarray:
         arr = arr.astype(np.uint8)
     if not (np.issubdtype(arr.dtype, np.integer) or np.issubdtype(arr.dtype, np.floating)):
         raise ImageInputError(f"unsupported pixel type {arr.dtype}; use an integer or float image")
-    if np.issubdtype(arr.dtype, np.floating) and not np.isfinite(arr).all():
-        bad = int((~np.isfinite(arr)).sum())
+    if np.issubdtype(arr.dtype, np.floating) and not _all_finite(arr):
+        bad = sum(int((~np.isfinite(block)).sum()) for block in _row_blocks(arr))
         raise ImageInputError(
             f"the image has {bad} NaN/inf pixels; replace them (e.g. numpy.nan_to_num) before segmenting"
         )
@@ -110,6 +110,75 @@ def validate_image(image: np.ndarray) -> np.ndarray:
             f"image of size {arr.shape[0]} x {arr.shape[1]} px is too thin to segment: both sides need >= 2 px"
         )
     return arr
+
+
+# Rows per block when a large image is scanned or converted piece by piece (bounded temporary arrays).
+_BLOCK_PIXELS = 1 << 22
+# Values whose magnitude exceeds this overflow float32 arithmetic (a span, a * 255) or come near it.
+_FLOAT32_SAFE_MAGNITUDE = 1e30
+# Below this span relative to the magnitude, float32 (24-bit mantissa) keeps too few distinct intensity levels.
+_FLOAT32_MIN_RELATIVE_SPAN = 1e-3
+# Below this span, float32 flushes the differences to zero or subnormals.
+_FLOAT32_MIN_SPAN = 1e-30
+
+
+def _row_blocks(arr: np.ndarray):
+    rows = max(1, _BLOCK_PIXELS // max(1, int(np.prod(arr.shape[1:]))))
+    for r0 in range(0, arr.shape[0], rows):
+        yield arr[r0:r0 + rows]
+
+
+def _all_finite(arr: np.ndarray) -> bool:
+    """``np.isfinite(arr).all()`` without a full-size temporary (large images are scanned in row blocks)."""
+    return all(bool(np.isfinite(block).all()) for block in _row_blocks(arr))
+
+
+def model_values(arr: np.ndarray) -> np.ndarray:
+    """The image with values float32 holds faithfully, for the float32 model input.
+
+    Every preprocessing min-maxes any image that is not uint8, and min-max is unchanged by an affine map of the
+    values. So an image whose values float32 cannot carry (beyond its range, so small that they flush to zero,
+    or a small signal on a large offset) is min-maxed to [0, 1] here, in float64, one row block at a time; any
+    other image is returned as it is.
+    """
+    if arr.dtype == np.uint8 or arr.dtype.itemsize <= 2:
+        return arr
+    lo_value, hi_value = arr.min(), arr.max()
+    lo, hi = float(lo_value), float(hi_value)
+    magnitude = max(abs(lo), abs(hi))
+    # integers: the span in exact integer arithmetic (2**60 + 3 - 2**60 is 3, not float64's 0)
+    integer = np.issubdtype(arr.dtype, np.integer) and int(hi_value) - int(lo_value) < 2**63
+    span = float(int(hi_value) - int(lo_value)) if integer else hi - lo
+    faithful = magnitude <= _FLOAT32_SAFE_MAGNITUDE and (
+        span == 0 or (span >= _FLOAT32_MIN_SPAN and span >= magnitude * _FLOAT32_MIN_RELATIVE_SPAN)
+    )
+    if faithful:
+        return arr
+    out = np.empty(arr.shape, dtype=np.float32)
+    if span == 0:  # a constant image: min-max gives zeros
+        scale, offset = 0.0, 0.0
+    elif not np.isfinite(span):  # lo and hi within float64, their difference not: to [-0.5, 0.5]
+        scale, offset = 0.5 / magnitude, 0.0
+    else:
+        scale, offset = 1.0 / span, (0.0 if integer else -lo / span)
+    done = 0
+    for block in _row_blocks(arr):
+        if integer:  # subtract the minimum before leaving the integers, where it is exact
+            block = (block.astype(np.int64) - np.int64(lo_value)) if arr.dtype != np.uint64 else block - lo_value
+        out[done:done + block.shape[0]] = block.astype(np.float64) * scale + offset
+        done += block.shape[0]
+    return out
+
+
+def _to_float_tensor(arr: np.ndarray) -> torch.Tensor:
+    """(H, W) or (H, W, 3) -> float32 (1, C, H, W) with C = 1 for gray (expanded to RGB after resizing, which
+    gives the same values at a third of the memory) or 3."""
+    x = torch.from_numpy(np.ascontiguousarray(model_values(arr)).astype(np.float32, copy=False))
+    return x[None, None] if x.ndim == 2 else x.permute(2, 0, 1)[None]
+
+
+def _rgb(t: torch.Tensor) -> torch.Tensor:
+    return t.expand(-1, 3, -1, -1) if t.shape[1] == 1 else t
 
 
 class ImageSignalWarning(UserWarning):
@@ -131,14 +200,6 @@ def no_signal_notice(image: np.ndarray) -> str | None:
     )
 
 
-def _to_rgb_float(arr: np.ndarray) -> np.ndarray:
-    """(H, W) or (H, W, 3) of any numeric dtype -> float32 (H, W, 3), gray repeated to RGB, values kept."""
-    x = arr.astype(np.float32, copy=False)
-    if x.ndim == 2:
-        x = np.repeat(x[..., None], 3, axis=-1)
-    return x
-
-
 def _minmax(t: torch.Tensor) -> torch.Tensor:
     lo, hi = t.amin(), t.amax()
     span = hi - lo
@@ -147,10 +208,21 @@ def _minmax(t: torch.Tensor) -> torch.Tensor:
     return (t - lo) / span
 
 
-def _resize_longest(t: torch.Tensor, target: int) -> tuple[torch.Tensor, tuple[int, int]]:
-    h, w = t.shape[-2:]
+def _longest_side_to(h: int, w: int, target: int) -> tuple[int, int]:
     scale = target / max(h, w)
-    new_h, new_w = max(1, int(h * scale + 0.5)), max(1, int(w * scale + 0.5))
+    return max(1, int(h * scale + 0.5)), max(1, int(w * scale + 0.5))
+
+
+def frame_for(shape_hw: tuple[int, int], preprocessing: str) -> ImageFrame:
+    """The :class:`ImageFrame` that :func:`preprocess` gives an image of ``shape_hw`` (H, W)."""
+    size = model_input_size(preprocessing)
+    h, w = int(shape_hw[0]), int(shape_hw[1])
+    input_size = (size, size) if preprocessing == "medsam" else _longest_side_to(h, w, size)
+    return ImageFrame(preprocessing, (h, w), input_size, size)
+
+
+def _resize_longest(t: torch.Tensor, target: int) -> tuple[torch.Tensor, tuple[int, int]]:
+    new_h, new_w = _longest_side_to(*t.shape[-2:], target)
     out = F.interpolate(t, (new_h, new_w), mode="bilinear", align_corners=False, antialias=True)
     return out, (new_h, new_w)
 
@@ -164,12 +236,12 @@ def preprocess(image: np.ndarray, preprocessing: str) -> tuple[torch.Tensor, Ima
     if notice:
         warnings.warn(notice, ImageSignalWarning, stacklevel=2)
     original_size = (int(arr.shape[0]), int(arr.shape[1]))
-    t = torch.from_numpy(np.ascontiguousarray(_to_rgb_float(arr))).permute(2, 0, 1)[None]
+    t = _to_float_tensor(arr)
     size = model_input_size(preprocessing)
     if preprocessing == "medsam":
         t = _minmax(t)
         t = F.interpolate(t, (size, size), mode="bilinear", align_corners=False, antialias=True)
-        return t.clamp_(0, 1), ImageFrame(preprocessing, original_size, (size, size), size)
+        return _checked(_rgb(t.clamp_(0, 1))), ImageFrame(preprocessing, original_size, (size, size), size)
     if preprocessing == "litemedsam":
         t, input_size = _resize_longest(t, size)
         t = _minmax(t)
@@ -179,6 +251,17 @@ def preprocess(image: np.ndarray, preprocessing: str) -> tuple[torch.Tensor, Ima
         t, input_size = _resize_longest(t, size)
         mean = torch.tensor(_SAM_MEAN).view(1, 3, 1, 1)
         std = torch.tensor(_SAM_STD).view(1, 3, 1, 1)
-        t = (t - mean) / std
-    t = F.pad(t, (0, size - input_size[1], 0, size - input_size[0]))
-    return t.contiguous(), ImageFrame(preprocessing, original_size, input_size, size)
+        t = (_rgb(t) - mean) / std
+    t = F.pad(_rgb(t), (0, size - input_size[1], 0, size - input_size[0]))
+    return _checked(t), ImageFrame(preprocessing, original_size, input_size, size)
+
+
+def _checked(t: torch.Tensor) -> torch.Tensor:
+    """The model input, contiguous, refused if any value is not finite (the values the model would see)."""
+    t = t.contiguous()
+    if not bool(torch.isfinite(t).all()):
+        raise ImageInputError(
+            "preprocessing the image gave NaN/inf values: its intensities are outside what float32 holds; "
+            "rescale the image (e.g. to 0..1) before segmenting"
+        )
+    return t

@@ -50,11 +50,17 @@ def check_inside(coords: np.ndarray, image_size: tuple[int, int], name: str) -> 
         )
 
 
-def check_prompts(points=None, point_labels=None, boxes=None, image_size: tuple[int, int] | None = None) -> None:
-    """Everything about a prompt that can be checked without a model (see the module docstring)."""
+def check_prompts(points=None, point_labels=None, boxes=None, image_size: tuple[int, int] | None = None,
+                  allow_empty: bool = False):
+    """Everything about a prompt that can be checked without a model (see the module docstring).
+
+    Returns the checked prompts with a leading object axis, ``(points (N, P, 2), labels (N, P), boxes (N, 4))``,
+    each None when not given (labels default to positive). ``allow_empty``: no points and no box is not an
+    error (the predictor's mask-only prompt)."""
     pts = as_prompt_array(points, 2, "points")
     bxs = as_prompt_array(boxes, 4, "boxes")
-    if pts is None and bxs is None:
+    labels = None
+    if pts is None and bxs is None and not allow_empty:
         raise PromptError("empty prompt: give at least one point or a box")
     n_objects = 1
     if pts is not None:
@@ -73,6 +79,8 @@ def check_prompts(points=None, point_labels=None, boxes=None, image_size: tuple[
                 raise PromptError(f"point_labels shape {labels.shape} does not match points shape {pts.shape}")
             if not np.isin(labels, (0, 1)).all():
                 raise PromptError("point labels must be 1 (positive) or 0 (negative)")
+        else:
+            labels = np.ones(pts.shape[:2])
         if image_size is not None:
             check_inside(pts, image_size, "point")
         n_objects = pts.shape[0]
@@ -91,3 +99,4 @@ def check_prompts(points=None, point_labels=None, boxes=None, image_size: tuple[
             check_inside(bxs.reshape(-1, 2, 2), image_size, "box corner")
         if pts is not None and bxs.shape[0] != n_objects:
             raise PromptError(f"{bxs.shape[0]} boxes but {n_objects} point sets: give one of each per object")
+    return pts, labels, bxs

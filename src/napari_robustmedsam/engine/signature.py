@@ -86,6 +86,12 @@ def checksum_bytes(array: np.ndarray) -> str:
         return hash_array(arr)
 
 
+def checksum_json(obj: Any) -> str:
+    """Checksum of a JSON-able value in a canonical form (sorted keys, no spaces): metadata integrity."""
+    text = json.dumps(obj, sort_keys=True, separators=(",", ":"), allow_nan=False)
+    return checksum_bytes(np.frombuffer(text.encode(), dtype=np.uint8))
+
+
 # ------------------------------------------------------------------------------------------------
 # model hashes
 # ------------------------------------------------------------------------------------------------

@@ -25,7 +25,8 @@ import torch
 
 from ..errors import PromptError
 from .click_guard import EdgeReach
-from .predictor import ImageEmbedding, Prediction, Predictor, clicks_per_object, guarded_counts
+from .predictor import ImageEmbedding, Prediction, Predictor, clicks_per_object, guarded_counts, prompt_objects
+from .preprocessing import frame_for, validate_image
 
 DEFAULT_TILE_THRESHOLD = 2048
 DEFAULT_HALO = 256
@@ -153,6 +154,40 @@ def choose_tile(tiles: list[Tile], points: np.ndarray | None, box: np.ndarray | 
             return tile
     # on the far border: nearest inner block
     return min(tiles, key=lambda t: (max(t.inner[0] - cy, 0, cy - t.inner[1] + 1) + max(t.inner[2] - cx, 0, cx - t.inner[3] + 1)))
+
+
+def embedding_for_prompts(
+    predictor: Predictor,
+    image: np.ndarray,
+    points=None,
+    point_labels=None,
+    boxes=None,
+    threshold: int | None = DEFAULT_TILE_THRESHOLD,
+    halo: int = DEFAULT_HALO,
+) -> ImageEmbedding | TiledEmbedding:
+    """What one segmentation of ``image`` with these prompts needs, for :meth:`TiledPredictor.predict`.
+
+    An image up to ``threshold`` px is embedded whole. A larger one is never preprocessed whole (a float copy
+    of it would be many times its size, and one 256 or 1024 px view of it too coarse): only the tiles the
+    prompts are routed to are embedded, and the routing over them equals the routing over the full layout
+    (each prompt's tile is among them, and no other tile of the layout could win)."""
+    arr = validate_image(image)
+    shape = (int(arr.shape[0]), int(arr.shape[1]))
+    if not needs_tiling(shape, threshold):
+        return predictor.compute_embedding(arr)
+    pts, labels, bxs = prompt_objects(points, point_labels, boxes, frame_for(shape, predictor.preprocessing))
+    n = pts.shape[0] if pts is not None else (bxs.shape[0] if bxs is not None else 0)
+    if n == 0:
+        raise PromptError("empty prompt: give at least one point or a box")
+    layout = tile_layout(shape, threshold, halo)
+    wanted = {
+        choose_tile(layout, None if pts is None else pts[i], None if bxs is None else bxs[i],
+                    None if labels is None else labels[i]).index
+        for i in range(n)
+    }
+    tiles = [t for t in layout if t.index in wanted]
+    embeddings = [predictor.compute_embedding(arr[t.outer[0]:t.outer[1], t.outer[2]:t.outer[3]]) for t in tiles]
+    return TiledEmbedding(tiles, embeddings, shape, halo)
 
 
 class TiledPredictor:

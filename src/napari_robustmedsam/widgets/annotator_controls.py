@@ -21,7 +21,10 @@ from ..annotation.model_info import display_name
 from ..annotation.prompt_decoding import (
     BOX_PRIMARY_HINT,
     CLICK_GUARD_MODES,
+    CLICK_REFINEMENT_MODES,
+    CLICK_REFINEMENT_TOOLTIP,
     DEFAULT_CLICK_GUARD,
+    DEFAULT_CLICK_REFINEMENT,
     DEFAULT_LOCAL_CORRECTIONS,
     LOCAL_CORRECTION_MODES,
 )
@@ -93,6 +96,7 @@ def build_controls(w) -> None:
         "their label. A negative click made before any positive click removes only near itself (within twice "
         "its distance to the mask's edge). 'with a box': guarded once the object has a box.",
     )
+    w.refine_combo = mode_combo(CLICK_REFINEMENT_MODES, DEFAULT_CLICK_REFINEMENT, CLICK_REFINEMENT_TOOLTIP)
     w.polarity_button = QPushButton()
     w.polarity_button.setToolTip("Polarity of the next point (T)")
     w.polarity_button.clicked.connect(w.toggle_polarity)
@@ -179,6 +183,10 @@ def build_controls(w) -> None:
     guard_row.addWidget(QLabel("Clicks only add / remove"))
     guard_row.addWidget(w.guard_combo, 1)
     layout.addLayout(guard_row)
+    refine_row = QHBoxLayout()
+    refine_row.addWidget(QLabel("Click refinement"))
+    refine_row.addWidget(w.refine_combo, 1)
+    layout.addLayout(refine_row)
     layout.addLayout(polarity_row)
     layout.addLayout(buttons)
     layout.addWidget(w.overwrite_check)

@@ -1,0 +1,74 @@
+"""The click path's settings as one object, with named instances.
+
+Why: the local corrections, the click guard, its reach and the click refinement were chosen one by one, and each
+entry point (the annotator, ``training.evaluate``, ``benchmarks``) set them from its own flags and defaults. A
+:class:`ClickPolicy` holds all four; ``CLICK_POLICIES["annotator"]`` is what the annotator does by default (built from
+the defaults in :mod:`.prompt_decoding`, the one place they are set), ``CLICK_POLICIES["papers"]`` the seed papers'
+protocol (the model's whole mask at every click). ``python -m training.evaluate --policy annotator`` evaluates
+exactly the annotator's click path; single flags override single settings.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+from ..engine.click_guard import EdgeReach
+from ..engine.click_refinement import REFINEMENT_METHODS
+from .prompt_decoding import (
+    CLICK_GUARD_MODES,
+    DEFAULT_CLICK_GUARD,
+    DEFAULT_CLICK_GUARD_REACH,
+    DEFAULT_CLICK_REFINEMENT,
+    DEFAULT_LOCAL_CORRECTIONS,
+    LOCAL_CORRECTION_MODES,
+)
+
+
+@dataclass(frozen=True)
+class ClickPolicy:
+    """What happens to a corrective click after the model (see :func:`.prompt_decoding.segment_slice`)."""
+
+    local_corrections: str = "off"  # LOCAL_CORRECTION_MODES
+    click_guard: str = "off"  # CLICK_GUARD_MODES
+    click_guard_reach: EdgeReach | None = None
+    click_refinement: str = "off"  # REFINEMENT_METHODS
+
+    def __post_init__(self):
+        if self.local_corrections not in LOCAL_CORRECTION_MODES:
+            raise ValueError(f"local corrections {self.local_corrections!r}: use one of {', '.join(LOCAL_CORRECTION_MODES)}")
+        if self.click_guard not in CLICK_GUARD_MODES:
+            raise ValueError(f"click guard {self.click_guard!r}: use one of {', '.join(CLICK_GUARD_MODES)}")
+        if self.click_refinement not in REFINEMENT_METHODS:
+            raise ValueError(f"click refinement {self.click_refinement!r}: use one of {', '.join(REFINEMENT_METHODS)}")
+
+    def with_overrides(self, **changes) -> "ClickPolicy":
+        """A copy with the given settings changed (None values keep this policy's)."""
+        return replace(self, **{k: v for k, v in changes.items() if v is not None})
+
+    def segment_kwargs(self) -> dict:
+        """The keyword arguments of :func:`.prompt_decoding.segment_slice` this policy sets."""
+        return dict(local_corrections=self.local_corrections, click_guard=self.click_guard,
+                    click_guard_reach=self.click_guard_reach, click_refinement=self.click_refinement)
+
+    @property
+    def key(self) -> str:
+        """A short, stable text of every setting (run records; two policies with one key behave the same)."""
+        reach = "none" if self.click_guard_reach is None else (
+            f"{self.click_guard_reach.factor:g}/{self.click_guard_reach.scope}")
+        return (f"local={self.local_corrections.replace(' ', '-')} guard={self.click_guard.replace(' ', '-')} "
+                f"reach={reach} refine={self.click_refinement}")
+
+
+CLICK_POLICIES: dict[str, ClickPolicy] = {
+    "annotator": ClickPolicy(DEFAULT_LOCAL_CORRECTIONS, DEFAULT_CLICK_GUARD, DEFAULT_CLICK_GUARD_REACH,
+                             DEFAULT_CLICK_REFINEMENT),
+    "papers": ClickPolicy(),
+}
+
+
+def click_policy(name: str) -> ClickPolicy:
+    """The named policy; a clear error naming the valid ones."""
+    try:
+        return CLICK_POLICIES[name]
+    except KeyError:
+        raise ValueError(f"unknown click policy {name!r}: use one of {', '.join(CLICK_POLICIES)}") from None

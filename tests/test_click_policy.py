@@ -1,0 +1,53 @@
+"""One click policy: named instances, overrides, and the evaluation CLI's --policy."""
+
+from __future__ import annotations
+
+import pytest
+
+from napari_robustmedsam.annotation import prompt_decoding as decoding
+from napari_robustmedsam.annotation.click_policy import CLICK_POLICIES, ClickPolicy, click_policy
+from napari_robustmedsam.engine.click_guard import EdgeReach
+
+
+def config(*flags):
+    from training.evaluate import _config, build_parser
+
+    return _config(build_parser().parse_args(["--data", "x", *flags]))
+
+
+def test_named_policies_hold_the_annotators_defaults_and_the_papers_protocol():
+    annotator = click_policy("annotator")
+    assert annotator.segment_kwargs() == dict(
+        local_corrections=decoding.DEFAULT_LOCAL_CORRECTIONS, click_guard=decoding.DEFAULT_CLICK_GUARD,
+        click_guard_reach=decoding.DEFAULT_CLICK_GUARD_REACH, click_refinement=decoding.DEFAULT_CLICK_REFINEMENT)
+    assert CLICK_POLICIES["papers"] == ClickPolicy()
+    assert annotator.key != CLICK_POLICIES["papers"].key
+    assert annotator.with_overrides(click_refinement="graph-cut").click_refinement == "graph-cut"
+    assert annotator.with_overrides(click_guard=None) == annotator
+    with pytest.raises(ValueError, match="unknown click policy 'lab'"):
+        click_policy("lab")
+    with pytest.raises(ValueError, match="click refinement"):
+        ClickPolicy(click_refinement="magic")
+
+
+def test_evaluate_policy_flag_equals_the_same_single_flags():
+    by_policy = config("--policy", "annotator")
+    annotator = click_policy("annotator")
+    reach = annotator.click_guard_reach
+    by_flags = config("--local-corrections", annotator.local_corrections.replace(" ", "-"),
+                      "--click-guard", annotator.click_guard.replace(" ", "-"),
+                      "--click-guard-reach", str(reach.factor), "--click-guard-reach-scope", reach.scope,
+                      "--click-refinement", annotator.click_refinement)
+    assert by_policy == by_flags and by_policy.click_policy == annotator
+    assert by_policy.protocol("iter_box") == by_flags.protocol("iter_box")
+    assert by_policy.protocol("iter_box") != config().protocol("iter_box")  # papers, the default
+    assert config().click_policy == CLICK_POLICIES["papers"]
+    # single flags override single settings of the policy
+    over = config("--policy", "annotator", "--click-guard", "off", "--click-refinement", "graph-cut")
+    assert over.click_guard == "off" and over.click_refinement == "graph-cut"
+    assert over.local_corrections == annotator.local_corrections
+    assert config("--policy", "annotator", "--click-guard-reach-scope", "all").edge_reach == EdgeReach(reach.factor)
+    with pytest.raises(ValueError, match="needs --click-guard-reach"):
+        config("--click-guard-reach-scope", "negatives-before-positive")
+    assert config("--click-refinement", "random-walker").protocol("iter_box") != config().protocol("iter_box")
+    assert config("--click-refinement", "random-walker").protocol("box") == config().protocol("box")

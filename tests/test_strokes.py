@@ -1,0 +1,52 @@
+"""Strokes as prompts: sampling along a path, bad strokes, and that the refinement honours every point."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from napari_robustmedsam.annotation.strokes import MAX_STROKE_POINTS, stroke_points
+from napari_robustmedsam.errors import PromptError
+
+
+def test_a_stroke_is_sampled_every_few_pixels_with_both_ends():
+    pts, labels = stroke_points([[10, 20], [40, 20]], 1, (64, 64), spacing=6)
+    assert pts.shape == (6, 2) and (labels == 1).all()  # 30 px: 0, 6, 12, 18, 24, 30
+    assert np.allclose(pts[0], [10, 20]) and np.allclose(pts[-1], [40, 20])
+    assert np.allclose(np.diff(pts[:, 0]), 6)
+
+
+def test_a_one_point_stroke_is_one_click():
+    pts, labels = stroke_points([[5.0, 7.0]], 0, (64, 64))
+    assert pts.tolist() == [[5.0, 7.0]] and labels.tolist() == [0]
+
+
+def test_a_stroke_leaving_the_image_keeps_its_part_on_the_image():
+    pts, _ = stroke_points([[30, 10], [100, 10]], 1, (64, 64), spacing=4)
+    assert pts[:, 0].max() <= 63.5 and pts[:, 0].min() == 30
+    with pytest.raises(PromptError, match="outside the image"):
+        stroke_points([[100, 100], [120, 130]], 1, (64, 64))
+    with pytest.raises(PromptError, match="label"):
+        stroke_points([[1, 1]], 2, (64, 64))
+    with pytest.raises(PromptError, match="NaN"):
+        stroke_points([[1, np.nan]], 1, (64, 64))
+
+
+def test_a_long_stroke_is_capped():
+    path = [[0, 0], [500, 0], [500, 500], [0, 500]]
+    pts, _ = stroke_points(path, 1, (512, 512))
+    assert len(pts) == MAX_STROKE_POINTS
+
+
+def test_refinement_honours_every_point_of_a_stroke():
+    from napari_robustmedsam.engine.click_refinement import click_pixel, refine_clicks
+
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[:96, :96]
+    truth = (yy - 48) ** 2 + (xx - 48) ** 2 < 25 ** 2
+    image = (truth * 100 + 50 + rng.normal(0, 5, truth.shape)).astype(np.float32)
+    model = truth & (xx < 50)
+    pts, labels = stroke_points([[55, 35], [66, 48], [55, 62]], 1, (96, 96), spacing=5)
+    out = refine_clicks(image, model, pts, labels, len(pts), "graph-cut")
+    assert all(out[click_pixel(p, out.shape)] for p in pts)
+    assert (out & truth).sum() > (model & truth).sum()
