@@ -87,6 +87,12 @@ def _load_image(args: argparse.Namespace):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    from .display_check import display_problem
+
+    problem = display_problem()  # before Qt loads: a missing xcb library aborts the process with no advice
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
     ready = setup(args)
     if isinstance(ready, int):
         return ready
