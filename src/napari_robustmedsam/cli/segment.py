@@ -18,7 +18,9 @@ def add_parser(subparsers) -> None:
         help="segment an image with box or point prompts and write a mask",
         description=(
             "Segment IMAGE with box and/or point prompts. Coordinates are (x, y) pixels of the original image. "
-            "Each --box is one object (label 1, 2, ...); points without a box make one object."
+            "Each --box is one object (label 1, 2, ...); points without a box make one object. A one-object mask "
+            "is written as 0/255 (--label-values: 0/1). An object that comes out empty writes nothing and exits 1 "
+            "unless --allow-empty. The image embedding is cached, so a second call on the same image is quicker."
         ),
     )
     p.add_argument("image", help="PNG/JPG/TIFF/NPY image, or a NIfTI/NRRD/TIFF volume with --slice")
@@ -29,6 +31,20 @@ def add_parser(subparsers) -> None:
     p.add_argument("--slice", type=int, default=None, metavar="Z", help="slice index of a 3D volume (first axis)")
     p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cuda, mps or cpu")
     p.add_argument("-o", "--output", required=True, help="mask file to write (.png, .tif, .npy, .nii.gz)")
+    p.add_argument(
+        "--label-values",
+        action="store_true",
+        help="write a one-object mask as 0/1 (label value 1) instead of 0/255; several objects are always 1, 2, ...",
+    )
+    p.add_argument("--allow-empty", action="store_true", help="write the mask and exit 0 even when an object comes out empty")
+    p.add_argument(
+        "--cache",
+        default=None,
+        metavar="DIR",
+        help="embedding cache directory (default: $ROBUSTMEDSAM_CACHE_DIR/embeddings, else the user cache directory); "
+        "a second call on the same image reads its embedding from there",
+    )
+    p.add_argument("--no-cache", action="store_true", help="neither read nor write the embedding cache")
     p.set_defaults(func=run)
 
 
@@ -62,42 +78,71 @@ def select_plane(array: np.ndarray, slice_index: int | None) -> np.ndarray:
     return array[slice_index]
 
 
+# value of a one-object mask's foreground: visible in any image viewer (label value 1 looks all black)
+BINARY_FOREGROUND = 255
+
+
+def point_warning(model_name: str, has_box: bool) -> str:
+    """What to tell a user who gives points to a model trained with box prompts only."""
+    if has_box:
+        return (
+            f"warning: {model_name} was trained with box prompts only: the points may make the box's mask worse; "
+            "drop them, or use a model fine-tuned for clicks"
+        )
+    return (
+        f"warning: {model_name} was trained with box prompts only: points alone give poor or empty masks; "
+        "give a --box X0 Y0 X1 Y1 around the object"
+    )
+
+
 def run(args: argparse.Namespace) -> int:
     from ..checkpoints import load_model
-    from ..engine.predictor import Predictor
+    from ..engine.embeddings import EmbeddingEngine
     from ..io import read_image, write_mask
 
     if not args.box and not args.point and not args.negative:
         raise ImageInputError("no prompt given: add --box X0 Y0 X1 Y1 or --point X Y")
     if args.negative and not args.point and not args.box:
         raise ImageInputError("only negative points were given: add a --point or a --box for the object")
+    points = [*args.point, *args.negative]
+    boxes = np.asarray(args.box, dtype=np.float64) if args.box else None
+    n_objects = 1 if boxes is None else len(boxes)
+    if points and n_objects > 1:
+        raise ImageInputError("points with several --box prompts are ambiguous: use one box per call with points, or boxes only")
     image = select_plane(read_image(args.image), args.slice)
     with _stage(f"loading model {args.model}"):
         loaded = load_model(args.model, device=args.device)
-    predictor = Predictor.from_loaded(loaded)
-    if predictor.box_primary and not args.box:
-        print(
-            f"note: {loaded.name} was trained with box prompts only; points alone give poor masks, prefer --box",
-            file=sys.stderr,
-        )
-    with _stage(f"computing the image embedding on {predictor.device.type}"):
-        predictor.set_image(image)
+    engine = EmbeddingEngine(loaded, cache_dir=args.cache, use_cache=not args.no_cache)
+    if engine.predictor.box_primary and points:
+        print(point_warning(loaded.name, has_box=boxes is not None), file=sys.stderr)
+    print(f"image embedding on {engine.device.type} ...", end="", file=sys.stderr, flush=True)
+    start = time.perf_counter()
+    embedding = engine.embed_image(image)
+    how = "computed" if engine.stats["computed"] else "read from the cache"
+    print(f" {how} ({time.perf_counter() - start:.1f} s)", file=sys.stderr, flush=True)
 
-    points = [*args.point, *args.negative]
     labels = [1] * len(args.point) + [0] * len(args.negative)
-    boxes = np.asarray(args.box, dtype=np.float64) if args.box else None
-    n_objects = 1 if boxes is None else len(boxes)
     point_arg = label_arg = None
     if points:
-        if n_objects > 1:
-            raise ImageInputError("points with several --box prompts are ambiguous: use one box per call with points, or boxes only")
         point_arg, label_arg = np.asarray(points)[None], np.asarray(labels)[None]
-    prediction = predictor.predict(points=point_arg, point_labels=label_arg, boxes=boxes)
+    prediction = engine.tiled_predictor.predict(points=point_arg, point_labels=label_arg, boxes=boxes, embedding=embedding)
     label_map = np.zeros(prediction.masks.shape[1:], dtype=np.uint16 if n_objects > 255 else np.uint8)
     for index, mask in enumerate(prediction.masks, start=1):
         label_map[mask & (label_map == 0)] = index
-    write_mask(args.output, label_map)
     for index, (mask, score) in enumerate(zip(prediction.masks, prediction.scores), start=1):
         print(f"object {index}: {int(mask.sum())} px, predicted IoU {score:.3f}")
+    empty = [index for index, mask in enumerate(prediction.masks, start=1) if not mask.any()]
+    if empty and not args.allow_empty:
+        which = "the object" if n_objects == 1 else "object " + ", ".join(str(i) for i in empty)
+        hint = "draw a --box around it" if boxes is None else "check that the box encloses it"
+        print(
+            f"robustmedsam segment: error: {which} came out empty, nothing was written: {hint}, "
+            "or pass --allow-empty to write the mask anyway",
+            file=sys.stderr,
+        )
+        return 1
+    if n_objects == 1 and not args.label_values:
+        label_map[label_map > 0] = BINARY_FOREGROUND
+    write_mask(args.output, label_map)
     print(f"wrote {args.output}")
     return 0
