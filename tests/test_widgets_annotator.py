@@ -72,6 +72,13 @@ def plugin(make_napari_viewer, litemedsam, engine):
         handle.cancel()
 
 
+def reports_a_change(status: str) -> bool:
+    """The status line says what the last click changed: pixels added / removed, or that nothing changed."""
+    import re
+
+    return bool(re.search(r"px \((\+\d+ px|-\d+ px)", status)) or "unchanged by this prompt" in status
+
+
 def segment_with_box(qtbot, annotator, box, z=None):
     with qtbot.waitSignal(annotator.segmented, timeout=180_000):
         annotator.add_box(box, z=z)
@@ -261,7 +268,7 @@ def test_corrective_click_refines_with_previous_logits(plugin, qtbot):
     with qtbot.waitSignal(annotator.segmented, timeout=180_000):
         annotator.add_point(float(xs[len(xs) // 2]), float(ys[len(ys) // 2]), positive=True)
     wait_idle(qtbot)
-    assert "refined with the previous mask" in annotator.status.text()
+    assert reports_a_change(annotator.status.text())
     assert dice(annotator.session.current, organ) > 0.8
     # a negative click in the background removes nothing of the organ
     with qtbot.waitSignal(annotator.segmented, timeout=180_000):
@@ -328,7 +335,7 @@ def test_taking_a_click_back_restores_the_earlier_mask_exactly_without_decoding(
     with qtbot.waitSignal(annotator.segmented, timeout=180_000):
         annotator.add_point(60.0, 70.0, positive=True)
     wait_idle(qtbot)
-    assert "refined with the previous mask" in annotator.status.text() and session.steps_back(0) == 1
+    assert reports_a_change(annotator.status.text()) and session.steps_back(0) == 1
 
 
 def test_live_click_decodes_on_the_gui_thread_and_updates_the_layer_in_place(plugin, qtbot):
@@ -372,7 +379,7 @@ def test_live_click_decodes_on_the_gui_thread_and_updates_the_layer_in_place(plu
         annotator.add_point(float(xs[len(xs) // 3]), float(ys[len(ys) // 3]), positive=True)
     finally:
         fpd._compute_image_side = real
-    assert len(seen) == 2 and "refined with the previous mask" in annotator.status.text()
+    assert len(seen) == 2 and reports_a_change(annotator.status.text())
     assert calls == []
     np.testing.assert_array_equal(np.asarray(data).astype(bool), annotator.session.current)
 
@@ -455,3 +462,26 @@ def test_pge_head_checkpoint_loads_in_the_model_panel_and_segments(plugin, qtbot
 
     mask, organ = segment_phantom_organ(qtbot, viewer, widget)
     assert dice(mask, organ) > 0.5
+
+
+def test_a_new_image_becomes_the_target_and_hides_the_other_images_layers(plugin, qtbot):
+    from napari_robustmedsam.annotation.feedback import COMMITTED_COLORS, rgba
+    from napari_robustmedsam.sample_data import mri_phantom
+
+    viewer, widget = plugin
+    annotator = widget.annotator
+    first = viewer.add_image(mri_phantom(96, seed=0)[0], name="first")
+    assert annotator.image_layer is first
+    first_committed = annotator.committed_layer
+    # committed objects cycle through the bright palette (napari's default is random, often brown or dark)
+    mapped = first_committed.colormap.map(np.arange(1, len(COMMITTED_COLORS) + 2))
+    np.testing.assert_allclose(mapped[:-1], [rgba(c) for c in COMMITTED_COLORS], atol=1e-3)
+    np.testing.assert_allclose(mapped[-1], rgba(COMMITTED_COLORS[0]), atol=1e-3)
+    second = viewer.add_image(mri_phantom(96, seed=1)[0], name="second")
+    assert annotator.image_layer is second, "a newly opened image must become the annotated one"
+    assert annotator.image_combo.currentText() == "second"
+    assert not first.visible and not first_committed.visible
+    assert second.visible and annotator.committed_layer.visible and annotator.committed_layer is not first_committed
+    annotator.set_image_layer(first)
+    wait_idle(qtbot)
+    assert first.visible and first_committed.visible and not second.visible

@@ -39,6 +39,7 @@ from qtpy.QtWidgets import (
 )
 
 from ..annotation.embeddings import SliceEmbeddings, image_kind
+from ..annotation.feedback import COMMITTED_COLORS, CURRENT_COLOR, describe_change, rgba
 from ..annotation.interactive import (
     BOX_PRIMARY_HINT,
     CLICK_GUARD_MODES,
@@ -307,9 +308,9 @@ class AnnotatorWidget(QWidget):
         if current is not None and current in self.viewer.layers:
             self.image_combo.setCurrentText(current.name)
         self.image_combo.blockSignals(False)
-        if self.image_layer is None and self.image_combo.count():
-            if event is not None and self._is_image(getattr(event, "value", None)):
-                self.set_image_layer(unwrap(event.value))
+        # a newly opened image becomes the one annotated (the user opened it to annotate it)
+        if event is not None and self.image_combo.count() and self._is_image(unwrap(getattr(event, "value", None))):
+            self.set_image_layer(unwrap(event.value))
 
     def _on_combo_changed(self, index: int) -> None:
         name = self.image_combo.currentText()
@@ -435,7 +436,7 @@ class AnnotatorWidget(QWidget):
             layer = self._existing(CURRENT_NAME, lambda lay: tuple(lay.data.shape) == shape)
             if layer is None:
                 layer = self.viewer.add_labels(np.zeros(shape, np.uint8), name=CURRENT_NAME, opacity=0.55, **geo)
-                _set_label_color(layer, 1, "#ff00ff")
+                _set_label_color(layer, 1, CURRENT_COLOR)
             else:
                 layer.data = np.zeros(shape, np.uint8)
                 layer.scale, layer.translate = geo["scale"], geo["translate"]
@@ -444,7 +445,8 @@ class AnnotatorWidget(QWidget):
             name = committed_layer_name(self.image_layer.name)
             layer = self._existing(name, lambda lay: tuple(lay.data.shape) == shape)
             if layer is None:
-                layer = self.viewer.add_labels(np.zeros(shape, np.uint32), name=name, opacity=0.5, **geo)
+                layer = self.viewer.add_labels(np.zeros(shape, np.uint32), name=name, opacity=0.6, **geo)
+                _use_committed_colors(layer)
             elif layer.metadata.get("robustmedsam_image") != id(self.image_layer):
                 layer.data = np.zeros(shape, np.uint32)  # a new image under the same name (e.g. image series)
             self.committed_layer = mark(layer, "committed")
@@ -456,9 +458,20 @@ class AnnotatorWidget(QWidget):
             for managed in (self.committed_layer, self.current_layer, self.boxes_layer, self.points_layer):
                 idx = self.viewer.layers.index(managed)
                 self.viewer.layers.move(idx, len(self.viewer.layers))
+            self._show_only_this_images_layers()
         finally:
             self._suppress -= 1
         self.select_prompt_layer()
+
+    def _show_only_this_images_layers(self) -> None:
+        """The annotated image and its committed objects shown; other images and their committed layers hidden,
+        so that labels of an earlier image are never drawn over this one."""
+        for layer in self.viewer.layers:
+            layer = unwrap(layer)
+            if layer is self.image_layer or layer is self.committed_layer:
+                layer.visible = True
+            elif self._is_image(layer) or role_of(layer) == "committed":
+                layer.visible = False
 
     def _existing(self, name: str, fits):
         """The layer called ``name`` if it exists and ``fits(layer)``; removed (None) if it does not fit."""
@@ -878,14 +891,15 @@ class AnnotatorWidget(QWidget):
             return
         session = self.session
         was_propagated = session.current_prompts.get(z) is not None and session.current_prompts[z].source == "propagated"
+        before = session.plane(session.current, z).copy()
         session.set_current_slice(z, result.mask, result.logits, result.prompts, result.score, asked=asked)
         self.banner.clear_message()
         if result.hint:
             self.banner.show_message(result.hint, "hint")
-        refine = " (refined with the previous mask)" if result.used_previous_logits else ""
+        change = describe_change(before, result.mask)
         self._show_changed_slice(
             z, t_request, was_propagated or z in session.user_slices(),
-            lambda latency: f"Slice {z}: {int(result.mask.sum())} px, predicted IoU {result.score:.2f}{refine}; "
+            lambda latency: f"Slice {z}: {change}, predicted IoU {result.score:.2f}; "
             f"{latency * 1000:.0f} ms. C commits, B takes the last click back, Shift-C clears.",
         )
 
@@ -1247,6 +1261,13 @@ def _connect_once(emitter, callback) -> None:
     except Exception:
         pass
     emitter.connect(callback)
+
+
+def _use_committed_colors(layer) -> None:
+    """Committed objects in distinct, bright colours that cycle (see annotation.feedback.COMMITTED_COLORS)."""
+    from napari.utils.colormaps import CyclicLabelColormap
+
+    layer.colormap = CyclicLabelColormap(colors=[(0.0, 0.0, 0.0, 0.0)] + [rgba(c) for c in COMMITTED_COLORS])
 
 
 def _set_label_color(layer, value: int, color: str) -> None:
