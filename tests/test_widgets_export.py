@@ -213,10 +213,10 @@ def test_launcher_paints_first_and_prepares_model_and_drawing_code_in_workers(mo
     monkeypatch.setattr(warmup, "warm_napari_numba", lambda: threads.append(threading.current_thread()) or real_warm())
     viewer, startup, _ = launch.setup(launch.parse_args(["--phantom"]))
     try:
-        assert not startup.ready and startup.widget is None
+        assert not startup.ready and startup.widget.annotator.image_layer is None  # docked, layers not yet made
         assert get_state(viewer).is_loading, "the model must load in a worker, not before the window paints"
         overlay = viewer.canvas.overlays.text
-        assert overlay.visible and "loading the model" in overlay.text
+        assert overlay.visible and "Loading the model" in overlay.text
         _wait_until(lambda: startup.ready)
         assert threads and threads[0] is not threading.main_thread()
         assert startup.widget.annotator.image_layer is not None and get_state(viewer).loaded is not None

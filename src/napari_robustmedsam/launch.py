@@ -123,15 +123,21 @@ def setup(args: argparse.Namespace):
         return 2
     import napari
 
+    from .widgets._common import ROLE_KEY
+
     viewer = napari.Viewer(title="RobustMedSAM")
     rgb = image.ndim == 3 and image.shape[-1] in (3, 4) and not args.volume
-    layer = viewer.add_image(image, name=name, rgb=rgb)
+    # Marked as not for annotation until the drawing code is ready: the annotator creates its layers when it
+    # takes an image, and that is where napari would compile on the GUI thread (see Startup).
+    layer = viewer.add_image(image, name=name, rgb=rgb, metadata={ROLE_KEY: Startup.PENDING})
     print(f"image: {source} {image.shape} {image.dtype}")
+    widget = _dock(viewer)
+    widget.annotator._set_status(Startup.MESSAGE)
     viewer.window.resize(1500, 950)
     # The canvas gets its final size only once the window is laid out (dock, status texts): fit the image
     # again on every canvas resize until the user zooms or pans.
     fit = keep_view_fitted(viewer)
-    startup = Startup(viewer, layer, args, modality)
+    startup = Startup(viewer, widget, layer, args, modality)
     startup.start()
     return viewer, startup, fit
 
@@ -142,16 +148,17 @@ class Startup:
     Two workers run side by side: the model loads, and napari's numba-compiled drawing code (box and mask
     layers) compiles on tiny data (:func:`~napari_robustmedsam.widgets.warmup.warm_napari_numba`). Without
     that warm-up napari compiles it on the GUI thread when the plugin creates its layers and at the first box:
-    a black window, then a frozen one. The plugin is docked once the drawing code is ready (its layers are
-    then created at once), and the embedding starts once the model is there too.
+    a black window, then a frozen one. The annotator takes the image once the drawing code is ready (its
+    layers are then created at once), and the embedding starts once the model is there too.
     """
 
-    MESSAGE = "RobustMedSAM: loading the model and preparing napari's drawing code (the first launch takes longest)…"
+    MESSAGE = "Loading the model and preparing napari's drawing code (the first launch on a machine takes longest)…"
+    PENDING = "image waiting for the launcher"
 
-    def __init__(self, viewer, layer, args: argparse.Namespace, modality: str | None) -> None:
-        self.viewer, self.layer, self.args, self.modality = viewer, layer, args, modality
-        self.widget = None
+    def __init__(self, viewer, widget, layer, args: argparse.Namespace, modality: str | None) -> None:
+        self.viewer, self.widget, self.layer, self.args, self.modality = viewer, widget, layer, args, modality
         self.model_done = False
+        self._annotating = False
         self.ready = False
         self.error = None
         self.seconds: dict[str, float] = {}
@@ -183,16 +190,22 @@ class Startup:
         self.seconds[what] = time.perf_counter() - self._t0
 
     def _warmed(self, _seconds) -> None:
+        from .widgets._common import ROLE_KEY
+
         self._elapsed("drawing code ready")
-        self.widget = _dock(self.viewer)
+        self.layer.metadata.pop(ROLE_KEY, None)
         annotator = self.widget.annotator
+        annotator._refresh_image_choices()
         annotator.set_image_layer(self.layer)
+        self._annotating = True
         if self.modality:
             self.widget.preview.modality_combo.setCurrentText(self.modality)
             self.widget.sweep.modality_combo.setCurrentText(self.modality)
         annotator.select_prompt_layer()
         if not self.model_done:
             annotator._set_status("Loading the model…")
+        else:
+            annotator._set_status("")
         self._finish()
 
     def _warm_failed(self, err, tb) -> None:  # only slower: napari compiles on first use as it would anyway
@@ -211,7 +224,7 @@ class Startup:
         self._finish()
 
     def _finish(self) -> None:
-        if self.widget is None or not self.model_done or self.ready:
+        if not self._annotating or not self.model_done or self.ready:
             return
         annotator = self.widget.annotator
         if self.error is not None:
