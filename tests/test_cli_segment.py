@@ -100,3 +100,9 @@ def test_the_command_prints_no_third_party_warnings(disk_image, tmp_path):
     )
     assert result.returncode == 0, result.stderr
     assert "Warning" not in result.stderr, result.stderr
+
+
+def test_demo_writes_a_visible_0_255_mask(tmp_path, use_session_model, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # no shared data above it: the synthetic phantom
+    assert main(["demo", "--device", "cpu", "-o", str(tmp_path / "demo")]) == 0
+    assert set(np.unique(read_image(tmp_path / "demo" / "mask.png"))) == {0, 255}

@@ -38,6 +38,7 @@ def run(args: argparse.Namespace) -> int:
     from ..engine.predictor import Predictor
     from ..io import read_image, write_mask
     from ..sample_data import mri_phantom
+    from .segment import BINARY_FOREGROUND
 
     path = Path(args.image) if args.image else _find_real_image()
     if path is not None:
@@ -65,7 +66,7 @@ def run(args: argparse.Namespace) -> int:
     prediction = predictor.predict(boxes=box)
     mask = prediction.masks[0]
     out = Path(args.output)
-    write_mask(out / "mask.png", mask.astype(np.uint8))
+    write_mask(out / "mask.png", mask.astype(np.uint8) * BINARY_FOREGROUND)  # 0/255: visible in any viewer
     _overlay(image, mask, box, out / "overlay.png")
     print(f"box {box.tolist()} -> {int(mask.sum())} px, predicted IoU {prediction.scores[0]:.3f}")
     if truth is not None:
