@@ -480,6 +480,7 @@ def test_a_new_image_becomes_the_target_and_hides_the_other_images_layers(plugin
     second = viewer.add_image(mri_phantom(96, seed=1)[0], name="second")
     assert annotator.image_layer is second, "a newly opened image must become the annotated one"
     assert annotator.image_combo.currentText() == "second"
+    qtbot.waitUntil(lambda: viewer.layers.selection.active is annotator.boxes_layer, timeout=5000)  # ready to draw
     assert not first.visible and not first_committed.visible
     assert second.visible and annotator.committed_layer.visible and annotator.committed_layer is not first_committed
     annotator.set_image_layer(first)

@@ -310,7 +310,9 @@ class AnnotatorWidget(QWidget):
         self.image_combo.blockSignals(False)
         # a newly opened image becomes the one annotated (the user opened it to annotate it)
         if event is not None and self.image_combo.count() and self._is_image(unwrap(getattr(event, "value", None))):
-            self.set_image_layer(unwrap(event.value))
+            if self.set_image_layer(unwrap(event.value)):
+                # napari makes the inserted layer active after this callback: give the prompt layer back after it
+                QTimer.singleShot(0, self.select_prompt_layer)
 
     def _on_combo_changed(self, index: int) -> None:
         name = self.image_combo.currentText()
