@@ -22,6 +22,9 @@ def test_no_display_is_reported_and_a_complete_linux_passes():
     none_load = lambda soname: False  # noqa: E731
     assert display_check.display_problem(environ={}, platform="darwin", loadable=none_load) is None
     assert display_check.display_problem(environ={"QT_QPA_PLATFORM": "offscreen"}, platform="linux", loadable=none_load) is None
+    assert display_check.display_problem(environ={"WAYLAND_DISPLAY": "wayland-0"}, platform="linux", loadable=none_load) is None
+    forced = {"WAYLAND_DISPLAY": "wayland-0", "QT_QPA_PLATFORM": "xcb", "DISPLAY": ":0"}
+    assert "missing" in display_check.display_problem(environ=forced, platform="linux", loadable=none_load)
 
 
 def test_the_install_script_installs_every_package_the_check_asks_for():

@@ -55,13 +55,15 @@ def install_command(packages: list[str]) -> str:
 def display_problem(environ=None, platform: str | None = None, loadable=_loadable) -> str | None:
     """A one-paragraph message saying why napari cannot open a window here and what to run, or None.
 
-    Only Linux with Qt's default (xcb) platform is checked: other systems bundle what Qt needs, and an explicit
-    ``QT_QPA_PLATFORM`` (offscreen, wayland...) is the user's choice.
+    Only Linux with Qt's xcb platform is checked: other systems bundle what Qt needs, and an explicit
+    ``QT_QPA_PLATFORM`` other than xcb (offscreen, wayland...) or a Wayland session is the user's choice.
     """
     environ = os.environ if environ is None else environ
     platform = sys.platform if platform is None else platform
     if not platform.startswith("linux") or environ.get("QT_QPA_PLATFORM", "xcb") != "xcb":
         return None
+    if environ.get("WAYLAND_DISPLAY") and "QT_QPA_PLATFORM" not in environ:
+        return None  # a Wayland session: Qt may use its wayland plugin, which needs none of the xcb libraries
     missing = missing_libraries(loadable)
     if missing:
         return (
