@@ -128,7 +128,7 @@ def parameter_counts(paths: dict[str, str]) -> dict[str, dict]:
 
 
 def main(argv=None) -> int:
-    from napari_robustmedsam.annotation.interactive import LOCAL_CORRECTION_WORDS
+    from napari_robustmedsam.annotation.prompt_decoding import LOCAL_CORRECTION_WORDS
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--split", required=True, help="held-out folder (medseg layout)")

@@ -77,14 +77,14 @@ def precompute(out: Path, seed: int, variants: int | None = None) -> dict:
     from training.finetune.data import items_from_folder
     from training.finetune.pairs import FeatureBank
     from training.finetune.trainer import load_base_model
-    from training.fit import PRESETS
+    from training.finetune.presets import PRESETS
 
     preset = PRESETS["robust-lite"]
     t0 = time.perf_counter()
     items = items_from_folder(out / "split" / "train", min_object_px=20)
-    train, val = split_items(items, preset["val_fraction"], seed=seed)
+    train, val = split_items(items, preset.val_fraction, seed=seed)
     loaded = load_base_model("litemedsam_robust", "cpu")
-    bank = FeatureBank(loaded.model, loaded.preprocessing, variants=variants or preset["variants"], seed=seed,
+    bank = FeatureBank(loaded.model, loaded.preprocessing, variants=variants or preset.settings["variants"], seed=seed,
                        cache_dir=str(out / "cache"), memory_bytes=0)
     bank.add_items(train)
     bank.prepare(progress=lambda d, t, m: print(f"  {m} [{d}/{t}]", flush=True) if d % 50 == 0 or d == t else None)

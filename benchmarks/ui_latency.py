@@ -72,7 +72,7 @@ def main(argv=None) -> int:
     from qtpy.QtCore import QEventLoop, QTimer
     from qtpy.QtWidgets import QApplication
 
-    from napari_robustmedsam.annotation.embeddings import make_engine
+    from napari_robustmedsam.engine.embeddings import open_engine
     from napari_robustmedsam.annotation.model_info import load_model_for_ui
     from napari_robustmedsam.degradations import list_degradations
     from napari_robustmedsam.sample_data import mri_phantom
@@ -114,7 +114,7 @@ def main(argv=None) -> int:
     widget = RobustMedSAMWidget(viewer)
     viewer.window.add_dock_widget(widget, name="RobustMedSAM", area="right")
     loaded = load_model_for_ui("litemedsam", "cpu")
-    widget.annotator.state.set_model(loaded, make_engine(loaded))
+    widget.annotator.state.set_model(loaded, open_engine(loaded))
     annotator = widget.annotator
     annotator.set_image_layer(layer)
     t0 = time.perf_counter()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from napari_robustmedsam.annotation.embeddings import Cancelled
+from napari_robustmedsam.annotation.slice_embeddings import Cancelled
 from napari_robustmedsam.annotation.propagation import derive_prompt, interior_points, propagate_object
 
 

@@ -8,7 +8,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from napari_robustmedsam.annotation.embeddings import Cancelled
+from napari_robustmedsam.annotation.slice_embeddings import Cancelled
 from napari_robustmedsam.annotation.robustness import (
     SweepTable,
     robustness_sweep,

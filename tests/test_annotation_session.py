@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from napari_robustmedsam.annotation.export import load_session, prompts_path_for, save_session
-from napari_robustmedsam.annotation.interactive import mask_box
+from napari_robustmedsam.annotation.prompt_decoding import mask_box
 from napari_robustmedsam.annotation.session import AnnotationSession, SlicePrompts
 from napari_robustmedsam.errors import UserFacingError
 
@@ -207,7 +207,7 @@ def test_an_empty_mask_comes_with_a_hint_that_says_what_to_try():
 
     import torch
 
-    from napari_robustmedsam.annotation.interactive import segment_slice
+    from napari_robustmedsam.annotation.prompt_decoding import segment_slice
 
     def predictor_returning(mask):
         def predict(**kwargs):

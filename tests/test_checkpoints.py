@@ -28,6 +28,7 @@ from napari_robustmedsam.checkpoints import (
 from napari_robustmedsam.checkpoints import project_format
 from napari_robustmedsam.checkpoints.layouts import is_robust_key
 from napari_robustmedsam.errors import CheckpointError
+from reference_models import reference_robust_decoder_state
 
 HAS_ROBUST = importlib.util.find_spec("napari_robustmedsam.models.robust_decoder") is not None
 needs_robust = pytest.mark.skipif(not HAS_ROBUST, reason="napari_robustmedsam.models.robust_decoder not available")
@@ -44,32 +45,12 @@ def sam_sd():
     return {k: v.clone() for k, v in build_segmenter("vit_b", "sam").state_dict().items()}
 
 
-def reference_robust_decoder_state(seed: int = 1) -> dict:
-    """RobustSAM ViT-B mask decoder tensors (keys prefixed ``mask_decoder.``) from the reference package."""
-    from robust_segment_anything.modeling import MaskDecoder, TwoWayTransformer
-
-    torch.manual_seed(seed)
-    decoder = MaskDecoder(
-        opt={},
-        num_multimask_outputs=3,
-        transformer=TwoWayTransformer(depth=2, embedding_dim=256, mlp_dim=2048, num_heads=8),
-        transformer_dim=256,
-        iou_head_depth=3,
-        iou_head_hidden_dim=256,
-        vit_dim=768,
-    )
-    state = {}
-    for key, value in decoder.state_dict().items():
-        if key.endswith(("running_mean", "running_var")):  # make BatchNorm statistics distinguishable too
-            value = torch.rand_like(value) + 0.5
-        state["mask_decoder." + key] = value
-    return state
 
 
 @pytest.fixture(scope="module")
 def robustsam_sd(sam_sd):
     state = {k: v for k, v in sam_sd.items() if not k.startswith("mask_decoder.")}
-    state.update(reference_robust_decoder_state())
+    state.update(reference_robust_decoder_state(distinct_bn_statistics=True))
     return state
 
 

@@ -13,6 +13,7 @@ import torch
 
 from napari_robustmedsam.checkpoints import file_sha256
 from napari_robustmedsam.cli import main
+from reference_models import reference_robust_decoder
 
 
 @pytest.fixture(scope="module")
@@ -25,18 +26,7 @@ def lite_path():
 @pytest.fixture(scope="module")
 def vit_b_robust_decoder_file(tmp_path_factory):
     """A decoder-only file with RobustSAM ViT-B decoder shapes and (almost) no bytes: zero-stride tensors."""
-    from robust_segment_anything.modeling import MaskDecoder, TwoWayTransformer
-
-    with torch.device("meta"):
-        decoder = MaskDecoder(
-            opt={},
-            num_multimask_outputs=3,
-            transformer=TwoWayTransformer(depth=2, embedding_dim=256, mlp_dim=2048, num_heads=8),
-            transformer_dim=256,
-            iou_head_depth=3,
-            iou_head_hidden_dim=256,
-            vit_dim=768,
-        )
+    decoder = reference_robust_decoder(meta=True)
     state = {"mask_decoder." + k: torch.zeros((), dtype=v.dtype).expand(v.shape) for k, v in decoder.state_dict().items()}
     path = tmp_path_factory.mktemp("cli") / "robust_decoder_b.pth"
     torch.save(state, path)

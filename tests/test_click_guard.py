@@ -108,7 +108,7 @@ def test_predictor_guarded_clicks_only_add_or_only_remove(predictor_and_embeddin
 
 
 def test_segment_slice_guards_corrective_clicks_by_mode(predictor_and_embedding):
-    from napari_robustmedsam.annotation.interactive import segment_slice
+    from napari_robustmedsam.annotation.prompt_decoding import segment_slice
     from napari_robustmedsam.annotation.session import SlicePrompts
 
     predictor, emb = predictor_and_embedding
@@ -194,7 +194,7 @@ def test_a_scoped_edge_reach_bounds_only_negative_clicks_made_before_any_positiv
 def test_training_samples_the_next_click_from_the_guarded_prediction():
     """``training.fit --click-guard``: the state fed back and clicked on is the guarded one (after the local merge
     when that is on too); padding clicks (nothing left to correct) leave the object's mask as it was."""
-    from training.finetune.interactive import PromptConfig, PromptState, add_clicks, shown_logits
+    from training.finetune.prompt_simulation import PromptConfig, PromptState, add_clicks, shown_logits
 
     prev = torch.full((2, 1, 32, 32), -5.0)
     prev[:, :, 8:16, 8:16] = 5.0
@@ -220,7 +220,7 @@ def test_the_annotators_default_reach_bounds_a_box_starts_first_negative_click(p
     """segment_slice with the annotator's default reach: a box start's first negative click removes only near
     itself (twice its distance to the mask's edge, up to the logits grid's cell); once a positive click exists the
     next negative click is guarded as without the bound."""
-    from napari_robustmedsam.annotation.interactive import DEFAULT_CLICK_GUARD_REACH, segment_slice
+    from napari_robustmedsam.annotation.prompt_decoding import DEFAULT_CLICK_GUARD_REACH, segment_slice
     from napari_robustmedsam.annotation.session import SlicePrompts
     from napari_robustmedsam.engine.click_guard import edge_distance
 

@@ -390,3 +390,22 @@ def test_fine_tuned_decoder_reuses_the_encoders_cached_outputs(tmp_path):
     third = EmbeddingEngine(tuned, cache_dir=tmp_path)
     third.embed_image(img)
     assert third.stats["from_disk"] == 1 and third.stats["computed"] == 0
+
+
+def test_an_engine_that_cannot_be_opened_is_reported_not_swallowed(monkeypatch, caplog):
+    """open_engine: the annotator, launcher and evaluation fall back to embeddings without the cache, and say why
+    (a warning in the log, a notice for the status line / run record)."""
+    import logging
+    from types import SimpleNamespace
+
+    from napari_robustmedsam.engine import embeddings
+
+    def broken(*args, **kwargs):
+        raise OSError("read-only file system")
+
+    monkeypatch.setattr(embeddings, "EmbeddingEngine", broken)
+    notices: list[str] = []
+    with caplog.at_level(logging.WARNING, logger="napari_robustmedsam"):
+        assert embeddings.open_engine(SimpleNamespace(name="litemedsam"), notices=notices) is None
+    assert notices == ["embedding cache disabled for litemedsam: read-only file system"]
+    assert "read-only file system" in caplog.text

@@ -16,25 +16,11 @@ from napari_robustmedsam.checkpoints import (
 )
 from napari_robustmedsam.checkpoints.layouts import expected_shapes
 from napari_robustmedsam.errors import CheckpointError
+from reference_models import reference_robust_decoder_state
 
 HAS_ROBUST = importlib.util.find_spec("napari_robustmedsam.models.robust_decoder") is not None
 
 
-def reference_robust_decoder_state(seed: int = 1) -> dict:
-    """RobustSAM ViT-B mask decoder tensors (``mask_decoder.`` keys) from the reference package."""
-    from robust_segment_anything.modeling import MaskDecoder, TwoWayTransformer
-
-    torch.manual_seed(seed)
-    decoder = MaskDecoder(
-        opt={},
-        num_multimask_outputs=3,
-        transformer=TwoWayTransformer(depth=2, embedding_dim=256, mlp_dim=2048, num_heads=8),
-        transformer_dim=256,
-        iou_head_depth=3,
-        iou_head_hidden_dim=256,
-        vit_dim=768,
-    )
-    return {"mask_decoder." + k: v for k, v in decoder.state_dict().items()}
 
 
 def shaped_like(architecture: str, decoder: str = "sam") -> dict:

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from napari_robustmedsam.annotation.interactive import segment_slice
+from napari_robustmedsam.annotation.prompt_decoding import segment_slice
 from napari_robustmedsam.annotation.session import SlicePrompts
 from napari_robustmedsam.engine.local_correction import changed_regions_at_clicks, merge_local_correction
 from napari_robustmedsam.engine.predictor import Predictor
@@ -128,7 +128,7 @@ def test_segment_slice_local_corrections_only_for_corrective_clicks(predictor_an
 
 
 def test_local_correction_modes():
-    from napari_robustmedsam.annotation.interactive import DEFAULT_LOCAL_CORRECTIONS, local_corrections_apply
+    from napari_robustmedsam.annotation.prompt_decoding import DEFAULT_LOCAL_CORRECTIONS, local_corrections_apply
 
     assert DEFAULT_LOCAL_CORRECTIONS == "with a box"
     assert local_corrections_apply("with a box", has_box=True) and not local_corrections_apply("with a box", False)
@@ -154,7 +154,7 @@ def test_point_only_corrections_take_the_whole_mask_with_a_box_mode(predictor_an
 def test_training_samples_the_next_click_from_the_merged_prediction():
     """Training with local corrections (``training.fit --local-corrections``) feeds back, and samples the next click
     from, what the annotator would show: the new logits only in the changed region at the last click."""
-    from training.finetune.interactive import PromptConfig, PromptState, add_clicks, shown_logits
+    from training.finetune.prompt_simulation import PromptConfig, PromptState, add_clicks, shown_logits
 
     prev = torch.full((2, 1, 32, 32), -5.0)
     prev[:, :, 8:16, 8:16] = 5.0

@@ -1,4 +1,4 @@
-"""PGE-SAM head (issue 8): the enhancer's pieces, its place in the segmenter / predictor / cache / checkpoints,
+"""PGE-SAM head (docs/training.md): the enhancer's pieces, its place in the segmenter / predictor / cache / checkpoints,
 and a short training run. Uses the embedded LiteMedSAM and small synthetic images."""
 
 from __future__ import annotations

@@ -40,6 +40,7 @@ from napari_robustmedsam.models.robust_decoder import (  # noqa: E402
     is_robust_decoder_state_dict,
     robust_decoder_from_state_dict_shapes,
 )
+from reference_models import reference_robust_decoder  # noqa: E402
 
 ATOL = 1e-5
 
@@ -54,18 +55,9 @@ def _sam_keys(state_dict):
 @pytest.fixture(scope="module")
 def vitb():
     """Reference decoder with random weights, our decoder loaded from it, inputs and cached features."""
-    ref_md = pytest.importorskip("robust_segment_anything.modeling.mask_decoder")
-    ref_tr = pytest.importorskip("robust_segment_anything.modeling.transformer")
+    pytest.importorskip("robust_segment_anything.modeling.mask_decoder")
     torch.manual_seed(1234)
-    ref = ref_md.MaskDecoder(
-        opt=object(),  # PyPI 1.0.0 reads self.opt in forward
-        transformer_dim=256,
-        transformer=ref_tr.TwoWayTransformer(depth=2, embedding_dim=256, mlp_dim=2048, num_heads=8),
-        num_multimask_outputs=3,
-        iou_head_depth=3,
-        iou_head_hidden_dim=256,
-        vit_dim=768,
-    )
+    ref = reference_robust_decoder(opt=object())  # PyPI 1.0.0 reads self.opt in forward
     with torch.no_grad():  # non-trivial normalisation parameters and BN running statistics
         for module in ref.modules():
             if isinstance(module, torch.nn.BatchNorm2d):

@@ -53,7 +53,7 @@ MIN_DICE_FLOOR = 0.85
 
 @pytest.fixture(scope="session")
 def engine(litemedsam, tmp_path_factory):
-    from napari_robustmedsam.annotation.embeddings import make_engine
+    from napari_robustmedsam.engine.embeddings import open_engine as make_engine
 
     eng = make_engine(litemedsam, cache_dir=shared_cache(tmp_path_factory))
     assert eng is not None
@@ -127,7 +127,8 @@ def test_widgets_created_through_npe2(make_napari_viewer, qtbot):
 
 
 def test_embeddings_computed_with_progress_and_cached(plugin, qtbot, litemedsam, tmp_path):
-    from napari_robustmedsam.annotation.embeddings import SliceEmbeddings, make_engine
+    from napari_robustmedsam.annotation.slice_embeddings import SliceEmbeddings
+    from napari_robustmedsam.engine.embeddings import open_engine as make_engine
     from napari_robustmedsam.sample_data import mri_phantom
 
     viewer, widget = plugin
@@ -282,7 +283,7 @@ def test_corrective_click_refines_with_previous_logits(plugin, qtbot):
     assert annotator._segment_args(z, annotator.slice_prompts(z))["local_corrections"] == "off"
     annotator.local_combo.setCurrentText("with a box")
     # so does the click guard's
-    from napari_robustmedsam.annotation.interactive import DEFAULT_CLICK_GUARD, DEFAULT_CLICK_GUARD_REACH
+    from napari_robustmedsam.annotation.prompt_decoding import DEFAULT_CLICK_GUARD, DEFAULT_CLICK_GUARD_REACH
 
     args = annotator._segment_args(z, annotator.slice_prompts(z))
     assert (args["click_guard"], args["click_guard_reach"]) == (DEFAULT_CLICK_GUARD, DEFAULT_CLICK_GUARD_REACH)

@@ -27,7 +27,7 @@ pytestmark = pytest.mark.gui
 @pytest.fixture
 def annotated(make_napari_viewer, qtbot, litemedsam, tmp_path_factory):
     """Viewer + main widget on the synthetic MRI phantom with the organ segmented from a box."""
-    from napari_robustmedsam.annotation.embeddings import make_engine
+    from napari_robustmedsam.engine.embeddings import open_engine
     from napari_robustmedsam.sample_data import mri_phantom
 
     viewer = make_napari_viewer(show=True)
@@ -36,7 +36,7 @@ def annotated(make_napari_viewer, qtbot, litemedsam, tmp_path_factory):
     layer = viewer.add_image(image, name="MRI phantom")
     _, widget = viewer.window.add_plugin_dock_widget("napari-robustmedsam", "RobustMedSAM")
     annotator = widget.annotator
-    annotator.state.set_model(litemedsam, make_engine(litemedsam, cache_dir=shared_cache(tmp_path_factory)))
+    annotator.state.set_model(litemedsam, open_engine(litemedsam, cache_dir=shared_cache(tmp_path_factory)))
     assert annotator.set_image_layer(layer)
     with qtbot.waitSignal(annotator.segmented, timeout=300_000):
         annotator.add_box(tight_box(truth >= 1))

@@ -25,12 +25,12 @@ preimport_model_modules()  # before any viewer exists (triton + Mesa GL, see its
 
 @pytest.fixture
 def plugin(make_napari_viewer, litemedsam, tmp_path_factory):
-    from napari_robustmedsam.annotation.embeddings import make_engine
+    from napari_robustmedsam.engine.embeddings import open_engine
 
     viewer = make_napari_viewer(show=True)
     viewer.window.resize(1400, 900)
     _, widget = viewer.window.add_plugin_dock_widget("napari-robustmedsam", "RobustMedSAM")
-    widget.annotator.state.set_model(litemedsam, make_engine(litemedsam, cache_dir=shared_cache(tmp_path_factory)))
+    widget.annotator.state.set_model(litemedsam, open_engine(litemedsam, cache_dir=shared_cache(tmp_path_factory)))
     return viewer, widget
 
 

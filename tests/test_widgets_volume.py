@@ -47,14 +47,14 @@ def brain(shared_data):
 
 def test_propagation_on_brain_mri_reaches_measured_floor(make_napari_viewer, qtbot, litemedsam, brain,
                                                          tmp_path_factory):
-    from napari_robustmedsam.annotation.embeddings import make_engine
+    from napari_robustmedsam.engine.embeddings import open_engine
 
     volume, truth = brain
     viewer = make_napari_viewer(show=True)
     viewer.window.resize(1400, 900)
     _, widget = viewer.window.add_plugin_dock_widget("napari-robustmedsam", "RobustMedSAM")
     annotator = widget.annotator
-    annotator.state.set_model(litemedsam, make_engine(litemedsam, cache_dir=shared_cache(tmp_path_factory)))
+    annotator.state.set_model(litemedsam, open_engine(litemedsam, cache_dir=shared_cache(tmp_path_factory)))
     layer = viewer.add_image(volume, name="brain_mri_tumour")
     assert annotator.set_image_layer(layer)
     assert annotator.volume_box.isVisibleTo(widget)

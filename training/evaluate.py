@@ -28,7 +28,7 @@ import time
 import uuid
 from pathlib import Path
 
-from napari_robustmedsam.annotation.interactive import LOCAL_CORRECTION_WORDS, local_corrections_mode
+from napari_robustmedsam.annotation.prompt_decoding import LOCAL_CORRECTION_WORDS, local_corrections_mode
 from napari_robustmedsam.engine.click_guard import REACH_SCOPES
 from training.evaluation.dataset import discover, select_samples
 from training.evaluation.parallel import dist_info, exit_marker, run_in_workers, shard, wait_for_ranks

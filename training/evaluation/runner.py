@@ -34,8 +34,9 @@ from typing import Callable
 import numpy as np
 import torch
 
-from napari_robustmedsam.annotation.interactive import local_corrections_apply
+from napari_robustmedsam.annotation.prompt_decoding import local_corrections_apply
 from napari_robustmedsam.engine.click_guard import EdgeReach
+from napari_robustmedsam.engine.embeddings import open_engine
 from napari_robustmedsam.metrics import segmentation_metrics
 from napari_robustmedsam.prompting import (
     corrective_click,
@@ -292,7 +293,10 @@ class Embedder:
         if self.cache_dir is None:
             return None
         if handle.key not in self._engines:
-            self._engines[handle.key] = _make_engine(handle, self.cache_dir, self.notices)
+            # the protocol embeds every image whole (no tiles); a cache that cannot be opened is noted in the run
+            # record and the embeddings are computed directly (the same numbers)
+            self._engines[handle.key] = open_engine(handle.loaded, self.cache_dir / "embeddings", tile_threshold=None,
+                                                    memory_entries=4, notices=self.notices, label=handle.label)
         return self._engines[handle.key]
 
     def embed(self, handle: ModelHandle, image: np.ndarray):
@@ -311,24 +315,6 @@ class Embedder:
             self.encoder_calls += 1
             self.encoder_seconds += dt
         return emb
-
-
-def _make_engine(handle: ModelHandle, cache_dir: Path, notices: list[str]):
-    """An EmbeddingEngine for this model with its zarr cache under `cache_dir`, or None (engine missing or
-    unusable: embeddings are then computed directly, which gives the same numbers)."""
-    try:
-        from napari_robustmedsam.engine.embeddings import EmbeddingEngine
-    except ImportError:
-        return None
-    try:
-        engine = EmbeddingEngine(handle.loaded, cache_dir=cache_dir / "embeddings", tile_threshold=None,
-                                 memory_entries=4)
-    except Exception as err:  # the cache is an optimisation: never fail the evaluation for it
-        notices.append(f"embedding cache disabled for {handle.label}: {err}")
-        return None
-    if not hasattr(engine, "embed_image") or not hasattr(engine, "stats"):
-        return None
-    return engine
 
 
 # ---- one unit --------------------------------------------------------------------------------

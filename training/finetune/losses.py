@@ -17,15 +17,21 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .options import UNLESS_DEFAULT, setting
+
+LOSS = "loss (RobustSAM / RobustMedSAM weights by default)"
+
 
 @dataclass(frozen=True)
 class LossWeights:
-    dice: float = 1.0
-    focal: float = 20.0
-    feature: float = 100.0
-    token: float = 2.0
-    iou: float = 1.0
-    fall: float = 0.0  # penalty on a simulated click that lowers the object's soft Dice (0 = off)
+    dice: float = setting(1.0, "soft Dice loss weight", flag="--w-dice", group=LOSS)
+    focal: float = setting(20.0, "focal loss weight", flag="--w-focal", group=LOSS)
+    feature: float = setting(100.0, "MSE of clean vs degraded mask features", flag="--w-feature", group=LOSS)
+    token: float = setting(2.0, "MSE of clean vs degraded output tokens", flag="--w-token", group=LOSS)
+    iou: float = setting(1.0, "IoU-prediction regression (micro_sam)", flag="--w-iou", group=LOSS)
+    fall: float = setting(0.0, "penalty on a simulated corrective click that lowers the object's soft Dice below the "
+                          "mask shown before it (hinge; 0 = off)", flag="--w-fall", fingerprint=UNLESS_DEFAULT,
+                          group=LOSS)
 
     def to_dict(self) -> dict:
         return asdict(self)

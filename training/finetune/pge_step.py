@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 from napari_robustmedsam.models.intermediate_features import stack_intermediates
 
-from .interactive import start_prompts
+from .prompt_simulation import start_prompts
 from .losses import dice_score, robust_loss
 
 if TYPE_CHECKING:  # pragma: no cover

@@ -1,6 +1,6 @@
 """The fine-tuning loop: frozen encoders, trained (lite) robust decoder, clean/degraded pairs, iterative prompts.
 
-One iteration (see :mod:`.interactive`, :mod:`.losses`, :mod:`.pairs`):
+One iteration (see :mod:`.prompt_simulation`, :mod:`.losses`, :mod:`.pairs`):
 
     sample B planes (this rank's shard of the epoch) and n_obj objects per plane
     pick a degraded variant per plane (or the clean image itself with probability p_identity)
@@ -22,7 +22,6 @@ per epoch), ``log.json`` (config, per-epoch and per-step logs, notices), ``train
 from __future__ import annotations
 
 import csv
-import hashlib
 import json
 import math
 import os
@@ -30,7 +29,7 @@ import resource
 import signal
 import threading
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -38,17 +37,18 @@ import numpy as np
 import torch
 
 from napari_robustmedsam.errors import UserFacingError
+from napari_robustmedsam.models.robust_decoder import IMAGE_FEATURES_KEY
 from napari_robustmedsam.prompting import derive_seed, random_positive_points, rng_for, tight_box
 
 from . import ddp
+from .config import TrainConfig
 from .data import TrainingError, TrainItem, describe_items
-from .interactive import PromptConfig, add_clicks, corrective_clicks, shown_logits, start_prompts
-from .losses import LossWeights, dice_score, robust_loss, soft_dice
+from .prompt_simulation import add_clicks, corrective_clicks, shown_logits, start_prompts
+from .losses import dice_score, robust_loss, soft_dice
 from .pairs import FeatureBank, sample_variant
 
 STATE_FORMAT = "napari-robustmedsam-train-state"
 STATE_VERSION = 1
-IMAGE_FEATURES_KEY = "robust_image_features"
 
 
 _STOP_CODES = {"time budget": 1, "cancelled": 2, "interrupted": 3}
@@ -113,97 +113,6 @@ def finish_sums(sums: dict, dices: list[float], state) -> dict:
     sums["dice_last"] = dices[-1] if dices else float("nan")
     sums["start"] = state.start
     return sums
-
-
-@dataclass
-class TrainConfig:
-    model: str = "litemedsam_robust"
-    device: str = "cpu"
-    epochs: int = 10
-    steps_per_epoch: int | None = None  # limit; None = one pass over this rank's shard
-    batch_size: int = 2  # planes per iteration (per rank)
-    objects_per_image: int = 2
-    lr: float = 1e-4
-    weight_decay: float = 0.01
-    lr_decay: float = 0.9  # multiplied into the learning rate after every epoch (MedicoSAM)
-    grad_clip: float = 1.0
-    trainable: str = "decoder"  # "decoder" (whole mask decoder) or "robust" (RobustSAM's added modules only)
-    train_amfg: bool = True  # False: keep the three AMFG blocks frozen (much cheaper on a CPU, see docs)
-    consistency_steps: str = "all"  # "all" predictions of an iteration or only the "first" (cheaper)
-    weights: LossWeights = field(default_factory=LossWeights)
-    prompts: PromptConfig = field(default_factory=PromptConfig)
-    variants: int = 3  # degraded variants per plane, computed once and cached
-    levels: tuple[str, ...] = ("LQ-1", "LQ-2", "LQ-3", "LQ-3+")
-    p_identity: float = 0.2
-    val_level: str = "LQ-3"
-    val_max_objects: int = 3
-    seed: int = 0
-    svd_neck: bool = False
-    time_budget_s: float | None = None
-    save_every_steps: int = 0  # also write last.pth / train_state.pt every N iterations (0: at epoch ends)
-    cache_dir: str | None = None
-    use_cache: bool = True
-    memory_gb: float = 2.0
-    threads: int | None = None
-    progress_bar: bool = True
-    head: str = "robust"  # "robust": RobustSAM decoder; "pge": PGE-SAM feature enhancer + mask decoder
-    enhancer_blocks: int = 1  # EBlocks per stage of a new PGE enhancer (1 lite, 5 full)
-    enhancer_work_stride: int = 1  # a new enhancer's working grid = embedding grid / this (2: the fast lite head)
-    enhancer_width: int = 0  # a new enhancer's working channels (0: the embedding's 256)
-    enhancer_gate_channels: int = 64  # a new enhancer's attention-gate channels
-    fr_weight: float = 5.0  # PGE-SAM's foreground reconstruction loss weight
-
-    def __post_init__(self) -> None:
-        if self.head not in ("robust", "pge"):
-            raise TrainingError(f"head must be 'robust' or 'pge', got {self.head!r}")
-        if self.head == "pge" and self.svd_neck:
-            raise TrainingError("the SVD neck option is for the robust decoder head; the PGE head keeps the encoder frozen")
-        if int(self.enhancer_blocks) < 1:
-            raise TrainingError(f"enhancer_blocks must be >= 1, got {self.enhancer_blocks}")
-        if self.enhancer_work_stride not in (1, 2, 4):
-            raise TrainingError(f"enhancer_work_stride must be 1, 2 or 4, got {self.enhancer_work_stride}")
-        if self.enhancer_width < 0 or self.enhancer_gate_channels < 1:
-            raise TrainingError("enhancer_width must be >= 0 (0: the embedding's channels) and "
-                                f"enhancer_gate_channels >= 1, got {self.enhancer_width} / {self.enhancer_gate_channels}")
-        if self.trainable not in ("decoder", "robust"):
-            raise TrainingError(f"trainable must be 'decoder' or 'robust', got {self.trainable!r}")
-        for name in ("epochs", "batch_size", "objects_per_image"):
-            if int(getattr(self, name)) < 1:
-                raise TrainingError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.steps_per_epoch is not None and self.steps_per_epoch < 1:
-            raise TrainingError(f"steps per epoch must be >= 1, got {self.steps_per_epoch}")
-        if self.consistency_steps not in ("all", "first"):
-            raise TrainingError(f"consistency_steps must be 'all' or 'first', got {self.consistency_steps!r}")
-        if not 0 <= self.p_identity <= 1:
-            raise TrainingError("p_identity must be in [0, 1]")
-        if self.lr <= 0 or not math.isfinite(self.lr):
-            raise TrainingError(f"the learning rate must be a positive number, got {self.lr}")
-
-    def to_dict(self) -> dict:
-        d = asdict(self)
-        d["weights"] = self.weights.to_dict()
-        d["prompts"] = self.prompts.to_dict()
-        d["levels"] = list(self.levels)
-        return d
-
-    def fingerprint(self) -> str:
-        """Hash of the settings a resumed run must share (the number of epochs, time budget, lr may change)."""
-        d = self.to_dict()
-        for key in ("epochs", "time_budget_s", "save_every_steps", "cache_dir", "use_cache", "memory_gb", "threads",
-                    "progress_bar", "lr", "device"):
-            d.pop(key, None)
-        if d.get("head") == "robust":  # fields added with the PGE head: absent from older states' fingerprints
-            for key in ("head", "enhancer_blocks", "fr_weight"):
-                d.pop(key, None)
-        if d["weights"].get("fall") == 0.0:  # added later: absent from older fingerprints
-            d["weights"].pop("fall")
-        for key in ("local_corrections", "click_guard"):  # added later: absent from older fingerprints
-            if d["prompts"].get(key) == "off":
-                d["prompts"].pop(key)
-        for key, default in (("enhancer_work_stride", 1), ("enhancer_width", 0), ("enhancer_gate_channels", 64)):
-            if d.get(key) == default or d.get("head") == "robust":  # added later: absent from older fingerprints
-                d.pop(key, None)
-        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 
 @dataclass

@@ -2,9 +2,9 @@
 
 - :mod:`.session`: the state of an annotation session (current object, committed objects, undo stack,
   prompts per slice) over a 2D image or a 3D volume.
-- :mod:`.embeddings`: per-slice image embeddings of a 2D image / RGB image / volume, lazily computed
+- :mod:`.slice_embeddings`: per-slice image embeddings of a 2D image / RGB image / volume, lazily computed
   and cached (the engine's disk cache when available).
-- :mod:`.interactive`: prompt -> mask on one slice, with corrective clicks fed the previous logits.
+- :mod:`.prompt_decoding`: prompt -> mask on one slice, with corrective clicks fed the previous logits.
 - :mod:`.propagation`: 3D propagation of an object slice by slice from its annotated slices.
 - :mod:`.robustness`: segment the same prompts on a degraded image, and the types x levels sweep.
 - :mod:`.export`: save / load labels plus the prompts used (resume a session, feed training).

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .interactive import BOX_PRIMARY_HINT
+from .prompt_decoding import BOX_PRIMARY_HINT
 
 _ARCH_NAMES = {
     "tiny_vit": "TinyViT-5M encoder (256 px input)",

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from scipy import ndimage
 
-from .embeddings import Cancelled
+from .slice_embeddings import Cancelled
 
 PROMPT_MODES = ("box", "mask", "points", "box+mask", "box+points", "points+mask", "box+points+mask")
 DEFAULT_PROMPT_MODE = "box+mask"
@@ -235,7 +235,7 @@ def propagate_object(
 
 def predictor_segment_fn(predictor, embeddings, multimask_output: bool | None = None) -> SegmentFn:
     """A :data:`SegmentFn` over a :class:`~napari_robustmedsam.engine.predictor.Predictor` and the
-    per-slice embeddings of :class:`~napari_robustmedsam.annotation.embeddings.SliceEmbeddings`."""
+    per-slice embeddings of :class:`~napari_robustmedsam.annotation.slice_embeddings.SliceEmbeddings`."""
 
     def segment(z, box, points, point_labels, mask):
         emb = embeddings.get(z)

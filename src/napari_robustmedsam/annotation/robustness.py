@@ -20,8 +20,8 @@ from typing import Any
 import numpy as np
 
 from ..errors import UserFacingError
-from .embeddings import Cancelled
-from .interactive import segment_slice
+from .slice_embeddings import Cancelled
+from .prompt_decoding import segment_slice
 from .session import SlicePrompts
 
 SWEEP_LEVELS = ("LQ-1", "LQ-2", "LQ-3")

@@ -31,19 +31,11 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import CheckpointError
+from ..models.robust_decoder import ROBUST_KEY_PREFIXES  # the submodules RobustSAM adds to SAM's mask decoder
 from . import project_format
 from .safe_load import load_untrusted, notice
 
 PARTS = ("image_encoder", "prompt_encoder", "mask_decoder")
-# Submodules RobustSAM adds to SAM's mask decoder (all of them live under ``mask_decoder.``).
-ROBUST_DECODER_MODULES = (
-    "custom_robust_token",
-    "robust_mlp",
-    "custom_token_block",
-    "fourier_first_layer_features",
-    "fourier_last_layer_features",
-    "fourier_mask_features",
-)
 # Wrappers whose name prefixes every key: DDP ("module."), micro_sam's TrainableSAM ("sam."),
 # Lightning-style modules ("model."), torch.compile ("_orig_mod.").
 WRAPPER_PREFIXES = ("module", "sam", "model", "_orig_mod")
@@ -125,7 +117,7 @@ def _shape(value: Any) -> tuple[int, ...]:
 
 def is_robust_key(key: str) -> bool:
     parts = key.split(".", 2)
-    return len(parts) >= 2 and parts[0] == "mask_decoder" and parts[1] in ROBUST_DECODER_MODULES
+    return len(parts) >= 2 and parts[0] == "mask_decoder" and parts[1] in ROBUST_KEY_PREFIXES
 
 
 def infer_decoder(state_dict: Mapping) -> str | None:

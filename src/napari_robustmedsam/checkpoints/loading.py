@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..device import inference_dtype, resolve_device
 from ..errors import CheckpointError, UserFacingError
 from ..models.registry import MODELS, ModelSpec, get_model_spec
 from .download import fetch_weights
@@ -374,8 +375,6 @@ def load_model(
     replaces this checkpoint's (an in-memory fusion, validated like ``robustmedsam fuse``).
     ``preprocessing``: override the preprocessing (``"sam"``, ``"medsam"`` or ``"litemedsam"``).
     """
-    from ..engine.device import inference_dtype, resolve_device
-
     if preprocessing is not None and preprocessing not in PREPROCESSING_CHOICES:
         raise UserFacingError(
             f"unknown preprocessing {preprocessing!r}; expected one of {', '.join(PREPROCESSING_CHOICES)}"

@@ -97,7 +97,7 @@ def point_warning(model_name: str, has_box: bool) -> str:
 
 def run(args: argparse.Namespace) -> int:
     from ..checkpoints import load_model
-    from ..engine.embeddings import EmbeddingEngine
+    from ..engine.embeddings import EmbeddingEngine, open_engine
     from ..io import read_image, write_mask
 
     if not args.box and not args.point and not args.negative:
@@ -112,7 +112,11 @@ def run(args: argparse.Namespace) -> int:
     image = select_plane(read_image(args.image), args.slice)
     with _stage(f"loading model {args.model}"):
         loaded = load_model(args.model, device=args.device)
-    engine = EmbeddingEngine(loaded, cache_dir=args.cache, use_cache=not args.no_cache)
+    notices: list[str] = []
+    engine = open_engine(loaded, args.cache, notices=notices, use_cache=not args.no_cache)
+    if engine is None:  # the cache could not be opened (the notice says why): the same embedding, computed
+        print(f"note: {notices[-1]}", file=sys.stderr)
+        engine = EmbeddingEngine(loaded, use_cache=False)
     if engine.predictor.box_primary and points:
         print(point_warning(loaded.name, has_box=boxes is not None), file=sys.stderr)
     print(f"image embedding on {engine.device.type} ...", end="", file=sys.stderr, flush=True)

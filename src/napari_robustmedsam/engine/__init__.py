@@ -1,1 +1,1 @@
-"""Engine: preprocessing, device choice, embeddings and the prompt predictor (no Qt here)."""
+"""Engine: preprocessing, embeddings and the prompt predictor (no Qt here; the device choice is ..device)."""

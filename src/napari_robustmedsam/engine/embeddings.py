@@ -33,6 +33,7 @@ When the cache directory cannot be used (unwritable, full), the engine warns onc
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 import threading
 import warnings
@@ -53,6 +54,7 @@ from .signature import Signature, hash_array, model_hashes
 from .tiling import DEFAULT_HALO, DEFAULT_TILE_THRESHOLD, TiledEmbedding, TiledPredictor, Tile, needs_tiling, tile_layout
 
 ProgressFn = Callable[[int, int, str], None]
+log = logging.getLogger("napari_robustmedsam")
 
 __all__ = [
     "EmbeddingCacheWarning",
@@ -63,6 +65,7 @@ __all__ = [
     "VolumeEmbeddings",
     "annotation_cache",
     "is_cancelled",
+    "open_engine",
 ]
 
 
@@ -658,6 +661,26 @@ class EmbeddingJob:
         return self._result
 
 
+def open_engine(loaded: Any, cache_dir: str | os.PathLike | None = None, *, notices: list[str] | None = None,
+                label: str | None = None, **options: Any) -> EmbeddingEngine | None:
+    """The one way the annotator, the launcher and the evaluation get an :class:`EmbeddingEngine` for a loaded model.
+
+    ``options`` go to :class:`EmbeddingEngine`. When the engine cannot be built (e.g. its disk cache cannot be
+    opened), the reason is logged as a warning and appended to ``notices`` (for the caller's status line or run
+    record), and None is returned: embeddings are then computed directly, which gives the same numbers, only
+    without the cache.
+    """
+    try:
+        return EmbeddingEngine(loaded, cache_dir=cache_dir, **options)
+    except Exception as err:  # noqa: BLE001 - reported below; the cache is an optimisation, never a failure
+        name = label or getattr(loaded, "name", None) or "this model"
+        message = f"embedding cache disabled for {name}: {err}"
+        log.warning(message)
+        if notices is not None:
+            notices.append(message)
+        return None
+
+
 def annotation_cache(predictor: Any, cache_dir: str | None = None, model_key: str = "") -> EmbeddingEngine:
-    """Factory used by :mod:`napari_robustmedsam.annotation.embeddings` (``load_cached`` / ``store``)."""
+    """Factory used by :mod:`napari_robustmedsam.annotation.slice_embeddings` (``load_cached`` / ``store``)."""
     return EmbeddingEngine(predictor, cache_dir=cache_dir)

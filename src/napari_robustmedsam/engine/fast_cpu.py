@@ -1,6 +1,6 @@
 """Running the image encoder fast: precision, memory format and kernel choices per device.
 
-What the engine does (measured on the project's 2-core AVX-512 CPU, see docs/benchmarks.md):
+What the engine does (the speed-ups are measured in docs/benchmarks.md):
 
 - Always (fp32, all devices): LiteMedSAM's TinyViT has 30 ``Conv2d_BN`` pairs; the batch norms are folded
   into their convolutions in a private copy of the encoder (inference only: running statistics are
@@ -211,10 +211,9 @@ class EncoderRunner:
                     "this CPU has no native bf16 (AMX-BF16 / AVX512-BF16): bf16 is emulated and slower than fp32 here"
                 )
             return "bf16"
-        # "auto" stays fp32 on the CPU even with cpu_fast: on a CPU with native bf16 (AMD EPYC, AVX512-BF16,
-        # 2026-11-23) bf16 made LiteMedSAM's encoder 1.8-2.1x faster but moved its box masks (median IoU with the fp32
-        # masks 0.953, 12 of 72 below 0.9; docs/benchmarks.md 1b). A speed option must not change masks that much
-        # unasked: bf16 is there for whoever asks for it.
+        # "auto" stays fp32 on the CPU even with cpu_fast: on CPUs with native bf16, bf16 makes LiteMedSAM's encoder
+        # much faster but visibly moves its box masks (docs/benchmarks.md, section 1b, has the figures). A speed
+        # option must not change masks unasked: bf16 is there for whoever asks for it.
         return "fp32"
 
     @property

@@ -6,8 +6,8 @@ computes ``weights . (AMFG(U) + F_img [+ U])`` (the robust single mask) with the
 for oneDNN on a CPU:
 
 * the features stay channels-last (NHWC) from the output upscaling on (built in token order, so no transposed
-  convolution and no layout conversion); oneDNN's 3 x 3 convolutions at 32-64 channels are up to 2x faster on
-  NHWC than on NCHW, measured on this project's CPU;
+  convolution and no layout conversion); oneDNN's 3 x 3 convolutions at 32-64 channels are faster on NHWC than
+  on NCHW;
 * the selective BN/IN convolution's blend ``b * w + i * (1 - w)`` is ``i + (b - i) * w`` with ``w`` broadcast
   from its 4 x 4 grid (no upsampled weight maps);
 * the channel-attention gate scales the input channels of the next convolution, so it is folded into that
@@ -74,8 +74,8 @@ def _times_grid(x: torch.Tensor, grid_weights: torch.Tensor) -> torch.Tensor:
 
 
 def _instance_norm(x: torch.Tensor, eps: float) -> torch.Tensor:
-    """InstanceNorm2d without affine parameters; on channels-last input about twice as fast as
-    ``F.instance_norm``, which converts the layout (measured on this project's CPU: 4.9 vs 9.0 ms at 32 x 256 x 256).
+    """InstanceNorm2d without affine parameters; on channels-last input faster than ``F.instance_norm``, which
+    converts the layout.
     Other dtypes than float32 (half precision on CUDA) keep ``F.instance_norm``, whose statistics are accumulated in
     float32."""
     if x.dtype != torch.float32:

@@ -252,8 +252,8 @@ def _pool(dense: Tensor, stride: int) -> Tensor:
 
 
 def _channels_last(x: Tensor) -> Tensor:
-    """Channels-last memory (same values): oneDNN's convolutions and the per-pixel LayerNorm run about 20 %
-    faster on it on this CPU, and the decoder's token-major view of the output needs no copy."""
+    """Channels-last memory (same values): oneDNN's CPU convolutions and the per-pixel LayerNorm are faster on
+    it, and the decoder's token-major view of the output needs no copy."""
     return x.contiguous(memory_format=torch.channels_last) if x.dim() == 4 else x
 
 

@@ -342,7 +342,7 @@ class RobustMaskDecoder(MaskDecoder):
         combination of its output channels, so the combination is folded into that convolution: one output
         channel per prompt (a grouped convolution over the prompts) instead of 32. Same values up to float
         rounding; it removes about a quarter of the block's per-click convolution work (one of its five 3x3
-        convolutions at 256 x 256; measured alone, 25.8 -> 16.6 ms per click on the project's 2-core CPU).
+        convolutions at 256 x 256; docs/benchmarks.md has the per-click timings).
         """
         amfg = self.fourier_mask_features
         head = amfg.head

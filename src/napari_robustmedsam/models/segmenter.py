@@ -265,7 +265,7 @@ class PromptableSegmenter(nn.Module):
     def _enhancer_image_parts(self, features: dict[str, torch.Tensor]) -> tuple[list, tuple | None]:
         """(the enhancer's image side, its embedding side), cached per image: the gates' projections of the
         intermediate features, the embedding in channels-last memory and the stages' input computed from it
-        (converting and pooling the (1, 256, 64, 64) embedding on every click cost 2-3 ms)."""
+        (converting and pooling the embedding again on every click would add to each click's latency)."""
         from .intermediate_features import INTERMEDIATE_KEYS, stack_intermediates
 
         enhancer = self.feature_enhancer

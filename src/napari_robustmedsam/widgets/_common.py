@@ -11,7 +11,7 @@ from typing import Any
 from qtpy.QtCore import QObject, Qt, Signal
 from qtpy.QtWidgets import QComboBox, QHBoxLayout, QLabel, QProgressBar, QPushButton, QWidget
 
-from ..annotation.embeddings import Cancelled
+from ..annotation.slice_embeddings import Cancelled
 from ..errors import UserFacingError
 
 log = logging.getLogger("napari_robustmedsam")

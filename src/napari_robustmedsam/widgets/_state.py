@@ -25,6 +25,7 @@ class PluginState:
         self.loaded = None
         self.predictor = None
         self.engine = None  # EmbeddingEngine of the loaded model (disk cache), None if unavailable
+        self.engine_notice: str | None = None  # why there is no engine, when it could not be opened
         self.loading_handle = None
         self._annotator = None
         self._waiting: list[tuple[Any, Any]] = []
@@ -34,11 +35,14 @@ class PluginState:
         return self._viewer()
 
     # ---- model ------------------------------------------------------------------------------
-    def set_model(self, loaded, engine=None) -> None:
+    def set_model(self, loaded, engine=None, engine_notice: str | None = None) -> None:
+        """Make ``loaded`` the current model; ``engine``: its embedding engine (None: embeddings in memory only,
+        for the reason ``engine_notice`` when the engine could not be opened)."""
         from ..engine.predictor import Predictor
 
         predictor = Predictor.from_loaded(loaded)
         self.loaded, self.predictor, self.engine = loaded, predictor, engine
+        self.engine_notice = engine_notice
         self.model_changed.emit(loaded)
 
     @property
@@ -55,9 +59,9 @@ class PluginState:
         self.model_loading.emit(str(source))
 
         def done(result):
-            loaded, engine = result
+            loaded, engine, notices = result
             self.loading_handle = None
-            self.set_model(loaded, engine)
+            self.set_model(loaded, engine, notices[-1] if notices else None)
             waiting, self._waiting = self._waiting, []
             for ok, _ in waiting:
                 ok(loaded)
@@ -74,10 +78,11 @@ class PluginState:
                 on_error(err, tb)
 
         def work(handle):
-            from ..annotation.embeddings import make_engine
+            from ..engine.embeddings import open_engine  # torch: only after preimport_model_modules (above)
 
             loaded = load_model_for_ui(source, device)
-            return loaded, make_engine(loaded)
+            notices: list[str] = []
+            return loaded, open_engine(loaded, notices=notices), notices
 
         self.loading_handle = run_task(work, done, failed,
                                        name=f"loading {source}", row=row)

@@ -33,7 +33,7 @@ from qtpy.QtWidgets import (
 )
 from superqt import QLabeledDoubleSlider
 
-from ..annotation.embeddings import image_kind
+from ..annotation.slice_embeddings import image_kind
 from ..annotation.robustness import degrade_slice, segment_on_degraded
 from ..annotation.session import SlicePrompts
 from ..errors import UserFacingError

@@ -12,6 +12,7 @@ The training itself is :mod:`training.finetune` (the same code as ``python -m tr
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from pathlib import Path
 
@@ -32,6 +33,17 @@ from qtpy.QtWidgets import (
 )
 
 from ._common import Banner, TaskRow, role_of, run_task, unwrap
+
+#: the recipe of :mod:`training.finetune.presets` the panel starts from (its own choices go on top)
+WIDGET_PRESET_NAME = "quick"
+
+
+def widget_preset():
+    # training imports torch: it is imported when the panel opens, not when napari lists the plugin's widgets,
+    # and after preimport_model_modules has kept triton out of an already running napari (see start())
+    from training.finetune.presets import PRESETS
+
+    return PRESETS[WIDGET_PRESET_NAME]
 
 LEVEL_SETS = {
     "all levels (LQ-1 .. LQ-3+)": ("LQ-1", "LQ-2", "LQ-3", "LQ-3+"),
@@ -97,6 +109,7 @@ class FinetuneWidget(QWidget):
         super().__init__()
         from ..degradations import MODALITIES
 
+        preset = widget_preset()
         self.viewer = napari_viewer
         self.setObjectName("robustmedsam-finetune")
         self.result = None  # TrainResult of the last run
@@ -115,11 +128,11 @@ class FinetuneWidget(QWidget):
         self.pairs_list.setToolTip("image / Labels pairs to train on (the selected pair is used when the list is empty)")
         self.remove_pair_button = QPushButton("Remove")
         self.remove_pair_button.clicked.connect(self._remove_pair)
-        self.model_edit = QLineEdit("litemedsam_robust")
+        self.model_edit = QLineEdit(preset.settings["model"])
         self.model_edit.setToolTip("registry name or checkpoint to start from (its encoders stay frozen)")
         self.epochs_spin = QSpinBox()
         self.epochs_spin.setRange(1, 1000)
-        self.epochs_spin.setValue(3)
+        self.epochs_spin.setValue(preset.settings["epochs"])
         self.steps_spin = QSpinBox()
         self.steps_spin.setRange(0, 100000)
         self.steps_spin.setValue(0)
@@ -131,7 +144,7 @@ class FinetuneWidget(QWidget):
         self.levels_combo.addItems(list(LEVEL_SETS))
         self.variants_spin = QSpinBox()
         self.variants_spin.setRange(1, 20)
-        self.variants_spin.setValue(2)
+        self.variants_spin.setValue(preset.settings["variants"])
         self.consistency_check = QCheckBox("consistency losses (RobustSAM)")
         self.consistency_check.setChecked(True)
         self.out_edit = QLineEdit(str(default_out_dir()))
@@ -239,26 +252,23 @@ class FinetuneWidget(QWidget):
         return items, notices
 
     def config(self):
-        from training.finetune import LossWeights, PromptConfig, TrainConfig
-
+        """The run's settings: the "quick" preset (:mod:`training.finetune.presets`) with the panel's choices."""
         levels = LEVEL_SETS[self.levels_combo.currentText()]
-        kw = dict(
-            model=self.model_edit.text().strip() or "litemedsam_robust",
+        settings = dict(
+            model=self.model_edit.text().strip() or widget_preset().settings["model"],
             epochs=self.epochs_spin.value(),
             steps_per_epoch=self.steps_spin.value() or None,
-            batch_size=1,
-            objects_per_image=2,
             variants=self.variants_spin.value() if levels else 0,
             levels=levels or ("LQ-1",),
-            p_identity=0.2 if levels else 1.0,
-            weights=LossWeights() if self.consistency_check.isChecked() else LossWeights(feature=0.0, token=0.0),
-            prompts=PromptConfig(n_steps=2),
-            train_amfg=False,
-            progress_bar=False,
         )
-        kw.update(self.extra_config)
-        return TrainConfig(**kw)
+        if not levels:
+            settings["p_identity"] = 1.0  # clean images only: every "degraded" branch is the clean image
+        if not self.consistency_check.isChecked():
+            settings.update(feature=0.0, token=0.0)
+        from training.finetune.presets import preset_config
 
+        cfg = preset_config(WIDGET_PRESET_NAME, **settings)
+        return dataclasses.replace(cfg, **self.extra_config) if self.extra_config else cfg
     def start(self):
         """Start fine-tuning in a worker; returns the task handle (None if the inputs are wrong)."""
         from ..annotation.model_info import preimport_model_modules
@@ -275,7 +285,7 @@ class FinetuneWidget(QWidget):
         except Exception as err:  # noqa: BLE001 - shown in the widget
             self.banner.show_error(err)
             return None
-        train, val = split_items(items, 0.2, seed=cfg.seed, notices=notices)
+        train, val = split_items(items, widget_preset().val_fraction, seed=cfg.seed, notices=notices)
         out = Path(self.out_edit.text()).expanduser()
         self.plot.clear()
         self.start_button.setEnabled(False)

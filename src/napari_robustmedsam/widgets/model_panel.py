@@ -16,7 +16,7 @@ from qtpy.QtWidgets import (
 )
 
 from ..annotation.model_info import describe_model, display_name
-from ..engine.device import DEVICE_CHOICES
+from ..device import DEVICE_CHOICES
 from ..models.registry import DEFAULT_MODEL, MODELS
 from ._common import Banner, TaskRow, shrinkable
 from ._state import get_state

@@ -24,7 +24,7 @@ def warm_napari_numba() -> float:
     """
     start = time.perf_counter()
     try:
-        import numba  # noqa: F401
+        import numba  # noqa: F401  (only whether it is installed)
     except ImportError:
         return 0.0
     from napari.layers import Labels, Shapes

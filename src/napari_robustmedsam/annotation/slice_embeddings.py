@@ -3,8 +3,8 @@
 A 2D image has one slice (z = 0); a volume (Z, Y, X) has Z, each embedded on its own, lazily: a slice is
 encoded the first time it is prompted or propagated into, or all at once by :meth:`SliceEmbeddings.compute`
 ("Compute embeddings", with progress and cancel). Embeddings are kept in memory and, when the project's
-embedding engine (:mod:`napari_robustmedsam.engine.embeddings`) is installed, also read from / written to its
-disk cache so that re-opening the same image with the same model does not encode it again.
+embedding engine (:func:`napari_robustmedsam.engine.embeddings.open_engine`) is given, also read from / written to
+its disk cache so that re-opening the same image with the same model does not encode it again.
 """
 
 from __future__ import annotations
@@ -76,18 +76,6 @@ class EnginePredictor:
 
     def prepare_mask_prompt(self, mask_input, embedding=None) -> None:
         self.engine.tiled_predictor.prepare_mask_prompt(mask_input, embedding=embedding)
-
-
-def make_engine(loaded: Any, cache_dir: str | None = None):
-    """The project's disk-cached embedding engine for a loaded model, or None when it cannot be built."""
-    try:
-        from ..engine.embeddings import EmbeddingEngine
-    except ImportError:
-        return None
-    try:
-        return EmbeddingEngine(loaded, cache_dir=cache_dir)
-    except Exception:  # the annotator falls back to in-memory embeddings from the plain predictor
-        return None
 
 
 class SliceEmbeddings:

@@ -36,26 +36,54 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 
-from napari_robustmedsam.annotation.interactive import LOCAL_CORRECTION_MODES, local_corrections_apply
+from napari_robustmedsam.annotation.prompt_decoding import (
+    LOCAL_CORRECTION_MODES,
+    LOCAL_CORRECTION_WORDS,
+    local_corrections_apply,
+    local_corrections_mode,
+)
 from napari_robustmedsam.engine.click_guard import guard_clicks
 from napari_robustmedsam.engine.local_correction import merge_local_correction
 from napari_robustmedsam.prompting import corrective_click, jittered_box, random_positive_points, tight_box
 
+from .data import TrainingError
+from .options import UNLESS_DEFAULT, setting
+
 CLICK_MODES = ("largest", "micro_sam")
+
+
+def _counts(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(v) for v in str(text).split(",") if v.strip())
+    except ValueError:
+        raise TrainingError(f"--points must be comma-separated integers, got {text!r}") from None
+
+
+PROMPTS = "prompts and degradations"
 
 
 @dataclass(frozen=True)
 class PromptConfig:
-    p_box: float = 0.5
-    point_counts: tuple[int, ...] = (1, 3)
-    p_jitter: float = 0.5
-    box_jitter: float = 0.1
-    n_steps: int = 3
-    p_mask: float = 0.5
-    click_mode: str = "largest"
-    p_random_click: float = 0.5
-    local_corrections: str = "off"  # one of the annotator's LOCAL_CORRECTION_MODES
-    click_guard: str = "off"  # the same modes
+    p_box: float = setting(0.5, "probability of a box start", flag="--p-box", group=PROMPTS)
+    point_counts: tuple[int, ...] = setting((1, 3), "K of the K-point starts, comma-separated", flag="--points",
+                                            parse=_counts, shown="1,3", group=PROMPTS)
+    p_jitter: float = setting(0.5, "probability that a box start is jittered")
+    box_jitter: float = setting(0.1, "a jittered box's corner shift, as a share of its side")
+    n_steps: int = setting(3, "corrective clicks per iteration", flag="--n-steps", group=PROMPTS)
+    p_mask: float = setting(0.5, "probability of feeding back the previous logits", flag="--p-mask", group=PROMPTS)
+    click_mode: str = setting("largest", "corrective click sampler: largest = the evaluation's clicker (the largest "
+                              "error region, at its centre or a random pixel of it); micro_sam = micro_sam's "
+                              "trainer", flag=("--click-strategy", "--clicks"), choices=CLICK_MODES, group=PROMPTS)
+    p_random_click: float = setting(0.5, "probability that a 'largest' click is a random pixel of the region")
+    local_corrections: str = setting(
+        "off", "simulate the annotator's 'Corrections stay local': the next click is sampled from, and the previous "
+        "logits fed back are, the prediction merged around the last click", flag="--local-corrections",
+        choices=LOCAL_CORRECTION_WORDS, parse=local_corrections_mode, fingerprint=UNLESS_DEFAULT, group=PROMPTS)
+    click_guard: str = setting(
+        "off", "simulate the annotator's 'Clicks only add / remove' after the local merge: a click's change is kept "
+        "only in its direction and nearer to it than to earlier clicks of the other label (the annotator's default "
+        "is 'always')", flag="--click-guard", choices=LOCAL_CORRECTION_WORDS, parse=local_corrections_mode,
+        fingerprint=UNLESS_DEFAULT, group=PROMPTS)
 
     def __post_init__(self) -> None:
         for name in ("local_corrections", "click_guard"):

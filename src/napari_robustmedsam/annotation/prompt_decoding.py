@@ -1,7 +1,7 @@
 """Prompt -> mask on one slice, the step the annotator runs on every prompt change.
 
 Only the prompt encoder and mask decoder run here (the slice's embedding is computed once, see
-:mod:`.embeddings`). A corrective click (the same box plus more points than last time on this slice)
+:mod:`.slice_embeddings`). A corrective click (the same box plus more points than last time on this slice)
 feeds the previous low-resolution logits back as the mask prompt, so the object is refined rather than
 re-segmented from scratch. Box-trained models (LiteMedSAM, MedSAM) get the box as their primary prompt:
 without a box on the slice, a box derived from the current mask (if any) is used, and a hint says why.
@@ -35,21 +35,21 @@ EMPTY_MASK_HINT = (
 
 #: When a corrective click changes only the region connected to it (:mod:`..engine.local_correction`).
 LOCAL_CORRECTION_MODES = ("off", "with a box", "always")
-# Chosen on the training split's validation images (23, docs/results/local-corrections): from a box start, local
+# Chosen on the training split's validation images (docs/results/local-corrections): from a box start, local
 # corrections removed most per-object falls and ended higher on degraded images; from a point start the PGE head
 # lost Dice with them (its far-away changes there are mostly gains), so point-only prompts take the whole mask.
 DEFAULT_LOCAL_CORRECTIONS = "with a box"
 #: When a corrective click may only change the mask in its direction and within its reach (:mod:`..engine.click_guard`);
 #: the same modes as the local corrections.
 CLICK_GUARD_MODES = LOCAL_CORRECTION_MODES
-# Chosen by a rule written before measuring, on the training split's 23 validation images (docs/results/click-guard):
-# with PGE-lite-fast, 1 fall of the mean instead of 4 and no cell more than 0.005 lower after 5 clicks; LiteMedSAM
-# not lower in any cell. An edge-reach bound on every click lost there (point start, LQ-3: 0.569 against 0.596).
+# Chosen by a rule written before measuring, on the training split's validation images (docs/results/click-guard):
+# with PGE-lite-fast fewer falls of the mean and no cell lower beyond the rule's margin after 5 clicks; LiteMedSAM
+# not lower in any cell. An edge-reach bound on every click lost Dice there (from a point start).
 DEFAULT_CLICK_GUARD = "always"
 #: how far a guarded click reaches: a negative click made before any positive click (a box start's first removals,
 #: which nothing else bounds) changes no pixel further than twice its distance to the previous mask's edge; other
-#: clicks are not bounded. Chosen by a third rule on the same images: PGE-lite-fast 0 falls of the mean (1 before),
-#: LiteMedSAM 3 (7), no cell lower after 5 clicks (box start LiteMedSAM LQ-3 0.561 against 0.522).
+#: clicks are not bounded. Chosen by a third rule on the same images (docs/results/click-guard): fewer falls of the
+#: mean for both heads and no cell lower after 5 clicks.
 DEFAULT_CLICK_GUARD_REACH: EdgeReach | None = EdgeReach(2.0, "negatives-before-positive")
 #: the same modes as command-line words (training.evaluate, training.fit, benchmarks/compare_heads.py)
 LOCAL_CORRECTION_WORDS = tuple(mode.replace(" ", "-") for mode in LOCAL_CORRECTION_MODES)

@@ -15,7 +15,7 @@ load from other processes on the shared machine hits them alike. Prints:
 4. fp16 storage: mask differences (tumour box + random boxes on every slice) between fp32 and fp16 cached
    embeddings; 4b: the same for the ``cpu_fast`` path and, on CPUs with native bf16, for bf16.
 
-Usage: ``python benchmarks/embeddings.py [--reps 5] [--skip-vit] [--data ../shared/data]``
+Usage: ``python benchmarks/embedding_speed.py [--reps 5] [--skip-vit] [--data ../shared/data]``
 """
 
 from __future__ import annotations

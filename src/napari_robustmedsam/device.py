@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from ..errors import UserFacingError
+from .errors import UserFacingError
 
 DEVICE_CHOICES = ("auto", "cuda", "mps", "cpu")
 

@@ -1,0 +1,542 @@
+"""The annotator's decisions, without Qt: when and where a prompt change is decoded, which result is still wanted,
+how a click is taken back, and what 3D propagation starts from.
+
+:class:`AnnotationController` holds the session (:class:`.session.AnnotationSession`) and the image's
+:class:`.slice_embeddings.SliceEmbeddings`, and talks to the screen only through an :class:`AnnotatorView` (the
+napari widget :class:`napari_robustmedsam.widgets.annotator.AnnotatorWidget`, or a test double). Workers and timers
+are injected: ``run_task(work, done, failed, name, kind)`` runs ``work(handle)`` off the GUI thread and calls
+``done(value)`` / ``failed(err, tb)`` back on it; ``make_timer(interval_ms, callback)`` returns a single-shot timer
+with ``start()``, ``stop()`` and ``isActive()``. Tests drive it with a synchronous runner and manual timers
+(tests/test_annotation_controller.py).
+
+How a click becomes a mask: the view calls :meth:`AnnotationController.segment`; the controller reads the slice's
+prompts from the view, shows a kept earlier state if the click was taken back (:meth:`~.session.AnnotationSession.
+step_back`), embeds the slice if needed, then decodes (:func:`.prompt_decoding.segment_slice`) on the GUI thread
+while that is fast (:class:`DecodeScheduler`) or in a worker, one decode at a time (a newer request waits as the
+pending one); a result whose generation is stale (the object was cleared or committed, the image changed) is
+dropped. The mask goes into the session and the view is told which slice changed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, ContextManager, Protocol
+
+import numpy as np
+
+from ..errors import UserFacingError
+from .feedback import describe_change
+from .model_info import display_name
+from .prompt_decoding import DEFAULT_CLICK_GUARD_REACH, mask_box, segment_slice
+from .propagation import predictor_segment_fn, propagate_object
+from .session import AnnotationSession, SlicePrompts
+from .slice_embeddings import SliceEmbeddings
+
+# The decoder runs on the GUI thread while its median time there stays at or below this; slower models (or a
+# loaded machine) use a worker. A decode in a worker competes with the rendering of the click for the CPU cores
+# and is several times slower on a small machine, so the GUI thread is the fast path whenever the freeze it
+# causes stays short (docs/annotator.md, "UI latency", has the measurements).
+SYNC_DECODER_MS = 250.0
+SYNC_PROBE_EVERY = 8  # in worker mode, every 8th decode runs on the GUI thread again to re-measure it
+REPROPAGATE_DELAY_MS = 700  # a correction re-propagates once the clicks pause this long
+
+
+@dataclass(frozen=True)
+class AnnotatorSettings:
+    """The user's choices that the controller's decisions depend on (read from the view at each decision)."""
+
+    local_corrections: str
+    click_guard: str
+    overwrite: bool = False
+    auto_repropagate: bool = True
+    iou_threshold: float = 0.5
+    prompt_mode: str = "box"
+
+
+class AnnotatorView(Protocol):
+    """What the controller needs from the screen."""
+
+    def slice_prompts(self, z: int) -> SlicePrompts: ...
+    def current_z(self) -> int: ...
+    def settings(self) -> AnnotatorSettings: ...
+    def loaded_model(self) -> Any: ...
+    def with_model(self, then: Callable[[], None]) -> bool: ...
+    def show_error(self, err: BaseException) -> None: ...
+    def show_hint(self, text: str) -> None: ...
+    def clear_message(self) -> None: ...
+    def set_status(self, text: str) -> None: ...
+    def mask_changed(self, z: int | None = None) -> None: ...
+    def labels_changed(self) -> None: ...
+    def embeddings_changed(self) -> None: ...
+    def clear_prompts(self, z: int | None = None) -> None: ...
+    def live(self) -> bool: ...
+    def slice_done(self, z: int, seconds: float) -> None: ...
+    def propagation_done(self, result) -> None: ...
+
+
+class DecodeScheduler:
+    """Decode on the GUI thread (no thread hop, no contention with rendering) while that is fast.
+
+    The first three decodes of a model run there to measure it (one warm-up outlier does not decide); after that
+    the median of the last five GUI-thread decodes decides. In worker mode every ``probe_every``-th decode runs
+    on the GUI thread again, so that a passing load spike does not keep the annotator in the slower mode (not for
+    models far too slow for the GUI thread: over four times the limit).
+    """
+
+    def __init__(self, limit_ms: float = SYNC_DECODER_MS, probe_every: int = SYNC_PROBE_EVERY) -> None:
+        self.limit_ms, self.probe_every = float(limit_ms), int(probe_every)
+        self.decoder_ms: list[float] = []  # every decode (GUI thread or worker), ms
+        self.sync_ms: list[float] = []  # the last GUI-thread decodes, ms: what the choice uses
+        self.since_probe = 0
+        self.modes = {"sync": 0, "worker": 0}  # how the decodes ran (benchmarks, status)
+
+    def reset(self) -> None:
+        """A new model: measure again."""
+        self.decoder_ms.clear()
+        self.sync_ms.clear()
+        self.since_probe = 0
+
+    def on_gui_thread(self) -> bool:
+        if len(self.sync_ms) < 3 or float(np.median(self.sync_ms)) <= self.limit_ms:
+            self.since_probe = 0
+            return True
+        self.since_probe += 1
+        if self.since_probe >= self.probe_every and float(np.median(self.sync_ms)) <= 4 * self.limit_ms:
+            self.since_probe = 0
+            return True
+        return False
+
+    def record(self, ms: float, on_gui_thread: bool) -> None:
+        self.decoder_ms.append(ms)
+        if on_gui_thread:
+            self.sync_ms.append(ms)
+            del self.sync_ms[:-5]
+
+
+def warm_decoder(emb: SliceEmbeddings, z: int) -> None:
+    """One throw-away decode on slice ``z`` right after its embedding (in the embedding's worker).
+
+    The first decode after an embedding is slower than the next ones, and the predictor's fast decoder path
+    computes its per-image cache on it: doing it here keeps that off the user's first click. Best effort: errors
+    are ignored (the click reports them).
+    """
+    try:
+        embedding = emb.get(z)
+        h, w = tuple(getattr(embedding, "frame", embedding).original_size)
+        segment_slice(emb.predictor, embedding, SlicePrompts(box=np.array([0.0, 0.0, float(w), float(h)])))
+    except Exception:  # noqa: BLE001
+        pass
+
+
+class AnnotationController:
+    """Scheduling, take-back and propagation decisions of the annotator (see the module docstring)."""
+
+    def __init__(self, view: AnnotatorView, run_task: Callable[..., Any], make_timer: Callable[..., Any], *,
+                 decode_context: Callable[[], ContextManager] = contextlib.nullcontext,
+                 scheduler: DecodeScheduler | None = None) -> None:
+        self.view = view
+        self.run_task = run_task
+        self.decode_context = decode_context  # around a GUI-thread decode (the widget pins torch's threads there)
+        self.scheduler = scheduler or DecodeScheduler()
+        self.session: AnnotationSession | None = None
+        self.embeddings: SliceEmbeddings | None = None
+        self.generation = 0  # results of requests made before a clear / commit / image change are dropped
+        self.running = False  # a decode runs in a worker
+        self.pending: tuple[int, float] | None = None  # the newest request that waits for it
+        self.embed_handles: dict[int, Any] = {}
+        self.propagated_once = False
+        self.changed_since_propagation: set[int] = set()
+        self.propagation_handle = None
+        self.propagation_token = 0  # results of superseded propagations are dropped
+        self.last_latency: float | None = None
+        self.prepare_z: int | None = None
+        self.repropagate_timer = make_timer(REPROPAGATE_DELAY_MS, self.auto_repropagate)
+        # after a mask is shown: the next corrective click's mask-prompt work, in the pause before that click
+        self.prepare_timer = make_timer(0, self.prepare_next_click)
+
+    # ------------------------------------------------------------------ image, model
+    def open_image(self, shape: tuple[int, ...]) -> AnnotationSession:
+        self.generation += 1
+        self.session = AnnotationSession(shape)
+        self._forget_propagation()
+        return self.session
+
+    def close_image(self) -> None:
+        self.generation += 1
+        self.session = None
+        self.embeddings = None
+
+    def set_embeddings(self, embeddings: SliceEmbeddings | None) -> None:
+        self.embed_handles.clear()
+        self.embeddings = embeddings
+
+    def model_changed(self) -> None:
+        self.scheduler.reset()
+
+    def compute_embeddings(self) -> None:
+        """Encode every slice (progress + cancel); slices already embedded are skipped."""
+        emb, gen = self.embeddings, self.generation
+        todo = [z for z in range(emb.n_slices) if not emb.has(z)]
+        if not todo:
+            self.view.embeddings_changed()
+            self.view.set_status("Embeddings are already computed.")
+            return
+        t0 = time.perf_counter()
+        z_visible = self.view.current_z()
+
+        def work(handle):
+            n = emb.compute(todo, progress=lambda d, t: handle.report(d, t, "slices"), is_cancelled=handle.is_cancelled)
+            warm_decoder(emb, z_visible)
+            return n
+
+        def done(n):
+            if gen == self.generation:
+                self.view.embeddings_changed()
+                self.view.set_status(f"Embedded {n} slice(s) in {time.perf_counter() - t0:.1f} s.")
+                z = self.view.current_z()
+                if self.view.live() and self.session is not None and not self.view.slice_prompts(z).is_empty:
+                    self.segment(z)
+
+        def failed(err, tb):
+            self.view.embeddings_changed()
+            self.view.show_error(err)
+
+        self.run_task(work, done, failed, "embedding", "embed")
+
+    # ------------------------------------------------------------------ segmentation
+    def segment(self, z: int | None = None, t_request: float | None = None) -> None:
+        """Segment the current object on slice ``z`` (default: the visible one) from its prompts."""
+        if self.session is None:
+            self.view.show_error(UserFacingError("open or choose an image layer first"))
+            return
+        z = self.view.current_z() if z is None else int(z)
+        t_request = time.perf_counter() if t_request is None else t_request
+        if self.view.loaded_model() is None and self.view.slice_prompts(z).is_empty:
+            self.view.set_status(f"No prompts on slice {z}: draw a box or click a point first.")
+            return
+        self.view.with_model(lambda: self.request(z, t_request))
+
+    def request(self, z: int, t_request: float) -> None:
+        """Decode slice ``z``'s prompts now, or as the pending request after the running decode."""
+        prompts = self.view.slice_prompts(z)
+        if self.restore_earlier_state(z, prompts, t_request):
+            return
+        if prompts.is_empty:
+            if self.running:  # the running decode's mask would land after the clear: clear after it
+                self.pending = (z, t_request)
+                return
+            had = self.session.plane(self.session.current, z).any()
+            self.session.clear_current_slice(z)
+            if had:
+                self.view.mask_changed(z)
+            self.view.slice_done(z, time.perf_counter() - t_request)
+            return
+        if not self.embeddings.has(z):
+            self.embed_then_segment(z, t_request)
+            return
+        if self.running:
+            self.pending = (z, t_request)
+            return
+        args = self.segment_args(z, prompts)
+        gen = self.generation
+        if self.scheduler.on_gui_thread():
+            try:
+                t0 = time.perf_counter()
+                with self.decode_context():
+                    result = segment_slice(**args)
+                self.scheduler.record((time.perf_counter() - t0) * 1000, on_gui_thread=True)
+                self.scheduler.modes["sync"] += 1
+            except Exception as err:  # noqa: BLE001 - shown in the view
+                self.view.show_error(err)
+                return
+            self.apply(z, result, gen, t_request, prompts)
+            return
+        self.running = True
+        self.scheduler.modes["worker"] += 1
+
+        def work(handle):
+            t0 = time.perf_counter()
+            res = segment_slice(**args)
+            return res, (time.perf_counter() - t0) * 1000
+
+        def done(value):
+            self.running = False
+            result, ms = value
+            self.scheduler.record(ms, on_gui_thread=False)
+            self.apply(z, result, gen, t_request, prompts)
+            self.run_pending()
+
+        def failed(err, tb):
+            self.running = False
+            self.view.show_error(err)
+            self.run_pending()
+
+        self.run_task(work, done, failed, "segmenting", "decode")
+
+    def run_pending(self) -> None:
+        if self.pending is not None:
+            z, t = self.pending
+            self.pending = None
+            self.request(z, t)
+
+    def restore_earlier_state(self, z: int, prompts: SlicePrompts, t_request: float) -> bool:
+        """A click taken back: the slice's earlier state for these prompts, if the session kept one, is shown
+        again as it was (no decode). Not while a decode runs: its result would land on top (it is retried after)."""
+        if self.running:
+            return False
+        session = self.session
+        was_user_slice = z in session.user_slices()
+        if not session.step_back(z, prompts):
+            return False
+        n = int(session.plane(session.current, z).sum())
+        self.show_changed_slice(z, t_request, was_user_slice or z in session.user_slices(),
+                                lambda _: f"Slice {z}: back to the mask before that click ({n} px), exactly as it was.")
+        return True
+
+    def segment_args(self, z: int, prompts: SlicePrompts) -> dict:
+        """The arguments of :func:`segment_slice` for slice ``z``: the prompts, the slice's previous state and the
+        user's local-correction and click-guard choices."""
+        loaded = self.view.loaded_model()
+        settings = self.view.settings()
+        session = self.session
+        prev_mask = session.plane(session.current, z)
+        return dict(
+            predictor=self.embeddings.predictor,
+            embedding=self.embeddings.get(z),
+            prompts=prompts,
+            previous_prompts=session.current_prompts.get(z),
+            previous_logits=session.current_logits.get(z),
+            previous_mask=prev_mask.copy() if prev_mask.any() else None,
+            box_primary=bool(loaded.box_primary),
+            model_name=display_name(loaded),
+            local_corrections=settings.local_corrections,
+            click_guard=settings.click_guard,
+            click_guard_reach=DEFAULT_CLICK_GUARD_REACH,
+        )
+
+    def embed_then_segment(self, z: int, t_request: float) -> None:
+        if z in self.embed_handles:
+            self.pending = (z, t_request)
+            return
+        emb, gen = self.embeddings, self.generation
+        self.view.set_status(f"Embedding slice {z}…")
+
+        def done(_):
+            self.embed_handles.pop(z, None)
+            if gen == self.generation and emb is self.embeddings:
+                self.view.embeddings_changed()
+                self.request(z, t_request)
+
+        def failed(err, tb):
+            self.embed_handles.pop(z, None)
+            self.view.show_error(err)
+
+        self.embed_handles[z] = self.run_task(lambda h: emb.get(z), done, failed, f"embedding slice {z}", "embed")
+
+    def apply(self, z: int, result, gen: int, t_request: float, asked: SlicePrompts | None = None) -> None:
+        """A decode's result: into the session unless it is stale (``gen`` is not the current generation)."""
+        if gen != self.generation or self.session is None:
+            return
+        session = self.session
+        was_propagated = session.current_prompts.get(z) is not None and session.current_prompts[z].source == "propagated"
+        before = session.plane(session.current, z).copy()
+        session.set_current_slice(z, result.mask, result.logits, result.prompts, result.score, asked=asked)
+        self.view.clear_message()
+        if result.hint:
+            self.view.show_hint(result.hint)
+        change = describe_change(before, result.mask)
+        self.show_changed_slice(
+            z, t_request, was_propagated or z in session.user_slices(),
+            lambda latency: f"Slice {z}: {change}, predicted IoU {result.score:.2f}; "
+            f"{latency * 1000:.0f} ms. C commits, B takes the last click back, Shift-C clears.",
+        )
+
+    def show_changed_slice(self, z: int, t_request: float, seeds_changed: bool, status) -> None:
+        """After slice ``z``'s mask changed (a decode, or an earlier state restored): update the view and the
+        status line (``status(latency)``), mark the slice for re-propagation (started when ``seeds_changed`` and
+        automatic re-propagation is on), signal it, and prepare the next click's mask prompt."""
+        self.view.mask_changed(z)
+        latency = time.perf_counter() - t_request
+        self.last_latency = latency
+        self.view.set_status(status(latency))
+        if self.session.is_volume and self.propagated_once:
+            self.changed_since_propagation.add(z)
+            if self.view.settings().auto_repropagate and seeds_changed:
+                self.repropagate_timer.start()
+        self.view.slice_done(z, latency)
+        self.prepare_z = z  # the next click starts from these logits: prepare their mask prompt in idle time
+        self.prepare_timer.start()
+
+    def prepare_next_click(self) -> None:
+        """Precompute the mask prompt of the next corrective click on this slice (the logits just shown), so
+        that click skips that work (about a quarter of a LiteMedSAM corrective decode; same masks). Idle
+        time only: skipped while a decode runs in a worker; an optimisation, so a failure here is ignored
+        (the click computes the same thing itself)."""
+        z, session, emb = self.prepare_z, self.session, self.embeddings
+        if z is None or session is None or emb is None or self.running or not emb.has(z):
+            return
+        logits = session.current_logits.get(z)
+        prepare = getattr(emb.predictor, "prepare_mask_prompt", None)
+        if logits is None or prepare is None:
+            return
+        try:
+            with self.decode_context():
+                prepare(logits, embedding=emb.get(z))
+        except Exception:  # noqa: BLE001 - see docstring
+            pass
+
+    # ------------------------------------------------------------------ commit, clear, undo
+    def commit(self, info: dict | None = None):
+        """Commit the current object (a new label id); the session's CommitResult, or None after an error."""
+        self.repropagate_timer.stop()
+        self.cancel_propagation()
+        try:
+            result = self.session.commit(overwrite=self.view.settings().overwrite, info=info or {})
+        except UserFacingError as err:
+            self.view.show_error(err)
+            return None
+        self.view.labels_changed()
+        self.view.mask_changed()
+        self.view.clear_prompts()
+        self._forget_propagation()
+        return result
+
+    def clear(self) -> None:
+        """Drop the current object and its prompts; results still in flight are dropped."""
+        self.repropagate_timer.stop()
+        self.cancel_propagation()
+        self.generation += 1
+        self.session.clear_current()
+        self.view.clear_prompts()
+        self.view.mask_changed()
+        self._forget_propagation()
+
+    def undo(self) -> int | None:
+        label_id = self.session.undo()
+        if label_id is not None:
+            self.view.labels_changed()
+        return label_id
+
+    # ------------------------------------------------------------------ 3D
+    def _forget_propagation(self) -> None:
+        self.propagated_once = False
+        self.changed_since_propagation.clear()
+
+    def mark_end(self, z: int) -> None:
+        """Empty the object on slice ``z``; propagation stops there (and re-runs next to it)."""
+        self.view.clear_prompts(z)
+        self.session.mark_end(z)
+        self.view.mask_changed(z)
+        if self.propagated_once:
+            self.changed_since_propagation.add(z)
+            if self.view.settings().auto_repropagate:
+                self.repropagate_timer.start()
+
+    def cancel_propagation(self) -> None:
+        """Cancel a running propagation; its result (if it still arrives) is dropped."""
+        self.propagation_token += 1
+        if self.propagation_handle is not None and not self.propagation_handle.done:
+            self.propagation_handle.cancel()
+        self.propagation_handle = None
+
+    def auto_repropagate(self) -> None:
+        if self.propagated_once and self.changed_since_propagation and self.view.settings().auto_repropagate:
+            self.propagate(changed_only=True)
+
+    def propagation_seeds(self) -> dict[int, np.ndarray] | None:
+        """The slices propagation starts from: the slices with user prompts (or, for an object re-opened from
+        its last commit whose prompts were not recorded, its non-empty slices). Without a current object the
+        last committed one is re-opened. None (and an error shown) when there is nothing to start from."""
+        session = self.session
+        if not session.has_current and not session.user_slices():
+            reopened = session.reopen_last_commit()
+            if reopened is None:
+                self.view.show_error(UserFacingError(
+                    "nothing to propagate: segment the object on one slice first (box or points), then propagate"))
+                return None
+            self.view.labels_changed()
+            self.view.mask_changed()
+            self.view.set_status(f"Re-opened object {reopened} for propagation; C commits it again.")
+        seeds_z = session.user_slices() or session.current_slices()
+        seeds = {z: session.current[z].copy() for z in seeds_z}
+        if not any(m.any() for m in seeds.values()):
+            self.view.show_error(UserFacingError("the annotated slices are empty: segment the object first"))
+            return None
+        return seeds
+
+    def propagate(self, changed_only: bool = False):
+        """Propagate the current object through the volume from its annotated slices (in a worker). With
+        ``changed_only`` after an earlier propagation, only the stretches next to the corrected slices run again."""
+        if self.session is None:
+            return None
+        if not self.session.is_volume:
+            self.view.show_error(UserFacingError("propagation needs a 3D volume; this image is 2D"))
+            return None
+        session = self.session
+        seeds = self.propagation_seeds()
+        if seeds is None:
+            return None
+        self.cancel_propagation()
+        token, gen = self.propagation_token, self.generation
+        existing = session.current.copy() if (changed_only and self.propagated_once) else None
+        changed = sorted(self.changed_since_propagation) if existing is not None else None
+        settings = self.view.settings()
+
+        def start():
+            seg = predictor_segment_fn(self.embeddings.predictor, self.embeddings)
+
+            def work(handle):
+                return propagate_object(
+                    seg, session.n_slices, seeds, iou_threshold=settings.iou_threshold,
+                    prompt_mode=settings.prompt_mode, existing=existing, changed_seeds=changed,
+                    progress=lambda d, t: handle.report(d, t, "slices"), is_cancelled=handle.is_cancelled,
+                )
+
+            def done(result):
+                if token != self.propagation_token or gen != self.generation or session is not self.session:
+                    return  # superseded (new propagation, commit, clear, other image)
+                self.propagation_handle = None
+                self.apply_propagation(result, seeds)
+
+            def failed(err, tb):
+                if token != self.propagation_token:
+                    return
+                self.propagation_handle = None
+                self.view.show_error(err)
+
+            self.view.clear_message()
+            self.propagation_handle = self.run_task(work, done, failed, "propagating", "propagate")
+
+        self.view.with_model(start)
+        return self.propagation_handle
+
+    def apply_propagation(self, result, seeds: dict) -> None:
+        """A propagation's masks into the session; the seed slices are kept as they are, and a slice the new
+        result leaves empty loses its earlier propagated mask."""
+        session = self.session
+        for z in range(session.n_slices):
+            if z in seeds:
+                continue
+            info = result.slices.get(z)
+            mask = result.masks[z]
+            if info is None:  # untouched stretch (kept) or beyond a stop: keep the result's value
+                if not mask.any():
+                    if session.current_prompts.get(z) is not None and session.current_prompts[z].source == "propagated":
+                        session.clear_current_slice(z)
+                continue
+            if mask.any():
+                prompt = SlicePrompts(box=mask_box(mask), source="propagated")
+                session.set_current_slice(z, mask, result.logits.get(z), prompt, info.score)
+            else:
+                session.clear_current_slice(z)
+        self.propagated_once = True
+        self.changed_since_propagation.clear()
+        self.view.mask_changed()
+        self.view.embeddings_changed()
+        z0, z1 = result.z_range
+        stops = "; ".join(f"{k}: {v}" for k, v in result.stopped.items())
+        self.view.set_status(f"Propagated: object on slices {z0}-{z1} ({len(result.propagated)} propagated). "
+                             f"{stops}. Correct any slice (it re-propagates), C commits.")
+        self.view.propagation_done(result)
