@@ -239,3 +239,25 @@ def test_sample_data_and_writer(tmp_path):
     assert vol.ndim == 3
     out = write_labels(str(tmp_path / "l.nii.gz"), labels, {})
     np.testing.assert_array_equal(read_image(out[0]), labels)
+
+
+@pytest.mark.gui
+def test_the_app_starts_without_third_party_warnings(tmp_path):
+    """The launcher's normal path (model load, numba warm-up, embedding, screenshot) prints no warning: timm's
+    deprecation FutureWarnings used to appear in the middle of the output."""
+    import os
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    env = {**os.environ, "PYTHONPATH": str(REPO / "src"), "ROBUSTMEDSAM_CACHE_DIR": str(tmp_path / "cache")}
+    env.pop("PYTHONWARNINGS", None)  # Python's default filters, as a user runs it (FutureWarnings are shown)
+    result = subprocess.run(
+        [sys.executable, "-m", "napari_robustmedsam.launch", "--phantom",
+         "--screenshot", str(tmp_path / "shot.png")],
+        capture_output=True, text=True, env=env, timeout=900,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert (tmp_path / "shot.png").is_file()
+    assert "Warning" not in result.stderr, result.stderr[-2000:]
