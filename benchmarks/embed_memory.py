@@ -22,6 +22,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from napari_robustmedsam.checkpoints.safe_load import load_untrusted
+
 warnings.filterwarnings("ignore")
 REPO = Path(__file__).resolve().parents[1]
 
@@ -68,7 +70,7 @@ def main() -> None:
     base = rss_bytes()
     volume = make_volume(args.slices, args.size)
     model = build_segmenter("tiny_vit", "sam")
-    model.load_state_dict(torch.load(mlt.get_asset_path(), map_location="cpu", weights_only=True))
+    model.load_state_dict(load_untrusted(mlt.get_asset_path()))
     model.eval()
     cache = Path(tempfile.mkdtemp(prefix="rms-mem-"))
     peak = [rss_bytes()]

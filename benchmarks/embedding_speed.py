@@ -38,6 +38,8 @@ import napari_robustmedsam  # noqa: E402,F401  (before torch: the package's allo
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from napari_robustmedsam.checkpoints.safe_load import load_untrusted
+
 warnings.filterwarnings("ignore")
 
 REPO = Path(__file__).resolve().parents[1]
@@ -143,7 +145,7 @@ def main() -> None:
     print(f"volume {volume_path.parent.name}: {volume.shape} {volume.dtype}")
 
     # ---- 1. LiteMedSAM per slice ------------------------------------------------------------------------
-    state = torch.load(mlt.get_asset_path(), map_location="cpu", weights_only=True)
+    state = load_untrusted(mlt.get_asset_path())
     net = mlt.build_lite_medsam()
     net.load_state_dict(state)
     net.eval()

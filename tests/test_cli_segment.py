@@ -32,7 +32,8 @@ def use_session_model(monkeypatch, litemedsam):
 
 def _segment(disk_image, tmp_path, *extra):
     out = tmp_path / "mask.png"
-    rc = main(["segment", str(disk_image), "--device", "cpu", "--cache", str(tmp_path / "cache"), "-o", str(out), *extra])
+    rc = main(["segment", str(disk_image), "--device", "cpu", "--cache", str(tmp_path / "cache"), "--overwrite",
+               "-o", str(out), *extra])
     return rc, out
 
 

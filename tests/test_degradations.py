@@ -336,7 +336,7 @@ def test_cli_degrade_writes_the_image_and_record(tmp_path, tiny_images):
                      "-o", str(tmp_path / "vol_out.npy")]) == 0
     assert np.load(tmp_path / "vol_out.npy").shape == (3, 64, 64)
     with pytest.raises(DegradationError, match="valid types"):
-        _run_cli(["degrade", str(src), "--type", "nope", "-o", str(out)])
+        _run_cli(["degrade", str(src), "--type", "nope", "-o", str(tmp_path / "new.png")])  # out.png exists now
 
 
 def test_cli_degrade_folder_medseg_layout(tmp_path, tiny_images):

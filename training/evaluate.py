@@ -220,6 +220,10 @@ def _write_run_record(out: Path, record: dict) -> None:
         fh.write(json.dumps(record) + "\n")
 
 
+# The files an evaluation writes at the top of its --out folder.
+EVALUATION_FILES = ("measurements.csv", "measurements.parquet", "summary.md", "runs.jsonl")
+
+
 def main(argv: list[str] | None = None) -> dict:
     args = build_parser().parse_args(argv)
     argv_list = sys.argv[1:] if argv is None else list(argv)
@@ -231,6 +235,12 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"report written: {written['summary']}")
         return {"measurements": df, "written": written}
 
+    # A second run into the same --out resumes the first, so its files are meant to be added to; only an input (a
+    # model file) in their place, or an --out that is a file, is refused - before any work.
+    from napari_robustmedsam.io.output_paths import check_output_folder, existing_file
+
+    check_output_folder(out, EVALUATION_FILES, overwrite=True,
+                        inputs=[existing_file(spec.split("=", 1)[-1]) for spec in (args.model or [])])
     t_start = time.time()
     cfg = _config(args)
     levels = args.levels

@@ -35,7 +35,7 @@ from training.finetune.losses import LossWeights
 from training.finetune.options import add_arguments, given_values
 from training.finetune.presets import PRESETS, build_config, preset
 from training.finetune.prompt_simulation import PromptConfig
-from training.finetune.trainer import Trainer, check_out_dir
+from training.finetune.trainer import Trainer, check_out_dir, check_run_outputs
 
 SETTING_CLASSES = (TrainConfig, LossWeights, PromptConfig)
 
@@ -69,6 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a documented recipe: " + " ".join(f"{k}: {v.use}" for k, v in sorted(PRESETS.items())))
     m.add_argument("--out", default="runs/finetune", help="output folder (default runs/finetune)")
     m.add_argument("--resume", action="store_true", help="continue the run saved in --out exactly")
+    m.add_argument("--overwrite", action="store_true",
+                   help="start a new run in an --out folder that holds an earlier run's files, replacing them")
     lo = p.add_argument_group("loss (RobustSAM / RobustMedSAM weights by default)")
     lo.add_argument("--no-consistency", action="store_true",
                     help="plain decoder fine-tuning (feature and token weights 0): the papers' ablation")
@@ -106,15 +108,35 @@ def load_items(args, notices: list[str]):
     return items
 
 
+def _remove_if_left_empty(out: str, existed: bool) -> None:
+    """A run that stopped before writing anything leaves no empty --out folder behind (only one it created)."""
+    if existed:
+        return
+    try:
+        Path(out).expanduser().rmdir()  # fails, and keeps the folder, when anything is in it
+    except OSError:
+        pass
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     ctx = ddp.DistContext()
+    out_existed = Path(args.out).expanduser().exists()
     try:
         notices: list[str] = []
         cfg, val_fraction = config_from_args(args)
         if ctx.is_main:
-            check_out_dir(args.out)  # fail before any work if the folder cannot be written
+            check_out_dir(args.out, create=False)  # fail before any work if the folder cannot be written
         items = load_items(args, notices)
+        shown = len(notices)
+        if ctx.is_main:
+            for n in notices:  # now: a skipped file is named even when the run stops before it starts
+                print(f"note: {n}", file=sys.stderr)
+            from napari_robustmedsam.io.output_paths import existing_file
+
+            inputs = [existing_file(cfg.model), *(args.session or []), *(args.session_image or []),
+                      *(it.source for it in items if it.source)]
+            check_run_outputs(args.out, inputs=inputs, resume=args.resume, overwrite=args.overwrite)
         train, val = split_items(items, val_fraction, seed=cfg.seed, notices=notices)
         ctx = ddp.init(cfg.device)
         description = {
@@ -126,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
             "validation_keys": [it.key for it in val],
         }
         if ctx.is_main:
-            for n in notices:
+            for n in notices[shown:]:
                 print(f"note: {n}", file=sys.stderr)
             print(f"training on {len(train)} images ({sum(len(i.object_ids) for i in train)} objects), validating on "
                   f"{len(val)}; model {cfg.model}; out {args.out}" + (f"; {ctx.world_size} processes ({ctx.backend})"
@@ -152,10 +174,12 @@ def main(argv: list[str] | None = None) -> int:
         return code
     except UserFacingError as err:
         if ctx.is_main:
+            _remove_if_left_empty(args.out, out_existed)
             print(f"error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         if ctx.is_main:
+            _remove_if_left_empty(args.out, out_existed)
             print("interrupted before training started; nothing to resume", file=sys.stderr)
         return 130
     finally:

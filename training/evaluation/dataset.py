@@ -186,7 +186,7 @@ def discover(root: str | Path, modality: str | None = None) -> list[DatasetInfo]
     found = [d for d in found if d.samples]
     if not found:
         raise FileNotFoundError(
-            f"no evaluation data under {root}: expected <dataset>/images + <dataset>/masks folders "
+            f"no image/mask data under {root}: expected <dataset>/images + <dataset>/masks folders "
             "or <volume>/image.tif + <volume>/labels.tif"
         )
     return sorted(found, key=lambda d: d.name)

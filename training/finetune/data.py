@@ -19,18 +19,23 @@ Sources:
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 
-from napari_robustmedsam.errors import UserFacingError
+from napari_robustmedsam.errors import ImageInputError, UserFacingError
 from napari_robustmedsam.prompting import rng_for
 
 
 class TrainingError(UserFacingError):
     """A problem with the training inputs or run that the user can fix (shown without a traceback)."""
+
+
+class UnreadableTrainingFileWarning(UserWarning):
+    """A file of a training folder cannot be read (damaged, truncated, not an image); it is skipped."""
 
 
 @dataclass
@@ -199,10 +204,17 @@ def items_from_folder(
         found = [d for d in found if d.name in datasets]
     out: list[TrainItem] = []
     empty: list[str] = []
+    unreadable: dict[Path, str] = {}  # file -> why (a volume's slices share one file: said once)
     for info in found:
         for sample in info.samples:
+            if sample.image_path in unreadable or sample.mask_path in unreadable:
+                continue
             try:
                 image, labels = sample.load()
+            except ImageInputError as err:  # a damaged file: skip it, say which, train on the rest
+                bad = sample.mask_path if str(sample.mask_path) in str(err) else sample.image_path
+                unreadable[bad] = str(err)
+                continue
             except ValueError as err:
                 raise TrainingError(str(err)) from None
             item = make_item(sample.key, image, labels, sample.modality, str(sample.image_path), min_object_px)
@@ -210,6 +222,17 @@ def items_from_folder(
                 empty.append(sample.key)
             else:
                 out.append(item)
+    for path, why in unreadable.items():
+        message = f"skipped {path}: {why}"
+        if notices is not None:
+            notices.append(message)
+        else:
+            warnings.warn(message, UnreadableTrainingFileWarning, stacklevel=2)
+    if unreadable and not out:
+        raise TrainingError(
+            f"none of the images under {root} could be used: {len(unreadable)} unreadable file(s), first "
+            f"{next(iter(unreadable))}; replace or remove them"
+        )
     return _finish(sorted(out, key=lambda it: it.key), empty, str(root), notices)
 
 

@@ -126,9 +126,41 @@ class TrainResult:
     notices: list[str] = field(default_factory=list)
 
 
-def check_out_dir(out_dir: str | os.PathLike) -> Path:
-    """Create ``out_dir`` if needed and make sure files can be written there (before any work is done)."""
+# The files a run writes into its --out folder.
+RUN_FILES = ("last.pth", "best.pth", "train_state.pt", "log.csv", "log.json", "training.png")
+
+
+def check_run_outputs(out_dir: str | os.PathLike, *, inputs=(), resume: bool = False, overwrite: bool = False) -> Path:
+    """Before any work: a run never writes over one of its inputs (the base checkpoint, a session, an image), and
+    a new run does not replace an earlier run's files in ``out_dir`` unless ``overwrite`` (``--resume`` continues
+    them instead)."""
+    from napari_robustmedsam.io.output_paths import check_output_folder
+
+    try:
+        return check_output_folder(out_dir, RUN_FILES, inputs=inputs, overwrite=overwrite or resume)
+    except UserFacingError as err:
+        text = str(err)
+        if "already exists" in text:
+            text += " (or --resume to continue that run)"
+        raise TrainingError(text) from None
+
+
+def check_out_dir(out_dir: str | os.PathLike, create: bool = True) -> Path:
+    """Make sure files can be written in ``out_dir`` (before any work is done); create it if ``create``.
+
+    With ``create=False`` nothing is made on disk: the folder, or its nearest existing parent, must be a
+    writable folder (a run that fails before it starts leaves no empty folder behind).
+    """
     out = Path(out_dir).expanduser()
+    if not create:
+        existing = out
+        while not existing.exists() and existing.parent != existing:
+            existing = existing.parent
+        if not existing.is_dir():
+            raise TrainingError(f"cannot write to the output folder {out}: {existing} is a file; choose another --out")
+        if not os.access(existing, os.W_OK | os.X_OK):
+            raise TrainingError(f"cannot write to the output folder {out}: no permission in {existing}; choose another --out")
+        return out
     try:
         out.mkdir(parents=True, exist_ok=True)
         probe = out / f".write-probe-{os.getpid()}"
@@ -695,10 +727,18 @@ class Trainer:
     def load_state(self) -> None:
         if not self.state_path.is_file():
             raise TrainingError(f"nothing to resume: {self.state_path} does not exist (run without --resume first)")
+        from napari_robustmedsam.checkpoints.safe_load import load_untrusted
+
         try:
-            state = torch.load(self.state_path, map_location="cpu", weights_only=True)
-        except Exception as err:  # noqa: BLE001
-            raise TrainingError(f"cannot read {self.state_path} to resume: {err}") from None
+            state = load_untrusted(
+                self.state_path,
+                what="training state",
+                source_hint="a fresh run (start without --resume, or choose another --out)",
+                fix="training.fit writes only tensors and numbers there, so this file was not written by it or was "
+                "altered: delete it and start without --resume, or choose another --out",
+            )
+        except UserFacingError as err:
+            raise TrainingError(f"cannot resume from {self.state_path}: {err}") from None
         if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
             raise TrainingError(f"{self.state_path} is not a training state written by training.fit")
         if state["fingerprint"] != self.cfg.fingerprint():

@@ -82,11 +82,21 @@ def save_session(
     image_meta: dict[str, Any] | None = None,
     model_meta: dict[str, Any] | None = None,
     extra: dict[str, Any] | None = None,
+    *,
+    inputs=(),
+    overwrite: bool = False,
 ) -> tuple[Path, Path]:
-    """Write the labels and the prompts JSON next to each other (both atomic); return both paths."""
+    """Write the labels and the prompts JSON next to each other (both atomic); return both paths.
+
+    Neither file may be the annotated image (``image_meta["source"]``) or one of ``inputs``; existing files are
+    replaced only with ``overwrite=True`` (:mod:`napari_robustmedsam.io.output_paths`).
+    """
     from ..io import atomic_write_path, write_mask
+    from ..io.output_paths import check_outputs
 
     p = Path(labels_path)
+    source = (image_meta or {}).get("source")
+    check_outputs([p, prompts_path_for(p)], inputs=[*inputs, source], overwrite=overwrite)
     suffix = _suffix(p)
     if suffix not in LABEL_SUFFIXES:
         raise UserFacingError(
@@ -122,7 +132,7 @@ def save_session(
     if extra:
         meta["extra"] = extra
     text = json.dumps(meta, indent=1, default=_json_default)  # serialise before writing anything
-    write_mask(p, out)
+    write_mask(p, out, overwrite=True)  # checked above, with the JSON
     json_path = prompts_path_for(p)
     with atomic_write_path(json_path) as tmp:
         tmp.write_text(text)

@@ -172,11 +172,12 @@ class SweepTable:
         return {"types": self.types, "levels": self.levels, "rows": self.rows, "clean_area": self.clean_area,
                 "meta": self.meta}
 
-    def save(self, path: str | Path) -> Path:
-        """Write the table as .csv (default) or .json, atomically."""
+    def save(self, path: str | Path, *, overwrite: bool = False) -> Path:
+        """Write the table as .csv (default) or .json, atomically; an existing file only with ``overwrite``."""
         from ..io import atomic_write_path
+        from ..io.output_paths import check_output
 
-        p = Path(path)
+        p = check_output(path, overwrite=overwrite)
         text = json.dumps(self.to_json(), indent=1) if p.suffix.lower() == ".json" else self.to_csv_text()
         with atomic_write_path(p) as tmp:
             tmp.write_text(text)

@@ -33,6 +33,7 @@ from .layouts import (
     prompt_embed_dim,
 )
 from .loading import Source, check_state_dict_fits, infer_box_primary, infer_preprocessing, resolve_source
+from ..io.output_paths import check_output
 from .project_format import PREPROCESSING_CHOICES, check_destination, make_metadata, save_checkpoint
 from .safe_load import notice
 
@@ -153,7 +154,7 @@ def _choose_preprocessing(enc: Source, dec: Source, override: str | None) -> tup
         if guessed:
             notice(
                 f"the preprocessing of the fused model ({suggested!r}) is a guess: {why}. Pass "
-                "preprocessing=... (CLI: --preprocessing sam|medsam|litemedsam) to set it"
+                "preprocessing=... (robustmedsam fuse: --preprocessing sam|medsam|litemedsam) to set it"
             )
         return suggested, reason
     if override not in PREPROCESSING_CHOICES:
@@ -176,18 +177,22 @@ def fuse_checkpoints(
     extra: Mapping | None = None,
     cache_dir: str | os.PathLike | None = None,
     progress: bool = True,
+    overwrite: bool = False,
 ) -> tuple[dict, dict]:
     """Image encoder (+ prompt encoder) from ``encoder``, mask decoder from ``decoder``.
 
     ``encoder`` / ``decoder``: registry names, checkpoint files (any supported layout) or loaded dicts.
     ``prompt_encoder_from``: ``"encoder"`` (default, as RobustMedSAM does) or ``"decoder"``.
-    ``out``: if given, the result is written there in the project format (atomically, after validation).
+    ``out``: if given, the result is written there in the project format (atomically, after validation); never
+    over a source checkpoint, and over another existing file only with ``overwrite=True``.
     Returns ``(state_dict, metadata)``.
     """
     if prompt_encoder_from not in ("encoder", "decoder"):
         raise CheckpointError(f"prompt_encoder_from must be 'encoder' or 'decoder', not {prompt_encoder_from!r}")
-    if out is not None:
-        check_destination(out)  # fail before reading (or downloading) anything
+    path_inputs = [v for v in (encoder, decoder) if isinstance(v, (str, os.PathLike))]
+    if out is not None:  # fail before reading (or downloading) anything
+        check_output(out, inputs=path_inputs, overwrite=overwrite)
+        check_destination(out)
     enc = resolve_source(encoder, cache_dir=cache_dir, progress=progress)
     same = not isinstance(decoder, (Mapping, Checkpoint, Source)) and not isinstance(encoder, (Mapping, Checkpoint, Source)) \
         and os.fspath(decoder) == os.fspath(encoder)
@@ -266,5 +271,7 @@ def fuse_checkpoints(
         description=f"image encoder from {_name(enc)}, prompt encoder from {_name(prm)}, mask decoder from {_name(dec)}",
     )
     if out is not None:
+        # a registry name resolves to a file only now: the encoder's or decoder's file is never written over
+        check_output(out, inputs=[s.path for s in (enc, dec)], overwrite=overwrite)
         save_checkpoint(Path(out), state, metadata)
     return state, metadata

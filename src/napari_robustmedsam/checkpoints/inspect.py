@@ -9,8 +9,40 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 
-from .layouts import Checkpoint, early_feature_width
-from .loading import Source, count_parameters, infer_box_primary, infer_preprocessing, resolve_source
+from ..errors import CheckpointError
+from .layouts import Checkpoint, early_feature_width, expected_shapes
+from .loading import (
+    Source,
+    check_state_dict_fits,
+    count_parameters,
+    infer_box_primary,
+    infer_preprocessing,
+    resolve_source,
+    split_enhancer,
+)
+
+_MODEL_PARTS = ("image_encoder", "prompt_encoder", "mask_decoder")
+
+
+def load_problem(src: Source) -> str | None:
+    """Why a complete checkpoint would not load as a model (a missing, extra or mis-shaped tensor), else None.
+
+    The same checks as :func:`~.loading.load_model` against the model's expected shapes; a partial file (a
+    decoder alone, a fusion source) is not a model by itself and gives None.
+    """
+    ckpt = src.checkpoint
+    layout = ckpt.layout
+    if not layout.parts or not set(_MODEL_PARTS) <= set(layout.parts):
+        return None
+    where = str(src.path or src.label)
+    try:
+        state, _enhancer = split_enhancer(ckpt.state_dict, ckpt.metadata, where)
+        expected = expected_shapes(layout.architecture, layout.decoder)
+        if expected is not None:
+            check_state_dict_fits(state, expected, where, f"the {layout.architecture} model with a {layout.decoder} decoder")
+    except CheckpointError as err:
+        return str(err)
+    return None
 
 
 def describe_checkpoint(
@@ -51,6 +83,7 @@ def describe_checkpoint(
         "tensors": tensors,
         "dtypes": dtypes,
         "notices": list(layout.notices),
+        "load_problem": load_problem(src),
     }
     if layout.parts and "image_encoder" in layout.parts:
         prep, reason, guessed = infer_preprocessing(src)
@@ -145,4 +178,6 @@ def render_description(info: Mapping) -> str:
             lines.append(f"      sha256 {src.get('sha256') or '-'}, {src.get('size_bytes') or '-'} bytes")
     for text in info.get("notices", []):
         lines.append(f"  notice: {text}")
+    if info.get("load_problem"):
+        lines.append("  loads as a model: NO (see the error below)")
     return "\n".join(lines)

@@ -449,7 +449,7 @@ def load_model(
         if guessed:
             notices.append(notice(
                 f"preprocessing of {where} is not recorded; {reason}: {prep!r}. If masks look wrong, pass "
-                "preprocessing='sam' | 'medsam' | 'litemedsam' (CLI: --preprocessing)"
+                "preprocessing='sam' | 'medsam' | 'litemedsam' (robustmedsam segment / embed: --preprocessing)"
             ))
         box_primary = infer_box_primary(source, prep)
 

@@ -21,7 +21,6 @@ the final name never holds a half-written file.
 from __future__ import annotations
 
 import os
-import tempfile
 from collections.abc import Mapping
 from datetime import datetime, timezone
 from pathlib import Path
@@ -175,43 +174,23 @@ def check_destination(path: str | os.PathLike) -> Path:
 
 
 def atomic_torch_save(obj: Any, path: str | os.PathLike) -> Path:
-    """``torch.save`` to ``path`` atomically (temp file in the same directory, fsync, os.replace)."""
+    """``torch.save`` to ``path`` atomically (the project's atomic write: temp file in the same directory,
+    fsync, os.replace; a temp file a killed save left behind is removed by the next save)."""
     import torch
 
+    from ..io.atomic import atomic_write_path
+
     path = check_destination(path)
-    directory = path.parent
-    tmp_name = None
     try:
-        fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=directory)
-        with os.fdopen(fd, "wb") as handle:
-            torch.save(obj, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp_name, path)
-        tmp_name = None
-        try:  # make the rename itself durable (POSIX); not possible on every platform
-            dir_fd = os.open(directory, os.O_RDONLY)
-        except OSError:
-            dir_fd = None
-        if dir_fd is not None:
-            try:
-                os.fsync(dir_fd)
-            except OSError:
-                pass
-            finally:
-                os.close(dir_fd)
+        with atomic_write_path(path) as tmp:
+            with open(tmp, "wb") as handle:
+                torch.save(obj, handle)
     except CheckpointError:
         raise
     except (OSError, RuntimeError) as err:
         text = str(err)
         detail = getattr(err, "strerror", None) or (text.splitlines()[0] if text else type(err).__name__)
         raise CheckpointError(f"cannot write checkpoint {path}: {detail}; nothing was written under that name") from err
-    finally:
-        if tmp_name is not None:
-            try:
-                os.unlink(tmp_name)
-            except OSError:
-                pass
     return path
 
 

@@ -172,12 +172,25 @@ def foreign_globals(path: Path) -> list[str] | None:
     return [g for g in found if g.split(".", 1)[0] not in _BENIGN_GLOBAL_MODULES]
 
 
-def load_untrusted(path: str | os.PathLike, *, source_hint: str | None = None) -> Any:
+def _detail(message: str) -> str:
+    """A short cause from torch's message, without its advice to load with ``weights_only=False``."""
+    lines = [line.strip() for line in message.splitlines() if line.strip()]
+    kept = [line for line in lines if "weights_only" not in line and "weights only" not in line.lower()
+            and not line.lower().startswith(("check the documentation", "(1)", "(2)", "please file an issue"))]
+    return (kept[-1] if kept else "unpickling failed")[:200]
+
+
+def load_untrusted(path: str | os.PathLike, *, source_hint: str | None = None, what: str = "checkpoint",
+                   fix: str | None = None) -> Any:
     """Load a checkpoint file without ever executing code from it.
 
     ``source_hint`` says where the file can be obtained again (a URL or project page); it is used in the
-    "truncated or corrupt, re-download it from ..." message. Returns the loaded object, which is always a
-    mapping (anything else is refused with a :class:`CheckpointError`).
+    "truncated or corrupt, re-download it from ..." message. ``what`` names the kind of file in the messages
+    (e.g. "training state") and ``fix`` replaces the advice given when the file holds pickled code (for a
+    model checkpoint: how to convert a trusted file to plain tensors). Returns the loaded object, which is
+    always a mapping (anything else is refused with a :class:`CheckpointError`).
+
+    Every message is the project's own: torch's text (which suggests ``weights_only=False``) is never shown.
     """
     path = Path(path).expanduser()
     where = source_hint or "where you got it"
@@ -188,9 +201,9 @@ def load_untrusted(path: str | os.PathLike, *, source_hint: str | None = None) -
     try:
         size = path.stat().st_size
     except OSError as err:
-        raise CheckpointError(f"cannot read checkpoint {path}: {err.strerror or err}") from err
+        raise CheckpointError(f"cannot read {what} {path}: {err.strerror or err}") from err
     if size == 0:
-        raise CheckpointError(f"checkpoint {path} is empty (0 bytes): truncated or corrupt, re-download it from {where}")
+        raise CheckpointError(f"{what} {path} is empty (0 bytes): truncated or corrupt, re-download it from {where}")
 
     import torch
 
@@ -201,19 +214,19 @@ def load_untrusted(path: str | os.PathLike, *, source_hint: str | None = None) -
         foreign = None if _is_code_refusal(message) else foreign_globals(path)
         if _is_code_refusal(message) or foreign:
             name = _refused_global(message) or (foreign[0] if foreign else None)
-            what = f" (it asks to import and call `{name}`)" if name else ""
+            calls = f" (it asks to import and call `{name}`)" if name else ""
+            advice = fix if fix is not None else f"Checkpoints must be plain dicts of tensors.\n{_conversion_hint(path)}"
             raise CheckpointError(
-                f"checkpoint {path} contains executable pickled objects{what} and is refused for safety: "
-                "loading it could run arbitrary code on this computer. Checkpoints must be plain dicts of "
-                f"tensors.\n{_conversion_hint(path)}"
+                f"{what} {path} contains executable pickled objects{calls} and is refused for safety: "
+                f"loading it could run arbitrary code on this computer. {advice}"
             ) from None
         raise CheckpointError(
-            f"checkpoint {path} ({human_size(size)}) is not a readable PyTorch checkpoint: truncated or corrupt, "
-            f"re-download it from {where} (detail: {message.splitlines()[-1] if message else 'unpickling failed'})"
+            f"{what} {path} ({human_size(size)}) is not a readable PyTorch checkpoint: truncated or corrupt, "
+            f"re-download it from {where} (detail: {_detail(message)})"
         ) from None
     except (EOFError, zipfile.BadZipFile) as err:
         raise CheckpointError(
-            f"checkpoint {path} ({human_size(size)}) is truncated or corrupt, re-download it from {where} "
+            f"{what} {path} ({human_size(size)}) is truncated or corrupt, re-download it from {where} "
             f"(detail: {type(err).__name__}: {err or 'file ends early'})"
         ) from None
     except RuntimeError as err:
@@ -222,20 +235,20 @@ def load_untrusted(path: str | os.PathLike, *, source_hint: str | None = None) -
         if any(marker in lowered for marker in _TRUNCATION_MARKERS):
             first = message.splitlines()[0][:200] if message else ""
             raise CheckpointError(
-                f"checkpoint {path} ({human_size(size)}) is truncated or corrupt, re-download it from {where} "
+                f"{what} {path} ({human_size(size)}) is truncated or corrupt, re-download it from {where} "
                 f"(detail: {first})"
             ) from None
-        raise CheckpointError(f"cannot load checkpoint {path}: {message.splitlines()[0][:300]}") from None
+        raise CheckpointError(f"cannot load {what} {path}: {_detail(message)}") from None
     except OSError as err:
-        raise CheckpointError(f"cannot read checkpoint {path}: {err.strerror or err}") from None
+        raise CheckpointError(f"cannot read {what} {path}: {err.strerror or err}") from None
     except Exception as err:  # noqa: BLE001 - any other failure of the unpickler means a damaged file
         raise CheckpointError(
-            f"checkpoint {path} ({human_size(size)}) cannot be read as a PyTorch checkpoint: truncated or corrupt, "
+            f"{what} {path} ({human_size(size)}) cannot be read as a PyTorch checkpoint: truncated or corrupt, "
             f"re-download it from {where} (detail: {type(err).__name__}: {str(err)[:200]})"
         ) from None
     if not isinstance(obj, Mapping):
         raise CheckpointError(
-            f"checkpoint {path} is not a dict of tensors: it holds a {type(obj).__name__}. Expected a state dict "
+            f"{what} {path} is not a dict of tensors: it holds a {type(obj).__name__}. Expected a state dict "
             "(name -> tensor) or a training checkpoint that contains one (e.g. {'model': state_dict})."
         )
     return obj

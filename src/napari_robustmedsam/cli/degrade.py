@@ -17,6 +17,7 @@ import zlib
 from pathlib import Path
 
 from ..errors import DegradationError
+from ..io.output_paths import add_overwrite_argument, check_output, check_output_folder, check_outputs
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -40,6 +41,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--types", help="with --gallery: comma-separated types to show instead of all applicable")
     p.add_argument("--dpi", type=int, default=100, help="with --gallery: resolution (default 100, ~190 px per panel)")
     p.add_argument("--list", action="store_true", help="list the degradation types and exit")
+    add_overwrite_argument(p)
     p.set_defaults(func=run_degrade)
 
     f = subparsers.add_parser(
@@ -55,6 +57,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     f.add_argument("--seed", type=int, default=0, help="base random seed (default 0)")
     f.add_argument("--output", "-o", required=True, help="output folder")
     f.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
+    add_overwrite_argument(f)
     f.set_defaults(func=run_degrade_folder)
 
 
@@ -83,11 +86,13 @@ def run_degrade(args: argparse.Namespace) -> int:
             raise DegradationError("--gallery needs -o SHEET.png")
         if Path(args.output).suffix.lower() != ".png":
             raise DegradationError(f"the contact sheet is a PNG: use -o {Path(args.output).with_suffix('.png')}")
+        check_output(args.output, inputs=[args.gallery], overwrite=args.overwrite)
         image = read_image(args.gallery)
         types = [t.strip() for t in args.types.split(",") if t.strip()] if args.types else None
         out = render_gallery(image, args.output, modality=args.modality, seed=args.seed, progress=True, types=types,
                              dpi=args.dpi,
-                             title=f"{Path(args.gallery).name} - modality: {args.modality or 'all types'}")
+                             title=f"{Path(args.gallery).name} - modality: {args.modality or 'all types'}",
+                             overwrite=True)  # checked above, before the (slow) rendering
         print(f"wrote {out}")
         return 0
     if not args.input:
@@ -96,6 +101,7 @@ def run_degrade(args: argparse.Namespace) -> int:
         raise DegradationError("give --type T (see `robustmedsam degrade --list`), or --type random")
     if not args.output:
         raise DegradationError("give the output file with -o OUT")
+    check_outputs([args.output, args.record], inputs=[args.input], overwrite=args.overwrite)
     image = read_image(args.input)
     if args.type_name.strip().lower() == "random":
         if args.severity is not None or args.target_ssim is not None:
@@ -106,9 +112,9 @@ def run_degrade(args: argparse.Namespace) -> int:
             image, args.type_name, args.level, severity=args.severity, target_ssim=args.target_ssim,
             seed=args.seed, modality=args.modality, return_record=True,
         )
-    write_image(args.output, result)
+    write_image(args.output, result, overwrite=True)  # checked above, before any work
     if args.record:
-        write_text(args.record, json.dumps(record, indent=2) + "\n")
+        write_text(args.record, json.dumps(record, indent=2) + "\n", overwrite=True)
     applied = ", ".join(f"{r['name']} (severity {r['severity']:.3f})" for r in record)
     print(f"wrote {args.output}: {applied}")
     first = record[0]
@@ -138,6 +144,14 @@ def _find_images(folder: Path) -> tuple[list[Path], Path | None, str]:
     return images, mask_dir, layout
 
 
+def _mask_for(image: Path, mask_dir: Path | None) -> Path | None:
+    """The mask file of ``image`` in ``mask_dir`` (same stem), if any."""
+    if mask_dir is None:
+        return None
+    candidates = sorted(mask_dir.glob(image.stem + ".*"))
+    return candidates[0] if candidates else None
+
+
 def image_seed(base_seed: int, name: str) -> int:
     """Per-image seed from the base seed and the file name (independent of the processing order)."""
     import numpy as np
@@ -147,7 +161,7 @@ def image_seed(base_seed: int, name: str) -> int:
 
 
 def _copy_atomic(src: Path, dst: Path) -> None:
-    from ..degradations._io import atomic_path
+    from ..io.atomic import atomic_write_path as atomic_path
 
     with atomic_path(dst) as tmp:
         shutil.copyfile(src, tmp)
@@ -169,6 +183,11 @@ def run_degrade_folder(args: argparse.Namespace) -> int:
     images, mask_dir, layout = _find_images(folder)
     if out.resolve() == folder.resolve():
         raise DegradationError("the output folder must differ from the input folder")
+    masks = {path.name: _mask_for(path, mask_dir) for path in images}
+    planned = [f"{sub}/{path.name}" for path in images for sub in ("clean", *levels)]
+    planned += [f"masks/{m.name}" for m in masks.values() if m is not None] + ["manifest.json"]
+    inputs = [folder, *images, *(m for m in masks.values() if m is not None)]
+    check_output_folder(out, planned, inputs=inputs, overwrite=args.overwrite)  # before any image is degraded
     entries = {}
     masks_copied = 0
     for path in tqdm(images, desc="degrade-folder", unit="image", disable=args.quiet):
@@ -180,14 +199,12 @@ def run_degrade_folder(args: argparse.Namespace) -> int:
             raise DegradationError(f"{path.name}: {err}") from None
         _copy_atomic(path, out / "clean" / path.name)
         for level, (degraded, _record) in results.items():
-            write_image(out / level / path.name, degraded)
+            write_image(out / level / path.name, degraded, overwrite=True)
         mask_name = None
-        if mask_dir is not None:
-            candidates = sorted(mask_dir.glob(path.stem + ".*"))
-            if candidates:
-                _copy_atomic(candidates[0], out / "masks" / candidates[0].name)
-                mask_name = candidates[0].name
-                masks_copied += 1
+        if masks[path.name] is not None:
+            _copy_atomic(masks[path.name], out / "masks" / masks[path.name].name)
+            mask_name = masks[path.name].name
+            masks_copied += 1
         entries[path.name] = {
             "seed": seed,
             "shape": list(image.shape),
@@ -209,7 +226,7 @@ def run_degrade_folder(args: argparse.Namespace) -> int:
         "general_pool": general_pool(modality),
         "images": entries,
     }
-    write_text(out / "manifest.json", json.dumps(manifest, indent=1) + "\n")
+    write_text(out / "manifest.json", json.dumps(manifest, indent=1) + "\n", overwrite=True)
     print(f"wrote {len(images)} images x (clean + {len(levels)} levels) to {out}"
           + (f", {masks_copied} masks" if mask_dir is not None else "") + f"; manifest: {out / 'manifest.json'}")
     return 0

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ..io.output_paths import add_overwrite_argument, check_output_folder, existing_file
+
 
 def add_parser(subparsers) -> None:
     p = subparsers.add_parser("demo", help="segment a sample image with the embedded model and show the result")
@@ -20,6 +22,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--model", default="litemedsam", help="registry name or checkpoint (default: embedded LiteMedSAM)")
     p.add_argument("--device", default="auto")
     p.add_argument("-o", "--output", default="robustmedsam-demo", help="folder for mask.png and overlay.png")
+    add_overwrite_argument(p)
     p.set_defaults(func=run)
 
 
@@ -41,9 +44,11 @@ def run(args: argparse.Namespace) -> int:
     from .segment import BINARY_FOREGROUND
 
     path = Path(args.image) if args.image else _find_real_image()
+    mask_path = path.parent.parent / "masks" / path.name if path is not None else None
+    out = check_output_folder(args.output, ["mask.png", "overlay.png"],
+                              inputs=[path, mask_path, existing_file(args.model)], overwrite=args.overwrite)
     if path is not None:
         image = read_image(path)
-        mask_path = path.parent.parent / "masks" / path.name
         truth = read_image(mask_path) > 0 if mask_path.exists() else None
         source = str(path)
     else:
@@ -65,8 +70,8 @@ def run(args: argparse.Namespace) -> int:
     predictor.set_image(image)
     prediction = predictor.predict(boxes=box)
     mask = prediction.masks[0]
-    out = Path(args.output)
-    write_mask(out / "mask.png", mask.astype(np.uint8) * BINARY_FOREGROUND)  # 0/255: visible in any viewer
+    # 0/255: visible in any viewer; the folder was checked above, before any work
+    write_mask(out / "mask.png", mask.astype(np.uint8) * BINARY_FOREGROUND, overwrite=True)
     _overlay(image, mask, box, out / "overlay.png")
     print(f"box {box.tolist()} -> {int(mask.sum())} px, predicted IoU {prediction.scores[0]:.3f}")
     if truth is not None:

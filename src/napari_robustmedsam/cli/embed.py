@@ -7,7 +7,9 @@ import sys
 import time
 from pathlib import Path
 
+from ..checkpoints.project_format import PREPROCESSING_CHOICES
 from ..errors import ImageInputError
+from .progress import stage
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -43,6 +45,12 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         choices=("float32", "float16"),
         help="dtype of the cached tensors (float16 halves the cache size)",
     )
+    p.add_argument(
+        "--preprocessing",
+        choices=PREPROCESSING_CHOICES,
+        default=None,
+        help="image preprocessing of a checkpoint that does not record it (default: recorded, else guessed)",
+    )
     p.add_argument("--slices", default=None, metavar="A:B", help="only these slices of a volume (Python range, e.g. 10:20)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
@@ -60,6 +68,19 @@ def _parse_slices(text: str | None, n: int) -> list[int] | None:
         return list(range(n))[slice(*parts)]
     except (ValueError, TypeError) as err:
         raise ImageInputError(f"--slices {text!r} is not a slice like 5, 10:20 or ::2") from err
+
+
+def _check_values(array, source: Path, kind: str) -> None:
+    """NaN/inf pixels and other unusable values are refused before the (slow) model load."""
+    import numpy as np
+
+    from ..engine.preprocessing import validate_image
+
+    if kind == "image":
+        validate_image(array)
+    elif np.issubdtype(array.dtype, np.floating) and not np.isfinite(array).all():
+        bad = int((~np.isfinite(array)).sum())
+        raise ImageInputError(f"{source} has {bad} NaN/inf voxels; replace them (e.g. numpy.nan_to_num) before embedding")
 
 
 def _human(n: int) -> str:
@@ -91,10 +112,15 @@ def run(args: argparse.Namespace) -> int:
             raise ImageInputError(
                 f"{source} holds an array of shape {array.shape}: give a 2D image, a 3D volume (Z, Y, X) or a folder"
             )
+        _check_values(array, source, kind)
     else:
+        from ..io.images import check_image_file, image_files
+
         kind = "series"
-    print(f"loading model {args.model} ...", file=sys.stderr, flush=True)
-    loaded = load_model(args.model, device=args.device)
+        for path in image_files(source):  # headers only: a damaged file is named before the model load
+            check_image_file(path)
+    with stage(f"loading model {args.model}"):
+        loaded = load_model(args.model, device=args.device, preprocessing=args.preprocessing)
     engine = EmbeddingEngine(
         loaded,
         cache_dir=args.cache,
@@ -102,8 +128,6 @@ def run(args: argparse.Namespace) -> int:
         cpu_fast=args.fast,
         storage_dtype=args.storage,
     )
-    for notice in getattr(loaded, "notices", []) or []:
-        print(f"note: {notice}", file=sys.stderr)
 
     job = None
     if kind == "series":

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from ..io.output_paths import add_overwrite_argument
+
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
     parser = subparsers.add_parser(
@@ -30,6 +32,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         help="preprocessing to record (default: that of the encoder's source)",
     )
     parser.add_argument("-o", "--output", required=True, metavar="OUT", help="output checkpoint file")
+    add_overwrite_argument(parser)
     parser.set_defaults(func=run)
     return parser
 
@@ -43,6 +46,7 @@ def run(args: argparse.Namespace) -> int:
         prompt_encoder_from=args.prompt_encoder,
         out=args.output,
         preprocessing=args.preprocessing,
+        overwrite=args.overwrite,
     )
     print(f"wrote {args.output}")
     print(render_description(describe_checkpoint(args.output)))

@@ -24,9 +24,13 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> int:
     from ..checkpoints import describe_checkpoint, render_description
 
+    from ..errors import CheckpointError
+
     info = describe_checkpoint(args.checkpoint)
     if args.json:
         print(json.dumps(info, indent=2, default=str))
     else:
         print(render_description(info))
+    if info.get("load_problem"):
+        raise CheckpointError(f"this checkpoint will not load as a model: {info['load_problem']}")
     return 0

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import argparse
-import sys
-import time
-from contextlib import contextmanager
+import warnings
 
 import numpy as np
 
+from ..checkpoints.project_format import PREPROCESSING_CHOICES
 from ..errors import ImageInputError
+from ..io.output_paths import add_overwrite_argument, check_output, existing_file
+from .progress import message, stage
 
 
 def add_parser(subparsers) -> None:
@@ -30,6 +31,12 @@ def add_parser(subparsers) -> None:
     p.add_argument("--model", default="litemedsam", help="registry name (default: litemedsam, embedded) or checkpoint path")
     p.add_argument("--slice", type=int, default=None, metavar="Z", help="slice index of a 3D volume (first axis)")
     p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cuda, mps or cpu")
+    p.add_argument(
+        "--preprocessing",
+        choices=PREPROCESSING_CHOICES,
+        default=None,
+        help="image preprocessing of a checkpoint that does not record it (default: recorded, else guessed)",
+    )
     p.add_argument("-o", "--output", required=True, help="mask file to write (.png, .tif, .npy, .nii.gz)")
     p.add_argument(
         "--label-values",
@@ -45,16 +52,8 @@ def add_parser(subparsers) -> None:
         "a second call on the same image reads its embedding from there",
     )
     p.add_argument("--no-cache", action="store_true", help="neither read nor write the embedding cache")
+    add_overwrite_argument(p)
     p.set_defaults(func=run)
-
-
-@contextmanager
-def _stage(text: str):
-    """Print a status line for each slow step, with its duration (stderr, so stdout stays clean)."""
-    print(f"{text} ...", end="", file=sys.stderr, flush=True)
-    start = time.perf_counter()
-    yield
-    print(f" done ({time.perf_counter() - start:.1f} s)", file=sys.stderr, flush=True)
 
 
 def select_plane(array: np.ndarray, slice_index: int | None) -> np.ndarray:
@@ -96,39 +95,50 @@ def point_warning(model_name: str, has_box: bool) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..checkpoints import load_model
-    from ..engine.embeddings import EmbeddingEngine, open_engine
+    from ..engine.preprocessing import ImageSignalWarning, no_signal_notice, validate_image
+    from ..engine.prompt_checks import check_prompts
     from ..io import read_image, write_mask
+    from ..io.images import check_mask_format
 
+    # Everything that can be checked without the model is checked first: a mistake costs no model load.
     if not args.box and not args.point and not args.negative:
         raise ImageInputError("no prompt given: add --box X0 Y0 X1 Y1 or --point X Y")
     if args.negative and not args.point and not args.box:
         raise ImageInputError("only negative points were given: add a --point or a --box for the object")
     points = [*args.point, *args.negative]
+    labels = [1] * len(args.point) + [0] * len(args.negative)
     boxes = np.asarray(args.box, dtype=np.float64) if args.box else None
     n_objects = 1 if boxes is None else len(boxes)
-    if points and n_objects > 1:
-        raise ImageInputError("points with several --box prompts are ambiguous: use one box per call with points, or boxes only")
-    image = select_plane(read_image(args.image), args.slice)
-    with _stage(f"loading model {args.model}"):
-        loaded = load_model(args.model, device=args.device)
+    point_arg = label_arg = None
+    if points:
+        if n_objects > 1:
+            raise ImageInputError("points with several --box prompts are ambiguous: use one box per call with points, or boxes only")
+        point_arg, label_arg = np.asarray(points)[None], np.asarray(labels)[None]
+    check_output(args.output, inputs=[args.image, existing_file(args.model)], overwrite=args.overwrite)
+    check_mask_format(args.output)
+    image = validate_image(select_plane(read_image(args.image), args.slice))
+    check_prompts(point_arg, label_arg, boxes, image_size=image.shape[:2])
+    signal = no_signal_notice(image)
+    if signal:
+        message(f"robustmedsam segment: warning: {signal}")
+
+    from ..checkpoints import load_model
+    from ..engine.embeddings import EmbeddingEngine, open_engine
+
+    with stage(f"loading model {args.model}"):
+        loaded = load_model(args.model, device=args.device, preprocessing=args.preprocessing)
     notices: list[str] = []
     engine = open_engine(loaded, args.cache, notices=notices, use_cache=not args.no_cache)
     if engine is None:  # the cache could not be opened (the notice says why): the same embedding, computed
-        print(f"note: {notices[-1]}", file=sys.stderr)
+        message(f"note: {notices[-1]}")
         engine = EmbeddingEngine(loaded, use_cache=False)
     if engine.predictor.box_primary and points:
-        print(point_warning(loaded.name, has_box=boxes is not None), file=sys.stderr)
-    print(f"image embedding on {engine.device.type} ...", end="", file=sys.stderr, flush=True)
-    start = time.perf_counter()
-    embedding = engine.embed_image(image)
-    how = "computed" if engine.stats["computed"] else "read from the cache"
-    print(f" {how} ({time.perf_counter() - start:.1f} s)", file=sys.stderr, flush=True)
+        message(point_warning(loaded.name, has_box=boxes is not None))
+    with stage(f"image embedding on {engine.device.type}"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", ImageSignalWarning)  # said above, before the model load
+        embedding = engine.embed_image(image)
+    message(f"image embedding {'computed' if engine.stats['computed'] else 'read from the cache'}")
 
-    labels = [1] * len(args.point) + [0] * len(args.negative)
-    point_arg = label_arg = None
-    if points:
-        point_arg, label_arg = np.asarray(points)[None], np.asarray(labels)[None]
     prediction = engine.tiled_predictor.predict(points=point_arg, point_labels=label_arg, boxes=boxes, embedding=embedding)
     label_map = np.zeros(prediction.masks.shape[1:], dtype=np.uint16 if n_objects > 255 else np.uint8)
     for index, mask in enumerate(prediction.masks, start=1):
@@ -139,14 +149,13 @@ def run(args: argparse.Namespace) -> int:
     if empty and not args.allow_empty:
         which = "the object" if n_objects == 1 else "object " + ", ".join(str(i) for i in empty)
         hint = "draw a --box around it" if boxes is None else "check that the box encloses it"
-        print(
+        message(
             f"robustmedsam segment: error: {which} came out empty, nothing was written: {hint}, "
-            "or pass --allow-empty to write the mask anyway",
-            file=sys.stderr,
+            "or pass --allow-empty to write the mask anyway"
         )
         return 1
     if n_objects == 1 and not args.label_values:
         label_map[label_map > 0] = BINARY_FOREGROUND
-    write_mask(args.output, label_map)
+    write_mask(args.output, label_map, inputs=[args.image], overwrite=True)  # checked above, before any work
     print(f"wrote {args.output}")
     return 0

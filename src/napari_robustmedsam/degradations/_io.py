@@ -6,10 +6,7 @@ self-contained.)
 
 from __future__ import annotations
 
-import contextlib
 import os
-import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -27,20 +24,9 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
     suffix = p.suffix.lower()
     if suffix not in IMAGE_SUFFIXES:
         raise DegradationError(f"unsupported image format {suffix!r} for {p}; use one of {', '.join(IMAGE_SUFFIXES)}")
-    try:
-        if suffix == ".npy":
-            return np.load(p, allow_pickle=False)
-        if suffix in (".tif", ".tiff"):
-            import tifffile
+    from ..io.images import read_image as read_any
 
-            return tifffile.imread(p)
-        import imageio.v3 as iio
-
-        return np.asarray(iio.imread(p))
-    except DegradationError:
-        raise
-    except Exception as err:  # unreadable / corrupt file
-        raise DegradationError(f"cannot read {p}: {err}") from None
+    return read_any(p)  # one reader for the project: every unreadable or too large file is a one-line error
 
 
 def _write(path: Path, array: np.ndarray) -> None:
@@ -68,28 +54,20 @@ def _write(path: Path, array: np.ndarray) -> None:
         iio.imwrite(path, array, extension=suffix)
 
 
-@contextlib.contextmanager
-def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary path in the target's folder; on success rename it over the target (atomic on
-    the same file system), on failure delete it. The file gets the usual permissions (0666 & ~umask)."""
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{p.stem}.", suffix=p.suffix, dir=p.parent)
-    os.close(fd)
-    try:
-        yield Path(tmp)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, p)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+def atomic_path(path: str | os.PathLike):
+    """The project's atomic write (:func:`napari_robustmedsam.io.atomic.atomic_write_path`)."""
+    from ..io.atomic import atomic_write_path
+
+    return atomic_write_path(path)
 
 
-def write_image(path: str | os.PathLike, array: np.ndarray) -> Path:
-    """Write atomically: to a temporary file in the target folder, then rename over the target."""
-    p = Path(path)
+def write_image(path: str | os.PathLike, array: np.ndarray, *, inputs=(), overwrite: bool = False) -> Path:
+    """Write atomically: to a temporary file in the target folder, then rename over the target.
+
+    Never over one of ``inputs``; over an existing file only with ``overwrite=True`` (io.output_paths)."""
+    from ..io.output_paths import check_output
+
+    p = check_output(path, inputs=inputs, overwrite=overwrite)
     suffix = p.suffix.lower()
     if suffix not in IMAGE_SUFFIXES:
         raise DegradationError(f"unsupported output format {suffix!r} for {p}; use one of {', '.join(IMAGE_SUFFIXES)}")
@@ -98,8 +76,11 @@ def write_image(path: str | os.PathLike, array: np.ndarray) -> Path:
     return p
 
 
-def write_text(path: str | os.PathLike, text: str) -> Path:
-    """Atomic text write (manifests)."""
+def write_text(path: str | os.PathLike, text: str, *, inputs=(), overwrite: bool = False) -> Path:
+    """Atomic text write (manifests); the same output checks as :func:`write_image`."""
+    from ..io.output_paths import check_output
+
+    check_output(path, inputs=inputs, overwrite=overwrite)
     with atomic_path(path) as tmp:
         tmp.write_text(text, encoding="utf-8")
     return Path(path)

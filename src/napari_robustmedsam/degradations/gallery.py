@@ -42,8 +42,14 @@ def render_gallery(
     cell_inches: float = 1.9,
     dpi: int = 100,
     progress: bool = False,
+    overwrite: bool = False,
 ) -> Path:
-    """Render the contact sheet of `image` to `path` (PNG). Volumes show their middle slice."""
+    """Render the contact sheet of `image` to `path` (PNG). Volumes show their middle slice.
+
+    An existing `path` is replaced only with ``overwrite=True`` (checked before rendering)."""
+    from ..io.output_paths import check_output
+
+    out_path = check_output(path, overwrite=overwrite)
     import matplotlib
 
     matplotlib.use("Agg", force=False)
@@ -85,7 +91,6 @@ def render_gallery(
     fig.suptitle(f"{head}  (seed {seed})", fontsize=9)
     fig_height = cell_inches * len(names) + 0.5
     fig.tight_layout(rect=(0, 0, 1, 1 - 0.35 / fig_height), h_pad=0.3, w_pad=0.2)
-    out_path = Path(path)
     try:
         buffer = io.BytesIO()
         fig.savefig(buffer, dpi=dpi, format="png")

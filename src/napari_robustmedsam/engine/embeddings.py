@@ -564,18 +564,10 @@ class SeriesEmbeddings:
     """Embeddings of an image series (a folder or list of files, or a list of 2D arrays), lazily."""
 
     def __init__(self, engine: EmbeddingEngine, images: Any) -> None:
-        from ..io.images import SUPPORTED_SUFFIXES
+        from ..io.images import image_files
 
         if isinstance(images, (str, os.PathLike)):
-            folder = Path(images)
-            if not folder.is_dir():
-                raise ImageInputError(f"{folder} is not a folder of images")
-            files = sorted(
-                p for p in folder.iterdir() if p.is_file() and any(p.name.lower().endswith(s) for s in SUPPORTED_SUFFIXES)
-            )
-            if not files:
-                raise ImageInputError(f"no images ({', '.join(SUPPORTED_SUFFIXES)}) in {folder}")
-            items: list[Any] = files
+            items: list[Any] = image_files(images)
         else:
             items = list(images)
             if not items:

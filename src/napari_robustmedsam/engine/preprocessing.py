@@ -11,6 +11,7 @@ mapped to the model frame here; masks are mapped back to the original size here 
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -111,6 +112,25 @@ def validate_image(image: np.ndarray) -> np.ndarray:
     return arr
 
 
+class ImageSignalWarning(UserWarning):
+    """The image carries no signal to segment: every pixel has the same value."""
+
+
+def no_signal_notice(image: np.ndarray) -> str | None:
+    """A sentence saying the image is constant (nothing to segment in it), or None when it varies."""
+    arr = np.asarray(image)
+    if arr.size == 0:
+        return None
+    low, high = arr.min(), arr.max()
+    if low != high:
+        return None
+    value = low.item() if hasattr(low, "item") else low
+    return (
+        f"every pixel of the image has the value {value:g}: it carries no signal, so any mask predicted on it is "
+        "meaningless; check the file, the slice or the window"
+    )
+
+
 def _to_rgb_float(arr: np.ndarray) -> np.ndarray:
     """(H, W) or (H, W, 3) of any numeric dtype -> float32 (H, W, 3), gray repeated to RGB, values kept."""
     x = arr.astype(np.float32, copy=False)
@@ -140,6 +160,9 @@ def preprocess(image: np.ndarray, preprocessing: str) -> tuple[torch.Tensor, Ima
     if preprocessing not in PREPROCESSINGS:
         raise ValueError(f"unknown preprocessing {preprocessing!r}; expected one of {PREPROCESSINGS}")
     arr = validate_image(image)
+    notice = no_signal_notice(arr)
+    if notice:
+        warnings.warn(notice, ImageSignalWarning, stacklevel=2)
     original_size = (int(arr.shape[0]), int(arr.shape[1]))
     t = torch.from_numpy(np.ascontiguousarray(_to_rgb_float(arr))).permute(2, 0, 1)[None]
     size = model_input_size(preprocessing)

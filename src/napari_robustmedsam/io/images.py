@@ -6,12 +6,17 @@ through SimpleITK (already a torchio dependency), returned as (Z, Y, X) like nap
 
 from __future__ import annotations
 
+import contextlib
+import math
+import os
+import threading
 from pathlib import Path
 
 import numpy as np
 
 from ..errors import ImageInputError, UserFacingError
 from .atomic import atomic_write_path
+from .output_paths import check_output
 
 _IMAGEIO_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp"}
 _TIFF_SUFFIXES = {".tif", ".tiff"}
@@ -24,41 +29,244 @@ def _suffix(path: Path) -> str:
     return ".nii.gz" if name.endswith(".nii.gz") else path.suffix.lower()
 
 
-def read_image(path: str | Path) -> np.ndarray:
-    """Read a 2D image or 3D volume as a numpy array (no intensity change)."""
+# Reading an image needs its decoded array plus the working copies made of it downstream (a float copy, the
+# resized model input): the decoded size times this factor must fit in the available memory.
+MEMORY_FACTOR = 3
+# Optional hard cap on the pixels (height x width x slices) of an image, e.g. on shared machines.
+MAX_PIXELS_ENV = "ROBUSTMEDSAM_MAX_IMAGE_PIXELS"
+
+_PIL_LOCK = threading.Lock()
+_pil_uncapped_readers = 0  # reads in progress that need PIL's pixel cap lifted (threads may read at once)
+_pil_saved_cap: int | None = None
+
+
+def _human_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if n < 1024 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TB"  # pragma: no cover
+
+
+def available_memory() -> int:
+    """Bytes of memory available to a new allocation now (psutil; /proc/meminfo as a fallback)."""
+    try:
+        import psutil
+
+        return int(psutil.virtual_memory().available)
+    except Exception:  # noqa: BLE001 - no psutil, or it cannot tell on this platform
+        pass
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 1 << 62  # unknown: do not refuse on memory grounds
+
+
+def pixel_limit() -> int | None:
+    """The pixel cap set in ``$ROBUSTMEDSAM_MAX_IMAGE_PIXELS`` (None when unset)."""
+    text = os.environ.get(MAX_PIXELS_ENV, "").strip()
+    if not text:
+        return None
+    try:
+        value = int(float(text))
+    except ValueError:
+        raise ImageInputError(f"${MAX_PIXELS_ENV}={text!r} is not a number of pixels") from None
+    return value if value > 0 else None
+
+
+def check_image_size(path: Path, shape: tuple[int, ...], itemsize: int) -> None:
+    """Refuse, naming the size and the limit, an image too large to read into the memory available."""
+    shape = tuple(int(v) for v in shape)
+    channels = shape[-1] if len(shape) >= 3 and shape[-1] in (3, 4) else 1
+    pixels = math.prod(shape) // channels
+    need = math.prod(shape) * max(1, int(itemsize))
+    size = " x ".join(str(v) for v in shape)
+    cap = pixel_limit()
+    if cap is not None and pixels > cap:
+        raise ImageInputError(
+            f"{path} is {size} ({pixels:,} pixels), above the limit of {cap:,} pixels set in ${MAX_PIXELS_ENV}; "
+            "crop or downsample it first, or raise the limit"
+        )
+    free = available_memory()
+    if need * MEMORY_FACTOR > free:
+        raise ImageInputError(
+            f"{path} is {size} ({pixels:,} pixels, {_human_bytes(need)} decoded); reading and segmenting it needs "
+            f"about {_human_bytes(need * MEMORY_FACTOR)} but {_human_bytes(free)} of memory is available; crop or "
+            "downsample it first (or free memory)"
+        )
+
+
+@contextlib.contextmanager
+def _pil_without_pixel_cap():
+    """PIL refuses images above its fixed pixel count (a decompression-bomb guard); the size is bounded here by
+    :func:`check_image_size` against the real memory instead, so legitimately large images can be read."""
+    global _pil_uncapped_readers, _pil_saved_cap
+    from PIL import Image
+
+    with _PIL_LOCK:
+        if _pil_uncapped_readers == 0:
+            _pil_saved_cap = Image.MAX_IMAGE_PIXELS
+            Image.MAX_IMAGE_PIXELS = None
+        _pil_uncapped_readers += 1
+    try:
+        yield Image
+    finally:
+        with _PIL_LOCK:
+            _pil_uncapped_readers -= 1
+            if _pil_uncapped_readers == 0:
+                Image.MAX_IMAGE_PIXELS = _pil_saved_cap
+
+
+def _probe(path: Path, suffix: str) -> tuple[tuple[int, ...], int]:
+    """(shape, bytes per sample) from the file's header, without decoding the pixels."""
+    if suffix in _IMAGEIO_SUFFIXES:
+        with _pil_without_pixel_cap() as Image:
+            with Image.open(path) as im:
+                bands = len(im.getbands())
+                itemsize = 2 if im.mode.startswith("I;16") else 4 if im.mode in ("I", "F") else 1
+                shape = (im.height, im.width) + ((bands,) if bands > 1 else ())
+                # a palette image is expanded to RGB(A) when read
+                return (shape + (4,) if im.mode == "P" else shape), itemsize
+    if suffix in _TIFF_SUFFIXES:
+        import tifffile
+
+        with tifffile.TiffFile(path) as tif:
+            series = tif.series[0]
+            return tuple(series.shape), series.dtype.itemsize
+    if suffix == ".npy":
+        arr = np.load(path, mmap_mode="r", allow_pickle=False)
+        return tuple(arr.shape), arr.dtype.itemsize
+    import SimpleITK as sitk
+
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
+    reader.ReadImageInformation()
+    size = tuple(reversed(reader.GetSize()))
+    components = reader.GetNumberOfComponents()
+    try:
+        itemsize = sitk.Image([1] * reader.GetDimension(), reader.GetPixelID()).GetSizeOfPixelComponent()
+    except Exception:  # noqa: BLE001 - an unusual pixel type: assume the widest common one
+        itemsize = 8
+    return size + ((components,) if components > 1 else ()), itemsize
+
+
+def _reason(err: BaseException) -> str:
+    """The informative line of a reader's error (SimpleITK puts it last, after where in its C++ it was thrown)."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    text = lines[-1] if lines else ""
+    if "ERROR:" in text:
+        text = text.split("ERROR:", 1)[1].strip()
+    text = text[:200]
+    return f"{type(err).__name__}: {text}" if text else type(err).__name__
+
+
+def image_files(folder: str | Path) -> list[Path]:
+    """The image files of a folder (an image series), sorted by name; an error when there are none."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise ImageInputError(f"{folder} is not a folder of images")
+    files = sorted(
+        p for p in folder.iterdir() if p.is_file() and any(p.name.lower().endswith(s) for s in SUPPORTED_SUFFIXES)
+    )
+    if not files:
+        raise ImageInputError(f"no images ({', '.join(SUPPORTED_SUFFIXES)}) in {folder}")
+    return files
+
+
+def check_image_file(path: str | Path) -> tuple[tuple[int, ...], int]:
+    """Check a file from its header alone, without decoding it: it exists, has a supported suffix, is not empty,
+    is the format its suffix says, and fits the memory. Returns (shape, bytes per sample); raises
+    :class:`~napari_robustmedsam.errors.ImageInputError` naming the file otherwise. Cheap: for checking a
+    whole folder before slow work starts."""
     p = Path(path)
     if not p.exists():
         raise ImageInputError(f"image file not found: {p}")
+    if p.is_dir():
+        raise ImageInputError(f"{p} is a folder, not an image file")
+    suffix = _suffix(p)
+    if suffix not in SUPPORTED_SUFFIXES:
+        raise ImageInputError(
+            f"unsupported image format {suffix!r} for {p}; supported: {', '.join(SUPPORTED_SUFFIXES)}"
+        )
+    try:
+        if p.stat().st_size == 0:
+            raise ImageInputError(f"cannot read {p}: the file is empty (0 bytes)")
+        shape, itemsize = _probe(p, suffix)
+    except ImageInputError:
+        raise
+    except Exception as err:  # noqa: BLE001 - every decoder failure means a damaged or mislabelled file
+        raise _unreadable(p, suffix, err) from None
+    check_image_size(p, shape, itemsize)
+    return shape, itemsize
+
+
+def _unreadable(p: Path, suffix: str, err: BaseException) -> ImageInputError:
+    return ImageInputError(
+        f"cannot read {p}: it is not a readable {suffix} file (truncated, damaged or another format; {_reason(err)})"
+    )
+
+
+def read_image(path: str | Path) -> np.ndarray:
+    """Read a 2D image or 3D volume as a numpy array (no intensity change).
+
+    Any file that cannot be read (missing, empty, truncated, not really of its suffix's format, too large for
+    the memory available) raises :class:`~napari_robustmedsam.errors.ImageInputError` naming the file.
+    """
+    p = Path(path)
+    check_image_file(p)
     suffix = _suffix(p)
     try:
         if suffix in _IMAGEIO_SUFFIXES:
             import imageio.v3 as iio
 
-            return np.asarray(iio.imread(p))
+            with _pil_without_pixel_cap():
+                return np.asarray(iio.imread(p))
         if suffix in _TIFF_SUFFIXES:
             import tifffile
 
             return tifffile.imread(p)
         if suffix == ".npy":
             return np.load(p, allow_pickle=False)
-        if suffix in _ITK_SUFFIXES:
-            import SimpleITK as sitk
+        import SimpleITK as sitk
 
-            return sitk.GetArrayFromImage(sitk.ReadImage(str(p)))
-    except (OSError, ValueError) as err:
-        raise ImageInputError(f"cannot read {p}: {err}") from err
-    raise ImageInputError(f"unsupported image format {suffix!r} for {p}; supported: {', '.join(SUPPORTED_SUFFIXES)}")
+        return sitk.GetArrayFromImage(sitk.ReadImage(str(p)))
+    except ImageInputError:
+        raise
+    except MemoryError:
+        raise ImageInputError(f"cannot read {p}: not enough memory to decode it; crop or downsample it first") from None
+    except Exception as err:  # noqa: BLE001 - every decoder failure means a damaged or mislabelled file
+        raise _unreadable(p, suffix, err) from None
 
 
-def write_mask(path: str | Path, mask: np.ndarray) -> Path:
-    """Write a label/mask array atomically; the format follows the suffix."""
-    p = Path(path)
-    suffix = _suffix(p)
+MASK_SUFFIXES = (".png", ".tif", ".tiff", ".npy", *sorted(_ITK_SUFFIXES))
+
+
+def check_mask_format(path: str | Path) -> str:
+    """The suffix of a mask file to write, or a UserFacingError when labels cannot be stored that way (a lossy or
+    unknown format). Cheap: commands call it before their slow work."""
+    suffix = _suffix(Path(path))
+    if suffix in _IMAGEIO_SUFFIXES - {".png"}:
+        raise UserFacingError(f"{suffix} is lossy and would corrupt labels; write the mask as .png, .tif, .npy or .nii.gz")
+    if suffix not in MASK_SUFFIXES:
+        raise UserFacingError(f"unsupported mask format {suffix or '(no suffix)'!r}; use .png, .tif, .npy or .nii.gz")
+    return suffix
+
+
+def write_mask(path: str | Path, mask: np.ndarray, *, inputs=(), overwrite: bool = False) -> Path:
+    """Write a label/mask array atomically; the format follows the suffix.
+
+    ``inputs``: files this mask was made from, never written over; an existing ``path`` is replaced only with
+    ``overwrite=True`` (:mod:`.output_paths`).
+    """
+    p = check_output(path, inputs=inputs, overwrite=overwrite)
+    suffix = check_mask_format(p)
     arr = np.asarray(mask)
     if arr.dtype == bool:
         arr = arr.astype(np.uint8)
-    if suffix in _IMAGEIO_SUFFIXES - {".png"}:
-        raise UserFacingError(f"{suffix} is lossy and would corrupt labels; write the mask as .png, .tif, .npy or .nii.gz")
     try:
         with atomic_write_path(p) as tmp:
             if suffix == ".png":

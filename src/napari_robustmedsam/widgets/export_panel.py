@@ -62,6 +62,7 @@ class ExportPanel(QWidget):
             labels_path, json_path = save_session(
                 path, session.labels, session.records_json(), image_meta,
                 model_meta(loaded) if loaded is not None else {},
+                overwrite=True,  # the file dialog asked before replacing a file; the image is still refused
             )
         except UserFacingError as err:
             self.banner.show_error(err)

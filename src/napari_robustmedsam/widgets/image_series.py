@@ -165,7 +165,7 @@ class ImageSeriesPanel(QWidget):
         image_meta = {"name": self.files[self.index].name, "source": str(self.files[self.index]),
                       "shape": list(session.shape), "kind": annotator.kind}
         save_session(path, session.labels, session.records_json(), image_meta,
-                     model_meta(loaded) if loaded is not None else {})
+                     model_meta(loaded) if loaded is not None else {}, overwrite=True)  # the series' own labels file
         return path
 
     def go(self, index: int, save: bool = True) -> bool:

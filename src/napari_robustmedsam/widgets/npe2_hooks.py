@@ -37,4 +37,4 @@ def write_labels(path: str, data: Any, meta: dict) -> list[str]:
     arr = np.asarray(data)
     if arr.dtype.kind not in "iub":
         arr = arr.astype(np.uint32)
-    return [str(write_mask(Path(path), arr))]
+    return [str(write_mask(Path(path), arr, overwrite=True))]  # napari's save dialog asked to replace

@@ -210,7 +210,7 @@ class RobustnessSweep(QWidget):
                                               "CSV (*.csv);;JSON (*.json)")
         if path:
             try:
-                self.table_result.save(path)
+                self.table_result.save(path, overwrite=True)  # the file dialog asked before replacing
                 self.banner.show_message(f"Saved {path}", "info")
             except (OSError, UserFacingError) as err:
                 self.banner.show_error(err if isinstance(err, UserFacingError) else UserFacingError(str(err)))
