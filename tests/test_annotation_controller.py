@@ -272,3 +272,37 @@ def test_a_correction_after_propagation_starts_the_re_propagation_timer(setup, m
 def test_propagation_of_a_2d_image_is_refused_with_a_message(setup):
     ctl, view, workers = setup()
     assert ctl.propagate() is None and "3D volume" in view.errors[-1]
+
+
+def test_prefetch_starts_at_the_users_slice_and_is_cancelled_with_the_embeddings(setup):
+    from napari_robustmedsam.annotation.slice_embeddings import SliceEmbeddings
+
+    class Encoder:
+        encoded: list = []
+
+        def compute_embedding(self, image):
+            self.encoded.append(int(image[0, 0]))
+            return None
+
+    ctl, view, workers = setup((5, 32, 32))
+    encoder = Encoder()
+    vol = np.arange(5, dtype=np.int16)[:, None, None] * np.ones((1, 32, 32), np.int16)
+    ctl.set_embeddings(SliceEmbeddings(encoder, vol, "volume"))
+    view.z = 3
+    ctl.start_prefetch()
+    assert len(workers.queue) == 1 and workers.queue[0][4] == "prefetch"
+    ctl.start_prefetch()  # one at a time
+    assert len(workers.queue) == 1
+    workers.finish()
+    assert encoder.encoded == [3, 4, 2, 1, 0] and ctl.embeddings.complete and ctl.prefetch_handle is None
+    encoder.encoded.clear()
+    ctl.set_embeddings(SliceEmbeddings(encoder, vol, "volume"))
+    ctl.start_prefetch()
+    ctl.set_focus(1)  # the user moved before the worker got to run: it starts there
+    workers.finish()
+    assert encoder.encoded == [1, 2, 0, 3, 4]
+    ctl.set_embeddings(SliceEmbeddings(encoder, vol, "volume"))
+    ctl.start_prefetch()
+    handle = workers.queue[-1][5]
+    ctl.set_embeddings(None)  # another model / image: the running prefetch is cancelled
+    assert handle.cancelled

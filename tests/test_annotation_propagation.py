@@ -92,3 +92,41 @@ def test_derived_prompts():
     assert interior_points(np.zeros((4, 4), bool)).shape == (0, 2)
     with pytest.raises(ValueError):
         derive_prompt(m, "lasso")
+
+
+def test_logits_modes_prompt_each_slice_with_its_neighbours_logits():
+    truth = ball_volume()
+    seen = {}
+
+    def segment(z, box, points, labels, mask, logits=None):
+        seen[z] = (logits, points)
+        return truth[z], f"logits{z}", 0.9
+
+    propagate_object(segment, truth.shape[0], {5: truth[5]}, prompt_mode="box+points+logits",
+                     seed_logits={5: "logits5"}, iou_threshold=0.0)
+    assert seen[6][0] == "logits5" and seen[4][0] == "logits5"  # the seed's own logits
+    assert seen[7][0] == "logits6" and seen[3][0] == "logits4"  # then each propagated slice's
+    assert seen[6][1].shape == (1, 2)  # one positive point at the neighbour's interior
+    seen.clear()
+    propagate_object(segment, truth.shape[0], {5: truth[5]}, prompt_mode="box+logits", iou_threshold=0.0)
+    assert seen[6][0] is None and seen[7][0] == "logits6"  # no seed logits: the seed's binary mask prompts
+
+
+def test_min_score_stops_where_the_model_is_unsure_and_leaves_that_slice_empty():
+    truth = ball_volume()
+
+    def segment(z, box, points, labels, mask):
+        # past the object the model still paints the neighbour's mask, with a low predicted IoU
+        return (truth[z], None, 0.9) if truth[z].any() else (mask, None, 0.4)
+
+    loose = propagate_object(segment, truth.shape[0], {5: truth[5]}, prompt_mode="mask", iou_threshold=0.5,
+                             min_score=0.0)
+    assert loose.z_range == (0, truth.shape[0] - 1)  # the IoU rule alone runs on to the volume's ends
+    strict = propagate_object(segment, truth.shape[0], {5: truth[5]}, prompt_mode="mask", iou_threshold=0.5,
+                              min_score=0.6)
+    np.testing.assert_array_equal(strict.masks, truth)
+    assert "predicted IoU 0.40" in strict.stopped["up"] and "predicted IoU" in strict.stopped["down"]
+    # between two seeds the object is there at both ends: no stop there
+    between = propagate_object(segment, truth.shape[0], {3: truth[3], 8: truth[8]}, prompt_mode="mask",
+                               min_score=0.95)
+    np.testing.assert_array_equal(between.masks[3:9], truth[3:9])

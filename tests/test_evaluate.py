@@ -284,3 +284,52 @@ def test_click_guard_runs_and_only_adds_at_positive_clicks(resumed_run, shared_d
     assert (grew[steps & (guarded["click_label"] == 0)] <= 0).all()
     record = json.loads((tmp_path / "runs.jsonl").read_text().splitlines()[-1])
     assert record["config"]["click_guard"] == "always"
+
+
+def test_propagate_3d_plus3_adds_prompts_on_the_worst_slices_and_each_one_helps():
+    """A stand-in model that finds the object inside a box but whose propagation dies two slices from a user's box:
+    each extra prompt (a box where the object is, a mark-end where it is not) goes to the slice with the largest
+    error, and the stretches next to it are propagated again."""
+    from types import SimpleNamespace
+
+    from napari_robustmedsam.prompting import tight_box
+    from training.evaluation.runner import EvalConfig, largest_error_slice, parse_prompts, propagate_masks
+
+    assert parse_prompts("propagate_3d,propagate_3d_plus3") == ("propagate_3d", "propagate_3d_plus3")
+    assert EvalConfig(prompts=("box", "propagate_3d_plus3")).prompts_3d == ("propagate_3d_plus3",)
+    gt = np.zeros((11, 32, 32), bool)
+    for z in range(1, 10):  # a different box on every slice: a user's box is told apart from a propagated one
+        h = 2 + z
+        gt[z, 16 - h:16 + h, 16 - h:16 + h] = True
+    boxed = set()
+
+    class Predictor:
+        def predict(self, points=None, point_labels=None, boxes=None, mask_input=None, embedding=None,
+                    multimask_output=None):
+            z = embedding.z
+            if gt[z].any() and np.allclose(boxes, tight_box(gt[z])):
+                boxed.add(z)
+            out = np.zeros((32, 32), bool)
+            if min(abs(z - s) for s in boxed) < 2:
+                x0, y0, x1, y1 = (int(v) for v in boxes)
+                out[max(0, y0 - 1):y1 + 1, max(0, x0 - 1):x1 + 1] = gt[z, max(0, y0 - 1):y1 + 1, max(0, x0 - 1):x1 + 1]
+            return SimpleNamespace(masks=out[None], low_res_logits=np.zeros((1, 1, 8, 8)), scores=np.array([0.9]))
+
+    class Embeddings:
+        def get(self, z):
+            return SimpleNamespace(z=z, frame=None)
+
+    handle = SimpleNamespace(predictor=Predictor())
+    steps, score, zc = propagate_masks(handle, Embeddings(), gt, extra_prompts=0)
+    assert zc == 5 and len(steps) == 1 and boxed == {5}
+    np.testing.assert_array_equal(steps[0][4:7], gt[4:7])
+    assert not steps[0][:4].any() and not steps[0][7:].any()
+    boxed.clear()
+    steps, _, _ = propagate_masks(handle, Embeddings(), gt, extra_prompts=3)
+    assert len(steps) == 4 and len(boxed) == 4
+    dice = [2 * (m & gt).sum() / (m.sum() + gt.sum()) for m in steps]
+    assert all(b > a for a, b in zip(dice, dice[1:])), dice
+    assert largest_error_slice(gt, gt, set()) is None
+    wrong = gt.copy()
+    wrong[0] = True
+    assert largest_error_slice(wrong, gt, set()) == 0 and largest_error_slice(wrong, gt, {0}) is None

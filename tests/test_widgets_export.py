@@ -113,8 +113,8 @@ def test_launcher_finds_shared_data_and_falls_back_to_the_phantom(tmp_path, monk
     assert launch.find_shared_data(nested) == tmp_path / "shared" / "data"
     assert launch.default_image(tmp_path / "shared" / "data") is None  # no images there
     args = launch.parse_args(["--phantom"])
-    image, name, modality, source = launch._load_image(args)
-    assert image.shape == (256, 256) and name == "MRI phantom" and modality == "mri"
+    image, kwargs, modality, source = launch._load_image(args)
+    assert image.shape == (256, 256) and kwargs["name"] == "MRI phantom" and modality == "mri"
     with pytest.raises(SystemExit):
         launch.parse_args(["--image", "a.png", "--volume", "b.tif"])
 
@@ -123,8 +123,8 @@ def test_launcher_uses_a_real_image_when_present(shared_data, monkeypatch):
     from napari_robustmedsam import launch
 
     monkeypatch.setenv("ROBUSTMEDSAM_SHARED_DATA", str(shared_data))
-    image, name, modality, source = launch._load_image(launch.parse_args([]))
-    assert name.startswith("hc18_fetal_head_us/") and modality == "ultrasound" and Path(source).exists()
+    image, kwargs, modality, source = launch._load_image(launch.parse_args([]))
+    assert kwargs["name"].startswith("hc18_fetal_head_us/") and modality == "ultrasound" and Path(source).exists()
 
 
 def _view_box(viewer):

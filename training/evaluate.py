@@ -38,7 +38,6 @@ from training.evaluation.runner import (
     Embedder,
     EvalConfig,
     RunStats,
-    PROPAGATE,
     evaluate_samples,
     evaluate_volumes,
     load_model_handle,
@@ -254,9 +253,9 @@ def main(argv: list[str] | None = None) -> dict:
     names = [s.strip() for s in args.datasets.split(",")] if args.datasets else None
     samples = select_samples(datasets, args.images_per_dataset, args.seed, names) if cfg.prompts_2d else []
     volumes = []
-    if PROPAGATE in cfg.prompts:
+    if cfg.prompts_3d:
         volumes = [d for d in datasets if d.kind == "3d" and (not names or d.name in names)]
-    if PROPAGATE in cfg.prompts and not volumes:
+    if cfg.prompts_3d and not volumes:
         print("note: propagate_3d needs 3D volumes (<volume>/image.tif + labels.tif); none found", file=sys.stderr)
 
     info = dist_info()
@@ -277,14 +276,14 @@ def main(argv: list[str] | None = None) -> dict:
     done = store.done_keys()
     my_samples = shard(samples, info)
     my_volumes = volumes if info.rank == 0 else []
-    groups_total = (len(my_samples) + len(my_volumes)) * len(models) * len(conditions)
+    groups_total = (len(my_samples) + len(my_volumes) * len(cfg.prompts_3d)) * len(models) * len(conditions)
     protocols = {p: cfg.protocol(p) for p in cfg.prompts}
     groups_done = sum(
         1 for s in my_samples for m in models for c in conditions
         if all((m.key, s.key, c.name, p, protocols[p]) in done for p in cfg.prompts_2d)
     ) + sum(
-        1 for v in my_volumes for m in models for c in conditions
-        if (m.key, f"{v.name}/3d", c.name, PROPAGATE, protocols[PROPAGATE]) in done
+        1 for v in my_volumes for m in models for c in conditions for p in cfg.prompts_3d
+        if (m.key, f"{v.name}/3d", c.name, p, protocols[p]) in done
     )
     print(
         f"evaluate: {len(models)} model(s) x {len(my_samples)} image(s)"

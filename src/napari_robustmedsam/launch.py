@@ -51,38 +51,52 @@ def default_image(shared: Path | None, dataset: str = DEFAULT_DATASET) -> Path |
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="napari-robustmedsam", description=__doc__.split("\n\n")[0])
     src = p.add_mutually_exclusive_group()
-    src.add_argument("--image", help="2D image file to annotate (PNG, JPEG, TIFF, NPY, NIfTI...)")
-    src.add_argument("--volume", help="3D volume file to annotate (TIFF stack, NPY, NIfTI, NRRD, MHA)")
+    src.add_argument("--image", help="2D image file to annotate (PNG, JPEG, TIFF, NPY, a DICOM file...)")
+    src.add_argument("--volume", help="3D volume to annotate: DICOM series folder or multi-frame file, NIfTI, NRRD, "
+                     "MHA/MHD, TIFF stack, NPY (spacing, origin and direction kept)")
     src.add_argument("--phantom", action="store_true", help="use the synthetic MRI phantom even if real data is there")
     p.add_argument("--dataset", default=DEFAULT_DATASET, help=f"medseg dataset for the default image ({DEFAULT_DATASET})")
     p.add_argument("--model", default="litemedsam", help="registry model or checkpoint file (default: litemedsam)")
     p.add_argument("--device", default="auto", help="auto, cuda, mps or cpu")
     p.add_argument("--no-embed", action="store_true", help="do not start computing the embedding right away")
     p.add_argument("--screenshot", help="save a screenshot when ready, then quit")
+    from .cli.volume_input import add_volume_options
+
+    add_volume_options(p)
     return p.parse_args(argv)
 
 
 def _load_image(args: argparse.Namespace):
-    """(array, layer name, modality or None, source description)."""
+    """(array, layer keyword arguments, modality or None, source description)."""
+    from .cli.volume_input import read_input
+    from .engine.windows import NO_WINDOW, WINDOW_KEY
     from .io import read_image
+    from .io.medical import SOURCE_KEY, layer_kwargs
     from .sample_data import mri_phantom
 
-    if args.image:
-        arr = read_image(args.image)
-        return arr, Path(args.image).stem, None, str(args.image)
-    if args.volume:
-        arr = read_image(args.volume)
-        if arr.ndim != 3:
+    path = args.image or args.volume
+    if path:
+        arr, geometry, window = read_input(args, path)
+        if args.volume and arr.ndim != 3:
             from .errors import ImageInputError
 
             raise ImageInputError(f"{args.volume} has shape {arr.shape}; --volume expects a 3D (Z, Y, X) volume")
-        return arr, Path(args.volume).parent.name or Path(args.volume).stem, None, str(args.volume)
+        name = Path(path).name if Path(path).is_dir() else Path(path).stem.removesuffix(".nii")
+        if geometry is not None:
+            kwargs = layer_kwargs(geometry, arr.ndim)
+        else:
+            kwargs = {"name": name, "metadata": {SOURCE_KEY: str(path)}}
+        kwargs["metadata"][WINDOW_KEY] = window.spec if window is not None else NO_WINDOW
+        if window is not None:
+            kwargs["contrast_limits"] = window.contrast_limits()
+        return arr, kwargs, None, str(path)
     if not args.phantom:
         path = default_image(find_shared_data(), args.dataset)
         if path is not None:
-            return read_image(path), f"{args.dataset}/{path.stem}", DATASET_MODALITY.get(args.dataset), str(path)
+            return (read_image(path), {"name": f"{args.dataset}/{path.stem}", "metadata": {SOURCE_KEY: str(path)}},
+                    DATASET_MODALITY.get(args.dataset), str(path))
     image, _ = mri_phantom(256, seed=0)
-    return image, "MRI phantom", "mri", "synthetic MRI phantom (napari_robustmedsam.sample_data)"
+    return image, {"name": "MRI phantom"}, "mri", "synthetic MRI phantom (napari_robustmedsam.sample_data)"
 
 
 def main(argv=None) -> int:
@@ -108,8 +122,9 @@ def main(argv=None) -> int:
 def setup(args: argparse.Namespace):
     """Everything :func:`main` does before the event loop: ``(viewer, startup, fit)``, or an exit code.
 
-    The window shows the image at once; the model loads and napari's numba code compiles in workers, and the
-    plugin is docked when they are done (:class:`Startup`; ``startup.ready`` once the embedding has started).
+    The window shows the image and the docked plugin at once; the model loads and napari's numba code compiles in
+    workers, and the annotator takes the image when they are done (:class:`Startup`; ``startup.ready`` once the
+    embedding has started).
     ``fit()`` fits the image to the canvas again (see :func:`keep_view_fitted`)."""
     from .annotation.model_info import preimport_model_modules
     from .errors import UserFacingError
@@ -117,7 +132,7 @@ def setup(args: argparse.Namespace):
     # Before napari creates its OpenGL context (see preimport_model_modules: triton + Mesa).
     preimport_model_modules()
     try:
-        image, name, modality, source = _load_image(args)
+        image, layer_kwargs, modality, source = _load_image(args)
     except UserFacingError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -129,7 +144,8 @@ def setup(args: argparse.Namespace):
     rgb = image.ndim == 3 and image.shape[-1] in (3, 4) and not args.volume
     # Marked as not for annotation until the drawing code is ready: the annotator creates its layers when it
     # takes an image, and that is where napari would compile on the GUI thread (see Startup).
-    layer = viewer.add_image(image, name=name, rgb=rgb, metadata={ROLE_KEY: Startup.PENDING})
+    layer_kwargs = {**layer_kwargs, "metadata": {**layer_kwargs.get("metadata", {}), ROLE_KEY: Startup.PENDING}}
+    layer = viewer.add_image(image, rgb=rgb, **layer_kwargs)
     print(f"image: {source} {image.shape} {image.dtype}")
     widget = _dock(viewer)
     widget.annotator._set_status(Startup.MESSAGE)

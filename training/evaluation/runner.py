@@ -35,6 +35,7 @@ import numpy as np
 import torch
 
 from napari_robustmedsam.annotation.prompt_decoding import local_corrections_apply
+from napari_robustmedsam.annotation.propagation import PropagationSettings, predictor_segment_fn, propagate_object
 from napari_robustmedsam.engine.click_guard import EdgeReach
 from napari_robustmedsam.engine.embeddings import open_engine
 from napari_robustmedsam.metrics import segmentation_metrics
@@ -55,9 +56,14 @@ PROMPT_HELP = (
     "box (tight box), box_jitter (each side moved by up to --jitter x its length), points<K> (K random "
     "positive points, e.g. points1, points3, points5), iter_box / iter_point (a box or one point, then --steps "
     "corrective clicks with the previous logits fed back), iterative (= iter_box + iter_point), propagate_3d "
-    "(volumes only: box on the object's central slice, then the annotator's 3D propagation; 3D metrics)"
+    "(volumes only: box on the object's central slice, then the annotator's 3D propagation; 3D metrics), "
+    "propagate_3d_plus3 (then up to 3 more prompts, each on the slice with the largest error, re-propagating "
+    "after each)"
 )
 PROPAGATE = "propagate_3d"
+PROPAGATE_PLUS = "propagate_3d_plus3"
+VOLUME_PROMPTS = (PROPAGATE, PROPAGATE_PLUS)
+EXTRA_PROMPTS = 3  # propagate_3d_plus3: prompts added after the first propagation
 _POINTS_RE = re.compile(r"^points(\d+)$")
 
 
@@ -76,7 +82,7 @@ def parse_prompts(text: str | list[str]) -> tuple[str, ...]:
             m = _POINTS_RE.match(n)
             if n in ("propagate", "3d", "propagate3d"):
                 n = PROPAGATE
-            if not (n in ("box", "box_jitter", "iter_box", "iter_point", PROPAGATE) or (m and int(m.group(1)) >= 1)):
+            if not (n in ("box", "box_jitter", "iter_box", "iter_point", *VOLUME_PROMPTS) or (m and int(m.group(1)) >= 1)):
                 raise ValueError(f"unknown prompt mode {raw!r}; valid: {PROMPT_HELP}")
             if n not in out:
                 out.append(n)
@@ -85,13 +91,8 @@ def parse_prompts(text: str | list[str]) -> tuple[str, ...]:
     return tuple(out)
 
 
-#: the annotator's propagation defaults used by the propagate_3d mode (see annotation/propagation.py)
-PROPAGATION_SETTINGS = {
-    "seed_prompt": "tight box on the central slice",
-    "prompt_mode": "box+mask",
-    "iou_threshold": 0.5,
-    "box_extension": 0.0,
-}
+#: the annotator's propagation defaults used by the propagate_3d modes (see annotation/propagation.py)
+PROPAGATION_SETTINGS = {"seed_prompt": "tight box on the central slice", **PropagationSettings().kwargs()}
 
 
 @dataclass(frozen=True)
@@ -137,7 +138,11 @@ class EvalConfig:
 
     @property
     def prompts_2d(self) -> tuple[str, ...]:
-        return tuple(p for p in self.prompts if p != PROPAGATE)
+        return tuple(p for p in self.prompts if p not in VOLUME_PROMPTS)
+
+    @property
+    def prompts_3d(self) -> tuple[str, ...]:
+        return tuple(p for p in self.prompts if p in VOLUME_PROMPTS)
 
     def protocol(self, prompt: str) -> str:
         """Hash of every setting that changes the numbers of `prompt` (resuming requires a match)."""
@@ -162,8 +167,10 @@ class EvalConfig:
                     parts["click_guard_reach"] = self.click_guard_reach
                     if self.click_guard_reach_scope != "all":  # absent for every click, as before scopes existed
                         parts["click_guard_reach_scope"] = self.click_guard_reach_scope
-        if prompt == PROPAGATE:
+        if prompt in VOLUME_PROMPTS:
             parts.update(propagation=PROPAGATION_SETTINGS)
+        if prompt == PROPAGATE_PLUS:
+            parts.update(extra_prompts=EXTRA_PROMPTS, extra_prompt_rule="largest error slice")
         return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:10]
 
 
@@ -470,9 +477,8 @@ def unit_keys(models: list[ModelHandle], samples: list[Sample], conditions: list
         (m.key, s.key, c.name, p, cfg.protocol(p))
         for m in models for s in samples for c in conditions for p in cfg.prompts_2d
     }
-    if PROPAGATE in cfg.prompts:
-        keys |= {(m.key, volume_key(v), c.name, PROPAGATE, cfg.protocol(PROPAGATE))
-                 for m in models for v in volumes or [] for c in conditions}
+    keys |= {(m.key, volume_key(v), c.name, p, cfg.protocol(p))
+             for m in models for v in volumes or [] for c in conditions for p in cfg.prompts_3d}
     return keys
 
 
@@ -602,33 +608,69 @@ def _degrade_volume(cond: Condition, volume: np.ndarray, modality: str, key: str
     return cond.apply(volume, modality, key, seed)
 
 
-def propagate_rows(handle: ModelHandle, embeddings, gt3d: np.ndarray, obj_id: str, cfg: EvalConfig,
-                   spacing: tuple[float, ...] | None) -> dict:
-    """One object: tight box on its central slice, then the annotator's propagation; 3D metrics."""
-    from napari_robustmedsam.annotation.propagation import predictor_segment_fn, propagate_object
+def _box_seed(handle: ModelHandle, embedding, gt_slice: np.ndarray):
+    """The model's mask, low-res logits and score for the tight box of ``gt_slice`` (a user's box on that slice)."""
+    pred = handle.predictor.predict(boxes=tight_box(gt_slice), embedding=embedding)
+    return pred.masks[0], pred.low_res_logits[:1], float(pred.scores[0])
 
+
+def largest_error_slice(pred: np.ndarray, gt: np.ndarray, exclude: set[int]) -> int | None:
+    """The slice (not in ``exclude``) with the most wrong voxels (false positives + false negatives), lowest z on
+    ties; None when no such slice has an error."""
+    errors = (pred ^ gt).reshape(pred.shape[0], -1).sum(axis=1)
+    for z in exclude:
+        errors[z] = 0
+    z = int(np.argmax(errors))
+    return z if errors[z] > 0 else None
+
+
+def propagate_masks(handle: ModelHandle, embeddings, gt3d: np.ndarray, extra_prompts: int = 0,
+                    settings: PropagationSettings | None = None) -> tuple[list[np.ndarray], float, int]:
+    """Tight box on the object's central labelled slice, then the annotator's propagation; then up to
+    ``extra_prompts`` more prompts, each on the slice with the largest error (a tight box where the object is, an
+    empty slice, the annotator's "mark end", where it is not), re-propagating the stretches next to it as the
+    annotator does. Returns (the volume's mask after 0, 1, ... extra prompts, the seed's score, the seed slice)."""
+    settings = settings or PropagationSettings()
     zs = np.nonzero(gt3d.reshape(gt3d.shape[0], -1).any(axis=1))[0]
     zc = int(zs[len(zs) // 2])
-    emb = embeddings.get(zc)
-    pred = handle.predictor.predict(boxes=tight_box(gt3d[zc]), embedding=emb)
-    seed_mask, score = pred.masks[0], float(pred.scores[0])
-    if seed_mask.any():
-        result = propagate_object(
-            predictor_segment_fn(handle.predictor, embeddings), gt3d.shape[0], {zc: seed_mask},
-            iou_threshold=PROPAGATION_SETTINGS["iou_threshold"], prompt_mode=PROPAGATION_SETTINGS["prompt_mode"],
-            box_extension=PROPAGATION_SETTINGS["box_extension"],
-        )
-        masks = result.masks
-    else:
-        masks = np.zeros_like(gt3d, dtype=bool)
+    mask, logits, score = _box_seed(handle, embeddings.get(zc), gt3d[zc])
+    if not mask.any():
+        return [np.zeros_like(gt3d, dtype=bool)], score, zc
+    seg = predictor_segment_fn(handle.predictor, embeddings)
+    seeds, seed_logits = {zc: mask}, {zc: logits}
+    result = propagate_object(seg, gt3d.shape[0], seeds, seed_logits=seed_logits, **settings.kwargs())
+    steps = [result.masks.copy()]
+    for _ in range(extra_prompts):
+        z = largest_error_slice(steps[-1], gt3d, set(seeds))
+        if z is None:
+            break
+        if gt3d[z].any():
+            seeds[z], seed_logits[z], _ = _box_seed(handle, embeddings.get(z), gt3d[z])
+        else:
+            seeds[z] = np.zeros_like(gt3d[z], dtype=bool)
+        result = propagate_object(seg, gt3d.shape[0], seeds, seed_logits=seed_logits, existing=steps[-1],
+                                  changed_seeds=[z], **settings.kwargs())
+        steps.append(result.masks.copy())
+    return steps, score, zc
+
+
+def propagate_rows(handle: ModelHandle, embeddings, gt3d: np.ndarray, obj_id: str, cfg: EvalConfig,
+                   spacing: tuple[float, ...] | None, prompt: str = PROPAGATE) -> list[dict]:
+    """One object: tight box on its central slice, then the annotator's propagation (and, for
+    ``propagate_3d_plus3``, up to 3 more prompts: one row per step); 3D metrics."""
+    extra = EXTRA_PROMPTS if prompt == PROPAGATE_PLUS else 0
+    steps, score, zc = propagate_masks(handle, embeddings, gt3d, extra)
     # distances in units of in-plane pixels (tolerance 2 px as in 2D), z scaled by its spacing ratio
     sp = None
     if spacing is not None:
         sp = (spacing[0] / spacing[1], 1.0, spacing[2] / spacing[1])
-    row = segmentation_metrics(masks, gt3d, tolerance_px=cfg.tolerance_px, spacing=sp)
-    row.update(pred_px=int(masks.sum()), object_id=obj_id, object_px=int(gt3d.sum()), prompt=PROPAGATE, step=0,
-               n_points=0, click_label=-1, score=score, slice=zc)
-    return row
+    rows = []
+    for step, masks in enumerate(steps):
+        row = segmentation_metrics(masks, gt3d, tolerance_px=cfg.tolerance_px, spacing=sp)
+        row.update(pred_px=int(masks.sum()), object_id=obj_id, object_px=int(gt3d.sum()), prompt=prompt, step=step,
+                   n_points=step, click_label=-1, score=score, slice=zc)
+        rows.append(row)
+    return rows
 
 
 def evaluate_volumes(
@@ -642,36 +684,43 @@ def evaluate_volumes(
     done: set[tuple] | None = None,
     on_unit: Callable[[int, bool], None] | None = None,
 ) -> RunStats:
-    """``propagate_3d`` on every object of every volume, per model and condition (whole-volume degradation)."""
+    """The volume prompt modes (``propagate_3d``, ``propagate_3d_plus3``) on every object of every volume, per
+    model and condition (whole-volume degradation)."""
     embedder = embedder or Embedder()
     done = store.done_keys() if done is None else done
     stats = RunStats()
-    proto = cfg.protocol(PROPAGATE)
+    prompts = cfg.prompts_3d or (PROPAGATE,)
+    protos = {p: cfg.protocol(p) for p in prompts}
+    n_units = len(models) * len(conditions) * len(prompts)
     calls0, hits0, secs0 = embedder.encoder_calls, embedder.cache_hits, embedder.encoder_seconds
     for vol in volumes:
         key = volume_key(vol)
-        todo = [(m, c) for c in conditions for m in models if (m.key, key, c.name, PROPAGATE, proto) not in done]
-        stats.units_total += len(models) * len(conditions)
-        stats.units_skipped += len(models) * len(conditions) - len(todo)
-        if on_unit and len(todo) < len(models) * len(conditions):
-            on_unit(len(models) * len(conditions) - len(todo), False)
+        todo = [(m, c, p) for c in conditions for m in models for p in prompts
+                if (m.key, key, c.name, p, protos[p]) not in done]
+        stats.units_total += n_units
+        stats.units_skipped += n_units - len(todo)
+        if on_unit and len(todo) < n_units:
+            on_unit(n_units - len(todo), False)
         if not todo:
             continue
         image, labels = vol.load_volume()
         objects = _volume_objects(labels, key, cfg)
         for cond in conditions:
-            pending = [m for m, c in todo if c is cond]
+            pending = [(m, p) for m, c, p in todo if c is cond]
             if not pending:
                 continue
             degraded, names = _degrade_volume(cond, image, vol.modality, key, cfg.seed)
-            for m in pending:
-                embeddings = _LazySliceEmbeddings(embedder, m, degraded)
-                rows = [propagate_rows(m, embeddings, o.mask, o.object_id, cfg, vol.spacing) for o in objects]
+            lazy: dict[str, _LazySliceEmbeddings] = {}
+            for m, prompt in pending:
+                embeddings = lazy.setdefault(m.key, _LazySliceEmbeddings(embedder, m, degraded))
+                rows = [r for o in objects
+                        for r in propagate_rows(m, embeddings, o.mask, o.object_id, cfg, vol.spacing, prompt)]
                 for r in rows:
                     r.update(model=m.label, model_key=m.key, dataset=vol.name, modality=vol.modality, sample=key,
-                             image_id="3d", condition=cond.name, degradation=names, run_id=run_id, protocol=proto)
-                store.append(rows, [{"model_key": m.key, "sample": key, "condition": cond.name, "prompt": PROPAGATE,
-                                     "protocol": proto, "objects": len(objects), "run_id": run_id,
+                             image_id="3d", condition=cond.name, degradation=names, run_id=run_id,
+                             protocol=protos[prompt])
+                store.append(rows, [{"model_key": m.key, "sample": key, "condition": cond.name, "prompt": prompt,
+                                     "protocol": protos[prompt], "objects": len(objects), "run_id": run_id,
                                      "time": round(time.time(), 1)}])
                 stats.units_done += 1
                 stats.rows += len(rows)

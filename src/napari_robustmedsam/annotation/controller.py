@@ -29,10 +29,17 @@ import numpy as np
 from ..errors import UserFacingError
 from .feedback import describe_change
 from .model_info import display_name
+from .prefetch import SlicePrefetcher, prefetch_order
 from .prompt_decoding import DEFAULT_CLICK_GUARD_REACH, mask_box, segment_slice
-from .propagation import predictor_segment_fn, propagate_object
+from .propagation import (
+    DEFAULT_IOU_THRESHOLD,
+    DEFAULT_MIN_SCORE,
+    DEFAULT_PROMPT_MODE,
+    predictor_segment_fn,
+    propagate_object,
+)
 from .session import AnnotationSession, SlicePrompts
-from .slice_embeddings import SliceEmbeddings
+from .slice_embeddings import Cancelled, SliceEmbeddings
 
 # The decoder runs on the GUI thread while its median time there stays at or below this; slower models (or a
 # loaded machine) use a worker. A decode in a worker competes with the rendering of the click for the CPU cores
@@ -51,8 +58,9 @@ class AnnotatorSettings:
     click_guard: str
     overwrite: bool = False
     auto_repropagate: bool = True
-    iou_threshold: float = 0.5
-    prompt_mode: str = "box"
+    iou_threshold: float = DEFAULT_IOU_THRESHOLD
+    prompt_mode: str = DEFAULT_PROMPT_MODE
+    min_score: float = DEFAULT_MIN_SCORE
 
 
 class AnnotatorView(Protocol):
@@ -146,6 +154,9 @@ class AnnotationController:
         self.running = False  # a decode runs in a worker
         self.pending: tuple[int, float] | None = None  # the newest request that waits for it
         self.embed_handles: dict[int, Any] = {}
+        self.prefetch_handle = None  # the background embedding of a volume's slices (start_prefetch)
+        self.focus_z = 0  # the slice the user looks at: the prefetch embeds nearest to it first
+        self.prefetcher: SlicePrefetcher | None = None  # the last one started (its order: tests, status)
         self.propagated_once = False
         self.changed_since_propagation: set[int] = set()
         self.propagation_handle = None
@@ -158,17 +169,20 @@ class AnnotationController:
 
     # ------------------------------------------------------------------ image, model
     def open_image(self, shape: tuple[int, ...]) -> AnnotationSession:
+        self.cancel_prefetch()
         self.generation += 1
         self.session = AnnotationSession(shape)
         self._forget_propagation()
         return self.session
 
     def close_image(self) -> None:
+        self.cancel_prefetch()
         self.generation += 1
         self.session = None
         self.embeddings = None
 
     def set_embeddings(self, embeddings: SliceEmbeddings | None) -> None:
+        self.cancel_prefetch()
         self.embed_handles.clear()
         self.embeddings = embeddings
 
@@ -177,8 +191,9 @@ class AnnotationController:
 
     def compute_embeddings(self) -> None:
         """Encode every slice (progress + cancel); slices already embedded are skipped."""
+        self.cancel_prefetch()  # this task embeds the same slices, with its own progress and status
         emb, gen = self.embeddings, self.generation
-        todo = [z for z in range(emb.n_slices) if not emb.has(z)]
+        todo = prefetch_order(emb.n_slices, self.view.current_z(), (z for z in range(emb.n_slices) if emb.has(z)))
         if not todo:
             self.view.embeddings_changed()
             self.view.set_status("Embeddings are already computed.")
@@ -205,6 +220,43 @@ class AnnotationController:
 
         self.run_task(work, done, failed, "embedding", "embed")
 
+    def set_focus(self, z: int) -> None:
+        """The user's slice changed: the background embedding continues nearest to it."""
+        self.focus_z = int(z)
+
+    def start_prefetch(self) -> None:
+        """Embed every slice of a volume in a worker, the user's slice first, then its neighbours nearest-first
+        (:mod:`.prefetch`), so that the first click waits for one slice, not the volume. Progress is the slices
+        ready; a click on a slice not embedded yet still embeds it at once (a slice being embedded is waited for)."""
+        emb, session = self.embeddings, self.session
+        if emb is None or session is None or not session.is_volume or emb.complete:
+            return
+        if self.prefetch_handle is not None and not self.prefetch_handle.done:
+            return
+        self.focus_z = self.view.current_z()
+        prefetcher = self.prefetcher = SlicePrefetcher(emb, lambda: self.focus_z)
+
+        def work(handle):
+            return prefetcher.run(progress=lambda d, t: handle.report(d, t, "slices embedded"),
+                                  is_cancelled=handle.is_cancelled)
+
+        def done(_):
+            self.prefetch_handle = None
+            if emb is self.embeddings:
+                self.view.embeddings_changed()
+
+        def failed(err, tb):
+            self.prefetch_handle = None
+            if not isinstance(err, Cancelled):
+                self.view.show_error(err)
+
+        self.prefetch_handle = self.run_task(work, done, failed, "embedding slices", "prefetch")
+
+    def cancel_prefetch(self) -> None:
+        if self.prefetch_handle is not None and not self.prefetch_handle.done:
+            self.prefetch_handle.cancel()
+        self.prefetch_handle = None
+
     # ------------------------------------------------------------------ segmentation
     def segment(self, z: int | None = None, t_request: float | None = None) -> None:
         """Segment the current object on slice ``z`` (default: the visible one) from its prompts."""
@@ -212,6 +264,7 @@ class AnnotationController:
             self.view.show_error(UserFacingError("open or choose an image layer first"))
             return
         z = self.view.current_z() if z is None else int(z)
+        self.focus_z = z
         t_request = time.perf_counter() if t_request is None else t_request
         if self.view.loaded_model() is None and self.view.slice_prompts(z).is_empty:
             self.view.set_status(f"No prompts on slice {z}: draw a box or click a point first.")
@@ -388,12 +441,13 @@ class AnnotationController:
             pass
 
     # ------------------------------------------------------------------ commit, clear, undo
-    def commit(self, info: dict | None = None):
-        """Commit the current object (a new label id); the session's CommitResult, or None after an error."""
+    def commit(self, info: dict | None = None, label_id: int | None = None):
+        """Commit the current object (a new label id, or ``label_id``); the session's CommitResult, or None after
+        an error."""
         self.repropagate_timer.stop()
         self.cancel_propagation()
         try:
-            result = self.session.commit(overwrite=self.view.settings().overwrite, info=info or {})
+            result = self.session.commit(overwrite=self.view.settings().overwrite, label_id=label_id, info=info or {})
         except UserFacingError as err:
             self.view.show_error(err)
             return None
@@ -483,6 +537,7 @@ class AnnotationController:
         existing = session.current.copy() if (changed_only and self.propagated_once) else None
         changed = sorted(self.changed_since_propagation) if existing is not None else None
         settings = self.view.settings()
+        seed_logits = {z: session.current_logits.get(z) for z in seeds}
 
         def start():
             seg = predictor_segment_fn(self.embeddings.predictor, self.embeddings)
@@ -490,7 +545,8 @@ class AnnotationController:
             def work(handle):
                 return propagate_object(
                     seg, session.n_slices, seeds, iou_threshold=settings.iou_threshold,
-                    prompt_mode=settings.prompt_mode, existing=existing, changed_seeds=changed,
+                    prompt_mode=settings.prompt_mode, min_score=settings.min_score, seed_logits=seed_logits,
+                    existing=existing, changed_seeds=changed,
                     progress=lambda d, t: handle.report(d, t, "slices"), is_cancelled=handle.is_cancelled,
                 )
 

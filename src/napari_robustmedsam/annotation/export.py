@@ -2,14 +2,15 @@
 
 ``save_session("out/case01.tif", labels, records, ...)`` writes two files, both atomically:
 
-- ``out/case01.tif``: the label image (TIFF, NPY, NIfTI ``.nii.gz`` through SimpleITK, or PNG for 2D),
-  0 = background, one id per object;
+- ``out/case01.tif``: the label image (TIFF, NPY, NIfTI / NRRD / MetaImage through SimpleITK with the image's
+  geometry, or PNG for 2D), 0 = background, one id per object;
 - ``out/case01.prompts.json``: the session record::
 
     {"format": "napari-robustmedsam-session", "version": 1, "created": ISO time,
      "labels_file": "case01.tif", "shape": [...], "dtype": "uint32",
      "coordinates": "...",                                # the conventions below
-     "image": {"name", "shape", "dtype", "source", "kind"},   # what was annotated
+     "image": {"name", "shape", "dtype", "source", "kind",    # what was annotated: the file or DICOM folder,
+               "window", "geometry"},                       # the CT window the model saw, spacing/origin/direction
      "model": {"name", "architecture", "decoder", "preprocessing", "sha256"},
      "objects": [{"id": 1, "n_pixels": 812,
                   "slices": {"0": {"points": [[x, y], ...], "point_labels": [1, 0],
@@ -36,7 +37,9 @@ from ..errors import UserFacingError
 
 SESSION_FORMAT = "napari-robustmedsam-session"
 SESSION_VERSION = 1
-LABEL_SUFFIXES = (".tif", ".tiff", ".npy", ".nii.gz", ".nii", ".png")
+LABEL_SUFFIXES = (".tif", ".tiff", ".npy", ".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd", ".png")
+#: Written but not read back as a session: a DICOM Segmentation of labels drawn on a DICOM series.
+SAVE_ONLY_SUFFIXES = (".dcm",)
 COORDINATES_NOTE = (
     "points (x, y) = (column, row) pixel indices; boxes (x0, y0, x1, y1) with exclusive upper corners; "
     "slice keys index the first axis of a volume ('0' for a 2D image)"
@@ -73,6 +76,7 @@ class LoadedSession:
     labels_path: Path
     prompts_path: Path | None
     meta: dict[str, Any] = field(default_factory=dict)
+    geometry: Any = None  # io.medical.Geometry of a NIfTI / NRRD / MetaImage labels file
 
 
 def save_session(
@@ -82,6 +86,8 @@ def save_session(
     image_meta: dict[str, Any] | None = None,
     model_meta: dict[str, Any] | None = None,
     extra: dict[str, Any] | None = None,
+    geometry: Any = None,
+    class_names: dict[int, str] | None = None,
     *,
     inputs=(),
     overwrite: bool = False,
@@ -89,7 +95,9 @@ def save_session(
     """Write the labels and the prompts JSON next to each other (both atomic); return both paths.
 
     Neither file may be the annotated image (``image_meta["source"]``) or one of ``inputs``; existing files are
-    replaced only with ``overwrite=True`` (:mod:`napari_robustmedsam.io.output_paths`).
+    replaced only with ``overwrite=True`` (:mod:`napari_robustmedsam.io.output_paths`). ``geometry``
+    (:class:`~napari_robustmedsam.io.medical.Geometry`): NIfTI / NRRD / MetaImage labels are written on the
+    image's grid; ``class_names`` (value -> name) name a DICOM-SEG's segments.
     """
     from ..io import atomic_write_path, write_mask
     from ..io.output_paths import check_outputs
@@ -98,18 +106,18 @@ def save_session(
     source = (image_meta or {}).get("source")
     check_outputs([p, prompts_path_for(p)], inputs=[*inputs, source], overwrite=overwrite)
     suffix = _suffix(p)
-    if suffix not in LABEL_SUFFIXES:
+    if suffix not in LABEL_SUFFIXES + SAVE_ONLY_SUFFIXES:
         raise UserFacingError(
             f"cannot save labels as {suffix or 'a file without suffix'!r}; use one of {', '.join(LABEL_SUFFIXES)}"
         )
     arr = np.asarray(labels)
     if suffix == ".png" and arr.ndim != 2:
         raise UserFacingError("a 3D label volume cannot be saved as PNG; use .tif, .npy or .nii.gz")
-    if suffix in (".nii", ".nii.gz"):
+    if suffix in (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd"):
         try:
             import SimpleITK  # noqa: F401
         except ImportError:
-            raise UserFacingError("saving NIfTI needs SimpleITK (pip install SimpleITK); or save as .tif / .npy") from None
+            raise UserFacingError(f"saving {suffix} needs SimpleITK (pip install SimpleITK); or save as .tif / .npy") from None
     if arr.dtype.kind not in "iub":
         raise UserFacingError(f"labels must be integers, got {arr.dtype}")
     if arr.dtype.kind == "u" and arr.dtype.itemsize > 4 or (arr.size and arr.max() > np.iinfo(np.uint32).max):
@@ -132,7 +140,7 @@ def save_session(
     if extra:
         meta["extra"] = extra
     text = json.dumps(meta, indent=1, default=_json_default)  # serialise before writing anything
-    write_mask(p, out, overwrite=True)  # checked above, with the JSON
+    write_mask(p, out, geometry, class_names, overwrite=True)  # checked above, with the JSON
     json_path = prompts_path_for(p)
     with atomic_write_path(json_path) as tmp:
         tmp.write_text(text)
@@ -151,7 +159,7 @@ def _json_default(value: Any):
 
 def load_session(path: str | Path) -> LoadedSession:
     """Load labels (+ prompts when the JSON is there) from the labels file or the ``.prompts.json``."""
-    from ..io import read_image
+    from ..io import read_image_geometry
 
     p = Path(path)
     if p.name.endswith(".prompts.json"):
@@ -174,7 +182,8 @@ def load_session(path: str | Path) -> LoadedSession:
             raise UserFacingError(f"session file not found: {p}")
         json_path = None
         labels_path = p
-    labels = np.asarray(read_image(labels_path))
+    labels, geometry = read_image_geometry(labels_path)
+    labels = np.asarray(labels)
     if labels.dtype.kind not in "iub":
         raise UserFacingError(f"{labels_path} does not hold integer labels ({labels.dtype})")
     if data and list(labels.shape) != list(data.get("shape", labels.shape)):
@@ -185,4 +194,5 @@ def load_session(path: str | Path) -> LoadedSession:
         labels_path=labels_path,
         prompts_path=json_path,
         meta={k: v for k, v in data.items() if k != "objects"},
+        geometry=geometry,
     )

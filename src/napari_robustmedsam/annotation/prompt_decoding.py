@@ -164,7 +164,7 @@ def segment_slice(
     use_logits = bool(
         use_previous_logits
         and previous_logits is not None
-        and (corrective or (previous_prompts is not None and previous_prompts.source == "propagated"
+        and (corrective or (previous_prompts is not None and previous_prompts.source in ("propagated", "label")
                             and sent.points.shape[0] > 0))
     )
     extra = {}

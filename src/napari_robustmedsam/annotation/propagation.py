@@ -5,10 +5,13 @@ stop when consecutive masks stop overlapping); the implementation is ours and ru
 :class:`~napari_robustmedsam.engine.predictor.Predictor`.
 
 - Seeds are the slices the user segmented (prompts of source "user"). Outwards from the lowest and the
-  highest seed, each slice is prompted from its neighbour's mask: the neighbour's box (optionally grown by
-  ``box_extension``), its mask as a low-resolution mask prompt, and/or positive points at its interior
-  (distance-transform maxima). Propagation in a direction stops when the mask is empty, when the IoU
-  between the new mask and its neighbour falls below ``iou_threshold``, or at the end of the volume.
+  highest seed, each slice is prompted from its neighbour's result: the neighbour's box (optionally grown by
+  ``box_extension``), its mask as a low-resolution mask prompt (``mask``) or the neighbour's own
+  low-resolution logits as the mask prompt (``logits``: the decoder sees how sure it was, not only where),
+  and/or positive points at its interior (distance-transform maxima). Propagation in a direction stops when
+  the mask is empty, when the IoU between the new mask and its neighbour falls below ``iou_threshold``, when
+  the model's predicted IoU of the new mask falls below ``min_score``, or at the end of the volume; the slice
+  that failed stays empty. The defaults were chosen by measurement (docs/results/propagation/).
 - Between two seeds every slice is filled from both ends towards the middle (no stop: the user said the
   object is there at both ends); a slice equidistant from both gets the union of its two neighbours.
 - A seed with an empty mask marks the end of the object: nothing is propagated past it.
@@ -22,20 +25,36 @@ so this module needs neither torch nor the model and is reused by the evaluation
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
 from scipy import ndimage
 
 from .slice_embeddings import Cancelled
 
-PROMPT_MODES = ("box", "mask", "points", "box+mask", "box+points", "points+mask", "box+points+mask")
+PROMPT_MODES = ("box", "mask", "points", "box+mask", "box+points", "points+mask", "box+points+mask",
+                "box+logits", "box+points+logits")
 DEFAULT_PROMPT_MODE = "box+mask"
 DEFAULT_IOU_THRESHOLD = 0.5
+DEFAULT_MIN_SCORE = 0.8  # chosen by docs/results/propagation/rule.md (0 = off)
 
-# segment(z, box, points, point_labels, mask_prompt) -> (mask (H, W) bool, logits or None, score)
-SegmentFn = Callable[[int, "np.ndarray | None", "np.ndarray | None", "np.ndarray | None", "np.ndarray | None"],
-                     tuple[np.ndarray, object, float]]
+# segment(z, box, points, point_labels, mask_prompt[, logits]) -> (mask (H, W) bool, logits or None, score);
+# ``logits`` (the neighbour's low-resolution logits) is passed only by the modes that use them
+SegmentFn = Callable[..., tuple[np.ndarray, object, float]]
+
+
+@dataclass(frozen=True)
+class PropagationSettings:
+    """How each slice is prompted from its neighbour and when a direction stops (the keyword arguments of
+    :func:`propagate_object`); the defaults are the annotator's and the evaluation's ``propagate_3d``."""
+
+    prompt_mode: str = DEFAULT_PROMPT_MODE
+    iou_threshold: float = DEFAULT_IOU_THRESHOLD
+    min_score: float = DEFAULT_MIN_SCORE
+    box_extension: float = 0.0
+
+    def kwargs(self) -> dict:
+        return asdict(self)
 
 
 @dataclass
@@ -44,6 +63,7 @@ class DerivedPrompt:
     points: np.ndarray | None
     point_labels: np.ndarray | None
     mask: np.ndarray | None  # (H, W) bool, the neighbour mask used as a mask prompt
+    use_logits: bool = False  # the neighbour's low-resolution logits are the mask prompt (``mask`` is their fallback)
 
 
 @dataclass
@@ -107,9 +127,9 @@ def derive_prompt(mask: np.ndarray, mode: str = DEFAULT_PROMPT_MODE, box_extensi
     if "points" in parts:
         points = interior_points(mask, n_points)
         labels = np.ones(points.shape[0], np.int64)
-    if "mask" in parts:
+    if "mask" in parts or "logits" in parts:
         mask_prompt = mask
-    return DerivedPrompt(box, points, labels, mask_prompt)
+    return DerivedPrompt(box, points, labels, mask_prompt, use_logits="logits" in parts)
 
 
 def propagate_object(
@@ -124,9 +144,13 @@ def propagate_object(
     progress: Callable[[int, int], None] | None = None,
     is_cancelled: Callable[[], bool] | None = None,
     min_area: int = 1,
+    min_score: float = DEFAULT_MIN_SCORE,
+    seed_logits: dict[int, object] | None = None,
 ) -> PropagationResult:
     """Propagate an object from its seed masks ``{z: (H, W) bool}`` through ``n_slices`` slices.
 
+    ``seed_logits`` ``{z: low-res logits}``: the seeds' own logits, the mask prompt of their neighbours in the
+    ``logits`` modes (a seed without them is prompted with its binary mask instead).
     ``existing`` (Z, Y, X) + ``changed_seeds``: re-propagate only the stretches touching the changed seeds
     (a correction), keeping the other slices of ``existing``. Raises :class:`Cancelled` when
     ``is_cancelled()`` turns true (nothing is returned then, so callers keep their previous state).
@@ -135,6 +159,8 @@ def propagate_object(
         raise ValueError("propagation needs at least one segmented slice")
     if not 0.0 <= iou_threshold <= 1.0:
         raise ValueError(f"iou_threshold must be in [0, 1], got {iou_threshold}")
+    if not 0.0 <= min_score <= 1.0:
+        raise ValueError(f"min_score must be in [0, 1], got {min_score}")
     zs = sorted(int(z) for z in seeds)
     if zs[0] < 0 or zs[-1] >= n_slices:
         raise ValueError(f"seed slices {zs} outside 0..{n_slices - 1}")
@@ -143,6 +169,8 @@ def propagate_object(
     if masks.shape != (n_slices, *plane):
         raise ValueError(f"existing masks of shape {masks.shape} do not match ({n_slices}, {plane})")
     result = PropagationResult(masks=masks)
+    # the logits each slice's neighbours may be prompted with (the seeds' own, then each propagated slice's)
+    known_logits: dict[int, object] = {int(z): v for z, v in (seed_logits or {}).items() if v is not None}
     for z in zs:
         m = np.asarray(seeds[z]).astype(bool)
         masks[z] = m
@@ -171,14 +199,21 @@ def propagate_object(
         if is_cancelled is not None and is_cancelled():
             raise Cancelled("propagation cancelled")
 
-    def step(z: int, neighbour: int, prompt_mask: np.ndarray) -> tuple[np.ndarray, float]:
+    def step(z: int, neighbour: int, prompt_mask: np.ndarray, two_sided: bool = False) -> tuple[np.ndarray, float, float]:
         prompt = derive_prompt(prompt_mask, prompt_mode, box_extension)
-        mask, logits, score = segment(z, prompt.box, prompt.points, prompt.point_labels, prompt.mask)
+        neighbour_logits = known_logits.get(neighbour) if prompt.use_logits and not two_sided else None
+        if neighbour_logits is not None:
+            mask, logits, score = segment(z, prompt.box, prompt.points, prompt.point_labels, prompt.mask,
+                                          neighbour_logits)
+        else:
+            mask, logits, score = segment(z, prompt.box, prompt.points, prompt.point_labels, prompt.mask)
         mask = np.asarray(mask).astype(bool)
         overlap = iou(mask, masks[neighbour])
         result.logits[z] = logits
+        if logits is not None:
+            known_logits[z] = logits
         result.slices[z] = SliceInfo(z, "propagated", neighbour, overlap, float(score), int(mask.sum()), prompt)
-        return mask, overlap
+        return mask, overlap, float(score)
 
     def run_open(start: int, stop: int, direction: int) -> str:
         """From seed ``start`` towards ``stop`` (exclusive) with the stop criteria; return why it stopped."""
@@ -187,7 +222,7 @@ def propagate_object(
         z = start + direction
         while z != stop:
             check_cancel()
-            mask, overlap = step(z, z - direction, masks[z - direction])
+            mask, overlap, score = step(z, z - direction, masks[z - direction])
             tick()
             if mask.sum() < min_area:
                 result.slices[z].area = 0
@@ -195,6 +230,9 @@ def propagate_object(
             if overlap < iou_threshold:
                 result.slices[z].area = 0
                 return f"IoU {overlap:.2f} < {iou_threshold:.2f} between slices {z - direction} and {z}"
+            if score < min_score:
+                result.slices[z].area = 0
+                return f"predicted IoU {score:.2f} < {min_score:.2f} at slice {z}"
             masks[z] = mask
             z += direction
         return "reached the end of the volume" if stop in (-1, n_slices) else f"reached the seed at slice {stop}"
@@ -223,7 +261,7 @@ def propagate_object(
                 lo, hi = lo + 1, hi - 1
             if lo == hi:
                 check_cancel()
-                masks[lo] = step(lo, lo - 1, masks[lo - 1] | masks[lo + 1])[0]
+                masks[lo] = step(lo, lo - 1, masks[lo - 1] | masks[lo + 1], two_sided=True)[0]
                 tick()
 
     if progress is not None:
@@ -237,10 +275,15 @@ def predictor_segment_fn(predictor, embeddings, multimask_output: bool | None = 
     """A :data:`SegmentFn` over a :class:`~napari_robustmedsam.engine.predictor.Predictor` and the
     per-slice embeddings of :class:`~napari_robustmedsam.annotation.slice_embeddings.SliceEmbeddings`."""
 
-    def segment(z, box, points, point_labels, mask):
+    def segment(z, box, points, point_labels, mask, logits=None):
         emb = embeddings.get(z)
         frame = getattr(emb, "frame", None)  # a tiled embedding has no single frame: no mask prompt then
-        mask_input = frame.mask_to_low_res(mask) if (mask is not None and frame is not None) else None
+        if frame is None:
+            mask_input = None
+        elif logits is not None:
+            mask_input = logits
+        else:
+            mask_input = frame.mask_to_low_res(mask) if mask is not None else None
         if mask_input is None and box is None and points is None:
             box = derive_prompt(mask, "box").box
         prediction = predictor.predict(

@@ -25,7 +25,7 @@ import numpy as np
 
 from ..errors import UserFacingError
 
-PROMPT_SOURCES = ("user", "propagated")
+PROMPT_SOURCES = ("user", "propagated", "label")
 
 
 @dataclass
@@ -35,7 +35,9 @@ class SlicePrompts:
     points: np.ndarray = field(default_factory=lambda: np.zeros((0, 2)))  # (P, 2) as (x, y)
     labels: np.ndarray = field(default_factory=lambda: np.zeros((0,), np.int64))  # (P,) 1 pos / 0 neg
     box: np.ndarray | None = None  # (4,) as (x0, y0, x1, y1)
-    source: str = "user"  # "user" (typed in by the user) or "propagated" (derived from a neighbour slice)
+    # "user" (typed in by the user), "propagated" (derived from a neighbour slice) or "label" (the tight box of an
+    # existing label the object was started from)
+    source: str = "user"
     end: bool = False  # the user marked this slice as lying past the end of the object (empty on purpose)
 
     def __post_init__(self) -> None:
@@ -178,6 +180,8 @@ class AnnotationSession:
         self.current_prompts: dict[int, SlicePrompts] = {}  # z -> prompts (user or propagated)
         self.current_scores: dict[int, float] = {}
         self.current_label_id: int | None = None  # set when a committed object was re-opened for editing
+        # set when the current object was started from an existing label: its commit replaces that label's pixels
+        self.replaces_label: int | None = None
         self.objects: dict[int, ObjectRecord] = {}
         self._undo: list[_UndoEntry] = []
         self.max_undo = int(max_undo)
@@ -355,6 +359,7 @@ class AnnotationSession:
         self.current_prompts.clear()
         self.current_scores.clear()
         self.current_label_id = None
+        self.replaces_label = None
         self._forget_history()
 
     # ---- commit / undo ------------------------------------------------------------------------
@@ -378,16 +383,21 @@ class AnnotationSession:
             target = current & (existing != label_id)
         else:
             target = current & (existing == 0)
-        n_kept = int((current & (existing != 0) & (existing != label_id)).sum()) if not overwrite else 0
-        if not target.any() and n_kept:
+        if self.replaces_label is not None:  # the label being corrected is this object's own, not another's
+            target = target | (current & (existing == self.replaces_label))
+        own = (existing == label_id) | (existing == (self.replaces_label or 0))
+        n_kept = int((current & (existing != 0) & ~own).sum()) if not overwrite else 0
+        if not target.any() and n_kept and self.replaces_label is None:
             raise UserFacingError(
                 f"every pixel of the current object ({n_kept} px) already belongs to other objects: nothing was "
                 "committed. Tick 'overwrite' to take those pixels, or segment a different region."
             )
-        index = np.flatnonzero(target)
-        old_values = existing.ravel()[index].copy()
         new_labels = existing.copy()
-        new_labels.ravel()[index] = label_id
+        if self.replaces_label is not None:  # pixels the corrections took away from the label go back to 0
+            new_labels[(existing == self.replaces_label) & ~current] = 0
+        new_labels[target] = label_id
+        index = np.flatnonzero(new_labels != existing)
+        old_values = existing.ravel()[index].copy()
         n_pixels = int((new_labels == label_id).sum())
         record = ObjectRecord(
             label_id=label_id,
@@ -433,7 +443,7 @@ class AnnotationSession:
             return None
         entry = self._undo[-1]
         mask = np.zeros(self.shape, bool)
-        mask.ravel()[entry.index] = True
+        mask.ravel()[entry.index] = self._labels.ravel()[entry.index] == entry.label_id  # not the pixels it cleared
         self.undo()
         mask |= self._labels == entry.label_id  # pixels that already had the id before the commit
         self.clear_current()
@@ -441,6 +451,39 @@ class AnnotationSession:
         self.current_prompts = {z: copy.deepcopy(p) for z, p in entry.record.prompts.items()} if entry.record else {}
         self.current_label_id = entry.label_id
         return entry.label_id
+
+    def start_from_label(self, label_id: int, logits_for=None) -> int:
+        """Make committed object ``label_id`` the current object, to correct it with clicks; return its slice count.
+
+        Its mask becomes the current mask on every slice it covers, with its tight box as the slice's prompt
+        (source ``"label"``) and, when ``logits_for(z, mask)`` is given, that mask as the mask prompt a corrective
+        click starts from. The labels stay as they are until the commit, which writes the corrected object under
+        the same id and gives back to 0 the pixels the corrections removed (one undo step restores all).
+        """
+        from .prompt_decoding import mask_box
+
+        label_id = int(label_id)
+        if self.has_current:
+            raise UserFacingError("commit or clear the current object first, then start from a label")
+        mask = self._labels == label_id
+        if label_id <= 0 or not mask.any():
+            present = sorted(int(v) for v in np.unique(self._labels) if v)[:20]
+            raise UserFacingError(
+                f"label {label_id} is not in the labels (present: {present or 'none'}): choose one of those"
+            )
+        self.clear_current()
+        self.current = mask
+        slices = [0] if not self.is_volume else [int(z) for z in np.flatnonzero(mask.reshape(self.shape[0], -1).any(1))]
+        for z in slices:
+            plane = self.plane(mask, z)
+            self.current_prompts[z] = SlicePrompts(box=mask_box(plane), source="label")
+            if logits_for is not None:
+                logits = logits_for(z, plane)
+                if logits is not None:
+                    self.current_logits[z] = logits
+        self.current_label_id = label_id
+        self.replaces_label = label_id
+        return len(slices)
 
     def remove_object(self, label_id: int) -> int:
         """Erase one committed object (undoable like a commit); return the number of pixels erased."""

@@ -99,6 +99,7 @@ class SliceEmbeddings:
         self.plane_shape = plane_shape(self.shape, kind)
         self._cache: dict[int, Any] = {}
         self._lock = threading.RLock()
+        self._in_flight: dict[int, threading.Event] = {}  # slices being encoded now, by any thread
         self.computed = 0  # slices encoded now (by the model)
         self.from_disk = 0  # slices read from the disk cache
 
@@ -130,11 +131,25 @@ class SliceEmbeddings:
         return getattr(self.engine, "cache_dir", None) if self.engine is not None else None
 
     def get(self, z: int):
-        """The embedding of slice ``z`` (encoded now if needed: call from a worker)."""
+        """The embedding of slice ``z`` (encoded now if needed: call from a worker). A slice that another thread
+        is encoding (the background prefetch) is waited for, not encoded twice."""
         z = int(z)
-        with self._lock:
-            if z in self._cache:
-                return self._cache[z]
+        while True:
+            with self._lock:
+                if z in self._cache:
+                    return self._cache[z]
+                running = self._in_flight.get(z)
+                if running is None:
+                    self._in_flight[z] = threading.Event()
+                    break
+            running.wait()  # then take its result, or encode it here if that thread failed
+        try:
+            return self._encode(z)
+        finally:
+            with self._lock:
+                self._in_flight.pop(z).set()
+
+    def _encode(self, z: int):
         image = self.slice_image(z)
         if self.engine is not None:
             stats = self.engine.stats

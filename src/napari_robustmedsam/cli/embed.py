@@ -7,9 +7,12 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
+
 from ..checkpoints.project_format import PREPROCESSING_CHOICES
 from ..errors import ImageInputError
 from .progress import stage
+from .volume_input import add_volume_options, read_input
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -19,11 +22,12 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         description=(
             "Compute the image embeddings of INPUT once and store them in the embedding cache, so that "
             "segmenting it later (CLI or napari) starts at once. INPUT is a 2D image, a 3D volume "
-            "(TIFF stack, NPY, NIfTI, NRRD: every slice along the first axis) or a folder of 2D images. "
+            "(DICOM series folder, NIfTI, NRRD, MHA, TIFF stack, NPY: every slice along the first axis) or a "
+            "folder of 2D images. CT is embedded under its window (--window). "
             "Embeddings already in the cache are reused, not recomputed."
         ),
     )
-    p.add_argument("input", metavar="INPUT", help="2D image, 3D volume, or a folder of 2D images")
+    p.add_argument("input", metavar="INPUT", help="2D image, 3D volume, DICOM folder or file, or a folder of 2D images")
     p.add_argument("--model", default="litemedsam", help="registry name (default: litemedsam, embedded) or checkpoint path")
     p.add_argument(
         "--cache",
@@ -53,6 +57,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     )
     p.add_argument("--slices", default=None, metavar="A:B", help="only these slices of a volume (Python range, e.g. 10:20)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_volume_options(p)
     p.set_defaults(func=run)
     return p
 
@@ -94,14 +99,15 @@ def _human(n: int) -> str:
 def run(args: argparse.Namespace) -> int:
     from ..checkpoints import load_model
     from ..engine.embeddings import EmbeddingEngine
-    from ..io import read_image
+    from ..engine.windows import model_view
+    from ..io.medical import is_medical_path
 
     source = Path(args.input)
     if not source.exists():
         raise ImageInputError(f"input not found: {source}")
     array = None
-    if not source.is_dir():
-        array = read_image(source)  # read and check the input before the (slow) model load
+    if not source.is_dir() or is_medical_path(source):
+        array, _, window = read_input(args, source)  # read and check the input before the (slow) model load
         if array.ndim == 2 or (array.ndim == 3 and array.shape[-1] in (3, 4)):
             kind = "image"
         elif array.ndim == 3 or (array.ndim == 4 and array.shape[-1] in (3, 4)):
@@ -113,6 +119,7 @@ def run(args: argparse.Namespace) -> int:
                 f"{source} holds an array of shape {array.shape}: give a 2D image, a 3D volume (Z, Y, X) or a folder"
             )
         _check_values(array, source, kind)
+        array = model_view(array, window)
     else:
         from ..io.images import check_image_file, image_files
 
@@ -161,7 +168,7 @@ def run(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     try:
         if kind == "image":
-            emb = engine.embed_image(array, progress=progress)
+            emb = engine.embed_image(np.asarray(array), progress=progress)
             n_tiles = len(emb) if hasattr(emb, "tiles") else 0
         elif kind == "volume":
             job.compute(slices=slices, progress=progress)

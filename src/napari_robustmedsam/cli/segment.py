@@ -8,9 +8,10 @@ import warnings
 import numpy as np
 
 from ..checkpoints.project_format import PREPROCESSING_CHOICES
-from ..errors import ImageInputError
+from ..errors import ImageInputError, UserFacingError
 from ..io.output_paths import add_overwrite_argument, check_output, existing_file
 from .progress import message, stage
+from .volume_input import add_volume_options, read_input
 
 
 def add_parser(subparsers) -> None:
@@ -24,7 +25,7 @@ def add_parser(subparsers) -> None:
             "unless --allow-empty. The image embedding is cached, so a second call on the same image is quicker."
         ),
     )
-    p.add_argument("image", help="PNG/JPG/TIFF/NPY image, or a NIfTI/NRRD/TIFF volume with --slice")
+    p.add_argument("image", help="PNG/JPG/TIFF/NPY image, a DICOM file, or a volume (DICOM folder, NIfTI, NRRD, MHA, TIFF) with --slice")
     p.add_argument("--box", nargs=4, type=float, action="append", metavar=("X0", "Y0", "X1", "Y1"), help="box prompt (repeatable: one object each)")
     p.add_argument("--point", nargs=2, type=float, action="append", metavar=("X", "Y"), default=[], help="positive point (repeatable)")
     p.add_argument("--negative", nargs=2, type=float, action="append", metavar=("X", "Y"), default=[], help="negative point (repeatable)")
@@ -37,7 +38,10 @@ def add_parser(subparsers) -> None:
         default=None,
         help="image preprocessing of a checkpoint that does not record it (default: recorded, else guessed)",
     )
-    p.add_argument("-o", "--output", required=True, help="mask file to write (.png, .tif, .npy, .nii.gz)")
+    p.add_argument("-o", "--output", help="mask file to write (.png, .tif, .npy, .nii.gz, .nrrd, .mha); NIfTI/NRRD/MHA "
+                   "keep the image's geometry (a volume's slice is written as a one-slice volume at its place)")
+    p.add_argument("--into", metavar="LABELS", help="with --slice: write the masks into slice Z of this full-volume label "
+                   "file (NIfTI/NRRD/MHA on the image's grid; created if missing, other slices and labels kept)")
     p.add_argument(
         "--label-values",
         action="store_true",
@@ -53,6 +57,7 @@ def add_parser(subparsers) -> None:
     )
     p.add_argument("--no-cache", action="store_true", help="neither read nor write the embedding cache")
     add_overwrite_argument(p)
+    add_volume_options(p)
     p.set_defaults(func=run)
 
 
@@ -97,14 +102,19 @@ def point_warning(model_name: str, has_box: bool) -> str:
 def run(args: argparse.Namespace) -> int:
     from ..engine.preprocessing import ImageSignalWarning, no_signal_notice, validate_image
     from ..engine.prompt_checks import check_prompts
-    from ..io import read_image, write_mask
+    from ..io import write_mask
     from ..io.images import check_mask_format
+    from ..io.medical import refuse_source_overwrite, write_slice_into
 
     # Everything that can be checked without the model is checked first: a mistake costs no model load.
     if not args.box and not args.point and not args.negative:
         raise ImageInputError("no prompt given: add --box X0 Y0 X1 Y1 or --point X Y")
     if args.negative and not args.point and not args.box:
         raise ImageInputError("only negative points were given: add a --point or a --box for the object")
+    if not args.output and not args.into:
+        raise UserFacingError("say where the masks go: -o MASK_FILE, or --into LABELS with --slice Z")
+    if args.into and args.slice is None:
+        raise UserFacingError("--into writes one slice of a volume's label file: give the slice with --slice Z")
     points = [*args.point, *args.negative]
     labels = [1] * len(args.point) + [0] * len(args.negative)
     boxes = np.asarray(args.box, dtype=np.float64) if args.box else None
@@ -114,9 +124,17 @@ def run(args: argparse.Namespace) -> int:
         if n_objects > 1:
             raise ImageInputError("points with several --box prompts are ambiguous: use one box per call with points, or boxes only")
         point_arg, label_arg = np.asarray(points)[None], np.asarray(labels)[None]
-    check_output(args.output, inputs=[args.image, existing_file(args.model)], overwrite=args.overwrite)
-    check_mask_format(args.output)
-    image = validate_image(select_plane(read_image(args.image), args.slice))
+    if args.output:
+        check_output(args.output, inputs=[args.image, existing_file(args.model)], overwrite=args.overwrite)
+        check_mask_format(args.output)
+    if args.into:  # updating the label file is what --into is for; it may still never be an input
+        check_output(args.into, inputs=[args.image, existing_file(args.model)], overwrite=True)
+        check_mask_format(args.into)
+    volume, geometry, window = read_input(args)
+    for target in (args.output, args.into):
+        if target:
+            refuse_source_overwrite(target, geometry)  # also a file inside the DICOM folder being annotated
+    image = validate_image(select_plane(volume, args.slice))
     check_prompts(point_arg, label_arg, boxes, image_size=image.shape[:2])
     signal = no_signal_notice(image)
     if signal:
@@ -136,7 +154,7 @@ def run(args: argparse.Namespace) -> int:
         message(point_warning(loaded.name, has_box=boxes is not None))
     with stage(f"image embedding on {engine.device.type}"), warnings.catch_warnings():
         warnings.simplefilter("ignore", ImageSignalWarning)  # said above, before the model load
-        embedding = engine.embed_image(image)
+        embedding = engine.embed_image(window.apply(image) if window is not None else image)
     message(f"image embedding {'computed' if engine.stats['computed'] else 'read from the cache'}")
 
     prediction = engine.tiled_predictor.predict(points=point_arg, point_labels=label_arg, boxes=boxes, embedding=embedding)
@@ -154,8 +172,16 @@ def run(args: argparse.Namespace) -> int:
             "or pass --allow-empty to write the mask anyway"
         )
         return 1
-    if n_objects == 1 and not args.label_values:
-        label_map[label_map > 0] = BINARY_FOREGROUND
-    write_mask(args.output, label_map, inputs=[args.image], overwrite=True)  # checked above, before any work
-    print(f"wrote {args.output}")
+    if args.output:
+        out_geometry = geometry
+        if geometry is not None and args.slice is not None and volume.ndim == 3:
+            out_geometry = geometry.slab(args.slice)
+        mask_file = label_map
+        if n_objects == 1 and not args.label_values:
+            mask_file = np.where(label_map > 0, BINARY_FOREGROUND, 0).astype(np.uint8)
+        write_mask(args.output, mask_file, out_geometry, inputs=[args.image], overwrite=True)  # checked above
+        print(f"wrote {args.output}")
+    if args.into:  # a label volume: objects keep their label values
+        write_slice_into(args.into, label_map, args.slice, volume.shape, geometry)
+        print(f"wrote slice {args.slice} of {args.into}")
     return 0

@@ -7,6 +7,10 @@ of these plus the package version and the cache format. Comparing a stored signa
 wanted one gives ``"match"``, ``"version"`` (only the package version differs: reusable, with a
 notice) or ``"mismatch"`` (recompute, never serve).
 
+The data hash is taken over the pixels the model sees: a CT intensity window (:mod:`.windows`) is
+applied before the encoder, so each window has its own signature and a cache never serves the
+embedding of one window for another (a window change re-embeds; going back reuses the first entry).
+
 Hashes are xxh3-128 (``xxhash``, several GB/s) over the raw bytes plus shape and dtype; model hashes
 run over the state dict (names, shapes, dtypes, bytes), memoised per module and invalidated when any
 parameter or buffer is modified in place (torch's tensor version counters).

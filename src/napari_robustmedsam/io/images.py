@@ -1,7 +1,8 @@
 """Read images and volumes, write masks.
 
-2D: PNG, JPEG, BMP (imageio), TIFF (tifffile), NPY. 3D: TIFF stacks, NPY, and NIfTI / NRRD / MHA
-through SimpleITK (already a torchio dependency), returned as (Z, Y, X) like napari shows them.
+2D: PNG, JPEG, BMP (imageio), TIFF (tifffile), NPY. 3D: TIFF stacks, NPY, and the medical formats of
+:mod:`.medical` (DICOM folders and files, NIfTI, NRRD, MetaImage, with their geometry), returned as
+(Z, Y, X) like napari shows them.
 """
 
 from __future__ import annotations
@@ -16,12 +17,13 @@ import numpy as np
 
 from ..errors import ImageInputError, UserFacingError
 from .atomic import atomic_write_path
+from .medical import DICOM_SUFFIXES, ITK_SUFFIXES, Geometry, is_medical_path, read_medical, refuse_source_overwrite
 from .output_paths import check_output
 
 _IMAGEIO_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp"}
 _TIFF_SUFFIXES = {".tif", ".tiff"}
-_ITK_SUFFIXES = {".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd"}
-SUPPORTED_SUFFIXES = sorted(_IMAGEIO_SUFFIXES | _TIFF_SUFFIXES | _ITK_SUFFIXES | {".npy"})
+_ITK_SUFFIXES = set(ITK_SUFFIXES)
+SUPPORTED_SUFFIXES = sorted(_IMAGEIO_SUFFIXES | _TIFF_SUFFIXES | _ITK_SUFFIXES | set(DICOM_SUFFIXES) | {".npy"})
 
 
 def _suffix(path: Path) -> str:
@@ -210,13 +212,35 @@ def _unreadable(p: Path, suffix: str, err: BaseException) -> ImageInputError:
     )
 
 
-def read_image(path: str | Path) -> np.ndarray:
-    """Read a 2D image or 3D volume as a numpy array (no intensity change).
+def read_image(path: str | Path, series: str | int | None = None, timepoint: int | None = None) -> np.ndarray:
+    """Read a 2D image or 3D volume as a numpy array (no intensity change but DICOM's rescale to HU).
 
     Any file that cannot be read (missing, empty, truncated, not really of its suffix's format, too large for
     the memory available) raises :class:`~napari_robustmedsam.errors.ImageInputError` naming the file.
     """
+    return read_image_geometry(path, series=series, timepoint=timepoint)[0]
+
+
+def read_image_geometry(path: str | Path, series: str | int | None = None,
+                        timepoint: int | None = None) -> tuple[np.ndarray, Geometry | None]:
+    """``(array, geometry)``: the geometry of medical formats (:mod:`.medical`), None for the others."""
     p = Path(path)
+    if not p.exists():
+        raise ImageInputError(f"image file not found: {p}")
+    suffix = _suffix(p)
+    if p.is_dir():
+        if not is_medical_path(p):
+            raise ImageInputError(f"{p} is a folder without DICOM files; give an image file or a DICOM series folder")
+        return read_medical(p, series=series, timepoint=timepoint)
+    if suffix in _ITK_SUFFIXES:
+        check_image_file(p)  # header, size and memory before decoding
+        return read_medical(p, series=series, timepoint=timepoint)
+    if suffix in DICOM_SUFFIXES or is_medical_path(p):  # pydicom reports what it cannot decode, and why
+        return read_medical(p, series=series, timepoint=timepoint)
+    return _read_plain(p), None
+
+
+def _read_plain(p: Path) -> np.ndarray:
     check_image_file(p)
     suffix = _suffix(p)
     try:
@@ -231,9 +255,6 @@ def read_image(path: str | Path) -> np.ndarray:
             return tifffile.imread(p)
         if suffix == ".npy":
             return np.load(p, allow_pickle=False)
-        import SimpleITK as sitk
-
-        return sitk.GetArrayFromImage(sitk.ReadImage(str(p)))
     except ImageInputError:
         raise
     except MemoryError:
@@ -242,7 +263,7 @@ def read_image(path: str | Path) -> np.ndarray:
         raise _unreadable(p, suffix, err) from None
 
 
-MASK_SUFFIXES = (".png", ".tif", ".tiff", ".npy", *sorted(_ITK_SUFFIXES))
+MASK_SUFFIXES = (".png", ".tif", ".tiff", ".npy", *sorted(_ITK_SUFFIXES), ".dcm")  # .dcm: a DICOM-SEG
 
 
 def check_mask_format(path: str | Path) -> str:
@@ -256,14 +277,23 @@ def check_mask_format(path: str | Path) -> str:
     return suffix
 
 
-def write_mask(path: str | Path, mask: np.ndarray, *, inputs=(), overwrite: bool = False) -> Path:
+def write_mask(path: str | Path, mask: np.ndarray, geometry: Geometry | None = None,
+               class_names: dict[int, str] | None = None, *, inputs=(), overwrite: bool = False) -> Path:
     """Write a label/mask array atomically; the format follows the suffix.
 
     ``inputs``: files this mask was made from, never written over; an existing ``path`` is replaced only with
-    ``overwrite=True`` (:mod:`.output_paths`).
+    ``overwrite=True`` (:mod:`.output_paths`). NIfTI / NRRD / MetaImage keep ``geometry`` (the image's spacing,
+    origin and direction; ``.dcm`` writes a DICOM-SEG on a DICOM series, its segments named by ``class_names``);
+    no format ever writes over the image the geometry came from.
     """
     p = check_output(path, inputs=inputs, overwrite=overwrite)
+    refuse_source_overwrite(p, geometry)
     suffix = check_mask_format(p)
+    if suffix in _ITK_SUFFIXES or suffix in DICOM_SUFFIXES:
+        from .medical import write_labels
+
+        arr = np.asarray(mask)
+        return write_labels(p, arr.astype(np.uint8) if arr.dtype == bool else arr, geometry, class_names)
     arr = np.asarray(mask)
     if arr.dtype == bool:
         arr = arr.astype(np.uint8)
@@ -284,10 +314,6 @@ def write_mask(path: str | Path, mask: np.ndarray, *, inputs=(), overwrite: bool
             elif suffix == ".npy":
                 with open(tmp, "wb") as fh:
                     np.save(fh, arr)
-            elif suffix in _ITK_SUFFIXES:
-                import SimpleITK as sitk
-
-                sitk.WriteImage(sitk.GetImageFromArray(arr), str(tmp), useCompression=True)
             else:
                 raise UserFacingError(f"unsupported mask format {suffix!r}; use .png, .tif, .npy or .nii.gz")
     except OSError as err:

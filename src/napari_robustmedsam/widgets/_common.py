@@ -124,6 +124,7 @@ class TaskHandle(QObject):
 
 
 _RUNNING: set = set()  # keep workers (and handles) alive until they finish
+_BACKGROUND: set = set()  # the same for background tasks, which any_task_running does not count
 
 
 def run_task(
@@ -132,12 +133,15 @@ def run_task(
     on_error: Callable[[BaseException, str], None] | None = None,
     name: str = "",
     row: "TaskRow | None" = None,
+    background: bool = False,
 ) -> TaskHandle:
     """Run ``func(handle)`` in napari's thread worker; call ``on_done(result)`` or ``on_error(exc, tb)``
-    on the GUI thread. Errors never escape to the console as bare tracebacks."""
+    on the GUI thread. Errors never escape to the console as bare tracebacks. A ``background`` task (the volume's
+    prefetch) does not make :func:`any_task_running` true: waiting for idle must not wait for a whole volume."""
     from napari.qt.threading import create_worker
 
     handle = TaskHandle(name)
+    running = _BACKGROUND if background else _RUNNING
 
     def wrapped():
         try:
@@ -147,7 +151,7 @@ def run_task(
 
     def finished(result):
         handle.done = True
-        _RUNNING.discard(handle)
+        running.discard(handle)
         if row is not None:
             row.finish(handle)
         status, value, tb = result
@@ -162,7 +166,7 @@ def run_task(
     worker = create_worker(wrapped, _ignore_errors=True)
     worker.returned.connect(finished)
     handle.worker = worker
-    _RUNNING.add(handle)
+    running.add(handle)
     if row is not None:
         row.start(handle)
     worker.start()

@@ -14,6 +14,7 @@ import numpy as np
 
 from ..annotation.feedback import COMMITTED_COLORS, CURRENT_COLOR, rgba
 from ..annotation.session import SlicePrompts
+from ..io.medical import copy_geometry
 from ._common import mark, unwrap
 
 POINTS_NAME = "point prompts"
@@ -79,6 +80,7 @@ def make_layers(viewer, image_layer, shape: tuple[int, ...]) -> AnnotationLayers
         layer.data = np.zeros(shape, np.uint32)  # a new image under the same name (e.g. image series)
     committed = mark(layer, "committed")
     committed.metadata["robustmedsam_image"] = id(image_layer)
+    copy_geometry(image_layer, committed)  # File > Save writes the labels on the image's grid
     # prompt layers on top, the image stays selectable
     for managed in (committed, current, boxes, points):
         viewer.layers.move(viewer.layers.index(managed), len(viewer.layers))

@@ -32,6 +32,7 @@ from ..annotation.model_info import display_name
 from ..annotation.prompt_decoding import BOX_PRIMARY_HINT
 from ..annotation.session import SlicePrompts
 from ..annotation.slice_embeddings import SliceEmbeddings, image_kind
+from ..engine.windows import layer_window, model_view
 from ..errors import ImageInputError, UserFacingError
 from ._common import any_task_running, role_of, run_task, unwrap
 from ._state import get_state
@@ -198,7 +199,11 @@ class AnnotatorWidget(QWidget):
         self.controller.open_image(spatial)
         self._ensure_layers()
         self._sync_committed_into_session()
+        self.window_control.show_layer(layer)
+        self.label_control.refresh()
         self._make_embeddings()
+        if self.session.is_volume and self.prefetch_check.isChecked() and self.state.loaded is None:
+            self._with_model(lambda: None)  # the model loads now; its embeddings then start the prefetch
         self.image_combo.blockSignals(True)
         self.image_combo.setCurrentText(layer.name)
         self.image_combo.blockSignals(False)
@@ -304,8 +309,12 @@ class AnnotatorWidget(QWidget):
         if self.image_layer is None or self.state.predictor is None:
             self.controller.set_embeddings(None)
         else:
-            self.controller.set_embeddings(SliceEmbeddings(self.state.predictor, self.image_layer.data, self.kind,
+            window = layer_window(self.image_layer.metadata)  # CT: the model sees the window, the layer keeps HU
+            self.controller.set_embeddings(SliceEmbeddings(self.state.predictor,
+                                                           model_view(self.image_layer.data, window), self.kind,
                                                            engine=self.state.engine))
+            if self.prefetch_check.isChecked():
+                self.controller.start_prefetch()
         self._update_embed_status()
 
     def _update_embed_status(self) -> None:
@@ -394,6 +403,7 @@ class AnnotatorWidget(QWidget):
     def _on_slice_changed(self, event=None) -> None:
         if self.session is not None and self.session.is_volume:
             z = self.current_z()
+            self.controller.set_focus(z)
             state = "user prompts" if z in self.session.user_slices() else (
                 "propagated" if z in self.session.current_prompts else "no object")
             self._set_status(f"Slice {z}: {state}.")
@@ -409,8 +419,8 @@ class AnnotatorWidget(QWidget):
     last_latency = property(lambda self: self.controller.last_latency)
 
     def _run_task(self, work, done, failed, name: str, kind: str):
-        row = {"embed": self.embed_row, "propagate": self.propagate_row}.get(kind)
-        return run_task(work, done, failed, name=name, row=row)
+        row = {"embed": self.embed_row, "prefetch": self.embed_row, "propagate": self.propagate_row}.get(kind)
+        return run_task(work, done, failed, name=name, row=row, background=kind == "prefetch")
 
     def _make_timer(self, interval_ms: int, callback) -> QTimer:
         timer = QTimer(self)
@@ -423,7 +433,8 @@ class AnnotatorWidget(QWidget):
         return AnnotatorSettings(
             local_corrections=self.local_combo.currentText(), click_guard=self.guard_combo.currentText(),
             overwrite=self.overwrite_check.isChecked(), auto_repropagate=self.auto_repropagate_check.isChecked(),
-            iou_threshold=float(self.iou_spin.value()), prompt_mode=self.prompt_mode_combo.currentText())
+            iou_threshold=float(self.iou_spin.value()), prompt_mode=self.prompt_mode_combo.currentText(),
+            min_score=float(self.score_spin.value()))
 
     def live(self) -> bool:
         return self.live_check.isChecked()
@@ -481,7 +492,13 @@ class AnnotatorWidget(QWidget):
         if self.session is None:
             return None
         self._sync_committed_into_session()
-        result = self.controller.commit(info={"model": getattr(self.state.loaded, "name", None)})
+        try:
+            label_id, info = self.label_control.choice(self.session)
+        except UserFacingError as err:
+            self.banner.show_error(err)
+            return None
+        info["model"] = getattr(self.state.loaded, "name", None)
+        result = self.controller.commit(info=info, label_id=label_id)
         if result is None:
             return None
         kept = f"; {result.n_kept} px already belonged to other objects and were kept" if result.n_kept else ""

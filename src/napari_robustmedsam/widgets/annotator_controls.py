@@ -23,8 +23,10 @@ from ..annotation.prompt_decoding import (
     DEFAULT_LOCAL_CORRECTIONS,
     LOCAL_CORRECTION_MODES,
 )
-from ..annotation.propagation import DEFAULT_IOU_THRESHOLD, DEFAULT_PROMPT_MODE, PROMPT_MODES
+from ..annotation.propagation import DEFAULT_IOU_THRESHOLD, DEFAULT_MIN_SCORE, DEFAULT_PROMPT_MODE, PROMPT_MODES
 from ._common import Banner, TaskRow, mode_combo, shrinkable
+from .label_control import LabelControl
+from .window_control import WindowControl
 
 
 def build_controls(w) -> None:
@@ -35,6 +37,10 @@ def build_controls(w) -> None:
     w.embed_button = QPushButton("Compute embeddings")
     w.embed_button.setToolTip("Encode the image (every slice of a volume) once; prompts are then fast")
     w.embed_button.clicked.connect(lambda: w.compute_embeddings())
+    w.prefetch_check = QCheckBox("Embed a volume's slices in the background")
+    w.prefetch_check.setChecked(True)
+    w.prefetch_check.setToolTip("On opening a volume: the current slice first, then its neighbours, nearest first; "
+                                "the first click waits for one slice")
     w.embed_row = TaskRow()
     w.embed_status = QLabel("")
     w.embed_status.setWordWrap(True)
@@ -91,10 +97,16 @@ def build_controls(w) -> None:
     w.iou_spin.setSingleStep(0.05)
     w.iou_spin.setValue(DEFAULT_IOU_THRESHOLD)
     w.iou_spin.setToolTip("Stop when the IoU between neighbouring slices falls below this")
+    w.score_spin = QDoubleSpinBox()
+    w.score_spin.setRange(0.0, 1.0)
+    w.score_spin.setSingleStep(0.05)
+    w.score_spin.setValue(DEFAULT_MIN_SCORE)
+    w.score_spin.setToolTip("Stop when the model's predicted IoU of a propagated mask falls below this (0 = off)")
     w.prompt_mode_combo = shrinkable(QComboBox())
     w.prompt_mode_combo.addItems(PROMPT_MODES)
     w.prompt_mode_combo.setCurrentText(DEFAULT_PROMPT_MODE)
-    w.prompt_mode_combo.setToolTip("Prompts derived from the neighbour slice's mask")
+    w.prompt_mode_combo.setToolTip("Prompts derived from the neighbour slice's mask (logits: its low-resolution "
+                                   "logits as the mask prompt)")
     w.auto_repropagate_check = QCheckBox("Re-propagate after a correction")
     w.auto_repropagate_check.setChecked(True)
     w.mark_end_button = QPushButton("Object ends on this slice")
@@ -103,6 +115,7 @@ def build_controls(w) -> None:
     w.propagate_row = TaskRow()
     vform.addRow(w.propagate_button)
     vform.addRow("Stop below IoU", w.iou_spin)
+    vform.addRow("Stop below score", w.score_spin)
     vform.addRow("From neighbour", w.prompt_mode_combo)
     vform.addRow(w.auto_repropagate_check)
     vform.addRow(w.mark_end_button)
@@ -110,12 +123,17 @@ def build_controls(w) -> None:
 
     form = QFormLayout()
     form.addRow("Image", w.image_combo)
+    w.window_control = WindowControl(w)
+    form.addRow("Window", w.window_control)
+    w.label_control = LabelControl(w)
+    form.addRow("Label", w.label_control)
     polarity_row = QHBoxLayout()
     polarity_row.addWidget(QLabel("Next point"))
     polarity_row.addWidget(w.polarity_button, 1)
     layout = QVBoxLayout(w)
     layout.addLayout(form)
     layout.addWidget(w.embed_button)
+    layout.addWidget(w.prefetch_check)
     layout.addWidget(w.embed_row)
     layout.addWidget(w.embed_status)
     layout.addWidget(w.hint)

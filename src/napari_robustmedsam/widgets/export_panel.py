@@ -9,12 +9,16 @@ from qtpy.QtWidgets import QFileDialog, QHBoxLayout, QLabel, QPushButton, QVBoxL
 
 from ..annotation.export import load_session, save_session
 from ..annotation.model_info import model_meta
+from ..engine.windows import WINDOW_KEY
 from ..errors import UserFacingError
+from ..io.medical import check_labels_fit, geometry_from_layer, source_of
 from ._common import Banner
 from ._state import get_state
 
-SAVE_FILTER = "TIFF (*.tif);;NumPy (*.npy);;NIfTI (*.nii.gz);;PNG, 2D only (*.png)"
-LOAD_FILTER = "Sessions and labels (*.prompts.json *.tif *.tiff *.npy *.nii.gz *.nii *.png);;All files (*)"
+SAVE_FILTER = ("NIfTI (*.nii.gz);;NRRD (*.nrrd);;MetaImage (*.mha);;DICOM-SEG, DICOM series only (*.dcm);;"
+               "TIFF (*.tif);;NumPy (*.npy);;PNG, 2D only (*.png)")
+LOAD_FILTER = ("Sessions and labels (*.prompts.json *.tif *.tiff *.npy *.nii.gz *.nii *.nrrd *.nhdr *.mha *.mhd *.png);;"
+               "All files (*)")
 
 
 class ExportPanel(QWidget):
@@ -55,13 +59,17 @@ class ExportPanel(QWidget):
             annotator._sync_committed_into_session()
             session = annotator.session
             layer = annotator.image_layer
-            source = getattr(getattr(layer, "source", None), "path", None)
+            geometry = geometry_from_layer(layer)
+            source = source_of(layer)
             image_meta = {"name": layer.name, "shape": list(layer.data.shape), "dtype": str(layer.data.dtype),
-                          "kind": annotator.kind, "source": str(source) if source else None}
+                          "kind": annotator.kind, "source": str(source) if source else None,
+                          "window": layer.metadata.get(WINDOW_KEY),
+                          "geometry": geometry.to_json() if geometry is not None else None}
             loaded = self.state.loaded
             labels_path, json_path = save_session(
                 path, session.labels, session.records_json(), image_meta,
-                model_meta(loaded) if loaded is not None else {},
+                model_meta(loaded) if loaded is not None else {}, geometry=geometry,
+                extra=_label_classes(annotator), class_names=_class_names(annotator),
                 overwrite=True,  # the file dialog asked before replacing a file; the image is still refused
             )
         except UserFacingError as err:
@@ -81,11 +89,8 @@ class ExportPanel(QWidget):
             annotator = self._annotator()
             loaded = load_session(path)
             session = annotator.session
-            if tuple(loaded.labels.shape) != tuple(session.shape):
-                raise UserFacingError(
-                    f"the saved labels have shape {tuple(loaded.labels.shape)} but the image being annotated has "
-                    f"{tuple(session.shape)}: open the matching image first"
-                )
+            check_labels_fit(loaded.labels.shape, loaded.geometry, session.shape,
+                             geometry_from_layer(annotator.image_layer), what=f"the labels in {loaded.labels_path.name}")
             session.sync_labels(loaded.labels)
             session.load_records(loaded.records)
             annotator._update_committed_layer()
@@ -109,3 +114,15 @@ class ExportPanel(QWidget):
         path, _ = QFileDialog.getOpenFileName(self, "Resume a session", "", LOAD_FILTER)
         if path:
             self.load(path)
+
+
+def _class_names(annotator) -> dict[int, str]:
+    control = getattr(annotator, "label_control", None)
+    return dict(control.classes.names) if control is not None else {}
+
+
+def _label_classes(annotator) -> dict | None:
+    """The session's class names (value -> name) for the prompts JSON, when the user named any."""
+    control = getattr(annotator, "label_control", None)
+    names = control.classes.to_json() if control is not None else {}
+    return {"label_classes": names} if names else None

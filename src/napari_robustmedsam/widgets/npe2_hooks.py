@@ -1,4 +1,5 @@
-"""npe2 contributions that need no Qt: sample data made by the plugin itself, and a labels writer."""
+"""npe2 contributions that need no Qt: sample data made by the plugin itself, a reader for medical volumes
+(DICOM, NIfTI, NRRD, MetaImage, with their geometry) and a labels writer that keeps that geometry."""
 
 from __future__ import annotations
 
@@ -30,11 +31,44 @@ def sample_phantom_3d() -> list[tuple[Any, dict, str]]:
     ]
 
 
+def get_reader(path: str | list[str]):
+    """napari's File > Open and drag-and-drop: a reader for one medical file or DICOM folder, else None."""
+    from ..io.medical import is_medical_path
+
+    if isinstance(path, (list, tuple)):
+        if len(path) != 1:
+            return None
+        path = path[0]
+    return read_medical_layers if is_medical_path(path) else None
+
+
+def read_medical_layers(path: str | list[str]) -> list[tuple[Any, dict, str]]:
+    """One image layer: scale and translate from the geometry, named after the series or file, the geometry
+    (and, for CT, the window shown) in its metadata. A folder with several series opens the largest (a
+    warning lists the others)."""
+    from ..engine.windows import WINDOW_KEY, default_window
+    from ..io.medical import layer_kwargs, read_medical
+
+    if isinstance(path, (list, tuple)):
+        path = path[0]
+    array, geometry = read_medical(path)
+    kwargs = layer_kwargs(geometry, array.ndim)
+    window = default_window(array, geometry.modality)
+    if window is not None:
+        kwargs["contrast_limits"] = window.contrast_limits()
+        kwargs["metadata"][WINDOW_KEY] = window.spec
+    return [(array, kwargs, "image")]
+
+
 def write_labels(path: str, data: Any, meta: dict) -> list[str]:
-    """Write one Labels layer as TIFF, NPY or NIfTI (atomic; the format follows the suffix)."""
+    """Write one Labels layer (atomic; the format follows the suffix). NIfTI, NRRD and MetaImage get the
+    geometry of the image the labels were drawn on (from the layer's metadata); the image itself is never
+    overwritten."""
     from ..io import write_mask
+    from ..io.medical import geometry_from_layer
 
     arr = np.asarray(data)
     if arr.dtype.kind not in "iub":
         arr = arr.astype(np.uint32)
-    return [str(write_mask(Path(path), arr, overwrite=True))]  # napari's save dialog asked to replace
+    geometry = geometry_from_layer(meta.get("metadata") or {})
+    return [str(write_mask(Path(path), arr, geometry, overwrite=True))]  # napari's save dialog asked to replace
