@@ -456,3 +456,27 @@ def test_pge_head_checkpoint_loads_in_the_model_panel_and_segments(plugin, qtbot
 
     mask, organ = segment_phantom_organ(qtbot, viewer, widget)
     assert dice(mask, organ) > 0.5
+
+
+def test_a_new_image_becomes_the_target_and_hides_the_other_images_layers(plugin, qtbot):
+    from napari_robustmedsam.annotation.feedback import COMMITTED_COLORS, rgba
+    from napari_robustmedsam.sample_data import mri_phantom
+
+    viewer, widget = plugin
+    annotator = widget.annotator
+    first = viewer.add_image(mri_phantom(96, seed=0)[0], name="first")
+    assert annotator.image_layer is first
+    first_committed = annotator.committed_layer
+    # committed objects cycle through the bright palette (napari's default is random, often brown or dark)
+    mapped = first_committed.colormap.map(np.arange(1, len(COMMITTED_COLORS) + 2))
+    np.testing.assert_allclose(mapped[:-1], [rgba(c) for c in COMMITTED_COLORS], atol=1e-3)
+    np.testing.assert_allclose(mapped[-1], rgba(COMMITTED_COLORS[0]), atol=1e-3)
+    second = viewer.add_image(mri_phantom(96, seed=1)[0], name="second")
+    assert annotator.image_layer is second, "a newly opened image must become the annotated one"
+    assert annotator.image_combo.currentText() == "second"
+    qtbot.waitUntil(lambda: viewer.layers.selection.active is annotator.boxes_layer, timeout=5000)  # ready to draw
+    assert not first.visible and not first_committed.visible
+    assert second.visible and annotator.committed_layer.visible and annotator.committed_layer is not first_committed
+    annotator.set_image_layer(first)
+    wait_idle(qtbot)
+    assert first.visible and first_committed.visible and not second.visible

@@ -167,9 +167,10 @@ def test_launcher_shows_the_whole_image_and_keeps_it_fitted(monkeypatch):
         argv = ["--no-embed", "--phantom"]
     ready = launch.setup(launch.parse_args(argv))
     assert not isinstance(ready, int)
-    viewer, widget, fit = ready
+    viewer, startup, fit = ready
     try:
-        layer = widget.annotator.image_layer
+        _wait_until(lambda: startup.ready)
+        layer = startup.widget.annotator.image_layer
         _assert_whole_image_shown(viewer, layer)
         viewer.window.resize(1100, 700)  # e.g. a re-wrapped panel or the user resizing the window
         _assert_whole_image_shown(viewer, layer)
@@ -185,6 +186,49 @@ def test_launcher_shows_the_whole_image_and_keeps_it_fitted(monkeypatch):
         viewer.close()
 
 
+def _wait_until(condition, timeout_s: float = 600.0) -> None:
+    import time
+
+    from qtpy.QtWidgets import QApplication
+
+    end = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < end, "timed out"
+        QApplication.processEvents()
+        time.sleep(0.02)
+
+
+@pytest.mark.gui
+def test_launcher_paints_first_and_prepares_model_and_drawing_code_in_workers(monkeypatch):
+    """The window is handed to Qt before the model is loaded and before napari's numba code is compiled; both
+    run off the GUI thread, and the plugin is docked, with the model, once they are done."""
+    import threading
+
+    from napari_robustmedsam import launch
+    from napari_robustmedsam.widgets import warmup
+    from napari_robustmedsam.widgets._state import get_state
+
+    threads = []
+    real_warm = warmup.warm_napari_numba
+    monkeypatch.setattr(warmup, "warm_napari_numba", lambda: threads.append(threading.current_thread()) or real_warm())
+    viewer, startup, _ = launch.setup(launch.parse_args(["--phantom"]))
+    try:
+        assert not startup.ready and startup.widget.annotator.image_layer is None  # docked, layers not yet made
+        assert get_state(viewer).is_loading, "the model must load in a worker, not before the window paints"
+        overlay = viewer.canvas.overlays.text
+        assert overlay.visible and "Loading the model" in overlay.text
+        _wait_until(lambda: startup.ready)
+        assert threads and threads[0] is not threading.main_thread()
+        assert startup.widget.annotator.image_layer is not None and get_state(viewer).loaded is not None
+        assert not overlay.visible
+        from napari_robustmedsam.widgets._common import any_task_running
+
+        _wait_until(lambda: not any_task_running())
+        assert startup.widget.annotator.embeddings.n_ready == 1
+    finally:
+        viewer.close()
+
+
 def test_sample_data_and_writer(tmp_path):
     from napari_robustmedsam.io import read_image
     from napari_robustmedsam.widgets.npe2_hooks import sample_phantom_2d, sample_phantom_3d, write_labels
@@ -195,3 +239,25 @@ def test_sample_data_and_writer(tmp_path):
     assert vol.ndim == 3
     out = write_labels(str(tmp_path / "l.nii.gz"), labels, {})
     np.testing.assert_array_equal(read_image(out[0]), labels)
+
+
+@pytest.mark.gui
+def test_the_app_starts_without_third_party_warnings(tmp_path):
+    """The launcher's normal path (model load, numba warm-up, embedding, screenshot) prints no warning: timm's
+    deprecation FutureWarnings used to appear in the middle of the output."""
+    import os
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    env = {**os.environ, "PYTHONPATH": str(REPO / "src"), "ROBUSTMEDSAM_CACHE_DIR": str(tmp_path / "cache")}
+    env.pop("PYTHONWARNINGS", None)  # Python's default filters, as a user runs it (FutureWarnings are shown)
+    result = subprocess.run(
+        [sys.executable, "-m", "napari_robustmedsam.launch", "--phantom",
+         "--screenshot", str(tmp_path / "shot.png")],
+        capture_output=True, text=True, env=env, timeout=900,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert (tmp_path / "shot.png").is_file()
+    assert "Warning" not in result.stderr, result.stderr[-2000:]

@@ -100,7 +100,17 @@ def test_launcher_volume_geometry_window_and_prompts_json(make_napari_viewer, tm
     # session would not be)
     monkeypatch.setattr(napari, "Viewer", lambda title=None, **kw: make_napari_viewer(title=title, show=True))
     src = write_itk(tmp_path / "ct.nii.gz", synthetic_hu())
-    viewer, widget, _ = launch.setup(launch.parse_args(["--volume", str(src), "--no-embed", "--device", "cpu"]))
+    viewer, startup, _ = launch.setup(launch.parse_args(["--volume", str(src), "--no-embed", "--device", "cpu"]))
+    import time
+
+    from qtpy.QtWidgets import QApplication
+
+    deadline = time.monotonic() + 600  # the launcher loads the model and warms napari's drawing code in workers
+    while not startup.ready:
+        assert time.monotonic() < deadline, "the launcher did not get ready"
+        QApplication.processEvents()
+        time.sleep(0.02)
+    widget = startup.widget
     layer = viewer.layers["ct"]
     assert tuple(layer.scale) == pytest.approx(SPACING[::-1], abs=1e-6)
     assert tuple(layer.translate) == pytest.approx(ORIGIN[::-1], abs=1e-4)

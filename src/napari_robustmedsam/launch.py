@@ -101,12 +101,18 @@ def _load_image(args: argparse.Namespace):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    from .display_check import display_problem
+
+    problem = display_problem()  # before Qt loads: a missing xcb library aborts the process with no advice
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
     ready = setup(args)
     if isinstance(ready, int):
         return ready
-    viewer, widget, fit = ready
+    viewer, startup, fit = ready
     if args.screenshot:
-        _screenshot_when_ready(viewer, widget.annotator, args.screenshot, fit)
+        _screenshot_when_ready(viewer, startup, args.screenshot, fit)
     import napari
 
     napari.run()
@@ -114,8 +120,11 @@ def main(argv=None) -> int:
 
 
 def setup(args: argparse.Namespace):
-    """Everything :func:`main` does before the event loop: ``(viewer, widget, fit)``, or an exit code.
+    """Everything :func:`main` does before the event loop: ``(viewer, startup, fit)``, or an exit code.
 
+    The window shows the image and the docked plugin at once; the model loads and napari's numba code compiles in
+    workers, and the annotator takes the image when they are done (:class:`Startup`; ``startup.ready`` once the
+    embedding has started).
     ``fit()`` fits the image to the canvas again (see :func:`keep_view_fitted`)."""
     from .annotation.model_info import preimport_model_modules
     from .errors import UserFacingError
@@ -129,38 +138,118 @@ def setup(args: argparse.Namespace):
         return 2
     import napari
 
+    from .widgets._common import ROLE_KEY
+
     viewer = napari.Viewer(title="RobustMedSAM")
     rgb = image.ndim == 3 and image.shape[-1] in (3, 4) and not args.volume
+    # Marked as not for annotation until the drawing code is ready: the annotator creates its layers when it
+    # takes an image, and that is where napari would compile on the GUI thread (see Startup).
+    layer_kwargs = {**layer_kwargs, "metadata": {**layer_kwargs.get("metadata", {}), ROLE_KEY: Startup.PENDING}}
     layer = viewer.add_image(image, rgb=rgb, **layer_kwargs)
     print(f"image: {source} {image.shape} {image.dtype}")
     widget = _dock(viewer)
-    # The model is loaded before the window is handed to the user: ready to click.
-    from .annotation.model_info import load_model_for_ui
-    from .engine.embeddings import open_engine
-
-    try:
-        loaded = load_model_for_ui(args.model, args.device)
-    except UserFacingError as err:
-        widget.model_panel.banner.show_error(err)
-        print(f"error: {err}", file=sys.stderr)
-    else:
-        notices: list[str] = []
-        widget.annotator.state.set_model(loaded, open_engine(loaded, notices=notices),
-                                         notices[-1] if notices else None)
-        print(loaded.summary())
-    annotator = widget.annotator
-    annotator.set_image_layer(layer)
-    if modality:
-        widget.preview.modality_combo.setCurrentText(modality)
-        widget.sweep.modality_combo.setCurrentText(modality)
-    annotator.select_prompt_layer()
+    widget.annotator._set_status(Startup.MESSAGE)
     viewer.window.resize(1500, 950)
     # The canvas gets its final size only once the window is laid out (dock, status texts): fit the image
     # again on every canvas resize until the user zooms or pans.
     fit = keep_view_fitted(viewer)
-    if not args.no_embed and annotator.state.loaded is not None:
-        annotator.compute_embeddings()
-    return viewer, widget, fit
+    startup = Startup(viewer, widget, layer, args, modality)
+    startup.start()
+    return viewer, startup, fit
+
+
+class Startup:
+    """The slow part of the launch, off the GUI thread, so that the window paints at once and never freezes.
+
+    Two workers run side by side: the model loads, and napari's numba-compiled drawing code (box and mask
+    layers) compiles on tiny data (:func:`~napari_robustmedsam.widgets.warmup.warm_napari_numba`). Without
+    that warm-up napari compiles it on the GUI thread when the plugin creates its layers and at the first box:
+    a black window, then a frozen one. The annotator takes the image once the drawing code is ready (its
+    layers are then created at once), and the embedding starts once the model is there too.
+    """
+
+    MESSAGE = "Loading the model and preparing napari's drawing code (the first launch on a machine takes longest)…"
+    PENDING = "image waiting for the launcher"
+
+    def __init__(self, viewer, widget, layer, args: argparse.Namespace, modality: str | None) -> None:
+        self.viewer, self.widget, self.layer, self.args, self.modality = viewer, widget, layer, args, modality
+        self.model_done = False
+        self._annotating = False
+        self.ready = False
+        self.error = None
+        self.seconds: dict[str, float] = {}
+
+    def start(self) -> None:
+        import time
+
+        from .widgets._common import run_task
+        from .widgets._state import get_state
+        from .widgets.warmup import warm_napari_numba
+
+        self._t0 = time.perf_counter()
+        self._overlay(self.MESSAGE)
+        run_task(lambda handle: warm_napari_numba(), self._warmed, self._warm_failed, name="preparing napari")
+        get_state(self.viewer).load_model(self.args.model, self.args.device, on_done=self._model_loaded,
+                                          on_error=self._model_failed)
+
+    def _overlay(self, text: str | None) -> None:
+        canvas = getattr(self.viewer, "canvas", None)  # napari >= 0.9; viewer.text_overlay before
+        overlay = getattr(getattr(canvas, "overlays", None), "text", None) or getattr(self.viewer, "text_overlay", None)
+        if overlay is None:
+            return
+        overlay.text = text or ""
+        overlay.visible = bool(text)
+
+    def _elapsed(self, what: str) -> None:
+        import time
+
+        self.seconds[what] = time.perf_counter() - self._t0
+
+    def _warmed(self, _seconds) -> None:
+        from .widgets._common import ROLE_KEY
+
+        self._elapsed("drawing code ready")
+        self.layer.metadata.pop(ROLE_KEY, None)
+        annotator = self.widget.annotator
+        annotator._refresh_image_choices()
+        annotator.set_image_layer(self.layer)
+        self._annotating = True
+        if self.modality:
+            self.widget.preview.modality_combo.setCurrentText(self.modality)
+            self.widget.sweep.modality_combo.setCurrentText(self.modality)
+        annotator.select_prompt_layer()
+        if not self.model_done:
+            annotator._set_status("Loading the model…")
+        else:
+            annotator._set_status("")
+        self._finish()
+
+    def _warm_failed(self, err, tb) -> None:  # only slower: napari compiles on first use as it would anyway
+        self._warmed(0.0)
+
+    def _model_loaded(self, loaded) -> None:
+        self._elapsed("model loaded")
+        print(loaded.summary())
+        self.model_done = True
+        self._finish()
+
+    def _model_failed(self, err, tb) -> None:
+        print(f"error: {err}", file=sys.stderr)
+        self.error = err
+        self.model_done = True
+        self._finish()
+
+    def _finish(self) -> None:
+        if not self._annotating or not self.model_done or self.ready:
+            return
+        annotator = self.widget.annotator
+        if self.error is not None:
+            self.widget.model_panel.banner.show_error(self.error)
+        elif not self.args.no_embed and annotator.state.loaded is not None:
+            annotator.compute_embeddings()
+        annotator.select_prompt_layer()
+        self._overlay(None)
+        self.ready = True
 
 
 def keep_view_fitted(viewer):
@@ -213,7 +302,7 @@ def _dock(viewer):
 _KEEP: list = []
 
 
-def _screenshot_when_ready(viewer, annotator, path: str, fit=None) -> None:
+def _screenshot_when_ready(viewer, startup, path: str, fit=None) -> None:
     from qtpy.QtCore import QTimer
     from qtpy.QtWidgets import QApplication
 
@@ -222,7 +311,7 @@ def _screenshot_when_ready(viewer, annotator, path: str, fit=None) -> None:
     timer = QTimer()
 
     def check():
-        if not any_task_running():
+        if startup.ready and not any_task_running():
             timer.stop()
             for _ in range(3):  # let the layout settle (word-wrapped status texts resize the dock)
                 QApplication.processEvents()

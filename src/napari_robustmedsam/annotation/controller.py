@@ -27,6 +27,7 @@ from typing import Any, Callable, ContextManager, Protocol
 import numpy as np
 
 from ..errors import UserFacingError
+from .feedback import describe_change
 from .model_info import display_name
 from .prefetch import SlicePrefetcher, prefetch_order
 from .prompt_decoding import DEFAULT_CLICK_GUARD_REACH, DEFAULT_CLICK_REFINEMENT, mask_box, segment_slice
@@ -403,14 +404,17 @@ class AnnotationController:
             return
         session = self.session
         was_propagated = session.current_prompts.get(z) is not None and session.current_prompts[z].source == "propagated"
+        before = session.plane(session.current, z).copy()
         session.set_current_slice(z, result.mask, result.logits, result.prompts, result.score, asked=asked)
         self.view.clear_message()
         if result.hint:
             self.view.show_hint(result.hint)
-        refine = f" {result.feedback}" if result.feedback else ""
+        # a corrective click's own feedback (what it changed, or why nothing) says more than the pixel count
+        change = (f"{int(result.mask.sum())} px. {result.feedback}" if result.feedback
+                  else f"{describe_change(before, result.mask)}.")
         self.show_changed_slice(
             z, t_request, was_propagated or z in session.user_slices(),
-            lambda latency: f"Slice {z}: {int(result.mask.sum())} px, predicted IoU {result.score:.2f}.{refine} "
+            lambda latency: f"Slice {z}: {change} Predicted IoU {result.score:.2f}; "
             f"{latency * 1000:.0f} ms. C commits, B takes the last click back, Shift-C clears.",
         )
 

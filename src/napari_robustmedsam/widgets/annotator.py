@@ -194,9 +194,11 @@ class AnnotatorWidget(QWidget):
         if current is not None and current in self.viewer.layers:
             self.image_combo.setCurrentText(current.name)
         self.image_combo.blockSignals(False)
-        if self.image_layer is None and self.image_combo.count():
-            if event is not None and self._is_image(getattr(event, "value", None)):
-                self.set_image_layer(unwrap(event.value))
+        # a newly opened image becomes the one annotated (the user opened it to annotate it)
+        if event is not None and self.image_combo.count() and self._is_image(unwrap(getattr(event, "value", None))):
+            if self.set_image_layer(unwrap(event.value)):
+                # napari makes the inserted layer active after this callback: give the prompt layer back after it
+                QTimer.singleShot(0, self.select_prompt_layer)
 
     def _on_combo_changed(self, index: int) -> None:
         name = self.image_combo.currentText()
@@ -271,9 +273,20 @@ class AnnotatorWidget(QWidget):
             for managed in (self.points_layer, self.boxes_layer, self.current_layer, self.committed_layer,
                             self.image_layer):
                 self.bind_layer_keys(managed)
+            self._show_only_this_images_layers()
         finally:
             self._suppress -= 1
         self.select_prompt_layer()
+
+    def _show_only_this_images_layers(self) -> None:
+        """The annotated image and its committed objects shown; other images and their committed layers hidden,
+        so that labels of an earlier image are never drawn over this one."""
+        for layer in self.viewer.layers:
+            layer = unwrap(layer)
+            if layer is self.image_layer or layer is self.committed_layer:
+                layer.visible = True
+            elif self._is_image(layer) or role_of(layer) == "committed":
+                layer.visible = False
 
     def select_prompt_layer(self) -> None:
         """Box-trained models: select the box layer in rectangle mode; otherwise the points layer in add mode."""

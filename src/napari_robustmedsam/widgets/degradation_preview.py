@@ -38,7 +38,7 @@ from ..annotation.robustness import degrade_slice, segment_on_degraded
 from ..annotation.session import SlicePrompts
 from ..errors import UserFacingError
 from . import _render
-from ._common import Banner, TaskRow, mark, role_of, run_task, shrinkable, unwrap
+from ._common import ROLE_KEY, Banner, TaskRow, mark, role_of, run_task, shrinkable, unwrap
 from ._state import get_state
 
 DEGRADED_NAME = "degraded"
@@ -404,6 +404,7 @@ class DegradationPreview(QWidget):
                 data, name=DEGRADED_NAME, rgb=bool(layer.rgb), scale=scale, translate=translate,
                 colormap=layer.colormap if not layer.rgb else None,
                 contrast_limits=None if layer.rgb else layer.contrast_limits,
+                metadata={ROLE_KEY: "degraded"},  # marked before the annotator sees it inserted: not a new target
             ))
             existing = mark(existing, "degraded")
             self.degraded_layer = existing

@@ -1,0 +1,27 @@
+"""What the annotator reports after a click, and the committed objects' colours (no Qt)."""
+
+import numpy as np
+
+from napari_robustmedsam.annotation.feedback import COMMITTED_COLORS, CURRENT_COLOR, describe_change, is_brownish
+
+
+def test_describe_change_says_what_a_click_added_removed_or_left_alone():
+    before = np.zeros((8, 8), bool)
+    before[2:5, 2:5] = True
+    after = before.copy()
+    after[5, 2:5] = True  # +3
+    after[2, 2] = False  # -1
+    assert describe_change(before, after) == "11 px (+3 px / -1 px)"
+    assert describe_change(None, after) == "11 px"
+    assert "unchanged by this prompt" in describe_change(before, before.copy())
+    grown = before.copy()
+    grown[6, 6] = True
+    assert describe_change(before, grown) == "10 px (+1 px)"
+
+
+def test_committed_colours_are_distinct_bright_and_not_brown():
+    assert len(set(COMMITTED_COLORS)) == len(COMMITTED_COLORS) >= 6
+    assert CURRENT_COLOR not in COMMITTED_COLORS
+    assert not any(is_brownish(c) for c in COMMITTED_COLORS)
+    # the check itself recognises brown and dark red
+    assert is_brownish("#8b4513") and is_brownish("#a0522d") and is_brownish("#7a1f1f")
