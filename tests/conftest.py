@@ -45,3 +45,15 @@ def litemedsam():
     from napari_robustmedsam.checkpoints import load_model
 
     return load_model("litemedsam", device="cpu")
+
+
+@pytest.fixture(autouse=True)
+def _no_task_outlives_its_test():
+    """Every widget task is cancelled and joined after each test: one still running when its viewer is closed
+    would emit into deleted Qt objects and abort the whole test process."""
+    yield
+    import sys
+
+    common = sys.modules.get("napari_robustmedsam.widgets._common")
+    if common is not None:
+        assert common.stop_tasks(), "a widget task did not stop within two minutes of being cancelled"

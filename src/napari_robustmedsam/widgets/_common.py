@@ -142,6 +142,7 @@ def run_task(
 
     handle = TaskHandle(name)
     running = _BACKGROUND if background else _RUNNING
+    _stop_tasks_when_quitting()
 
     def wrapped():
         try:
@@ -175,6 +176,28 @@ def run_task(
 
 def any_task_running() -> bool:
     return bool(_RUNNING)
+
+
+def stop_tasks(wait_ms: int = 120_000) -> bool:
+    """Cancel every task, background ones included, and wait for their threads to end.
+
+    Why: a worker that ends after its Qt objects are gone (the viewer closed, the application quitting) emits
+    into a deleted object, and Qt aborts the whole process. Tasks stop between two slices or tiles, so the wait
+    is at most one step. Returns False if a thread was still running after ``wait_ms``."""
+    from qtpy.QtCore import QThreadPool
+
+    for handle in list(_RUNNING | _BACKGROUND):
+        handle.cancel()
+    return QThreadPool.globalInstance().waitForDone(wait_ms)
+
+
+def _stop_tasks_when_quitting() -> None:
+    from qtpy.QtWidgets import QApplication
+
+    app = QApplication.instance()
+    if app is not None and not getattr(app, "_robustmedsam_stops_tasks", False):
+        app.aboutToQuit.connect(stop_tasks)
+        app._robustmedsam_stops_tasks = True
 
 
 class TaskRow(QWidget):
