@@ -57,3 +57,14 @@ def _no_task_outlives_its_test():
     common = sys.modules.get("napari_robustmedsam.widgets._common")
     if common is not None:
         assert common.stop_tasks(), "a widget task did not stop within two minutes of being cancelled"
+
+
+@pytest.fixture
+def no_model_load(monkeypatch):
+    """A refusal must come before the (slow) model load: loading one fails the test."""
+    import napari_robustmedsam.checkpoints as checkpoints
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the model was loaded before the input was checked")
+
+    monkeypatch.setattr(checkpoints, "load_model", refuse)

@@ -21,16 +21,6 @@ pytestmark = pytest.mark.faults
 
 
 @pytest.fixture
-def no_model_load(monkeypatch):
-    import napari_robustmedsam.checkpoints as checkpoints
-
-    def refuse(*args, **kwargs):
-        raise AssertionError("the model was loaded before the input was checked")
-
-    monkeypatch.setattr(checkpoints, "load_model", refuse)
-
-
-@pytest.fixture
 def model_from_session(monkeypatch, litemedsam):
     """segment / embed get the session's loaded LiteMedSAM instead of loading it again."""
     import napari_robustmedsam.checkpoints as checkpoints

@@ -21,17 +21,6 @@ pytestmark = pytest.mark.faults
 
 
 @pytest.fixture
-def no_model_load(monkeypatch):
-    """A refusal must come before the (slow) model load: loading one fails the test."""
-    import napari_robustmedsam.checkpoints as checkpoints
-
-    def refuse(*args, **kwargs):
-        raise AssertionError("the model was loaded before the input was checked")
-
-    monkeypatch.setattr(checkpoints, "load_model", refuse)
-
-
-@pytest.fixture
 def image(tmp_path) -> Path:
     return write_png(tmp_path / "v.png")
 

@@ -25,6 +25,18 @@ import torch
 from .local_correction import paste_new_logits
 
 
+def click_arrays(points, labels, n_new: int) -> tuple[np.ndarray, np.ndarray]:
+    """An object's clicks as (K, 2) float (x, y) and (K,) int labels, checked against each other and against
+    ``n_new``, the number of them that are new."""
+    pts = np.asarray(points, dtype=np.float64).reshape(-1, 2)
+    labs = np.asarray(labels).reshape(-1).astype(int)
+    if pts.shape[0] != labs.shape[0]:
+        raise ValueError(f"{pts.shape[0]} points but {labs.shape[0]} labels")
+    if not 0 <= n_new <= pts.shape[0]:
+        raise ValueError(f"n_new={n_new} for {pts.shape[0]} points")
+    return pts, labs
+
+
 #: which clicks the edge-reach bound acts on: every new click, or only a negative click made before any positive one
 #: (a box start's first removals, which nothing else bounds: no positive click says where the object is)
 REACH_SCOPES = ("all", "negatives-before-positive")
@@ -77,12 +89,7 @@ def allowed_changes(
         raise ValueError("edge_reach needs the previous mask on the same grid")
     may_add = np.zeros((h, w), dtype=bool)
     may_remove = np.zeros((h, w), dtype=bool)
-    pts = np.asarray(points, dtype=np.float64).reshape(-1, 2)
-    labs = np.asarray(labels).reshape(-1).astype(int)
-    if pts.shape[0] != labs.shape[0]:
-        raise ValueError(f"{pts.shape[0]} points but {labs.shape[0]} labels")
-    if not 0 <= n_new <= pts.shape[0]:
-        raise ValueError(f"n_new={n_new} for {pts.shape[0]} points")
+    pts, labs = click_arrays(points, labels, n_new)
     yy, xx = np.mgrid[0:h, 0:w]
     cx, cy = xx + 0.5, yy + 0.5  # pixel centres, the convention of the points
     dist2 = [(cx - p[0]) ** 2 + (cy - p[1]) ** 2 for p in pts]  # each point's squared distance map, once

@@ -33,6 +33,8 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage
 
+from .click_guard import click_arrays
+
 #: the solvers that re-decide a click's disk
 REFINEMENT_SOLVERS = ("random-walker", "graph-cut")
 #: a solver's word with this ending keeps the change in the click's direction (RefinementSettings.keep_direction)
@@ -148,12 +150,7 @@ def refine_clicks(
     already has its label changes nothing. Returns a new array; the inputs are not modified."""
     settings = as_refinement(settings)
     out = np.asarray(mask, dtype=bool).copy()
-    pts = np.asarray(points, dtype=np.float64).reshape(-1, 2)
-    labs = np.asarray(labels).reshape(-1).astype(int)
-    if pts.shape[0] != labs.shape[0]:
-        raise ValueError(f"{pts.shape[0]} points but {labs.shape[0]} labels")
-    if not 0 <= n_new <= pts.shape[0]:
-        raise ValueError(f"n_new={n_new} for {pts.shape[0]} points")
+    pts, labs = click_arrays(points, labels, n_new)
     if settings is None or n_new == 0 or out.size == 0:
         return out
     shape = out.shape
