@@ -34,6 +34,7 @@ from .layouts import (
 )
 from .project_format import PREPROCESSING_CHOICES
 from .safe_load import file_sha256, notice
+from .head_delta import read_model_file
 
 _PATH_SUFFIXES = (".pth", ".pt", ".ckpt", ".bin", ".tar", ".pkl")
 BOX_PRIMARY_PREPROCESSING = ("medsam", "litemedsam")  # MedSAM and LiteMedSAM were trained with boxes only
@@ -114,7 +115,7 @@ def resolve_source(
     text = os.fspath(source)
     path = Path(text).expanduser()
     if path.exists() or looks_like_path(source):
-        checkpoint = read_checkpoint(path)
+        checkpoint = read_model_file(path, cache_dir=cache_dir, progress=progress)
         sha = file_sha256(path)
         spec, how = _registry_match(path, sha)
         return Source(label=text, checkpoint=checkpoint, spec=spec, spec_match=how, path=path, sha256=sha,
@@ -124,7 +125,8 @@ def resolve_source(
     except UserFacingError as err:
         raise CheckpointError(f"{err} (no file named {text!r} exists either)") from None
     weights = fetch_weights(spec, cache_dir=cache_dir, progress=progress)
-    checkpoint = read_checkpoint(weights, source_hint=spec.url or spec.manual_download or spec.source)
+    checkpoint = read_model_file(weights, source_hint=spec.url or spec.manual_download or spec.source,
+                                 cache_dir=cache_dir, progress=progress)
     where = f"registry model '{spec.name}' ({weights})"
     file_decoder = "sam" if spec.robust_init else spec.decoder  # robust_init builds the robust parts itself
     if checkpoint.architecture != spec.architecture or checkpoint.decoder != file_decoder:
@@ -267,6 +269,23 @@ def with_identity_robust_decoder(state: Mapping, where: str) -> dict:
     out = {key: value for key, value in state.items() if not key.startswith("mask_decoder.")}
     out.update({f"mask_decoder.{key}": value for key, value in decoder.state_dict().items()})
     return out
+
+
+#: checkpoint metadata naming the registry model whose plain decoder answers where this model's mask is empty
+EMPTY_MASK_FALLBACK_KEY = "empty_mask_fallback"
+
+
+def attach_empty_mask_fallback(model, base: str, where: str, *, cache_dir=None) -> None:
+    """Attach registry model ``base``'s plain prompt encoder and mask decoder as ``model``'s empty-mask fallback."""
+    from .head_delta import base_state
+
+    try:
+        state, _sha = base_state(base, cache_dir=cache_dir, progress=False)
+    except CheckpointError as err:
+        raise CheckpointError(f"{where} falls back on model '{base}' for empty masks, which cannot be loaded: {err}") from None
+    state = {key: value for key, value in state.items() if not is_robust_key(key)}
+    parts = build_and_load(model.architecture.name, "sam", state, f"registry model '{base}'")
+    model.attach_empty_mask_fallback(parts.prompt_encoder, parts.mask_decoder)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -471,6 +490,11 @@ def load_model(
     model = build_and_load(architecture, decoder, state, where)
     if enhancer is not None:
         attach_enhancer_checked(model, enhancer, where)
+    fallback = metadata.get(EMPTY_MASK_FALLBACK_KEY)
+    if isinstance(fallback, str) and fallback:
+        attach_empty_mask_fallback(model, fallback, where, cache_dir=cache_dir)
+        notices.append(notice(f"where this model's mask is empty, the mask of '{fallback}' is used instead, with "
+                              "a notice (the head's empty-mask fallback)"))
     model.eval()
     model.to(device=target_device, dtype=dtype)
     check_weights_finite(model, where)

@@ -40,6 +40,8 @@ __all__ = [
 
 #: Channels of TinyViT stage 2 (``layers[1]``) in LiteMedSAM.
 LITE_EARLY_FEATURE_DIM = TINY_VIT_EARLY_CHANNELS
+#: the seed of the robust parts' initial values (their outputs start at zero whatever the seed)
+ROBUST_INIT_SEED = 0
 
 
 def sam_decoder_state_from_checkpoint(state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
@@ -92,7 +94,11 @@ def build_lite_robust_decoder(
     """
     state = sam_decoder_state_from_checkpoint(sam_decoder_state_dict)
 
-    decoder = RobustMaskDecoder(transformer_dim=256, vit_dim=vit_dim, fgm_mode=fgm_mode, residual=True)
+    # A fixed seed for the robust parts' initial values: their outputs start at zero either way, but the same
+    # start on every build lets a fine-tuned head store only the tensors training changed (checkpoints.head_delta).
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(ROBUST_INIT_SEED)
+        decoder = RobustMaskDecoder(transformer_dim=256, vit_dim=vit_dim, fgm_mode=fgm_mode, residual=True)
     state = {k: v for k, v in state.items() if k != "residual_fusion"}
     result = decoder.load_state_dict(state, strict=False)
     if result.unexpected_keys:

@@ -36,6 +36,8 @@ class ModelSpec:
     # The file has a plain decoder; build the lite robust decoder from it with identity-initialised
     # robust parts (they change nothing until fine-tuned).
     robust_init: bool = False
+    # One line for the model panel and `robustmedsam info`: when to choose this model.
+    use: str = ""
 
 
 _LITEMEDSAM = ModelSpec(
@@ -52,7 +54,32 @@ _LITEMEDSAM = ModelSpec(
     source="https://github.com/bowang-lab/MedSAM (LiteMedSAM branch)",
     license="Apache-2.0",
     aliases=("default", "lite_medsam"),
+    use="clean images prompted with a box; points alone give poor masks, and corrective clicks help little",
 )
+
+def _shipped(name: str, description: str, use: str, decoder: str) -> ModelSpec:
+    """A fine-tuned head shipped in :mod:`napari_robustmedsam.heads`; hash, size and licence from its manifest."""
+    from .. import heads
+
+    record = heads.entry(name)
+    function = name.replace("-", "_")
+    return ModelSpec(
+        name=name,
+        description=description,
+        architecture="tiny_vit",
+        decoder=decoder,
+        preprocessing="litemedsam",
+        box_primary=False,
+        filename=f"{function}.pt",
+        known_hash=f"sha256:{record['sha256']}" if record.get("sha256") else None,
+        size_bytes=record.get("size_bytes"),
+        package_asset=f"napari_robustmedsam.heads:{function}",
+        source=f"this package; rebuilt by python -m training.ship_heads {name} (docs/models.md)",
+        license=record.get("licence", "see LICENSE-WEIGHTS.md next to the weights"),
+        aliases=(function,),
+        use=use,
+    )
+
 
 _SPECS = (
     _LITEMEDSAM,
@@ -67,6 +94,24 @@ _SPECS = (
         decoder="robust",
         aliases=("lite_robust",),
         robust_init=True,
+        use="the starting point of your own fine-tune (python -m training.fit); as is, it equals litemedsam",
+    ),
+    *(
+        _shipped(name, description, use, decoder)
+        for name, description, use, decoder in (
+            ("robust-lite",
+             "LiteMedSAM with its robust decoder fine-tuned on six 2D datasets (shipped in this package)",
+             "degraded images (noise, blur, compression), point prompts and corrective clicks; the recommended head",
+             "robust"),
+            ("robust-lite-permissive",
+             "robust-lite trained only on CC0 / CC BY data (nuclei, fetal ultrasound) (shipped in this package)",
+             "as robust-lite where its training data's terms do not fit your use; weaker on other modalities",
+             "robust"),
+            ("pge-lite-fast",
+             "LiteMedSAM with a PGE-SAM prompt-guided feature enhancer (1 M parameters) (shipped in this package)",
+             "many corrective clicks on degraded images; each click costs more than with robust-lite",
+             "sam"),
+        )
     ),
     ModelSpec(
         name="sam_vit_b",

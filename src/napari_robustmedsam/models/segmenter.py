@@ -44,6 +44,36 @@ class PromptableSegmenter(nn.Module):
         self.mask_decoder = mask_decoder
         self.architecture = architecture
         self.feature_enhancer: nn.Module | None = None  # PGE-SAM head (attach_enhancer)
+        # Kept outside the module tree, so it is neither in the state dict nor trained (attach_empty_mask_fallback)
+        self.__dict__["_empty_mask_fallback"] = None
+
+    def attach_empty_mask_fallback(self, prompt_encoder: nn.Module | None, mask_decoder: nn.Module | None) -> None:
+        """Give the model a base model's plain prompt encoder and decoder (on the same image encoder), used for
+        the prompts whose mask comes out empty (:class:`~napari_robustmedsam.engine.predictor.Predictor`).
+
+        Why: a fine-tuned head can return nothing where the base model finds the object (thin vessel trees,
+        small multi-part lesions); then the base model's mask, with a notice, is better than a silent empty mask.
+        The fallback moves with the model (``.to``, ``.half``) but is not part of its state dict."""
+        if prompt_encoder is None or mask_decoder is None:
+            self.__dict__["_empty_mask_fallback"] = None
+            return
+        info = ArchitectureInfo(**{**self.architecture.__dict__, "decoder": "sam"})
+        fallback = PromptableSegmenter(self.image_encoder, prompt_encoder, mask_decoder, info).eval()
+        for parameter in fallback.parameters():
+            parameter.requires_grad_(False)
+        self.__dict__["_empty_mask_fallback"] = fallback
+
+    @property
+    def empty_mask_fallback(self) -> "PromptableSegmenter | None":
+        return self.__dict__.get("_empty_mask_fallback")
+
+    def _apply(self, fn, *args, **kwargs):
+        out = super()._apply(fn, *args, **kwargs)
+        fallback = self.__dict__.get("_empty_mask_fallback")
+        if fallback is not None:  # the image encoder is shared and already converted
+            fallback.prompt_encoder._apply(fn, *args, **kwargs)
+            fallback.mask_decoder._apply(fn, *args, **kwargs)
+        return out
 
     def attach_enhancer(self, enhancer: nn.Module | None) -> None:
         """Add (or remove, with None) a prompt-guided feature enhancer between the encoder and the decoder."""
