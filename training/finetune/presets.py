@@ -94,3 +94,22 @@ def build_config(settings: dict) -> TrainConfig:
 def preset_config(name: str | None, **overrides) -> TrainConfig:
     """The preset's settings with ``overrides`` (flat field names) on top."""
     return build_config({**preset(name).settings, **overrides})
+
+
+def setting_help(name: str, preset_name: str | None = None) -> str:
+    """One line of help for a setting (a TrainConfig, PromptConfig or LossWeights field): the help text declared
+    with its field, its default, and the value ``preset_name`` gives it. The widget's tooltips come from here."""
+    for cls in (TrainConfig, PromptConfig, LossWeights):
+        for f in dataclasses.fields(cls):
+            if f.name != name or not f.metadata.get("help"):
+                continue
+            text = f.metadata["help"]
+            shown = f.metadata.get("shown")
+            default = shown if shown is not None else (f.default if f.default is not dataclasses.MISSING else None)
+            if default is not None:
+                text += f" (default {default}"
+                if preset_name is not None and name in preset(preset_name).settings:
+                    text += f"; preset {preset_name}: {preset(preset_name).settings[name]}"
+                text += ")"
+            return text[:1].upper() + text[1:]
+    raise KeyError(f"no training setting called {name!r}")

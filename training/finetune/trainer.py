@@ -342,6 +342,8 @@ class Trainer:
                     self._save_checkpoint(self.best_path, base_metrics, "best (base model before fine-tuning)")
                     self.save(base_metrics)
                     self.write_logs("running")
+                if self.on_epoch is not None:  # the curve's first point: the model before any training
+                    self.on_epoch(row)
             while self.epoch < cfg.epochs:
                 reason = self._run_epoch()
                 if reason is not None:

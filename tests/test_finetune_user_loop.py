@@ -1,0 +1,203 @@
+"""The fine-tune tab's logic without Qt: the never-worse split and decision, the decision in the checkpoint,
+the time estimate, the setting help, "which image next", and the folds run order (training.finetune)."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from training.finetune import TrainItem, items_from_arrays
+from training.finetune.never_worse import (
+    FOLDS_BELOW,
+    MIN_HELD_BACK,
+    PlaneScore,
+    decide,
+    plan_holdout,
+    record_decision,
+)
+from training.finetune.presets import PRESETS, preset_config, setting_help
+
+
+def _items(n: int) -> list[TrainItem]:
+    lab = np.zeros((32, 32), np.int32)
+    lab[8:20, 10:24] = 1
+    return [TrainItem(f"img{i}", np.zeros((32, 32), np.uint8), lab, object_ids=[1]) for i in range(n)]
+
+
+def test_enough_planes_hold_some_back_and_few_use_folds():
+    many = plan_holdout(_items(10), 0.2, seed=0)
+    assert many.mode == "hold-out" and len(many.held_back) == MIN_HELD_BACK == 2
+    held = {it.key for it in many.held_back}
+    assert held.isdisjoint(it.key for it in many.final_train) and len(many.final_train) == 8
+    assert {it.key for it in plan_holdout(_items(10), 0.2, seed=0).held_back} == held  # seeded
+    assert len(plan_holdout(_items(30), 0.2).held_back) == 6
+
+    few = plan_holdout(_items(FOLDS_BELOW - 1), 0.2)
+    assert few.mode == "folds" and len(few.folds) == FOLDS_BELOW - 1 and few.runs == FOLDS_BELOW
+    assert sorted(it.key for it in few.held_back) == sorted(it.key for it in few.all_items)  # each held back once
+    for fold in few.folds:
+        assert len(fold.held) == 1 and fold.held[0] not in fold.train and len(fold.train) == FOLDS_BELOW - 2
+    assert few.final_train == few.all_items
+
+    one = plan_holdout(_items(1), 0.2)
+    assert one.mode == "none" and one.held_back == [] and "cannot be checked" in one.describe()
+
+
+def _scores(values: dict[str, tuple[float, float]]) -> dict[str, PlaneScore]:
+    return {k: PlaneScore(k, box, clicks, 1) for k, (box, clicks) in values.items()}
+
+
+def test_a_worse_candidate_is_not_swapped_in_and_the_loss_is_said():
+    current = _scores({"a": (0.90, 0.94), "b": (0.80, 0.90)})
+    worse = _scores({"a": (0.84, 0.90), "b": (0.80, 0.88)})
+    d = decide(current, worse, mode="hold-out", current_model="litemedsam", candidate_path="x.pth")
+    assert not d.swapped
+    assert d.current_score == pytest.approx((0.92 + 0.85) / 2) and d.delta == pytest.approx(-0.03)
+    assert "kept the current model" in d.summary() and "0.855 vs 0.885" in d.summary() and "(-0.030)" in d.summary()
+    assert [r["plane"] for r in d.rows] == ["a", "b"] and d.rows[0]["box_after"] == 0.84
+
+    better = _scores({"a": (0.95, 0.96), "b": (0.85, 0.92)})
+    d = decide(current, better, mode="hold-out", current_model="litemedsam", candidate_path="x.pth")
+    assert d.swapped and d.delta > 0 and "now used" in d.summary()
+
+    tie = decide(current, current, mode="folds", current_model="m", candidate_path="x.pth")
+    assert not tie.swapped  # a tie keeps what the user has
+    none = decide({}, {}, mode="none", current_model="m", candidate_path="x.pth")
+    assert not none.swapped and none.delta is None and "no held-back labels" in none.summary()
+
+
+def test_the_decision_is_saved_in_the_checkpoint_metadata(tmp_path):
+    from napari_robustmedsam.checkpoints import make_metadata, save_checkpoint
+    from napari_robustmedsam.checkpoints.project_format import unpack_project_checkpoint
+    from napari_robustmedsam.checkpoints.safe_load import load_untrusted
+
+    path = tmp_path / "last.pth"
+    weights = {"mask_decoder.w": torch.arange(4.0)}
+    save_checkpoint(path, weights, make_metadata(architecture="litemedsam", decoder="robust",
+                                                 preprocessing="litemedsam", extra={"training": {"epoch": 1}}))
+    d = decide(_scores({"a": (0.9, 0.9)}), _scores({"a": (np.float32(0.8), 0.8)}), mode="hold-out",
+               current_model="litemedsam", candidate_path=str(path))
+    record_decision(path, d)
+    state, meta = unpack_project_checkpoint(load_untrusted(path))
+    saved = meta["extra"]["never_worse"]
+    assert saved["swapped"] is False and saved["delta"] == pytest.approx(-0.1)
+    assert saved["rows"][0]["plane"] == "a" and saved["held_back"] == ["a"]
+    assert meta["extra"]["training"] == {"epoch": 1}  # the rest of the metadata is kept
+    assert torch.equal(state["mask_decoder.w"], weights["mask_decoder.w"])
+
+
+def test_the_estimate_counts_folds_and_respects_the_budget(tmp_path, monkeypatch):
+    from training.finetune import time_estimate as te
+
+    monkeypatch.setenv("ROBUSTMEDSAM_CACHE_DIR", str(tmp_path))
+    costs = te.known_costs("quick")
+    assert "development CPU" in costs.source and costs.iteration_s == te.FALLBACK_COSTS["iteration_s"]["quick"]
+    cfg = preset_config("quick", epochs=2, steps_per_epoch=None, variants=1)
+    holdout = te.estimate(plan_holdout(_items(10), 0.2), cfg, costs)
+    assert holdout.iterations == 2 * 8 and holdout.loads == 1 + 2  # one run; current + candidate judged
+    folds = te.estimate(plan_holdout(_items(3), 0.2), cfg, costs)
+    assert folds.iterations == 3 * (2 * 2) + 2 * 3 and folds.loads == 4 + 4  # 3 folds + final; current + 3 folds
+    assert "iterations x" in holdout.text() and "development CPU" in holdout.text()
+    capped = te.estimate(plan_holdout(_items(10), 0.2), dataclasses.replace(cfg, time_budget_s=3.0), costs)
+    assert capped.capped_by_budget and capped.iterations < holdout.iterations
+    assert capped.seconds < holdout.seconds
+
+    te.remember_costs("quick", {"iteration_s": 0.5, "encode_s": 0.7, "load_s": 1.0, "decode_s": 0.02})
+    mine = te.known_costs("quick")
+    assert mine.iteration_s == 0.5 and "this machine" in mine.source
+    assert "development CPU" in te.known_costs("robust-lite").source
+
+
+def test_every_form_field_has_its_help_from_the_settings_declaration():
+    from training.finetune.config import TrainConfig
+
+    fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
+    for name in ("model", "epochs", "steps_per_epoch", "variants", "levels", "time_budget_s"):
+        text = setting_help(name, "quick")
+        assert text.lower().startswith(fields[name].metadata["help"].lower())
+    assert "preset quick: 3" in setting_help("epochs", "quick")
+    with pytest.raises(KeyError):
+        setting_help("no_such_setting")
+    for name, p in PRESETS.items():  # each preset says when to use it, in one sentence
+        assert p.use and p.use.strip().endswith(".") and len(p.use) < 300
+
+
+def test_unlabelled_slices_are_ranked_with_the_nearest_labelled_slice_boxes(litemedsam):
+    from napari_robustmedsam.engine.predictor import Predictor
+    from napari_robustmedsam.sample_data import mri_phantom_volume
+    from training.finetune.next_image import rank_planes, spread, volume_planes
+
+    image, truth = mri_phantom_volume(8, 96, seed=2)
+    labels = truth.copy()
+    labels[[4, 6, 7]] = 0
+    planes = volume_planes(image, labels, "vol")
+    assert [p.z for p in planes] == [4, 6, 7] and [p.key for p in planes][0] == "vol/z004"
+    near = {4: 3, 6: 5, 7: 5}  # ties go to the lower slice
+    for p in planes:
+        ids = [i for i in np.unique(labels[near[p.z]]) if i]
+        assert len(p.boxes) == len(ids)
+    assert len(spread(planes * 10, limit=5)) == 5
+    ranked = rank_planes(Predictor.from_loaded(litemedsam), planes[:2], seed=0)
+    assert len(ranked) == 2 and [r.uncertainty for r in ranked] == sorted((r.uncertainty for r in ranked), reverse=True)
+    for r in ranked:
+        assert 0.0 <= r.uncertainty <= 1.0 and r.uncertainty == pytest.approx((r.disagreement + r.doubt) / 2)
+
+
+def test_folds_train_each_fold_then_all_and_judge_each_fold_model_on_its_plane(tmp_path, monkeypatch):
+    from training.finetune import user_run
+    from training.finetune.trainer import TrainResult
+
+    runs, judged = [], []
+
+    class FakeTrainer:
+        def __init__(self, cfg, out, train, val, **kw):
+            self.cfg, self.out, self.train, self.val = cfg, Path(out), train, val
+            self.notices, self.step_log, self.global_step, self.feature_seconds = [], [], 0, 0.0
+            self.bank = self.val_bank = type("B", (), {"stats": {"encoded": 0}})()
+
+        def run(self):
+            runs.append(([it.key for it in self.train], [it.key for it in self.val], self.cfg.time_budget_s))
+            self.out.mkdir(parents=True, exist_ok=True)
+            last = self.out / "last.pth"
+            last.write_text("x")
+            return TrainResult(self.out, last, None, [], "completed")
+
+    def fake_load(self, source):
+        return source
+
+    def fake_score(predictor, items, **kw):
+        judged.append((str(predictor), [it.key for it in items]))
+        good = predictor != "litemedsam"
+        return {it.key: PlaneScore(it.key, 0.9 if good else 0.8, 0.9, 1) for it in items}
+
+    monkeypatch.setattr(user_run, "Trainer", FakeTrainer)
+    monkeypatch.setattr(user_run.UserFinetune, "_load", fake_load)
+    monkeypatch.setattr(user_run, "score_items", fake_score)
+    monkeypatch.setattr(user_run, "record_decision", lambda path, d: path)
+    monkeypatch.setenv("ROBUSTMEDSAM_CACHE_DIR", str(tmp_path / "cache"))
+    cfg = preset_config("quick", time_budget_s=120.0)
+    res = user_run.UserFinetune(cfg, _items(3), tmp_path / "out", preset_name="quick", current_model="litemedsam",
+                                hold_back_fraction=0.2).run()
+    assert [r[1] for r in runs] == [["img0"], ["img1"], ["img2"], []]  # 3 folds, then all planes
+    assert runs[-1][0] == ["img0", "img1", "img2"] and all(r[2] == pytest.approx(30.0) for r in runs)
+    assert judged[0] == ("litemedsam", ["img0", "img1", "img2"])
+    assert [j[1] for j in judged[1:]] == [["img0"], ["img1"], ["img2"]]
+    assert [Path(j[0]).parent.name for j in judged[1:]] == ["fold-1", "fold-2", "fold-3"]
+    assert res.checkpoint == tmp_path / "out" / "last.pth" and res.decision.swapped and res.decision.mode == "folds"
+    assert (tmp_path / "out" / "decision.json").is_file()
+
+
+def test_labelled_slices_of_a_volume_are_each_a_sample():
+    from napari_robustmedsam.sample_data import mri_phantom_volume
+
+    image, truth = mri_phantom_volume(12, 64, seed=0)
+    labels = truth.copy()
+    labels[10:] = 0
+    items = items_from_arrays([image], [labels], names=["vol"])
+    assert [it.key for it in items] == [f"vol/z{z:03d}" for z in range(10)]
+    plan = plan_holdout(items, PRESETS["quick"].val_fraction)
+    assert plan.mode == "hold-out" and len(plan.final_train) == 8

@@ -1,0 +1,227 @@
+"""Never worse: a fine-tuned model replaces the current one only if it segments the user's held-back labels better.
+
+The user's labelled planes (2D images, or labelled slices of a volume: each one a sample) are split by
+:func:`plan_holdout`:
+
+- ``hold-out`` (at least :data:`FOLDS_BELOW` planes): a seeded share of the planes (the preset's validation
+  fraction, at least :data:`MIN_HELD_BACK`) is held back; the candidate is trained on the rest;
+- ``folds`` (2 to :data:`FOLDS_BELOW` - 1 planes): leave-one-out folds. One fold model per plane is trained on the
+  others and judged on that plane; the model offered to the user is then trained on every plane. The decision is
+  about the recipe on these images, which is what the fold models measure;
+- ``none`` (a single plane): nothing can be held back; no decision is possible, and the candidate is not swapped
+  in by itself.
+
+Both models are judged by :func:`score_items` the way a user works: a tight box around each labelled object, then
+:data:`JUDGE_CLICKS` corrective clicks (each in the largest error region, the previous mask fed back), Dice at the
+image's own resolution. The score of a plane is the mean over its objects of (box Dice + Dice after the clicks) / 2;
+:func:`decide` swaps only if the candidate's mean over the held-back planes is higher than the current model's.
+The decision and its numbers go into the checkpoint's metadata (:func:`record_decision`).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from napari_robustmedsam.metrics import dice
+from napari_robustmedsam.prompting import corrective_click, rng_for, tight_box
+
+from .data import TrainItem
+
+#: below this many labelled planes, leave-one-out folds are used instead of a single held-back share
+FOLDS_BELOW = 5
+#: a hold-out split keeps at least this many planes back (one plane decides nothing reliable)
+MIN_HELD_BACK = 2
+#: corrective clicks after the box when judging a model (the annotator's typical few corrections)
+JUDGE_CLICKS = 3
+#: objects judged per plane at most (the first ones by label value; keeps judging a crowded plane quick)
+JUDGE_MAX_OBJECTS = 5
+#: the metadata key of the decision in a checkpoint's ``extra``
+METADATA_KEY = "never_worse"
+
+
+@dataclass
+class Fold:
+    train: list[TrainItem]
+    held: list[TrainItem]
+
+
+@dataclass
+class HoldoutPlan:
+    mode: str  # "hold-out", "folds" or "none"
+    folds: list[Fold]
+    all_items: list[TrainItem]
+
+    @property
+    def held_back(self) -> list[TrainItem]:
+        return [it for f in self.folds for it in f.held]
+
+    @property
+    def final_train(self) -> list[TrainItem]:
+        """The planes the model offered to the user is trained on."""
+        if self.mode == "hold-out":
+            return self.folds[0].train
+        return self.all_items
+
+    @property
+    def runs(self) -> int:
+        """Training runs: one per fold, plus the final run on every plane in folds mode."""
+        return len(self.folds) + (1 if self.mode == "folds" else 0) if self.mode != "none" else 1
+
+    def describe(self) -> str:
+        n = len(self.all_items)
+        if self.mode == "hold-out":
+            return (f"{len(self.held_back)} of {n} labelled planes held back to check the result; "
+                    f"trained on the other {len(self.final_train)}")
+        if self.mode == "folds":
+            return (f"only {n} labelled planes: {len(self.folds)} folds (each plane held back once), then the model "
+                    f"offered is trained on all {n}")
+        return "a single labelled plane: nothing can be held back, so the result cannot be checked"
+
+
+def plan_holdout(items: list[TrainItem], fraction: float, seed: int = 0) -> HoldoutPlan:
+    """The split of the user's planes (see the module docstring). Seeded: the same labels give the same split."""
+    items = list(items)
+    n = len(items)
+    if n <= 1:
+        return HoldoutPlan("none", [Fold(items, [])], items)
+    order = rng_for(seed, "never-worse-split", n).permutation(n)
+    if n < FOLDS_BELOW:
+        folds = [Fold([items[j] for j in range(n) if j != i], [items[i]]) for i in sorted(order.tolist())]
+        return HoldoutPlan("folds", folds, items)
+    n_held = min(n - 1, max(MIN_HELD_BACK, int(round(n * fraction))))
+    held_idx = set(order[:n_held].tolist())
+    held = [it for i, it in enumerate(items) if i in held_idx]
+    train = [it for i, it in enumerate(items) if i not in held_idx]
+    return HoldoutPlan("hold-out", [Fold(train, held)], items)
+
+
+@dataclass
+class PlaneScore:
+    key: str
+    box: float  # mean box Dice over the plane's judged objects
+    clicks: float  # mean Dice after the box and JUDGE_CLICKS corrective clicks
+    objects: int
+
+    @property
+    def score(self) -> float:
+        return (self.box + self.clicks) / 2.0
+
+
+def score_items(predictor, items: list[TrainItem], *, clicks: int = JUDGE_CLICKS,
+                max_objects: int = JUDGE_MAX_OBJECTS, cancel: Callable[[], bool] | None = None,
+                progress: Callable[[int, int, str], None] | None = None) -> dict[str, PlaneScore]:
+    """Box Dice and Dice after ``clicks`` corrective clicks of ``predictor`` (engine.Predictor) on every plane."""
+    out: dict[str, PlaneScore] = {}
+    for n, item in enumerate(items):
+        if cancel is not None and cancel():
+            break
+        emb = predictor.compute_embedding(item.image)
+        box_d, click_d = [], []
+        for oid in item.object_ids[:max_objects]:
+            gt = item.labels == oid
+            box = tight_box(gt)
+            pred = predictor.predict(boxes=box, embedding=emb, multimask_output=False)
+            mask, logits = pred.masks[0], pred.low_res_logits
+            box_d.append(dice(mask, gt))
+            points: list[tuple[float, float]] = []
+            labels: list[int] = []
+            for _ in range(clicks):
+                click = corrective_click(gt, mask)
+                if click is None:
+                    break
+                points.append((click.x, click.y))
+                labels.append(int(click.label))
+                pred = predictor.predict(points=np.asarray(points, np.float32), point_labels=np.asarray(labels),
+                                         boxes=box, mask_input=logits, embedding=emb, multimask_output=False)
+                mask, logits = pred.masks[0], pred.low_res_logits
+            click_d.append(dice(mask, gt))
+        out[item.key] = PlaneScore(item.key, float(np.mean(box_d)), float(np.mean(click_d)), len(box_d))
+        if progress is not None:
+            progress(n + 1, len(items), f"judging {item.key}")
+    return out
+
+
+@dataclass
+class Decision:
+    """The never-worse decision and its numbers (shown in the widget and saved with the checkpoint)."""
+
+    mode: str
+    held_back: list[str]
+    current_model: str
+    candidate: str
+    current_score: float | None
+    candidate_score: float | None
+    swapped: bool
+    reason: str
+    rows: list[dict] = field(default_factory=list)  # per held-back plane: before / after box and clicks Dice
+    metric: str = (f"mean over held-back planes of (box Dice + Dice after {JUDGE_CLICKS} corrective clicks) / 2")
+
+    @property
+    def delta(self) -> float | None:
+        if self.current_score is None or self.candidate_score is None:
+            return None
+        return self.candidate_score - self.current_score
+
+    def summary(self) -> str:
+        if self.delta is None:
+            return self.reason
+        sign = "+" if self.delta >= 0 else "-"
+        verdict = ("the fine-tuned model is now used" if self.swapped else "kept the current model")
+        return (f"{verdict}: on {len(self.held_back)} held-back plane(s) the fine-tuned model scored "
+                f"{self.candidate_score:.3f} vs {self.current_score:.3f} for {self.current_model} "
+                f"({sign}{abs(self.delta):.3f}); {self.reason}")
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["delta"] = self.delta
+        return d
+
+
+def decide(current: dict[str, PlaneScore], candidate: dict[str, PlaneScore], *, mode: str, current_model: str,
+           candidate_path: str) -> Decision:
+    """Swap only if the candidate's mean score over the held-back planes beats the current model's (ties keep)."""
+    keys = [k for k in candidate if k in current]
+    if not keys:
+        return Decision(mode, [], current_model, candidate_path, None, None, False,
+                        "no held-back labels to compare on: the current model is kept (load the result by hand "
+                        "if you want it)")
+    before = float(np.mean([current[k].score for k in keys]))
+    after = float(np.mean([candidate[k].score for k in keys]))
+    rows = [dict(plane=k, box_before=current[k].box, box_after=candidate[k].box,
+                 clicks_before=current[k].clicks, clicks_after=candidate[k].clicks, objects=current[k].objects)
+            for k in keys]
+    swapped = bool(math.isfinite(after) and after > before)
+    reason = ("it segments the held-back labels better" if swapped else
+              "the candidate did not beat it on the held-back labels, so nothing changed")
+    return Decision(mode, keys, current_model, candidate_path, before, after, swapped, reason, rows)
+
+
+def record_decision(checkpoint: str | Path, decision: Decision) -> Path:
+    """Write the decision into the checkpoint's metadata (``extra.never_worse``), atomically, weights unchanged."""
+    from napari_robustmedsam.checkpoints import save_checkpoint
+    from napari_robustmedsam.checkpoints.project_format import unpack_project_checkpoint
+    from napari_robustmedsam.checkpoints.safe_load import load_untrusted
+
+    path = Path(checkpoint)
+    obj = load_untrusted(path, what="fine-tuned checkpoint")
+    state, metadata = unpack_project_checkpoint(obj, str(path))
+    extra = dict(metadata.get("extra") or {})
+    extra[METADATA_KEY] = _plain(decision.to_dict())
+    metadata["extra"] = extra
+    return save_checkpoint(path, state, metadata)
+
+
+def _plain(value: Any) -> Any:
+    """JSON-like values only (the checkpoint format refuses anything that would need code to unpickle)."""
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, (np.floating, np.integer)):
+        return value.item()
+    return value
