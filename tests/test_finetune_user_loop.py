@@ -57,12 +57,13 @@ def test_a_worse_candidate_is_not_swapped_in_and_the_loss_is_said():
     d = decide(current, worse, mode="hold-out", current_model="litemedsam", candidate_path="x.pth")
     assert not d.swapped
     assert d.current_score == pytest.approx((0.92 + 0.85) / 2) and d.delta == pytest.approx(-0.03)
-    assert "kept the current model" in d.summary() and "0.855 vs 0.885" in d.summary() and "(-0.030)" in d.summary()
+    assert d.summary() == ("Kept the current model (litemedsam): the fine-tuned model scored 0.855 vs 0.885 on 2 "
+                           "held-back plane(s), 0.030 lower.")
     assert [r["plane"] for r in d.rows] == ["a", "b"] and d.rows[0]["box_after"] == 0.84
 
     better = _scores({"a": (0.95, 0.96), "b": (0.85, 0.92)})
     d = decide(current, better, mode="hold-out", current_model="litemedsam", candidate_path="x.pth")
-    assert d.swapped and d.delta > 0 and "now used" in d.summary()
+    assert d.swapped and d.delta > 0 and d.summary().startswith("The fine-tuned model is better: 0.920 vs 0.885")
 
     tie = decide(current, current, mode="folds", current_model="m", candidate_path="x.pth")
     assert not tie.swapped  # a tie keeps what the user has

@@ -170,11 +170,13 @@ class Decision:
     def summary(self) -> str:
         if self.delta is None:
             return self.reason
-        sign = "+" if self.delta >= 0 else "-"
-        verdict = ("the fine-tuned model is now used" if self.swapped else "kept the current model")
-        return (f"{verdict}: on {len(self.held_back)} held-back plane(s) the fine-tuned model scored "
-                f"{self.candidate_score:.3f} vs {self.current_score:.3f} for {self.current_model} "
-                f"({sign}{abs(self.delta):.3f}); {self.reason}")
+        n = len(self.held_back)
+        if self.swapped:
+            return (f"The fine-tuned model is better: {self.candidate_score:.3f} vs {self.current_score:.3f} for "
+                    f"{self.current_model} on {n} held-back plane(s) (+{self.delta:.3f}).")
+        lower = f"{-self.delta:.3f} lower" if self.delta < 0 else "not higher"
+        return (f"Kept the current model ({self.current_model}): the fine-tuned model scored "
+                f"{self.candidate_score:.3f} vs {self.current_score:.3f} on {n} held-back plane(s), {lower}.")
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -196,8 +198,8 @@ def decide(current: dict[str, PlaneScore], candidate: dict[str, PlaneScore], *, 
                  clicks_before=current[k].clicks, clicks_after=candidate[k].clicks, objects=current[k].objects)
             for k in keys]
     swapped = bool(math.isfinite(after) and after > before)
-    reason = ("it segments the held-back labels better" if swapped else
-              "the candidate did not beat it on the held-back labels, so nothing changed")
+    reason = ("higher score on the held-back planes" if swapped else
+              "no higher score on the held-back planes: the current model is kept")
     return Decision(mode, keys, current_model, candidate_path, before, after, swapped, reason, rows)
 
 

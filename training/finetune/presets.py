@@ -51,7 +51,7 @@ PRESETS: dict[str, Preset] = {
              enhancer_gate_channels=32, objects_per_image=1, n_steps=4, p_mask=1.0), val_fraction=0.1),
     "quick": Preset(
         "A first fine-tune from inside napari on a few labelled images: one image per iteration, two corrective "
-        "clicks, frozen AMFG blocks; the widget's recipe.",
+        "clicks, frozen AMFG blocks; the Fine-tune tab's default.",
         dict(model="litemedsam_robust", epochs=3, batch_size=1, objects_per_image=2, variants=2, n_steps=2,
              train_amfg=False, progress_bar=False)),
 }

@@ -1,13 +1,15 @@
-""""Fine-tune on my labels": train the robust decoder on the image / Labels layers of the viewer.
+""""Fine-tune on my labels": the fine-tune tab of the main dock (also its own npe2 widget).
 
-Pick one or more (image layer, Labels layer) pairs (2D images, or volumes whose labelled slices are used),
-the number of epochs and the degradation set (modality + levels); training runs in napari's thread worker
-(progress bar, live loss curve, Cancel = stop after the current iteration with a resumable checkpoint).
-At the end "Load into annotator" loads the fine-tuned checkpoint as the current model of the plugin (the
-model panel / annotator pick it up through the shared plugin state) and emits :attr:`FinetuneWidget.
-checkpoint_ready` with the checkpoint path.
+It trains on every Labels layer of the viewer that matches an image layer (:mod:`.finetune_layers`: 2D images and
+the labelled slices of volumes, the annotator's committed objects included), with a recipe of
+:mod:`training.finetune.presets` (the presets of ``python -m training.fit``), and says how long it will take
+before it starts (:mod:`training.finetune.time_estimate`). During the run: progress, Cancel, and a live curve of
+the loss and of the held-back Dice. At the end the never-worse check (:mod:`training.finetune.never_worse`) decides
+whether the fine-tuned model replaces the current one; the decision, its numbers and a before / after table are
+shown, "Load into annotator" and "Back to the previous model" swap models by hand, and the unlabelled planes are
+ranked by the model's uncertainty ("Which image next", :mod:`training.finetune.next_image`).
 
-The training itself is :mod:`training.finetune` (the same code as ``python -m training.fit``).
+The run itself is :class:`training.finetune.user_run.UserFinetune`; nothing here trains or scores.
 """
 
 from __future__ import annotations
@@ -17,33 +19,31 @@ import time
 from pathlib import Path
 
 import numpy as np
-from qtpy.QtCore import QObject, Signal
+from qtpy.QtCore import QObject, Qt, QTimer, Signal
 from qtpy.QtWidgets import (
     QCheckBox,
     QComboBox,
+    QDoubleSpinBox,
     QFormLayout,
+    QGroupBox,
     QHBoxLayout,
     QLabel,
     QLineEdit,
     QListWidget,
+    QListWidgetItem,
     QPushButton,
     QSpinBox,
+    QTableWidget,
+    QTableWidgetItem,
     QVBoxLayout,
     QWidget,
 )
 
-from ._common import Banner, TaskRow, role_of, run_task, unwrap
+from ._common import Banner, TaskRow, run_task, shrinkable
+from .finetune_layers import count_planes_to_rank, find_pairs, planes_to_rank
 
-#: the recipe of :mod:`training.finetune.presets` the panel starts from (its own choices go on top)
-WIDGET_PRESET_NAME = "quick"
-
-
-def widget_preset():
-    # training imports torch: it is imported when the panel opens, not when napari lists the plugin's widgets,
-    # and after preimport_model_modules has kept triton out of an already running napari (see start())
-    from training.finetune.presets import PRESETS
-
-    return PRESETS[WIDGET_PRESET_NAME]
+#: the preset the tab starts with (one of training.finetune.presets.PRESETS)
+DEFAULT_PRESET = "quick"
 
 LEVEL_SETS = {
     "all levels (LQ-1 .. LQ-3+)": ("LQ-1", "LQ-2", "LQ-3", "LQ-3+"),
@@ -51,301 +51,522 @@ LEVEL_SETS = {
     "severe (LQ-3, LQ-3+)": ("LQ-3", "LQ-3+"),
     "none (clean images only)": (),
 }
+_LEVELS_HELP = ("Degradation levels of the cached degraded copies the model learns to be robust to; LQ-1 (mild) "
+                "to LQ-3 (severe) of the degradation library, LQ-3+ adds the modality's domain artefacts")
+_MODALITY_HELP = "Which degradations of the library the copies get (the modality of your images)"
 
 
 def default_out_dir() -> Path:
     return Path.home() / "robustmedsam-finetune" / time.strftime("%Y%m%d-%H%M%S")
 
 
+def _training():
+    # training imports torch: only when the tab is built, after preimport_model_modules has kept triton out of an
+    # already running napari (its LLVM must not load after the GL context: Mesa crash)
+    from ..annotation.model_info import preimport_model_modules
+
+    preimport_model_modules(block_triton=True)
+    from training.finetune import presets
+
+    return presets
+
+
 class _Bridge(QObject):
     step = Signal(object)  # per-iteration info dict, emitted from the worker thread (queued to the GUI)
-    epoch = Signal(object)
-
-
-class LossPlot(QWidget):
-    """A small live loss curve (matplotlib in Qt)."""
-
-    def __init__(self, parent: QWidget | None = None) -> None:
-        super().__init__(parent)
-        from matplotlib.backends.backend_qtagg import FigureCanvasQTAgg
-        from matplotlib.figure import Figure
-
-        self.figure = Figure(figsize=(3.6, 1.8), tight_layout=True)
-        self.canvas = FigureCanvasQTAgg(self.figure)
-        self.ax = self.figure.add_subplot(111)
-        layout = QVBoxLayout(self)
-        layout.setContentsMargins(0, 0, 0, 0)
-        layout.addWidget(self.canvas)
-        self.x: list[int] = []
-        self.y: list[float] = []
-        self.clear()
-
-    def clear(self) -> None:
-        self.x, self.y = [], []
-        self.ax.clear()
-        self.ax.set_xlabel("iteration", fontsize=7)
-        self.ax.set_ylabel("loss", fontsize=7)
-        self.ax.tick_params(labelsize=6)
-        self.canvas.draw_idle()
-
-    def add(self, step: int, loss: float) -> None:
-        self.x.append(step)
-        self.y.append(loss)
-        self.ax.clear()
-        self.ax.plot(self.x, self.y, lw=1)
-        self.ax.set_xlabel("iteration", fontsize=7)
-        self.ax.set_ylabel("loss", fontsize=7)
-        self.ax.tick_params(labelsize=6)
-        self.canvas.draw_idle()
+    epoch = Signal(object)  # per-validation row
 
 
 class FinetuneWidget(QWidget):
-    """Fine-tune the (lite) robust decoder on the labels painted in the viewer."""
+    """Fine-tune the model on the labels painted in the viewer; keep it only if it is better (see the module doc)."""
 
-    #: emitted with the path of the fine-tuned checkpoint when the user loads it (or calls load_into_annotator)
+    #: emitted with the path of the fine-tuned checkpoint when it is loaded into the annotator
     checkpoint_ready = Signal(str)
 
     def __init__(self, napari_viewer) -> None:
         super().__init__()
-        from ..degradations import MODALITIES
-
-        preset = widget_preset()
         self.viewer = napari_viewer
         self.setObjectName("robustmedsam-finetune")
-        self.result = None  # TrainResult of the last run
+        self.result = None  # UserRunResult of the last run
         self.error: BaseException | None = None
         self.handle = None
+        self.previous_model: str | None = None  # what "Back to the previous model" loads
+        self.extra_config: dict = {}  # TrainConfig fields set on top of the form (tests, power users)
+        self.estimate = None
         self._bridge = _Bridge()
         self._bridge.step.connect(self._on_step)
         self._bridge.epoch.connect(self._on_epoch)
+        self.plot = None
+        self.built = False
+        QVBoxLayout(self)
 
-        self.image_combo = QComboBox()
-        self.labels_combo = QComboBox()
-        self.add_pair_button = QPushButton("Add pair")
-        self.add_pair_button.clicked.connect(self.add_current_pair)
+    def ensure_built(self) -> "FinetuneWidget":
+        """Build the form. Why not in __init__: the training package (torch, the degradation library) takes about
+        a second to import, and the main dock must open without that pause; the tab is built when first shown."""
+        if not self.built:
+            self.built = True
+            self._build()
+        return self
+
+    def _build(self) -> None:
+        presets = _training()
+        self._presets = presets
+        help_ = presets.setting_help
+        # ---- data
         self.pairs_list = QListWidget()
         self.pairs_list.setMaximumHeight(70)
-        self.pairs_list.setToolTip("image / Labels pairs to train on (the selected pair is used when the list is empty)")
-        self.remove_pair_button = QPushButton("Remove")
-        self.remove_pair_button.clicked.connect(self._remove_pair)
-        self.model_edit = QLineEdit(preset.settings["model"])
-        self.model_edit.setToolTip("registry name or checkpoint to start from (its encoders stay frozen)")
+        self.pairs_list.setWordWrap(True)
+        self.pairs_list.setHorizontalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAlwaysOff)
+        self.pairs_list.setToolTip("Every Labels layer that covers an image layer pixel for pixel; each labelled "
+                                   "slice of a volume is one training plane. Untick a pair to leave it out.")
+        self.pairs_list.itemChanged.connect(lambda _item: self._schedule_estimate())
+        self.refresh_button = QPushButton("Refresh")
+        self.refresh_button.setToolTip("Look for labelled images again (after painting or committing)")
+        self.refresh_button.clicked.connect(self.refresh_pairs)
+        # ---- recipe
+        self.preset_combo = shrinkable(QComboBox(), 10)
+        for name, p in presets.PRESETS.items():
+            self.preset_combo.addItem(name)
+            self.preset_combo.setItemData(self.preset_combo.count() - 1, p.use, Qt.ItemDataRole.ToolTipRole)
+        self.preset_use = QLabel()
+        self.preset_use.setWordWrap(True)
+        self.preset_use.setStyleSheet("color:#bbbbbb;")
+        self.model_edit = QLineEdit()
+        self.model_edit.setToolTip(help_("model"))
+        self.budget_spin = QDoubleSpinBox()
+        self.budget_spin.setRange(0, 24 * 60)
+        self.budget_spin.setDecimals(1)
+        self.budget_spin.setSuffix(" min")
+        self.budget_spin.setSpecialValueText("no limit")
+        self.budget_spin.setToolTip(help_("time_budget_s") + "; for the whole fine-tune, its folds included")
         self.epochs_spin = QSpinBox()
         self.epochs_spin.setRange(1, 1000)
-        self.epochs_spin.setValue(preset.settings["epochs"])
+        self.epochs_spin.setToolTip(help_("epochs"))
         self.steps_spin = QSpinBox()
         self.steps_spin.setRange(0, 100000)
-        self.steps_spin.setValue(0)
         self.steps_spin.setSpecialValueText("one pass")
-        self.modality_combo = QComboBox()
+        self.steps_spin.setToolTip(help_("steps_per_epoch"))
+        from ..degradations import MODALITIES
+
+        self.modality_combo = shrinkable(QComboBox())
         self.modality_combo.addItems(list(MODALITIES))
         self.modality_combo.setCurrentText("generic")
-        self.levels_combo = QComboBox()
+        self.modality_combo.setToolTip(_MODALITY_HELP)
+        self.levels_combo = shrinkable(QComboBox())
         self.levels_combo.addItems(list(LEVEL_SETS))
+        self.levels_combo.setToolTip(_LEVELS_HELP + ". " + help_("levels"))
         self.variants_spin = QSpinBox()
         self.variants_spin.setRange(1, 20)
-        self.variants_spin.setValue(preset.settings["variants"])
-        self.consistency_check = QCheckBox("consistency losses (RobustSAM)")
-        self.consistency_check.setChecked(True)
+        self.variants_spin.setToolTip(help_("variants"))
         self.out_edit = QLineEdit(str(default_out_dir()))
+        self.out_edit.setToolTip("Folder of the run's checkpoints, logs, curve and decision.json (created)")
+        self.estimate_label = QLabel("")
+        self.estimate_label.setWordWrap(True)
+        self.estimate_label.setToolTip("Estimated from the number of labelled planes, the preset's iterations and "
+                                       "the costs measured on this machine (docs/training.md)")
+        # ---- actions
         self.start_button = QPushButton("Fine-tune")
         self.start_button.clicked.connect(self.start)
+        self.auto_check = QCheckBox("Use it if it is better")
+        self.auto_check.setChecked(True)
+        self.auto_check.setToolTip("Never worse: the fine-tuned model replaces the current one only if it scores "
+                                   "higher on the labels held back from training")
         self.load_button = QPushButton("Load into annotator")
         self.load_button.setEnabled(False)
-        self.load_button.clicked.connect(self.load_into_annotator)
+        self.load_button.clicked.connect(lambda: self.load_into_annotator())
+        self.back_button = QPushButton("Back to the previous model")
+        self.back_button.setEnabled(False)
+        self.back_button.clicked.connect(self.back_to_previous)
         self.task_row = TaskRow()
-        self.plot = LossPlot()
+        self.plot_box = QVBoxLayout()
         self.banner = Banner()
         self.status = QLabel("")
         self.status.setWordWrap(True)
+        self.table = QTableWidget(0, 5)
+        self.table.setHorizontalHeaderLabels(["held-back plane", "box\nbefore", "box\nafter", "clicks\nbefore",
+                                              "clicks\nafter"])
+        self.table.setHorizontalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAlwaysOff)
+        self.table.setVerticalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAlwaysOff)
+        self.table.setEditTriggers(QTableWidget.EditTrigger.NoEditTriggers)
+        self.table.setToolTip("Dice on the labels held back from training, current model (before) and fine-tuned "
+                              "model (after): a box, then the box and corrective clicks")
+        self.table.verticalHeader().hide()
+        self.table.hide()
+        self.next_list = QListWidget()
+        self.next_list.setToolTip("Unlabelled planes, the model's most uncertain first (docs/training.md says how "
+                                  "it is scored). Click one to go there.")
+        self.next_list.itemClicked.connect(self._go_to_ranked)
+        self.next_box = QGroupBox("Which image next")
+        QVBoxLayout(self.next_box).addWidget(self.next_list)
+        self.next_box.hide()
 
-        form = QFormLayout()
-        form.addRow("Image", self.image_combo)
+        layout = self.layout()
+        data = QGroupBox("Labelled images")
+        dl = QVBoxLayout(data)
+        dl.addWidget(self.pairs_list)
+        self.pairs_summary = QLabel("")
+        self.pairs_summary.setWordWrap(True)
         row = QHBoxLayout()
-        row.addWidget(self.labels_combo, 1)
-        row.addWidget(self.add_pair_button)
-        form.addRow("Labels", row)
-        prow = QHBoxLayout()
-        prow.addWidget(self.pairs_list, 1)
-        prow.addWidget(self.remove_pair_button)
-        form.addRow("Pairs", prow)
-        form.addRow("Start from", self.model_edit)
+        row.addWidget(self.pairs_summary, 1)
+        row.addWidget(self.refresh_button)
+        dl.addLayout(row)
+        layout.addWidget(data)
+        form = QFormLayout()
+        form.addRow("Preset", self.preset_combo)
+        form.addRow("", self.preset_use)
+        form.addRow("Time budget", self.budget_spin)
         form.addRow("Epochs", self.epochs_spin)
         form.addRow("Iterations / epoch", self.steps_spin)
-        form.addRow("Modality", self.modality_combo)
-        form.addRow("Degradations", self.levels_combo)
-        form.addRow("Variants / image", self.variants_spin)
-        form.addRow("", self.consistency_check)
-        form.addRow("Output folder", self.out_edit)
-        layout = QVBoxLayout(self)
+        more = QFormLayout()
+        more.addRow("Start from", self.model_edit)
+        more.addRow("Modality", self.modality_combo)
+        more.addRow("Degradations", self.levels_combo)
+        more.addRow("Variants / image", self.variants_spin)
+        more.addRow("Output folder", self.out_edit)
+        for f in (form, more):
+            _label_tooltips(f)
         layout.addLayout(form)
+        from superqt import QCollapsible
+
+        self.more_settings = QCollapsible("More settings")
+        inner = QWidget()
+        inner.setLayout(more)
+        self.more_settings.addWidget(inner)
+        layout.addWidget(self.more_settings)
+        layout.addWidget(self.estimate_label)
         buttons = QHBoxLayout()
         buttons.addWidget(self.start_button)
-        buttons.addWidget(self.load_button)
+        buttons.addWidget(self.auto_check, 1)
         layout.addLayout(buttons)
         layout.addWidget(self.task_row)
-        layout.addWidget(self.plot)
+        layout.addLayout(self.plot_box)
         layout.addWidget(self.banner)
         layout.addWidget(self.status)
+        layout.addWidget(self.table)
+        swap = QHBoxLayout()
+        swap.addWidget(self.load_button)
+        swap.addWidget(self.back_button)
+        layout.addLayout(swap)
+        layout.addWidget(self.next_box)
         layout.addStretch(1)
 
-        # small-run settings used by the worker (tests and power users may change them)
-        self.extra_config: dict = {}
-        self._refresh_layers()
-        self.viewer.layers.events.inserted.connect(self._refresh_layers)
-        self.viewer.layers.events.removed.connect(self._refresh_layers)
+        self._estimate_timer = QTimer(self)
+        self._estimate_timer.setSingleShot(True)
+        self._estimate_timer.setInterval(300)
+        self._estimate_timer.timeout.connect(self.update_estimate)
+        self.preset_combo.currentTextChanged.connect(self.apply_preset)
+        self.levels_combo.currentTextChanged.connect(
+            lambda text: (self.variants_spin.setEnabled(bool(LEVEL_SETS[text])), self._schedule_estimate()))
+        for spin in (self.epochs_spin, self.steps_spin, self.variants_spin, self.budget_spin):
+            spin.valueChanged.connect(lambda _v: self._schedule_estimate())
+        self.preset_combo.setCurrentText(DEFAULT_PRESET)
+        self.apply_preset(DEFAULT_PRESET)
+        self.refresh_pairs()
+        self.viewer.layers.events.inserted.connect(self.refresh_pairs)
+        self.viewer.layers.events.removed.connect(self.refresh_pairs)
 
-    # ---- layers -----------------------------------------------------------------------------------
-    def _layers(self, kind: str) -> list:
-        from napari.layers import Image, Labels
+    # ---- the curve (matplotlib is imported when the tab is first shown)
+    def ensure_plot(self):
+        if self.plot is None:
+            from .finetune_plot import FinetunePlot
 
-        cls = Image if kind == "image" else Labels
-        return [unwrap(layer) for layer in self.viewer.layers if isinstance(unwrap(layer), cls) and role_of(layer) is None]
+            self.plot = FinetunePlot()
+            self.plot_box.addWidget(self.plot)
+        return self.plot
 
-    def _refresh_layers(self, event=None) -> None:
-        for combo, kind in ((self.image_combo, "image"), (self.labels_combo, "labels")):
-            current = combo.currentText()
-            combo.blockSignals(True)
-            combo.clear()
-            combo.addItems([layer.name for layer in self._layers(kind)])
-            if current:
-                combo.setCurrentText(current)
-            combo.blockSignals(False)
+    def showEvent(self, event) -> None:  # noqa: N802 - Qt API
+        self.ensure_built().ensure_plot()
+        super().showEvent(event)
 
-    def add_current_pair(self) -> None:
-        image, labels = self.image_combo.currentText(), self.labels_combo.currentText()
-        if not image or not labels:
-            self.banner.show_error("choose an image layer and a Labels layer first")
-            return
-        text = f"{image}  ↔  {labels}"
-        if not any(self.pairs_list.item(i).text() == text for i in range(self.pairs_list.count())):
-            self.pairs_list.addItem(text)
+    # ---- data --------------------------------------------------------------------------------------
+    def refresh_pairs(self, event=None) -> None:
+        """List every labelled (image, Labels) pair of the viewer; the ones unticked stay unticked."""
+        self.ensure_built()
+        unticked = {self.pairs_list.item(i).text() for i in range(self.pairs_list.count())
+                    if self.pairs_list.item(i).checkState() != Qt.CheckState.Checked}
+        self._pairs = find_pairs(self.viewer)
+        self.pairs_list.blockSignals(True)
+        self.pairs_list.clear()
+        for pair in self._pairs:
+            item = QListWidgetItem(pair.title)
+            item.setFlags(item.flags() | Qt.ItemFlag.ItemIsUserCheckable)
+            item.setCheckState(Qt.CheckState.Unchecked if pair.title in unticked else Qt.CheckState.Checked)
+            self.pairs_list.addItem(item)
+        self.pairs_list.blockSignals(False)
+        planes = sum(p.labelled_planes for p in self._pairs)
+        self.pairs_summary.setText(f"{planes} labelled plane(s) in {len(self._pairs)} Labels layer(s)" if self._pairs
+                                   else "no Labels layer matches an image yet: label a few images or slices "
+                                   "(Annotate tab, C commits) or open your label files")
+        self._schedule_estimate()
 
-    def _remove_pair(self) -> None:
-        for item in self.pairs_list.selectedItems():
-            self.pairs_list.takeItem(self.pairs_list.row(item))
+    def pairs(self):
+        """The ticked (image, Labels) pairs."""
+        self.ensure_built()
+        return [p for i, p in enumerate(self._pairs)
+                if i < self.pairs_list.count() and self.pairs_list.item(i).checkState() == Qt.CheckState.Checked]
 
-    def pairs(self) -> list[tuple[str, str]]:
-        out = [tuple(self.pairs_list.item(i).text().split("  ↔  ")) for i in range(self.pairs_list.count())]
-        if not out and self.image_combo.currentText() and self.labels_combo.currentText():
-            out = [(self.image_combo.currentText(), self.labels_combo.currentText())]
-        return out
-
-    # ---- training -------------------------------------------------------------------------------------
-    def _collect(self):
-        from training.finetune import items_from_arrays
+    def collect(self):
+        """The training planes of the ticked pairs (training.finetune TrainItems) and the notices."""
+        from training.finetune import TrainingError, items_from_arrays
 
         pairs = self.pairs()
         if not pairs:
-            raise ValueError("add at least one image / Labels pair")
-        names = {layer.name: layer for layer in self._layers("image") + self._layers("labels")}
-        images, labels, keys = [], [], []
-        for image_name, labels_name in pairs:
-            if image_name not in names or labels_name not in names:
-                raise ValueError(f"layer {image_name!r} or {labels_name!r} no longer exists")
-            images.append(np.asarray(names[image_name].data))
-            labels.append(np.asarray(names[labels_name].data))
-            keys.append(image_name if len(pairs) == 1 else f"{image_name}+{labels_name}")
+            raise TrainingError("no labelled image: label a few images or slices first (Annotate tab, C commits an "
+                                "object), or open a Labels layer that matches an image")
+        names = [p.image.name if sum(q.image is p.image for q in pairs) == 1 else f"{p.image.name}+{p.labels.name}"
+                 for p in pairs]
         notices: list[str] = []
-        items = items_from_arrays(images, labels, names=keys, modality=self.modality_combo.currentText(),
-                                  notices=notices)
+        items = items_from_arrays([np.asarray(p.image.data) for p in pairs], [np.asarray(p.labels.data) for p in pairs],
+                                  names=names, modality=self.modality_combo.currentText(), notices=notices)
         return items, notices
 
+    # ---- recipe --------------------------------------------------------------------------------------
+    @property
+    def preset_name(self) -> str:
+        return self.preset_combo.currentText()
+
+    def apply_preset(self, name: str) -> None:
+        """Show the preset's sentence and put its values in the fields."""
+        p = self._presets.PRESETS[name]
+        s = p.settings
+        self.preset_use.setText(p.use)
+        self.preset_combo.setToolTip(p.use)
+        defaults = self._presets.preset_config(name)
+        self.model_edit.setText(str(defaults.model))
+        self.epochs_spin.setValue(int(defaults.epochs))
+        self.steps_spin.setValue(int(defaults.steps_per_epoch or 0))
+        self.variants_spin.setValue(int(defaults.variants))
+        self.budget_spin.setValue((s.get("time_budget_s") or 0) / 60.0)
+        self._schedule_estimate()
+
     def config(self):
-        """The run's settings: the "quick" preset (:mod:`training.finetune.presets`) with the panel's choices."""
+        """The run's settings: the chosen preset with the form's values on top (and :attr:`extra_config`)."""
         levels = LEVEL_SETS[self.levels_combo.currentText()]
         settings = dict(
-            model=self.model_edit.text().strip() or widget_preset().settings["model"],
+            model=self.model_edit.text().strip() or self._presets.preset(self.preset_name).settings.get(
+                "model", "litemedsam_robust"),
             epochs=self.epochs_spin.value(),
             steps_per_epoch=self.steps_spin.value() or None,
             variants=self.variants_spin.value() if levels else 0,
             levels=levels or ("LQ-1",),
+            time_budget_s=self.budget_spin.value() * 60.0 or None,
+            progress_bar=False,
         )
         if not levels:
             settings["p_identity"] = 1.0  # clean images only: every "degraded" branch is the clean image
-        if not self.consistency_check.isChecked():
-            settings.update(feature=0.0, token=0.0)
-        from training.finetune.presets import preset_config
-
-        cfg = preset_config(WIDGET_PRESET_NAME, **settings)
+        cfg = self._presets.preset_config(self.preset_name, **settings)
         return dataclasses.replace(cfg, **self.extra_config) if self.extra_config else cfg
-    def start(self):
-        """Start fine-tuning in a worker; returns the task handle (None if the inputs are wrong)."""
-        from ..annotation.model_info import preimport_model_modules
 
-        preimport_model_modules(block_triton=True)  # triton's LLVM must not load after the GL context (Mesa crash)
-        from training.finetune import Trainer, split_items
+    def current_model_source(self) -> str:
+        """What the annotator uses now (registry name or checkpoint), as load_model takes it."""
+        from ..models.registry import DEFAULT_MODEL, MODELS
+        from ._state import get_state
+
+        loaded = get_state(self.viewer).loaded
+        if loaded is None:
+            return DEFAULT_MODEL
+        if loaded.name in MODELS or loaded.checkpoint_path is None:
+            return loaded.name
+        return str(loaded.checkpoint_path)
+
+    def _schedule_estimate(self) -> None:
+        self._estimate_timer.start()
+
+    def update_estimate(self):
+        """The time estimate of a run with the current data and settings, shown above the Fine-tune button."""
+        from training.finetune.never_worse import plan_holdout
+        from training.finetune.time_estimate import estimate, known_costs
+
+        try:
+            items, _ = self.collect()
+            cfg = self.config()
+        except Exception as err:  # noqa: BLE001 - nothing to estimate yet; the reason is shown on Start
+            self.estimate = None
+            self.estimate_label.setText("Estimated time: - (" + str(err).split(":")[0] + ")")
+            return None
+        plan = plan_holdout(items, self._presets.preset(self.preset_name).val_fraction, cfg.seed)
+        n_rank = min(count_planes_to_rank(self.viewer, self.pairs()), _max_ranked())
+        self.estimate = estimate(plan, cfg, known_costs(self.preset_name), rank_planes=n_rank)
+        self.estimate_label.setText(f"Estimated time: {self.estimate.text()}. {plan.describe()}.")
+        return self.estimate
+
+    # ---- the run -----------------------------------------------------------------------------------------
+    def start(self):
+        """Start the fine-tune in a worker; returns the task handle (None if the inputs are wrong)."""
+        self.ensure_built()
+        from training.finetune.user_run import UserFinetune
 
         self.banner.clear_message()
-        self.result = None
-        self.error = None
+        self.result, self.error = None, None
         try:
-            items, notices = self._collect()
+            items, notices = self.collect()
             cfg = self.config()
+            ranked = planes_to_rank(self.viewer, self.pairs(), self.modality_combo.currentText())
         except Exception as err:  # noqa: BLE001 - shown in the widget
             self.banner.show_error(err)
             return None
-        train, val = split_items(items, widget_preset().val_fraction, seed=cfg.seed, notices=notices)
+        self.update_estimate()
         out = Path(self.out_edit.text()).expanduser()
-        self.plot.clear()
+        run = UserFinetune(cfg, items, out, preset_name=self.preset_name, current_model=self.current_model_source(),
+                           hold_back_fraction=self._presets.preset(self.preset_name).val_fraction,
+                           device=cfg.device, notices=notices, rank=ranked)
+        self.ensure_plot().clear()
+        self.table.hide()
+        self.next_box.hide()
         self.start_button.setEnabled(False)
         self.load_button.setEnabled(False)
-        self.status.setText(f"training on {len(train)} image(s), validating on {len(val)}" +
-                            ("".join(f"; {n}" for n in notices)))
+        self.status.setText(run.plan.describe())
+        self._t0 = time.perf_counter()
         bridge = self._bridge
 
         def work(handle):
-            trainer = Trainer(cfg, out, train, val, progress=handle.report, cancel=handle.is_cancelled,
-                              on_step=bridge.step.emit, on_epoch=bridge.epoch.emit, notices=notices)
-            return trainer.run()
+            run.on_step, run.on_epoch = bridge.step.emit, bridge.epoch.emit
+            run.progress, run.cancel = handle.report, handle.is_cancelled
+            return run.run()
 
         self.handle = run_task(work, self._done, self._failed, name="fine-tuning", row=self.task_row)
         return self.handle
 
     def _on_step(self, info: dict) -> None:
-        self.plot.add(int(info["global_step"]), float(info["loss"]))
+        plot = self.ensure_plot()
+        if not plot.boundaries or plot.boundaries[-1][1] != info.get("run"):
+            plot.mark_run(int(info["x"]) - 1, str(info.get("run")))
+        plot.add(int(info["x"]), float(info["loss"]))
+        self.status.setText(f"{info.get('run')}: iteration {info['global_step']}, loss {info['loss']:.3f} "
+                            f"({time.perf_counter() - self._t0:.0f} s so far)")
 
     def _on_epoch(self, row: dict) -> None:
-        parts = [f"epoch {row.get('epoch')}"]
-        for key in ("val_dice_clean_box", "val_dice_degraded_box", "val_dice_degraded_points3"):
-            if row.get(key) is not None:
-                parts.append(f"{key.replace('val_dice_', '')} {row[key]:.3f}")
-        self.status.setText(", ".join(parts))
+        self.ensure_plot().add_validation(int(row.get("x", 0)), row)
 
     def _done(self, result) -> None:
         self.result = result
         self.start_button.setEnabled(True)
-        ok = result.best is not None or result.last is not None
-        self.load_button.setEnabled(ok)
-        text = f"{result.stopped}: checkpoints in {result.out_dir}"
-        if result.message:
-            text += f" ({result.message})"
-        self.banner.show_message(text, "warning" if result.stopped in ("nan", "cancelled", "interrupted") else "hint")
+        decision = result.decision
+        self.load_button.setEnabled(result.checkpoint is not None)
+        self.load_button.setText("Load into annotator" if decision is None or decision.swapped
+                                 else "Load anyway (it scored lower)")
+        if result.stopped in ("cancelled", "interrupted", "nan"):
+            self.banner.show_message(f"{result.stopped}: {result.message} The current model is kept.", "warning")
+            return
+        if decision is not None:
+            used = decision.swapped and self.auto_check.isChecked()
+            text = decision.summary() + (" It is now used; Back to the previous model undoes that." if used else "")
+            self.banner.show_message(text, "hint" if decision.swapped else "warning")
+            self._fill_table(decision)
+        self.status.setText(f"done in {result.seconds:.0f} s; checkpoint {result.checkpoint}")
+        self._fill_ranking(result.ranking)
+        QTimer.singleShot(0, self.show_results)
+        if decision is not None and decision.swapped and self.auto_check.isChecked():
+            self.load_into_annotator()
+
+    def show_results(self) -> None:
+        """Scroll the tab (inside the dock's scroll area) so that the decision and the table are in view."""
+        from qtpy.QtWidgets import QScrollArea
+
+        parent = self.parentWidget()
+        while parent is not None and not isinstance(parent, QScrollArea):
+            parent = parent.parentWidget()
+        if parent is not None:
+            parent.ensureWidgetVisible(self.next_box if self.next_box.isVisible() else self.table, 0, 0)
+            parent.ensureWidgetVisible(self.banner, 0, 0)
 
     def _failed(self, err, tb) -> None:
         self.error = err
         self.start_button.setEnabled(True)
         self.banner.show_error(err)
 
+    def _fill_table(self, decision) -> None:
+        rows = decision.rows
+        self.table.setRowCount(len(rows) + 1)
+        keys = ("box_before", "box_after", "clicks_before", "clicks_after")
+        for r, row in enumerate(rows):
+            self.table.setItem(r, 0, QTableWidgetItem(str(row["plane"])))
+            for c, key in enumerate(keys, start=1):
+                self.table.setItem(r, c, QTableWidgetItem(f"{row[key]:.3f}"))
+        self.table.setItem(len(rows), 0, QTableWidgetItem("mean"))
+        for c, key in enumerate(keys, start=1):
+            self.table.setItem(len(rows), c, QTableWidgetItem(f"{np.mean([row[key] for row in rows]):.3f}"))
+        from qtpy.QtWidgets import QHeaderView
+
+        header = self.table.horizontalHeader()
+        header.setSectionResizeMode(0, QHeaderView.ResizeMode.Stretch)
+        for c in range(1, 5):
+            header.setSectionResizeMode(c, QHeaderView.ResizeMode.ResizeToContents)
+        self.table.resizeRowsToContents()
+        rows_px = sum(self.table.rowHeight(r) for r in range(self.table.rowCount()))
+        self.table.setFixedHeight(rows_px + header.sizeHint().height() + 2 * self.table.frameWidth() + 2)
+        self.table.setVisible(bool(rows))
+
+    def _fill_ranking(self, ranking) -> None:
+        self.next_list.clear()
+        for r in ranking:
+            item = QListWidgetItem(f"{r.key}   uncertainty {r.uncertainty:.2f}")
+            item.setData(Qt.ItemDataRole.UserRole, (r.layer, r.z))
+            item.setToolTip(f"1 - Dice(clean, degraded) {r.disagreement:.2f}; 1 - predicted IoU {r.doubt:.2f}")
+            self.next_list.addItem(item)
+        self.next_list.setMaximumHeight(min(160, 22 * max(1, len(ranking)) + 6))
+        self.next_box.setVisible(bool(ranking))
+
+    def _go_to_ranked(self, item: QListWidgetItem) -> None:
+        """Show the ranked plane: its image becomes the annotator's, on that slice."""
+        from ._state import get_state
+        from .annotation_layers import show_slice
+
+        name, z = item.data(Qt.ItemDataRole.UserRole)
+        if name not in self.viewer.layers:
+            self.banner.show_error(f"the layer {name!r} is no longer open")
+            return
+        layer = self.viewer.layers[name]
+        annotator = get_state(self.viewer).annotator
+        if annotator is not None:
+            annotator.set_image_layer(layer)
+        if z is not None:
+            show_slice(self.viewer, layer, int(z))
+
+    # ---- swapping models -----------------------------------------------------------------------------
     @property
     def checkpoint_path(self) -> Path | None:
-        if self.result is None:
-            return None
-        return self.result.best or self.result.last
+        return None if self.result is None else self.result.checkpoint
 
     def load_into_annotator(self) -> str | None:
-        """Make the fine-tuned checkpoint the plugin's current model (hot swap through the shared plugin state)
-        and emit :attr:`checkpoint_ready`. Returns the checkpoint path."""
+        """Make the fine-tuned checkpoint the plugin's current model (hot swap through the shared plugin state);
+        remembers the model it replaces for "Back to the previous model". Returns the checkpoint path."""
         path = self.checkpoint_path
         if path is None:
             self.banner.show_error("no fine-tuned checkpoint yet")
             return None
+        self.previous_model = self.current_model_source()
+        self._load(str(path))
         self.checkpoint_ready.emit(str(path))
-        try:
-            from ._state import get_state
-
-            get_state(self.viewer).load_model(str(path), "auto", row=self.task_row,
-                                              on_error=lambda err, tb: self.banner.show_error(err))
-        except Exception as err:  # noqa: BLE001 - the annotator integration is optional
-            self.banner.show_error(err)
+        self.back_button.setEnabled(True)
         return str(path)
+
+    def back_to_previous(self) -> str | None:
+        """Load the model that was current before the fine-tuned one."""
+        if self.previous_model is None:
+            return None
+        source, self.previous_model = self.previous_model, None
+        self._load(source)
+        self.back_button.setEnabled(False)
+        self.status.setText(f"back to {source}")
+        return source
+
+    def _load(self, source: str) -> None:
+        from ._state import get_state
+
+        get_state(self.viewer).load_model(source, "auto", row=self.task_row,
+                                          on_error=lambda err, tb: self.banner.show_error(err))
+
+
+def _label_tooltips(form: QFormLayout) -> None:
+    """The field's help also on its name."""
+    for r in range(form.rowCount()):
+        label = form.itemAt(r, QFormLayout.ItemRole.LabelRole)
+        field = form.itemAt(r, QFormLayout.ItemRole.FieldRole)
+        if label is not None and field is not None and field.widget() is not None and label.widget() is not None:
+            label.widget().setToolTip(field.widget().toolTip())
+
+
+def _max_ranked() -> int:
+    from training.finetune.next_image import MAX_RANKED
+
+    return MAX_RANKED

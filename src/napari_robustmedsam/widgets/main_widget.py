@@ -1,4 +1,5 @@
-"""Everything in one dock: model, annotator, degradation preview, robustness sweep, export, image series."""
+"""Everything in one dock: model, annotator, degradation preview, robustness sweep, export, image series,
+fine-tuning on the user's labels."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from qtpy.QtWidgets import QFrame, QScrollArea, QTabWidget, QVBoxLayout, QWidget
 from .annotator import AnnotatorWidget
 from .degradation_preview import DegradationPreview
 from .export_panel import ExportPanel
+from .finetune import FinetuneWidget
 from .image_series import ImageSeriesPanel
 from .model_panel import ModelPanel
 from .robustness_sweep import RobustnessSweep
@@ -25,7 +27,7 @@ def _scrolled(widget: QWidget) -> QScrollArea:
 class RobustMedSAMWidget(QWidget):
     """The plugin's main dock (tabs); each tab is also available as its own widget."""
 
-    TABS = ("annotate", "degrade", "sweep", "export", "series", "model")
+    TABS = ("annotate", "degrade", "sweep", "export", "series", "finetune", "model")
 
     def __init__(self, napari_viewer) -> None:
         super().__init__()
@@ -37,6 +39,7 @@ class RobustMedSAMWidget(QWidget):
         self.sweep = RobustnessSweep(napari_viewer)
         self.export = ExportPanel(napari_viewer)
         self.series = ImageSeriesPanel(napari_viewer)
+        self.finetune = FinetuneWidget(napari_viewer)
         # the preview runs only while its tab is shown (it adds a "degraded" layer as soon as it runs)
         self.preview.live_check.setChecked(False)
 
@@ -47,9 +50,11 @@ class RobustMedSAMWidget(QWidget):
             (self.sweep, "Sweep"),
             (self.export, "Export"),
             (self.series, "Series"),
+            (self.finetune, "Fine-tune"),
             (self.model_panel, "Model"),
         ):
             self.tabs.addTab(_scrolled(widget), title)
+        self.tabs.tabBar().setStyleSheet("QTabBar::tab { padding: 3px 3px; }")  # seven tab names in a narrow dock
         self.tabs.currentChanged.connect(self._tab_changed)
         layout = QVBoxLayout(self)
         layout.setContentsMargins(2, 2, 2, 2)
@@ -58,6 +63,8 @@ class RobustMedSAMWidget(QWidget):
 
     def _tab_changed(self, index: int) -> None:
         self.preview.live_check.setChecked(self.TABS[index] == "degrade")
+        if self.TABS[index] == "finetune":
+            self.finetune.ensure_built()
 
     def show_tab(self, key: str) -> None:
         self.tabs.setCurrentIndex(self.TABS.index(key))
