@@ -180,3 +180,22 @@ def test_the_tab_says_what_to_do_without_labels(make_napari_viewer, qtbot):
     assert widget.pairs() == []
     assert widget.start() is None
     assert "no labelled image" in widget.banner.text() and "Annotate tab" in widget.banner.text()
+
+
+def test_a_run_never_writes_over_an_earlier_run(make_napari_viewer, qtbot, tmp_path):
+    from napari_robustmedsam.widgets.finetune import FinetuneWidget
+
+    viewer = make_napari_viewer()
+    viewer.add_image(np.zeros((32, 32), np.float32), name="img")
+    labels = np.zeros((32, 32), np.uint8)
+    labels[8:20, 8:20] = 1
+    viewer.add_labels(labels, name="img labels")
+    widget = FinetuneWidget(viewer).ensure_built()
+    qtbot.addWidget(widget)
+    earlier = tmp_path / "run"
+    earlier.mkdir()
+    (earlier / "last.pth").write_bytes(b"an earlier result")
+    widget.out_edit.setText(str(earlier))
+    assert widget.start() is None
+    assert "already exists" in widget.banner.text()
+    assert (earlier / "last.pth").read_bytes() == b"an earlier result"

@@ -87,6 +87,13 @@ def remember_costs(preset: str | None, measured: dict) -> None:
         pass  # an estimate is a courtesy: a read-only cache folder must not fail the run
 
 
+def run_budgets(total_s: float | None, runs: int) -> list[float | None]:
+    """The training-time budget of each run: the user's budget is for the whole fine-tune, its folds included."""
+    if total_s is None:
+        return [None] * runs
+    return [float(total_s) / max(1, runs)] * runs
+
+
 def iterations_per_run(cfg, n_train: int) -> int:
     per_epoch = cfg.steps_per_epoch or max(1, math.ceil(n_train / cfg.batch_size))
     return int(cfg.epochs * per_epoch)
@@ -116,8 +123,6 @@ def estimate(plan: HoldoutPlan, cfg, costs: Costs, *, rank_planes: int = 0) -> E
     """The expected wall time of :class:`~.user_run.UserFinetune` on ``plan`` with settings ``cfg``.
 
     ``rank_planes``: unlabelled planes ranked afterwards ("which image next": two encodings each)."""
-    from .user_run import run_budgets
-
     trains = [f.train for f in plan.folds] if plan.mode != "none" else [plan.all_items]
     if plan.mode == "folds":
         trains.append(plan.all_items)

@@ -28,15 +28,8 @@ from napari_robustmedsam.io.atomic import atomic_write_path
 
 from .data import TrainItem, TrainingError
 from .never_worse import JUDGE_CLICKS, Decision, HoldoutPlan, decide, plan_holdout, record_decision, score_items
-from .time_estimate import remember_costs
+from .time_estimate import remember_costs, run_budgets
 from .trainer import Trainer
-
-
-def run_budgets(total_s: float | None, runs: int) -> list[float | None]:
-    """The training-time budget of each run: the user's budget is for the whole fine-tune."""
-    if total_s is None:
-        return [None] * runs
-    return [float(total_s) / max(1, runs)] * runs
 
 
 @dataclass

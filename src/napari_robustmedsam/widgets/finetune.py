@@ -157,7 +157,8 @@ class FinetuneWidget(QWidget):
         self.variants_spin = QSpinBox()
         self.variants_spin.setRange(1, 20)
         self.variants_spin.setToolTip(help_("variants"))
-        self.out_edit = QLineEdit(str(default_out_dir()))
+        self._default_out = str(default_out_dir())
+        self.out_edit = QLineEdit(self._default_out)
         self.out_edit.setToolTip("Folder of the run's checkpoints, logs, curve and decision.json (created)")
         self.estimate_label = QLabel("")
         self.estimate_label.setWordWrap(True)
@@ -397,15 +398,20 @@ class FinetuneWidget(QWidget):
 
         self.banner.clear_message()
         self.result, self.error = None, None
+        from training.finetune.run_io import check_run_outputs
+
+        if self.out_edit.text() == self._default_out and Path(self._default_out).exists():
+            self._default_out = str(default_out_dir())  # each run its own folder: an earlier result stays
+            self.out_edit.setText(self._default_out)
         try:
             items, notices = self.collect()
             cfg = self.config()
             ranked = planes_to_rank(self.viewer, self.pairs(), self.modality_combo.currentText())
+            out = check_run_outputs(Path(self.out_edit.text()).expanduser())  # never over an earlier run
         except Exception as err:  # noqa: BLE001 - shown in the widget
             self.banner.show_error(err)
             return None
         self.update_estimate()
-        out = Path(self.out_edit.text()).expanduser()
         run = UserFinetune(cfg, items, out, preset_name=self.preset_name, current_model=self.current_model_source(),
                            hold_back_fraction=self._presets.preset(self.preset_name).val_fraction,
                            device=cfg.device, notices=notices, rank=ranked)
