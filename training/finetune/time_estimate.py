@@ -27,11 +27,11 @@ from .never_worse import JUDGE_CLICKS, JUDGE_MAX_OBJECTS, HoldoutPlan
 #: seconds per model load, image encoding, decoder call, and training iteration of each preset, measured by
 #: benchmarks/finetune_costs.py (see the module docstring)
 FALLBACK_COSTS: dict = {
-    "load_s": 2.0,
-    "encode_s": 1.0,
-    "decode_s": 0.06,
-    "iteration_s": {"quick": 1.5, "robust-lite": 6.0, "pge-lite": 6.0, "pge-lite-fast": 3.0},
-    "iteration_s_unknown_preset": 6.0,
+    "load_s": 0.4,
+    "encode_s": 2.0,
+    "decode_s": 0.07,
+    "iteration_s": {"quick": 9.0, "robust-lite": 4.8, "pge-lite": 13.4, "pge-lite-fast": 3.0},
+    "iteration_s_unknown_preset": 13.4,
 }
 _PARTS = ("load_s", "encode_s", "decode_s")
 
