@@ -170,8 +170,10 @@ def run(args: argparse.Namespace) -> int:
     label_map = np.zeros(prediction.masks.shape[1:], dtype=np.uint16 if n_objects > 255 else np.uint8)
     for index, mask in enumerate(prediction.masks, start=1):
         label_map[mask & (label_map == 0)] = index
+    fell_back = set(np.flatnonzero(prediction.fell_back) + 1) if prediction.fell_back.size else set()
     for index, (mask, score) in enumerate(zip(prediction.masks, prediction.scores), start=1):
-        print(f"object {index}: {int(mask.sum())} px, predicted IoU {score:.3f}")
+        note = " (the head's mask was empty: this is LiteMedSAM's mask, its empty-mask fallback)" if index in fell_back else ""
+        print(f"object {index}: {int(mask.sum())} px, predicted IoU {score:.3f}{note}")
     empty = [index for index, mask in enumerate(prediction.masks, start=1) if not mask.any()]
     if empty and not args.allow_empty:
         which = "the object" if n_objects == 1 else "object " + ", ".join(str(i) for i in empty)

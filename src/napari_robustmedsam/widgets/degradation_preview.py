@@ -33,10 +33,11 @@ from qtpy.QtWidgets import (
 )
 from superqt import QLabeledDoubleSlider
 
-from ..annotation.slice_embeddings import image_kind
 from ..annotation.robustness import degrade_slice, segment_on_degraded
 from ..annotation.session import SlicePrompts
+from ..annotation.slice_embeddings import image_kind
 from ..errors import UserFacingError
+from ..annotation.model_choice import robust_head_suggestion
 from . import _render
 from ._common import ROLE_KEY, Banner, TaskRow, mark, role_of, run_task, shrinkable, unwrap
 from ._state import get_state
@@ -94,6 +95,15 @@ class DegradationPreview(QWidget):
         self.describe_label.setWordWrap(True)
         self.describe_label.setStyleSheet("color:#9aa;")
 
+        # Shown once a preview is on screen while the model is the box-only base model: the user is looking at
+        # degraded images, for which a shipped robust head measured better (annotation.model_choice).
+        self.head_hint = QLabel("")
+        self.head_hint.setWordWrap(True)
+        self.head_hint.setObjectName("robustmedsam-robust-head-hint")
+        self.head_hint.setOpenExternalLinks(False)
+        self.head_hint.linkActivated.connect(lambda name: self.state.load_model(name))
+        self.head_hint.hide()
+
         self.segment_button = QPushButton("Segment on degraded")
         self.segment_button.setToolTip("Reuse the annotator's prompts of this slice on the degraded slice")
         self.segment_button.clicked.connect(lambda: self.segment_on_degraded())
@@ -141,6 +151,7 @@ class DegradationPreview(QWidget):
         layout.addWidget(self.describe_label)
         layout.addWidget(self.live_check)
         layout.addWidget(self.timing)
+        layout.addWidget(self.head_hint)
         layout.addWidget(self.segment_button)
         layout.addWidget(self.task_row)
         layout.addWidget(self.compare_box)
@@ -381,7 +392,14 @@ class DegradationPreview(QWidget):
         how = settings["level"] or f"severity {settings['severity']:.2f}"
         self.timing.setText(f"{settings['name']} {how}, seed {settings['seed']}: degraded in {seconds * 1000:.0f} ms, "
                             f"shown {self.last_latency * 1000:.0f} ms after the change")
+        self._suggest_robust_head()
         self.preview_updated.emit(self.last_latency)
+
+    def _suggest_robust_head(self) -> None:
+        loaded = self.state.loaded
+        text = robust_head_suggestion(getattr(loaded, "name", None) if loaded is not None else None)
+        self.head_hint.setText(text)
+        self.head_hint.setVisible(bool(text))
 
     def _update_thumbnail(self) -> None:
         layer = self.degraded_layer
