@@ -123,7 +123,7 @@ def test_the_loop_from_napari_layers_label_finetune_decide_load_segment(make_nap
     tab._bridge.step.connect(steps.append)
     tab._bridge.epoch.connect(validations.append)
     assert tab.start() is not None
-    qtbot.waitUntil(lambda: tab.result is not None or tab.error is not None, timeout=600_000)
+    qtbot.waitUntil(lambda: tab.result is not None or tab.error is not None, timeout=1_800_000)  # a loaded CI box
     assert tab.error is None, tab.error
     res = tab.result
     assert res.stopped == "completed" and res.plan.mode == "hold-out" and len(res.plan.held_back) == 2
