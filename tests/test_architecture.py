@@ -19,25 +19,13 @@ PACKAGES = {"napari_robustmedsam": ROOT / "src" / "napari_robustmedsam", "traini
 GUI = ("qtpy", "PyQt5", "PyQt6", "PySide2", "PySide6", "napari", "magicgui", "superqt")
 GUI_ALLOWED = ("napari_robustmedsam.widgets", "napari_robustmedsam.launch")
 LAYERS = ("models", "checkpoints", "engine", "annotation", "widgets")  # each may import only those before it
-# Cycles that exist and are still to be dissolved: the test fails when a new one appears and when one of these
-# is gone (then delete it here). Each is broken at import time by an import inside a function.
+# A cycle that exists and is still to be dissolved: the test fails when a new one appears and when this one is gone
+# (then delete it here, leaving the set empty). Reading a head-delta file resolves its base model with the loader,
+# which reads head-delta files: the recursion is to be injected into checkpoints/head_delta.py (see
+# docs/architecture.md), and until then the in-memory fusion, which the loader calls, is caught in the same loop.
 KNOWN_CYCLES = {
-    # a model's decoders and the segmenter that runs them: the fast paths type-check the segmenter
-    frozenset({"napari_robustmedsam.models.fast_plain_decoder", "napari_robustmedsam.models.robust_decoder",
-               "napari_robustmedsam.models.segmenter"}),
-    # fusing two checkpoints reads them with the loader, which fuses for a decoder override
-    frozenset({"napari_robustmedsam.checkpoints.fusion", "napari_robustmedsam.checkpoints.loading"}),
-    # the registry imports every degradation module so they register themselves with it
-    frozenset({"napari_robustmedsam.degradations.registry"} | {
-        f"napari_robustmedsam.degradations.{m}"
-        for m in ("blur", "compression", "ct", "intensity", "mri", "noise", "optical", "ultrasound", "xray")}),
-    # applying a level calibrates and composes, which apply single degradations
-    frozenset({"napari_robustmedsam.degradations.apply", "napari_robustmedsam.degradations.calibrate",
-               "napari_robustmedsam.degradations.compose"}),
-    # images.py dispatches to the medical formats (medical.py, dicom_seg.py), which write masks through images.py
-    frozenset({"napari_robustmedsam.io.dicom_seg", "napari_robustmedsam.io.images", "napari_robustmedsam.io.medical"}),
-    # the session derives a propagated slice's box with prompt_decoding.mask_box, which reads SlicePrompts
-    frozenset({"napari_robustmedsam.annotation.prompt_decoding", "napari_robustmedsam.annotation.session"}),
+    frozenset({"napari_robustmedsam.checkpoints.fusion", "napari_robustmedsam.checkpoints.head_delta",
+               "napari_robustmedsam.checkpoints.loading"}),
 }
 
 

@@ -30,7 +30,7 @@ from ..errors import UserFacingError
 from .feedback import describe_change
 from .model_info import display_name
 from .prefetch import SlicePrefetcher, prefetch_order
-from .prompt_decoding import DEFAULT_CLICK_GUARD_REACH, DEFAULT_CLICK_REFINEMENT, mask_box, segment_slice
+from .prompt_decoding import DEFAULT_CLICK_GUARD_REACH, DEFAULT_CLICK_REFINEMENT, segment_slice
 from .propagation import (
     DEFAULT_IOU_THRESHOLD,
     DEFAULT_MIN_SCORE,
@@ -38,7 +38,7 @@ from .propagation import (
     predictor_segment_fn,
     propagate_object,
 )
-from .session import AnnotationSession, SlicePrompts
+from .session import AnnotationSession, SlicePrompts, mask_box
 from .slice_embeddings import Cancelled, SliceEmbeddings
 
 # The decoder runs on the GUI thread while its median time there stays at or below this; slower models (or a

@@ -16,7 +16,7 @@ import numpy as np
 from ..engine.click_guard import EdgeReach
 from ..engine.click_refinement import REFINEMENT_METHODS, RefinementSettings, as_refinement, refine_prediction
 from ..errors import PromptError
-from .session import SlicePrompts
+from .session import SlicePrompts, mask_box
 
 BOX_PRIMARY_HINT = (
     "{name} was trained with box prompts only, so the box is the primary prompt: draw a box around the "
@@ -90,14 +90,6 @@ class SliceResult:
     prompts: SlicePrompts  # what was actually sent (incl. a derived box)
     hint: str = ""
     feedback: str = ""  # what the new clicks changed, for the status line (:func:`click_feedback`)
-
-
-def mask_box(mask: np.ndarray) -> np.ndarray | None:
-    """Tight ``(x0, y0, x1, y1)`` box of a 2D mask (exclusive upper corners), None if empty."""
-    ys, xs = np.nonzero(mask)
-    if ys.size == 0:
-        return None
-    return np.array([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1], dtype=np.float64)
 
 
 def clip_box(box: np.ndarray, plane: tuple[int, int]) -> np.ndarray:

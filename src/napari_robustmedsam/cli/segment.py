@@ -103,8 +103,8 @@ def run(args: argparse.Namespace) -> int:
     from ..engine.preprocessing import ImageSignalWarning, no_signal_notice, validate_image
     from ..engine.prompt_checks import check_prompts
     from ..io import write_mask
-    from ..io.images import check_mask_format
-    from ..io.medical import refuse_source_overwrite, write_slice_into
+    from ..io.images import check_mask_format, write_slice_into
+    from ..io.medical import refuse_source_overwrite
 
     # Everything that can be checked without the model is checked first: a mistake costs no model load.
     if not args.box and not args.point and not args.negative:
