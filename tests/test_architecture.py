@@ -160,3 +160,38 @@ def _write(tmp_path: Path, text: str) -> Path:
     path = tmp_path / "x.py"
     path.write_text(text)
     return path
+
+
+MAX_CLASS_LINES = 400
+MAX_FUNCTION_LINES = 80
+
+
+def _sizes(path: Path):
+    """(kind, name, lines, docstring) of every class and function of a module."""
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, (ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+            kind = "class" if isinstance(node, ast.ClassDef) else "function"
+            yield kind, node.name, node.end_lineno - node.lineno + 1, ast.get_docstring(node) or ""
+
+
+def _too_long(path: Path) -> list[str]:
+    found = []
+    for kind, name, lines, doc in _sizes(path):
+        if kind == "class" and lines > MAX_CLASS_LINES:
+            found.append(f"{path.name}: class {name} has {lines} lines")
+        if kind == "function" and lines > MAX_FUNCTION_LINES and "on purpose" not in doc:
+            found.append(f"{path.name}: {name}() has {lines} lines and no reason ('... on purpose') in its docstring")
+    return found
+
+
+def test_no_class_over_400_lines_and_no_long_function_without_a_reason():
+    """A class over 400 lines does more than one job: split it by job. A function over 80 lines says in its
+    docstring why it is one function ("Long on purpose: ...")."""
+    offenders = [line for path in MODULES.values() for line in _too_long(path)]
+    assert offenders == []
+
+
+def test_the_size_check_sees_a_long_function(tmp_path):
+    body = "".join(f"    x{i} = {i}\n" for i in range(MAX_FUNCTION_LINES))
+    assert _too_long(_write(tmp_path, f"def f():\n{body}"))
+    assert not _too_long(_write(tmp_path, f'def f():\n    """Long on purpose: a table."""\n{body}'))

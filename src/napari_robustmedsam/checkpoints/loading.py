@@ -391,6 +391,53 @@ class LoadedModel:
         return "\n".join(lines)
 
 
+def _builtin_decoder(override: str, state: Mapping, decoder: str, architecture: str, where: str,
+                     notices: list) -> tuple[Mapping, str]:
+    """``decoder_override`` "sam" (the plain part of a robust decoder) or "robust" (a lite robust decoder built
+    from a plain one, identity-initialised): the state and decoder kind to build, with a notice of the change."""
+    if override == "sam":
+        if decoder == "robust":
+            dropped = [key for key in state if is_robust_key(key)]
+            state = {key: value for key, value in state.items() if not is_robust_key(key)}
+            decoder = "sam"
+            notices.append(notice(
+                f"decoder_override='sam': using the plain SAM part of the robust decoder of {where}; "
+                f"its {len(dropped)} robust tensors are not loaded"
+            ))
+    elif decoder != "robust" and architecture == "tiny_vit":
+        state = with_identity_robust_decoder(state, where)
+        decoder = "robust"
+        notices.append(notice(
+            f"decoder_override='robust': {where} has a plain decoder, so a lite robust decoder was built from it "
+            "with untrained (identity-initialised) robust parts: masks equal the plain decoder's until it is fine-tuned"
+        ))
+    elif decoder != "robust":
+        raise CheckpointError(
+            f"decoder_override='robust' but {where} has no robust decoder weights; give a checkpoint with a "
+            "robust decoder as decoder_override (e.g. 'robustsam_vit_b'), or build one with `robustmedsam fuse`"
+        )
+    return state, decoder
+
+
+def _preprocessing(source: Source, preprocessing: str | None, where: str, notices: list) -> tuple[str, str, bool]:
+    """(preprocessing, why, box-primary) of an unfused checkpoint: the caller's choice or what it records or
+    suggests (a guess is noticed)."""
+    prep, reason, guessed = infer_preprocessing(source)
+    if preprocessing is not None:
+        if preprocessing != prep:
+            reason = f"set by the caller (the checkpoint suggests {prep!r}: {reason})"
+        else:
+            reason = f"set by the caller ({reason})"
+        prep, guessed = preprocessing, False
+    if guessed:
+        notices.append(notice(
+            f"preprocessing of {where} is not recorded; {reason}: {prep!r}. If masks look wrong, pass "
+            "preprocessing='sam' | 'medsam' | 'litemedsam' (robustmedsam segment / embed: --preprocessing)"
+        ))
+    box_primary = infer_box_primary(source, prep)
+    return prep, reason, box_primary
+
+
 def load_model(
     name_or_path: str | os.PathLike = "litemedsam",
     device: str = "auto",
@@ -436,28 +483,8 @@ def load_model(
     fused = False
     if decoder_override is not None:
         override = os.fspath(decoder_override)
-        if override == "sam":
-            if decoder == "robust":
-                dropped = [key for key in state if is_robust_key(key)]
-                state = {key: value for key, value in state.items() if not is_robust_key(key)}
-                decoder = "sam"
-                notices.append(notice(
-                    f"decoder_override='sam': using the plain SAM part of the robust decoder of {where}; "
-                    f"its {len(dropped)} robust tensors are not loaded"
-                ))
-        elif override == "robust" and decoder != "robust" and architecture == "tiny_vit":
-            state = with_identity_robust_decoder(state, where)
-            decoder = "robust"
-            notices.append(notice(
-                f"decoder_override='robust': {where} has a plain decoder, so a lite robust decoder was built from it "
-                "with untrained (identity-initialised) robust parts: masks equal the plain decoder's until it is fine-tuned"
-            ))
-        elif override == "robust":
-            if decoder != "robust":
-                raise CheckpointError(
-                    f"decoder_override='robust' but {where} has no robust decoder weights; give a checkpoint with a "
-                    "robust decoder as decoder_override (e.g. 'robustsam_vit_b'), or build one with `robustmedsam fuse`"
-                )
+        if override in ("sam", "robust"):
+            state, decoder = _builtin_decoder(override, state, decoder, architecture, where, notices)
         else:
             from .fusion import fuse_checkpoints
 
@@ -472,19 +499,7 @@ def load_model(
         prep, reason = metadata["preprocessing"], metadata.get("preprocessing_reason", "")
         box_primary = bool(metadata.get("box_primary"))
     else:
-        prep, reason, guessed = infer_preprocessing(source)
-        if preprocessing is not None:
-            if preprocessing != prep:
-                reason = f"set by the caller (the checkpoint suggests {prep!r}: {reason})"
-            else:
-                reason = f"set by the caller ({reason})"
-            prep, guessed = preprocessing, False
-        if guessed:
-            notices.append(notice(
-                f"preprocessing of {where} is not recorded; {reason}: {prep!r}. If masks look wrong, pass "
-                "preprocessing='sam' | 'medsam' | 'litemedsam' (robustmedsam segment / embed: --preprocessing)"
-            ))
-        box_primary = infer_box_primary(source, prep)
+        prep, reason, box_primary = _preprocessing(source, preprocessing, where, notices)
 
     state, enhancer = split_enhancer(state, metadata, where)
     model = build_and_load(architecture, decoder, state, where)
@@ -498,20 +513,9 @@ def load_model(
     model.eval()
     model.to(device=target_device, dtype=dtype)
     check_weights_finite(model, where)
-    return LoadedModel(
-        model=model,
-        name=name,
-        architecture=architecture,
-        decoder=decoder,
-        preprocessing=prep,
-        box_primary=bool(box_primary),
-        checkpoint_path=source.path,
-        sha256=source.sha256,
-        layout=ckpt.layout.name,
-        metadata=metadata,
-        preprocessing_reason=reason,
-        notices=notices,
-    )
+    return LoadedModel(model=model, name=name, architecture=architecture, decoder=decoder, preprocessing=prep,
+                       box_primary=bool(box_primary), checkpoint_path=source.path, sha256=source.sha256,
+                       layout=ckpt.layout.name, metadata=metadata, preprocessing_reason=reason, notices=notices)
 
 
 __all__ = [

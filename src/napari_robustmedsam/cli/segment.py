@@ -99,14 +99,9 @@ def point_warning(model_name: str, has_box: bool) -> str:
     )
 
 
-def run(args: argparse.Namespace) -> int:
-    from ..engine.preprocessing import ImageSignalWarning, no_signal_notice, validate_image
-    from ..engine.prompt_checks import check_prompts
-    from ..io import write_mask
-    from ..io.images import check_mask_format, write_slice_into
-    from ..io.medical import refuse_source_overwrite
-
-    # Everything that can be checked without the model is checked first: a mistake costs no model load.
+def _prompts_from_args(args: argparse.Namespace):
+    """(points (1, P, 2), labels (1, P), boxes (N, 4)) from the command line, each None when not given; a prompt
+    or destination that cannot work is refused here, before anything is read."""
     if not args.box and not args.point and not args.negative:
         raise ImageInputError("no prompt given: add --box X0 Y0 X1 Y1 or --point X Y")
     if args.negative and not args.point and not args.box:
@@ -118,12 +113,24 @@ def run(args: argparse.Namespace) -> int:
     points = [*args.point, *args.negative]
     labels = [1] * len(args.point) + [0] * len(args.negative)
     boxes = np.asarray(args.box, dtype=np.float64) if args.box else None
-    n_objects = 1 if boxes is None else len(boxes)
     point_arg = label_arg = None
     if points:
-        if n_objects > 1:
+        if boxes is not None and len(boxes) > 1:
             raise ImageInputError("points with several --box prompts are ambiguous: use one box per call with points, or boxes only")
         point_arg, label_arg = np.asarray(points)[None], np.asarray(labels)[None]
+    return point_arg, label_arg, boxes
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..engine.preprocessing import ImageSignalWarning, no_signal_notice, validate_image
+    from ..engine.prompt_checks import check_prompts
+    from ..io import write_mask
+    from ..io.images import check_mask_format, write_slice_into
+    from ..io.medical import refuse_source_overwrite
+
+    # Everything that can be checked without the model is checked first: a mistake costs no model load.
+    point_arg, label_arg, boxes = _prompts_from_args(args)
+    n_objects = 1 if boxes is None else len(boxes)
     if args.output:
         check_output(args.output, inputs=[args.image, existing_file(args.model)], overwrite=args.overwrite)
         check_mask_format(args.output)
@@ -151,7 +158,7 @@ def run(args: argparse.Namespace) -> int:
     if engine is None:  # the cache could not be opened (the notice says why): the same embedding, computed
         message(f"note: {notices[-1]}")
         engine = EmbeddingEngine(loaded, use_cache=False)
-    if engine.predictor.box_primary and points:
+    if engine.predictor.box_primary and point_arg is not None:
         message(point_warning(loaded.name, has_box=boxes is not None))
     with stage(f"image embedding on {engine.device.type}"), warnings.catch_warnings():
         warnings.simplefilter("ignore", ImageSignalWarning)  # said above, before the model load

@@ -211,20 +211,12 @@ class TiledPredictor:
         if not isinstance(emb, TiledEmbedding):
             self.predictor.prepare_mask_prompt(mask_input, embedding=emb)
 
-    def predict(
-        self,
-        points=None,
-        point_labels=None,
-        boxes=None,
-        mask_input: torch.Tensor | None = None,
-        multimask_output: bool | None = None,
-        embedding=None,
-        tile: int | None = None,
-        local_clicks=None,
-        guard_new_clicks=None,
-        guard_edge_reach: float | EdgeReach | None = None,
-    ) -> Prediction:
-        """Segment N objects; prompts in full-image (x, y) pixels, checked as by :meth:`Predictor.predict`.
+    def predict(self, points=None, point_labels=None, boxes=None, mask_input: torch.Tensor | None = None,
+                multimask_output: bool | None = None, embedding=None, tile: int | None = None, local_clicks=None,
+                guard_new_clicks=None, guard_edge_reach: float | EdgeReach | None = None) -> Prediction:
+        """:meth:`Predictor.predict` (the same arguments, plus ``tile``) on a :class:`TiledEmbedding` as well.
+
+        Segment N objects; prompts in full-image (x, y) pixels, checked as by :meth:`Predictor.predict`.
         ``tile`` forces one tile (e.g. to feed back ``mask_input`` logits of an earlier :class:`TiledPrediction`);
         ``local_clicks``, ``guard_new_clicks`` and ``guard_edge_reach`` as in :meth:`Predictor.predict`."""
         emb = embedding if embedding is not None else self.embedding
