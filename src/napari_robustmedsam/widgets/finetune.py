@@ -159,6 +159,17 @@ class FinetuneWidget(QWidget):
         self.status = QLabel("")
         self.status.setWordWrap(True)
 
+        self._lay_out()
+
+        # small-run settings used by the worker (tests and power users may change them)
+        self.extra_config: dict = {}
+        self._refresh_layers()
+        self.viewer.layers.events.inserted.connect(self._refresh_layers)
+        self.viewer.layers.events.removed.connect(self._refresh_layers)
+
+    def _lay_out(self) -> None:
+        """The settings in a form (one row each, in the order of a run's recipe), then the buttons, the progress,
+        the loss plot and the messages."""
         form = QFormLayout()
         form.addRow("Image", self.image_combo)
         row = QHBoxLayout()
@@ -188,12 +199,6 @@ class FinetuneWidget(QWidget):
         layout.addWidget(self.banner)
         layout.addWidget(self.status)
         layout.addStretch(1)
-
-        # small-run settings used by the worker (tests and power users may change them)
-        self.extra_config: dict = {}
-        self._refresh_layers()
-        self.viewer.layers.events.inserted.connect(self._refresh_layers)
-        self.viewer.layers.events.removed.connect(self._refresh_layers)
 
     # ---- layers -----------------------------------------------------------------------------------
     def _layers(self, kind: str) -> list:
