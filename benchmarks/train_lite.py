@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -37,38 +36,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "src"))
 
+from training.data_split import make_split  # noqa: E402
+
 CONDITIONS = ("clean", "LQ-3", "LQ-3+")
 PROMPTS = ("box", "points3", "iter_box")
-
-
-def make_split(data: Path, out: Path, heldout: float, seed: int, train_per_dataset: int | None = None) -> dict:
-    from napari_robustmedsam.prompting import rng_for
-    from training.evaluation.dataset import discover
-
-    split = {"train": [], "heldout": []}
-    for info in discover(data):
-        samples = sorted(info.samples, key=lambda s: s.key)
-        n_held = max(1, int(round(len(samples) * heldout)))
-        order = rng_for(seed, "bench-split", info.name).permutation(len(samples))
-        held = {samples[i].key for i in order[:n_held]}
-        train_keys = [samples[i].key for i in order[n_held:]]
-        if train_per_dataset:  # CPU budget: a seeded subset of the fixed train split
-            train_keys = train_keys[:train_per_dataset]
-        for s in samples:
-            part = "heldout" if s.key in held else ("train" if s.key in train_keys else None)
-            if part is None:
-                continue
-            split[part].append(s.key)
-            for kind, src in (("images", s.image_path), ("masks", s.mask_path)):
-                dst = out / "split" / part / info.name / kind / src.name
-                dst.parent.mkdir(parents=True, exist_ok=True)
-                if not dst.exists():
-                    os.symlink(src.resolve(), dst)
-    for part in ("train", "heldout"):
-        if (data / "MANIFEST.json").is_file():
-            shutil.copy(data / "MANIFEST.json", out / "split" / part / "MANIFEST.json")
-    (out / "split.json").write_text(json.dumps(split, indent=1))
-    return split
 
 
 def precompute(out: Path, seed: int, variants: int | None = None) -> dict:

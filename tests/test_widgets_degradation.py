@@ -57,6 +57,8 @@ def test_preview_layer_updates_live_and_segment_on_degraded_gives_dice(annotated
     first = np.asarray(layer.data).copy()
     assert first.shape == image.shape and first.dtype == image.dtype and not np.array_equal(first, image)
     assert tuple(layer.contrast_limits) == tuple(viewer.layers["MRI phantom"].contrast_limits)
+    # degraded images with the box-only base model: the shipped robust head is suggested, with its figures
+    assert preview.head_hint.isVisible() and "robust-lite" in preview.head_hint.text()
 
     # moving a control updates the same layer (debounced, in a worker)
     with qtbot.waitSignal(preview.preview_updated, timeout=60_000):

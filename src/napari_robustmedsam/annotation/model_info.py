@@ -40,6 +40,24 @@ def prompt_advice(loaded: Any) -> str:
     return "Points and boxes both work: click positive / negative points, or draw a box."
 
 
+def registry_rows(name: str) -> list[tuple[str, str]]:
+    """When to use a registry model and its licence; for a shipped head also its training data and licence file
+    (shown where the user chooses and loads a model, as the weights' terms must be)."""
+    from .. import heads
+    from ..models.registry import MODELS
+
+    spec = MODELS.get(name)
+    if spec is None:
+        return []
+    rows = [("use it for", spec.use)] if spec.use else []
+    rows.append(("licence", spec.license or "unknown"))
+    entry = heads.entry(name)
+    if entry:
+        rows.append(("trained on", ", ".join(f"{d['dataset']} ({d['train_images']})" for d in entry.get("training_data", []))))
+        rows.append(("licence file", str(heads.LICENCE_PATH)))
+    return rows
+
+
 def describe_model(loaded: Any) -> list[tuple[str, str]]:
     """(field, value) rows for the model panel's info table."""
     arch = str(getattr(loaded, "architecture", "?"))
@@ -58,6 +76,7 @@ def describe_model(loaded: Any) -> list[tuple[str, str]]:
         ("preprocessing", str(getattr(loaded, "preprocessing", "?"))),
         ("prompts", "box first (box-trained)" if getattr(loaded, "box_primary", False) else "points and boxes"),
     ]
+    rows += registry_rows(str(getattr(loaded, "name", "")))
     path = getattr(loaded, "checkpoint_path", None)
     rows.append(("checkpoint", str(path) if path else "(in memory)"))
     sha = getattr(loaded, "sha256", None)

@@ -28,6 +28,10 @@ BOX_PRIMARY_HINT = (
 # Seen with the fine-tuned robust-lite decoder on retinal vessels: a box around the whole vessel tree gives an
 # empty mask (LiteMedSAM gives a blob), because 1-2 px vessels vanish at the 256 px input. Say so instead of
 # leaving the user with nothing.
+FALLBACK_HINT = (
+    "{name} returned an empty mask for these prompts, so this is the base LiteMedSAM's mask (the head's empty-mask "
+    "fallback): check it, and correct it with clicks if needed."
+)
 EMPTY_MASK_HINT = (
     "{name} segmented no pixel for these prompts (predicted IoU {score:.2f}). Objects thinner or smaller than "
     "a few pixels at the model's {size} often come out empty: add positive points on the object, "
@@ -230,6 +234,8 @@ def segment_slice(
     feedback = ""
     if corrective and n_new > 0:
         feedback = click_feedback(previous_mask, mask, sent.points, sent.labels, n_new)
+    if bool(prediction.fell_back[:1].any()) and not hint:
+        hint = FALLBACK_HINT.format(name=model_name)
     if not mask.any() and not hint:
         hint = EMPTY_MASK_HINT.format(name=model_name, score=float(prediction.scores[0]),
                                       size=_input_size_text(embedding))

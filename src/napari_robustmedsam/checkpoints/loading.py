@@ -23,18 +23,19 @@ from ..device import inference_dtype, resolve_device
 from ..errors import CheckpointError, UserFacingError
 from ..models.registry import MODELS, ModelSpec, get_model_spec
 from .download import fetch_weights
+from .head_delta import compose, delta_base, is_delta
 from .layouts import (
     Checkpoint,
     expected_shapes,
     format_key_problems,
     is_robust_key,
     key_problems,
+    normalize,
     read_checkpoint,
     shapes_of,
 )
 from .project_format import PREPROCESSING_CHOICES
-from .safe_load import file_sha256, notice
-from .head_delta import read_model_file
+from .safe_load import file_sha256, load_untrusted, notice
 
 _PATH_SUFFIXES = (".pth", ".pt", ".ckpt", ".bin", ".tar", ".pkl")
 BOX_PRIMARY_PREPROCESSING = ("medsam", "litemedsam")  # MedSAM and LiteMedSAM were trained with boxes only
@@ -84,6 +85,32 @@ def looks_like_path(value: str | os.PathLike) -> bool:
         or text.lower().endswith(_PATH_SUFFIXES)
         or text.startswith("~")
     )
+
+
+def base_state(base: str, *, cache_dir=None, progress: bool = True) -> tuple[dict, str]:
+    """(the full state dict registry model ``base`` loads with, the sha256 of its weights file)."""
+    source = resolve_source(base, cache_dir=cache_dir, progress=progress)
+    state = dict(source.checkpoint.state_dict)
+    if source.spec is not None and source.spec.robust_init and source.checkpoint.decoder == "sam":
+        state = with_identity_robust_decoder(state, f"registry model '{base}'")
+    return state, source.sha256 or ""
+
+
+def read_model_file(path: str | os.PathLike, *, source_hint: str | None = None, cache_dir=None,
+                    progress: bool = True) -> Checkpoint:
+    """Read a checkpoint file safely and normalise it; a head delta (:mod:`.head_delta`) is rebuilt onto its base."""
+    path = Path(path).expanduser()
+    obj = load_untrusted(path, source_hint=source_hint)
+    if is_delta(obj):
+        base, _ = delta_base(obj, str(path))
+        try:
+            reference, sha = base_state(base, cache_dir=cache_dir, progress=progress)
+        except CheckpointError as err:
+            raise CheckpointError(f"{path} stores only what differs from model '{base}', which cannot be loaded: "
+                                  f"{err}") from None
+        obj = compose(obj, str(path), reference, sha)
+    state, layout = normalize(obj, str(path))
+    return Checkpoint(state_dict=state, layout=layout, path=path)
 
 
 def _registry_match(path: Path, sha256: str) -> tuple[ModelSpec | None, str]:
@@ -277,8 +304,6 @@ EMPTY_MASK_FALLBACK_KEY = "empty_mask_fallback"
 
 def attach_empty_mask_fallback(model, base: str, where: str, *, cache_dir=None) -> None:
     """Attach registry model ``base``'s plain prompt encoder and mask decoder as ``model``'s empty-mask fallback."""
-    from .head_delta import base_state
-
     try:
         state, _sha = base_state(base, cache_dir=cache_dir, progress=False)
     except CheckpointError as err:

@@ -102,6 +102,8 @@ def point_warning(model_name: str, has_box: bool) -> str:
 def _prompts_from_args(args: argparse.Namespace):
     """(points (1, P, 2), labels (1, P), boxes (N, 4)) from the command line, each None when not given; a prompt
     or destination that cannot work is refused here, before anything is read."""
+    from ..io.images import check_mask_format
+
     if not args.box and not args.point and not args.negative:
         raise ImageInputError("no prompt given: add --box X0 Y0 X1 Y1 or --point X Y")
     if args.negative and not args.point and not args.box:
@@ -118,6 +120,12 @@ def _prompts_from_args(args: argparse.Namespace):
         if boxes is not None and len(boxes) > 1:
             raise ImageInputError("points with several --box prompts are ambiguous: use one box per call with points, or boxes only")
         point_arg, label_arg = np.asarray(points)[None], np.asarray(labels)[None]
+    if args.output:
+        check_output(args.output, inputs=[args.image, existing_file(args.model)], overwrite=args.overwrite)
+        check_mask_format(args.output)
+    if args.into:  # updating the label file is what --into is for; it may still never be an input
+        check_output(args.into, inputs=[args.image, existing_file(args.model)], overwrite=True)
+        check_mask_format(args.into)
     return point_arg, label_arg, boxes
 
 
@@ -125,18 +133,12 @@ def run(args: argparse.Namespace) -> int:
     from ..engine.preprocessing import ImageSignalWarning, no_signal_notice, validate_image
     from ..engine.prompt_checks import check_prompts
     from ..io import write_mask
-    from ..io.images import check_mask_format, write_slice_into
+    from ..io.images import write_slice_into
     from ..io.medical import refuse_source_overwrite
 
     # Everything that can be checked without the model is checked first: a mistake costs no model load.
     point_arg, label_arg, boxes = _prompts_from_args(args)
     n_objects = 1 if boxes is None else len(boxes)
-    if args.output:
-        check_output(args.output, inputs=[args.image, existing_file(args.model)], overwrite=args.overwrite)
-        check_mask_format(args.output)
-    if args.into:  # updating the label file is what --into is for; it may still never be an input
-        check_output(args.into, inputs=[args.image, existing_file(args.model)], overwrite=True)
-        check_mask_format(args.into)
     volume, geometry, window = read_input(args)
     for target in (args.output, args.into):
         if target:
@@ -177,8 +179,10 @@ def run(args: argparse.Namespace) -> int:
     label_map = np.zeros(prediction.masks.shape[1:], dtype=np.uint16 if n_objects > 255 else np.uint8)
     for index, mask in enumerate(prediction.masks, start=1):
         label_map[mask & (label_map == 0)] = index
+    fell_back = set(np.flatnonzero(prediction.fell_back) + 1) if prediction.fell_back.size else set()
     for index, (mask, score) in enumerate(zip(prediction.masks, prediction.scores), start=1):
-        print(f"object {index}: {int(mask.sum())} px, predicted IoU {score:.3f}")
+        note = " (the head's mask was empty: this is LiteMedSAM's mask, its empty-mask fallback)" if index in fell_back else ""
+        print(f"object {index}: {int(mask.sum())} px, predicted IoU {score:.3f}{note}")
     empty = [index for index, mask in enumerate(prediction.masks, start=1) if not mask.any()]
     if empty and not args.allow_empty:
         which = "the object" if n_objects == 1 else "object " + ", ".join(str(i) for i in empty)

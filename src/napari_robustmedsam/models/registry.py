@@ -57,6 +57,30 @@ _LITEMEDSAM = ModelSpec(
     use="clean images prompted with a box; points alone give poor masks, and corrective clicks help little",
 )
 
+#: the heads this package can ship (napari_robustmedsam/heads/, built by python -m training.ship_heads): name ->
+#: (description, when to use it, decoder kind). A head is a registry model once its file is in the manifest.
+SHIPPED_HEADS = {
+    "robust-lite": (
+        "LiteMedSAM with its robust decoder fine-tuned on six 2D datasets (shipped in this package)",
+        "degraded images (noise, blur, compression), point prompts and corrective clicks; the recommended head",
+        "robust"),
+    "robust-lite-permissive": (
+        "robust-lite trained only on CC0 / CC BY data (nuclei, fetal ultrasound) (shipped in this package)",
+        "as robust-lite where its training data's terms do not fit your use; weaker on other modalities",
+        "robust"),
+    "pge-lite-fast": (
+        "LiteMedSAM with a PGE-SAM prompt-guided feature enhancer (1 M parameters) (shipped in this package)",
+        "many corrective clicks on degraded images; each click costs more than with robust-lite",
+        "sam"),
+}
+
+
+def _is_shipped(name: str) -> bool:
+    from .. import heads
+
+    return bool(heads.entry(name))
+
+
 def _shipped(name: str, description: str, use: str, decoder: str) -> ModelSpec:
     """A fine-tuned head shipped in :mod:`napari_robustmedsam.heads`; hash, size and licence from its manifest."""
     from .. import heads
@@ -83,6 +107,7 @@ def _shipped(name: str, description: str, use: str, decoder: str) -> ModelSpec:
 
 _SPECS = (
     _LITEMEDSAM,
+    *(_shipped(name, *about) for name, about in SHIPPED_HEADS.items() if _is_shipped(name)),
     # The same shipped file; the lite robust decoder is built from its plain decoder at load time.
     replace(
         _LITEMEDSAM,
@@ -95,23 +120,6 @@ _SPECS = (
         aliases=("lite_robust",),
         robust_init=True,
         use="the starting point of your own fine-tune (python -m training.fit); as is, it equals litemedsam",
-    ),
-    *(
-        _shipped(name, description, use, decoder)
-        for name, description, use, decoder in (
-            ("robust-lite",
-             "LiteMedSAM with its robust decoder fine-tuned on six 2D datasets (shipped in this package)",
-             "degraded images (noise, blur, compression), point prompts and corrective clicks; the recommended head",
-             "robust"),
-            ("robust-lite-permissive",
-             "robust-lite trained only on CC0 / CC BY data (nuclei, fetal ultrasound) (shipped in this package)",
-             "as robust-lite where its training data's terms do not fit your use; weaker on other modalities",
-             "robust"),
-            ("pge-lite-fast",
-             "LiteMedSAM with a PGE-SAM prompt-guided feature enhancer (1 M parameters) (shipped in this package)",
-             "many corrective clicks on degraded images; each click costs more than with robust-lite",
-             "sam"),
-        )
     ),
     ModelSpec(
         name="sam_vit_b",

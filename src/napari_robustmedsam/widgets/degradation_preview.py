@@ -32,8 +32,9 @@ from qtpy.QtWidgets import (
 )
 from superqt import QLabeledDoubleSlider
 
-from ..annotation.slice_embeddings import image_kind
+from ..annotation.model_choice import robust_head_suggestion
 from ..annotation.robustness import degrade_slice
+from ..annotation.slice_embeddings import image_kind
 from ..errors import UserFacingError
 from ._common import ROLE_KEY, Banner, TaskRow, mark, role_of, run_task, shrinkable, unwrap
 from ._state import get_state
@@ -90,6 +91,15 @@ class DegradationPreview(QWidget):
         self.describe_label.setWordWrap(True)
         self.describe_label.setStyleSheet("color:#9aa;")
 
+        # Shown once a preview is on screen while the model is the box-only base model: the user is looking at
+        # degraded images, for which a shipped robust head measured better (annotation.model_choice).
+        self.head_hint = QLabel("")
+        self.head_hint.setWordWrap(True)
+        self.head_hint.setObjectName("robustmedsam-robust-head-hint")
+        self.head_hint.setOpenExternalLinks(False)
+        self.head_hint.linkActivated.connect(lambda name: self.state.load_model(name))
+        self.head_hint.hide()
+
         self.segment_button = QPushButton("Segment on degraded")
         self.segment_button.setToolTip("Reuse the annotator's prompts of this slice on the degraded slice")
         self.segment_button.clicked.connect(lambda: self.segment_on_degraded())
@@ -103,14 +113,8 @@ class DegradationPreview(QWidget):
 
         self._lay_out()
 
-        self._timer = QTimer(self)
-        self._timer.setSingleShot(True)
-        self._timer.setInterval(DEBOUNCE_MS)
-        self._timer.timeout.connect(self._timer_fired)
-        self._thumbnail_timer = QTimer(self)
-        self._thumbnail_timer.setSingleShot(True)
-        self._thumbnail_timer.setInterval(THUMBNAIL_DELAY_MS)
-        self._thumbnail_timer.timeout.connect(self._update_thumbnail)
+        self._timer = self._single_shot(DEBOUNCE_MS, self._timer_fired)
+        self._thumbnail_timer = self._single_shot(THUMBNAIL_DELAY_MS, self._update_thumbnail)
 
         self._fill_types()
         self._update_mode()
@@ -123,6 +127,13 @@ class DegradationPreview(QWidget):
         self.live_check.toggled.connect(self._on_live_toggled)
         napari_viewer.dims.events.current_step.connect(self._on_slice)
         self._ready = True
+
+    def _single_shot(self, interval_ms: int, callback) -> QTimer:
+        timer = QTimer(self)
+        timer.setSingleShot(True)
+        timer.setInterval(interval_ms)
+        timer.timeout.connect(callback)
+        return timer
 
     def _lay_out(self) -> None:
         """The controls in a form, then the timing, the buttons, the comparison and the messages."""
@@ -140,6 +151,7 @@ class DegradationPreview(QWidget):
         layout.addWidget(self.describe_label)
         layout.addWidget(self.live_check)
         layout.addWidget(self.timing)
+        layout.addWidget(self.head_hint)
         layout.addWidget(self.segment_button)
         layout.addWidget(self.task_row)
         layout.addWidget(self.compare_box)
@@ -359,7 +371,14 @@ class DegradationPreview(QWidget):
         how = settings["level"] or f"severity {settings['severity']:.2f}"
         self.timing.setText(f"{settings['name']} {how}, seed {settings['seed']}: degraded in {seconds * 1000:.0f} ms, "
                             f"shown {self.last_latency * 1000:.0f} ms after the change")
+        self._suggest_robust_head()
         self.preview_updated.emit(self.last_latency)
+
+    def _suggest_robust_head(self) -> None:
+        loaded = self.state.loaded
+        text = robust_head_suggestion(getattr(loaded, "name", None) if loaded is not None else None)
+        self.head_hint.setText(text)
+        self.head_hint.setVisible(bool(text))
 
     def _update_thumbnail(self) -> None:
         layer = self.degraded_layer

@@ -15,7 +15,7 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
-from ..annotation.model_info import describe_model, display_name
+from ..annotation.model_info import describe_model, display_name, registry_rows
 from ..device import DEVICE_CHOICES
 from ..models.registry import DEFAULT_MODEL, MODELS
 from ._common import Banner, TaskRow, shrinkable
@@ -40,6 +40,11 @@ class ModelPanel(QWidget):
             self.model_combo.setItemData(self.model_combo.count() - 1, spec.description, 3)  # tooltip role
         self.model_combo.setCurrentText(DEFAULT_MODEL)
         self.model_combo.setToolTip("A registry model name, or the path of a checkpoint file")
+        self.choice_help = QLabel()  # when to use the chosen model, and its licence
+        self.choice_help.setWordWrap(True)
+        self.choice_help.setObjectName("robustmedsam-model-choice-help")
+        self.model_combo.currentTextChanged.connect(self._show_choice_help)
+        self._show_choice_help(self.model_combo.currentText())
         self.browse_button = QPushButton("File…")
         self.browse_button.setToolTip("Choose a checkpoint file (SAM, MedSAM, LiteMedSAM, RobustSAM, fused, micro_sam)")
         self.browse_button.clicked.connect(self._browse)
@@ -57,6 +62,7 @@ class ModelPanel(QWidget):
         source_row.addWidget(self.model_combo, 1)
         source_row.addWidget(self.browse_button)
         form.addRow("Model", source_row)
+        form.addRow("", self.choice_help)
         form.addRow("Device", self.device_combo)
         layout = QVBoxLayout(self)
         layout.addLayout(form)
@@ -88,6 +94,14 @@ class ModelPanel(QWidget):
         self.load_button.setEnabled(False)
         return self.state.load_model(text, self.device_combo.currentText(), row=self.task_row,
                                      on_done=self._loaded, on_error=self._failed)
+
+    def _show_choice_help(self, text: str) -> None:
+        rows = dict(registry_rows(text.strip()))
+        if not rows:
+            self.choice_help.setText("")
+            return
+        use = f"Use it for: {html.escape(rows['use it for'])}. " if rows.get("use it for") else ""
+        self.choice_help.setText(f"<small>{use}Licence: {html.escape(rows['licence'])}</small>")
 
     def _on_loading(self, source: str) -> None:
         self.info.setText(f"Loading {html.escape(source)}…")
