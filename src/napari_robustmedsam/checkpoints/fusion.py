@@ -32,7 +32,7 @@ from .layouts import (
     neck_channels,
     prompt_embed_dim,
 )
-from .loading import Source, check_state_dict_fits, infer_box_primary, infer_preprocessing, resolve_source
+from .sources import Source, check_state_dict_fits, infer_box_primary, infer_preprocessing, resolve_source
 from ..io.output_paths import check_output
 from .project_format import PREPROCESSING_CHOICES, check_destination, make_metadata, save_checkpoint
 from .safe_load import notice
