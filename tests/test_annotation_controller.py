@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from napari_robustmedsam.annotation import controller as controller_module
+from napari_robustmedsam.annotation import volume_propagation
 from napari_robustmedsam.annotation.controller import AnnotationController, AnnotatorSettings, DecodeScheduler
 from napari_robustmedsam.annotation.prompt_decoding import SliceResult
 from napari_robustmedsam.annotation.session import SlicePrompts
@@ -234,13 +235,13 @@ def test_taking_a_click_back_restores_the_earlier_state_without_decoding(setup):
 
 def test_propagation_starts_from_the_user_slices_and_reopens_the_last_commit(setup):
     ctl, view, workers = setup(shape=(5, 32, 32))
-    assert ctl.propagation_seeds() is None and "nothing to propagate" in view.errors[-1]
+    assert ctl.propagation.seeds() is None and "nothing to propagate" in view.errors[-1]
     click(view, 2, [[10, 10]], [1])
     ctl.segment(2)
-    assert sorted(ctl.propagation_seeds()) == [2]
+    assert sorted(ctl.propagation.seeds()) == [2]
     ctl.commit()
     assert not ctl.session.has_current
-    seeds = ctl.propagation_seeds()  # nothing current: the committed object comes back, its non-empty slices
+    seeds = ctl.propagation.seeds()  # nothing current: the committed object comes back, its non-empty slices
     assert sorted(seeds) == [2] and "Re-opened object 1" in view.status
 
 
@@ -252,16 +253,16 @@ def test_a_correction_after_propagation_starts_the_re_propagation_timer(setup, m
     masks[1:4, 8:13, 8:13] = True
     result = SimpleNamespace(slices={1: SimpleNamespace(score=0.8), 3: SimpleNamespace(score=0.8)}, masks=masks,
                              logits={}, z_range=(1, 3), propagated=[1, 3], stopped={"down": "iou"})
-    monkeypatch.setattr(controller_module, "predictor_segment_fn", lambda predictor, emb: None)
-    monkeypatch.setattr(controller_module, "propagate_object", lambda *a, **k: result)
-    ctl.propagate()
+    monkeypatch.setattr(volume_propagation, "predictor_segment_fn", lambda predictor, emb: None)
+    monkeypatch.setattr(volume_propagation, "propagate_object", lambda *a, **k: result)
+    ctl.propagation.propagate()
     workers.finish()
-    assert view.propagations == [result] and ctl.propagated_once and ctl.session.current[1].any()
-    assert not ctl.repropagate_timer.isActive()
+    assert view.propagations == [result] and ctl.propagation.propagated_once and ctl.session.current[1].any()
+    assert not ctl.propagation.repropagate_timer.isActive()
     click(view, 3, [[20, 20]], [1])  # a correction on a propagated slice
     ctl.segment(3)
-    assert ctl.changed_since_propagation == {3} and ctl.repropagate_timer.isActive()
-    ctl.repropagate_timer.fire()  # the pause is over: only the stretches next to slice 3 run again
+    assert ctl.propagation.changed_since_propagation == {3} and ctl.propagation.repropagate_timer.isActive()
+    ctl.propagation.repropagate_timer.fire()  # the pause is over: only the stretches next to slice 3 run again
     assert len(workers.queue) == 1 and workers.queue[0][4] == "propagate"
     ctl.clear()  # a clear supersedes the running propagation: its result is dropped
     assert workers.queue[0][5].cancelled
@@ -271,7 +272,7 @@ def test_a_correction_after_propagation_starts_the_re_propagation_timer(setup, m
 
 def test_propagation_of_a_2d_image_is_refused_with_a_message(setup):
     ctl, view, workers = setup()
-    assert ctl.propagate() is None and "3D volume" in view.errors[-1]
+    assert ctl.propagation.propagate() is None and "3D volume" in view.errors[-1]
 
 
 def test_prefetch_starts_at_the_users_slice_and_is_cancelled_with_the_embeddings(setup):

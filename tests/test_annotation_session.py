@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from napari_robustmedsam.annotation.export import load_session, prompts_path_for, save_session
-from napari_robustmedsam.annotation.prompt_decoding import mask_box
+from napari_robustmedsam.annotation.session import mask_box
 from napari_robustmedsam.annotation.session import AnnotationSession, SlicePrompts
 from napari_robustmedsam.errors import UserFacingError
 

@@ -23,8 +23,8 @@ from napari_robustmedsam.io.medical import (
     MedicalReadWarning,
     check_labels_fit,
     read_medical,
-    write_labels,
 )
+from napari_robustmedsam.io.medical_labels import write_labels
 
 TIGHT = dict(rtol=0, atol=1e-5)
 

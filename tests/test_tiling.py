@@ -129,6 +129,24 @@ def test_prompts_are_routed_and_masks_pasted_at_the_right_place():
     assert pred.masks[0, 250:261, 410:421].all() and pred.masks[0].sum() == 11 * 11
 
 
+class _FallbackPredictor(_BoxPredictor):
+    """As _BoxPredictor, and reports the empty-mask fallback for every box wider than 70 px (tile frame)."""
+
+    def predict(self, *args, **kwargs):
+        pred = super().predict(*args, **kwargs)
+        boxes = kwargs.get("boxes")
+        pred.fell_back = np.asarray(boxes)[:, 2] - np.asarray(boxes)[:, 0] > 70
+        return pred
+
+
+def test_the_empty_mask_fallback_is_reported_per_object_across_tiles():
+    tiled = _fake_tiled((300, 500), threshold=200, halo=20)
+    boxes = np.array([[30.0, 40, 90, 100], [400, 220, 480, 290], [240, 100, 300, 165]])  # widths 60, 80, 60
+    pred = TiledPredictor(_FallbackPredictor()).predict(boxes=boxes, embedding=tiled)
+    assert len({pred.tile_indices[i] for i in range(3)}) > 1  # the objects were decoded in different tiles
+    np.testing.assert_array_equal(pred.fell_back, [False, True, False])
+
+
 def test_local_clicks_are_shifted_into_the_tile_frame():
     fake = _BoxPredictor()
     tiled = _fake_tiled((300, 500), threshold=200, halo=20)

@@ -79,7 +79,7 @@ def test_preview_layer_updates_live_and_segment_on_degraded_gives_dice(annotated
     wait_idle(qtbot)
     result = blocker.args[0]
     assert 0.0 <= result.dice <= 1.0 and result.clean_mask.any()
-    assert "Dice clean vs degraded" in preview.dice_label.text()
+    assert "Dice clean vs degraded" in preview.compare_box.dice_label.text()
     assert preview.compare_box.isVisible()
     assert {"mask on clean", "mask on degraded"} <= {layer.name for layer in viewer.layers}
     print(f"segment on degraded ({result.setting}): Dice {result.dice:.3f}")

@@ -260,6 +260,10 @@ EVALUATION_FILES = ("measurements.csv", "measurements.parquet", "summary.md", "r
 
 
 def main(argv: list[str] | None = None) -> dict:
+    """Run ``python -m training.evaluate`` with ``argv``; the measurements, the report's files and the run's
+    statistics. Long on purpose: the command's steps in their order (inputs, models, what an earlier run already
+    did, the run with its record even when interrupted, the report), each one or two calls; split up, they would
+    pass a dozen values between them."""
     args = build_parser().parse_args(argv)
     argv_list = sys.argv[1:] if argv is None else list(argv)
     command = "python -m training.evaluate " + " ".join(shlex.quote(a) for a in argv_list)

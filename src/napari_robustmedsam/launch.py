@@ -211,7 +211,7 @@ class Startup:
         self._elapsed("drawing code ready")
         self.layer.metadata.pop(ROLE_KEY, None)
         annotator = self.widget.annotator
-        annotator._refresh_image_choices()
+        annotator.image_choice.refresh()
         annotator.set_image_layer(self.layer)
         self._annotating = True
         if self.modality:

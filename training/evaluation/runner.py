@@ -387,7 +387,9 @@ def _iterative(predictor, emb, objects: list[GTObject], prompt: str, sample_key:
     """Iterative correction of all objects of an image, batched: objects with the same number of points
     share one decoder call per step (each object only ever sees its own prompts and logits). With the click
     refinement, the mask measured (and the next click's error map) is the refined one; the model's own logits are
-    fed back."""
+    fed back. Long on purpose: this is the evaluation protocol of the iterative modes, every step of a click in
+    the order that the protocol hash stands for, with the per-object state (points, logits, masks shown and the
+    model's) in one place."""
     refinement = cfg.refinement
     if refinement is not None and image is None:
         raise ValueError("the click refinement needs the image")
@@ -543,6 +545,10 @@ def evaluate_samples(
 
     ``max_units``: stop after computing that many (model, image, condition) groups (an interruption on
     purpose, for tests and for chunked runs).
+
+    Long on purpose: one loop over (image, condition, model) with its resume, stop and progress bookkeeping
+    inline, so that the order of those checks, which makes a resumed run equal an uninterrupted one, is read in
+    one place.
     """
     embedder = embedder or Embedder()
     done = store.done_keys() if done is None else done

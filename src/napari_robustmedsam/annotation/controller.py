@@ -1,5 +1,6 @@
-"""The annotator's decisions, without Qt: when and where a prompt change is decoded, which result is still wanted,
-how a click is taken back, and what 3D propagation starts from.
+"""The annotator's decisions, without Qt: when and where a prompt change is decoded, which result is still wanted
+and how a click is taken back; the 3D propagation decisions are its collaborator's
+(:class:`.volume_propagation.VolumePropagation`, ``controller.propagation``).
 
 :class:`AnnotationController` holds the session (:class:`.session.AnnotationSession`) and the image's
 :class:`.slice_embeddings.SliceEmbeddings`, and talks to the screen only through an :class:`AnnotatorView` (the
@@ -30,16 +31,11 @@ from ..errors import UserFacingError
 from .feedback import describe_change
 from .model_info import display_name
 from .prefetch import SlicePrefetcher, prefetch_order
-from .prompt_decoding import DEFAULT_CLICK_GUARD_REACH, DEFAULT_CLICK_REFINEMENT, mask_box, segment_slice
-from .propagation import (
-    DEFAULT_IOU_THRESHOLD,
-    DEFAULT_MIN_SCORE,
-    DEFAULT_PROMPT_MODE,
-    predictor_segment_fn,
-    propagate_object,
-)
+from .prompt_decoding import DEFAULT_CLICK_GUARD_REACH, DEFAULT_CLICK_REFINEMENT, segment_slice
+from .propagation import DEFAULT_IOU_THRESHOLD, DEFAULT_MIN_SCORE, DEFAULT_PROMPT_MODE
 from .session import AnnotationSession, SlicePrompts
 from .slice_embeddings import Cancelled, SliceEmbeddings
+from .volume_propagation import VolumePropagation
 
 # The decoder runs on the GUI thread while its median time there stays at or below this; slower models (or a
 # loaded machine) use a worker. A decode in a worker competes with the rendering of the click for the CPU cores
@@ -47,7 +43,6 @@ from .slice_embeddings import Cancelled, SliceEmbeddings
 # causes stays short (docs/annotator.md, "UI latency", has the measurements).
 SYNC_DECODER_MS = 250.0
 SYNC_PROBE_EVERY = 8  # in worker mode, every 8th decode runs on the GUI thread again to re-measure it
-REPROPAGATE_DELAY_MS = 700  # a correction re-propagates once the clicks pause this long
 
 
 @dataclass(frozen=True)
@@ -124,12 +119,6 @@ class DecodeScheduler:
             del self.sync_ms[:-5]
 
 
-def seed_masks(session: AnnotationSession) -> dict[int, np.ndarray]:
-    """The slices a propagation starts from: those with user prompts, else (an object re-opened from its last
-    commit, whose prompts were not recorded) its non-empty slices."""
-    return {z: session.current[z].copy() for z in (session.user_slices() or session.current_slices())}
-
-
 def warm_decoder(emb: SliceEmbeddings, z: int) -> None:
     """One throw-away decode on slice ``z`` right after its embedding (in the embedding's worker).
 
@@ -146,7 +135,7 @@ def warm_decoder(emb: SliceEmbeddings, z: int) -> None:
 
 
 class AnnotationController:
-    """Scheduling, take-back and propagation decisions of the annotator (see the module docstring)."""
+    """Scheduling and take-back decisions of the annotator (see the module docstring)."""
 
     def __init__(self, view: AnnotatorView, run_task: Callable[..., Any], make_timer: Callable[..., Any], *,
                  decode_context: Callable[[], ContextManager] = contextlib.nullcontext,
@@ -164,13 +153,9 @@ class AnnotationController:
         self.prefetch_handle = None  # the background embedding of a volume's slices (start_prefetch)
         self.focus_z = 0  # the slice the user looks at: the prefetch embeds nearest to it first
         self.prefetcher: SlicePrefetcher | None = None  # the last one started (its order: tests, status)
-        self.propagated_once = False
-        self.changed_since_propagation: set[int] = set()
-        self.propagation_handle = None
-        self.propagation_token = 0  # results of superseded propagations are dropped
+        self.propagation = VolumePropagation(self, make_timer)  # 3D: propagation and re-propagation
         self.last_latency: float | None = None
         self.prepare_z: int | None = None
-        self.repropagate_timer = make_timer(REPROPAGATE_DELAY_MS, self.auto_repropagate)
         # after a mask is shown: the next corrective click's mask-prompt work, in the pause before that click
         self.prepare_timer = make_timer(0, self.prepare_next_click)
 
@@ -179,7 +164,7 @@ class AnnotationController:
         self.cancel_prefetch()
         self.generation += 1
         self.session = AnnotationSession(shape)
-        self._forget_propagation()
+        self.propagation.forget()
         return self.session
 
     def close_image(self) -> None:
@@ -426,10 +411,8 @@ class AnnotationController:
         latency = time.perf_counter() - t_request
         self.last_latency = latency
         self.view.set_status(status(latency))
-        if self.session.is_volume and self.propagated_once:
-            self.changed_since_propagation.add(z)
-            if self.view.settings().auto_repropagate and seeds_changed:
-                self.repropagate_timer.start()
+        if self.session.is_volume:
+            self.propagation.slice_corrected(z, seeds_changed)
         self.view.slice_done(z, latency)
         self.prepare_z = z  # the next click starts from these logits: prepare their mask prompt in idle time
         self.prepare_timer.start()
@@ -456,8 +439,7 @@ class AnnotationController:
     def commit(self, info: dict | None = None, label_id: int | None = None):
         """Commit the current object (a new label id, or ``label_id``); the session's CommitResult, or None after
         an error."""
-        self.repropagate_timer.stop()
-        self.cancel_propagation()
+        self.propagation.stop()
         try:
             result = self.session.commit(overwrite=self.view.settings().overwrite, label_id=label_id, info=info or {})
         except UserFacingError as err:
@@ -466,147 +448,20 @@ class AnnotationController:
         self.view.labels_changed()
         self.view.mask_changed()
         self.view.clear_prompts()
-        self._forget_propagation()
+        self.propagation.forget()
         return result
 
     def clear(self) -> None:
         """Drop the current object and its prompts; results still in flight are dropped."""
-        self.repropagate_timer.stop()
-        self.cancel_propagation()
+        self.propagation.stop()
         self.generation += 1
         self.session.clear_current()
         self.view.clear_prompts()
         self.view.mask_changed()
-        self._forget_propagation()
+        self.propagation.forget()
 
     def undo(self) -> int | None:
         label_id = self.session.undo()
         if label_id is not None:
             self.view.labels_changed()
         return label_id
-
-    # ------------------------------------------------------------------ 3D
-    def _forget_propagation(self) -> None:
-        self.propagated_once = False
-        self.changed_since_propagation.clear()
-
-    def mark_end(self, z: int) -> None:
-        """Empty the object on slice ``z``; propagation stops there (and re-runs next to it)."""
-        self.view.clear_prompts(z)
-        self.session.mark_end(z)
-        self.view.mask_changed(z)
-        if self.propagated_once:
-            self.changed_since_propagation.add(z)
-            if self.view.settings().auto_repropagate:
-                self.repropagate_timer.start()
-
-    def cancel_propagation(self) -> None:
-        """Cancel a running propagation; its result (if it still arrives) is dropped."""
-        self.propagation_token += 1
-        if self.propagation_handle is not None and not self.propagation_handle.done:
-            self.propagation_handle.cancel()
-        self.propagation_handle = None
-
-    def auto_repropagate(self) -> None:
-        if self.propagated_once and self.changed_since_propagation and self.view.settings().auto_repropagate:
-            self.propagate(changed_only=True)
-
-    def propagation_seeds(self) -> dict[int, np.ndarray] | None:
-        """The slices propagation starts from: the slices with user prompts (or, for an object re-opened from
-        its last commit whose prompts were not recorded, its non-empty slices). Without a current object the
-        last committed one is re-opened. None (and an error shown) when there is nothing to start from."""
-        session = self.session
-        if not session.has_current and not session.user_slices():
-            reopened = session.reopen_last_commit()
-            if reopened is None:
-                self.view.show_error(UserFacingError(
-                    "nothing to propagate: segment the object on one slice first (box or points), then propagate"))
-                return None
-            self.view.labels_changed()
-            self.view.mask_changed()
-            self.view.set_status(f"Re-opened object {reopened} for propagation; C commits it again.")
-        seeds = seed_masks(session)
-        if not any(m.any() for m in seeds.values()):
-            self.view.show_error(UserFacingError("the annotated slices are empty: segment the object first"))
-            return None
-        return seeds
-
-    def propagate(self, changed_only: bool = False):
-        """Propagate the current object through the volume from its annotated slices (in a worker). With
-        ``changed_only`` after an earlier propagation, only the stretches next to the corrected slices run again."""
-        if self.session is None:
-            return None
-        if not self.session.is_volume:
-            self.view.show_error(UserFacingError("propagation needs a 3D volume; this image is 2D"))
-            return None
-        session = self.session
-        seeds = self.propagation_seeds()
-        if seeds is None:
-            return None
-        self.cancel_propagation()
-        token, gen = self.propagation_token, self.generation
-        existing = session.current.copy() if (changed_only and self.propagated_once) else None
-        changed = sorted(self.changed_since_propagation) if existing is not None else None
-        settings = self.view.settings()
-        seed_logits = {z: session.current_logits.get(z) for z in seeds}
-
-        def start():
-            seg = predictor_segment_fn(self.embeddings.predictor, self.embeddings)
-
-            def work(handle):
-                return propagate_object(
-                    seg, session.n_slices, seeds, iou_threshold=settings.iou_threshold,
-                    prompt_mode=settings.prompt_mode, min_score=settings.min_score, seed_logits=seed_logits,
-                    existing=existing, changed_seeds=changed,
-                    progress=lambda d, t: handle.report(d, t, "slices"), is_cancelled=handle.is_cancelled,
-                )
-
-            def done(result):
-                if token != self.propagation_token or gen != self.generation or session is not self.session:
-                    return  # superseded (new propagation, commit, clear, other image)
-                self.propagation_handle = None
-                self.apply_propagation(result, seeds)
-
-            def failed(err, tb):
-                if token != self.propagation_token:
-                    return
-                self.propagation_handle = None
-                self.view.show_error(err)
-
-            self.view.clear_message()
-            self.propagation_handle = self.run_task(work, done, failed, "propagating", "propagate")
-
-        self.view.with_model(start)
-        return self.propagation_handle
-
-    def apply_propagation(self, result, seeds: dict) -> None:
-        apply_propagation(self.session, result, seeds)
-        self.propagated_once = True
-        self.changed_since_propagation.clear()
-        self.view.mask_changed()
-        self.view.embeddings_changed()
-        z0, z1 = result.z_range
-        stops = "; ".join(f"{k}: {v}" for k, v in result.stopped.items())
-        self.view.set_status(f"Propagated: object on slices {z0}-{z1} ({len(result.propagated)} propagated). "
-                             f"{stops}. Correct any slice (it re-propagates), C commits.")
-        self.view.propagation_done(result)
-
-
-def apply_propagation(session: AnnotationSession, result, seeds: dict) -> None:
-    """A propagation's masks into the session; the seed slices are kept as they are, and a slice the new
-    result leaves empty loses its earlier propagated mask."""
-    for z in range(session.n_slices):
-        if z in seeds:
-            continue
-        info = result.slices.get(z)
-        mask = result.masks[z]
-        if info is None:  # untouched stretch (kept) or beyond a stop: keep the result's value
-            if not mask.any():
-                if session.current_prompts.get(z) is not None and session.current_prompts[z].source == "propagated":
-                    session.clear_current_slice(z)
-            continue
-        if mask.any():
-            prompt = SlicePrompts(box=mask_box(mask), source="propagated")
-            session.set_current_slice(z, mask, result.logits.get(z), prompt, info.score)
-        else:
-            session.clear_current_slice(z)

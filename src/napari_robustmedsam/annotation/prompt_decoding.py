@@ -15,8 +15,9 @@ import numpy as np
 
 from ..engine.click_guard import EdgeReach
 from ..engine.click_refinement import REFINEMENT_METHODS, RefinementSettings, as_refinement, refine_prediction
+from ..engine.predictor import logits_to_original
 from ..errors import PromptError
-from .session import SlicePrompts
+from .session import SlicePrompts, mask_box
 
 BOX_PRIMARY_HINT = (
     "{name} was trained with box prompts only, so the box is the primary prompt: draw a box around the "
@@ -96,14 +97,6 @@ class SliceResult:
     feedback: str = ""  # what the new clicks changed, for the status line (:func:`click_feedback`)
 
 
-def mask_box(mask: np.ndarray) -> np.ndarray | None:
-    """Tight ``(x0, y0, x1, y1)`` box of a 2D mask (exclusive upper corners), None if empty."""
-    ys, xs = np.nonzero(mask)
-    if ys.size == 0:
-        return None
-    return np.array([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1], dtype=np.float64)
-
-
 def clip_box(box: np.ndarray, plane: tuple[int, int]) -> np.ndarray:
     h, w = plane
     b = np.asarray(box, dtype=np.float64).copy()
@@ -127,6 +120,55 @@ def _input_size_text(embedding) -> str:
         frame = getattr(embedding.embeddings[0], "frame", None)
     size = getattr(frame, "model_size", None)
     return f"{size} px input" if size else "input size"
+
+
+def prompts_to_send(prompts: SlicePrompts, plane: tuple[int, int], box_primary: bool,
+                    previous_prompts: SlicePrompts | None, previous_mask: np.ndarray | None,
+                    model_name: str) -> tuple[SlicePrompts, str]:
+    """The prompts sent to the model for ``prompts`` on a slice of ``plane`` (H, W), and a hint for the user.
+
+    The box and points are clipped to the slice; a box-trained model without a box gets the previous box or the
+    previous mask's box (else the hint says to draw one). Refused with a PromptError: a box under one pixel, no
+    prompt, only negative points."""
+    sent = SlicePrompts(prompts.points, prompts.labels, prompts.box, prompts.source)
+    hint = ""
+    if sent.box is not None:
+        sent.box = clip_box(sent.box, plane)
+        if sent.box[2] - sent.box[0] < 1 or sent.box[3] - sent.box[1] < 1:
+            raise PromptError("the box is less than one pixel wide or high: drag a larger box")
+    if sent.points.shape[0]:
+        sent.points = clip_points(sent.points, plane)
+    if sent.is_empty:
+        raise PromptError("no prompt on this slice: draw a box or click a point")
+    if box_primary and sent.box is None:
+        derived = None
+        if previous_prompts is not None and previous_prompts.box is not None:
+            derived = previous_prompts.box
+        elif previous_mask is not None:
+            derived = mask_box(previous_mask)
+        if derived is not None:
+            sent.box = clip_box(derived, plane)
+        else:
+            hint = BOX_PRIMARY_HINT.format(name=model_name)
+    if sent.box is None and sent.n_positive == 0:
+        raise PromptError("only negative points: add a positive point or a box to say which object to segment")
+    return sent, hint
+
+
+def _refine(image: np.ndarray, embedding, mask: np.ndarray, prediction, sent: SlicePrompts, n_new: int,
+            refinement: RefinementSettings, previous_mask: np.ndarray | None, previous_logits) -> np.ndarray:
+    """The click refinement of ``mask`` (the model's) around the ``n_new`` new points; a corrective click
+    (``previous_mask`` given) starts from the mask shown before it and the model's mask before it."""
+    shown_before = model_before = None
+    frame = getattr(embedding, "frame", None)  # a tiled embedding has none: start from the model's mask
+    if previous_mask is not None and frame is not None:
+        shown_before = previous_mask
+        model_before = (logits_to_original(frame, previous_logits)[0, 0] > 0).cpu().numpy()
+    prior = None
+    if refinement.method == "graph-cut" and frame is not None:
+        prior = logits_to_original(frame, prediction.low_res_logits[:1])[0, 0].cpu().numpy()
+    return refine_prediction(image, shown_before, model_before, mask, sent.points, sent.labels, n_new, refinement,
+                             prior)
 
 
 def segment_slice(
@@ -159,29 +201,7 @@ def segment_slice(
     resolution (:mod:`..engine.click_refinement`); a corrective click starts from ``previous_mask``.
     """
     plane = tuple(getattr(embedding, "frame", embedding).original_size)  # ImageEmbedding / TiledEmbedding
-    sent = SlicePrompts(prompts.points, prompts.labels, prompts.box, prompts.source)
-    hint = ""
-    if sent.box is not None:
-        sent.box = clip_box(sent.box, plane)
-        if sent.box[2] - sent.box[0] < 1 or sent.box[3] - sent.box[1] < 1:
-            raise PromptError("the box is less than one pixel wide or high: drag a larger box")
-    if sent.points.shape[0]:
-        sent.points = clip_points(sent.points, plane)
-    if sent.is_empty:
-        raise PromptError("no prompt on this slice: draw a box or click a point")
-    if box_primary and sent.box is None:
-        derived = None
-        if previous_prompts is not None and previous_prompts.box is not None:
-            derived = previous_prompts.box
-        elif previous_mask is not None:
-            derived = mask_box(previous_mask)
-        if derived is not None:
-            sent.box = clip_box(derived, plane)
-        else:
-            hint = BOX_PRIMARY_HINT.format(name=model_name)
-    if sent.box is None and sent.n_positive == 0:
-        raise PromptError("only negative points: add a positive point or a box to say which object to segment")
-
+    sent, hint = prompts_to_send(prompts, plane, box_primary, previous_prompts, previous_mask, model_name)
     corrective = sent.extends(previous_prompts)
     use_logits = bool(
         use_previous_logits
@@ -209,20 +229,8 @@ def segment_slice(
     refinement = as_refinement(click_refinement)
     n_new = sent.points.shape[0] - (previous_prompts.points.shape[0] if corrective else 0)
     if refinement is not None and image is not None and n_new > 0:
-        shown_before = model_before = None
-        frame = getattr(embedding, "frame", None)  # a tiled embedding has none: start from the model's mask
-        if use_logits and corrective and previous_mask is not None and frame is not None:
-            from ..engine.predictor import logits_to_original
-
-            shown_before = previous_mask
-            model_before = (logits_to_original(frame, previous_logits)[0, 0] > 0).cpu().numpy()
-        prior = None
-        if refinement.method == "graph-cut" and frame is not None:
-            from ..engine.predictor import logits_to_original
-
-            prior = logits_to_original(frame, prediction.low_res_logits[:1])[0, 0].cpu().numpy()
-        mask = refine_prediction(image, shown_before, model_before, mask, sent.points, sent.labels, n_new,
-                                 refinement, prior)
+        mask = _refine(image, embedding, mask, prediction, sent, n_new, refinement,
+                       previous_mask if use_logits and corrective else None, previous_logits)
     feedback = ""
     if corrective and n_new > 0:
         feedback = click_feedback(previous_mask, mask, sent.points, sent.labels, n_new)

@@ -154,6 +154,10 @@ def propagate_object(
     ``existing`` (Z, Y, X) + ``changed_seeds``: re-propagate only the stretches touching the changed seeds
     (a correction), keeping the other slices of ``existing``. Raises :class:`Cancelled` when
     ``is_cancelled()`` turns true (nothing is returned then, so callers keep their previous state).
+
+    Long on purpose: the stretches share the masks, the logits known so far, the progress count and the stop
+    rules through the closures below (``step``, ``run_open``); split into separate functions they would pass all
+    of these between them.
     """
     if not seeds:
         raise ValueError("propagation needs at least one segmented slice")

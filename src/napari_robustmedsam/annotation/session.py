@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import UserFacingError
+from ..prompting import tight_box
 
 PROMPT_SOURCES = ("user", "propagated", "label")
 
@@ -160,6 +161,11 @@ class _SliceState:
     mask: np.ndarray
     logits: Any
     score: float | None
+
+
+def mask_box(mask: np.ndarray) -> np.ndarray | None:
+    """The box prompt of a 2D mask: its tight ``(x0, y0, x1, y1)`` box (exclusive upper corners), None if empty."""
+    return tight_box(mask) if np.any(mask) else None
 
 
 class AnnotationSession:
@@ -460,8 +466,6 @@ class AnnotationSession:
         click starts from. The labels stay as they are until the commit, which writes the corrected object under
         the same id and gives back to 0 the pixels the corrections removed (one undo step restores all).
         """
-        from .prompt_decoding import mask_box
-
         label_id = int(label_id)
         if self.has_current:
             raise UserFacingError("commit or clear the current object first, then start from a label")

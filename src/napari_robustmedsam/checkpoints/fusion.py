@@ -32,7 +32,7 @@ from .layouts import (
     neck_channels,
     prompt_embed_dim,
 )
-from .loading import Source, check_state_dict_fits, infer_box_primary, infer_preprocessing, resolve_source
+from .sources import Source, check_state_dict_fits, infer_box_primary, infer_preprocessing, resolve_source
 from ..io.output_paths import check_output
 from .project_format import PREPROCESSING_CHOICES, check_destination, make_metadata, save_checkpoint
 from .safe_load import notice
@@ -167,6 +167,46 @@ def _choose_preprocessing(enc: Source, dec: Source, override: str | None) -> tup
     return override, reason
 
 
+def _check_fits(state: Mapping, architecture: str, decoder_kind: str, where: str) -> None:
+    """Refuse a fused state dict that does not fit the model it is for (a notice when that cannot be checked)."""
+    try:
+        expected = expected_shapes(architecture, decoder_kind)
+    except ImportError as err:
+        notice(f"{where} could not be checked against the {architecture} {decoder_kind} model: {err}")
+        return
+    check_state_dict_fits(state, expected, where, f"the {architecture} model with a {decoder_kind} decoder")
+
+
+def _provenance(parts, state: Mapping, prompt_encoder_from: str) -> dict:
+    """Where each part of a fusion came from: every source once, with its roles, parts and tensor count."""
+    sources = []
+    roles: dict[int, list[str]] = {}
+    for part, source, role in parts:
+        roles.setdefault(id(source), [])
+        if role not in roles[id(source)]:
+            roles[id(source)].append(role)
+    seen = set()
+    for part, source, role in parts:
+        if id(source) in seen:
+            continue
+        seen.add(id(source))
+        taken = [p for p, s, _ in parts if s is source]
+        entry = source.provenance()
+        entry.update(
+            role="+".join(roles[id(source)]),
+            parts=taken,
+            prefixes=[p + "." for p in taken],
+            tensors=sum(1 for key in state if key.split(".", 1)[0] in taken),
+        )
+        sources.append(entry)
+    return {
+        "method": "fuse_checkpoints",
+        "sources": sources,
+        "tensor_sources": {part + ".": role for part, _source, role in parts},
+        "prompt_encoder_from": prompt_encoder_from,
+    }
+
+
 def fuse_checkpoints(
     encoder: str | os.PathLike | Mapping | Checkpoint | Source,
     decoder: str | os.PathLike | Mapping | Checkpoint | Source,
@@ -214,13 +254,7 @@ def fuse_checkpoints(
         state.update(source.checkpoint.part(part))
 
     where = f"the fusion of {_name(enc)} (encoder) and {_name(dec)} (decoder)"
-    try:
-        expected = expected_shapes(architecture, decoder_kind)
-    except ImportError as err:
-        expected = None
-        notice(f"{where} could not be checked against the {architecture} {decoder_kind} model: {err}")
-    if expected is not None:
-        check_state_dict_fits(state, expected, where, f"the {architecture} model with a {decoder_kind} decoder")
+    _check_fits(state, architecture, decoder_kind, where)
 
     prep, reason = _choose_preprocessing(enc, dec, preprocessing)
     # Prompts are interpreted by the prompt encoder and the decoder: if either was trained with boxes
@@ -228,32 +262,7 @@ def fuse_checkpoints(
     box_sources = [src for src in {id(prm): prm, id(dec): dec}.values() if infer_box_primary(src, infer_preprocessing(src)[0])]
     box_primary = bool(box_sources)
 
-    sources = []
-    roles: dict[int, list[str]] = {}
-    for part, source, role in parts:
-        roles.setdefault(id(source), [])
-        if role not in roles[id(source)]:
-            roles[id(source)].append(role)
-    seen = set()
-    for part, source, role in parts:
-        if id(source) in seen:
-            continue
-        seen.add(id(source))
-        taken = [p for p, s, _ in parts if s is source]
-        entry = source.provenance()
-        entry.update(
-            role="+".join(roles[id(source)]),
-            parts=taken,
-            prefixes=[p + "." for p in taken],
-            tensors=sum(1 for key in state if key.split(".", 1)[0] in taken),
-        )
-        sources.append(entry)
-    provenance = {
-        "method": "fuse_checkpoints",
-        "sources": sources,
-        "tensor_sources": {part + ".": role for part, _source, role in parts},
-        "prompt_encoder_from": prompt_encoder_from,
-    }
+    provenance = _provenance(parts, state, prompt_encoder_from)
     box_reason = (
         "trained with boxes only: " + ", ".join(_name(s) for s in box_sources)
         if box_sources

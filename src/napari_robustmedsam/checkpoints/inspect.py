@@ -141,6 +141,23 @@ def _millions(value: int) -> str:
     return f"{value / 1e6:.2f} M" if value >= 10_000 else str(value)
 
 
+def _provenance_lines(sources) -> list[str]:
+    """The provenance part of :func:`render_description`: each source a fused checkpoint was made from."""
+    lines = ["  provenance:"]
+    for src in sources:
+        name = src.get("filename") or src.get("given")
+        if src.get("registry_name"):
+            how = src.get("registry_match")
+            name = f"registry model {src['registry_name']}" if how == "name" else (
+                f"{name} (registry model {src['registry_name']}, matched by {how})"
+            )
+        lines.append(
+            f"    {src.get('role', '?')}: {name} [{', '.join(src.get('prefixes', []))}] layout {src.get('layout')}"
+        )
+        lines.append(f"      sha256 {src.get('sha256') or '-'}, {src.get('size_bytes') or '-'} bytes")
+    return lines
+
+
 def render_description(info: Mapping) -> str:
     """Human-readable text of :func:`describe_checkpoint`'s result."""
     lines = [f"checkpoint: {info.get('path') or info.get('source')}"]
@@ -211,18 +228,7 @@ def render_description(info: Mapping) -> str:
         lines.append(f"  extra: {meta['extra']}")
     provenance = info.get("provenance")
     if isinstance(provenance, Mapping) and provenance.get("sources"):
-        lines.append("  provenance:")
-        for src in provenance["sources"]:
-            name = src.get("filename") or src.get("given")
-            if src.get("registry_name"):
-                how = src.get("registry_match")
-                name = f"registry model {src['registry_name']}" if how == "name" else (
-                    f"{name} (registry model {src['registry_name']}, matched by {how})"
-                )
-            lines.append(
-                f"    {src.get('role', '?')}: {name} [{', '.join(src.get('prefixes', []))}] layout {src.get('layout')}"
-            )
-            lines.append(f"      sha256 {src.get('sha256') or '-'}, {src.get('size_bytes') or '-'} bytes")
+        lines += _provenance_lines(provenance["sources"])
     for text in info.get("notices", []):
         lines.append(f"  notice: {text}")
     if info.get("load_problem"):

@@ -344,6 +344,28 @@ def _check_tensors(state: Mapping, where: str) -> None:
         )
 
 
+def _layout_name(has_metadata: bool, container: str | None, prefix: str, architecture: str, decoder: str,
+                 parts: tuple[str, ...]) -> str:
+    """Which of LAYOUT_DESCRIPTIONS a checkpoint is, from what :func:`_analyse` found in it."""
+    if has_metadata:
+        return "project"
+    if container == "model_state":
+        return "micro_sam"
+    if container == "model":
+        return "medsam_training"
+    if container == "state_dict":
+        return "training_state_dict"
+    if prefix.startswith("module."):
+        return "robustmedsam_release" if decoder == "robust" else "ddp"
+    if len(parts) < len(PARTS):
+        return "partial"
+    if architecture == "tiny_vit":
+        return "lite_robust" if decoder == "robust" else "litemedsam"
+    if decoder == "robust":
+        return "robustsam"
+    return "sam"
+
+
 def _analyse(obj: Any, where: str) -> tuple[Layout, dict]:
     if not isinstance(obj, Mapping):
         raise CheckpointError(f"{where} is not a dict of tensors: it holds a {type(obj).__name__}")
@@ -389,24 +411,7 @@ def _analyse(obj: Any, where: str) -> tuple[Layout, dict]:
             )
         )
 
-    if metadata:
-        name = "project"
-    elif container == "model_state":
-        name = "micro_sam"
-    elif container == "model":
-        name = "medsam_training"
-    elif container == "state_dict":
-        name = "training_state_dict"
-    elif prefix.startswith("module."):
-        name = "robustmedsam_release" if decoder == "robust" else "ddp"
-    elif len(parts) < len(PARTS):
-        name = "partial"
-    elif architecture == "tiny_vit":
-        name = "lite_robust" if decoder == "robust" else "litemedsam"
-    elif decoder == "robust":
-        name = "robustsam"
-    else:
-        name = "sam"
+    name = _layout_name(bool(metadata), container, prefix, architecture, decoder, parts)
     if metadata:
         for key in ("architecture", "decoder"):
             recorded = metadata.get(key)

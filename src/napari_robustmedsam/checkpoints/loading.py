@@ -21,24 +21,21 @@ from typing import Any
 
 from ..device import inference_dtype, resolve_device
 from ..errors import CheckpointError, UserFacingError
-from ..models.registry import MODELS, ModelSpec, get_model_spec
-from .download import fetch_weights
-from .head_delta import compose, delta_base, is_delta
-from .layouts import (
-    Checkpoint,
-    expected_shapes,
-    format_key_problems,
-    is_robust_key,
-    key_problems,
-    normalize,
-    read_checkpoint,
-    shapes_of,
-)
+from .fusion import fuse_checkpoints
+from .layouts import expected_shapes, is_robust_key, shapes_of
 from .project_format import PREPROCESSING_CHOICES
-from .safe_load import file_sha256, load_untrusted, notice
+from .safe_load import notice
+from .sources import (  # noqa: F401  (also the loader's public names, as before sources.py)
+    Source,
+    base_state,
+    check_state_dict_fits,
+    infer_box_primary,
+    infer_preprocessing,
+    read_model_file,
+    resolve_source,
+    with_identity_robust_decoder,
+)
 
-_PATH_SUFFIXES = (".pth", ".pt", ".ckpt", ".bin", ".tar", ".pkl")
-BOX_PRIMARY_PREPROCESSING = ("medsam", "litemedsam")  # MedSAM and LiteMedSAM were trained with boxes only
 HEAD_DESCRIPTIONS = {
     "pge": "PGE-SAM prompt-guided feature enhancer (runs per click)",
     "robust": "RobustSAM robust mask decoder (image-level features cached)",
@@ -47,165 +44,8 @@ HEAD_DESCRIPTIONS = {
 
 
 # --------------------------------------------------------------------------------------------------
-# sources: a registry name, a file, or an in-memory checkpoint
-# --------------------------------------------------------------------------------------------------
-@dataclass
-class Source:
-    """A resolved checkpoint and what is known about where it came from."""
-
-    label: str  # what the user gave (name or path)
-    checkpoint: Checkpoint
-    spec: ModelSpec | None = None  # registry entry, when given by name (or recognised)
-    spec_match: str = ""  # how the registry entry was found: "name", "sha256", "file name"
-    path: Path | None = None
-    sha256: str | None = None
-    size_bytes: int | None = None
-
-    def provenance(self) -> dict:
-        return {
-            "given": self.label,
-            "registry_name": self.spec.name if self.spec else None,
-            "registry_match": self.spec_match or None,
-            "path": str(self.path) if self.path else None,
-            "filename": self.path.name if self.path else None,
-            "sha256": self.sha256,
-            "size_bytes": self.size_bytes,
-            "layout": self.checkpoint.layout.name,
-            "architecture": self.checkpoint.architecture,
-            "decoder": self.checkpoint.decoder,
-        }
-
-
-def looks_like_path(value: str | os.PathLike) -> bool:
-    text = os.fspath(value)
-    return (
-        isinstance(value, os.PathLike)
-        or "/" in text
-        or os.sep in text
-        or text.lower().endswith(_PATH_SUFFIXES)
-        or text.startswith("~")
-    )
-
-
-def base_state(base: str, *, cache_dir=None, progress: bool = True) -> tuple[dict, str]:
-    """(the full state dict registry model ``base`` loads with, the sha256 of its weights file)."""
-    source = resolve_source(base, cache_dir=cache_dir, progress=progress)
-    state = dict(source.checkpoint.state_dict)
-    if source.spec is not None and source.spec.robust_init and source.checkpoint.decoder == "sam":
-        state = with_identity_robust_decoder(state, f"registry model '{base}'")
-    return state, source.sha256 or ""
-
-
-def read_model_file(path: str | os.PathLike, *, source_hint: str | None = None, cache_dir=None,
-                    progress: bool = True) -> Checkpoint:
-    """Read a checkpoint file safely and normalise it; a head delta (:mod:`.head_delta`) is rebuilt onto its base."""
-    path = Path(path).expanduser()
-    obj = load_untrusted(path, source_hint=source_hint)
-    if is_delta(obj):
-        base, _ = delta_base(obj, str(path))
-        try:
-            reference, sha = base_state(base, cache_dir=cache_dir, progress=progress)
-        except CheckpointError as err:
-            raise CheckpointError(f"{path} stores only what differs from model '{base}', which cannot be loaded: "
-                                  f"{err}") from None
-        obj = compose(obj, str(path), reference, sha)
-    state, layout = normalize(obj, str(path))
-    return Checkpoint(state_dict=state, layout=layout, path=path)
-
-
-def _registry_match(path: Path, sha256: str) -> tuple[ModelSpec | None, str]:
-    for spec in MODELS.values():
-        if spec.known_hash and spec.known_hash.lower() == f"sha256:{sha256}":
-            return spec, "sha256"
-    for spec in MODELS.values():
-        if path.name == spec.filename:
-            return spec, "file name"
-    return None, ""
-
-
-def resolve_source(
-    source: str | os.PathLike | Checkpoint | Mapping | Source,
-    *,
-    cache_dir: str | os.PathLike | None = None,
-    progress: bool = True,
-) -> Source:
-    """Read a checkpoint given as a registry name, a file path, a :class:`Checkpoint` or a loaded dict."""
-    if isinstance(source, Source):
-        return source
-    if isinstance(source, Checkpoint):
-        path = source.path
-        sha = file_sha256(path) if path and path.is_file() else None
-        return Source(label=str(path or "in-memory checkpoint"), checkpoint=source, path=path, sha256=sha,
-                      size_bytes=path.stat().st_size if sha else None)
-    if isinstance(source, Mapping):
-        return Source(label="in-memory checkpoint", checkpoint=read_checkpoint(source))
-    text = os.fspath(source)
-    path = Path(text).expanduser()
-    if path.exists() or looks_like_path(source):
-        checkpoint = read_model_file(path, cache_dir=cache_dir, progress=progress)
-        sha = file_sha256(path)
-        spec, how = _registry_match(path, sha)
-        return Source(label=text, checkpoint=checkpoint, spec=spec, spec_match=how, path=path, sha256=sha,
-                      size_bytes=path.stat().st_size)
-    try:
-        spec = get_model_spec(text)
-    except UserFacingError as err:
-        raise CheckpointError(f"{err} (no file named {text!r} exists either)") from None
-    weights = fetch_weights(spec, cache_dir=cache_dir, progress=progress)
-    checkpoint = read_model_file(weights, source_hint=spec.url or spec.manual_download or spec.source,
-                                 cache_dir=cache_dir, progress=progress)
-    where = f"registry model '{spec.name}' ({weights})"
-    file_decoder = "sam" if spec.robust_init else spec.decoder  # robust_init builds the robust parts itself
-    if checkpoint.architecture != spec.architecture or checkpoint.decoder != file_decoder:
-        raise CheckpointError(
-            f"{where}: the file holds a {checkpoint.architecture} model with a {checkpoint.decoder} decoder, "
-            f"but the registry expects {spec.architecture} with a {file_decoder} decoder; the file at that path is "
-            "not the right one: remove it so it can be fetched again"
-        )
-    return Source(label=text, checkpoint=checkpoint, spec=spec, spec_match="name", path=weights,
-                  sha256=file_sha256(weights), size_bytes=weights.stat().st_size)
-
-
-def infer_preprocessing(source: Source) -> tuple[str, str, bool]:
-    """(preprocessing, why, guessed) for the weights of ``source``."""
-    ckpt = source.checkpoint
-    if source.spec is not None and source.spec_match in ("name", "sha256"):
-        how = "registry model" if source.spec_match == "name" else "sha256 matches registry model"
-        return source.spec.preprocessing, f"{how} '{source.spec.name}'", False
-    recorded = ckpt.metadata.get("preprocessing")
-    if recorded in PREPROCESSING_CHOICES:
-        reason = ckpt.metadata.get("preprocessing_reason") or ""
-        return recorded, "recorded in the checkpoint's metadata" + (f"; {reason}" if reason else ""), False
-    if source.spec is not None:
-        return (
-            source.spec.preprocessing,
-            f"guessed from the file name, which is that of registry model '{source.spec.name}'",
-            True,
-        )
-    if ckpt.architecture == "tiny_vit":
-        return "litemedsam", "guessed from the layout: a TinyViT encoder is LiteMedSAM's", True
-    if ckpt.layout.name == "medsam_training":
-        return "medsam", "guessed from the layout: MedSAM's training checkpoint {'model': ...}", True
-    return "sam", f"guessed: a {ckpt.layout.name} layout checkpoint without metadata is taken to use SAM's", True
-
-
-def infer_box_primary(source: Source, preprocessing: str) -> bool:
-    recorded = source.checkpoint.metadata.get("box_primary")
-    if isinstance(recorded, bool):
-        return recorded
-    if source.spec is not None:
-        return source.spec.box_primary
-    return preprocessing in BOX_PRIMARY_PREPROCESSING
-
-
-# --------------------------------------------------------------------------------------------------
 # strict loading
 # --------------------------------------------------------------------------------------------------
-def check_state_dict_fits(state_dict: Mapping, expected: Mapping, where: str, what: str) -> None:
-    """Raise a CheckpointError naming every missing, unexpected or mis-shaped tensor."""
-    missing, unexpected, mismatched = key_problems(state_dict, expected)
-    if missing or unexpected or mismatched:
-        raise CheckpointError(f"{where} does not fit {what}:" + format_key_problems(missing, unexpected, mismatched))
 
 
 def load_state_dict_strict(model, state_dict: Mapping, where: str) -> None:
@@ -279,23 +119,6 @@ def build_and_load(architecture: str, decoder: str, state: Mapping, where: str):
         raise CheckpointError(f"cannot build {what} for {where}: {err}") from err
     load_state_dict_strict(model, state, where)
     return model
-
-
-def with_identity_robust_decoder(state: Mapping, where: str) -> dict:
-    """Replace a TinyViT checkpoint's plain decoder by the lite robust decoder built from it.
-
-    The SAM parts keep their tensors; the robust parts are initialised so that they change nothing
-    (see :mod:`napari_robustmedsam.models.lite_robust_decoder`) until the decoder is fine-tuned.
-    """
-    from ..models.lite_robust_decoder import build_lite_robust_decoder
-
-    try:
-        decoder = build_lite_robust_decoder(state)
-    except ValueError as err:
-        raise CheckpointError(f"cannot build a lite robust decoder from {where}: {err}") from None
-    out = {key: value for key, value in state.items() if not key.startswith("mask_decoder.")}
-    out.update({f"mask_decoder.{key}": value for key, value in decoder.state_dict().items()})
-    return out
 
 
 #: checkpoint metadata naming the registry model whose plain decoder answers where this model's mask is empty
@@ -416,6 +239,53 @@ class LoadedModel:
         return "\n".join(lines)
 
 
+def _builtin_decoder(override: str, state: Mapping, decoder: str, architecture: str, where: str,
+                     notices: list) -> tuple[Mapping, str]:
+    """``decoder_override`` "sam" (the plain part of a robust decoder) or "robust" (a lite robust decoder built
+    from a plain one, identity-initialised): the state and decoder kind to build, with a notice of the change."""
+    if override == "sam":
+        if decoder == "robust":
+            dropped = [key for key in state if is_robust_key(key)]
+            state = {key: value for key, value in state.items() if not is_robust_key(key)}
+            decoder = "sam"
+            notices.append(notice(
+                f"decoder_override='sam': using the plain SAM part of the robust decoder of {where}; "
+                f"its {len(dropped)} robust tensors are not loaded"
+            ))
+    elif decoder != "robust" and architecture == "tiny_vit":
+        state = with_identity_robust_decoder(state, where)
+        decoder = "robust"
+        notices.append(notice(
+            f"decoder_override='robust': {where} has a plain decoder, so a lite robust decoder was built from it "
+            "with untrained (identity-initialised) robust parts: masks equal the plain decoder's until it is fine-tuned"
+        ))
+    elif decoder != "robust":
+        raise CheckpointError(
+            f"decoder_override='robust' but {where} has no robust decoder weights; give a checkpoint with a "
+            "robust decoder as decoder_override (e.g. 'robustsam_vit_b'), or build one with `robustmedsam fuse`"
+        )
+    return state, decoder
+
+
+def _preprocessing(source: Source, preprocessing: str | None, where: str, notices: list) -> tuple[str, str, bool]:
+    """(preprocessing, why, box-primary) of an unfused checkpoint: the caller's choice or what it records or
+    suggests (a guess is noticed)."""
+    prep, reason, guessed = infer_preprocessing(source)
+    if preprocessing is not None:
+        if preprocessing != prep:
+            reason = f"set by the caller (the checkpoint suggests {prep!r}: {reason})"
+        else:
+            reason = f"set by the caller ({reason})"
+        prep, guessed = preprocessing, False
+    if guessed:
+        notices.append(notice(
+            f"preprocessing of {where} is not recorded; {reason}: {prep!r}. If masks look wrong, pass "
+            "preprocessing='sam' | 'medsam' | 'litemedsam' (robustmedsam segment / embed: --preprocessing)"
+        ))
+    box_primary = infer_box_primary(source, prep)
+    return prep, reason, box_primary
+
+
 def load_model(
     name_or_path: str | os.PathLike = "litemedsam",
     device: str = "auto",
@@ -461,31 +331,9 @@ def load_model(
     fused = False
     if decoder_override is not None:
         override = os.fspath(decoder_override)
-        if override == "sam":
-            if decoder == "robust":
-                dropped = [key for key in state if is_robust_key(key)]
-                state = {key: value for key, value in state.items() if not is_robust_key(key)}
-                decoder = "sam"
-                notices.append(notice(
-                    f"decoder_override='sam': using the plain SAM part of the robust decoder of {where}; "
-                    f"its {len(dropped)} robust tensors are not loaded"
-                ))
-        elif override == "robust" and decoder != "robust" and architecture == "tiny_vit":
-            state = with_identity_robust_decoder(state, where)
-            decoder = "robust"
-            notices.append(notice(
-                f"decoder_override='robust': {where} has a plain decoder, so a lite robust decoder was built from it "
-                "with untrained (identity-initialised) robust parts: masks equal the plain decoder's until it is fine-tuned"
-            ))
-        elif override == "robust":
-            if decoder != "robust":
-                raise CheckpointError(
-                    f"decoder_override='robust' but {where} has no robust decoder weights; give a checkpoint with a "
-                    "robust decoder as decoder_override (e.g. 'robustsam_vit_b'), or build one with `robustmedsam fuse`"
-                )
+        if override in ("sam", "robust"):
+            state, decoder = _builtin_decoder(override, state, decoder, architecture, where, notices)
         else:
-            from .fusion import fuse_checkpoints
-
             state, metadata = fuse_checkpoints(
                 source, override, preprocessing=preprocessing, cache_dir=cache_dir, progress=progress
             )
@@ -497,19 +345,7 @@ def load_model(
         prep, reason = metadata["preprocessing"], metadata.get("preprocessing_reason", "")
         box_primary = bool(metadata.get("box_primary"))
     else:
-        prep, reason, guessed = infer_preprocessing(source)
-        if preprocessing is not None:
-            if preprocessing != prep:
-                reason = f"set by the caller (the checkpoint suggests {prep!r}: {reason})"
-            else:
-                reason = f"set by the caller ({reason})"
-            prep, guessed = preprocessing, False
-        if guessed:
-            notices.append(notice(
-                f"preprocessing of {where} is not recorded; {reason}: {prep!r}. If masks look wrong, pass "
-                "preprocessing='sam' | 'medsam' | 'litemedsam' (robustmedsam segment / embed: --preprocessing)"
-            ))
-        box_primary = infer_box_primary(source, prep)
+        prep, reason, box_primary = _preprocessing(source, preprocessing, where, notices)
 
     state, enhancer = split_enhancer(state, metadata, where)
     model = build_and_load(architecture, decoder, state, where)
@@ -523,20 +359,9 @@ def load_model(
     model.eval()
     model.to(device=target_device, dtype=dtype)
     check_weights_finite(model, where)
-    return LoadedModel(
-        model=model,
-        name=name,
-        architecture=architecture,
-        decoder=decoder,
-        preprocessing=prep,
-        box_primary=bool(box_primary),
-        checkpoint_path=source.path,
-        sha256=source.sha256,
-        layout=ckpt.layout.name,
-        metadata=metadata,
-        preprocessing_reason=reason,
-        notices=notices,
-    )
+    return LoadedModel(model=model, name=name, architecture=architecture, decoder=decoder, preprocessing=prep,
+                       box_primary=bool(box_primary), checkpoint_path=source.path, sha256=source.sha256,
+                       layout=ckpt.layout.name, metadata=metadata, preprocessing_reason=reason, notices=notices)
 
 
 __all__ = [

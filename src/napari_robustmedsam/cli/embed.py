@@ -97,18 +97,15 @@ def _human(n: int) -> str:
     return f"{n:.1f} GB"  # pragma: no cover
 
 
-def run(args: argparse.Namespace) -> int:
-    from ..checkpoints import load_model
-    from ..engine.embeddings import EmbeddingEngine
+def _checked_input(args: argparse.Namespace, source: Path):
+    """(array, kind) of the input: an image or a volume read and checked (as the model sees it), or a folder of
+    images ("series", array None) whose headers are checked, so that a damaged file is named before the model load."""
     from ..engine.windows import model_view
     from ..io.medical import is_medical_path
 
-    source = Path(args.input)
-    if not source.exists():
-        raise ImageInputError(f"input not found: {source}")
     array = None
     if not source.is_dir() or is_medical_path(source):
-        array, _, window = read_input(args, source)  # read and check the input before the (slow) model load
+        array, _, window = read_input(args, source)
         if array.ndim == 2 or (array.ndim == 3 and array.shape[-1] in (3, 4)):
             kind = "image"
         elif array.ndim == 3 or (array.ndim == 4 and array.shape[-1] in (3, 4)):
@@ -125,8 +122,19 @@ def run(args: argparse.Namespace) -> int:
         from ..io.images import check_image_file, image_files
 
         kind = "series"
-        for path in image_files(source):  # headers only: a damaged file is named before the model load
+        for path in image_files(source):  # headers only
             check_image_file(path)
+    return array, kind
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..checkpoints import load_model
+    from ..engine.embeddings import EmbeddingEngine
+
+    source = Path(args.input)
+    if not source.exists():
+        raise ImageInputError(f"input not found: {source}")
+    array, kind = _checked_input(args, source)  # before the (slow) model load
     with stage(f"loading model {args.model}"):
         loaded = load_model(args.model, device=args.device, preprocessing=args.preprocessing)
     engine = EmbeddingEngine(

@@ -99,14 +99,11 @@ def point_warning(model_name: str, has_box: bool) -> str:
     )
 
 
-def run(args: argparse.Namespace) -> int:
-    from ..engine.preprocessing import ImageSignalWarning, no_signal_notice, validate_image
-    from ..engine.prompt_checks import check_prompts
-    from ..io import write_mask
+def _prompts_from_args(args: argparse.Namespace):
+    """(points (1, P, 2), labels (1, P), boxes (N, 4)) from the command line, each None when not given; a prompt
+    or destination that cannot work is refused here, before anything is read."""
     from ..io.images import check_mask_format
-    from ..io.medical import refuse_source_overwrite, write_slice_into
 
-    # Everything that can be checked without the model is checked first: a mistake costs no model load.
     if not args.box and not args.point and not args.negative:
         raise ImageInputError("no prompt given: add --box X0 Y0 X1 Y1 or --point X Y")
     if args.negative and not args.point and not args.box:
@@ -118,10 +115,9 @@ def run(args: argparse.Namespace) -> int:
     points = [*args.point, *args.negative]
     labels = [1] * len(args.point) + [0] * len(args.negative)
     boxes = np.asarray(args.box, dtype=np.float64) if args.box else None
-    n_objects = 1 if boxes is None else len(boxes)
     point_arg = label_arg = None
     if points:
-        if n_objects > 1:
+        if boxes is not None and len(boxes) > 1:
             raise ImageInputError("points with several --box prompts are ambiguous: use one box per call with points, or boxes only")
         point_arg, label_arg = np.asarray(points)[None], np.asarray(labels)[None]
     if args.output:
@@ -130,6 +126,19 @@ def run(args: argparse.Namespace) -> int:
     if args.into:  # updating the label file is what --into is for; it may still never be an input
         check_output(args.into, inputs=[args.image, existing_file(args.model)], overwrite=True)
         check_mask_format(args.into)
+    return point_arg, label_arg, boxes
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..engine.preprocessing import ImageSignalWarning, no_signal_notice, validate_image
+    from ..engine.prompt_checks import check_prompts
+    from ..io import write_mask
+    from ..io.images import write_slice_into
+    from ..io.medical import refuse_source_overwrite
+
+    # Everything that can be checked without the model is checked first: a mistake costs no model load.
+    point_arg, label_arg, boxes = _prompts_from_args(args)
+    n_objects = 1 if boxes is None else len(boxes)
     volume, geometry, window = read_input(args)
     for target in (args.output, args.into):
         if target:
@@ -151,7 +160,7 @@ def run(args: argparse.Namespace) -> int:
     if engine is None:  # the cache could not be opened (the notice says why): the same embedding, computed
         message(f"note: {notices[-1]}")
         engine = EmbeddingEngine(loaded, use_cache=False)
-    if engine.predictor.box_primary and points:
+    if engine.predictor.box_primary and point_arg is not None:
         message(point_warning(loaded.name, has_box=boxes is not None))
     with stage(f"image embedding on {engine.device.type}"), warnings.catch_warnings():
         warnings.simplefilter("ignore", ImageSignalWarning)  # said above, before the model load

@@ -8,30 +8,12 @@ import numpy as np
 
 from ..errors import DegradationError
 from .base import check_severity, child_seeds, from_unit, seed_int, to_unit
+from .calibrate import calibrate_unit
+from .compose import apply_domain
 from .levels import level_severity, normalize_level
+from .modality import PGESAM_DOMAIN, modality_degradations, normalize_modality
 from .registry import degradation_class
-
-
-def spatial_shape(unit: np.ndarray, kind: str) -> tuple[int, int]:
-    """(H, W) of a 2D image or of the slices of a volume."""
-    return (unit.shape[1], unit.shape[2]) if kind == "volume" else (unit.shape[0], unit.shape[1])
-
-
-def apply_type(
-    unit: np.ndarray, kind: str, name: str, severity: float, seed: int, stage: str = "single"
-) -> tuple[np.ndarray, dict[str, Any]]:
-    """Apply type `name` at `severity` to a unit-space array; return it and its record entry.
-
-    The seed gives two generators: one for the layout parameters (positions, directions), one for the
-    noise realisation. Both are independent of the severity, so the same seed gives the same layout at
-    every severity and the artifact only grows with it.
-    """
-    cls = degradation_class(name)
-    param_seed, apply_seed = child_seeds(seed, 2)
-    rng = np.random.default_rng
-    deg = cls.from_severity(check_severity(severity), rng(param_seed), spatial_shape(unit, kind))
-    out = deg.apply_unit(unit, kind, rng(apply_seed))
-    return out, {"name": cls.name, "stage": stage, "severity": round(float(severity), 6), "params": deg.params}
+from .single import apply_type
 
 
 def degrade(
@@ -65,11 +47,7 @@ def degrade(
     level_seed, type_seed, domain_seed = child_seeds(seed, 3)
     lvl = normalize_level(level) if level is not None else None
     if lvl == "LQ-3+":
-        from .modality import modality_degradations, normalize_modality
-
         if modality is None or not modality_degradations(modality)["domain"]:
-            from .modality import PGESAM_DOMAIN
-
             with_domain = [m for m, d in PGESAM_DOMAIN.items() if d]
             raise DegradationError(
                 "level LQ-3+ adds the domain artifacts of a modality: pass modality= (--modality on the "
@@ -81,8 +59,6 @@ def degrade(
     if severity is not None:
         s = check_severity(severity)
     elif target_ssim is not None:
-        from .calibrate import calibrate_unit
-
         calibration = calibrate_unit(unit, layout.kind, cls.name, float(target_ssim), type_seed)
         s = calibration.severity
     else:
@@ -92,8 +68,6 @@ def degrade(
         entry.update(target_ssim=calibration.target_ssim, ssim=round(calibration.ssim, 4), reached=calibration.reached)
     record = [entry]
     if lvl == "LQ-3+":
-        from .compose import apply_domain
-
         out, domain_record = apply_domain(out, layout.kind, modality, domain_seed, exclude=(cls.name,))
         record.extend(domain_record)
     result = from_unit(out, layout)

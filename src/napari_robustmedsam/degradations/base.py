@@ -258,3 +258,18 @@ def _jsonable(value: Any) -> Any:
     if isinstance(value, (list, tuple)):
         return [_jsonable(v) for v in value]
     return value
+
+
+REGISTERED: dict[str, type[Degradation]] = {}  # name -> class; looked up through :mod:`.registry`
+
+
+def register(cls: type[Degradation]) -> type[Degradation]:
+    """Class decorator adding a Degradation subclass to the registry under ``cls.name``."""
+    if not cls.name:
+        raise TypeError(f"{cls.__name__} has no name")
+    if cls.name in REGISTERED and REGISTERED[cls.name] is not cls:
+        raise TypeError(f"degradation name {cls.name!r} registered twice")
+    if cls.family not in ("general", "domain"):
+        raise TypeError(f"{cls.__name__}.family must be 'general' or 'domain'")
+    REGISTERED[cls.name] = cls
+    return cls

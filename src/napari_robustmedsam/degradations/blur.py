@@ -10,8 +10,7 @@ import scipy.fft
 from scipy import ndimage
 
 from ._fields import upsample
-from .base import Degradation, lerp, size_scale
-from .registry import register
+from .base import Degradation, lerp, register, size_scale
 
 
 REDUCED_FROM = 1.7  # px: wider Gaussian blurs are computed at half (or lower) resolution

@@ -14,9 +14,9 @@ import numpy as np
 from skimage.metrics import structural_similarity
 
 from ..errors import DegradationError
-from .apply import apply_type
 from .base import child_seeds, seed_int, to_unit
 from .registry import degradation_class
+from .single import apply_type
 
 MEDFM_SSIM_TARGETS: tuple[float, ...] = (0.90, 0.80, 0.70, 0.60, 0.50)
 

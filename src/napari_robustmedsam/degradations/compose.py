@@ -16,10 +16,10 @@ from typing import Any
 import numpy as np
 
 from ..errors import DegradationError
-from .apply import apply_type
 from .base import child_seeds, from_unit, seed_int, to_unit
 from .levels import DOMAIN_SEVERITY, LEVELS, level_severity, normalize_level
 from .modality import GENERAL_PGESAM, modality_degradations, normalize_modality
+from .single import apply_type
 
 MAX_GENERAL = 3  # general types per image: 1..MAX_GENERAL
 MAX_DOMAIN = 3  # domain artifacts per image at LQ-3+

@@ -8,8 +8,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
-from .base import Degradation
-from .registry import register
+from .base import Degradation, register
 
 
 def jpeg_roundtrip(x: np.ndarray, quality: int) -> np.ndarray:

@@ -8,8 +8,7 @@ import numpy as np
 from scipy import ndimage
 
 from ._fields import luminance, per_pixel, radius, smoothstep, upsample
-from .base import Degradation, lerp, size_scale
-from .registry import register
+from .base import Degradation, lerp, register, size_scale
 
 
 @register

@@ -8,8 +8,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ._fields import luminance, per_pixel
-from .base import Degradation, lerp
-from .registry import register
+from .base import Degradation, lerp, register
 
 
 def _sign(rng: np.random.Generator) -> float:

@@ -18,8 +18,7 @@ import numpy as np
 import scipy.fft
 
 from ._fields import upsample
-from .base import Degradation, lerp, size_scale
-from .registry import register
+from .base import Degradation, lerp, register, size_scale
 
 if TYPE_CHECKING:  # torch / torchio are imported lazily: listing types or a CLI run should not pay for them
     import torch

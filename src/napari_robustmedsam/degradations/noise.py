@@ -9,8 +9,7 @@ import numpy as np
 from scipy import ndimage
 
 from ._fields import luminance, per_pixel, upsample
-from .base import Degradation, lerp
-from .registry import register
+from .base import Degradation, lerp, register
 
 ROBUSTMEDSAM = "robustmedsam"
 PGESAM = "pge-sam"

@@ -7,9 +7,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 from ._fields import per_pixel, radius, screen, smooth_noise, soft_ellipse
-from .base import Degradation, lerp, size_scale
+from .base import Degradation, lerp, register, size_scale
 from .blur import gaussian_blur
-from .registry import register
 
 
 @register

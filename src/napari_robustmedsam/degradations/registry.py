@@ -1,45 +1,29 @@
 """THE registry of degradations: name -> class, with metadata (family, modalities, what it simulates).
 
-Degradation modules register their classes with the ``@register`` decorator; importing the package imports
-them all. Everything else (levels, composition, CLI, gallery, benchmark) looks types up here.
+Degradation modules register their classes with the ``@register`` decorator (:func:`.base.register`); this
+module imports them all, so a lookup here sees every built-in type. Everything else (levels, composition, CLI,
+gallery, benchmark) looks types up here.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 from ..errors import DegradationError
-from .base import Degradation
-
-_REGISTRY: dict[str, type[Degradation]] = {}
-
-
-def register(cls: type[Degradation]) -> type[Degradation]:
-    """Class decorator adding a Degradation subclass to the registry under ``cls.name``."""
-    if not cls.name:
-        raise TypeError(f"{cls.__name__} has no name")
-    if cls.name in _REGISTRY and _REGISTRY[cls.name] is not cls:
-        raise TypeError(f"degradation name {cls.name!r} registered twice")
-    if cls.family not in ("general", "domain"):
-        raise TypeError(f"{cls.__name__}.family must be 'general' or 'domain'")
-    _REGISTRY[cls.name] = cls
-    return cls
-
-
-def _ensure_loaded() -> None:
-    # Importing the package registers every built-in degradation.
-    from . import blur, compression, ct, intensity, mri, noise, optical, ultrasound, xray  # noqa: F401
+from . import blur, compression, ct, intensity, mri, noise, optical, ultrasound, xray  # noqa: F401  (they register)
+from .base import REGISTERED, Degradation
+from .modality import modalities_using, modality_degradations
 
 
 def degradation_class(name: str) -> type[Degradation]:
     """The class registered as `name`; DegradationError listing the valid names otherwise."""
-    _ensure_loaded()
     key = str(name).strip().lower().replace("-", "_").replace(" ", "_")
     try:
-        return _REGISTRY[key]
+        return REGISTERED[key]
     except KeyError:
         raise DegradationError(
-            f"unknown degradation type {name!r}; valid types: {', '.join(sorted(_REGISTRY))}"
+            f"unknown degradation type {name!r}; valid types: {', '.join(sorted(REGISTERED))}"
         ) from None
 
 
@@ -52,8 +36,6 @@ def get_degradation(name: str, **params: Any) -> Degradation:
     try:
         return cls(**params)
     except TypeError as err:
-        import dataclasses
-
         valid = [f.name for f in dataclasses.fields(cls)]
         raise DegradationError(f"bad parameters for {cls.name!r} ({err}); its parameters are: {valid}") from None
 
@@ -61,25 +43,20 @@ def get_degradation(name: str, **params: Any) -> Degradation:
 def list_degradations(modality: str | None = None, family: str | None = None) -> list[str]:
     """Registered names (sorted), optionally only those applicable to `modality` and/or of `family`
     ('general' or 'domain')."""
-    _ensure_loaded()
-    names = sorted(_REGISTRY)
+    names = sorted(REGISTERED)
     if modality is not None:
-        from .modality import modality_degradations
-
         groups = modality_degradations(modality)
         applicable = {n for group in groups.values() for n in group}
         names = [n for n in names if n in applicable]
     if family is not None:
         if family not in ("general", "domain"):
             raise DegradationError(f"unknown family {family!r}; valid families: general, domain")
-        names = [n for n in names if _REGISTRY[n].family == family]
+        names = [n for n in names if REGISTERED[n].family == family]
     return names
 
 
 def describe(name: str) -> dict[str, Any]:
     """Metadata of one type: name, family, what it simulates, modalities, volumetric, sources, defaults."""
-    from .modality import modalities_using
-
     cls = degradation_class(name)
     return {
         "name": cls.name,

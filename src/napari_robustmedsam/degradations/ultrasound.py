@@ -8,8 +8,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ._fields import per_pixel, smoothstep
-from .base import Degradation, lerp
-from .registry import register
+from .base import Degradation, lerp, register
 
 
 @register

@@ -7,8 +7,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ._fields import grid, per_pixel
-from .base import Degradation, lerp, size_scale
-from .registry import register
+from .base import Degradation, lerp, register, size_scale
 
 
 @register

@@ -72,13 +72,6 @@ def require_finite(tensors: dict[str, torch.Tensor] | torch.Tensor, what: str) -
             )
 
 
-def prompt_objects(points, point_labels, boxes, frame: ImageFrame):
-    """Checked prompts with a leading object axis, ``(points (N, P, 2), labels (N, P), boxes (N, 4))``, each None
-    when not given (:func:`.prompt_checks.check_prompts` against the image of ``frame``; no prompt at all is
-    left to the caller)."""
-    return check_prompts(points, point_labels, boxes, image_size=frame.original_size, allow_empty=True)
-
-
 def _mask_batch(mask_input) -> torch.Tensor:
     """Previous logits as a tensor with a batch axis ((1, 256, 256) -> (1, 1, 256, 256)); a tensor stays the
     same storage, so a mask prepared ahead (``prepare_mask_prompt``) is recognised by ``predict``."""
@@ -190,6 +183,54 @@ def clicks_per_object(local_clicks, n_objects: int) -> list[np.ndarray | None]:
             for pts in per_object]
 
 
+@dataclass
+class ObjectPrompts:
+    """One call's prompts, checked, with a leading object axis (see :func:`object_prompts`)."""
+
+    points: np.ndarray | None  # (N, P, 2)
+    labels: np.ndarray | None  # (N, P)
+    boxes: np.ndarray | None  # (N, 4)
+    mask_input: torch.Tensor | None  # (N, 1, 256, 256)
+    n_objects: int
+    clicks: list[np.ndarray | None] | None  # per object, with a mask input only
+    guard_counts: list[int] | None  # per object, with a mask input and points only
+
+    @property
+    def ambiguous(self) -> bool:
+        """One object with a single point and nothing else: three candidate masks are asked for."""
+        return (self.n_objects == 1 and self.points is not None and self.points.shape[1] == 1 and self.boxes is None
+                and self.mask_input is None)
+
+
+def object_prompts(points, point_labels, boxes, mask_input, image_size: tuple[int, int], local_clicks=None,
+                   guard_new_clicks=None) -> ObjectPrompts:
+    """The checks of :meth:`Predictor.predict` (and :meth:`.tiling.TiledPredictor.predict`) on the prompts of
+    an image of ``image_size`` (H, W): points and boxes inside it, one box per point set, the previous logits
+    low-resolution, finite and one per object, the corrective clicks and guarded counts one per object."""
+    pts, labels, bxs = check_prompts(points, point_labels, boxes, image_size=image_size, allow_empty=True)
+    if pts is None and bxs is None and mask_input is None:
+        raise PromptError("empty prompt: give at least one point, a box or a previous mask")
+    n_objects = pts.shape[0] if pts is not None else (bxs.shape[0] if bxs is not None else 1)
+    if mask_input is not None:
+        mask_input = _mask_batch(mask_input)
+        low = LOW_RES_SIZE
+        if mask_input.shape[-2:] != (low, low):
+            raise PromptError(f"mask_input must be low-resolution logits (N, 1, {low}, {low}), got {tuple(mask_input.shape)}")
+        if mask_input.is_floating_point() and not bool(torch.isfinite(mask_input).all()):
+            raise PromptError("mask_input (the previous logits) holds NaN/inf values: start again from a box or points")
+        if pts is None and bxs is None:
+            n_objects = mask_input.shape[0]
+        elif mask_input.shape[0] != n_objects:
+            raise PromptError(f"{mask_input.shape[0]} mask inputs for {n_objects} objects")
+    clicks = None
+    if local_clicks is not None and mask_input is not None:
+        clicks = clicks_per_object(local_clicks, n_objects)
+    counts = None
+    if guard_new_clicks is not None and mask_input is not None and pts is not None:
+        counts = guarded_counts(guard_new_clicks, n_objects, pts.shape[1])
+    return ObjectPrompts(pts, labels, bxs, mask_input, n_objects, clicks, counts)
+
+
 class Predictor:
     """Segment with any :class:`~napari_robustmedsam.models.segmenter.PromptableSegmenter`."""
 
@@ -288,31 +329,12 @@ class Predictor:
         if emb is None:
             raise PromptError("no image embedding: call set_image() or compute the embedding first")
         frame = emb.frame
-        pts, labels, bxs = prompt_objects(points, point_labels, boxes, frame)
-        if pts is None and bxs is None and mask_input is None:
-            raise PromptError("empty prompt: give at least one point, a box or a previous mask")
-        n_objects = pts.shape[0] if pts is not None else (bxs.shape[0] if bxs is not None else 1)
-        if mask_input is not None:
-            mask_input = _mask_batch(mask_input)
-            low = LOW_RES_SIZE
-            if mask_input.shape[-2:] != (low, low):
-                raise PromptError(f"mask_input must be low-resolution logits (N, 1, {low}, {low}), got {tuple(mask_input.shape)}")
-            if mask_input.is_floating_point() and not bool(torch.isfinite(mask_input).all()):
-                raise PromptError("mask_input (the previous logits) holds NaN/inf values: start again from a box or points")
-            if pts is None and bxs is None:
-                n_objects = mask_input.shape[0]
-            elif mask_input.shape[0] != n_objects:
-                raise PromptError(f"{mask_input.shape[0]} mask inputs for {n_objects} objects")
-
+        prompts = object_prompts(points, point_labels, boxes, mask_input, frame.original_size, local_clicks,
+                                 guard_new_clicks)
+        pts, labels, bxs, mask_input = prompts.points, prompts.labels, prompts.boxes, prompts.mask_input
+        n_objects, clicks, counts = prompts.n_objects, prompts.clicks, prompts.guard_counts
         if multimask_output is None:
-            multimask_output = n_objects == 1 and pts is not None and pts.shape[1] == 1 and bxs is None and mask_input is None
-
-        clicks = None
-        if local_clicks is not None and mask_input is not None:
-            clicks = clicks_per_object(local_clicks, n_objects)
-        counts = None
-        if guard_new_clicks is not None and mask_input is not None and pts is not None:
-            counts = guarded_counts(guard_new_clicks, n_objects, pts.shape[1])
+            multimask_output = prompts.ambiguous
 
         # The decoder's intermediates grow with the number of prompt sets (tens of MB each), so the objects are
         # decoded a bounded chunk at a time and each chunk's masks go straight into the boolean result.

@@ -25,8 +25,9 @@ import torch
 
 from ..errors import PromptError
 from .click_guard import EdgeReach
-from .predictor import ImageEmbedding, Prediction, Predictor, clicks_per_object, guarded_counts, prompt_objects
-from .preprocessing import frame_for, validate_image
+from .predictor import ImageEmbedding, ObjectPrompts, Prediction, Predictor, object_prompts
+from .preprocessing import validate_image
+from .prompt_checks import check_prompts
 
 DEFAULT_TILE_THRESHOLD = 2048
 DEFAULT_HALO = 256
@@ -175,7 +176,7 @@ def embedding_for_prompts(
     shape = (int(arr.shape[0]), int(arr.shape[1]))
     if not needs_tiling(shape, threshold):
         return predictor.compute_embedding(arr)
-    pts, labels, bxs = prompt_objects(points, point_labels, boxes, frame_for(shape, predictor.preprocessing))
+    pts, labels, bxs = check_prompts(points, point_labels, boxes, image_size=shape, allow_empty=True)
     n = pts.shape[0] if pts is not None else (bxs.shape[0] if bxs is not None else 0)
     if n == 0:
         raise PromptError("empty prompt: give at least one point or a box")
@@ -210,117 +211,62 @@ class TiledPredictor:
         if not isinstance(emb, TiledEmbedding):
             self.predictor.prepare_mask_prompt(mask_input, embedding=emb)
 
-    def predict(
-        self,
-        points=None,
-        point_labels=None,
-        boxes=None,
-        mask_input: torch.Tensor | None = None,
-        multimask_output: bool | None = None,
-        embedding=None,
-        tile: int | None = None,
-        local_clicks=None,
-        guard_new_clicks=None,
-        guard_edge_reach: float | EdgeReach | None = None,
-    ) -> Prediction:
-        """Segment N objects; prompts in full-image (x, y) pixels. ``tile`` forces one tile (e.g. to feed
-        back ``mask_input`` logits of an earlier :class:`TiledPrediction`); ``local_clicks``, ``guard_new_clicks`` and ``guard_edge_reach``
-        as in :meth:`Predictor.predict`."""
+    def predict(self, points=None, point_labels=None, boxes=None, mask_input: torch.Tensor | None = None,
+                multimask_output: bool | None = None, embedding=None, tile: int | None = None, local_clicks=None,
+                guard_new_clicks=None, guard_edge_reach: float | EdgeReach | None = None) -> Prediction:
+        """:meth:`Predictor.predict` (the same arguments, plus ``tile``) on a :class:`TiledEmbedding` as well.
+
+        Segment N objects; prompts in full-image (x, y) pixels, checked as by :meth:`Predictor.predict`.
+        ``tile`` forces one tile (e.g. to feed back ``mask_input`` logits of an earlier :class:`TiledPrediction`);
+        ``local_clicks``, ``guard_new_clicks`` and ``guard_edge_reach`` as in :meth:`Predictor.predict`."""
         emb = embedding if embedding is not None else self.embedding
         if not isinstance(emb, TiledEmbedding):
             return self.predictor.predict(points, point_labels, boxes, mask_input, multimask_output, embedding=emb,
                                           local_clicks=local_clicks, guard_new_clicks=guard_new_clicks,
                                           guard_edge_reach=guard_edge_reach)
-        pts = None if points is None or np.size(points) == 0 else np.asarray(points, dtype=np.float64)
-        bxs = None if boxes is None or np.size(boxes) == 0 else np.asarray(boxes, dtype=np.float64)
-        if pts is not None and pts.ndim == 2:
-            pts = pts[None]
-        labels = None
-        if pts is not None:
-            labels = np.ones(pts.shape[:2]) if point_labels is None else np.asarray(point_labels, dtype=np.float64)
-            if labels.ndim == 1:
-                labels = labels[None]
-        if bxs is not None and bxs.ndim == 1:
-            bxs = bxs[None]
-        if pts is None and bxs is None:
-            if mask_input is None or tile is None:
-                raise PromptError("empty prompt: give at least one point or a box (mask_input alone needs tile=)")
-            n = torch.as_tensor(mask_input).shape[0]
-        else:
-            n = pts.shape[0] if pts is not None else bxs.shape[0]
-            if pts is not None and bxs is not None and pts.shape[0] != bxs.shape[0]:
-                raise PromptError(f"{bxs.shape[0]} boxes but {pts.shape[0]} point sets: give one of each per object")
-        h, w = emb.original_size
+        if points is None and boxes is None and tile is None:
+            raise PromptError("empty prompt: give at least one point or a box (mask_input alone needs tile=)")
+        prompts = object_prompts(points, point_labels, boxes, mask_input, emb.original_size, local_clicks,
+                                 guard_new_clicks)
         by_index = {t.index: t for t in emb.tiles}
         if tile is not None and tile not in by_index:
             raise PromptError(f"tile {tile} does not exist (0..{len(emb.tiles) - 1})")
         groups: dict[int, list[int]] = {}
-        for i in range(n):
-            if tile is not None:
-                t = by_index[tile]
-            else:
-                t = choose_tile(
-                    emb.tiles,
-                    None if pts is None else pts[i],
-                    None if bxs is None else bxs[i],
-                    None if labels is None else labels[i],
-                )
+        for i in range(prompts.n_objects):
+            t = by_index[tile] if tile is not None else choose_tile(
+                emb.tiles, *(None if v is None else v[i] for v in (prompts.points, prompts.boxes, prompts.labels)))
             groups.setdefault(t.index, []).append(i)
-        if local_clicks is not None:
-            local_clicks = clicks_per_object(local_clicks, n)
-        guard_counts = None
-        if guard_new_clicks is not None and pts is not None:
-            guard_counts = guarded_counts(guard_new_clicks, n, pts.shape[1])
         if mask_input is not None and len(groups) > 1:
             raise PromptError("mask_input feeds back logits of one tile, but the prompts fall into several tiles")
+        results = {}
+        for t_index, objects in groups.items():
+            t = by_index[t_index]
+            sub = _prompts_in_tile(prompts, objects, t)
+            if sub is None:
+                continue  # nothing of this object's prompt lies in the tile
+            pred = self.predictor.predict(multimask_output=multimask_output,
+                                          embedding=emb.embeddings[emb.tiles.index(t)],
+                                          guard_edge_reach=guard_edge_reach, **sub)
+            results[t_index] = (objects, pred)
+        return self._assemble(emb, prompts.n_objects, results)
 
+    def _assemble(self, emb: TiledEmbedding, n: int, results: dict) -> TiledPrediction:
+        """The tiles' predictions pasted into full-image masks; an object none of whose prompt lies in its tile
+        keeps an empty mask, a zero score and background logits."""
+        h, w = emb.original_size
         masks = np.zeros((n, h, w), dtype=bool)
         scores = np.zeros(n, dtype=np.float32)
+        fell_back = np.zeros(n, dtype=bool)
         low_res: list[torch.Tensor | None] = [None] * n
         all_scores: list[np.ndarray | None] = [None] * n
         tile_of = [0] * n
-        for t_index, objects in groups.items():
-            t = by_index[t_index]
-            ox, oy = t.offset
-            th, tw = t.outer_shape
-            sub_pts = sub_lbl = sub_box = None
-            sub_guard = None if guard_counts is None else [guard_counts[o] for o in objects]
-            if pts is not None:
-                sub_pts = pts[objects] - np.array([ox, oy])
-                sub_lbl = labels[objects]
-                inside = (sub_pts[..., 0] >= 0) & (sub_pts[..., 1] >= 0) & (sub_pts[..., 0] <= tw) & (sub_pts[..., 1] <= th)
-                if not inside.all():
-                    # Only with a prompt larger than a tile: drop the points outside it (per object).
-                    if len(objects) == 1:
-                        keep = inside[0]
-                        if sub_guard is not None and sub_guard[0]:  # the new clicks are the last points
-                            sub_guard = [int(keep[keep.size - sub_guard[0]:].sum())]
-                        sub_pts, sub_lbl = (sub_pts[:, keep], sub_lbl[:, keep]) if keep.any() else (None, None)
-                    else:
-                        sub_pts = np.clip(sub_pts, 0, [tw, th])
-            if bxs is not None:
-                sub_box = bxs[objects] - np.array([ox, oy, ox, oy])
-                sub_box = np.clip(sub_box, 0, [tw, th, tw, th])
-            if sub_pts is None and sub_box is None and mask_input is None:
-                continue  # nothing of this object's prompt lies in the tile
-            sub_local = None
-            if local_clicks is not None and mask_input is not None:
-                sub_local = [None if local_clicks[o] is None else local_clicks[o] - np.array([ox, oy]) for o in objects]
-            pred = self.predictor.predict(
-                points=sub_pts,
-                point_labels=sub_lbl,
-                boxes=sub_box,
-                mask_input=mask_input,
-                multimask_output=multimask_output,
-                embedding=emb.embeddings[emb.tiles.index(t)],
-                local_clicks=sub_local,
-                guard_new_clicks=sub_guard if sub_pts is not None else None,
-                guard_edge_reach=guard_edge_reach,
-            )
-            y0, y1, x0, x1 = t.outer
+        by_index = {t.index: t for t in emb.tiles}
+        for t_index, (objects, pred) in results.items():
+            y0, y1, x0, x1 = by_index[t_index].outer
             for j, obj in enumerate(objects):
                 masks[obj, y0:y1, x0:x1] = pred.masks[j]
                 scores[obj] = pred.scores[j]
+                fell_back[obj] = pred.fell_back.size > 0 and pred.fell_back[j]  # empty: not reported
                 low_res[obj] = pred.low_res_logits[j]
                 all_scores[obj] = pred.all_scores[j]
                 tile_of[obj] = t_index
@@ -328,4 +274,36 @@ class TiledPredictor:
         low = torch.stack([lr if lr is not None else torch.full((1, side, side), -20.0) for lr in low_res])
         width = max((a.shape[0] for a in all_scores if a is not None), default=1)
         alls = np.stack([a if a is not None else np.zeros(width, np.float32) for a in all_scores])
-        return TiledPrediction(masks=masks, scores=scores, low_res_logits=low, all_scores=alls, tile_indices=tile_of)
+        return TiledPrediction(masks=masks, scores=scores, low_res_logits=low, all_scores=alls, fell_back=fell_back,
+                               tile_indices=tile_of)
+
+
+def _prompts_in_tile(prompts: ObjectPrompts, objects: list[int], t: Tile) -> dict | None:
+    """The prompts of ``objects`` in the frame of tile ``t`` (keyword arguments of :meth:`Predictor.predict`), or
+    None when nothing of them lies in the tile. Only with a prompt larger than a tile: points outside it are
+    dropped (one object) or clipped to it (several), and boxes are clipped to it."""
+    ox, oy = t.offset
+    th, tw = t.outer_shape
+    sub_pts = sub_lbl = sub_box = None
+    sub_guard = None if prompts.guard_counts is None else [prompts.guard_counts[o] for o in objects]
+    if prompts.points is not None:
+        sub_pts = prompts.points[objects] - np.array([ox, oy])
+        sub_lbl = prompts.labels[objects]
+        inside = (sub_pts[..., 0] >= 0) & (sub_pts[..., 1] >= 0) & (sub_pts[..., 0] <= tw) & (sub_pts[..., 1] <= th)
+        if not inside.all():
+            if len(objects) == 1:
+                keep = inside[0]
+                if sub_guard is not None and sub_guard[0]:  # the new clicks are the last points
+                    sub_guard = [int(keep[keep.size - sub_guard[0]:].sum())]
+                sub_pts, sub_lbl = (sub_pts[:, keep], sub_lbl[:, keep]) if keep.any() else (None, None)
+            else:
+                sub_pts = np.clip(sub_pts, 0, [tw, th])
+    if prompts.boxes is not None:
+        sub_box = np.clip(prompts.boxes[objects] - np.array([ox, oy, ox, oy]), 0, [tw, th, tw, th])
+    if sub_pts is None and sub_box is None and prompts.mask_input is None:
+        return None
+    sub_local = None
+    if prompts.clicks is not None:
+        sub_local = [None if prompts.clicks[o] is None else prompts.clicks[o] - np.array([ox, oy]) for o in objects]
+    return dict(points=sub_pts, point_labels=sub_lbl, boxes=sub_box, mask_input=prompts.mask_input,
+                local_clicks=sub_local, guard_new_clicks=sub_guard if sub_pts is not None else None)

@@ -12,7 +12,8 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import UserFacingError
-from .medical import Geometry
+from .atomic import atomic_write_path
+from .medical import Geometry, list_dicom_series, refuse_source_overwrite
 
 
 #: Patient / study attributes a SEG copies from its source images (type 2: present, possibly empty).
@@ -34,8 +35,6 @@ def _highdicom():
 def _source_datasets(geometry: Geometry) -> list:
     """The source series' datasets, in the order of the volume's slices (first slice at the origin)."""
     import pydicom
-
-    from .medical import list_dicom_series
 
     source = Path(geometry.source or "")
     if geometry.file_format != "dicom" or not source.is_dir() or not geometry.series_uid:
@@ -59,8 +58,6 @@ def write_dicom_seg(path: str | Path, labels: np.ndarray, geometry: Geometry,
                     class_names: dict[int, str] | None = None) -> Path:
     """Write ``labels`` (Z, Y, X) drawn on the DICOM series of ``geometry`` as a DICOM-SEG file (atomic)."""
     from .. import __version__
-    from .atomic import atomic_write_path
-    from .medical import refuse_source_overwrite
 
     hd = _highdicom()
     from pydicom.sr.codedict import codes

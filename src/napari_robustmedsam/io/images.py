@@ -17,7 +17,16 @@ import numpy as np
 
 from ..errors import ImageInputError, UserFacingError
 from .atomic import atomic_write_path
-from .medical import DICOM_SUFFIXES, ITK_SUFFIXES, Geometry, is_medical_path, read_medical, refuse_source_overwrite
+from .medical import (
+    DICOM_SUFFIXES,
+    ITK_SUFFIXES,
+    Geometry,
+    check_labels_fit,
+    is_medical_path,
+    read_medical,
+    refuse_source_overwrite,
+)
+from .medical_labels import write_labels
 from .output_paths import check_output
 
 _IMAGEIO_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp"}
@@ -290,8 +299,6 @@ def write_mask(path: str | Path, mask: np.ndarray, geometry: Geometry | None = N
     refuse_source_overwrite(p, geometry)
     suffix = check_mask_format(p)
     if suffix in _ITK_SUFFIXES or suffix in DICOM_SUFFIXES:
-        from .medical import write_labels
-
         arr = np.asarray(mask)
         return write_labels(p, arr.astype(np.uint8) if arr.dtype == bool else arr, geometry, class_names)
     arr = np.asarray(mask)
@@ -319,3 +326,31 @@ def write_mask(path: str | Path, mask: np.ndarray, geometry: Geometry | None = N
     except OSError as err:
         raise UserFacingError(f"cannot write {p}: {err}") from err
     return p
+
+
+def write_slice_into(path: str | Path, slice_labels: np.ndarray, z: int, volume_shape, geometry: Geometry | None) -> Path:
+    """Write a 2D label map into slice ``z`` of a full-volume label file on the image's grid.
+
+    An existing file must be on the image's grid (else refused, saying what differs); its other slices and,
+    on slice ``z``, its labels outside the new masks are kept. A missing file is created (zeros elsewhere).
+    """
+    p = Path(path)
+    refuse_source_overwrite(p, geometry)
+    shape = tuple(int(s) for s in volume_shape)
+    new = np.asarray(slice_labels)
+    if new.shape != shape[1:]:
+        raise UserFacingError(f"a slice of shape {new.shape} does not fit a volume of shape {shape}")
+    if p.exists():
+        existing, existing_geometry = read_image_geometry(p)
+        check_labels_fit(existing.shape, existing_geometry, shape, geometry, what=f"the labels in {p.name}")
+        if existing.dtype.kind not in "iub":
+            raise UserFacingError(f"{p.name} does not hold integer labels ({existing.dtype}); choose another file")
+        labels = np.asarray(existing)
+    else:
+        labels = np.zeros(shape, np.uint8)
+    top = max(int(new.max(initial=0)), int(labels.max(initial=0)))
+    dtype = np.result_type(labels.dtype, np.uint8 if top <= 255 else np.uint16 if top <= 65535 else np.uint32)
+    labels = labels.astype(dtype, copy=True)
+    plane = labels[z]
+    plane[new > 0] = new[new > 0]
+    return write_mask(p, labels, geometry, overwrite=True)  # updating this file is the point

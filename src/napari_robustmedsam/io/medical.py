@@ -590,7 +590,6 @@ def _read_dicom_folder(folder: Path, series: str | int | None) -> tuple[np.ndarr
 # ------------------------------------------------------------------------------------------------
 # writing
 # ------------------------------------------------------------------------------------------------
-LABEL_WRITE_SUFFIXES = ITK_SUFFIXES
 
 
 def _same_file(a: str | Path, b: str | Path) -> bool:
@@ -618,81 +617,6 @@ def refuse_source_overwrite(path: str | Path, geometry: Geometry | None) -> None
         )
 
 
-def labels_image(labels: np.ndarray, geometry: Geometry | None):
-    """A SimpleITK image of ``labels`` placed on ``geometry`` (a 2D label on a 3D grid becomes one slice)."""
-    sitk = _sitk()
-    arr = np.asarray(labels)
-    if arr.dtype == bool:
-        arr = arr.astype(np.uint8)
-    if geometry is not None and arr.ndim == geometry.ndim - 1:
-        arr = arr[None]
-    if geometry is not None and arr.ndim != geometry.ndim:
-        raise UserFacingError(f"labels of shape {arr.shape} do not fit a {geometry.ndim}D image geometry")
-    image = sitk.GetImageFromArray(np.ascontiguousarray(arr))
-    if geometry is not None:
-        image.SetSpacing(tuple(float(v) for v in geometry.spacing))
-        image.SetOrigin(tuple(float(v) for v in geometry.origin))
-        image.SetDirection(tuple(float(v) for v in geometry.direction))
-    return image
-
-
-def write_labels(path: str | Path, labels: np.ndarray, geometry: Geometry | None,
-                 class_names: dict[int, str] | None = None) -> Path:
-    """Write ``labels`` as NIfTI / NRRD / MetaImage on ``geometry`` (atomic; never over the source image).
-
-    A DICOM source gives NIfTI, NRRD or MetaImage out (its geometry kept), or a DICOM-SEG (``.dcm``, through
-    highdicom, :mod:`.dicom_seg`) referencing the series, its segments named after ``class_names`` (value -> name).
-    A detached header (``.nhdr``, ``.mhd``) and its data file are each replaced atomically, data first.
-    """
-    from .atomic import atomic_write_path
-
-    p = Path(path)
-    suffix = suffix_of(p)
-    refuse_source_overwrite(p, geometry)
-    if suffix in DICOM_SUFFIXES:
-        if geometry is None or geometry.file_format != "dicom":
-            raise UserFacingError(
-                f"labels are written as DICOM-SEG ({p.name}) only for a DICOM image; save them as .nii.gz"
-            )
-        from .dicom_seg import write_dicom_seg
-
-        return write_dicom_seg(p, labels, geometry, class_names)
-    if suffix not in LABEL_WRITE_SUFFIXES:
-        raise UserFacingError(f"{p.name}: labels with geometry are written as {', '.join(LABEL_WRITE_SUFFIXES)}")
-    image = labels_image(labels, geometry)
-    sitk = _sitk()
-    try:
-        if suffix in (".nhdr", ".mhd"):
-            _write_detached(sitk, image, p)
-        else:
-            with atomic_write_path(p) as tmp:
-                sitk.WriteImage(image, str(tmp), useCompression=True)
-    except RuntimeError as err:  # ITK reports a failed write (e.g. a full disk) as RuntimeError
-        raise UserFacingError(f"cannot write {p}: {str(err).strip().splitlines()[-1]}; the earlier file is unchanged") from err
-    except OSError as err:
-        raise UserFacingError(f"cannot write {p}: {err.strerror or err}; the earlier file is unchanged") from err
-    return p
-
-
-def _write_detached(sitk, image, p: Path) -> None:
-    """Header + data files: written in a temporary folder beside the target, then moved in, header last."""
-    import os
-    import shutil
-    import tempfile
-
-    p.parent.mkdir(parents=True, exist_ok=True)
-    tmpdir = Path(tempfile.mkdtemp(prefix=f".{p.name}.", dir=p.parent))
-    try:
-        sitk.WriteImage(image, str(tmpdir / p.name), useCompression=True)
-        written = sorted(tmpdir.iterdir(), key=lambda f: f.name == p.name)  # header last
-        for f in written:
-            with open(f, "rb+") as fh:
-                os.fsync(fh.fileno())
-            os.replace(f, p.parent / f.name)
-    finally:
-        shutil.rmtree(tmpdir, ignore_errors=True)
-
-
 def check_labels_fit(labels_shape, labels_geometry: Geometry | None, image_shape, image_geometry: Geometry | None,
                      what: str = "the labels") -> None:
     """Refuse labels that are not on the image's grid, saying what differs (shape, spacing, origin, direction)."""
@@ -706,33 +630,3 @@ def check_labels_fit(labels_shape, labels_geometry: Geometry | None, image_shape
             f"{what} do not fit the image: " + "; ".join(problems) + ". Open the matching image, or resample the "
             "labels onto it (e.g. 3D Slicer's 'Resample Scalar/Vector/DWI Volume', nearest neighbour)"
         )
-
-
-def write_slice_into(path: str | Path, slice_labels: np.ndarray, z: int, volume_shape, geometry: Geometry | None) -> Path:
-    """Write a 2D label map into slice ``z`` of a full-volume label file on the image's grid.
-
-    An existing file must be on the image's grid (else refused, saying what differs); its other slices and,
-    on slice ``z``, its labels outside the new masks are kept. A missing file is created (zeros elsewhere).
-    """
-    from .images import read_image_geometry, write_mask
-
-    p = Path(path)
-    refuse_source_overwrite(p, geometry)
-    shape = tuple(int(s) for s in volume_shape)
-    new = np.asarray(slice_labels)
-    if new.shape != shape[1:]:
-        raise UserFacingError(f"a slice of shape {new.shape} does not fit a volume of shape {shape}")
-    if p.exists():
-        existing, existing_geometry = read_image_geometry(p)
-        check_labels_fit(existing.shape, existing_geometry, shape, geometry, what=f"the labels in {p.name}")
-        if existing.dtype.kind not in "iub":
-            raise UserFacingError(f"{p.name} does not hold integer labels ({existing.dtype}); choose another file")
-        labels = np.asarray(existing)
-    else:
-        labels = np.zeros(shape, np.uint8)
-    top = max(int(new.max(initial=0)), int(labels.max(initial=0)))
-    dtype = np.result_type(labels.dtype, np.uint8 if top <= 255 else np.uint16 if top <= 65535 else np.uint32)
-    labels = labels.astype(dtype, copy=True)
-    plane = labels[z]
-    plane[new > 0] = new[new > 0]
-    return write_mask(p, labels, geometry, overwrite=True)  # updating this file is the point

@@ -29,14 +29,9 @@ are). The prompt batch is broadcast instead of materialised. See tests/test_embe
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING
-
 import torch
 import torch.nn.functional as F
 from torch import nn
-
-if TYPE_CHECKING:  # pragma: no cover
-    from .segmenter import PromptableSegmenter
 
 def fast_transformer_applies(decoder: nn.Module, dense: torch.Tensor) -> bool:
     """SAM's TwoWayTransformer of plain Attention blocks, and a (B, C, h, w) dense prompt embedding."""
@@ -362,7 +357,7 @@ def fast_transformer(
 
 
 def fast_plain_decode(
-    model: PromptableSegmenter,
+    model: nn.Module,
     image_embeddings: torch.Tensor,
     image_pe: torch.Tensor,
     sparse: torch.Tensor,
@@ -370,6 +365,8 @@ def fast_plain_decode(
     multimask_output: bool,
     cache: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The plain decoder's masks and scores for ``model`` (a :class:`.segmenter.PromptableSegmenter`: its mask
+    decoder, and its per-image cache when ``cache``)."""
     decoder = model.mask_decoder
     n = sparse.shape[0]
     output_tokens = torch.cat([decoder.iou_token.weight, decoder.mask_tokens.weight], dim=0)

@@ -472,17 +472,8 @@ class RobustMaskDecoder(MaskDecoder):
         Returns:
             low-res mask logits ``(N, 1 or 3, 256, 256)`` and IoU predictions ``(N, 1 or 3)``.
         """
-        out = self._decode(
-            image_embeddings,
-            image_pe,
-            sparse_prompt_embeddings,
-            dense_prompt_embeddings,
-            multimask_output,
-            image_features,
-            early_features,
-            robust,
-            aux=False,
-        )
+        out = self._decode(image_embeddings, image_pe, sparse_prompt_embeddings, dense_prompt_embeddings,
+                           multimask_output, image_features, early_features, robust, aux=False)
         return out["masks"], out["iou_predictions"]
 
     def forward_with_aux(
@@ -508,17 +499,8 @@ class RobustMaskDecoder(MaskDecoder):
           before AOTG (the reference's ``robust_token``);
         * ``refined_token`` ``(N, 256)`` (robust path only): AOTG output for token 0.
         """
-        return self._decode(
-            image_embeddings,
-            image_pe,
-            sparse_prompt_embeddings,
-            dense_prompt_embeddings,
-            multimask_output,
-            image_features,
-            early_features,
-            robust,
-            aux=True,
-        )
+        return self._decode(image_embeddings, image_pe, sparse_prompt_embeddings, dense_prompt_embeddings,
+                            multimask_output, image_features, early_features, robust, aux=True)
 
 
 # ---------------------------------------------------------------------- state-dict helpers

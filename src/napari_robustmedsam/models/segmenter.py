@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from .fast_plain_decoder import fast_plain_decode, fast_plain_decoder_applies, prepare_mask_side, tensor_key
+from .robust_decoder import IMAGE_FEATURES_KEY
 
 
 @dataclass(frozen=True)
@@ -273,8 +274,6 @@ class PromptableSegmenter(nn.Module):
             multimask_output=multimask_output,
         )
         if self.is_robust:
-            from .robust_decoder import IMAGE_FEATURES_KEY
-
             kwargs["image_features"] = {k: v for k, v in features.items() if k == IMAGE_FEATURES_KEY}
             return self.mask_decoder(**kwargs)
         if fast_plain_decoder_applies(self.mask_decoder, dense) and (per_prompt or not torch.is_grad_enabled()):

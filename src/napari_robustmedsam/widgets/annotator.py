@@ -33,7 +33,7 @@ from ..annotation.session import SlicePrompts
 from ..annotation.slice_embeddings import SliceEmbeddings
 from ..engine.windows import layer_window, model_view
 from ..errors import UserFacingError
-from ._common import any_task_running, role_of, run_task, unwrap
+from ._common import any_task_running, run_task, unwrap
 from ._state import get_state
 from .annotation_layers import (
     POINT_COLORS,
@@ -52,6 +52,7 @@ from .annotation_layers import (
     visible_slice,
 )
 from .annotator_controls import bind_keys, build_controls, embed_status_text, key_handler, model_hint
+from .image_layer_choice import ImageLayerChoice, is_image
 
 # Intra-op threads for a decode on the GUI thread (None: torch's setting). A decode is a few hundred small ops; on
 # a machine whose cores are busy with other work, waiting for a second OpenMP thread at every op can cost more
@@ -143,6 +144,7 @@ class AnnotatorWidget(QWidget):
         self._suppress = 0
         self.controller = AnnotationController(WidgetView(self), self._run_task, self._make_timer,
                                                decode_context=lambda: _intra_op_threads(GUI_DECODE_THREADS))
+        self.image_choice = ImageLayerChoice(self)
         build_controls(self)
         self._update_polarity_button()
         self._update_enabled()
@@ -150,16 +152,16 @@ class AnnotatorWidget(QWidget):
 
         self.state.set_annotator(self)
         self.state.model_changed.connect(self._on_model_changed)
-        napari_viewer.layers.events.inserted.connect(self._refresh_image_choices)
-        napari_viewer.layers.events.removed.connect(self._on_layer_removed)
+        napari_viewer.layers.events.inserted.connect(self.image_choice.refresh)
+        napari_viewer.layers.events.removed.connect(self.image_choice.on_layer_removed)
         napari_viewer.dims.events.current_step.connect(self._on_slice_changed)
         self._bind_keys()
-        self._refresh_image_choices()
+        self.image_choice.refresh()
         active = unwrap(napari_viewer.layers.selection.active)
-        if self._is_image(active):
+        if is_image(active):
             self.set_image_layer(active)
         elif self.image_combo.count():
-            self.set_image_layer(unwrap(self._image_layers()[0]))
+            self.set_image_layer(unwrap(self.image_choice.image_layers()[0]))
         if self.state.loaded is not None:
             self._on_model_changed(self.state.loaded)
 
@@ -175,51 +177,7 @@ class AnnotatorWidget(QWidget):
     def _set_status(self, text: str) -> None:
         self.status.setText(text)
 
-    # ---- image layer choice
-    @staticmethod
-    def _is_image(layer) -> bool:
-        from napari.layers import Image
-
-        return isinstance(layer, Image) and role_of(layer) is None
-
-    def _image_layers(self) -> list:
-        return [layer for layer in self.viewer.layers if self._is_image(layer)]
-
-    def _refresh_image_choices(self, event=None) -> None:
-        current = self.image_layer
-        self.image_combo.blockSignals(True)
-        self.image_combo.clear()
-        for layer in self._image_layers():
-            self.image_combo.addItem(layer.name)
-        if current is not None and current in self.viewer.layers:
-            self.image_combo.setCurrentText(current.name)
-        self.image_combo.blockSignals(False)
-        # a newly opened image becomes the one annotated (the user opened it to annotate it)
-        if event is not None and self.image_combo.count() and self._is_image(unwrap(getattr(event, "value", None))):
-            if self.set_image_layer(unwrap(event.value)):
-                # napari makes the inserted layer active after this callback: give the prompt layer back after it
-                QTimer.singleShot(0, self.select_prompt_layer)
-
-    def _on_combo_changed(self, index: int) -> None:
-        name = self.image_combo.currentText()
-        if name and name in self.viewer.layers and (self.image_layer is None or self.image_layer.name != name):
-            self.set_image_layer(unwrap(self.viewer.layers[name]))
-
-    def _on_layer_removed(self, event) -> None:
-        layer = unwrap(getattr(event, "value", None))
-        if layer is self.image_layer:
-            self._reset_image()
-        for attr in ("points_layer", "boxes_layer", "current_layer", "committed_layer"):
-            if getattr(self, attr) is layer:
-                setattr(self, attr, None)
-        self._refresh_image_choices()
-
-    def _reset_image(self) -> None:
-        self.controller.close_image()
-        self.image_layer = None
-        self.kind = None
-        self._update_enabled()
-
+    # ---- image layer
     def set_image_layer(self, layer, force: bool = False) -> bool:
         """Annotate ``layer``; an unsupported layer shows an error here and changes nothing.
 
@@ -230,7 +188,7 @@ class AnnotatorWidget(QWidget):
         if layer is self.image_layer and self.session is not None and not force:
             return True
         try:
-            kind = annotatable_kind(layer, self._is_image(layer))
+            kind = annotatable_kind(layer, is_image(layer))
         except UserFacingError as err:
             self.banner.show_error(err)
             return False
@@ -273,20 +231,10 @@ class AnnotatorWidget(QWidget):
             for managed in (self.points_layer, self.boxes_layer, self.current_layer, self.committed_layer,
                             self.image_layer):
                 self.bind_layer_keys(managed)
-            self._show_only_this_images_layers()
+            self.image_choice.show_only_this_images_layers()
         finally:
             self._suppress -= 1
         self.select_prompt_layer()
-
-    def _show_only_this_images_layers(self) -> None:
-        """The annotated image and its committed objects shown; other images and their committed layers hidden,
-        so that labels of an earlier image are never drawn over this one."""
-        for layer in self.viewer.layers:
-            layer = unwrap(layer)
-            if layer is self.image_layer or layer is self.committed_layer:
-                layer.visible = True
-            elif self._is_image(layer) or role_of(layer) == "committed":
-                layer.visible = False
 
     def select_prompt_layer(self) -> None:
         """Box-trained models: select the box layer in rectangle mode; otherwise the points layer in add mode."""
@@ -418,7 +366,7 @@ class AnnotatorWidget(QWidget):
     embeddings = property(lambda self: self.controller.embeddings)
     decode_modes = property(lambda self: self.controller.scheduler.modes)  # how the decodes ran (benchmarks)
     _decoder_ms = property(lambda self: self.controller.scheduler.decoder_ms)
-    _repropagate_timer = property(lambda self: self.controller.repropagate_timer)
+    _repropagate_timer = property(lambda self: self.controller.propagation.repropagate_timer)
     last_latency = property(lambda self: self.controller.last_latency)
 
     def _run_task(self, work, done, failed, name: str, kind: str):
@@ -528,12 +476,12 @@ class AnnotatorWidget(QWidget):
         if self.session is None or not self.session.is_volume:
             return
         z = self.current_z() if z is None else int(z)
-        self.controller.mark_end(z)
+        self.controller.propagation.mark_end(z)
         self._set_status(f"Slice {z} marked as past the end of the object; propagation stops there.")
 
     def propagate(self, changed_only: bool = False):
         """Propagate the current object through the volume from its annotated slices (worker + progress)."""
-        return self.controller.propagate(changed_only)
+        return self.controller.propagation.propagate(changed_only)
 
     # ---- keys
     def _bind_keys(self) -> None:

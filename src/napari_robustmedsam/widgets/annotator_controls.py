@@ -69,7 +69,7 @@ def build_controls(w) -> None:
     choices, polarity, the action buttons, the 3D group, messages). Long on purpose: one straight run of
     statements per control, in the order they appear on screen; split up it would only scatter the layout."""
     w.image_combo = shrinkable(QComboBox())
-    w.image_combo.currentIndexChanged.connect(w._on_combo_changed)
+    w.image_combo.currentIndexChanged.connect(w.image_choice.on_combo_changed)
     w.embed_button = QPushButton("Compute embeddings")
     w.embed_button.setToolTip("Encode the image (every slice of a volume) once; prompts are then fast")
     w.embed_button.clicked.connect(lambda: w.compute_embeddings())

@@ -23,7 +23,6 @@ from qtpy.QtWidgets import (
     QCheckBox,
     QComboBox,
     QFormLayout,
-    QGridLayout,
     QHBoxLayout,
     QLabel,
     QPushButton,
@@ -33,18 +32,15 @@ from qtpy.QtWidgets import (
 )
 from superqt import QLabeledDoubleSlider
 
-from ..annotation.robustness import degrade_slice, segment_on_degraded
-from ..annotation.session import SlicePrompts
+from ..annotation.model_choice import robust_head_suggestion
+from ..annotation.robustness import degrade_slice
 from ..annotation.slice_embeddings import image_kind
 from ..errors import UserFacingError
-from ..annotation.model_choice import robust_head_suggestion
-from . import _render
 from ._common import ROLE_KEY, Banner, TaskRow, mark, role_of, run_task, shrinkable, unwrap
 from ._state import get_state
+from .degraded_comparison import DegradedComparison
 
 DEGRADED_NAME = "degraded"
-CLEAN_MASK_NAME = "mask on clean"
-DEGRADED_MASK_NAME = "mask on degraded"
 ALL_MODALITIES = "(all types)"
 DEBOUNCE_MS = 0  # worker path: coalesce the changes of one event-loop turn; a running preview coalesces the rest
 SYNC_PREVIEW_MS = 100.0  # degradations measured at or below this (median of the last 3 runs) run on the GUI thread
@@ -113,30 +109,34 @@ class DegradationPreview(QWidget):
         self.timing.setWordWrap(True)
         self.timing.setStyleSheet("color:#9aa;")
 
-        self.clean_view = QLabel()
-        self.degraded_view = QLabel()
-        for view in (self.clean_view, self.degraded_view):
-            view.setAlignment(Qt.AlignmentFlag.AlignCenter)
-            view.setMinimumSize(120, 120)
-        self.clean_caption = QLabel("clean")
-        self.degraded_caption = QLabel("degraded")
-        for caption in (self.clean_caption, self.degraded_caption):
-            caption.setWordWrap(True)
-            caption.setAlignment(Qt.AlignmentFlag.AlignCenter)
-        self.dice_label = QLabel("")
-        self.dice_label.setWordWrap(True)
-        self.dice_label.setAlignment(Qt.AlignmentFlag.AlignCenter)
-        self.dice_label.setStyleSheet("font-weight:bold;")
-        compare = QGridLayout()
-        compare.addWidget(self.clean_caption, 0, 0)
-        compare.addWidget(self.degraded_caption, 0, 1)
-        compare.addWidget(self.clean_view, 1, 0)
-        compare.addWidget(self.degraded_view, 1, 1)
-        compare.addWidget(self.dice_label, 2, 0, 1, 2)
-        self.compare_box = QWidget()
-        self.compare_box.setLayout(compare)
-        self.compare_box.hide()
+        self.compare_box = DegradedComparison(self)
 
+        self._lay_out()
+
+        self._timer = self._single_shot(DEBOUNCE_MS, self._timer_fired)
+        self._thumbnail_timer = self._single_shot(THUMBNAIL_DELAY_MS, self._update_thumbnail)
+
+        self._fill_types()
+        self._update_mode()
+        self.modality_combo.currentTextChanged.connect(self._on_modality)
+        self.type_combo.currentTextChanged.connect(self._on_control)
+        self.mode_combo.currentTextChanged.connect(self._update_mode)
+        self.level_combo.currentTextChanged.connect(self._on_control)
+        self.severity_slider.valueChanged.connect(self._on_control)
+        self.seed_spin.valueChanged.connect(self._on_control)
+        self.live_check.toggled.connect(self._on_live_toggled)
+        napari_viewer.dims.events.current_step.connect(self._on_slice)
+        self._ready = True
+
+    def _single_shot(self, interval_ms: int, callback) -> QTimer:
+        timer = QTimer(self)
+        timer.setSingleShot(True)
+        timer.setInterval(interval_ms)
+        timer.timeout.connect(callback)
+        return timer
+
+    def _lay_out(self) -> None:
+        """The controls in a form, then the timing, the buttons, the comparison and the messages."""
         form = QFormLayout()
         form.addRow("Modality", self.modality_combo)
         form.addRow("Degradation", self.type_combo)
@@ -157,27 +157,6 @@ class DegradationPreview(QWidget):
         layout.addWidget(self.compare_box)
         layout.addWidget(self.banner)
         layout.addStretch(1)
-
-        self._timer = QTimer(self)
-        self._timer.setSingleShot(True)
-        self._timer.setInterval(DEBOUNCE_MS)
-        self._timer.timeout.connect(self._timer_fired)
-        self._thumbnail_timer = QTimer(self)
-        self._thumbnail_timer.setSingleShot(True)
-        self._thumbnail_timer.setInterval(THUMBNAIL_DELAY_MS)
-        self._thumbnail_timer.timeout.connect(self._update_thumbnail)
-
-        self._fill_types()
-        self._update_mode()
-        self.modality_combo.currentTextChanged.connect(self._on_modality)
-        self.type_combo.currentTextChanged.connect(self._on_control)
-        self.mode_combo.currentTextChanged.connect(self._update_mode)
-        self.level_combo.currentTextChanged.connect(self._on_control)
-        self.severity_slider.valueChanged.connect(self._on_control)
-        self.seed_spin.valueChanged.connect(self._on_control)
-        self.live_check.toggled.connect(self._on_live_toggled)
-        napari_viewer.dims.events.current_step.connect(self._on_slice)
-        self._ready = True
 
     # ---- controls -------------------------------------------------------------------------------
     @property
@@ -448,91 +427,7 @@ class DegradationPreview(QWidget):
             target = self.viewer.layers.index(annotator.committed_layer or annotator.current_layer)
             if idx > target:
                 self.viewer.layers.move(idx, target)
-
     # ---- segment on degraded -------------------------------------------------------------------
     def segment_on_degraded(self):
-        annotator = self.state.annotator
-        self.banner.clear_message()
-        try:
-            if annotator is None or annotator.session is None:
-                raise UserFacingError("open the annotator on an image and segment an object first")
-            layer, kind, z, image = self._source()
-            if layer is not annotator.image_layer:
-                raise UserFacingError("the degradation preview works on the annotator's image: choose it there")
-            prompts = annotator.session.current_prompts.get(z)
-            layer_prompts = annotator.slice_prompts(z)
-            if prompts is None or prompts.end or prompts.is_empty:
-                prompts = layer_prompts
-            if prompts.is_empty:
-                raise UserFacingError(f"no prompts on slice {z}: draw a box or click points in the annotator first")
-            settings = self.settings()
-            if settings["level"] == "LQ-3+" and settings["modality"] is None:
-                raise UserFacingError("LQ-3+ adds the modality's domain artifacts: choose a modality")
-        except UserFacingError as err:
-            self.banner.show_error(err)
-            return None
-        prompts = SlicePrompts(prompts.points, prompts.labels, prompts.box, "user")
-
-        def run(loaded):
-            embeddings = annotator.embeddings
-            predictor = embeddings.predictor
-
-            def work(handle):
-                handle.report(0, 2, "clean embedding")
-                clean_embedding = embeddings.get(z)
-                handle.report(1, 2, "degraded embedding")
-                return segment_on_degraded(
-                    predictor, image, prompts, settings["name"], level=settings["level"],
-                    severity=settings["severity"], seed=settings["seed"], modality=settings["modality"],
-                    clean_embedding=clean_embedding, box_primary=bool(loaded.box_primary),
-                )
-
-            def done(result):
-                self.last_result = result
-                self._show_comparison(layer, kind, z, result, image)
-                self.compared.emit(result)
-
-            self._handle = run_task(work, done, lambda e, tb: self.banner.show_error(e), name="segment on degraded",
-                                    row=self.task_row)
-
-        self.state.ensure_model(run, lambda e, tb: self.banner.show_error(e), row=self.task_row)
-        return True
-
-    def _show_comparison(self, layer, kind: str, z: int, result, clean_image: np.ndarray) -> None:
-        volume = kind in ("volume", "rgb_volume")
-        self._show_degraded(layer, kind, z, result.degraded_image)
-        scale, translate = tuple(layer.scale), list(layer.translate)
-        if volume:
-            translate[0] = translate[0] + z * scale[0]
-        selected = self.viewer.layers.selection.active
-        for name, mask, color in ((CLEAN_MASK_NAME, result.clean_mask, "#00e5ff"),
-                                  (DEGRADED_MASK_NAME, result.degraded_mask, "#ff8c00")):
-            data = (mask[None] if volume else mask).astype(np.uint8)
-            if name in self.viewer.layers and self.viewer.layers[name].data.shape == data.shape:
-                lay = self.viewer.layers[name]
-                lay.data = data
-                lay.translate = translate
-            else:
-                if name in self.viewer.layers:
-                    self.viewer.layers.remove(self.viewer.layers[name])
-                lay = mark(self.viewer.add_labels(data, name=name, scale=scale, translate=translate, opacity=0.6),
-                           "comparison")
-                try:
-                    from napari.utils.colormaps import DirectLabelColormap
-
-                    lay.colormap = DirectLabelColormap(color_dict={1: color, 0: "transparent", None: "transparent"})
-                except Exception:
-                    pass
-                lay.contour = 2
-        if selected is not None and selected in self.viewer.layers:
-            self.viewer.layers.selection.active = selected
-        limits = None if layer.rgb else tuple(layer.contrast_limits)
-        ys, xs = _render.crop_box([result.clean_mask, result.degraded_mask], result.clean_mask.shape)
-        clean_rgb = _render.overlay(_render.to_uint8(clean_image, limits), result.clean_mask, (0, 229, 255))
-        degraded_rgb = _render.overlay(_render.to_uint8(result.degraded_image, limits), result.degraded_mask, (255, 140, 0))
-        self.clean_view.setPixmap(_render.pixmap(clean_rgb[ys, xs], 150))
-        self.degraded_view.setPixmap(_render.pixmap(degraded_rgb[ys, xs], 150))
-        self.clean_caption.setText(f"clean: {int(result.clean_mask.sum())} px")
-        self.degraded_caption.setText(f"{result.setting}: {int(result.degraded_mask.sum())} px")
-        self.dice_label.setText(f"Dice clean vs degraded: {result.dice:.3f} (IoU {result.iou:.3f})")
-        self.compare_box.show()
+        """Reuse the annotator's prompts of the visible slice on the degraded slice (:mod:`.degraded_comparison`)."""
+        return self.compare_box.run()
