@@ -33,8 +33,9 @@ def head_tables(name: str, folder: Path) -> tuple[list[str], dict]:
     entry = json.loads((folder / "entry.json").read_text())
     lines = [f"## {name}", "",
              f"Built by `{entry['command']}` ({entry['created_utc']}); training run `{entry['fit_command']}`.",
-             f"Trained on {sum(d['train_images'] for d in entry['training_data'])} images of "
-             f"{', '.join(d['dataset'] for d in entry['training_data'])}; best validation epoch "
+             f"Train part of the split: {sum(d['train_images'] for d in entry['training_data'])} images of "
+             f"{', '.join(d['dataset'] for d in entry['training_data'])} (the fit validates on 10 % of them); best "
+             f"validation epoch "
              f"{(entry['training'].get('best') or {}).get('epoch', '?')}, stopped by: "
              f"{entry['training'].get('stopped') or 'all epochs done'}.",
              f"Stored: {entry['export']['stored']['tensors']} of {entry['export']['stored']['of']} tensors "

@@ -115,7 +115,7 @@ def test_the_shipped_default_head_loads_offline_and_segments(shared_data):
 
 
 def test_info_prints_the_licence_and_provenance():
-    out = subprocess.run([sys.executable, "-m", "napari_robustmedsam.cli", "info", "robust-lite"],
+    out = subprocess.run([sys.executable, "-m", "napari_robustmedsam", "info", "robust-lite"],
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     entry = heads.entry("robust-lite")

@@ -20,44 +20,12 @@ from pathlib import Path
 
 import numpy as np
 from qtpy.QtCore import QObject, Qt, QTimer, Signal
-from qtpy.QtWidgets import (
-    QCheckBox,
-    QComboBox,
-    QDoubleSpinBox,
-    QFormLayout,
-    QGroupBox,
-    QHBoxLayout,
-    QLabel,
-    QLineEdit,
-    QListWidget,
-    QListWidgetItem,
-    QPushButton,
-    QSpinBox,
-    QTableWidget,
-    QTableWidgetItem,
-    QVBoxLayout,
-    QWidget,
-)
+from qtpy.QtWidgets import QFormLayout, QListWidgetItem, QTableWidgetItem, QVBoxLayout, QWidget
 
-from ._common import Banner, TaskRow, run_task, shrinkable
+from ._common import run_task
+from .finetune_form import LEVEL_SETS, build_form, default_out_dir
 from .finetune_layers import count_planes_to_rank, find_pairs, planes_to_rank
 
-#: the preset the tab starts with (one of training.finetune.presets.PRESETS)
-DEFAULT_PRESET = "quick"
-
-LEVEL_SETS = {
-    "all levels (LQ-1 .. LQ-3+)": ("LQ-1", "LQ-2", "LQ-3", "LQ-3+"),
-    "mild (LQ-1, LQ-2)": ("LQ-1", "LQ-2"),
-    "severe (LQ-3, LQ-3+)": ("LQ-3", "LQ-3+"),
-    "none (clean images only)": (),
-}
-_LEVELS_HELP = ("Degradation levels of the cached degraded copies the model learns to be robust to; LQ-1 (mild) "
-                "to LQ-3 (severe) of the degradation library, LQ-3+ adds the modality's domain artefacts")
-_MODALITY_HELP = "Which degradations of the library the copies get (the modality of your images)"
-
-
-def default_out_dir() -> Path:
-    return Path.home() / "robustmedsam-finetune" / time.strftime("%Y%m%d-%H%M%S")
 
 
 def _training():
@@ -108,162 +76,8 @@ class FinetuneWidget(QWidget):
         return self
 
     def _build(self) -> None:
-        presets = _training()
-        self._presets = presets
-        help_ = presets.setting_help
-        # ---- data
-        self.pairs_list = QListWidget()
-        self.pairs_list.setMaximumHeight(70)
-        self.pairs_list.setWordWrap(True)
-        self.pairs_list.setHorizontalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAlwaysOff)
-        self.pairs_list.setToolTip("Every Labels layer that covers an image layer pixel for pixel; each labelled "
-                                   "slice of a volume is one training plane. Untick a pair to leave it out.")
-        self.pairs_list.itemChanged.connect(lambda _item: self._schedule_estimate())
-        self.refresh_button = QPushButton("Refresh")
-        self.refresh_button.setToolTip("Look for labelled images again (after painting or committing)")
-        self.refresh_button.clicked.connect(self.refresh_pairs)
-        # ---- recipe
-        self.preset_combo = shrinkable(QComboBox(), 10)
-        for name, p in presets.PRESETS.items():
-            self.preset_combo.addItem(name)
-            self.preset_combo.setItemData(self.preset_combo.count() - 1, p.use, Qt.ItemDataRole.ToolTipRole)
-        self.preset_use = QLabel()
-        self.preset_use.setWordWrap(True)
-        self.preset_use.setStyleSheet("color:#bbbbbb;")
-        self.model_edit = QLineEdit()
-        self.model_edit.setToolTip(help_("model"))
-        self.budget_spin = QDoubleSpinBox()
-        self.budget_spin.setRange(0, 24 * 60)
-        self.budget_spin.setDecimals(1)
-        self.budget_spin.setSuffix(" min")
-        self.budget_spin.setSpecialValueText("no limit")
-        self.budget_spin.setToolTip(help_("time_budget_s") + "; for the whole fine-tune, its folds included")
-        self.epochs_spin = QSpinBox()
-        self.epochs_spin.setRange(1, 1000)
-        self.epochs_spin.setToolTip(help_("epochs"))
-        self.steps_spin = QSpinBox()
-        self.steps_spin.setRange(0, 100000)
-        self.steps_spin.setSpecialValueText("one pass")
-        self.steps_spin.setToolTip(help_("steps_per_epoch"))
-        from ..degradations import MODALITIES
-
-        self.modality_combo = shrinkable(QComboBox())
-        self.modality_combo.addItems(list(MODALITIES))
-        self.modality_combo.setCurrentText("generic")
-        self.modality_combo.setToolTip(_MODALITY_HELP)
-        self.levels_combo = shrinkable(QComboBox())
-        self.levels_combo.addItems(list(LEVEL_SETS))
-        self.levels_combo.setToolTip(_LEVELS_HELP + ". " + help_("levels"))
-        self.variants_spin = QSpinBox()
-        self.variants_spin.setRange(1, 20)
-        self.variants_spin.setToolTip(help_("variants"))
-        self._default_out = str(default_out_dir())
-        self.out_edit = QLineEdit(self._default_out)
-        self.out_edit.setToolTip("Folder of the run's checkpoints, logs, curve and decision.json (created)")
-        self.estimate_label = QLabel("")
-        self.estimate_label.setWordWrap(True)
-        self.estimate_label.setToolTip("Estimated from the number of labelled planes, the preset's iterations and "
-                                       "the costs measured on this machine (docs/training.md)")
-        # ---- actions
-        self.start_button = QPushButton("Fine-tune")
-        self.start_button.clicked.connect(self.start)
-        self.auto_check = QCheckBox("Use it if it is better")
-        self.auto_check.setChecked(True)
-        self.auto_check.setToolTip("Never worse: the fine-tuned model replaces the current one only if it scores "
-                                   "higher on the labels held back from training")
-        self.load_button = QPushButton("Load into annotator")
-        self.load_button.setEnabled(False)
-        self.load_button.clicked.connect(lambda: self.load_into_annotator())
-        self.back_button = QPushButton("Back to the previous model")
-        self.back_button.setEnabled(False)
-        self.back_button.clicked.connect(self.back_to_previous)
-        self.task_row = TaskRow()
-        self.plot_box = QVBoxLayout()
-        self.banner = Banner()
-        self.status = QLabel("")
-        self.status.setWordWrap(True)
-        self.table = QTableWidget(0, 5)
-        self.table.setHorizontalHeaderLabels(["held-back plane", "box\nbefore", "box\nafter", "clicks\nbefore",
-                                              "clicks\nafter"])
-        self.table.setHorizontalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAlwaysOff)
-        self.table.setVerticalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAlwaysOff)
-        self.table.setEditTriggers(QTableWidget.EditTrigger.NoEditTriggers)
-        self.table.setToolTip("Dice on the labels held back from training, current model (before) and fine-tuned "
-                              "model (after): a box, then the box and corrective clicks")
-        self.table.verticalHeader().hide()
-        self.table.hide()
-        self.next_list = QListWidget()
-        self.next_list.setToolTip("Unlabelled planes, the model's most uncertain first (docs/training.md says how "
-                                  "it is scored). Click one to go there.")
-        self.next_list.itemClicked.connect(self._go_to_ranked)
-        self.next_box = QGroupBox("Which image next")
-        QVBoxLayout(self.next_box).addWidget(self.next_list)
-        self.next_box.hide()
-
-        layout = self.layout()
-        data = QGroupBox("Labelled images")
-        dl = QVBoxLayout(data)
-        dl.addWidget(self.pairs_list)
-        self.pairs_summary = QLabel("")
-        self.pairs_summary.setWordWrap(True)
-        row = QHBoxLayout()
-        row.addWidget(self.pairs_summary, 1)
-        row.addWidget(self.refresh_button)
-        dl.addLayout(row)
-        layout.addWidget(data)
-        form = QFormLayout()
-        form.addRow("Preset", self.preset_combo)
-        form.addRow("", self.preset_use)
-        form.addRow("Time budget", self.budget_spin)
-        form.addRow("Epochs", self.epochs_spin)
-        form.addRow("Iterations / epoch", self.steps_spin)
-        more = QFormLayout()
-        more.addRow("Start from", self.model_edit)
-        more.addRow("Modality", self.modality_combo)
-        more.addRow("Degradations", self.levels_combo)
-        more.addRow("Variants / image", self.variants_spin)
-        more.addRow("Output folder", self.out_edit)
-        for f in (form, more):
-            _label_tooltips(f)
-        layout.addLayout(form)
-        from superqt import QCollapsible
-
-        self.more_settings = QCollapsible("More settings")
-        inner = QWidget()
-        inner.setLayout(more)
-        self.more_settings.addWidget(inner)
-        layout.addWidget(self.more_settings)
-        layout.addWidget(self.estimate_label)
-        buttons = QHBoxLayout()
-        buttons.addWidget(self.start_button)
-        buttons.addWidget(self.auto_check, 1)
-        layout.addLayout(buttons)
-        layout.addWidget(self.task_row)
-        layout.addLayout(self.plot_box)
-        layout.addWidget(self.banner)
-        layout.addWidget(self.status)
-        layout.addWidget(self.table)
-        swap = QHBoxLayout()
-        swap.addWidget(self.load_button)
-        swap.addWidget(self.back_button)
-        layout.addLayout(swap)
-        layout.addWidget(self.next_box)
-        layout.addStretch(1)
-
-        self._estimate_timer = QTimer(self)
-        self._estimate_timer.setSingleShot(True)
-        self._estimate_timer.setInterval(300)
-        self._estimate_timer.timeout.connect(self.update_estimate)
-        self.preset_combo.currentTextChanged.connect(self.apply_preset)
-        self.levels_combo.currentTextChanged.connect(
-            lambda text: (self.variants_spin.setEnabled(bool(LEVEL_SETS[text])), self._schedule_estimate()))
-        for spin in (self.epochs_spin, self.steps_spin, self.variants_spin, self.budget_spin):
-            spin.valueChanged.connect(lambda _v: self._schedule_estimate())
-        self.preset_combo.setCurrentText(DEFAULT_PRESET)
-        self.apply_preset(DEFAULT_PRESET)
-        self.refresh_pairs()
-        self.viewer.layers.events.inserted.connect(self.refresh_pairs)
-        self.viewer.layers.events.removed.connect(self.refresh_pairs)
+        self._presets = _training()
+        build_form(self, self._presets)
 
     # ---- the curve (matplotlib is imported when the tab is first shown)
     def ensure_plot(self):
