@@ -199,3 +199,17 @@ def test_the_robust_head_is_suggested_for_the_base_model_only_with_its_measured_
     assert f"box Dice {figures['robust-lite']['LQ-3']['box']:.2f} vs {figures['litemedsam']['LQ-3']['box']:.2f}" in text
     assert robust_head_suggestion(None) == text  # nothing loaded yet: the default will be LiteMedSAM
     assert robust_head_suggestion("robust-lite") == "" and robust_head_suggestion("pge-lite-fast") == ""
+
+
+def test_the_annotator_says_when_the_fallback_answered(tmp_path):
+    from napari_robustmedsam.annotation.prompt_decoding import segment_slice
+    from napari_robustmedsam.annotation.session import SlicePrompts
+
+    path, *_ = _empty_head(tmp_path)
+    image = np.zeros((120, 140), np.uint8)
+    image[30:90, 40:100] = 200
+    head = Predictor.from_loaded(load_model(str(path), device="cpu"))
+    embedding = head.compute_embedding(image)
+    prompts = SlicePrompts(np.zeros((0, 2)), np.zeros(0, int), np.array([35.0, 25, 105, 95]), "user")
+    result = segment_slice(head, embedding, prompts, model_name="empty-head")
+    assert result.mask.any() and "empty-head returned an empty mask" in result.hint and "LiteMedSAM" in result.hint

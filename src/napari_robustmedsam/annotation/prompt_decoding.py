@@ -234,7 +234,8 @@ def segment_slice(
     feedback = ""
     if corrective and n_new > 0:
         feedback = click_feedback(previous_mask, mask, sent.points, sent.labels, n_new)
-    if bool(prediction.fell_back[:1].any()) and not hint:
+    fell_back = getattr(prediction, "fell_back", None)  # predictors without an empty-mask fallback omit it
+    if fell_back is not None and bool(np.asarray(fell_back)[:1].any()) and not hint:
         hint = FALLBACK_HINT.format(name=model_name)
     if not mask.any() and not hint:
         hint = EMPTY_MASK_HINT.format(name=model_name, score=float(prediction.scores[0]),
