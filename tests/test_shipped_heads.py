@@ -18,6 +18,7 @@ from napari_robustmedsam.checkpoints import load_model
 from napari_robustmedsam.checkpoints.head_delta import save_head_delta
 from napari_robustmedsam.checkpoints.loading import base_state
 from napari_robustmedsam.checkpoints.project_format import make_metadata
+from napari_robustmedsam.checkpoints.safe_load import file_sha256
 from napari_robustmedsam.engine.predictor import Predictor
 from napari_robustmedsam.errors import CheckpointError
 from napari_robustmedsam.models import registry
@@ -60,7 +61,7 @@ def test_a_short_run_of_the_recipe_loads_under_its_registry_name(shared_data, tm
         _use_heads_dir(monkeypatch, installed)
         entry = heads.entry("robust-lite-permissive")
         shipped = installed / entry["file"]
-        assert entry["sha256"] == ship_heads.sha256_of(shipped)
+        assert entry["sha256"] == file_sha256(shipped)
         assert entry["command"] == "python -m training.ship_heads " + " ".join(args)
         assert entry["fit_command"].startswith("python -m training.fit ") and "--datasets dsb2018_nuclei,hc18_fetal_head_us" in entry["fit_command"]
         assert [d["dataset"] for d in entry["training_data"]] == ["dsb2018_nuclei", "hc18_fetal_head_us"]
@@ -84,7 +85,7 @@ def test_each_shipped_head_matches_its_manifest_entry(name):
     entry = heads.entry(name)
     assert entry, f"{name} is not in {heads.MANIFEST_PATH}"
     path = heads.HEADS_DIR / entry["file"]
-    assert ship_heads.sha256_of(path) == entry["sha256"] and path.stat().st_size == entry["size_bytes"]
+    assert file_sha256(path) == entry["sha256"] and path.stat().st_size == entry["size_bytes"]
     assert entry["command"].startswith(f"python -m training.ship_heads {name}")
     assert entry["fit_command"].startswith("python -m training.fit ")
     assert entry["licence"] and entry["training_data"] and re.match(r"\d{4}-\d\d-\d\dT", entry["created_utc"])

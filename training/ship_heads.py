@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import fcntl
-import hashlib
 import json
 import shlex
 import shutil
@@ -38,8 +37,10 @@ import numpy as np
 from napari_robustmedsam.checkpoints.head_delta import save_head_delta
 from napari_robustmedsam.checkpoints.loading import EMPTY_MASK_FALLBACK_KEY, base_state
 from napari_robustmedsam.checkpoints.project_format import utc_now_iso
+from napari_robustmedsam.checkpoints.safe_load import file_sha256
 from napari_robustmedsam.errors import UserFacingError
 from napari_robustmedsam.heads import HEADS_DIR, LICENCE_PATH, MANIFEST_PATH
+from napari_robustmedsam.io.atomic import atomic_write_path
 from training.data_split import make_split
 
 SEED = 0
@@ -83,14 +84,6 @@ HEADS = {
         ShippedHead("pge-lite-fast", "pge-lite-fast", "litemedsam", RESEARCH_TERMS),
     )
 }
-
-
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _run(cmd: list[str], log: Path) -> None:
@@ -256,9 +249,8 @@ def training_data(head: ShippedHead, out: Path, data: Path) -> list[dict]:
 def install(head: ShippedHead, shipped: Path, entry: dict, heads_dir: Path = HEADS_DIR) -> Path:
     target = heads_dir / head.filename
     heads_dir.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_suffix(".pt.tmp-install")
-    shutil.copyfile(shipped, tmp)
-    tmp.replace(target)
+    with atomic_write_path(target) as tmp:
+        shutil.copyfile(shipped, tmp)
     manifest_path = heads_dir / MANIFEST_PATH.name
     with open(heads_dir / ".manifest.lock", "w") as lock:  # builds of several heads may finish together
         fcntl.flock(lock, fcntl.LOCK_EX)
@@ -273,9 +265,8 @@ def install(head: ShippedHead, shipped: Path, entry: dict, heads_dir: Path = HEA
 
 
 def write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp-install")
-    tmp.write_text(text, encoding="utf-8")
-    tmp.replace(path)
+    with atomic_write_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
 
 
 def licence_text(heads: dict) -> str:
@@ -316,7 +307,7 @@ def main(argv=None) -> int:
     figures = {} if args.no_evaluate else evaluate(head, shipped, out, args)
     fit_log = json.loads((best.parent / "log.json").read_text())
     entry = {
-        "file": head.filename, "sha256": sha256_of(shipped), "size_bytes": shipped.stat().st_size,
+        "file": head.filename, "sha256": file_sha256(shipped), "size_bytes": shipped.stat().st_size,
         "command": shlex.join(["python", "-m", "training.ship_heads", *(argv if argv is not None else sys.argv[1:])]),
         "fit_command": shlex.join(["python", *fit_command(head, out, args)[1:]]),
         "created_utc": utc_now_iso(), "preset": head.preset, "base": head.base, "licence": head.licence,

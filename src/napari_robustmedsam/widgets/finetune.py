@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 from qtpy.QtCore import QObject, Qt, QTimer, Signal
-from qtpy.QtWidgets import QFormLayout, QListWidgetItem, QTableWidgetItem, QVBoxLayout, QWidget
+from qtpy.QtWidgets import QListWidgetItem, QTableWidgetItem, QVBoxLayout, QWidget
 
 from ._common import run_task
 from .finetune_form import LEVEL_SETS, build_form, default_out_dir
@@ -375,15 +375,6 @@ class FinetuneWidget(QWidget):
 
         get_state(self.viewer).load_model(source, "auto", row=self.task_row,
                                           on_error=lambda err, tb: self.banner.show_error(err))
-
-
-def _label_tooltips(form: QFormLayout) -> None:
-    """The field's help also on its name."""
-    for r in range(form.rowCount()):
-        label = form.itemAt(r, QFormLayout.ItemRole.LabelRole)
-        field = form.itemAt(r, QFormLayout.ItemRole.FieldRole)
-        if label is not None and field is not None and field.widget() is not None and label.widget() is not None:
-            label.widget().setToolTip(field.widget().toolTip())
 
 
 def _max_ranked() -> int:
