@@ -19,6 +19,7 @@ Usage::
 
     nice -n 19 env OMP_NUM_THREADS=1 python benchmarks/encoder_backends.py [--per-dataset 10] [--threads 1]
         [--candidates fp32,cpu_fast,bf16,ort,ov_f32,ov_bf16,int8_dyn] [--json out.json]
+    python benchmarks/encoder_backends.py --report out.json [--prefix 60]     # tables of a saved (partial) run
 """
 
 from __future__ import annotations
@@ -271,6 +272,53 @@ def write_json(path, args, records, times, entry_bytes, read_times, notices, don
     os.replace(tmp, path)
 
 
+def print_tables(summary: dict, entry_bytes: dict, read_times: dict) -> None:
+    nan = float("nan")
+    print(f"\n| candidate | median s | speed-up vs fp32 | objects | IoU >= {IOU_TOLERANCE} | clean | LQ-3 | "
+          f"median IoU | min IoU | meets tolerance |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for n, row in summary.items():
+        print(f"| {n} | {row.get('median_s', nan):.3f} | {row.get('speedup', nan):.2f}x | {row['objects']} | "
+              f"{row.get('share_ok', nan):.1%} | {row.get('share_ok_clean', nan):.1%} | {row.get('share_ok_LQ-3', nan):.1%} | "
+              f"{row.get('median_iou', nan):.4f} | {row.get('min_iou', nan):.4f} | "
+              f"{'yes' if row.get('meets_tolerance') else 'no'} |")
+    if entry_bytes:
+        print("\n| storage | bytes per entry (median / max) | read + verify (median ms) |")
+        print("|---|---|---|")
+        for v in entry_bytes:
+            print(f"| {v} | {int(np.median(entry_bytes[v])):,} / {max(entry_bytes[v]):,} | "
+                  f"{1000 * np.median(read_times[v]):.1f} |")
+
+
+def report_saved(path: str, prefix: int | None) -> int:
+    """Re-print the tables of a saved run, optionally for its first ``prefix`` inputs only (an interrupted run:
+    the inputs go round-robin over the datasets, clean then LQ-3, so a multiple of 12 covers each dataset alike)."""
+    saved = json.loads(Path(path).read_text())
+    records = saved["records"]
+    if records and "input" not in records[0]:  # inputs in order of appearance (every input has objects)
+        seen: dict = {}
+        for r in records:
+            r["input"] = seen.setdefault((r["key"], r["condition"]), len(seen))
+    done = saved["inputs_done"]
+    n = done if prefix is None else min(prefix, done)
+    records = [r for r in records if r["input"] < n]
+    times = {k: v[:n] for k, v in saved["times"].items()}
+    entry_bytes = {k: v[:n] for k, v in saved["entry_bytes"].items()}
+    read_times = {k: v[:n] for k, v in saved["read_times"].items()}
+    names = [k for k in times if k != "fp32"] + (["f16"] if entry_bytes else [])
+    images = len({r["key"] for r in records})
+    print(f"saved run of {saved['date']} (load average then {saved.get('load_average', '?')}): first {n} of "
+          f"{saved['inputs_total']} inputs ({images} images with objects), {len({(r['input'], r['object']) for r in records})} objects")
+    print(f"reference fp32 engine: median {np.median(times['fp32']):.3f} s, min {min(times['fp32']):.3f} s per input")
+    print_tables(summarise(records, times, names), entry_bytes, read_times)
+    for a, b in (("cpu_fast", "ov_f32"), ("cpu_fast", "ort")):
+        if a in times and b in times:
+            print(f"median per-input ratio {a} / {b}: {np.median(np.asarray(times[a]) / np.asarray(times[b])):.2f}x")
+    for notice in saved.get("notices", []):
+        print("notice:", notice)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", help="the shared data folder (default ../shared/data)")
@@ -281,7 +329,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=1, help="intra-op threads for every candidate")
     parser.add_argument("--skip-storage", action="store_true")
     parser.add_argument("--json", help="write per-object IoUs, timings and the summary here")
+    parser.add_argument("--report", metavar="JSON", help="only re-print the tables of a run saved with --json")
+    parser.add_argument("--prefix", type=int, help="with --report: the first N inputs only")
     args = parser.parse_args(argv)
+    if args.report:
+        return report_saved(args.report, args.prefix)
 
     torch.set_num_threads(args.threads)
     from napari_robustmedsam.checkpoints import load_model
@@ -362,7 +414,8 @@ def main(argv: list[str] | None = None) -> int:
                     continue
                 pred = predictor.predict(boxes=boxes, embedding=ImageEmbedding({"image_embeddings": emb}, frame))
                 for o, a, b in zip(objects, ref.masks, pred.masks):
-                    records.append({"key": key, "dataset": dataset, "condition": condition, "object": o.object_id,
+                    records.append({"input": i, "key": key, "dataset": dataset, "condition": condition,
+                                    "object": o.object_id,
                                     "candidate": v, "iou": round(iou(a, b), 6)})
             if (i + 1) % 6 == 0 or i + 1 == len(inputs):
                 med = "  ".join(f"{n} {np.median(times[n]):.3f}" for n in names)
@@ -375,20 +428,7 @@ def main(argv: list[str] | None = None) -> int:
         summary = summarise(records, times, names[1:] + (["f16"] if stores else []))
         print(f"\nfinished {time.strftime('%Y-%m-%d %H:%M:%S %Z')}; load average {load_average()}")
         print(f"reference fp32 engine: median {np.median(times['fp32']):.3f} s, min {min(times['fp32']):.3f} s per input")
-        print(f"\n| candidate | median s | speed-up vs fp32 | objects | IoU >= {IOU_TOLERANCE} | clean | LQ-3 | "
-              f"median IoU | min IoU | meets tolerance |")
-        print("|---|---|---|---|---|---|---|---|---|---|")
-        for n, row in summary.items():
-            print(f"| {n} | {row.get('median_s', float('nan')):.3f} | {row.get('speedup', float('nan')):.2f}x | "
-                  f"{row['objects']} | {row.get('share_ok', float('nan')):.1%} | {row.get('share_ok_clean', float('nan')):.1%} | "
-                  f"{row.get('share_ok_LQ-3', float('nan')):.1%} | {row.get('median_iou', float('nan')):.4f} | "
-                  f"{row.get('min_iou', float('nan')):.4f} | {'yes' if row.get('meets_tolerance') else 'no'} |")
-        if stores:
-            print("\n| storage | bytes per entry (median / max) | read + verify (median ms) |")
-            print("|---|---|---|")
-            for v in stores:
-                print(f"| {v} | {int(np.median(entry_bytes[v])):,} / {max(entry_bytes[v]):,} | "
-                      f"{1000 * np.median(read_times[v]):.1f} |")
+        print_tables(summary, entry_bytes, read_times)
         for n in notices:
             print("notice:", n)
         if args.json:

@@ -437,3 +437,13 @@ def test_all_zero_features_are_served_from_disk(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         assert store.read(0) is None
+
+
+def test_float16_finiteness_check_reads_the_exponent_bits():
+    ok = np.array([0.0, -0.0, 1e-7, 65504.0, -65504.0, 0.6], np.float16)
+    assert cache_mod._all_finite(ok)
+    for bad in (np.inf, -np.inf, np.nan):
+        arr = ok.copy()
+        arr[2] = bad
+        assert not cache_mod._all_finite(arr)
+    assert not cache_mod._all_finite(np.array([1.0, np.nan], np.float32))

@@ -151,6 +151,14 @@ def _entry_digest(arrays: Mapping[str, Mapping], frame: Mapping, extra: Mapping)
     return checksum_json({"arrays": arrays, "frame": frame, "extra": extra})
 
 
+def _all_finite(arr: np.ndarray) -> bool:
+    """No NaN/inf. For float16 from the exponent bits (all ones: inf or NaN): numpy computes float16 in software,
+    so ``np.isfinite`` took longer than reading the entry."""
+    if arr.dtype == np.float16:
+        return not bool(((arr.view(np.uint16) & 0x7C00) == 0x7C00).any())
+    return bool(np.isfinite(arr).all())
+
+
 def _array_record(arr: np.ndarray) -> dict:
     return {"checksum": checksum_bytes(arr), "shape": [int(v) for v in arr.shape], "dtype": arr.dtype.name}
 
@@ -284,7 +292,7 @@ class EmbeddingStore:
                     raise ValueError(f"{name} stored as {arr.dtype}, expected {self.storage_dtype}")
                 if checksum_bytes(arr) != expected:
                     raise ValueError(f"checksum mismatch in {name}")
-                if not np.isfinite(arr).all():  # never written by this version: from an older one, or forged
+                if not _all_finite(arr):  # never written by this version: from an older one, or forged
                     raise ValueError(f"NaN/inf values in {name}")
                 arrays[name] = arr
                 records[name] = _array_record(arr)
@@ -317,7 +325,7 @@ class EmbeddingStore:
             for name, tensor in features.items():
                 arr = tensor.detach().to("cpu", torch.float32).numpy().astype(self.storage_dtype, copy=False)
                 arr = np.ascontiguousarray(arr)
-                if not np.isfinite(arr).all():
+                if not _all_finite(arr):
                     raise ValueError(
                         f"{name} holds NaN/inf values in {self.storage_dtype} (a float16 overflow, or broken weights)")
                 _write_array(group, name, arr)
