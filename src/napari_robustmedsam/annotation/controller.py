@@ -78,6 +78,7 @@ class AnnotatorView(Protocol):
     def live(self) -> bool: ...
     def slice_done(self, z: int, seconds: float) -> None: ...
     def propagation_done(self, result) -> None: ...
+    # optional: ``point_strokes(z)``, the stroke id of each of slice z's points (-1: a click), for the status line
 
 
 class DecodeScheduler:
@@ -362,6 +363,7 @@ class AnnotationController:
             click_refinement=settings.click_refinement,
             # the refinement reads the slice's pixels; without it nothing needs them
             image=self.embeddings.slice_image(z) if settings.click_refinement != "off" else None,
+            point_strokes=self.view.point_strokes(z) if hasattr(self.view, "point_strokes") else None,
         )
 
     def embed_then_segment(self, z: int, t_request: float) -> None:

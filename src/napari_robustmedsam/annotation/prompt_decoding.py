@@ -186,6 +186,7 @@ def segment_slice(
     click_guard_reach: float | EdgeReach | None = None,
     image: np.ndarray | None = None,
     click_refinement: str | RefinementSettings | None = None,
+    point_strokes: np.ndarray | None = None,
 ) -> SliceResult:
     """Segment one object on one slice from its prompts.
 
@@ -199,6 +200,7 @@ def segment_slice(
     ``click_refinement`` (one of CLICK_REFINEMENT_MODES, or settings; needs ``image``, the slice's pixels): after
     the model, every new point whose pixel lacks its label is honoured and its surroundings re-decided at full
     resolution (:mod:`..engine.click_refinement`); a corrective click starts from ``previous_mask``.
+    ``point_strokes``: each point's stroke id (-1: a click; :mod:`.strokes`), for the status line's wording only.
     """
     plane = tuple(getattr(embedding, "frame", embedding).original_size)  # ImageEmbedding / TiledEmbedding
     sent, hint = prompts_to_send(prompts, plane, box_primary, previous_prompts, previous_mask, model_name)
@@ -231,9 +233,9 @@ def segment_slice(
     if refinement is not None and image is not None and n_new > 0:
         mask = _refine(image, embedding, mask, prediction, sent, n_new, refinement,
                        previous_mask if use_logits and corrective else None, previous_logits)
-    feedback = ""
-    if corrective and n_new > 0:
-        feedback = click_feedback(previous_mask, mask, sent.points, sent.labels, n_new)
+    stroke = new_points_form_one_stroke(point_strokes, len(sent.points), n_new)
+    new = corrective and n_new > 0
+    feedback = click_feedback(previous_mask, mask, sent.points, sent.labels, n_new, stroke) if new else ""
     fell_back = getattr(prediction, "fell_back", None)  # predictors without an empty-mask fallback omit it
     if fell_back is not None and bool(np.asarray(fell_back)[:1].any()) and not hint:
         hint = FALLBACK_HINT.format(name=model_name)
@@ -251,11 +253,25 @@ def segment_slice(
     )
 
 
-def click_feedback(before: np.ndarray | None, after: np.ndarray, points, labels, n_new: int) -> str:
+def new_points_form_one_stroke(point_strokes, n_points: int, n_new: int) -> bool:
+    """Whether the last ``n_new`` of ``n_points`` points were all sampled from one stroke (``point_strokes``: one
+    stroke id per point, -1 for a click; None: all clicks)."""
+    if point_strokes is None or n_new <= 0:
+        return False
+    ids = np.asarray(point_strokes).reshape(-1)
+    if ids.shape[0] != n_points:
+        return False
+    new = ids[n_points - n_new:]
+    return bool(new[0] >= 0 and (new == new[0]).all())
+
+
+def click_feedback(before: np.ndarray | None, after: np.ndarray, points, labels, n_new: int,
+                   stroke: bool = False) -> str:
     """One sentence for the status line: what the last ``n_new`` of ``points`` ((K, 2) x, y; ``labels`` 1/0) changed
     from ``before`` to ``after`` (pixels added and removed), and when a click changed nothing or its pixel still has
-    the other label, why that may be and what to try. Why: a click the model ignores must not look like one it
-    took (the status line used to say only "refined with the previous mask")."""
+    the other label, why that may be and what to try. ``stroke``: the new points are the clicks along one stroke,
+    and the sentence names it. Why: a click the model ignores must not look like one it took (the status line used
+    to say only "refined with the previous mask")."""
     from ..engine.click_refinement import click_pixel
 
     after = np.asarray(after, dtype=bool)
@@ -270,6 +286,9 @@ def click_feedback(before: np.ndarray | None, after: np.ndarray, points, labels,
     if overridden:
         notes.append("it contradicts an earlier click on the same pixel: the last click wins")
     ignored = [k for k in new if after[pixels[k]] != bool(labs[k])]
+    if stroke:
+        return _stroke_feedback(n_new, added, removed, len(ignored),
+                                all(before[pixels[k]] == bool(labs[k]) for k in new), bool(overridden))
     if added == 0 and removed == 0:
         if all(before[pixels[k]] == bool(labs[k]) for k in new):
             text = ("The click changed nothing: its pixel already had that label. Click where the mask is wrong "
@@ -284,4 +303,25 @@ def click_feedback(before: np.ndarray | None, after: np.ndarray, points, labels,
                      "of the wrong part.")
     if notes:
         text += " Note: " + "; ".join(notes) + "."
+    return text
+
+
+def _stroke_feedback(n_points: int, added: int, removed: int, n_ignored: int, had_labels: bool,
+                     overrides: bool) -> str:
+    """:func:`click_feedback`'s sentence for the clicks along one stroke."""
+    name = f"stroke of {n_points} point{'s' if n_points != 1 else ''}"
+    if added == 0 and removed == 0:
+        if had_labels:
+            text = (f"The {name} changed nothing: its points already had that label. Draw it where the mask is "
+                    "wrong (positive over missed object, negative over wrong mask).")
+        else:
+            text = (f"The {name} changed nothing: the model kept its mask. Try Click refinement (random walker or "
+                    "graph cut), a stroke nearer the middle of the wrong part, or a tighter box.")
+    else:
+        text = f"{name[0].upper()}{name[1:]}: +{added} px / -{removed} px."
+        if n_ignored:
+            text += (f" {n_ignored} of its points still have the other label: try Click refinement, or draw again "
+                     "nearer the middle of the wrong part.")
+    if overrides:
+        text += " Note: it crosses an earlier click of the other label: the stroke, the last prompt, wins there."
     return text
