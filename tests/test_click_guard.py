@@ -252,3 +252,47 @@ def test_the_annotators_default_reach_bounds_a_box_starts_first_negative_click(p
     kw2 = dict(kw, previous_prompts=second.prompts, previous_logits=second.logits, previous_mask=second.mask)
     assert np.array_equal(segment_slice(predictor, emb, later, **kw2, click_guard_reach=DEFAULT_CLICK_GUARD_REACH).mask,
                           segment_slice(predictor, emb, later, **kw2).mask)
+
+
+def test_training_with_the_annotator_policy_shows_what_the_annotator_shows():
+    """``training.fit --policy annotator``: the simulated state after a click is the engine's local merge and guard
+    with the annotator's edge reach, so a box start's first negative click removes only near itself, as in the
+    annotator (without the reach the same click removes the whole shrunk band)."""
+    from napari_robustmedsam.annotation.click_policy import click_policy
+    from napari_robustmedsam.engine.local_correction import merge_local_correction
+    from training.finetune.presets import build_config
+    from training.finetune.prompt_simulation import PromptState, add_clicks, policy_settings, shown_logits
+    from training.fit import build_parser, config_from_args
+
+    policy = click_policy("annotator")
+    cfg = config_from_args(build_parser().parse_args(["--policy", "annotator"]))[0].prompts
+    assert cfg == build_config(policy_settings("annotator")).prompts
+    assert (cfg.local_corrections, cfg.click_guard, cfg.edge_reach) == (
+        policy.local_corrections, policy.click_guard, policy.click_guard_reach)
+    prev = torch.full((1, 1, 64, 64), -5.0)
+    prev[:, :, 8:56, 8:56] = 5.0
+    new = prev.clone()
+    new[:, :, 8:56, 8:30] = -3.0  # the model drops a wide band for one negative click near the mask's edge
+    click = np.array([[[12.0, 30.0]]])
+    state = add_clicks(PromptState(np.zeros((1, 0, 2)), np.zeros((1, 0), np.int64), np.array([[8, 8, 56, 56]]),
+                                   start="box"), click, np.array([[0]]))
+    state.mask_input = prev
+    shown = shown_logits(state, new, cfg)
+    merged = merge_local_correction(prev, new, [click[0]])
+    engine = guard_clicks(prev, merged, [(click[0], np.array([0]), 1)], edge_reach=policy.click_guard_reach)
+    assert torch.equal(shown, engine)
+    unbounded = shown_logits(state, new, build_config(dict(policy_settings("annotator"), click_guard_reach=0.0)).prompts)
+    assert ((shown < 0) & (prev > 0)).sum() < ((unbounded < 0) & (prev > 0)).sum()
+
+
+def test_training_refuses_a_click_policy_it_cannot_simulate(monkeypatch):
+    from napari_robustmedsam.annotation import click_policy as policies
+    from training.finetune.data import TrainingError
+    from training.finetune.prompt_simulation import policy_settings
+
+    monkeypatch.setitem(policies.CLICK_POLICIES, "refined",
+                        policies.ClickPolicy("with a box", "always", None, "random-walker"))
+    with pytest.raises(TrainingError, match="does not simulate the refinement"):
+        policy_settings("refined")
+    with pytest.raises(TrainingError, match="unknown click policy"):
+        policy_settings("lab")

@@ -27,6 +27,7 @@ import sys
 import time
 from pathlib import Path
 
+from napari_robustmedsam.annotation.click_policy import CLICK_POLICIES
 from napari_robustmedsam.errors import UserFacingError
 from napari_robustmedsam.io.output_paths import existing_file
 from training.finetune import ddp
@@ -35,7 +36,7 @@ from training.finetune.data import TrainingError, describe_items, items_from_fol
 from training.finetune.losses import LossWeights
 from training.finetune.options import add_arguments, given_values
 from training.finetune.presets import PRESETS, build_config, preset
-from training.finetune.prompt_simulation import PromptConfig
+from training.finetune.prompt_simulation import PromptConfig, policy_settings
 from training.finetune.run_io import check_out_dir, check_run_outputs
 from training.finetune.trainer import Trainer
 
@@ -77,6 +78,9 @@ def build_parser() -> argparse.ArgumentParser:
     lo.add_argument("--no-consistency", action="store_true",
                     help="plain decoder fine-tuning (feature and token weights 0): the papers' ablation")
     pr = p.add_argument_group("prompts and degradations")
+    pr.add_argument("--policy", choices=sorted(CLICK_POLICIES), default=None,
+                    help="simulate a named click policy's click path (annotation/click_policy.py: 'annotator' = "
+                         "what the annotator does by default); the single click-path options below override it")
     add_arguments(p, SETTING_CLASSES, {g.title: g for g in (m, lo, pr)})
     return p
 
@@ -85,7 +89,8 @@ def config_from_args(args) -> tuple[TrainConfig, float]:
     """The run's settings: each field's default, then the preset's, then the options given; and the validation
     share of the images."""
     chosen = preset(args.preset)
-    settings = {**chosen.settings, **given_values(args, SETTING_CLASSES)}
+    policy = policy_settings(args.policy) if args.policy else {}
+    settings = {**chosen.settings, **policy, **given_values(args, SETTING_CLASSES)}
     if args.no_consistency:
         settings.update(feature=0.0, token=0.0)
     val_fraction = args.val_fraction if args.val_fraction is not None else chosen.val_fraction

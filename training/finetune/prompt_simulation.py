@@ -42,7 +42,7 @@ from napari_robustmedsam.annotation.prompt_decoding import (
     local_corrections_apply,
     local_corrections_mode,
 )
-from napari_robustmedsam.engine.click_guard import guard_clicks
+from napari_robustmedsam.engine.click_guard import REACH_SCOPES, EdgeReach, guard_clicks
 from napari_robustmedsam.engine.local_correction import merge_local_correction
 from napari_robustmedsam.prompting import corrective_click, jittered_box, random_positive_points, tight_box
 
@@ -84,17 +84,35 @@ class PromptConfig:
         "only in its direction and nearer to it than to earlier clicks of the other label (the annotator's default "
         "is 'always')", flag="--click-guard", choices=LOCAL_CORRECTION_WORDS, parse=local_corrections_mode,
         fingerprint=UNLESS_DEFAULT, group=PROMPTS)
+    click_guard_reach: float = setting(
+        0.0, "with the click guard: a click also reaches no further than this many times its distance to the "
+        "previous mask's edge (0 = no such bound; the annotator's default is 2 for the clicks of "
+        "--click-guard-reach-scope negatives-before-positive)", flag="--click-guard-reach", shown="0",
+        fingerprint=UNLESS_DEFAULT, group=PROMPTS)
+    click_guard_reach_scope: str = setting(
+        "all", "the clicks --click-guard-reach bounds: all, or only a negative click made before any positive one",
+        flag="--click-guard-reach-scope", choices=REACH_SCOPES, fingerprint=UNLESS_DEFAULT, group=PROMPTS)
 
     def __post_init__(self) -> None:
         for name in ("local_corrections", "click_guard"):
             if getattr(self, name) not in LOCAL_CORRECTION_MODES:
                 raise ValueError(f"{name} must be one of {LOCAL_CORRECTION_MODES}, got {getattr(self, name)!r}")
+        if self.click_guard_reach < 0:
+            raise ValueError(f"click_guard_reach must be >= 0 (0 = no bound), got {self.click_guard_reach}")
+        if self.click_guard_reach_scope not in REACH_SCOPES:
+            raise ValueError(f"click_guard_reach_scope must be one of {REACH_SCOPES}, "
+                             f"got {self.click_guard_reach_scope!r}")
         if self.click_mode not in CLICK_MODES:
             raise ValueError(f"click_mode must be one of {CLICK_MODES}, got {self.click_mode!r}")
         if not self.point_counts or min(self.point_counts) < 1:
             raise ValueError("point_counts must be positive integers")
         if self.n_steps < 0:
             raise ValueError("n_steps must be >= 0")
+
+    @property
+    def edge_reach(self) -> EdgeReach | None:
+        """The guard's edge-reach bound as the annotator's click path takes it (None: unbounded)."""
+        return EdgeReach(self.click_guard_reach, self.click_guard_reach_scope) if self.click_guard_reach else None
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -167,6 +185,26 @@ def corrective_clicks(gt: np.ndarray, pred: np.ndarray, rng: np.random.Generator
     return pts, labs
 
 
+def policy_settings(name: str) -> dict:
+    """The prompt settings (flat field names) that make training's simulated click path the named click policy's
+    (:mod:`napari_robustmedsam.annotation.click_policy`): its local corrections, guard and edge reach. The click
+    refinement runs after the model at full resolution and is not simulated, so a policy that turns it on is
+    refused."""
+    from napari_robustmedsam.annotation.click_policy import click_policy
+
+    try:
+        policy = click_policy(name)
+    except ValueError as err:
+        raise TrainingError(str(err)) from None
+    if policy.click_refinement != "off":
+        raise TrainingError(f"click policy {name!r} refines clicks after the model ({policy.click_refinement}); "
+                            "training does not simulate the refinement: choose a policy without it")
+    reach = policy.click_guard_reach
+    return dict(local_corrections=policy.local_corrections, click_guard=policy.click_guard,
+                click_guard_reach=0.0 if reach is None else reach.factor,
+                click_guard_reach_scope="all" if reach is None else reach.scope)
+
+
 def add_clicks(state: PromptState, pts: np.ndarray, labels: np.ndarray) -> PromptState:
     return PromptState(np.concatenate([state.points, pts], axis=1), np.concatenate([state.labels, labels], axis=1),
                        state.boxes, state.mask_input, state.start, new_clicks=pts.shape[1])
@@ -190,5 +228,5 @@ def shown_logits(state: PromptState, logits: torch.Tensor, cfg: PromptConfig) ->
         # an object with only a padding click gets n_new = 0: no change is allowed, its mask stays
         entries = [(state.points[i][valid[i]], state.labels[i][valid[i]], int(valid[i, -state.new_clicks:].sum()))
                    for i in range(state.points.shape[0])]
-        logits = guard_clicks(state.mask_input, logits, entries)
+        logits = guard_clicks(state.mask_input, logits, entries, edge_reach=cfg.edge_reach)
     return logits
