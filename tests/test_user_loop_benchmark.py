@@ -1,0 +1,151 @@
+"""benchmarks/user_loop.py: the plan (which N a dataset affords), the target verdicts, and one tiny end-to-end run on
+phantom images with a seconds-long fine-tune (the fast settings of the training tests), its table and its resume."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from napari_robustmedsam.sample_data import mri_phantom
+
+
+def _load_script():
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "user_loop.py"
+    spec = importlib.util.spec_from_file_location("user_loop", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+user_loop = _load_script()
+
+CSV_COLUMNS = {"start", "dataset", "kind", "n_labelled", "budget_min", "eval_images", "model", "condition", "box_dice",
+               "dice_5", "noc_85", "never_85", "objects", "decision_mode", "swapped", "judge_current",
+               "judge_candidate", "judge_delta", "stopped", "iterations", "finetune_s", "eval_s"}
+
+
+def test_the_preset_is_the_fine_tune_tabs_default():
+    from napari_robustmedsam.widgets.finetune_form import DEFAULT_PRESET
+
+    assert user_loop.PRESET == DEFAULT_PRESET
+
+
+def test_an_n_that_leaves_too_few_images_to_measure_is_skipped_and_said():
+    from types import SimpleNamespace
+
+    big = SimpleNamespace(name="big", kind="2d", samples=list(range(30)))
+    vol = SimpleNamespace(name="vol", kind="3d", samples=list(range(13)))
+    cells, skipped = user_loop.plan_cells([big, vol], [5, 10, 20], [5.0, 10.0], ["litemedsam"], 10)
+    assert [(c.dataset, c.n, c.budget_min) for c in cells] == [
+        ("big", 5, 5.0), ("big", 5, 10.0), ("big", 10, 5.0), ("big", 10, 10.0), ("big", 20, 5.0), ("big", 20, 10.0)]
+    assert skipped[0] == ("vol: N=5 skipped: its 13 labelled slices leave 8 to measure on, fewer than "
+                          "--min-remaining 10")
+    assert len(skipped) == 3 and "leave 0 to measure on" in skipped[-1]
+
+
+def _rows(dataset, before, kept, candidate, swapped=True):
+    """Rows of one cell at N=10, 10 min: (box, dice5, noc) per model, the same at both conditions."""
+    out = []
+    for model, (box, d5, noc) in (("before", before), ("kept", kept), ("candidate", candidate)):
+        for cond in ("clean", "LQ-3"):
+            out.append(dict(start="litemedsam", dataset=dataset, n_labelled=10, budget_min=10.0, model=model,
+                            condition=cond, box_dice=box, dice_5=d5, noc_85=noc, never_85=0.1, eval_images=20,
+                            swapped=swapped, judge_delta=0.01, finetune_s=600.0, iterations=50,
+                            decision_mode="hold-out", stopped="time budget"))
+    return out
+
+
+def test_verdicts_compare_the_kept_model_with_the_start_as_the_issue_sets_them():
+    met = pd.DataFrame(_rows("a", (0.70, 0.80, 10.0), (0.76, 0.86, 6.0), (0.76, 0.86, 6.0))
+                       + _rows("b", (0.60, 0.70, 8.0), (0.66, 0.76, 5.0), (0.66, 0.76, 5.0)))
+    lines = user_loop.verdicts(met, ["a", "b", "c"])
+    assert len(lines) == 4 and all("**MET**" in line for line in lines)
+    assert "0.650 -> 0.710 (+0.060" in lines[0] and "not measured: c" in lines[0]
+    assert "9.00 -> 5.50 (+39% drop" in lines[2]
+
+    # dataset b got worse: the kept model is the candidate there (a wrong swap), and the mean gain is too small
+    worse = pd.DataFrame(_rows("a", (0.70, 0.80, 10.0), (0.76, 0.86, 8.0), (0.76, 0.86, 8.0))
+                         + _rows("b", (0.60, 0.70, 8.0), (0.58, 0.70, 8.0), (0.58, 0.70, 8.0)))
+    lines = user_loop.verdicts(worse, ["a", "b"])
+    assert lines[0].endswith("**NOT MET**") and "+0.020" in lines[0]
+    assert lines[2].endswith("**NOT MET**")
+    assert "**NOT MET** (b LQ-3 box_dice -0.020; b clean box_dice -0.020)" in lines[3]
+    table = user_loop.markdown_tables(worse)
+    assert "| **mean of 2** | LQ-3 | 40 | 0.650 -> 0.670 (0.670) |" in table
+    assert user_loop.verdicts(worse.assign(n_labelled=5), ["a"])[0].endswith("not measured (no finished cell).")
+
+
+def _phantom_data(root: Path) -> Path:
+    for name, count in (("phantom", 8), ("too_small", 3)):
+        for sub in ("images", "masks"):
+            (root / name / sub).mkdir(parents=True)
+        for i in range(count):
+            image, labels = mri_phantom(96, seed=i)
+            np.save(root / name / "images" / f"img{i:02d}.npy", image)
+            np.save(root / name / "masks" / f"img{i:02d}.npy", labels)
+    return root
+
+
+@pytest.mark.slow
+def test_a_tiny_run_writes_the_table_and_a_rerun_resumes_without_recomputing(tmp_path, monkeypatch, capsys):
+    from training.finetune import PromptConfig
+    from training.finetune.user_run import UserFinetune
+
+    monkeypatch.setenv("ROBUSTMEDSAM_CACHE_DIR", str(tmp_path / "user-cache"))
+    data = _phantom_data(tmp_path / "data")
+    out = tmp_path / "out"
+    argv = ["--data", str(data), "--n", "5", "--budgets", "0.05", "--epochs", "2", "--min-remaining", "2",
+            "--max-eval-images", "1", "--threads", "1", "--out", str(out)]
+    fast = dict(steps_per_epoch=1, objects_per_image=1, variants=1, prompts=PromptConfig(n_steps=1),
+                val_max_objects=1)  # the training tests' fast settings
+    first = user_loop.main(argv, extra_config=fast)
+    printed = capsys.readouterr().out
+    assert "too_small: N=5 skipped: its 3 images leave 0 to measure on" in printed
+
+    df = pd.read_csv(out / user_loop.CSV_NAME)
+    assert set(df.columns) == CSV_COLUMNS and len(df) == 6  # before / candidate / kept x clean / LQ-3
+    assert set(df["model"]) == {"before", "candidate", "kept"} and set(df["condition"]) == {"clean", "LQ-3"}
+    assert (df["dataset"] == "phantom").all() and (df["eval_images"] == 1).all() and (df["n_labelled"] == 5).all()
+    assert (df["decision_mode"] == "hold-out").all() and df["iterations"].iloc[0] >= 1
+    for metric in ("box_dice", "dice_5", "never_85"):
+        assert df[metric].between(0, 1).all(), metric
+    assert df["noc_85"].between(0, 20).all() and (df["objects"] > 0).all()
+    kept = df[df.model == "kept"].set_index("condition")
+    source = df[df.model == ("candidate" if df["swapped"].iloc[0] else "before")].set_index("condition")
+    assert kept[["box_dice", "dice_5", "noc_85"]].equals(source[["box_dice", "dice_5", "noc_85"]])
+    cell = out / "cells" / "litemedsam" / "phantom" / "n5-0.05min"
+    decision = json.loads((cell / "run" / "decision.json").read_text())
+    assert math.isclose(df["judge_delta"].iloc[0], decision["delta"])
+    kept_files = sorted(p.name for p in (cell / "run").iterdir() if p.suffix in (".pt", ".pth"))
+    assert kept_files == ["last.pth"]  # the candidate only: the other checkpoints are pruned
+    assert not (tmp_path / "user-cache" / "finetune-costs.json").exists()  # the user's estimate stays theirs
+
+    report = (out / user_loop.REPORT_NAME).read_text()
+    assert "| dataset | condition | images | box Dice | Dice after 5 clicks | NoC@85 (never) |" in report
+    assert "| phantom | LQ-3 | 1 |" in report and "| **mean of 1** | LQ-3 | 1 |" in report
+    assert "Targets, start litemedsam, N = 10, 10-minute fine-tune: not measured" in report
+    assert "too_small: N=5 skipped" in report
+
+    # rerun: the finished cell is read back; then with its record gone, the fine-tune and the measurements are
+    def refuse(*args, **kwargs):
+        raise AssertionError("a finished fine-tune or measurement was computed again")
+
+    monkeypatch.setattr(UserFinetune, "run", refuse)
+    monkeypatch.setattr("training.evaluation.runner.Embedder.embed", refuse)
+    again = user_loop.main(argv, extra_config=fast)
+    assert again["rows"] == first["rows"]
+    (cell / "rows.json").unlink()
+    resumed = user_loop.main(argv, extra_config=fast)
+    strip = [{k: v for k, v in r.items() if k != "eval_s"} for r in resumed["rows"]]
+    assert strip == [{k: v for k, v in r.items() if k != "eval_s"} for r in first["rows"]]
+    with pytest.raises(ValueError, match="other settings"):  # another recipe into the same --out is refused
+        (cell / "rows.json").unlink()
+        user_loop.main(argv, extra_config={**fast, "variants": 2})
