@@ -15,6 +15,7 @@ import numpy as np
 
 from ..engine.click_guard import EdgeReach
 from ..engine.click_refinement import REFINEMENT_METHODS, RefinementSettings, as_refinement, refine_prediction
+from ..engine.focus_crop import CropPlan, FocusCrop, plan_crop
 from ..engine.predictor import logits_to_original
 from ..errors import PromptError
 from .session import SlicePrompts, mask_box
@@ -95,6 +96,7 @@ class SliceResult:
     prompts: SlicePrompts  # what was actually sent (incl. a derived box)
     hint: str = ""
     feedback: str = ""  # what the new clicks changed, for the status line (:func:`click_feedback`)
+    crop: CropPlan | None = None  # the focus crop decoded in (``logits`` are in its frame), None: the whole slice
 
 
 def clip_box(box: np.ndarray, plane: tuple[int, int]) -> np.ndarray:
@@ -186,6 +188,9 @@ def segment_slice(
     click_guard_reach: float | EdgeReach | None = None,
     image: np.ndarray | None = None,
     click_refinement: str | RefinementSettings | None = None,
+    focus_crop: FocusCrop | None = None,
+    embed_crop=None,
+    previous_crop: CropPlan | None = None,
 ) -> SliceResult:
     """Segment one object on one slice from its prompts.
 
@@ -199,9 +204,26 @@ def segment_slice(
     ``click_refinement`` (one of CLICK_REFINEMENT_MODES, or settings; needs ``image``, the slice's pixels): after
     the model, every new point whose pixel lacks its label is honoured and its surroundings re-decided at full
     resolution (:mod:`..engine.click_refinement`); a corrective click starts from ``previous_mask``.
+    ``focus_crop`` (settings, with ``embed_crop(plan) -> embedding of plan.crop(slice pixels)``): when the prompts
+    have a box that :func:`..engine.focus_crop.plan_crop` finds small, everything is decoded in that crop and the
+    mask pasted back (``SliceResult.crop`` says which); ``previous_crop`` is the crop ``previous_logits`` were
+    decoded in (None: the whole slice); logits of another frame are replaced by the previous mask as the mask prompt.
     """
     plane = tuple(getattr(embedding, "frame", embedding).original_size)  # ImageEmbedding / TiledEmbedding
     sent, hint = prompts_to_send(prompts, plane, box_primary, previous_prompts, previous_mask, model_name)
+    plan = None
+    if focus_crop is not None and embed_crop is not None and prompts.box is not None:
+        plan = plan_crop(sent.box, plane, focus_crop)  # a point-only start is never cropped
+        if plan is not None and not plan.contains_points(sent.points):
+            plan = None  # a click outside the crop: decode the whole slice so that it counts
+    if plan is not None:
+        return _segment_in_crop(plan, embed_crop(plan), predictor, sent, previous_prompts, previous_logits,
+                                previous_mask, previous_crop, image, box_primary=box_primary,
+                                use_previous_logits=use_previous_logits, model_name=model_name,
+                                local_corrections=local_corrections, click_guard=click_guard,
+                                click_guard_reach=click_guard_reach, click_refinement=click_refinement)
+    if previous_crop is not None and previous_logits is not None:
+        previous_logits = _mask_prompt_from(embedding, previous_mask)
     corrective = sent.extends(previous_prompts)
     use_logits = bool(
         use_previous_logits
@@ -249,6 +271,45 @@ def segment_slice(
         hint=hint,
         feedback=feedback,
     )
+
+
+def _mask_prompt_from(embedding, mask: np.ndarray | None):
+    """A mask prompt for ``embedding``'s frame from a binary ``mask`` (None without a mask or a single frame)."""
+    frame = getattr(embedding, "frame", None)
+    if mask is None or frame is None:
+        return None
+    return frame.mask_to_low_res(mask)
+
+
+def _crop_prompts(plan: CropPlan, prompts: SlicePrompts | None) -> SlicePrompts | None:
+    if prompts is None:
+        return None
+    return SlicePrompts(plan.points_to_crop(prompts.points), prompts.labels,
+                        None if prompts.box is None else plan.box_to_crop(prompts.box), prompts.source, prompts.end)
+
+
+def _segment_in_crop(plan: CropPlan, crop_embedding, predictor, sent: SlicePrompts, previous_prompts, previous_logits,
+                     previous_mask, previous_crop, image, **options) -> SliceResult:
+    """:func:`segment_slice` decoded in the focus crop ``plan`` (prompts, previous state and pixels moved into its
+    frame), its mask pasted back at full size. The previous logits are fed back only when they come from the same
+    crop; otherwise the previous mask (cropped) is the mask prompt."""
+    crop_previous_mask = None if previous_mask is None else plan.crop(previous_mask)
+    logits = previous_logits
+    if previous_logits is not None and previous_crop != plan:
+        logits = _mask_prompt_from(crop_embedding, crop_previous_mask)
+    inner = segment_slice(
+        predictor, crop_embedding, _crop_prompts(plan, sent),
+        previous_prompts=_crop_prompts(plan, previous_prompts), previous_logits=logits,
+        previous_mask=crop_previous_mask, image=None if image is None else plan.crop(image), **options)
+    mask = plan.paste(inner.mask)
+    feedback = ""
+    corrective = sent.extends(previous_prompts)
+    if inner.feedback and corrective:  # counted again at full size: the previous mask may reach outside the crop
+        n_new = sent.points.shape[0] - previous_prompts.points.shape[0]
+        feedback = click_feedback(previous_mask, mask, sent.points, sent.labels, n_new)
+    return SliceResult(mask=mask, logits=inner.logits, score=inner.score,
+                       used_previous_logits=inner.used_previous_logits, prompts=sent, hint=inner.hint,
+                       feedback=feedback, crop=plan)
 
 
 def click_feedback(before: np.ndarray | None, after: np.ndarray, points, labels, n_new: int) -> str:
