@@ -228,3 +228,92 @@ def test_evaluation_box_and_clicks_of_a_small_object_use_its_crop():
     assert all(c.embedding.frame.original_size == crops[0].shape for c in model.calls[-len(iter_on):])
     with pytest.raises(ValueError, match="embed_crop"):
         run_prompt_mode(model, embed(img), [obj], "box", "s", on, img)
+
+
+# ---- annotator controller ------------------------------------------------------------------------
+class SliceStandIn:
+    """The controller's SliceEmbeddings over a (Z, H, W) volume, with the stand-in model."""
+
+    def __init__(self, volume, model):
+        self.volume, self.predictor, self.crops = volume, model, {}
+        self.n_slices, self.plane_shape = volume.shape[0], volume.shape[1:]
+
+    def has(self, z):
+        return True
+
+    def get(self, z):
+        return embed(self.volume[z])
+
+    def slice_image(self, z):
+        return self.volume[z]
+
+    def has_crop(self, z, plan):
+        return (z, plan) in self.crops
+
+    def crop(self, z, plan):
+        return self.crops.setdefault((z, plan), embed(plan.crop(self.volume[z])))
+
+
+def zoom_controller(volume, model):
+    import contextlib
+
+    from napari_robustmedsam.annotation.controller import AnnotationController, AnnotatorSettings
+    from test_annotation_controller import ManualTimer, View, Workers
+
+    view, workers = View(volume.shape), Workers()
+    view.options = AnnotatorSettings(local_corrections="off", click_guard="off", zoom_small_objects=True,
+                                     min_score=0.0, iou_threshold=0.3)
+    ctl = AnnotationController(view, workers, lambda i, c: ManualTimer(i, c), decode_context=contextlib.nullcontext)
+    ctl.open_image(volume.shape if volume.shape[0] > 1 else volume.shape[1:])
+    slices = SliceStandIn(volume, model)
+    ctl.set_embeddings(slices)
+    return ctl, view, workers, slices
+
+
+def test_annotator_zoom_embeds_the_crop_in_a_worker_then_decodes_in_it_and_says_so():
+    from napari_robustmedsam.annotation.controller import AnnotatorSettings
+
+    img = small_object_image()
+    model = CoarseModel()
+    ctl, view, workers, slices = zoom_controller(img[None], model)
+    box = np.array([100.0, 100.0, 110.0, 106.0])
+    view.prompts[0] = SlicePrompts(box=box)
+    ctl.segment(0)
+    # the crop is embedded off the GUI thread first: nothing decoded yet
+    assert len(workers.queue) == 1 and workers.queue[0][4] == "embed" and model.calls == []
+    assert "Zooming" in view.status
+    workers.finish()
+    plan = plan_crop(box, img.shape)
+    assert list(slices.crops) == [(0, plan)] and model.calls[-1].embedding is slices.crops[(0, plan)]
+    assert "zoomed: object is small" in view.status
+    assert dice(ctl.session.plane(ctl.session.current, 0), img > 0.5) > 0.75
+    # a corrective click: the same crop (already embedded, no worker), the crop-frame logits fed back
+    logits = ctl.session.current_logits[0]
+    view.prompts[0] = SlicePrompts(points=[[104.0, 102.0]], labels=[1], box=box)
+    ctl.segment(0)
+    assert not workers.queue and model.calls[-1].mask_input is logits
+    # zoom off: the whole slice, and the crop-frame logits are not fed into it
+    view.options = AnnotatorSettings(local_corrections="off", click_guard="off", zoom_small_objects=False)
+    logits = ctl.session.current_logits[0]
+    view.prompts[0] = SlicePrompts(points=[[104.0, 102.0], [105.0, 103.0]], labels=[1, 1], box=box)
+    ctl.segment(0)
+    assert model.calls[-1].embedding.frame.original_size == img.shape
+    assert model.calls[-1].mask_input is not logits and "zoomed" not in view.status
+
+
+def test_annotator_propagation_zooms_on_small_slices_and_remembers_their_frames():
+    vol = np.stack([small_object_image(h=6 + z % 2, w=10) for z in range(5)])
+    model = CoarseModel()
+    ctl, view, workers, slices = zoom_controller(vol, model)
+    box = np.array([100.0, 100.0, 110.0, 106.0])
+    view.prompts[2] = SlicePrompts(box=box)
+    ctl.segment(2)
+    workers.finish()  # the seed's crop
+    assert "zoomed" in view.status
+    ctl.propagation.propagate()
+    assert workers.queue[-1][4] == "propagate"
+    workers.finish()
+    assert {z for z, _ in slices.crops} == {0, 1, 2, 3, 4}  # every small slice decoded in its crop
+    assert ctl.session.current.reshape(5, -1).any(axis=1).all()
+    for z in (0, 1, 3, 4):  # a click there feeds back crop-frame logits only into the same crop
+        assert ctl.previous_crop(z) is not None and (z, ctl.previous_crop(z)) in slices.crops

@@ -64,6 +64,7 @@ def _positive_float(text: str) -> float:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """Long on purpose: every flag of the command in one place, in the order --help shows them."""
     p = argparse.ArgumentParser(
         prog="python -m training.evaluate",
         description="Evaluate promptable segmentation checkpoints on clean and degraded images "

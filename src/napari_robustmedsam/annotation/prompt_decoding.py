@@ -63,6 +63,14 @@ DEFAULT_CLICK_GUARD_REACH: EdgeReach | None = EdgeReach(2.0, "negatives-before-p
 CLICK_REFINEMENT_MODES = REFINEMENT_METHODS
 #: the annotator's default click refinement; chosen by the rule in docs/results/click-refinement/rule.md
 DEFAULT_CLICK_REFINEMENT = "off"
+#: whether the annotator decodes a small object's box in an enlarged crop of its surroundings by default
+#: (:mod:`..engine.focus_crop`); chosen by the rule in docs/results/focus-crop/rule.md
+DEFAULT_ZOOM_SMALL_OBJECTS = False
+ZOOM_SMALL_OBJECTS_TOOLTIP = (
+    "When the box is small (its longer side at most a quarter of the image's), the model sees only a crop of 3 x the "
+    "box around it, enlarged to its input size, so small objects get finer masks. The crop is embedded once per box "
+    "(in the background); clicks on that object stay in the same crop. Point-only starts are never zoomed."
+)
 CLICK_REFINEMENT_TOOLTIP = (
     "After the model: every click is honoured (its pixel gets the clicked label) and a disk around it is "
     "re-decided at the image's full resolution from the image's edges, with your clicks as fixed seeds. "
@@ -211,17 +219,13 @@ def segment_slice(
     """
     plane = tuple(getattr(embedding, "frame", embedding).original_size)  # ImageEmbedding / TiledEmbedding
     sent, hint = prompts_to_send(prompts, plane, box_primary, previous_prompts, previous_mask, model_name)
-    plan = None
-    if focus_crop is not None and embed_crop is not None and prompts.box is not None:
-        plan = plan_crop(sent.box, plane, focus_crop)  # a point-only start is never cropped
-        if plan is not None and not plan.contains_points(sent.points):
-            plan = None  # a click outside the crop: decode the whole slice so that it counts
+    plan = focus_plan(prompts, plane, focus_crop) if embed_crop is not None else None
     if plan is not None:
+        options = dict(box_primary=box_primary, use_previous_logits=use_previous_logits, model_name=model_name,
+                       local_corrections=local_corrections, click_guard=click_guard,
+                       click_guard_reach=click_guard_reach, click_refinement=click_refinement)
         return _segment_in_crop(plan, embed_crop(plan), predictor, sent, previous_prompts, previous_logits,
-                                previous_mask, previous_crop, image, box_primary=box_primary,
-                                use_previous_logits=use_previous_logits, model_name=model_name,
-                                local_corrections=local_corrections, click_guard=click_guard,
-                                click_guard_reach=click_guard_reach, click_refinement=click_refinement)
+                                previous_mask, previous_crop, image, **options)
     if previous_crop is not None and previous_logits is not None:
         previous_logits = _mask_prompt_from(embedding, previous_mask)
     corrective = sent.extends(previous_prompts)
@@ -231,14 +235,8 @@ def segment_slice(
         and (corrective or (previous_prompts is not None and previous_prompts.source in ("propagated", "label")
                             and sent.points.shape[0] > 0))
     )
-    extra = {}
-    if use_logits and corrective:
-        new_points = sent.points[previous_prompts.points.shape[0]:]
-        if local_corrections_apply(local_corrections, sent.box is not None):
-            extra["local_clicks"] = [new_points]
-        if local_corrections_apply(click_guard, sent.box is not None):
-            extra["guard_new_clicks"] = new_points.shape[0]
-            extra["guard_edge_reach"] = click_guard_reach
+    extra = _click_options(sent, previous_prompts, local_corrections, click_guard, click_guard_reach) if (
+        use_logits and corrective) else {}
     prediction = predictor.predict(
         points=sent.points if sent.points.shape[0] else None,
         point_labels=sent.labels if sent.points.shape[0] else None,
@@ -256,21 +254,45 @@ def segment_slice(
     feedback = ""
     if corrective and n_new > 0:
         feedback = click_feedback(previous_mask, mask, sent.points, sent.labels, n_new)
+    return SliceResult(mask=mask, logits=prediction.low_res_logits[:1], score=float(prediction.scores[0]),
+                       used_previous_logits=use_logits, prompts=sent,
+                       hint=hint or _model_hint(prediction, mask, embedding, model_name), feedback=feedback)
+
+
+def _click_options(sent: SlicePrompts, previous_prompts: SlicePrompts, local_corrections, click_guard,
+                   click_guard_reach) -> dict:
+    """The predictor's keyword arguments for a corrective click's local corrections and guard."""
+    extra = {}
+    new_points = sent.points[previous_prompts.points.shape[0]:]
+    if local_corrections_apply(local_corrections, sent.box is not None):
+        extra["local_clicks"] = [new_points]
+    if local_corrections_apply(click_guard, sent.box is not None):
+        extra["guard_new_clicks"] = new_points.shape[0]
+        extra["guard_edge_reach"] = click_guard_reach
+    return extra
+
+
+def _model_hint(prediction, mask: np.ndarray, embedding, model_name: str) -> str:
+    """A hint when the head's empty-mask fallback was used or the mask is empty, else ""."""
     fell_back = getattr(prediction, "fell_back", None)  # predictors without an empty-mask fallback omit it
-    if fell_back is not None and bool(np.asarray(fell_back)[:1].any()) and not hint:
-        hint = FALLBACK_HINT.format(name=model_name)
-    if not mask.any() and not hint:
-        hint = EMPTY_MASK_HINT.format(name=model_name, score=float(prediction.scores[0]),
+    if fell_back is not None and bool(np.asarray(fell_back)[:1].any()):
+        return FALLBACK_HINT.format(name=model_name)
+    if not mask.any():
+        return EMPTY_MASK_HINT.format(name=model_name, score=float(prediction.scores[0]),
                                       size=_input_size_text(embedding))
-    return SliceResult(
-        mask=mask,
-        logits=prediction.low_res_logits[:1],
-        score=float(prediction.scores[0]),
-        used_previous_logits=use_logits,
-        prompts=sent,
-        hint=hint,
-        feedback=feedback,
-    )
+    return ""
+
+
+def focus_plan(prompts: SlicePrompts, plane: tuple[int, int], focus_crop: FocusCrop | None) -> CropPlan | None:
+    """The focus crop that :func:`segment_slice` decodes ``prompts`` in on a slice of ``plane`` (H, W), or None:
+    only a box (a point-only start is never cropped) that ``focus_crop`` finds small, with every point inside the
+    crop (a click outside it is decoded on the whole slice, so that it counts)."""
+    if focus_crop is None or prompts.box is None:
+        return None
+    plan = plan_crop(clip_box(prompts.box, plane), plane, focus_crop)
+    if plan is not None and not plan.contains_points(clip_points(prompts.points, plane)):
+        return None
+    return plan
 
 
 def _mask_prompt_from(embedding, mask: np.ndarray | None):

@@ -322,4 +322,5 @@ def predictor_segment_fn(predictor, embeddings, multimask_output: bool | None = 
             frames[id(out_logits)] = (out_logits, plan)
         return out_mask, out_logits, float(prediction.scores[0])
 
+    segment.crop_of = frame_of  # the focus crop logits returned by this fn were decoded in (None: the whole slice)
     return segment
