@@ -203,7 +203,10 @@ def test_evaluation_flag_enters_the_protocol_hash_only_when_on_and_only_for_box_
     assert on.protocol("points3") == off.protocol("points3")
     parser = build_parser()
     assert _config(parser.parse_args(["--data", "d", "--focus-crop", "on"])).focus_crop
-    assert not _config(parser.parse_args(["--data", "d"])).focus_crop
+    assert not _config(parser.parse_args(["--data", "d"])).focus_crop  # the papers' protocol: no crop
+    # the annotator's default (docs/results/focus-crop/results.md), unless said otherwise
+    assert _config(parser.parse_args(["--data", "d", "--policy", "annotator"])).focus_crop
+    assert not _config(parser.parse_args(["--data", "d", "--policy", "annotator", "--focus-crop", "off"])).focus_crop
 
 
 def test_evaluation_box_and_clicks_of_a_small_object_use_its_crop():

@@ -492,8 +492,7 @@ def test_zoom_on_small_objects_embeds_the_crop_in_a_worker_and_says_so(plugin, q
     layer = viewer.add_image(image, name="phantom")
     annotator = widget.annotator
     annotator.set_image_layer(layer)
-    assert not annotator.zoom_check.isChecked()  # opt-in (docs/results/focus-crop)
-    annotator.zoom_check.setChecked(True)
+    assert annotator.zoom_check.isChecked()  # the default (docs/results/focus-crop)
     organ = truth >= 1
     ys, xs = np.nonzero(organ)
     cy, cx = int(np.median(ys)), int(np.median(xs))

@@ -388,7 +388,7 @@ class AnnotationController:
 
     def zoom_plan(self, z: int, prompts: SlicePrompts):
         """The focus crop slice ``z``'s prompts are decoded in (None: the whole slice, or zoom is off)."""
-        if not self.view.settings().zoom_small_objects:
+        if prompts.box is None or not self.view.settings().zoom_small_objects:
             return None
         return focus_plan(prompts, tuple(self.embeddings.plane_shape), DEFAULT_FOCUS_CROP)
 

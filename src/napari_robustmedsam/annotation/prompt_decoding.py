@@ -64,8 +64,8 @@ CLICK_REFINEMENT_MODES = REFINEMENT_METHODS
 #: the annotator's default click refinement; chosen by the rule in docs/results/click-refinement/rule.md
 DEFAULT_CLICK_REFINEMENT = "off"
 #: whether the annotator decodes a small object's box in an enlarged crop of its surroundings by default
-#: (:mod:`..engine.focus_crop`); chosen by the rule in docs/results/focus-crop/rule.md
-DEFAULT_ZOOM_SMALL_OBJECTS = False
+#: (:mod:`..engine.focus_crop`); chosen by the rule in docs/results/focus-crop/rule.md (results.md there)
+DEFAULT_ZOOM_SMALL_OBJECTS = True
 ZOOM_SMALL_OBJECTS_TOOLTIP = (
     "When the box is small (its longer side at most a quarter of the image's), the model sees only a crop of 3 x the "
     "box around it, enlarged to its input size, so small objects get finer masks. The crop is embedded once per box "
