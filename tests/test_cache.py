@@ -24,7 +24,7 @@ from napari_robustmedsam.engine import cache as cache_mod
 from napari_robustmedsam.engine import signature as signature_mod
 from napari_robustmedsam.engine.cache import EmbeddingCache, EmbeddingStore
 from napari_robustmedsam.engine.embeddings import EmbeddingCacheWarning, EmbeddingEngine
-from napari_robustmedsam.errors import CacheError
+from napari_robustmedsam.errors import CacheError, UserFacingError
 from napari_robustmedsam.models.segmenter import ArchitectureInfo, PromptableSegmenter
 
 
@@ -101,18 +101,19 @@ def test_cache_hit_returns_identical_tensors(tiny, image, tmp_path):
 
 
 def test_engine_features_equal_model_encode(tiny, image, tmp_path):
-    """The engine folds the encoder's batch norms into its convolutions: equal to model.encode within 1e-5."""
+    """The engine folds the encoder's batch norms into its convolutions: equal to model.encode within 1e-5
+    (float32 storage: the default float16 storage rounds what it serves, see test_float16_storage_roundtrip)."""
     from napari_robustmedsam.engine.preprocessing import preprocess
 
-    emb = _engine(tiny, tmp_path).embed_image(image)
+    emb = _engine(tiny, tmp_path, storage_dtype="float32").embed_image(image)
     reference = tiny.encode(preprocess(image, "litemedsam")[0])["image_embeddings"]
     torch.testing.assert_close(emb.image_embeddings, reference, atol=1e-5, rtol=1e-5)
 
 
 def test_other_model_weights_recompute(tiny, image, tmp_path):
-    _engine(tiny, tmp_path).embed_image(image)
+    _engine(tiny, tmp_path, storage_dtype="float32").embed_image(image)
     other = tiny_segmenter(seed=1)
-    eng = _engine(other, tmp_path)
+    eng = _engine(other, tmp_path, storage_dtype="float32")
     emb = eng.embed_image(image)
     assert eng.stats["computed"] == 1 and eng.stats["from_disk"] == 0
     torch.testing.assert_close(emb.image_embeddings, other.encode(_pre(image))["image_embeddings"], atol=1e-5, rtol=1e-5)
@@ -323,12 +324,12 @@ def test_full_disk_mid_write_falls_back_and_leaves_nothing(tiny, image, tmp_path
 
 
 def test_robust_features_are_cached_and_keyed_by_the_decoder(tiny_robust, image, tmp_path):
-    eng = _engine(tiny_robust, tmp_path)
+    eng = _engine(tiny_robust, tmp_path, storage_dtype="float32")
     emb = eng.embed_image(image)
     assert set(emb.features) == {"image_embeddings", "robust_image_features"}
     box = [15, 10, 70, 60]
     fresh_pred = eng.predictor.predict(boxes=box, embedding=emb)
-    again = _engine(tiny_robust, tmp_path)
+    again = _engine(tiny_robust, tmp_path, storage_dtype="float32")
     cached = again.embed_image(image)
     assert again.stats["from_disk"] == 1 and _equal(emb, cached)
     cached_pred = again.predictor.predict(boxes=box, embedding=cached)
@@ -338,7 +339,7 @@ def test_robust_features_are_cached_and_keyed_by_the_decoder(tiny_robust, image,
     other.image_encoder.load_state_dict(tiny_robust.image_encoder.state_dict())
     with torch.no_grad():
         other.mask_decoder.fourier_last_layer_features.parameters().__next__().mul_(1.5)
-    third = _engine(other, tmp_path)
+    third = _engine(other, tmp_path, storage_dtype="float32")
     swapped = third.embed_image(image)
     # ... it recomputes them from the encoder-level entry (embedding + early features): no encoder run
     assert third.stats["computed"] == 0 and third.stats["from_encoder_cache"] == 1 and third.stats["from_disk"] == 0
@@ -349,17 +350,58 @@ def test_robust_features_are_cached_and_keyed_by_the_decoder(tiny_robust, image,
 
 
 def test_float16_storage_roundtrip(tiny, image, tmp_path):
-    eng = _engine(tiny, tmp_path, storage_dtype="float16")
+    """float16 is the default storage: zstd-compressed, under half the float32 entry, keyed apart from float32,
+    and what a fresh computation serves is exactly what a later session reads back."""
+    assert cache_mod.DEFAULT_STORAGE_DTYPE == "float16"
+    eng = _engine(tiny, tmp_path)  # the default
+    assert eng.storage_dtype == "float16"
     emb = eng.embed_image(image)
     (store_dir,) = tmp_path.glob("*.zarr")
-    meta = json.loads((store_dir / "entries" / "e0000000" / "image_embeddings" / "zarr.json").read_text())
+    entry = store_dir / "entries" / "e0000000"
+    meta = json.loads((entry / "image_embeddings" / "zarr.json").read_text())
     assert meta["data_type"] == "float16"
-    again = _engine(tiny, tmp_path, storage_dtype="float16").embed_image(image)
-    assert again.image_embeddings.dtype == torch.float32
-    torch.testing.assert_close(again.image_embeddings, emb.image_embeddings, atol=2e-3, rtol=1e-3)
-    # fp32 and fp16 caches are different entries
-    _engine(tiny, tmp_path).embed_image(image)
+    assert [c["name"] for c in meta["codecs"]] == ["bytes", "zstd"]
+    assert emb.image_embeddings.dtype == torch.float32
+    # served values are the stored float16 values, not the encoder's float32 ones
+    assert torch.equal(emb.image_embeddings, emb.image_embeddings.half().float())
+    exact = _engine(tiny, tmp_path / "f32", storage_dtype="float32").embed_image(image)
+    assert not torch.equal(emb.image_embeddings, exact.image_embeddings)
+    torch.testing.assert_close(emb.image_embeddings, exact.image_embeddings, atol=2e-3, rtol=1e-3)
+    again_engine = _engine(tiny, tmp_path)
+    again = again_engine.embed_image(image)
+    assert again_engine.stats["from_disk"] == 1 and again.image_embeddings.dtype == torch.float32
+    assert torch.equal(again.image_embeddings, emb.image_embeddings)
+    assert cache_mod.directory_size(entry) < cache_mod.directory_size(next((tmp_path / "f32").glob("*.zarr"))) / 2
+    # fp32 and fp16 caches are different entries (the storage dtype is in the signature)
+    _engine(tiny, tmp_path, storage_dtype="float32").embed_image(image)
     assert len(list(tmp_path.glob("*.zarr"))) == 2
+    with pytest.raises(UserFacingError, match="storage_dtype must be one of float32, float16"):
+        _engine(tiny, tmp_path, storage_dtype="bfloat16")
+
+
+def test_compressed_entry_is_verified_like_an_uncompressed_one(tiny, image, tmp_path):
+    """A flipped byte in a zstd chunk is corruption (deleted, recomputed), never served or a crash."""
+    _engine(tiny, tmp_path).embed_image(image)
+    (store_dir,) = tmp_path.glob("*.zarr")
+    chunk = store_dir / "entries" / "e0000000" / "image_embeddings" / "c" / "0" / "0" / "0" / "0"
+    data = bytearray(chunk.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    chunk.write_bytes(bytes(data))
+    eng = _engine(tiny, tmp_path)
+    eng.embed_image(image)
+    assert eng.stats["corrupt"] == 1 and eng.stats["computed"] == 1
+
+
+def test_float16_overflow_keeps_values_and_falls_back_to_memory(image, tmp_path):
+    """Values beyond float16 are not served as inf: the engine keeps the float32 values and goes on in memory."""
+    model = tiny_segmenter(seed=3)
+    with torch.no_grad():
+        for p in model.image_encoder.parameters():
+            p.mul_(1e4)
+    eng = _engine(model, tmp_path)
+    with pytest.warns(EmbeddingCacheWarning, match="NaN/inf"):
+        emb = eng.embed_image(image)
+    assert torch.isfinite(emb.image_embeddings).all() and emb.image_embeddings.abs().max() > 65504
 
 
 def test_cache_dir_from_environment(monkeypatch, tmp_path):
@@ -395,3 +437,13 @@ def test_all_zero_features_are_served_from_disk(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         assert store.read(0) is None
+
+
+def test_float16_finiteness_check_reads_the_exponent_bits():
+    ok = np.array([0.0, -0.0, 1e-7, 65504.0, -65504.0, 0.6], np.float16)
+    assert cache_mod._all_finite(ok)
+    for bad in (np.inf, -np.inf, np.nan):
+        arr = ok.copy()
+        arr[2] = bad
+        assert not cache_mod._all_finite(arr)
+    assert not cache_mod._all_finite(np.array([1.0, np.nan], np.float32))

@@ -50,3 +50,28 @@ def test_refinement_honours_every_point_of_a_stroke():
     out = refine_clicks(image, model, pts, labels, len(pts), "graph-cut")
     assert all(out[click_pixel(p, out.shape)] for p in pts)
     assert (out & truth).sum() > (model & truth).sum()
+
+
+def test_the_status_line_names_a_stroke_and_what_it_changed():
+    from napari_robustmedsam.annotation.prompt_decoding import click_feedback, new_points_form_one_stroke
+
+    before = np.zeros((32, 32), bool)
+    before[8:16, 8:16] = True
+    after = before.copy()
+    after[8:16, 16:20] = True
+    after[8, 8] = False
+    pts = np.array([[10.0, 10.0], [17.0, 10.0], [18.0, 12.0]])
+    text = click_feedback(before, after, pts, [1, 1, 1], 2, stroke=True)
+    assert text == "Stroke of 2 points: +32 px / -1 px."
+    unchanged = click_feedback(before, before, pts, [1, 1, 1], 2, stroke=True)
+    assert unchanged.startswith("The stroke of 2 points changed nothing: the model kept its mask. Try Click refinement")
+    inside = click_feedback(before, before, np.array([[9.0, 9.0], [10.0, 10.0]]), [1, 1], 2, stroke=True)
+    assert "its points already had that label" in inside
+    # a stroke of one point is one click, named as a stroke
+    assert click_feedback(before, after, pts[:1], [1], 1, stroke=True).startswith("Stroke of 1 point: ")
+    # which new points form one stroke: the stroke ids of the points (-1: a click)
+    assert new_points_form_one_stroke(np.array([-1, 3, 3]), 3, 2)
+    assert not new_points_form_one_stroke(np.array([-1, 3, 3]), 3, 3)  # a click among them
+    assert not new_points_form_one_stroke(np.array([2, 3]), 2, 2)  # two strokes
+    assert not new_points_form_one_stroke(np.array([-1, -1]), 2, 1) and not new_points_form_one_stroke(None, 2, 1)
+    assert not new_points_form_one_stroke(np.array([3, 3]), 3, 1)  # ids that do not match the points: not named

@@ -88,6 +88,7 @@ class AnnotatorView(Protocol):
     def live(self) -> bool: ...
     def slice_done(self, z: int, seconds: float) -> None: ...
     def propagation_done(self, result) -> None: ...
+    # optional: ``point_strokes(z)``, the stroke id of each of slice z's points (-1: a click), for the status line
 
 
 class DecodeScheduler:
@@ -384,6 +385,7 @@ class AnnotationController:
             focus_crop=DEFAULT_FOCUS_CROP if settings.zoom_small_objects else None,
             embed_crop=lambda plan: self.embeddings.crop(z, plan),
             previous_crop=self.previous_crop(z),
+            point_strokes=self.view.point_strokes(z) if hasattr(self.view, "point_strokes") else None,
         )
 
     def zoom_plan(self, z: int, prompts: SlicePrompts):

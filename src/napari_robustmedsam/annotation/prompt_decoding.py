@@ -199,6 +199,7 @@ def segment_slice(
     focus_crop: FocusCrop | None = None,
     embed_crop=None,
     previous_crop: CropPlan | None = None,
+    point_strokes: np.ndarray | None = None,
 ) -> SliceResult:
     """Segment one object on one slice from its prompts.
 
@@ -216,6 +217,7 @@ def segment_slice(
     have a box that :func:`..engine.focus_crop.plan_crop` finds small, everything is decoded in that crop and the
     mask pasted back (``SliceResult.crop`` says which); ``previous_crop`` is the crop ``previous_logits`` were
     decoded in (None: the whole slice); logits of another frame are replaced by the previous mask as the mask prompt.
+    ``point_strokes``: each point's stroke id (-1: a click; :mod:`.strokes`), for the status line's wording only.
     """
     plane = tuple(getattr(embedding, "frame", embedding).original_size)  # ImageEmbedding / TiledEmbedding
     sent, hint = prompts_to_send(prompts, plane, box_primary, previous_prompts, previous_mask, model_name)
@@ -223,7 +225,8 @@ def segment_slice(
     if plan is not None:
         options = dict(box_primary=box_primary, use_previous_logits=use_previous_logits, model_name=model_name,
                        local_corrections=local_corrections, click_guard=click_guard,
-                       click_guard_reach=click_guard_reach, click_refinement=click_refinement)
+                       click_guard_reach=click_guard_reach, click_refinement=click_refinement,
+                       point_strokes=point_strokes)
         return _segment_in_crop(plan, embed_crop(plan), predictor, sent, previous_prompts, previous_logits,
                                 previous_mask, previous_crop, image, **options)
     if previous_crop is not None and previous_logits is not None:
@@ -251,9 +254,9 @@ def segment_slice(
     if refinement is not None and image is not None and n_new > 0:
         mask = _refine(image, embedding, mask, prediction, sent, n_new, refinement,
                        previous_mask if use_logits and corrective else None, previous_logits)
-    feedback = ""
-    if corrective and n_new > 0:
-        feedback = click_feedback(previous_mask, mask, sent.points, sent.labels, n_new)
+    stroke = new_points_form_one_stroke(point_strokes, len(sent.points), n_new)
+    new = corrective and n_new > 0
+    feedback = click_feedback(previous_mask, mask, sent.points, sent.labels, n_new, stroke) if new else ""
     return SliceResult(mask=mask, logits=prediction.low_res_logits[:1], score=float(prediction.scores[0]),
                        used_previous_logits=use_logits, prompts=sent,
                        hint=hint or _model_hint(prediction, mask, embedding, model_name), feedback=feedback)
@@ -328,17 +331,32 @@ def _segment_in_crop(plan: CropPlan, crop_embedding, predictor, sent: SlicePromp
     corrective = sent.extends(previous_prompts)
     if inner.feedback and corrective:  # counted again at full size: the previous mask may reach outside the crop
         n_new = sent.points.shape[0] - previous_prompts.points.shape[0]
-        feedback = click_feedback(previous_mask, mask, sent.points, sent.labels, n_new)
+        stroke = new_points_form_one_stroke(options.get("point_strokes"), len(sent.points), n_new)
+        feedback = click_feedback(previous_mask, mask, sent.points, sent.labels, n_new, stroke)
     return SliceResult(mask=mask, logits=inner.logits, score=inner.score,
                        used_previous_logits=inner.used_previous_logits, prompts=sent, hint=inner.hint,
                        feedback=feedback, crop=plan)
 
 
-def click_feedback(before: np.ndarray | None, after: np.ndarray, points, labels, n_new: int) -> str:
+def new_points_form_one_stroke(point_strokes, n_points: int, n_new: int) -> bool:
+    """Whether the last ``n_new`` of ``n_points`` points were all sampled from one stroke (``point_strokes``: one
+    stroke id per point, -1 for a click; None: all clicks)."""
+    if point_strokes is None or n_new <= 0:
+        return False
+    ids = np.asarray(point_strokes).reshape(-1)
+    if ids.shape[0] != n_points:
+        return False
+    new = ids[n_points - n_new:]
+    return bool(new[0] >= 0 and (new == new[0]).all())
+
+
+def click_feedback(before: np.ndarray | None, after: np.ndarray, points, labels, n_new: int,
+                   stroke: bool = False) -> str:
     """One sentence for the status line: what the last ``n_new`` of ``points`` ((K, 2) x, y; ``labels`` 1/0) changed
     from ``before`` to ``after`` (pixels added and removed), and when a click changed nothing or its pixel still has
-    the other label, why that may be and what to try. Why: a click the model ignores must not look like one it
-    took (the status line used to say only "refined with the previous mask")."""
+    the other label, why that may be and what to try. ``stroke``: the new points are the clicks along one stroke,
+    and the sentence names it. Why: a click the model ignores must not look like one it took (the status line used
+    to say only "refined with the previous mask")."""
     from ..engine.click_refinement import click_pixel
 
     after = np.asarray(after, dtype=bool)
@@ -353,6 +371,9 @@ def click_feedback(before: np.ndarray | None, after: np.ndarray, points, labels,
     if overridden:
         notes.append("it contradicts an earlier click on the same pixel: the last click wins")
     ignored = [k for k in new if after[pixels[k]] != bool(labs[k])]
+    if stroke:
+        return _stroke_feedback(n_new, added, removed, len(ignored),
+                                all(before[pixels[k]] == bool(labs[k]) for k in new), bool(overridden))
     if added == 0 and removed == 0:
         if all(before[pixels[k]] == bool(labs[k]) for k in new):
             text = ("The click changed nothing: its pixel already had that label. Click where the mask is wrong "
@@ -367,4 +388,25 @@ def click_feedback(before: np.ndarray | None, after: np.ndarray, points, labels,
                      "of the wrong part.")
     if notes:
         text += " Note: " + "; ".join(notes) + "."
+    return text
+
+
+def _stroke_feedback(n_points: int, added: int, removed: int, n_ignored: int, had_labels: bool,
+                     overrides: bool) -> str:
+    """:func:`click_feedback`'s sentence for the clicks along one stroke."""
+    name = f"stroke of {n_points} point{'s' if n_points != 1 else ''}"
+    if added == 0 and removed == 0:
+        if had_labels:
+            text = (f"The {name} changed nothing: its points already had that label. Draw it where the mask is "
+                    "wrong (positive over missed object, negative over wrong mask).")
+        else:
+            text = (f"The {name} changed nothing: the model kept its mask. Try Click refinement (random walker or "
+                    "graph cut), a stroke nearer the middle of the wrong part, or a tighter box.")
+    else:
+        text = f"{name[0].upper()}{name[1:]}: +{added} px / -{removed} px."
+        if n_ignored:
+            text += (f" {n_ignored} of its points still have the other label: try Click refinement, or draw again "
+                     "nearer the middle of the wrong part.")
+    if overrides:
+        text += " Note: it crosses an earlier click of the other label: the stroke, the last prompt, wins there."
     return text

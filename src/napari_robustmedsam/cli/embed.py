@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from ..checkpoints.project_format import PREPROCESSING_CHOICES
+from ..engine.cache import DEFAULT_STORAGE_DTYPE, STORAGE_DTYPES
 from ..errors import ImageInputError
 from .progress import stage
 from .volume_input import add_volume_options, read_input
@@ -37,7 +38,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         help="cache directory (default: $ROBUSTMEDSAM_CACHE_DIR/embeddings, else the user cache directory)",
     )
     p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cuda, mps or cpu")
-    p.add_argument("--fast", action="store_true", help="opt-in faster CPU path (channels_last, same embeddings; add --precision bf16 for more speed on CPUs with native bf16, at the price of changed masks)")
+    p.add_argument("--fast", action=argparse.BooleanOptionalAction, default=None, help="channels_last on the CPU (same embeddings; default: on for LiteMedSAM, off for ViT encoders; add --precision bf16 for more speed on CPUs with native bf16, at the price of changed masks)")
     p.add_argument(
         "--precision",
         default="auto",
@@ -46,9 +47,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--storage",
-        default="float32",
-        choices=("float32", "float16"),
-        help="dtype of the cached tensors (float16 halves the cache size)",
+        default=DEFAULT_STORAGE_DTYPE,
+        choices=STORAGE_DTYPES,
+        help=f"dtype of the cached tensors (default {DEFAULT_STORAGE_DTYPE}: half the size of float32, "
+        "masks within tolerance; float32 keeps the encoder's values exactly)",
     )
     p.add_argument(
         "--preprocessing",

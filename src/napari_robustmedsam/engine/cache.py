@@ -1,7 +1,7 @@
 """On-disk embedding cache: one zarr store per image / volume / tiled image, one entry per slice or tile.
 
-Layout (zarr v3, uncompressed: embeddings are floats that compress by under 10 % while zstd doubles the
-read time)::
+Layout (zarr v3, one chunk per array; float16 entries zstd-compressed, float32 ones not: see
+``COMPRESSION_BY_DTYPE``)::
 
     <cache dir>/<signature key>.zarr/          root group; attrs: {"robustmedsam_embeddings": signature}
         entries/                               group
@@ -54,6 +54,13 @@ CACHE_ENV = "ROBUSTMEDSAM_CACHE_DIR"
 APP_NAME = "napari-robustmedsam"
 SIGNATURE_ATTR = "robustmedsam_embeddings"
 STORAGE_DTYPES = ("float32", "float16")
+# float16 keeps box masks within the project's tolerance of float32's and halves the cache
+# (docs/results/encoder-speed/results.md); the storage dtype is part of every entry's signature.
+DEFAULT_STORAGE_DTYPE = "float16"
+# Lossless compression of an entry's arrays, by storage dtype (None: uncompressed). Not part of the signature:
+# it never changes a value, and the reader follows each array's own metadata. zstd takes float16 embeddings
+# below 2 MB per slice at a few ms per read; float32 embeddings gain too little to pay for the read time.
+COMPRESSION_BY_DTYPE: dict[str, str | None] = {"float32": None, "float16": "zstd"}
 _STALE_TMP_SECONDS = 600.0
 
 
@@ -142,6 +149,14 @@ def frame_from_json(d: Mapping) -> ImageFrame:
 def _entry_digest(arrays: Mapping[str, Mapping], frame: Mapping, extra: Mapping) -> str:
     """Checksum of everything in an entry's metadata that can change a mask."""
     return checksum_json({"arrays": arrays, "frame": frame, "extra": extra})
+
+
+def _all_finite(arr: np.ndarray) -> bool:
+    """No NaN/inf. For float16 from the exponent bits (all ones: inf or NaN): numpy computes float16 in software,
+    so ``np.isfinite`` took longer than reading the entry."""
+    if arr.dtype == np.float16:
+        return not bool(((arr.view(np.uint16) & 0x7C00) == 0x7C00).any())
+    return bool(np.isfinite(arr).all())
 
 
 def _array_record(arr: np.ndarray) -> dict:
@@ -277,7 +292,7 @@ class EmbeddingStore:
                     raise ValueError(f"{name} stored as {arr.dtype}, expected {self.storage_dtype}")
                 if checksum_bytes(arr) != expected:
                     raise ValueError(f"checksum mismatch in {name}")
-                if not np.isfinite(arr).all():  # never written by this version: from an older one, or forged
+                if not _all_finite(arr):  # never written by this version: from an older one, or forged
                     raise ValueError(f"NaN/inf values in {name}")
                 arrays[name] = arr
                 records[name] = _array_record(arr)
@@ -310,7 +325,7 @@ class EmbeddingStore:
             for name, tensor in features.items():
                 arr = tensor.detach().to("cpu", torch.float32).numpy().astype(self.storage_dtype, copy=False)
                 arr = np.ascontiguousarray(arr)
-                if not np.isfinite(arr).all():
+                if not _all_finite(arr):
                     raise ValueError(
                         f"{name} holds NaN/inf values in {self.storage_dtype} (a float16 overflow, or broken weights)")
                 _write_array(group, name, arr)
@@ -356,9 +371,9 @@ def _read_json(path: Path) -> dict:
 def _read_array(array_dir: Path) -> np.ndarray:
     """Read one array written by :func:`_write_array`.
 
-    The arrays are uncompressed, single-chunk, zarr v3 "bytes" encoded: after checking that the metadata says
-    exactly that, the chunk file is read directly (zarr's async machinery costs more than the read itself);
-    any other layout goes through zarr. The caller verifies the checksum either way.
+    The arrays are single-chunk, zarr v3 "bytes" encoded, uncompressed or zstd-compressed: after checking that the
+    metadata says exactly that, the chunk file is read (and decompressed) directly (zarr's async machinery costs
+    more than the read itself); any other layout goes through zarr. The caller verifies the checksum either way.
     """
     meta = _read_json(array_dir / "zarr.json")
     shape = [int(v) for v in meta.get("shape", [])]
@@ -370,7 +385,7 @@ def _read_array(array_dir: Path) -> np.ndarray:
         and meta.get("node_type") == "array"
         and grid.get("name") == "regular"
         and [int(v) for v in grid.get("configuration", {}).get("chunk_shape", [])] == shape
-        and len(codecs) == 1
+        and (len(codecs) == 1 or (len(codecs) == 2 and codecs[1].get("name") == "zstd"))
         and codecs[0].get("name") == "bytes"
         and keys.get("name") == "default"
         and keys.get("configuration", {}).get("separator", "/") == "/"
@@ -385,7 +400,12 @@ def _read_array(array_dir: Path) -> np.ndarray:
             # zarr leaves out a chunk equal to the fill value (entries written before write_empty_chunks was set:
             # the lite robust decoder's all-zero image features); a chunk that went missing fails the checksum.
             return np.full(shape, meta.get("fill_value", 0), dtype=dtype.newbyteorder("="))
-        data = np.fromfile(chunk, dtype=dtype)
+        if len(codecs) == 2:
+            from numcodecs import Zstd
+
+            data = np.frombuffer(Zstd().decode(chunk.read_bytes()), dtype=dtype).copy()  # writable
+        else:
+            data = np.fromfile(chunk, dtype=dtype)
         if data.size != int(np.prod(shape)):
             raise ValueError(f"chunk of {array_dir.name} has {data.size} values, expected {int(np.prod(shape))}")
         return data.astype(dtype.newbyteorder("="), copy=False).reshape(shape)
@@ -403,9 +423,24 @@ def _is_complete(entry: Path) -> bool:
         return False
 
 
+def _compressors(dtype: np.dtype):
+    from zarr.codecs import BloscCodec, ZstdCodec
+
+    name = COMPRESSION_BY_DTYPE.get(np.dtype(dtype).name)
+    if name is None:
+        return None
+    if name == "zstd":
+        return [ZstdCodec(level=3)]
+    if name == "blosc":
+        return [BloscCodec(cname="zstd", clevel=5, shuffle="shuffle", typesize=np.dtype(dtype).itemsize)]
+    raise ValueError(f"unknown cache compression {name!r}")
+
+
 def _write_array(group: Any, name: str, arr: np.ndarray) -> None:
-    """One uncompressed single-chunk array (kept as a function so fault tests can intercept it)."""
-    group.create_array(name, data=arr, chunks=arr.shape, compressors=None, config={"write_empty_chunks": True})
+    """One single-chunk array, compressed as ``COMPRESSION_BY_DTYPE`` says (kept as a function so fault tests can
+    intercept it)."""
+    group.create_array(name, data=arr, chunks=arr.shape, compressors=_compressors(arr.dtype),
+                       config={"write_empty_chunks": True})
 
 
 def _read_root_signature(path: Path, wanted: Signature) -> tuple[str, dict]:

@@ -46,7 +46,7 @@ import numpy as np
 import torch
 
 from ..errors import CacheError, ImageInputError, UserFacingError
-from .cache import EmbeddingCache, EmbeddingStore
+from .cache import DEFAULT_STORAGE_DTYPE, STORAGE_DTYPES, EmbeddingCache, EmbeddingStore
 from .fast_cpu import EncoderRunner
 from .predictor import ImageEmbedding, Predictor, require_finite
 from .preprocessing import frame_for, model_input_size, preprocess, validate_image
@@ -123,9 +123,11 @@ class EmbeddingEngine:
         cache_dir: cache directory (default ``$ROBUSTMEDSAM_CACHE_DIR/embeddings`` or the user cache
             dir); ``use_cache=False`` keeps everything in memory.
         precision: ``"auto"`` (fp32 on CPU, fp16 autocast on CUDA), ``"fp32"``, ``"bf16"``, ``"fp16"``.
-        cpu_fast: opt-in faster CPU path (see :mod:`.fast_cpu`); ``compile`` tries ``torch.compile``.
-        storage_dtype: ``"float32"`` (default) or ``"float16"`` on disk (half the size; see docs/benchmarks.md
-            for its effect on masks).
+        cpu_fast: channels_last on the CPU; ``None`` (default): on for encoders with folded batch norms
+            (LiteMedSAM), off for ViTs (see :mod:`.fast_cpu`); ``compile`` tries ``torch.compile``.
+        storage_dtype: ``"float16"`` (default, zstd-compressed) or ``"float32"`` on disk. With a disk cache the
+            embeddings served are the stored values (float16 rounded), so a slice gives the same mask whether it
+            was just computed or read back (docs/results/encoder-speed/results.md has the effect on masks).
         tile_threshold / halo / tile_shape: tiling of large 2D images (``tile_threshold=None`` disables it).
         memory_entries: how many embeddings to keep in memory (LRU) when the disk cache works; without a
             disk cache every computed embedding is kept.
@@ -139,9 +141,9 @@ class EmbeddingEngine:
         cache_dir: str | os.PathLike | None = None,
         use_cache: bool = True,
         precision: str = "auto",
-        cpu_fast: bool = False,
+        cpu_fast: bool | None = None,
         compile: bool = False,
-        storage_dtype: str = "float32",
+        storage_dtype: str = DEFAULT_STORAGE_DTYPE,
         tile_threshold: int | None = DEFAULT_TILE_THRESHOLD,
         halo: int = DEFAULT_HALO,
         tile_shape: int | tuple[int, int] | None = None,
@@ -149,8 +151,8 @@ class EmbeddingEngine:
         box_primary: bool | None = None,
     ) -> None:
         model, preprocessing, box_primary, sha, name = _resolve_model(model, preprocessing, box_primary)
-        if storage_dtype not in ("float32", "float16"):
-            raise UserFacingError(f"storage_dtype must be 'float32' or 'float16', not {storage_dtype!r}")
+        if storage_dtype not in STORAGE_DTYPES:
+            raise UserFacingError(f"storage_dtype must be one of {', '.join(STORAGE_DTYPES)}, not {storage_dtype!r}")
         self.model = model
         self.preprocessing = preprocessing
         self.name = name
@@ -323,16 +325,31 @@ class EmbeddingEngine:
                 image_level = self.model.image_features(emb_t, enc["early_features"].to(self.model.device, dtype))
                 features = {"image_embeddings": enc["image_embeddings"]}
                 features.update({k: v.float().cpu().contiguous() for k, v in image_level.items()})
+                features = self._as_stored(features)
                 self.stats["from_encoder_cache"] += 1
                 self._write(store, index, features, frame, extra)
                 return ImageEmbedding(features, frame)
         emb = self.encode(image_fn(), keep_early=encoder_store is not None)
+        if store is not None or encoder_store is not None:
+            emb = ImageEmbedding(self._as_stored(emb.features), emb.frame)
         if encoder_store is not None:
             early = emb.features.pop("early_features")
             self._write(encoder_store, index, {"image_embeddings": emb.image_embeddings, "early_features": early},
                         emb.frame, extra)
         self._write(store, index, emb.features, emb.frame, extra)
         return emb
+
+    def _as_stored(self, features: dict) -> dict:
+        """``features`` rounded to the storage dtype, as a cache read would give them, so that a slice gives the
+        same mask fresh or reopened. Kept as they are when the rounding overflows (the write then refuses them,
+        and the engine goes on in memory)."""
+        if self.storage_dtype == "float32":
+            return features
+        dtype = getattr(torch, self.storage_dtype)
+        rounded = {k: v.to(dtype).to(v.dtype) if v.is_floating_point() else v for k, v in features.items()}
+        if not all(bool(torch.isfinite(v).all()) for v in rounded.values() if v.is_floating_point()):
+            return features
+        return rounded
 
     def _complete(self, features: dict) -> bool:
         """An entry holds everything this model reads (an old entry may lack the enhancer's features)."""

@@ -6,8 +6,11 @@ What the engine does (the speed-ups are measured in docs/benchmarks.md):
   into their convolutions in a private copy of the encoder (inference only: running statistics are
   constants). This is exact up to fp32 rounding (max abs difference of the embeddings about 4e-6 for values
   up to about 0.6). ViT encoders have no batch norm and are used as they are (no copy).
-- ``cpu_fast=True`` (opt-in, CPU): additionally channels_last tensors for the convolution stages (same
-  embeddings up to fp32 rounding). bf16 autocast only when asked for (``precision="bf16"``): it is fast on CPUs
+- ``cpu_fast`` (CPU): additionally channels_last tensors for the convolution stages (same embeddings up to fp32
+  rounding). ``None`` (the default) turns it on for encoders whose batch norms are folded (LiteMedSAM's TinyViT:
+  the private copy exists anyway, and it measured faster with the same masks, docs/results/encoder-speed); a ViT
+  encoder keeps running as it is unless ``cpu_fast=True`` (a second copy of a large encoder costs memory).
+  bf16 autocast only when asked for (``precision="bf16"``): it is fast on CPUs
   with native bf16 (AMX-BF16 or AVX512-BF16) but changes masks noticeably; without native bf16 it is emulated
   and slower (a notice says so). ``compile=True`` additionally tries ``torch.compile`` (slow to compile on 2
   cores; off by default).
@@ -167,20 +170,22 @@ class EncoderRunner:
         self,
         model: nn.Module,
         precision: str = "auto",
-        cpu_fast: bool = False,
+        cpu_fast: bool | None = None,
         compile: bool = False,
         fold_bn: bool = True,
     ) -> None:
         if precision not in PRECISIONS:
             raise UserFacingError(f"unknown precision {precision!r}; expected one of {', '.join(PRECISIONS)}")
         self.model = model
-        self.cpu_fast = cpu_fast
+        if cpu_fast is None:
+            cpu_fast = bool(fold_bn and count_foldable_batchnorms(model.image_encoder) > 0)
+        self.cpu_fast = bool(cpu_fast)
         self.compile = compile
         self.fold_bn = fold_bn
         self.notices: list[str] = []
         self.device = next(model.parameters()).device
         self.precision = self._resolve_precision(precision)
-        self.channels_last = bool(cpu_fast and self.device.type == "cpu")
+        self.channels_last = bool(self.cpu_fast and self.device.type == "cpu")
         if self.device.type == "cpu":
             configure_cpu_memory()
         self._fast_model: nn.Module | None = None

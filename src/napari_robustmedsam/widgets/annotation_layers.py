@@ -234,8 +234,8 @@ def remove_last_point(points_layer, z: int, volume: bool) -> bool:
 
 
 def set_polarity(points_layer, polarity: str) -> str:
-    """The label ("positive" / "negative") of the next point added to the points layer."""
-    points_layer.feature_defaults = {"label": polarity}
+    """The label ("positive" / "negative") of the next point added to the points layer (its other defaults kept)."""
+    points_layer.feature_defaults = {**points_layer.feature_defaults.iloc[0].to_dict(), "label": polarity}
     return polarity
 
 

@@ -4,6 +4,8 @@ Layers it manages (created next to the image, with its scale and translation):
 
 - ``point prompts`` (Points): positive (green) / negative (red) clicks; **T** toggles the polarity of the
   next point.
+- ``stroke prompts`` (Shapes, path tool): a drag draws a stroke, which becomes clicks along it with the same
+  polarity (:mod:`.stroke_layer`); negative strokes are red.
 - ``box prompts`` (Shapes): rectangles; the box is the primary prompt of box-trained models.
 - ``current object`` (Labels): the object being segmented, updated on every prompt change (live) or on **S**.
 - ``committed objects`` (Labels): **C** commits the current object with a new id (other ids are never
@@ -53,6 +55,7 @@ from .annotation_layers import (
 )
 from .annotator_controls import bind_keys, build_controls, embed_status_text, key_handler, model_hint
 from .image_layer_choice import ImageLayerChoice, is_image
+from .stroke_layer import AnnotatorStrokes, make_strokes_layer, point_strokes, remove_strokes, set_stroke_polarity
 
 # Intra-op threads for a decode on the GUI thread (None: torch's setting). A decode is a few hundred small ops; on
 # a machine whose cores are busy with other work, waiting for a second OpenMP thread at every op can cost more
@@ -74,6 +77,9 @@ class WidgetView:
 
     def current_z(self) -> int:
         return self.w.current_z()
+
+    def point_strokes(self, z: int) -> np.ndarray:
+        return point_strokes(self.w.points_layer, z, self.w.session is not None and self.w.session.is_volume)
 
     def settings(self) -> AnnotatorSettings:
         return AnnotatorSettings(
@@ -139,6 +145,8 @@ class AnnotatorWidget(QWidget):
         self.kind: str | None = None
         self.points_layer = None
         self.boxes_layer = None
+        self.strokes_layer = None
+        self.strokes = AnnotatorStrokes(self)
         self.current_layer = None
         self.committed_layer = None
         self._suppress = 0
@@ -226,10 +234,13 @@ class AnnotatorWidget(QWidget):
             layers = make_layers(self.viewer, self.image_layer, self.session.shape)
             self.points_layer, self.boxes_layer = layers.points, layers.boxes
             self.current_layer, self.committed_layer = layers.current, layers.committed
+            self.strokes_layer = make_strokes_layer(self.viewer, self.image_layer, self.session.shape,
+                                                    self.points_layer)
             connect_once(self.points_layer.events.data, self._on_points_changed)
             connect_once(self.boxes_layer.events.data, self._on_boxes_changed)
-            for managed in (self.points_layer, self.boxes_layer, self.current_layer, self.committed_layer,
-                            self.image_layer):
+            connect_once(self.strokes_layer.events.data, self.strokes.on_changed)
+            for managed in (self.points_layer, self.boxes_layer, self.strokes_layer, self.current_layer,
+                            self.committed_layer, self.image_layer):
                 self.bind_layer_keys(managed)
             self.image_choice.show_only_this_images_layers()
         finally:
@@ -332,7 +343,9 @@ class AnnotatorWidget(QWidget):
         """Remove prompts (of slice ``z`` only, or all) without triggering segmentation."""
         self._suppress += 1
         try:
-            remove_prompts(self.points_layer, self.boxes_layer, z, self.session is not None and self.session.is_volume)
+            volume = self.session is not None and self.session.is_volume
+            remove_prompts(self.points_layer, self.boxes_layer, z, volume)
+            remove_strokes(self.strokes_layer, z, volume)
         finally:
             self._suppress -= 1
 
@@ -432,6 +445,8 @@ class AnnotatorWidget(QWidget):
             self._set_status("No click to take back.")
             return False
         z = self.current_z()
+        if self.strokes.take_back(z):  # the last click is part of a stroke: the whole stroke goes
+            return True
         # the layer's change event re-segments, which restores the earlier mask
         if not remove_last_point(self.points_layer, z, self.session.is_volume):
             self._set_status(f"No click to take back on slice {z}.")
@@ -441,9 +456,15 @@ class AnnotatorWidget(QWidget):
     def toggle_polarity(self) -> str:
         if self.points_layer is None:
             return "positive"
-        new = set_polarity(self.points_layer, "negative" if self.polarity == "positive" else "positive")
+        new = self._set_polarity("negative" if self.polarity == "positive" else "positive")
         self._update_polarity_button()
         return new
+
+    def _set_polarity(self, polarity: str) -> str:
+        """The polarity of the next point and the next stroke."""
+        if self.strokes_layer is not None:
+            set_stroke_polarity(self.strokes_layer, polarity)
+        return set_polarity(self.points_layer, polarity)
 
     @property
     def polarity(self) -> str:
@@ -461,10 +482,15 @@ class AnnotatorWidget(QWidget):
         """Programmatic click (tests, benchmarks, scripts): a point at pixel (x, y) on slice z."""
         pol = "positive" if positive else "negative"
         if self.polarity != pol:  # setting the defaults re-emits napari's feature events (a few ms)
-            set_polarity(self.points_layer, pol)
+            self._set_polarity(pol)
             self._update_polarity_button()
         coords = [y, x] if not self.session.is_volume else [self.current_z() if z is None else z, y, x]
         self.points_layer.add(np.asarray([coords], dtype=float))
+
+    def add_stroke(self, path, positive: bool = True, z: int | None = None) -> None:
+        """Programmatic stroke (tests, screenshots, scripts): a path through the pixels ``path`` ((N, 2) x, y) on
+        slice z, as if drawn with the path tool on the strokes layer."""
+        self.strokes.add(path, positive, z)
 
     def add_box(self, box, z: int | None = None) -> None:
         """Programmatic box ``(x0, y0, x1, y1)`` (pixel edges, exclusive upper corner) on slice z."""

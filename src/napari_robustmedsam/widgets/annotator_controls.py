@@ -103,7 +103,7 @@ def build_controls(w) -> None:
     w.zoom_check.setChecked(DEFAULT_ZOOM_SMALL_OBJECTS)
     w.zoom_check.setToolTip(ZOOM_SMALL_OBJECTS_TOOLTIP)
     w.polarity_button = QPushButton()
-    w.polarity_button.setToolTip("Polarity of the next point (T)")
+    w.polarity_button.setToolTip("Polarity of the next point and the next stroke (T)")
     w.polarity_button.clicked.connect(w.toggle_polarity)
     w.overwrite_check = QCheckBox("Commit overwrites other objects")
     w.hint = Banner()
@@ -117,8 +117,8 @@ def build_controls(w) -> None:
     w.clear_button = QPushButton("Clear [Shift-C]")
     w.undo_button = QPushButton("Undo commit [U]")
     w.take_back_button = QPushButton("Take back click [B]")
-    w.take_back_button.setToolTip("Remove the last point on this slice: the mask returns exactly to what it "
-                                     "was before that click")
+    w.take_back_button.setToolTip("Remove the last point (or the last stroke) on this slice: the mask returns "
+                                     "exactly to what it was before it")
     w.segment_button.clicked.connect(lambda: w.segment())
     w.take_back_button.clicked.connect(lambda: w.take_back_click())
     w.commit_button.clicked.connect(lambda: w.commit())
@@ -170,7 +170,7 @@ def build_controls(w) -> None:
     w.label_control = LabelControl(w)
     form.addRow("Label", w.label_control)
     polarity_row = QHBoxLayout()
-    polarity_row.addWidget(QLabel("Next point"))
+    polarity_row.addWidget(QLabel("Next point / stroke"))
     polarity_row.addWidget(w.polarity_button, 1)
     layout = QVBoxLayout(w)
     layout.addLayout(form)

@@ -56,7 +56,7 @@ class ImageLayerChoice:
             w.image_layer = None
             w.kind = None
             w._update_enabled()
-        for attr in ("points_layer", "boxes_layer", "current_layer", "committed_layer"):
+        for attr in ("points_layer", "boxes_layer", "strokes_layer", "current_layer", "committed_layer"):
             if getattr(w, attr) is layer:
                 setattr(w, attr, None)
         self.refresh()
