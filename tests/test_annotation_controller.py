@@ -62,7 +62,7 @@ class View:
         self.prompts = {}
         self.status, self.errors, self.done, self.propagations, self.changed = "", [], [], [], []
         self.model = SimpleNamespace(box_primary=False, name="stand-in")
-        self.options = AnnotatorSettings(local_corrections="off", click_guard="off")
+        self.options = AnnotatorSettings(local_corrections="off", click_guard="off", zoom_small_objects=False)
         self.z = 0
         self.shape = shape
 

@@ -480,3 +480,31 @@ def test_a_new_image_becomes_the_target_and_hides_the_other_images_layers(plugin
     annotator.set_image_layer(first)
     wait_idle(qtbot)
     assert first.visible and first_committed.visible and not second.visible
+
+
+def test_zoom_on_small_objects_embeds_the_crop_in_a_worker_and_says_so(plugin, qtbot):
+    """The "Zoom on small objects" setting (beside Click refinement): a small box is decoded in its focus crop,
+    whose embedding is computed in a worker, and the status line says so; unchecked, the whole slice."""
+    from napari_robustmedsam.sample_data import mri_phantom
+
+    viewer, widget = plugin
+    image, truth = mri_phantom(256, seed=0)
+    layer = viewer.add_image(image, name="phantom")
+    annotator = widget.annotator
+    annotator.set_image_layer(layer)
+    assert annotator.zoom_check.isChecked()  # the default (docs/results/focus-crop)
+    organ = truth >= 1
+    ys, xs = np.nonzero(organ)
+    cy, cx = int(np.median(ys)), int(np.median(xs))
+    small = [cx - 12.0, cy - 12.0, cx + 12.0, cy + 12.0]  # 24 px of 256: small
+    segment_with_box(qtbot, annotator, small)
+    assert "zoomed: object is small" in annotator.status.text()
+    embeddings = annotator.controller.embeddings
+    assert len(embeddings._crops) == 1
+    (z, plan), = embeddings._crops
+    assert plan.shape == (72, 72) and annotator.session.current.any()
+    assert not annotator.session.current[: plan.y0].any()  # pasted back inside the crop
+    shot(viewer, "05_zoom_small_object")
+    annotator.zoom_check.setChecked(False)
+    args = annotator._segment_args(0, annotator.slice_prompts(0))
+    assert args["focus_crop"] is None

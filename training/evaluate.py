@@ -64,6 +64,7 @@ def _positive_float(text: str) -> float:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """Long on purpose: every flag of the command in one place, in the order --help shows them."""
     p = argparse.ArgumentParser(
         prog="python -m training.evaluate",
         description="Evaluate promptable segmentation checkpoints on clean and degraded images "
@@ -113,6 +114,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="iterative modes: after the model, honour every click and re-decide a disk around it at full "
                    "resolution from the image (random-walker or graph-cut, engine/click_refinement.py); default: the "
                    "policy's")
+    p.add_argument("--focus-crop", choices=("on", "off"), default=None,
+                   help="box starts (box, box_jitter, iter_box and its clicks, propagate_3d modes): decode a small "
+                   "object in an enlarged crop of its box's surroundings (engine/focus_crop.py, "
+                   "docs/results/focus-crop); default: the policy's (annotator: the annotator's 'Zoom on small "
+                   "objects' default, on; papers: off)")
     p.add_argument("--jitter", type=float, default=0.1, help="box_jitter: max side shift as a fraction of the box side")
     p.add_argument("--objects", choices=("label", "components"), default="label",
                    help="an object is a label value (default) or each connected component of a label value")
@@ -163,7 +169,17 @@ def _config(args) -> EvalConfig:
         click_guard_reach=None if reach is None else reach.factor,
         click_guard_reach_scope="all" if reach is None else reach.scope,
         click_refinement=policy.click_refinement,
+        focus_crop=focus_crop_from_args(args),
     )
+
+
+def focus_crop_from_args(args) -> bool:
+    """``--focus-crop``, or the policy's: the annotator's default under ``--policy annotator``, else off."""
+    from napari_robustmedsam.annotation.prompt_decoding import DEFAULT_ZOOM_SMALL_OBJECTS
+
+    if args.focus_crop is not None:
+        return args.focus_crop == "on"
+    return args.policy == "annotator" and DEFAULT_ZOOM_SMALL_OBJECTS
 
 
 def click_policy_from_args(args):

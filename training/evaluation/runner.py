@@ -42,6 +42,7 @@ from napari_robustmedsam.degradations.levels import normalize_level
 from napari_robustmedsam.engine.click_guard import EdgeReach
 from napari_robustmedsam.engine.click_refinement import RefinementSettings, as_refinement, refine_prediction
 from napari_robustmedsam.engine.embeddings import open_engine
+from napari_robustmedsam.engine.focus_crop import DEFAULT_FOCUS_CROP, CropPlan, plan_crop
 from napari_robustmedsam.engine.predictor import Predictor
 from napari_robustmedsam.metrics import segmentation_metrics
 from napari_robustmedsam.prompting import (
@@ -70,6 +71,8 @@ PROPAGATE_PLUS = "propagate_3d_plus3"
 VOLUME_PROMPTS = (PROPAGATE, PROPAGATE_PLUS)
 EXTRA_PROMPTS = 3  # propagate_3d_plus3: prompts added after the first propagation
 _POINTS_RE = re.compile(r"^points(\d+)$")
+#: the prompt modes that start from a box, the ones the focus crop acts on
+FOCUS_CROP_PROMPTS = ("box", "box_jitter", "iter_box", *VOLUME_PROMPTS)
 
 
 def parse_prompts(text: str | list[str]) -> tuple[str, ...]:
@@ -123,6 +126,14 @@ class EvalConfig:
     # after the model, honour every click and re-decide its surroundings at full resolution
     # (engine.click_refinement): "off" or a method of REFINEMENT_METHODS, or settings
     click_refinement: str | RefinementSettings = "off"
+    # decode a small object's box prompts in an enlarged crop of its surroundings (engine.focus_crop): box starts,
+    # their clicks and the propagate_3d modes; point starts are never cropped
+    focus_crop: bool = False
+
+    @property
+    def focus(self):
+        """The focus crop's settings, None when off."""
+        return DEFAULT_FOCUS_CROP if self.focus_crop else None
 
     @property
     def refinement(self) -> RefinementSettings | None:
@@ -198,6 +209,8 @@ class EvalConfig:
             parts.update(propagation=PROPAGATION_SETTINGS)
         if prompt == PROPAGATE_PLUS:
             parts.update(extra_prompts=EXTRA_PROMPTS, extra_prompt_rule="largest error slice")
+        if self.focus_crop and prompt in FOCUS_CROP_PROMPTS:  # absent when off, so earlier runs keep their hash
+            parts["focus_crop"] = asdict(DEFAULT_FOCUS_CROP)
         return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:10]
 
 
@@ -350,10 +363,13 @@ def _metrics_row(gt: np.ndarray, mask: np.ndarray, tol: float) -> dict:
 
 def run_prompt_mode(
     predictor, emb, objects: list[GTObject], prompt: str, sample_key: str, cfg: EvalConfig,
-    image: np.ndarray | None = None,
+    image: np.ndarray | None = None, embed_crop: Callable[[CropPlan], object] | None = None,
 ) -> list[dict]:
     """Rows (without the unit's identity columns) of one prompt mode on all objects of one image (``image``: the
-    pixels the model saw, needed by the click refinement)."""
+    pixels the model saw, needed by the click refinement; ``embed_crop(plan)``: the embedding of
+    ``plan.crop(image)``, needed by the focus crop)."""
+    if cfg.focus_crop and embed_crop is None:
+        raise ValueError("the focus crop needs embed_crop")
     rows: list[dict] = []
     tol = cfg.tolerance_px
     if prompt in ("box", "box_jitter") or _POINTS_RE.match(prompt):
@@ -371,42 +387,66 @@ def run_prompt_mode(
         # one point alone is ambiguous: three candidate masks, the best-scored kept (SAM's protocol)
         multimask = pts is not None and pts.shape[1] == 1
         pred = predictor.predict(points=pts, boxes=boxes, multimask_output=multimask, embedding=emb)
+        masks, scores = list(pred.masks), [float(v) for v in pred.scores]
+        for i in range(len(objects) if boxes is not None and cfg.focus_crop else 0):
+            plan = plan_crop(boxes[i], emb.frame.original_size, cfg.focus)
+            if plan is not None:
+                crop_pred = predictor.predict(boxes=plan.box_to_crop(boxes[i]), embedding=embed_crop(plan))
+                masks[i], scores[i] = plan.paste(crop_pred.masks[0]), float(crop_pred.scores[0])
         for i, o in enumerate(objects):
-            row = _metrics_row(o.mask, pred.masks[i], tol)
+            row = _metrics_row(o.mask, masks[i], tol)
             row.update(object_id=o.object_id, object_px=o.size, prompt=prompt, step=0,
-                       n_points=0 if pts is None else pts.shape[1], click_label=-1, score=float(pred.scores[i]))
+                       n_points=0 if pts is None else pts.shape[1], click_label=-1, score=scores[i])
             rows.append(row)
         return rows
     if prompt in ("iter_box", "iter_point"):
-        return _iterative(predictor, emb, objects, prompt, sample_key, cfg, image)
+        return _iterative(predictor, emb, objects, prompt, sample_key, cfg, image, embed_crop)
     raise ValueError(f"unknown prompt mode {prompt!r}")
 
 
 def _iterative(predictor, emb, objects: list[GTObject], prompt: str, sample_key: str, cfg: EvalConfig,
-               image: np.ndarray | None = None) -> list[dict]:
-    """Iterative correction of all objects of an image, batched: objects with the same number of points
-    share one decoder call per step (each object only ever sees its own prompts and logits). With the click
-    refinement, the mask measured (and the next click's error map) is the refined one; the model's own logits are
-    fed back. Long on purpose: this is the evaluation protocol of the iterative modes, every step of a click in
-    the order that the protocol hash stands for, with the per-object state (points, logits, masks shown and the
-    model's) in one place."""
+               image: np.ndarray | None = None, embed_crop: Callable[[CropPlan], object] | None = None) -> list[dict]:
+    """Iterative correction of all objects of an image, batched: objects with the same number of points (and the
+    same frame: the whole image, or one object's focus crop) share one decoder call per step (each object only ever
+    sees its own prompts and logits). With the click refinement, the mask measured (and the next click's error map)
+    is the refined one; the model's own logits are fed back. With the focus crop, a small object's every step is
+    decoded (and refined) in its box's crop, the same crop each step, and its masks pasted back. Long on purpose:
+    this is the evaluation protocol of the iterative modes, every step of a click in the order that the protocol
+    hash stands for, with the per-object state (points, logits, masks shown and the model's) in one place."""
     refinement = cfg.refinement
     if refinement is not None and image is None:
         raise ValueError("the click refinement needs the image")
+    n = len(objects)
+    boxes = np.stack([tight_box(o.mask) for o in objects]) if prompt == "iter_box" else None
+    # each object's frame: None (the whole image) or its focus crop, with the embedding decoded in
+    plans: list[CropPlan | None] = [None] * n
+    if boxes is not None and cfg.focus_crop:
+        plans = [plan_crop(boxes[i], emb.frame.original_size, cfg.focus) for i in range(n)]
+    embs = [emb if plan is None else embed_crop(plan) for plan in plans]
+
+    def to_frame(i, xy):
+        return xy if plans[i] is None else plans[i].points_to_crop(xy)
+
+    def in_frame(i, full):
+        return None if full is None or plans[i] is None else plans[i].crop(full)
 
     def refine(i, shown, model_before, model_after, n_new, logits_i):
+        """``model_after`` (the model's mask in object i's frame) refined, at full size."""
+        plan = plans[i]
+        paste = (lambda m: m) if plan is None else plan.paste
         if refinement is None:
-            return model_after
+            return paste(model_after)
         prior = None
         if refinement.method == "graph-cut":
             from napari_robustmedsam.engine.predictor import logits_to_original
 
-            prior = logits_to_original(emb.frame, logits_i)[0, 0].cpu().numpy()
-        return refine_prediction(image, shown, model_before, model_after, np.stack(points[i]) if points[i] else
-                                 np.zeros((0, 2)), labels[i], n_new, refinement, prior)
+            prior = logits_to_original(embs[i].frame, logits_i)[0, 0].cpu().numpy()
+        pts = to_frame(i, np.stack(points[i])) if points[i] else np.zeros((0, 2))
+        if plan is None:
+            return refine_prediction(image, shown, model_before, model_after, pts, labels[i], n_new, refinement, prior)
+        return paste(refine_prediction(plan.crop(image), in_frame(i, shown), in_frame(i, model_before), model_after,
+                                       pts, labels[i], n_new, refinement, prior))
 
-    n = len(objects)
-    boxes = np.stack([tight_box(o.mask) for o in objects]) if prompt == "iter_box" else None
     points: list[list[np.ndarray]] = [[] for _ in range(n)]
     labels: list[list[int]] = [[] for _ in range(n)]
     if prompt == "iter_point":
@@ -414,15 +454,25 @@ def _iterative(predictor, emb, objects: list[GTObject], prompt: str, sample_key:
             # the same point as the points1 mode, so step 0 equals points1
             points[i].extend(random_positive_points(o.mask, 1, rng_for(cfg.seed, sample_key, o.object_id, "points1")))
             labels[i].append(1)
-    pred = predictor.predict(
-        points=np.stack([np.stack(p) for p in points]) if prompt == "iter_point" else None,
-        point_labels=np.array(labels) if prompt == "iter_point" else None,
-        boxes=boxes, multimask_output=boxes is None, embedding=emb,
-    )
-    model_masks = list(pred.masks)
-    logits = [pred.low_res_logits[i : i + 1] for i in range(n)]
-    masks = [refine(i, None, None, model_masks[i], len(points[i]), logits[i]) for i in range(n)]
-    scores = [float(v) for v in pred.scores]
+    model_masks: list = [None] * n  # the model's last mask, in the object's frame
+    logits: list = [None] * n
+    scores = [0.0] * n
+    masks: list = [None] * n  # the mask shown (refined), full size
+    first_groups: dict[object, list[int]] = {}
+    for i in range(n):
+        first_groups.setdefault(-1 if plans[i] is None else i, []).append(i)
+    for idx in first_groups.values():
+        e = embs[idx[0]]
+        pred = predictor.predict(
+            points=np.stack([to_frame(i, np.stack(points[i])) for i in idx]) if prompt == "iter_point" else None,
+            point_labels=np.array([labels[i] for i in idx]) if prompt == "iter_point" else None,
+            boxes=np.stack([to_frame(i, boxes[i].reshape(2, 2)).reshape(4) for i in idx]) if boxes is not None
+            else None,
+            multimask_output=boxes is None, embedding=e,
+        )
+        for j, i in enumerate(idx):
+            model_masks[i], logits[i], scores[i] = pred.masks[j], pred.low_res_logits[j : j + 1], float(pred.scores[j])
+            masks[i] = refine(i, None, None, model_masks[i], len(points[i]), logits[i])
     rows: list[dict] = []
 
     def record(i: int, step: int, click_label: int, honoured: float | str = "") -> None:
@@ -453,24 +503,27 @@ def _iterative(predictor, emb, objects: list[GTObject], prompt: str, sample_key:
             labels[i].extend(int(v) for v in new_labels)
             new_clicks[i] = list(new_labels)
             active.append(i)
-        groups: dict[int, list[int]] = {}
+        groups: dict[tuple[int, int], list[int]] = {}
         for i in active:
-            groups.setdefault(len(points[i]), []).append(i)
+            groups.setdefault((len(points[i]), -1 if plans[i] is None else i), []).append(i)
         for idx in groups.values():
             pred = predictor.predict(
-                points=np.stack([np.stack(points[i]) for i in idx]),
+                points=np.stack([to_frame(i, np.stack(points[i])) for i in idx]),
                 point_labels=np.array([labels[i] for i in idx]),
-                boxes=boxes[idx] if boxes is not None else None,
+                boxes=np.stack([to_frame(i, boxes[i].reshape(2, 2)).reshape(4) for i in idx]) if boxes is not None
+                else None,
                 mask_input=torch.cat([logits[i] for i in idx]) if cfg.feed_logits else None,
-                multimask_output=False, embedding=emb,
-                local_clicks=[np.stack(points[i][-len(new_clicks[i]):]) for i in idx]
+                multimask_output=False, embedding=embs[idx[0]],
+                local_clicks=[to_frame(i, np.stack(points[i][-len(new_clicks[i]):])) for i in idx]
                 if cfg.local_for(prompt) else None,
                 guard_new_clicks=[len(new_clicks[i]) for i in idx] if cfg.guard_for(prompt) else None,
                 guard_edge_reach=cfg.edge_reach,
             )
             for j, i in enumerate(idx):
                 logits[i], scores[i] = pred.low_res_logits[j : j + 1], float(pred.scores[j])
-                masks[i] = refine(i, masks[i], model_masks[i], pred.masks[j], len(new_clicks[i]), logits[i])
+                shown_before = masks[i]
+                model_before = model_masks[i] if plans[i] is None else plans[i].paste(model_masks[i])
+                masks[i] = refine(i, shown_before, model_before, pred.masks[j], len(new_clicks[i]), logits[i])
                 model_masks[i] = pred.masks[j]
         for i in range(n):
             new = len(new_clicks[i])
@@ -597,7 +650,8 @@ def evaluate_samples(
                 if objects:
                     emb = embedder.embed(m, degraded)
                     for p in prompts:
-                        rows.extend(run_prompt_mode(m.predictor, emb, objects, p, sample.key, cfg, degraded))
+                        rows.extend(run_prompt_mode(m.predictor, emb, objects, p, sample.key, cfg, degraded,
+                                                    _crop_embedder(embedder, m, degraded)))
                 ident = {
                     "model": m.label, "model_key": m.key, "dataset": sample.dataset, "modality": sample.modality,
                     "sample": sample.key, "image_id": sample.image_id,
@@ -626,6 +680,11 @@ def evaluate_samples(
     return stats
 
 
+def _crop_embedder(embedder: Embedder, handle: ModelHandle, image: np.ndarray) -> Callable[[CropPlan], object]:
+    """``embed_crop(plan)``: the embedding of ``plan.crop(image)`` (through the embedding cache when there is one)."""
+    return lambda plan: embedder.embed(handle, np.ascontiguousarray(plan.crop(image)))
+
+
 # ---- 3D propagation ------------------------------------------------------------------------
 class _LazySliceEmbeddings:
     """``get(z)`` -> embedding of slice z, computed on first use (propagation visits only a few slices)."""
@@ -638,6 +697,13 @@ class _LazySliceEmbeddings:
         if z not in self._cache:
             self._cache[z] = self.embedder.embed(self.handle, self.volume[z])
         return self._cache[z]
+
+    def crop(self, z: int, plan: CropPlan):
+        """The embedding of ``plan.crop(slice z)`` (the focus crop)."""
+        key = (z, plan)
+        if key not in self._cache:
+            self._cache[key] = self.embedder.embed(self.handle, np.ascontiguousarray(plan.crop(self.volume[z])))
+        return self._cache[key]
 
 
 def _volume_objects(labels: np.ndarray, key: str, cfg: EvalConfig) -> list[GTObject]:
@@ -654,10 +720,17 @@ def _degrade_volume(cond: Condition, volume: np.ndarray, modality: str, key: str
     return cond.apply(volume, modality, key, seed)
 
 
-def _box_seed(handle: ModelHandle, embedding, gt_slice: np.ndarray):
-    """The model's mask, low-res logits and score for the tight box of ``gt_slice`` (a user's box on that slice)."""
-    pred = handle.predictor.predict(boxes=tight_box(gt_slice), embedding=embedding)
-    return pred.masks[0], pred.low_res_logits[:1], float(pred.scores[0])
+def _box_seed(handle: ModelHandle, embeddings, z: int, gt_slice: np.ndarray, focus=None):
+    """The model's mask, low-res logits and score for the tight box of ``gt_slice`` (a user's box on slice ``z``);
+    with the focus crop (``focus``, its settings) a small object is decoded in its crop and has no logits (they
+    would be in another frame than the whole slice's, which propagation's logits modes expect)."""
+    box = tight_box(gt_slice)
+    plan = plan_crop(box, gt_slice.shape, focus)
+    if plan is None:
+        pred = handle.predictor.predict(boxes=box, embedding=embeddings.get(z))
+        return pred.masks[0], pred.low_res_logits[:1], float(pred.scores[0])
+    pred = handle.predictor.predict(boxes=plan.box_to_crop(box), embedding=embeddings.crop(z, plan))
+    return plan.paste(pred.masks[0]), None, float(pred.scores[0])
 
 
 def largest_error_slice(pred: np.ndarray, gt: np.ndarray, exclude: set[int]) -> int | None:
@@ -671,18 +744,21 @@ def largest_error_slice(pred: np.ndarray, gt: np.ndarray, exclude: set[int]) -> 
 
 
 def propagate_masks(handle: ModelHandle, embeddings, gt3d: np.ndarray, extra_prompts: int = 0,
-                    settings: PropagationSettings | None = None) -> tuple[list[np.ndarray], float, int]:
+                    settings: PropagationSettings | None = None, focus=None) -> tuple[list[np.ndarray], float, int]:
     """Tight box on the object's central labelled slice, then the annotator's propagation; then up to
     ``extra_prompts`` more prompts, each on the slice with the largest error (a tight box where the object is, an
     empty slice, the annotator's "mark end", where it is not), re-propagating the stretches next to it as the
-    annotator does. Returns (the volume's mask after 0, 1, ... extra prompts, the seed's score, the seed slice)."""
+    annotator does. ``focus`` (FocusCrop settings, None: off): small objects' boxes, the seeds' and each propagated
+    slice's, are decoded in their focus crop. Returns (the volume's mask after 0, 1, ... extra prompts, the seed's
+    score, the seed slice)."""
     settings = settings or PropagationSettings()
     zs = np.nonzero(gt3d.reshape(gt3d.shape[0], -1).any(axis=1))[0]
     zc = int(zs[len(zs) // 2])
-    mask, logits, score = _box_seed(handle, embeddings.get(zc), gt3d[zc])
+    mask, logits, score = _box_seed(handle, embeddings, zc, gt3d[zc], focus)
     if not mask.any():
         return [np.zeros_like(gt3d, dtype=bool)], score, zc
-    seg = predictor_segment_fn(handle.predictor, embeddings)
+    seg = predictor_segment_fn(handle.predictor, embeddings, focus_crop=focus,
+                               embed_crop=embeddings.crop if focus is not None else None)
     seeds, seed_logits = {zc: mask}, {zc: logits}
     result = propagate_object(seg, gt3d.shape[0], seeds, seed_logits=seed_logits, **settings.kwargs())
     steps = [result.masks.copy()]
@@ -691,7 +767,7 @@ def propagate_masks(handle: ModelHandle, embeddings, gt3d: np.ndarray, extra_pro
         if z is None:
             break
         if gt3d[z].any():
-            seeds[z], seed_logits[z], _ = _box_seed(handle, embeddings.get(z), gt3d[z])
+            seeds[z], seed_logits[z], _ = _box_seed(handle, embeddings, z, gt3d[z], focus)
         else:
             seeds[z] = np.zeros_like(gt3d[z], dtype=bool)
         result = propagate_object(seg, gt3d.shape[0], seeds, seed_logits=seed_logits, existing=steps[-1],
@@ -705,7 +781,7 @@ def propagate_rows(handle: ModelHandle, embeddings, gt3d: np.ndarray, obj_id: st
     """One object: tight box on its central slice, then the annotator's propagation (and, for
     ``propagate_3d_plus3``, up to 3 more prompts: one row per step); 3D metrics."""
     extra = EXTRA_PROMPTS if prompt == PROPAGATE_PLUS else 0
-    steps, score, zc = propagate_masks(handle, embeddings, gt3d, extra)
+    steps, score, zc = propagate_masks(handle, embeddings, gt3d, extra, focus=cfg.focus)
     # distances in units of in-plane pixels (tolerance 2 px as in 2D), z scaled by its spacing ratio
     sp = None
     if spacing is not None:

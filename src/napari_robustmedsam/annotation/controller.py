@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import time
+import weakref
 from dataclasses import dataclass
 from typing import Any, Callable, ContextManager, Protocol
 
@@ -31,7 +32,14 @@ from ..errors import UserFacingError
 from .feedback import describe_change
 from .model_info import display_name
 from .prefetch import SlicePrefetcher, prefetch_order
-from .prompt_decoding import DEFAULT_CLICK_GUARD_REACH, DEFAULT_CLICK_REFINEMENT, segment_slice
+from ..engine.focus_crop import DEFAULT_FOCUS_CROP
+from .prompt_decoding import (
+    DEFAULT_CLICK_GUARD_REACH,
+    DEFAULT_CLICK_REFINEMENT,
+    DEFAULT_ZOOM_SMALL_OBJECTS,
+    focus_plan,
+    segment_slice,
+)
 from .propagation import DEFAULT_IOU_THRESHOLD, DEFAULT_MIN_SCORE, DEFAULT_PROMPT_MODE
 from .session import AnnotationSession, SlicePrompts
 from .slice_embeddings import Cancelled, SliceEmbeddings
@@ -57,6 +65,8 @@ class AnnotatorSettings:
     prompt_mode: str = DEFAULT_PROMPT_MODE
     min_score: float = DEFAULT_MIN_SCORE
     click_refinement: str = DEFAULT_CLICK_REFINEMENT
+    # decode a small object's box in an enlarged crop of its surroundings (engine/focus_crop.py)
+    zoom_small_objects: bool = DEFAULT_ZOOM_SMALL_OBJECTS
 
 
 class AnnotatorView(Protocol):
@@ -151,6 +161,10 @@ class AnnotationController:
         self.running = False  # a decode runs in a worker
         self.pending: tuple[int, float] | None = None  # the newest request that waits for it
         self.embed_handles: dict[int, Any] = {}
+        self.crop_handles: dict[tuple, Any] = {}  # (z, focus crop) being embedded in a worker
+        # id(logits) -> (a weak reference to them, the focus crop they were decoded in): which frame a slice's
+        # previous logits are in when they are fed back (the session keeps the logits, not their frame)
+        self.logit_crops: dict[int, tuple[Any, Any]] = {}
         self.prefetch_handle = None  # the background embedding of a volume's slices (start_prefetch)
         self.focus_z = 0  # the slice the user looks at: the prefetch embeds nearest to it first
         self.prefetcher: SlicePrefetcher | None = None  # the last one started (its order: tests, status)
@@ -177,6 +191,7 @@ class AnnotationController:
     def set_embeddings(self, embeddings: SliceEmbeddings | None) -> None:
         self.cancel_prefetch()
         self.embed_handles.clear()
+        self.crop_handles.clear()
         self.embeddings = embeddings
 
     def model_changed(self) -> None:
@@ -282,6 +297,10 @@ class AnnotationController:
         if not self.embeddings.has(z):
             self.embed_then_segment(z, t_request)
             return
+        plan = self.zoom_plan(z, prompts)
+        if plan is not None and not self.embeddings.has_crop(z, plan):
+            self.embed_crop_then_segment(z, plan, t_request)
+            return
         if self.running:
             self.pending = (z, t_request)
             return
@@ -363,8 +382,51 @@ class AnnotationController:
             click_refinement=settings.click_refinement,
             # the refinement reads the slice's pixels; without it nothing needs them
             image=self.embeddings.slice_image(z) if settings.click_refinement != "off" else None,
+            focus_crop=DEFAULT_FOCUS_CROP if settings.zoom_small_objects else None,
+            embed_crop=lambda plan: self.embeddings.crop(z, plan),
+            previous_crop=self.previous_crop(z),
             point_strokes=self.view.point_strokes(z) if hasattr(self.view, "point_strokes") else None,
         )
+
+    def zoom_plan(self, z: int, prompts: SlicePrompts):
+        """The focus crop slice ``z``'s prompts are decoded in (None: the whole slice, or zoom is off)."""
+        if prompts.box is None or not self.view.settings().zoom_small_objects:
+            return None
+        return focus_plan(prompts, tuple(self.embeddings.plane_shape), DEFAULT_FOCUS_CROP)
+
+    def previous_crop(self, z: int):
+        """The focus crop slice ``z``'s current logits were decoded in (None: the whole slice, or not known)."""
+        logits = self.session.current_logits.get(z)
+        entry = self.logit_crops.get(id(logits)) if logits is not None else None
+        return entry[1] if entry is not None and entry[0]() is logits else None
+
+    def remember_crop(self, logits, crop) -> None:
+        if logits is None or crop is None:
+            return
+        if len(self.logit_crops) > 512:  # drop the entries of logits that are gone
+            self.logit_crops = {k: v for k, v in self.logit_crops.items() if v[0]() is not None}
+        self.logit_crops[id(logits)] = (weakref.ref(logits), crop)
+
+    def embed_crop_then_segment(self, z: int, plan, t_request: float) -> None:
+        """Embed the focus crop of slice ``z`` in a worker (never on the GUI thread), then decode."""
+        key = (z, plan)
+        if key in self.crop_handles:
+            self.pending = (z, t_request)
+            return
+        emb, gen = self.embeddings, self.generation
+        self.view.set_status(f"Zooming: embedding the small object's surroundings on slice {z}…")
+
+        def done(_):
+            self.crop_handles.pop(key, None)
+            if gen == self.generation and emb is self.embeddings:
+                self.request(z, t_request)
+
+        def failed(err, tb):
+            self.crop_handles.pop(key, None)
+            self.view.show_error(err)
+
+        self.crop_handles[key] = self.run_task(lambda h: emb.crop(z, plan), done, failed,
+                                               f"embedding the zoomed crop of slice {z}", "embed")
 
     def embed_then_segment(self, z: int, t_request: float) -> None:
         if z in self.embed_handles:
@@ -393,12 +455,17 @@ class AnnotationController:
         was_propagated = session.current_prompts.get(z) is not None and session.current_prompts[z].source == "propagated"
         before = session.plane(session.current, z).copy()
         session.set_current_slice(z, result.mask, result.logits, result.prompts, result.score, asked=asked)
+        crop = getattr(result, "crop", None)
+        self.remember_crop(result.logits, crop)
         self.view.clear_message()
         if result.hint:
             self.view.show_hint(result.hint)
         # a corrective click's own feedback (what it changed, or why nothing) says more than the pixel count
         change = (f"{int(result.mask.sum())} px. {result.feedback}" if result.feedback
                   else f"{describe_change(before, result.mask)}.")
+        if crop is not None:
+            change += " (zoomed: object is small)"
+
         self.show_changed_slice(
             z, t_request, was_propagated or z in session.user_slices(),
             lambda latency: f"Slice {z}: {change} Predicted IoU {result.score:.2f}; "

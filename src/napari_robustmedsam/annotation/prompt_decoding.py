@@ -15,6 +15,7 @@ import numpy as np
 
 from ..engine.click_guard import EdgeReach
 from ..engine.click_refinement import REFINEMENT_METHODS, RefinementSettings, as_refinement, refine_prediction
+from ..engine.focus_crop import CropPlan, FocusCrop, plan_crop
 from ..engine.predictor import logits_to_original
 from ..errors import PromptError
 from .session import SlicePrompts, mask_box
@@ -62,6 +63,14 @@ DEFAULT_CLICK_GUARD_REACH: EdgeReach | None = EdgeReach(2.0, "negatives-before-p
 CLICK_REFINEMENT_MODES = REFINEMENT_METHODS
 #: the annotator's default click refinement; chosen by the rule in docs/results/click-refinement/rule.md
 DEFAULT_CLICK_REFINEMENT = "off"
+#: whether the annotator decodes a small object's box in an enlarged crop of its surroundings by default
+#: (:mod:`..engine.focus_crop`); chosen by the rule in docs/results/focus-crop/rule.md (results.md there)
+DEFAULT_ZOOM_SMALL_OBJECTS = True
+ZOOM_SMALL_OBJECTS_TOOLTIP = (
+    "When the box is small (its longer side at most a quarter of the image's), the model sees only a crop of 3 x the "
+    "box around it, enlarged to its input size, so small objects get finer masks. The crop is embedded once per box "
+    "(in the background); clicks on that object stay in the same crop. Point-only starts are never zoomed."
+)
 CLICK_REFINEMENT_TOOLTIP = (
     "After the model: every click is honoured (its pixel gets the clicked label) and a disk around it is "
     "re-decided at the image's full resolution from the image's edges, with your clicks as fixed seeds. "
@@ -95,6 +104,7 @@ class SliceResult:
     prompts: SlicePrompts  # what was actually sent (incl. a derived box)
     hint: str = ""
     feedback: str = ""  # what the new clicks changed, for the status line (:func:`click_feedback`)
+    crop: CropPlan | None = None  # the focus crop decoded in (``logits`` are in its frame), None: the whole slice
 
 
 def clip_box(box: np.ndarray, plane: tuple[int, int]) -> np.ndarray:
@@ -186,6 +196,9 @@ def segment_slice(
     click_guard_reach: float | EdgeReach | None = None,
     image: np.ndarray | None = None,
     click_refinement: str | RefinementSettings | None = None,
+    focus_crop: FocusCrop | None = None,
+    embed_crop=None,
+    previous_crop: CropPlan | None = None,
     point_strokes: np.ndarray | None = None,
 ) -> SliceResult:
     """Segment one object on one slice from its prompts.
@@ -200,10 +213,24 @@ def segment_slice(
     ``click_refinement`` (one of CLICK_REFINEMENT_MODES, or settings; needs ``image``, the slice's pixels): after
     the model, every new point whose pixel lacks its label is honoured and its surroundings re-decided at full
     resolution (:mod:`..engine.click_refinement`); a corrective click starts from ``previous_mask``.
+    ``focus_crop`` (settings, with ``embed_crop(plan) -> embedding of plan.crop(slice pixels)``): when the prompts
+    have a box that :func:`..engine.focus_crop.plan_crop` finds small, everything is decoded in that crop and the
+    mask pasted back (``SliceResult.crop`` says which); ``previous_crop`` is the crop ``previous_logits`` were
+    decoded in (None: the whole slice); logits of another frame are replaced by the previous mask as the mask prompt.
     ``point_strokes``: each point's stroke id (-1: a click; :mod:`.strokes`), for the status line's wording only.
     """
     plane = tuple(getattr(embedding, "frame", embedding).original_size)  # ImageEmbedding / TiledEmbedding
     sent, hint = prompts_to_send(prompts, plane, box_primary, previous_prompts, previous_mask, model_name)
+    plan = focus_plan(prompts, plane, focus_crop) if embed_crop is not None else None
+    if plan is not None:
+        options = dict(box_primary=box_primary, use_previous_logits=use_previous_logits, model_name=model_name,
+                       local_corrections=local_corrections, click_guard=click_guard,
+                       click_guard_reach=click_guard_reach, click_refinement=click_refinement,
+                       point_strokes=point_strokes)
+        return _segment_in_crop(plan, embed_crop(plan), predictor, sent, previous_prompts, previous_logits,
+                                previous_mask, previous_crop, image, **options)
+    if previous_crop is not None and previous_logits is not None:
+        previous_logits = _mask_prompt_from(embedding, previous_mask)
     corrective = sent.extends(previous_prompts)
     use_logits = bool(
         use_previous_logits
@@ -211,14 +238,8 @@ def segment_slice(
         and (corrective or (previous_prompts is not None and previous_prompts.source in ("propagated", "label")
                             and sent.points.shape[0] > 0))
     )
-    extra = {}
-    if use_logits and corrective:
-        new_points = sent.points[previous_prompts.points.shape[0]:]
-        if local_corrections_apply(local_corrections, sent.box is not None):
-            extra["local_clicks"] = [new_points]
-        if local_corrections_apply(click_guard, sent.box is not None):
-            extra["guard_new_clicks"] = new_points.shape[0]
-            extra["guard_edge_reach"] = click_guard_reach
+    extra = _click_options(sent, previous_prompts, local_corrections, click_guard, click_guard_reach) if (
+        use_logits and corrective) else {}
     prediction = predictor.predict(
         points=sent.points if sent.points.shape[0] else None,
         point_labels=sent.labels if sent.points.shape[0] else None,
@@ -236,21 +257,85 @@ def segment_slice(
     stroke = new_points_form_one_stroke(point_strokes, len(sent.points), n_new)
     new = corrective and n_new > 0
     feedback = click_feedback(previous_mask, mask, sent.points, sent.labels, n_new, stroke) if new else ""
+    return SliceResult(mask=mask, logits=prediction.low_res_logits[:1], score=float(prediction.scores[0]),
+                       used_previous_logits=use_logits, prompts=sent,
+                       hint=hint or _model_hint(prediction, mask, embedding, model_name), feedback=feedback)
+
+
+def _click_options(sent: SlicePrompts, previous_prompts: SlicePrompts, local_corrections, click_guard,
+                   click_guard_reach) -> dict:
+    """The predictor's keyword arguments for a corrective click's local corrections and guard."""
+    extra = {}
+    new_points = sent.points[previous_prompts.points.shape[0]:]
+    if local_corrections_apply(local_corrections, sent.box is not None):
+        extra["local_clicks"] = [new_points]
+    if local_corrections_apply(click_guard, sent.box is not None):
+        extra["guard_new_clicks"] = new_points.shape[0]
+        extra["guard_edge_reach"] = click_guard_reach
+    return extra
+
+
+def _model_hint(prediction, mask: np.ndarray, embedding, model_name: str) -> str:
+    """A hint when the head's empty-mask fallback was used or the mask is empty, else ""."""
     fell_back = getattr(prediction, "fell_back", None)  # predictors without an empty-mask fallback omit it
-    if fell_back is not None and bool(np.asarray(fell_back)[:1].any()) and not hint:
-        hint = FALLBACK_HINT.format(name=model_name)
-    if not mask.any() and not hint:
-        hint = EMPTY_MASK_HINT.format(name=model_name, score=float(prediction.scores[0]),
+    if fell_back is not None and bool(np.asarray(fell_back)[:1].any()):
+        return FALLBACK_HINT.format(name=model_name)
+    if not mask.any():
+        return EMPTY_MASK_HINT.format(name=model_name, score=float(prediction.scores[0]),
                                       size=_input_size_text(embedding))
-    return SliceResult(
-        mask=mask,
-        logits=prediction.low_res_logits[:1],
-        score=float(prediction.scores[0]),
-        used_previous_logits=use_logits,
-        prompts=sent,
-        hint=hint,
-        feedback=feedback,
-    )
+    return ""
+
+
+def focus_plan(prompts: SlicePrompts, plane: tuple[int, int], focus_crop: FocusCrop | None) -> CropPlan | None:
+    """The focus crop that :func:`segment_slice` decodes ``prompts`` in on a slice of ``plane`` (H, W), or None:
+    only a box (a point-only start is never cropped) that ``focus_crop`` finds small, with every point inside the
+    crop (a click outside it is decoded on the whole slice, so that it counts)."""
+    if focus_crop is None or prompts.box is None:
+        return None
+    plan = plan_crop(clip_box(prompts.box, plane), plane, focus_crop)
+    if plan is not None and not plan.contains_points(clip_points(prompts.points, plane)):
+        return None
+    return plan
+
+
+def _mask_prompt_from(embedding, mask: np.ndarray | None):
+    """A mask prompt for ``embedding``'s frame from a binary ``mask`` (None without a mask or a single frame)."""
+    frame = getattr(embedding, "frame", None)
+    if mask is None or frame is None:
+        return None
+    return frame.mask_to_low_res(mask)
+
+
+def _crop_prompts(plan: CropPlan, prompts: SlicePrompts | None) -> SlicePrompts | None:
+    if prompts is None:
+        return None
+    return SlicePrompts(plan.points_to_crop(prompts.points), prompts.labels,
+                        None if prompts.box is None else plan.box_to_crop(prompts.box), prompts.source, prompts.end)
+
+
+def _segment_in_crop(plan: CropPlan, crop_embedding, predictor, sent: SlicePrompts, previous_prompts, previous_logits,
+                     previous_mask, previous_crop, image, **options) -> SliceResult:
+    """:func:`segment_slice` decoded in the focus crop ``plan`` (prompts, previous state and pixels moved into its
+    frame), its mask pasted back at full size. The previous logits are fed back only when they come from the same
+    crop; otherwise the previous mask (cropped) is the mask prompt."""
+    crop_previous_mask = None if previous_mask is None else plan.crop(previous_mask)
+    logits = previous_logits
+    if previous_logits is not None and previous_crop != plan:
+        logits = _mask_prompt_from(crop_embedding, crop_previous_mask)
+    inner = segment_slice(
+        predictor, crop_embedding, _crop_prompts(plan, sent),
+        previous_prompts=_crop_prompts(plan, previous_prompts), previous_logits=logits,
+        previous_mask=crop_previous_mask, image=None if image is None else plan.crop(image), **options)
+    mask = plan.paste(inner.mask)
+    feedback = ""
+    corrective = sent.extends(previous_prompts)
+    if inner.feedback and corrective:  # counted again at full size: the previous mask may reach outside the crop
+        n_new = sent.points.shape[0] - previous_prompts.points.shape[0]
+        stroke = new_points_form_one_stroke(options.get("point_strokes"), len(sent.points), n_new)
+        feedback = click_feedback(previous_mask, mask, sent.points, sent.labels, n_new, stroke)
+    return SliceResult(mask=mask, logits=inner.logits, score=inner.score,
+                       used_previous_logits=inner.used_previous_logits, prompts=sent, hint=inner.hint,
+                       feedback=feedback, crop=plan)
 
 
 def new_points_form_one_stroke(point_strokes, n_points: int, n_new: int) -> bool:

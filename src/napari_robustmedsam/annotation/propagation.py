@@ -30,6 +30,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 from scipy import ndimage
 
+from ..engine.focus_crop import CropPlan, FocusCrop, plan_crop
 from .slice_embeddings import Cancelled
 
 PROMPT_MODES = ("box", "mask", "points", "box+mask", "box+points", "points+mask", "box+points+mask",
@@ -275,16 +276,37 @@ def propagate_object(
     return result
 
 
-def predictor_segment_fn(predictor, embeddings, multimask_output: bool | None = None) -> SegmentFn:
+def predictor_segment_fn(predictor, embeddings, multimask_output: bool | None = None,
+                         focus_crop: FocusCrop | None = None, embed_crop=None) -> SegmentFn:
     """A :data:`SegmentFn` over a :class:`~napari_robustmedsam.engine.predictor.Predictor` and the
-    per-slice embeddings of :class:`~napari_robustmedsam.annotation.slice_embeddings.SliceEmbeddings`."""
+    per-slice embeddings of :class:`~napari_robustmedsam.annotation.slice_embeddings.SliceEmbeddings`.
+
+    ``focus_crop`` (with ``embed_crop(z, plan) -> embedding of plan.crop(slice z)``): a slice whose prompt box
+    (from its neighbour) is small is decoded in the box's focus crop (:mod:`..engine.focus_crop`) and its mask
+    pasted back. The logits returned are in the frame they were decoded in; logits fed back from another frame
+    (or from outside, which count as the whole slice) are replaced by the neighbour's mask as the mask prompt."""
+    frames: dict[int, tuple[object, CropPlan | None]] = {}  # id(logits) -> (logits, their crop), this fn's own
+
+    def frame_of(logits) -> CropPlan | None:
+        entry = frames.get(id(logits))
+        return entry[1] if entry is not None and entry[0] is logits else None
 
     def segment(z, box, points, point_labels, mask, logits=None):
         emb = embeddings.get(z)
+        plan = None
+        if focus_crop is not None and embed_crop is not None and box is not None:
+            plan = plan_crop(box, tuple(getattr(emb, "frame", emb).original_size), focus_crop)
+            if plan is not None and points is not None and not plan.contains_points(points):
+                plan = None
+        if plan is not None:
+            emb = embed_crop(z, plan)
+            box = plan.box_to_crop(box)
+            points = None if points is None else plan.points_to_crop(points)
+            mask = None if mask is None else plan.crop(mask)
         frame = getattr(emb, "frame", None)  # a tiled embedding has no single frame: no mask prompt then
         if frame is None:
             mask_input = None
-        elif logits is not None:
+        elif logits is not None and frame_of(logits) == plan:
             mask_input = logits
         else:
             mask_input = frame.mask_to_low_res(mask) if mask is not None else None
@@ -294,6 +316,11 @@ def predictor_segment_fn(predictor, embeddings, multimask_output: bool | None = 
             points=points, point_labels=point_labels, boxes=box, mask_input=mask_input, embedding=emb,
             multimask_output=multimask_output,
         )
-        return prediction.masks[0], prediction.low_res_logits[:1], float(prediction.scores[0])
+        out_mask = prediction.masks[0] if plan is None else plan.paste(prediction.masks[0])
+        out_logits = prediction.low_res_logits[:1]
+        if plan is not None:
+            frames[id(out_logits)] = (out_logits, plan)
+        return out_mask, out_logits, float(prediction.scores[0])
 
+    segment.crop_of = frame_of  # the focus crop logits returned by this fn were decoded in (None: the whole slice)
     return segment

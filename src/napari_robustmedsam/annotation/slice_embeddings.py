@@ -98,6 +98,7 @@ class SliceEmbeddings:
         self.n_slices = n_slices(self.shape, kind)
         self.plane_shape = plane_shape(self.shape, kind)
         self._cache: dict[int, Any] = {}
+        self._crops: dict[tuple, Any] = {}  # (z, focus crop plan) -> embedding of that crop
         self._lock = threading.RLock()
         self._in_flight: dict[int, threading.Event] = {}  # slices being encoded now, by any thread
         self.computed = 0  # slices encoded now (by the model)
@@ -181,6 +182,25 @@ class SliceEmbeddings:
                 progress(i + 1, total)
         return total
 
+    # ---- focus crops ----------------------------------------------------------------------------
+    def has_crop(self, z: int, plan) -> bool:
+        with self._lock:
+            return (int(z), plan) in self._crops
+
+    def crop(self, z: int, plan):
+        """The embedding of ``plan.crop(slice z)`` (a :class:`..engine.focus_crop.CropPlan`; encoded now if needed:
+        call from a worker), kept like the slices' own."""
+        key = (int(z), plan)
+        with self._lock:
+            if key in self._crops:
+                return self._crops[key]
+        pixels = np.ascontiguousarray(plan.crop(self.slice_image(z)))
+        emb = self.engine.embed_image(pixels) if self.engine is not None else self.predictor.compute_embedding(pixels)
+        with self._lock:
+            self._crops[key] = emb
+        return emb
+
     def drop(self) -> None:
         with self._lock:
             self._cache.clear()
+            self._crops.clear()

@@ -13,6 +13,7 @@ from typing import Any, Callable
 
 import numpy as np
 
+from ..engine.focus_crop import DEFAULT_FOCUS_CROP
 from ..errors import UserFacingError
 from .propagation import predictor_segment_fn, propagate_object
 from .session import AnnotationSession, SlicePrompts, mask_box
@@ -133,10 +134,13 @@ class VolumePropagation:
         existing = session.current.copy() if (changed_only and self.propagated_once) else None
         changed = sorted(self.changed_since_propagation) if existing is not None else None
         settings = ctl.view.settings()
-        seed_logits = {z: session.current_logits.get(z) for z in seeds}
+        # a seed decoded in a focus crop has logits of that crop's frame: its neighbours get its mask instead
+        seed_logits = {z: session.current_logits.get(z) for z in seeds if ctl.previous_crop(z) is None}
 
         def start():
-            seg = predictor_segment_fn(ctl.embeddings.predictor, ctl.embeddings)
+            zoom = dict(focus_crop=DEFAULT_FOCUS_CROP, embed_crop=ctl.embeddings.crop) if (
+                settings.zoom_small_objects) else {}
+            seg = predictor_segment_fn(ctl.embeddings.predictor, ctl.embeddings, **zoom)
 
             def work(handle):
                 return propagate_object(
@@ -150,6 +154,9 @@ class VolumePropagation:
                 if token != self.token or gen != ctl.generation or session is not ctl.session:
                     return  # superseded (new propagation, commit, clear, other image)
                 self.handle = None
+                crop_of = getattr(seg, "crop_of", None)
+                for logits in result.logits.values() if crop_of is not None else ():
+                    ctl.remember_crop(logits, crop_of(logits))  # so that a click on a zoomed slice knows their frame
                 self.apply(result, seeds)
 
             def failed(err, tb):

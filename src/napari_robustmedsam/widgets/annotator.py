@@ -84,7 +84,7 @@ class WidgetView:
     def settings(self) -> AnnotatorSettings:
         return AnnotatorSettings(
             local_corrections=self.w.local_combo.currentText(), click_guard=self.w.guard_combo.currentText(),
-            click_refinement=self.w.refine_combo.currentText(),
+            click_refinement=self.w.refine_combo.currentText(), zoom_small_objects=self.w.zoom_check.isChecked(),
             overwrite=self.w.overwrite_check.isChecked(), auto_repropagate=self.w.auto_repropagate_check.isChecked(),
             iou_threshold=float(self.w.iou_spin.value()), prompt_mode=self.w.prompt_mode_combo.currentText(),
             min_score=float(self.w.score_spin.value()))

@@ -26,7 +26,9 @@ from ..annotation.prompt_decoding import (
     DEFAULT_CLICK_GUARD,
     DEFAULT_CLICK_REFINEMENT,
     DEFAULT_LOCAL_CORRECTIONS,
+    DEFAULT_ZOOM_SMALL_OBJECTS,
     LOCAL_CORRECTION_MODES,
+    ZOOM_SMALL_OBJECTS_TOOLTIP,
 )
 from ..annotation.propagation import DEFAULT_IOU_THRESHOLD, DEFAULT_MIN_SCORE, DEFAULT_PROMPT_MODE, PROMPT_MODES
 from ._common import Banner, TaskRow, mode_combo, shrinkable
@@ -97,6 +99,9 @@ def build_controls(w) -> None:
         "its distance to the mask's edge). 'with a box': guarded once the object has a box.",
     )
     w.refine_combo = mode_combo(CLICK_REFINEMENT_MODES, DEFAULT_CLICK_REFINEMENT, CLICK_REFINEMENT_TOOLTIP)
+    w.zoom_check = QCheckBox("Zoom on small objects")
+    w.zoom_check.setChecked(DEFAULT_ZOOM_SMALL_OBJECTS)
+    w.zoom_check.setToolTip(ZOOM_SMALL_OBJECTS_TOOLTIP)
     w.polarity_button = QPushButton()
     w.polarity_button.setToolTip("Polarity of the next point and the next stroke (T)")
     w.polarity_button.clicked.connect(w.toggle_polarity)
@@ -187,6 +192,7 @@ def build_controls(w) -> None:
     refine_row.addWidget(QLabel("Click refinement"))
     refine_row.addWidget(w.refine_combo, 1)
     layout.addLayout(refine_row)
+    layout.addWidget(w.zoom_check)
     layout.addLayout(polarity_row)
     layout.addLayout(buttons)
     layout.addWidget(w.overwrite_check)
