@@ -6,6 +6,7 @@ import pytest
 
 from napari_robustmedsam.annotation import prompt_decoding as decoding
 from napari_robustmedsam.annotation.click_policy import CLICK_POLICIES, ClickPolicy, click_policy
+from napari_robustmedsam.annotation.prompt_decoding import DEFAULT_ZOOM_SMALL_OBJECTS
 from napari_robustmedsam.engine.click_guard import EdgeReach
 
 
@@ -37,7 +38,8 @@ def test_evaluate_policy_flag_equals_the_same_single_flags():
     by_flags = config("--local-corrections", annotator.local_corrections.replace(" ", "-"),
                       "--click-guard", annotator.click_guard.replace(" ", "-"),
                       "--click-guard-reach", str(reach.factor), "--click-guard-reach-scope", reach.scope,
-                      "--click-refinement", annotator.click_refinement)
+                      "--click-refinement", annotator.click_refinement,
+                      "--focus-crop", "on" if DEFAULT_ZOOM_SMALL_OBJECTS else "off")  # the annotator's zoom too
     assert by_policy == by_flags and by_policy.click_policy == annotator
     assert by_policy.protocol("iter_box") == by_flags.protocol("iter_box")
     assert by_policy.protocol("iter_box") != config().protocol("iter_box")  # papers, the default

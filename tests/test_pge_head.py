@@ -345,6 +345,8 @@ def test_fast_head_options_reach_the_trainer_and_keep_older_runs_resumable():
         d.pop(key)
     d["prompts"].pop("local_corrections")  # added later still: "off" is left out of the fingerprint
     d["prompts"].pop("click_guard")  # --click-guard, added after that: "off" is left out too
+    d["prompts"].pop("click_guard_reach")  # --click-guard-reach and its scope, added later: defaults left out
+    d["prompts"].pop("click_guard_reach_scope")
     d["weights"].pop("fall")  # --w-fall, added later again: 0 is left out
     assert default.fingerprint() == hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
     assert TrainConfig(head="pge", enhancer_work_stride=2).fingerprint() != default.fingerprint()

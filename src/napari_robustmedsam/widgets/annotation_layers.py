@@ -56,7 +56,9 @@ def make_layers(viewer, image_layer, shape: tuple[int, ...]) -> AnnotationLayers
         layer.data = np.zeros((0, ndim))
         layer.scale, layer.translate = geo["scale"], geo["translate"]
     points = mark(layer, "points")
-    points.feature_defaults = {"label": "positive"}
+    # a reused layer keeps its feature columns (the strokes add one): every column needs a default
+    kept = points.feature_defaults.iloc[0].to_dict() if len(points.feature_defaults.columns) else {}
+    points.feature_defaults = {**kept, "label": "positive"}
     layer = existing_layer(viewer, BOXES_NAME, lambda lay: lay.ndim == ndim)
     if layer is None:
         layer = viewer.add_shapes(name=BOXES_NAME, ndim=ndim, face_color="transparent", edge_color="#ffd400",
