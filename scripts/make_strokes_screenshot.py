@@ -14,7 +14,6 @@ outline is only used to place the box and the strokes.
 from __future__ import annotations
 
 import argparse
-import time
 from pathlib import Path
 
 import numpy as np
@@ -38,29 +37,10 @@ def main() -> int:
     from napari_robustmedsam import launch
 
     viewer, startup, fit = launch.setup(launch.parse_args(["--image", str(image_path)]))
-    from qtpy.QtCore import QEventLoop, QTimer
+    from app_pump import event_pump
     from qtpy.QtWidgets import QApplication
 
-    from napari_robustmedsam.widgets._common import any_task_running
-
-    loop = QEventLoop()
-
-    def pump_until(cond, timeout=900.0):
-        start = time.perf_counter()
-        timer = QTimer()
-        timer.setInterval(20)
-        timer.timeout.connect(lambda: (cond() or time.perf_counter() - start > timeout) and loop.quit())
-        timer.start()
-        while not cond() and time.perf_counter() - start <= timeout:
-            loop.exec()
-        timer.stop()
-        if not cond():
-            raise TimeoutError("the app did not get there in time")
-
-    def idle():
-        pump_until(lambda: not any_task_running())
-        settle = time.perf_counter()
-        pump_until(lambda: time.perf_counter() - settle > 0.6)
+    pump_until, idle = event_pump()
 
     pump_until(lambda: startup.ready)
     annotator = startup.widget.annotator
