@@ -2,21 +2,16 @@
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
 
 import numpy as np
 from scipy import ndimage
 
 from napari_robustmedsam.degradations import degrade
+from benchmark_loading import load_benchmark  # tests/ is on sys.path under pytest
 
 
 def _module():
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "degradation_check.py"
-    spec = importlib.util.spec_from_file_location("degradation_check", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("degradation_check")
 
 
 def _phantom() -> np.ndarray:

@@ -3,25 +3,20 @@ the reference is always built, and the accuracy summary applies the rule's toler
 
 from __future__ import annotations
 
-import importlib.util
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
 from test_cache import tiny_segmenter  # noqa: E402  (tests/ is on sys.path under pytest)
+from benchmark_loading import load_benchmark  # tests/ is on sys.path under pytest
 
-REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("encoder_backends", REPO / "benchmarks" / "encoder_backends.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("encoder_backends")
 
 
 @pytest.mark.parametrize("module, package", [("onnxruntime", "onnxruntime"), ("openvino", "openvino")])

@@ -2,19 +2,14 @@
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
 
 import numpy as np
 from skimage.io import imsave
+from benchmark_loading import load_benchmark  # tests/ is on sys.path under pytest
 
 
 def _load_script():
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "mask_resolution_ceiling.py"
-    spec = importlib.util.spec_from_file_location("mask_resolution_ceiling", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("mask_resolution_ceiling")
 
 
 def test_a_large_disc_survives_the_low_resolution_grid_and_a_one_pixel_line_does_not(tmp_path, capsys):

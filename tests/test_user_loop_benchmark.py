@@ -3,10 +3,8 @@ phantom images with a seconds-long fine-tune (the fast settings of the training 
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -14,18 +12,10 @@ import pandas as pd
 import pytest
 
 from napari_robustmedsam.sample_data import mri_phantom
+from benchmark_loading import load_benchmark  # tests/ is on sys.path under pytest
 
 
-def _load_script():
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "user_loop.py"
-    spec = importlib.util.spec_from_file_location("user_loop", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
-
-
-user_loop = _load_script()
+user_loop = load_benchmark("user_loop")
 
 CSV_COLUMNS = {"start", "dataset", "kind", "n_labelled", "budget_min", "eval_images", "model", "condition", "box_dice",
                "dice_5", "noc_85", "never_85", "objects", "decision_mode", "swapped", "judge_current",
