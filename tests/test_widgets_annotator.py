@@ -508,3 +508,29 @@ def test_zoom_on_small_objects_embeds_the_crop_in_a_worker_and_says_so(plugin, q
     annotator.zoom_check.setChecked(False)
     args = annotator._segment_args(0, annotator.slice_prompts(0))
     assert args["focus_crop"] is None
+
+
+def test_layers_made_ahead_one_per_step_are_the_ones_the_annotator_uses(make_napari_viewer, qtbot):
+    """The launcher makes the annotator's five layers one per event-loop turn (each costs 0.1-0.3 s on the GUI
+    thread; all at once froze the window for about a second); taking the image then reuses them."""
+    from napari_robustmedsam.sample_data import mri_phantom
+    from napari_robustmedsam.widgets.layers_ahead import layer_creation_steps
+
+    viewer = make_napari_viewer(show=True)
+    image = viewer.add_image(mri_phantom(96, seed=0)[0], name="ahead")
+    steps = layer_creation_steps(viewer, image)
+    assert len(steps) == 5
+    counts = []
+    for step in steps:
+        step()
+        counts.append(len(viewer.layers))
+    assert counts == [2, 3, 4, 5, 6], "each step makes exactly one layer"
+    made = {layer.name: layer for layer in viewer.layers if layer is not image}
+    _, widget = viewer.window.add_plugin_dock_widget("napari-robustmedsam", "RobustMedSAM")
+    annotator = widget.annotator
+    annotator.set_image_layer(image)
+    assert len(viewer.layers) == 6, "taking the image must reuse the layers made ahead"
+    for layer in (annotator.points_layer, annotator.boxes_layer, annotator.current_layer,
+                  annotator.committed_layer, annotator.strokes_layer):
+        assert made[layer.name] is layer
+    assert viewer.layers.selection.active is annotator.boxes_layer

@@ -215,12 +215,13 @@ def test_launcher_paints_first_and_prepares_model_and_drawing_code_in_workers(mo
     try:
         assert not startup.ready and startup.widget.annotator.image_layer is None  # docked, layers not yet made
         assert get_state(viewer).is_loading, "the model must load in a worker, not before the window paints"
-        overlay = viewer.canvas.overlays.text
-        assert overlay.visible and "Loading the model" in overlay.text
+        assert "Loading the model" in viewer.status
+        assert "Loading the model" in startup.widget.annotator.status.text()
         _wait_until(lambda: startup.ready)
         assert threads and threads[0] is not threading.main_thread()
         assert startup.widget.annotator.image_layer is not None and get_state(viewer).loaded is not None
-        assert not overlay.visible
+        assert startup.seconds["layers ready"] >= startup.seconds["drawing code ready"]  # made ahead, in steps
+        assert "Loading the model" not in viewer.status
         from napari_robustmedsam.widgets._common import any_task_running
 
         _wait_until(lambda: not any_task_running())

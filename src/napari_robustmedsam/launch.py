@@ -193,12 +193,11 @@ class Startup:
                                           on_error=self._model_failed)
 
     def _overlay(self, text: str | None) -> None:
-        canvas = getattr(self.viewer, "canvas", None)  # napari >= 0.9; viewer.text_overlay before
-        overlay = getattr(getattr(canvas, "overlays", None), "text", None) or getattr(self.viewer, "text_overlay", None)
-        if overlay is None:
-            return
-        overlay.text = text or ""
-        overlay.visible = bool(text)
+        """The launch message in napari's status bar (the panel's status line says it too).
+
+        Not the canvas's text overlay: vispy renders each new glyph of it on the GUI thread, which froze the
+        window for about 1.4 s right after its first paint."""
+        self.viewer.status = text or "Ready"
 
     def _elapsed(self, what: str) -> None:
         import time
@@ -206,9 +205,30 @@ class Startup:
         self.seconds[what] = time.perf_counter() - self._t0
 
     def _warmed(self, _seconds) -> None:
+        self._elapsed("drawing code ready")
+        # The annotator's five layers, one per event-loop turn: made at once they froze the window for about a
+        # second (napari's per-layer Qt controls and vispy visuals).
+        from .widgets.layers_ahead import layer_creation_steps
+
+        self._make_layers(layer_creation_steps(self.viewer, self.layer))
+
+    def _make_layers(self, steps: list) -> None:
+        from qtpy.QtCore import QTimer
+
+        if not steps:
+            self._take_image()
+            return
+        try:
+            steps.pop(0)()
+        except Exception as err:  # noqa: BLE001 - only slower: set_image_layer makes what is missing at once
+            print(f"note: preparing the annotator's layers ahead failed ({err}); they are made now", file=sys.stderr)
+            steps.clear()
+        QTimer.singleShot(0, lambda: self._make_layers(steps))
+
+    def _take_image(self) -> None:
         from .widgets._common import ROLE_KEY
 
-        self._elapsed("drawing code ready")
+        self._elapsed("layers ready")
         self.layer.metadata.pop(ROLE_KEY, None)
         annotator = self.widget.annotator
         annotator.image_choice.refresh()

@@ -45,8 +45,11 @@ import numpy as np
 import torch
 
 from ..errors import CacheError
+from ..models.third_party import hide_numcodecs_exit_warning
 from .preprocessing import ImageFrame
 from .signature import Signature, checksum_bytes, checksum_json
+
+hide_numcodecs_exit_warning()  # zarr's codecs would warn about themselves as the program ends
 
 log = logging.getLogger(__name__)
 

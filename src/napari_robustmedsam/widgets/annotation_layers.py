@@ -43,8 +43,23 @@ class AnnotationLayers:
 def make_layers(viewer, image_layer, shape: tuple[int, ...]) -> AnnotationLayers:
     """The annotator's four layers for ``image_layer`` (same scale and translation), reusing (emptied) layers
     of the same names that fit ``shape``, placed on top of the layer list."""
+    points = make_points_layer(viewer, image_layer, shape)
+    boxes = make_boxes_layer(viewer, image_layer, shape)
+    current = make_current_layer(viewer, image_layer, shape)
+    committed = make_committed_layer(viewer, image_layer, shape)
+    # prompt layers on top, the image stays selectable
+    for managed in (committed, current, boxes, points):
+        viewer.layers.move(viewer.layers.index(managed), len(viewer.layers))
+    return AnnotationLayers(points, boxes, current, committed)
+
+
+def _geometry(image_layer) -> dict:
+    return {"scale": tuple(image_layer.scale), "translate": tuple(image_layer.translate)}
+
+
+def make_points_layer(viewer, image_layer, shape: tuple[int, ...]):
     ndim = len(shape)
-    geo = {"scale": tuple(image_layer.scale), "translate": tuple(image_layer.translate)}
+    geo = _geometry(image_layer)
     layer = existing_layer(viewer, POINTS_NAME, lambda lay: lay.ndim == ndim)
     if layer is None:
         layer = viewer.add_points(
@@ -59,6 +74,12 @@ def make_layers(viewer, image_layer, shape: tuple[int, ...]) -> AnnotationLayers
     # a reused layer keeps its feature columns (the strokes add one): every column needs a default
     kept = points.feature_defaults.iloc[0].to_dict() if len(points.feature_defaults.columns) else {}
     points.feature_defaults = {**kept, "label": "positive"}
+    return points
+
+
+def make_boxes_layer(viewer, image_layer, shape: tuple[int, ...]):
+    ndim = len(shape)
+    geo = _geometry(image_layer)
     layer = existing_layer(viewer, BOXES_NAME, lambda lay: lay.ndim == ndim)
     if layer is None:
         layer = viewer.add_shapes(name=BOXES_NAME, ndim=ndim, face_color="transparent", edge_color="#ffd400",
@@ -66,7 +87,11 @@ def make_layers(viewer, image_layer, shape: tuple[int, ...]) -> AnnotationLayers
     else:
         layer.data = []
         layer.scale, layer.translate = geo["scale"], geo["translate"]
-    boxes = mark(layer, "boxes")
+    return mark(layer, "boxes")
+
+
+def make_current_layer(viewer, image_layer, shape: tuple[int, ...]):
+    geo = _geometry(image_layer)
     layer = existing_layer(viewer, CURRENT_NAME, lambda lay: tuple(lay.data.shape) == shape)
     if layer is None:
         layer = viewer.add_labels(np.zeros(shape, np.uint8), name=CURRENT_NAME, opacity=0.55, **geo)
@@ -74,21 +99,21 @@ def make_layers(viewer, image_layer, shape: tuple[int, ...]) -> AnnotationLayers
     else:
         layer.data = np.zeros(shape, np.uint8)
         layer.scale, layer.translate = geo["scale"], geo["translate"]
-    current = mark(layer, "current")
+    return mark(layer, "current")
+
+
+def make_committed_layer(viewer, image_layer, shape: tuple[int, ...]):
     name = committed_layer_name(image_layer.name)
     layer = existing_layer(viewer, name, lambda lay: tuple(lay.data.shape) == shape)
     if layer is None:
-        layer = viewer.add_labels(np.zeros(shape, np.uint32), name=name, opacity=0.6, **geo)
+        layer = viewer.add_labels(np.zeros(shape, np.uint32), name=name, opacity=0.6, **_geometry(image_layer))
         _use_committed_colors(layer)
     elif layer.metadata.get("robustmedsam_image") != id(image_layer):
         layer.data = np.zeros(shape, np.uint32)  # a new image under the same name (e.g. image series)
     committed = mark(layer, "committed")
     committed.metadata["robustmedsam_image"] = id(image_layer)
     copy_geometry(image_layer, committed)  # File > Save writes the labels on the image's grid
-    # prompt layers on top, the image stays selectable
-    for managed in (committed, current, boxes, points):
-        viewer.layers.move(viewer.layers.index(managed), len(viewer.layers))
-    return AnnotationLayers(points, boxes, current, committed)
+    return committed
 
 
 def annotatable_kind(layer, is_image: bool) -> str:
