@@ -99,6 +99,7 @@ def test_positive_and_negative_strokes_change_the_mask_along_them(plugin, qtbot)
     wait_idle(qtbot)
     assert annotator.strokes_layer.nshapes == 1 and len(annotator.points_layer.data) == k
     assert np.array_equal(session.current, after)
+    assert "back to the mask before that stroke (" in annotator.status.text(), annotator.status.text()
 
     # deleting the positive path in the layer removes its clicks too, and the mask follows
     annotator.strokes_layer.selected_data = {0}

@@ -353,11 +353,15 @@ class AnnotationController:
             return False
         session = self.session
         was_user_slice = z in session.user_slices()
+        before = session.asked_prompts(z)
         if not session.step_back(z, prompts):
             return False
         n = int(session.plane(session.current, z).sum())
+        removed = (before.points.shape[0] if before is not None else 0) - prompts.points.shape[0]
+        # a stroke is taken back whole: all its points go at once
+        what = "that click" if removed <= 1 else f"that stroke ({removed} points)"
         self.show_changed_slice(z, t_request, was_user_slice or z in session.user_slices(),
-                                lambda _: f"Slice {z}: back to the mask before that click ({n} px), exactly as it was.")
+                                lambda _: f"Slice {z}: back to the mask before {what} ({n} px), exactly as it was.")
         return True
 
     def segment_args(self, z: int, prompts: SlicePrompts) -> dict:

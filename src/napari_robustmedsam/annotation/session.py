@@ -317,6 +317,10 @@ class AnnotationSession:
         self._put_slice(z, state.mask, state.logits, state.prompts, state.score, drop_missing=True)
         return True
 
+    def asked_prompts(self, z: int) -> SlicePrompts | None:
+        """The prompts the user last asked for on slice ``z`` (None if none were asked there)."""
+        return self._asked.get(self._check_z(z))
+
     def steps_back(self, z: int) -> int:
         """How many earlier states of slice ``z`` can be restored by taking prompts back."""
         return len(self._history.get(z, ()))
