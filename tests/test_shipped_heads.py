@@ -214,3 +214,47 @@ def test_the_annotator_says_when_the_fallback_answered(tmp_path):
     prompts = SlicePrompts(np.zeros((0, 2)), np.zeros(0, int), np.array([35.0, 25, 105, 95]), "user")
     result = segment_slice(head, embedding, prompts, model_name="empty-head")
     assert result.mask.any() and "empty-head returned an empty mask" in result.hint and "LiteMedSAM" in result.hint
+
+
+def _measurements(folder, sha_by_label, dice_by_label):
+    """A minimal training.evaluate --out folder: runs.jsonl with the models' sha256 and one row per prompt."""
+    import pandas as pd
+
+    folder.mkdir(parents=True)
+    (folder / "runs.jsonl").write_text(json.dumps({
+        "command": "python -m training.evaluate --policy annotator", "click_policy": "zoom=on",
+        "config": {"focus_crop": True}, "models": [{"label": k, "sha256": v} for k, v in sha_by_label.items()]}) + "\n")
+    rows = []
+    for label, dice in dice_by_label.items():
+        for condition in ("clean", "LQ-3"):
+            for prompt, step in (("box", 0), ("points3", 0), ("iter_box", 0), ("iter_box", 5)):
+                rows.append(dict(model=label, dataset="d1", condition=condition, prompt=prompt, step=step,
+                                 dice=dice + 0.01 * step, pred_px=10))
+    pd.DataFrame(rows).to_csv(folder / "measurements.csv", index=False)
+
+
+def test_refreshing_the_figures_replaces_one_policy_of_the_installed_head_only(tmp_path):
+    """After the annotator's defaults change, ``--figures-from`` puts a new evaluation's figures into the manifest
+    (the other policy, the file and its hash stay); an evaluation of another file than the shipped one is refused."""
+    from napari_robustmedsam.errors import UserFacingError
+
+    head = ship_heads.HEADS["robust-lite"]
+    old = {"sha256": "a" * 64, "file": head.filename, "licence": "L", "training_data": [], "command": "c",
+           "created_utc": "t", "heldout": {"annotator": {"litemedsam": {}}, "papers": {"kept": True}}}
+    (tmp_path / "MANIFEST.json").write_text(json.dumps({"heads": {"robust-lite": old}}))
+    good = tmp_path / "eval"
+    _measurements(good, {"litemedsam": "b" * 64, "robust-lite": "a" * 64, "pge-lite-fast": "c" * 64},
+                  {"litemedsam": 0.5, "robust-lite": 0.6, "pge-lite-fast": 0.7})
+    figures = ship_heads.refresh_figures(head, good, "annotator", "python -m training.ship_heads x", tmp_path)
+    entry = json.loads((tmp_path / "MANIFEST.json").read_text())["heads"]["robust-lite"]
+    assert set(entry["heldout"]["annotator"]) == {"litemedsam", "robust-lite"} == set(figures)
+    assert entry["heldout"]["annotator"]["robust-lite"]["LQ-3"]["box"] == pytest.approx(0.6)
+    assert entry["heldout"]["annotator"]["robust-lite"]["LQ-3"]["clicks5"] == pytest.approx(0.65)
+    assert entry["heldout"]["papers"] == {"kept": True} and entry["sha256"] == "a" * 64
+    assert entry["heldout_sources"]["annotator"]["click_policy"] == "zoom=on"
+    assert (tmp_path / "LICENSE-WEIGHTS.md").is_file()
+    other = tmp_path / "other"
+    _measurements(other, {"litemedsam": "b" * 64, "robust-lite": "d" * 64}, {"litemedsam": 0.5, "robust-lite": 0.9})
+    with pytest.raises(UserFacingError, match="did not measure the shipped robust-lite"):
+        ship_heads.refresh_figures(head, other, "annotator", "x", tmp_path)
+    assert json.loads((tmp_path / "MANIFEST.json").read_text())["heads"]["robust-lite"] == entry

@@ -17,6 +17,10 @@ Steps, each skipped when its result is already in ``--out`` (so an interrupted b
    commands, the training data and their terms, the licence, the date, the held-out figures) into
    ``heads/MANIFEST.json``; ``heads/LICENSE-WEIGHTS.md`` is written from the manifest.
 
+``--figures-from DIR [--policy annotator]`` rebuilds nothing: it replaces an installed head's held-out figures of
+one policy with those of a ``python -m training.evaluate`` folder that measured the shipped file (checked by its
+sha256) next to LiteMedSAM, and records that evaluation's command and click policy under ``heldout_sources``.
+
 What the shipped heads measured: docs/models.md and docs/results/shipped-heads/.
 """
 
@@ -251,17 +255,63 @@ def install(head: ShippedHead, shipped: Path, entry: dict, heads_dir: Path = HEA
     heads_dir.mkdir(parents=True, exist_ok=True)
     with atomic_write_path(target) as tmp:
         shutil.copyfile(shipped, tmp)
+    _update_manifest(heads_dir, head.name, lambda _old: entry)
+    return target
+
+
+def refresh_figures(head: ShippedHead, measurements: Path, policy: str, command: str,
+                    heads_dir: Path = HEADS_DIR) -> dict:
+    """Replace the installed ``head``'s held-out figures of ``policy`` by those of a ``training.evaluate`` folder
+    (its ``measurements.csv`` and ``runs.jsonl``), without rebuilding the head. Why: when the annotator's defaults
+    change (e.g. Zoom on small objects), the recorded figures would describe an annotator users no longer have.
+
+    The folder must have measured LiteMedSAM (label ``litemedsam``) and the head (label ``head.name``) from the
+    shipped file itself: its sha256 in ``runs.jsonl`` must equal the manifest's. Returns the new figures."""
+    import pandas as pd
+
+    measurements = Path(measurements)
+    csv, runs = measurements / "measurements.csv", measurements / "runs.jsonl"
+    if not csv.is_file() or not runs.is_file():
+        raise UserFacingError(f"{measurements} has no measurements.csv and runs.jsonl: give the --out folder of a "
+                              f"finished python -m training.evaluate run")
+    manifest = json.loads((heads_dir / MANIFEST_PATH.name).read_text())
+    entry = manifest["heads"].get(head.name)
+    if entry is None:
+        raise UserFacingError(f"{head.name} is not installed in {heads_dir}: build it first with --install")
+    run_rows = [json.loads(line) for line in runs.read_text().splitlines() if line.strip()]
+    measured = {m["label"]: m.get("sha256") for row in run_rows for m in row.get("models", [])}
+    if measured.get(head.name) != entry["sha256"]:
+        raise UserFacingError(
+            f"{measurements} did not measure the shipped {head.name} (sha256 {str(measured.get(head.name))[:12]}, "
+            f"shipped {entry['sha256'][:12]}): evaluate it with --model {head.name}={head.name}")
+    figures = {k: v for k, v in summarise(pd.read_csv(csv)).items() if k in ("litemedsam", head.name)}
+    if "litemedsam" not in figures:
+        raise UserFacingError(f"{measurements} has no LiteMedSAM rows to compare with: add --model litemedsam")
+    source = {"evaluate": run_rows[-1].get("command"), "click_policy": run_rows[-1].get("click_policy"),
+              "config": run_rows[-1].get("config"), "refreshed_utc": utc_now_iso(), "refreshed_by": command}
+
+    def update(old: dict) -> dict:
+        old = dict(old)
+        old["heldout"] = {**(old.get("heldout") or {}), policy: figures}
+        old["heldout_sources"] = {**(old.get("heldout_sources") or {}), policy: source}
+        return old
+
+    _update_manifest(heads_dir, head.name, update)
+    return figures
+
+
+def _update_manifest(heads_dir: Path, name: str, update) -> None:
+    """Set head ``name``'s manifest entry to ``update(old entry)`` and rewrite the licence file, under a lock."""
     manifest_path = heads_dir / MANIFEST_PATH.name
     with open(heads_dir / ".manifest.lock", "w") as lock:  # builds of several heads may finish together
         fcntl.flock(lock, fcntl.LOCK_EX)
         manifest = json.loads(manifest_path.read_text()) if manifest_path.is_file() else {"heads": {}}
-        manifest["heads"][head.name] = entry
+        manifest["heads"][name] = update(manifest["heads"].get(name, {}))
         manifest["about"] = ("The heads shipped in this folder: each file's sha256 and size, the commands that built "
                              "it, its training data and their terms, its licence and its held-out figures. Written by "
                              "python -m training.ship_heads; see docs/models.md.")
         write_text_atomic(manifest_path, json.dumps(manifest, indent=1, sort_keys=True) + "\n")
         write_text_atomic(heads_dir / LICENCE_PATH.name, licence_text(manifest["heads"]))
-    return target
 
 
 def write_text_atomic(path: Path, text: str) -> None:
@@ -294,8 +344,20 @@ def main(argv=None) -> int:
     p.add_argument("--time-budget", type=float, default=None, help="minutes (default: the preset's)")
     p.add_argument("--epochs", type=int, default=None, help="default: the preset's")
     p.add_argument("--threads", type=int, default=None, help="torch threads for training and evaluation")
+    p.add_argument("--figures-from", metavar="DIR", default=None,
+                   help="no build: replace the installed head's held-out figures of --policy with those of this "
+                        "training.evaluate --out folder (after the annotator's defaults changed)")
+    p.add_argument("--policy", choices=POLICIES, default="annotator", help="with --figures-from: which figures")
     args = p.parse_args(argv)
     head = HEADS[args.head]
+    if args.figures_from:
+        command = shlex.join(["python", "-m", "training.ship_heads", *(argv if argv is not None else sys.argv[1:])])
+        try:
+            figures = refresh_figures(head, Path(args.figures_from), args.policy, command)
+        except UserFacingError as err:
+            raise SystemExit(f"error: {err}") from None
+        print(json.dumps(figures, indent=1))
+        return 0
     data, out = Path(args.data), Path(args.out)
     if not data.is_dir():
         raise SystemExit(f"error: the data folder {data} does not exist; pass --data DIR (medseg layout)")
