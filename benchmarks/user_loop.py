@@ -148,6 +148,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--out", default="runs/user-loop", help="output folder (default runs/user-loop)")
+    p.add_argument("--merge", nargs="+", metavar="CSV", default=None,
+                   help="run nothing: merge the user_loop.csv files of runs made separately (e.g. one dataset at a "
+                        "time) into one results.md and user_loop.csv under --out, with the verdicts over all of them")
     return p
 
 
@@ -467,6 +470,8 @@ def main(argv=None, *, extra_config: dict | None = None) -> dict:
     bad = [s for s in starts if s not in STARTS]
     if bad:
         raise ValueError(f"unknown --start {', '.join(bad)}; valid: {', '.join(STARTS)}")
+    if args.merge:
+        return merge_runs(args, argv)
     if args.steps < DICE_AFTER_CLICKS:
         raise ValueError(f"--steps must be at least {DICE_AFTER_CLICKS} (Dice is read after {DICE_AFTER_CLICKS} "
                          "clicks)")
@@ -528,6 +533,39 @@ def main(argv=None, *, extra_config: dict | None = None) -> dict:
     csv_path, md_path = write_outputs(rows, out, header, [d.name for d in datasets])
     log(f"wrote {csv_path} and {md_path}")
     return {"rows": rows, "skipped": skipped, "csv": csv_path, "report": md_path}
+
+
+def merge_runs(args, argv) -> dict:
+    """``--merge``: one report over the rows of separately made runs. A cell (start, dataset, N, budget) found in
+    two files is refused: which of the two to report would be a choice made after seeing them."""
+    import pandas as pd
+
+    from training.evaluation.dataset import discover
+
+    frames = []
+    for path in args.merge:
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"no such file: {path} (give the user_loop.csv of each run)")
+        frame = pd.read_csv(path)
+        frame["source"] = str(path)
+        frames.append(frame)
+    df = pd.concat(frames, ignore_index=True)
+    key = ["start", "dataset", "n_labelled", "budget_min", "model", "condition"]
+    twice = df[df.duplicated(key, keep=False)]
+    if not twice.empty:
+        cells = sorted({f"{r.dataset} N={r.n_labelled} {r.budget_min:g} min" for r in twice.itertuples()})
+        raise ValueError(f"cells measured in more than one file: {'; '.join(cells)}; merge each cell's run only once")
+    roots = args.data or DATA_DEFAULT
+    all_datasets = [d.name for root in roots if Path(root).is_dir() for d in discover(root)] or sorted(set(df.dataset))
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    header = [f"Command: `python benchmarks/user_loop.py {' '.join(argv if argv is not None else sys.argv[1:])}`", "",
+              "Rows merged from runs made separately (each file's own command and machine load are in its "
+              "results.md):", "", *[f"- `{p}`" for p in args.merge]]
+    rows = df.drop(columns=["source"]).to_dict("records")
+    csv_path, md_path = write_outputs(rows, out, header, all_datasets)
+    print(f"wrote {csv_path} and {md_path}", flush=True)
+    return {"rows": rows, "skipped": [], "csv": csv_path, "report": md_path}
 
 
 def cli(argv=None) -> int:

@@ -73,6 +73,21 @@ def test_verdicts_compare_the_kept_model_with_the_start_as_the_issue_sets_them()
     assert user_loop.verdicts(worse.assign(n_labelled=5), ["a"])[0].endswith("not measured (no finished cell).")
 
 
+def test_runs_made_one_dataset_at_a_time_merge_into_one_report(tmp_path):
+    """``--merge`` reports separately made runs together (verdicts over all datasets); a cell in two files is
+    refused rather than one of them picked."""
+    first, second = tmp_path / "a.csv", tmp_path / "b.csv"
+    pd.DataFrame(_rows("a", (0.70, 0.80, 10.0), (0.76, 0.86, 6.0), (0.76, 0.86, 6.0))).to_csv(first, index=False)
+    pd.DataFrame(_rows("b", (0.60, 0.70, 8.0), (0.66, 0.76, 5.0), (0.66, 0.76, 5.0))).to_csv(second, index=False)
+    out = tmp_path / "merged"
+    res = user_loop.main(["--merge", str(first), str(second), "--out", str(out), "--data", str(tmp_path / "none")])
+    report = res["report"].read_text()
+    assert "0.650 -> 0.710 (+0.060" in report and "[mean of 2 dataset(s)]" in report
+    assert f"- `{first}`" in report and len(pd.read_csv(res["csv"])) == 12
+    with pytest.raises(ValueError, match="cells measured in more than one file: a N=10 10 min"):
+        user_loop.main(["--merge", str(first), str(first), "--out", str(out)])
+
+
 def _phantom_data(root: Path) -> Path:
     for name, count in (("phantom", 8), ("too_small", 3)):
         for sub in ("images", "masks"):
