@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 from napari_robustmedsam.annotation import prompt_decoding as decoding
@@ -40,7 +42,10 @@ def test_evaluate_policy_flag_equals_the_same_single_flags():
                       "--click-guard-reach", str(reach.factor), "--click-guard-reach-scope", reach.scope,
                       "--click-refinement", annotator.click_refinement,
                       "--focus-crop", "on" if DEFAULT_ZOOM_SMALL_OBJECTS else "off")  # the annotator's zoom too
-    assert by_policy == by_flags and by_policy.click_policy == annotator
+    # the policy's crop follows each model's own default (the annotator's behaviour); an explicit flag does not
+    assert by_policy.focus_crop_per_model and not by_flags.focus_crop_per_model
+    assert by_policy == dataclasses.replace(by_flags, focus_crop_per_model=True)
+    assert by_policy.click_policy == annotator
     assert by_policy.protocol("iter_box") == by_flags.protocol("iter_box")
     assert by_policy.protocol("iter_box") != config().protocol("iter_box")  # papers, the default
     assert config().click_policy == CLICK_POLICIES["papers"]
@@ -53,3 +58,25 @@ def test_evaluate_policy_flag_equals_the_same_single_flags():
         config("--click-guard-reach-scope", "negatives-before-positive")
     assert config("--click-refinement", "random-walker").protocol("iter_box") != config().protocol("iter_box")
     assert config("--click-refinement", "random-walker").protocol("box") == config().protocol("box")
+
+
+def test_under_the_policy_default_each_model_follows_its_own_zoom_default(monkeypatch):
+    """A model whose registry entry turns Zoom on small objects off (a head that measured lower with it) is
+    measured without the crop under ``--policy annotator``, as the annotator runs it; ``--focus-crop on`` still
+    forces it, and other models keep the policy's crop."""
+    from types import SimpleNamespace
+
+    from napari_robustmedsam.annotation.prompt_decoding import zoom_default
+    from napari_robustmedsam.models import registry
+
+    monkeypatch.setitem(registry.MODELS, "no-zoom-head",
+                        dataclasses.replace(registry.MODELS["litemedsam"], name="no-zoom-head", zoom_small_objects=False))
+    head = SimpleNamespace(loaded=SimpleNamespace(name="no-zoom-head"))
+    base = SimpleNamespace(loaded=SimpleNamespace(name="litemedsam"))
+    assert not zoom_default("no-zoom-head") and zoom_default("litemedsam") == DEFAULT_ZOOM_SMALL_OBJECTS
+    by_policy = config("--policy", "annotator")
+    assert by_policy.for_model(head).focus_crop is False
+    assert by_policy.for_model(base) is by_policy
+    assert by_policy.for_model(head).protocol("iter_box") != by_policy.protocol("iter_box")
+    forced = config("--policy", "annotator", "--focus-crop", "on")
+    assert forced.for_model(head).focus_crop is True

@@ -534,3 +534,23 @@ def test_layers_made_ahead_one_per_step_are_the_ones_the_annotator_uses(make_nap
                   annotator.committed_layer, annotator.strokes_layer):
         assert made[layer.name] is layer
     assert viewer.layers.selection.active is annotator.boxes_layer
+
+
+def test_a_model_whose_own_default_is_no_zoom_turns_zoom_off_and_says_so(plugin, qtbot, litemedsam, engine,
+                                                                          monkeypatch):
+    """Zoom on small objects follows the loaded model's registry default (a head that measured lower with the crop
+    turns it off, with a word in the status line); loading the base model turns it back on."""
+    import dataclasses
+
+    from napari_robustmedsam.models import registry
+
+    viewer, widget = plugin
+    monkeypatch.setitem(registry.MODELS, "no-zoom-head",
+                        dataclasses.replace(registry.MODELS["litemedsam"], name="no-zoom-head", zoom_small_objects=False))
+    annotator = widget.annotator
+    assert annotator.zoom_check.isChecked()
+    annotator.state.set_model(dataclasses.replace(litemedsam, name="no-zoom-head"), engine)
+    assert not annotator.zoom_check.isChecked()
+    assert "Zoom on small objects is now off" in annotator.status.text()
+    annotator.state.set_model(litemedsam, engine)
+    assert annotator.zoom_check.isChecked()

@@ -170,11 +170,13 @@ def _config(args) -> EvalConfig:
         click_guard_reach_scope="all" if reach is None else reach.scope,
         click_refinement=policy.click_refinement,
         focus_crop=focus_crop_from_args(args),
+        focus_crop_per_model=args.focus_crop is None,
     )
 
 
 def focus_crop_from_args(args) -> bool:
-    """``--focus-crop``, or the policy's: the annotator's default under ``--policy annotator``, else off."""
+    """``--focus-crop``, or the policy's: the annotator's default under ``--policy annotator``, else off. Under the
+    policy's default each model then follows its own (``EvalConfig.for_model``), as the annotator does."""
     from napari_robustmedsam.annotation.prompt_decoding import DEFAULT_ZOOM_SMALL_OBJECTS
 
     if args.focus_crop is not None:
@@ -256,7 +258,7 @@ def _run_record(run_id, command, t_start, info, workers, threads, cfg, condition
         "config": {**cfg.__dict__, "prompts": list(cfg.prompts)},
         "click_policy": cfg.click_policy.key,
         "conditions": [c.name for c in conditions],
-        "models": [m.describe() for m in models],
+        "models": [{**m.describe(), "focus_crop": cfg.for_model(m).focus_crop} for m in models],
         "images": len(samples),
         "volumes": len(volumes),
         "stats": stats.to_dict(),
@@ -333,13 +335,13 @@ def main(argv: list[str] | None = None) -> dict:
     my_samples = shard(samples, info)
     my_volumes = volumes if info.rank == 0 else []
     groups_total = (len(my_samples) + len(my_volumes) * len(cfg.prompts_3d)) * len(models) * len(conditions)
-    protocols = {p: cfg.protocol(p) for p in cfg.prompts}
+    protocols = {m.key: {p: cfg.for_model(m).protocol(p) for p in cfg.prompts} for m in models}
     groups_done = sum(
         1 for s in my_samples for m in models for c in conditions
-        if all((m.key, s.key, c.name, p, protocols[p]) in done for p in cfg.prompts_2d)
+        if all((m.key, s.key, c.name, p, protocols[m.key][p]) in done for p in cfg.prompts_2d)
     ) + sum(
         1 for v in my_volumes for m in models for c in conditions for p in cfg.prompts_3d
-        if (m.key, f"{v.name}/3d", c.name, p, protocols[p]) in done
+        if (m.key, f"{v.name}/3d", c.name, p, protocols[m.key][p]) in done
     )
     print(
         f"evaluate: {len(models)} model(s) x {len(my_samples)} image(s)"

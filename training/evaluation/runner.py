@@ -27,7 +27,7 @@ import json
 import os
 import re
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
@@ -129,6 +129,18 @@ class EvalConfig:
     # decode a small object's box prompts in an enlarged crop of its surroundings (engine.focus_crop): box starts,
     # their clicks and the propagate_3d modes; point starts are never cropped
     focus_crop: bool = False
+    # the crop came from the policy's default (no --focus-crop): each model then follows its own default, as the
+    # annotator does when it is loaded (annotation.prompt_decoding.zoom_default)
+    focus_crop_per_model: bool = False
+
+    def for_model(self, handle) -> "EvalConfig":
+        """The settings ``handle``'s model is measured with: the crop off for a model whose own default is off."""
+        if self.focus_crop and self.focus_crop_per_model:
+            from napari_robustmedsam.annotation.prompt_decoding import zoom_default
+
+            if not zoom_default(getattr(handle.loaded, "name", None)):
+                return replace(self, focus_crop=False)
+        return self
 
     @property
     def focus(self):
@@ -569,10 +581,10 @@ def unit_keys(models: list[ModelHandle], samples: list[Sample], conditions: list
               volumes: list | None = None) -> set[tuple]:
     """Every unit key of the plan (for progress totals and the merge)."""
     keys = {
-        (m.key, s.key, c.name, p, cfg.protocol(p))
+        (m.key, s.key, c.name, p, cfg.for_model(m).protocol(p))
         for m in models for s in samples for c in conditions for p in cfg.prompts_2d
     }
-    keys |= {(m.key, volume_key(v), c.name, p, cfg.protocol(p))
+    keys |= {(m.key, volume_key(v), c.name, p, cfg.for_model(m).protocol(p))
              for m in models for v in volumes or [] for c in conditions for p in cfg.prompts_3d}
     return keys
 
@@ -607,12 +619,14 @@ def evaluate_samples(
     done = store.done_keys() if done is None else done
     stats = RunStats()
     prompts_2d = cfg.prompts_2d
-    protocols = {p: cfg.protocol(p) for p in prompts_2d}
+    model_cfg = {m.key: cfg.for_model(m) for m in models}
+    protocols = {m.key: {p: model_cfg[m.key].protocol(p) for p in prompts_2d} for m in models}
     calls0, hits0, secs0 = embedder.encoder_calls, embedder.cache_hits, embedder.encoder_seconds
     computed = 0
     for sample in samples if prompts_2d else []:
         todo = {
-            (m.key, c.name): [p for p in prompts_2d if (m.key, sample.key, c.name, p, protocols[p]) not in done]
+            (m.key, c.name): [p for p in prompts_2d
+                              if (m.key, sample.key, c.name, p, protocols[m.key][p]) not in done]
             for m in models for c in conditions
         }
         n_groups = len(models) * len(conditions)
@@ -650,8 +664,8 @@ def evaluate_samples(
                 if objects:
                     emb = embedder.embed(m, degraded)
                     for p in prompts:
-                        rows.extend(run_prompt_mode(m.predictor, emb, objects, p, sample.key, cfg, degraded,
-                                                    _crop_embedder(embedder, m, degraded)))
+                        rows.extend(run_prompt_mode(m.predictor, emb, objects, p, sample.key, model_cfg[m.key],
+                                                    degraded, _crop_embedder(embedder, m, degraded)))
                 ident = {
                     "model": m.label, "model_key": m.key, "dataset": sample.dataset, "modality": sample.modality,
                     "sample": sample.key, "image_id": sample.image_id,
@@ -660,9 +674,9 @@ def evaluate_samples(
                 }
                 for r in rows:
                     r.update(ident)
-                    r["protocol"] = protocols[r["prompt"]]
+                    r["protocol"] = protocols[m.key][r["prompt"]]
                 records = [{"model_key": m.key, "sample": sample.key, "condition": cond.name, "prompt": p,
-                            "protocol": protocols[p], "objects": len(objects), "run_id": run_id,
+                            "protocol": protocols[m.key][p], "objects": len(objects), "run_id": run_id,
                             "time": round(time.time(), 1)} for p in prompts]
                 store.append(rows, records)
                 stats.units_done += len(prompts)
@@ -812,13 +826,14 @@ def evaluate_volumes(
     done = store.done_keys() if done is None else done
     stats = RunStats()
     prompts = cfg.prompts_3d or (PROPAGATE,)
-    protos = {p: cfg.protocol(p) for p in prompts}
+    model_cfg = {m.key: cfg.for_model(m) for m in models}
+    protos = {m.key: {p: model_cfg[m.key].protocol(p) for p in prompts} for m in models}
     n_units = len(models) * len(conditions) * len(prompts)
     calls0, hits0, secs0 = embedder.encoder_calls, embedder.cache_hits, embedder.encoder_seconds
     for vol in volumes:
         key = volume_key(vol)
         todo = [(m, c, p) for c in conditions for m in models for p in prompts
-                if (m.key, key, c.name, p, protos[p]) not in done]
+                if (m.key, key, c.name, p, protos[m.key][p]) not in done]
         stats.units_total += n_units
         stats.units_skipped += n_units - len(todo)
         if on_unit and len(todo) < n_units:
@@ -836,13 +851,14 @@ def evaluate_volumes(
             for m, prompt in pending:
                 embeddings = lazy.setdefault(m.key, _LazySliceEmbeddings(embedder, m, degraded))
                 rows = [r for o in objects
-                        for r in propagate_rows(m, embeddings, o.mask, o.object_id, cfg, vol.spacing, prompt)]
+                        for r in propagate_rows(m, embeddings, o.mask, o.object_id, model_cfg[m.key], vol.spacing,
+                                                    prompt)]
                 for r in rows:
                     r.update(model=m.label, model_key=m.key, dataset=vol.name, modality=vol.modality, sample=key,
                              image_id="3d", condition=cond.name, degradation=names, run_id=run_id,
-                             protocol=protos[prompt])
+                             protocol=protos[m.key][prompt])
                 store.append(rows, [{"model_key": m.key, "sample": key, "condition": cond.name, "prompt": prompt,
-                                     "protocol": protos[prompt], "objects": len(objects), "run_id": run_id,
+                                     "protocol": protos[m.key][prompt], "objects": len(objects), "run_id": run_id,
                                      "time": round(time.time(), 1)}])
                 stats.units_done += 1
                 stats.rows += len(rows)

@@ -66,6 +66,18 @@ DEFAULT_CLICK_REFINEMENT = "off"
 #: whether the annotator decodes a small object's box in an enlarged crop of its surroundings by default
 #: (:mod:`..engine.focus_crop`); chosen by the rule in docs/results/focus-crop/rule.md (results.md there)
 DEFAULT_ZOOM_SMALL_OBJECTS = True
+
+
+def zoom_default(model_name: str | None) -> bool:
+    """Whether "Zoom on small objects" is on by default with the model called ``model_name``: its registry entry's
+    own setting where it has one (a head that measured lower with the crop), else the annotator's default."""
+    from ..models import registry
+
+    spec = registry.MODELS.get(model_name) if model_name else None
+    own = getattr(spec, "zoom_small_objects", None)
+    return DEFAULT_ZOOM_SMALL_OBJECTS if own is None else bool(own)
+
+
 ZOOM_SMALL_OBJECTS_TOOLTIP = (
     "When the box is small (its longer side at most a quarter of the image's), the model sees only a crop of 3 x the "
     "box around it, enlarged to its input size, so small objects get finer masks. The crop is embedded once per box "

@@ -38,6 +38,9 @@ class ModelSpec:
     robust_init: bool = False
     # One line for the model panel and `robustmedsam info`: when to choose this model.
     use: str = ""
+    # The annotator's "Zoom on small objects" when this model is loaded: None follows the annotator's default;
+    # False where the model measured lower with it (docs/results/focus-crop/heads.md).
+    zoom_small_objects: bool | None = None
 
 
 _LITEMEDSAM = ModelSpec(

@@ -31,6 +31,7 @@ from qtpy.QtWidgets import QWidget
 
 from ..annotation.controller import AnnotationController, AnnotatorSettings
 from ..annotation.model_info import display_name
+from ..annotation.prompt_decoding import zoom_default
 from ..annotation.session import SlicePrompts
 from ..annotation.slice_embeddings import SliceEmbeddings
 from ..engine.windows import layer_window, model_view
@@ -279,8 +280,16 @@ class AnnotatorWidget(QWidget):
         self.controller.model_changed()
         self._update_hint()
         self.select_prompt_layer()
+        said = []
         if self.session is not None and self.session.has_current:
-            self._set_status(f"Model changed to {display_name(loaded)}: press S to segment again with it.")
+            said.append(f"Model changed to {display_name(loaded)}: press S to segment again with it.")
+        zoom = zoom_default(getattr(loaded, "name", None))
+        if loaded is not None and self.zoom_check.isChecked() != zoom:  # each model's own measured default
+            self.zoom_check.setChecked(zoom)
+            said.append(f"Zoom on small objects is now {'on' if zoom else 'off'}, {display_name(loaded)}'s default "
+                        f"(it measured {'better' if zoom else 'worse'} {'with' if zoom else 'with it on'}).")
+        if said:
+            self._set_status(" ".join(said))
 
     def _update_hint(self) -> None:
         self.hint.show_message(*model_hint(self.state.loaded))
