@@ -258,3 +258,13 @@ def test_refreshing_the_figures_replaces_one_policy_of_the_installed_head_only(t
     with pytest.raises(UserFacingError, match="did not measure the shipped robust-lite"):
         ship_heads.refresh_figures(head, other, "annotator", "x", tmp_path)
     assert json.loads((tmp_path / "MANIFEST.json").read_text())["heads"]["robust-lite"] == entry
+
+
+def test_zoom_on_small_objects_is_off_by_default_only_for_the_head_that_measured_worse_with_it():
+    """docs/results/focus-crop/heads.md: on the validation images the crop lowered pge-lite-fast's Dice by up to
+    0.084 and raised the robust heads'; the annotator and ``training.evaluate --policy annotator`` follow this."""
+    from napari_robustmedsam.annotation.prompt_decoding import DEFAULT_ZOOM_SMALL_OBJECTS, zoom_default
+
+    assert zoom_default("pge-lite-fast") is False and zoom_default("pge_lite_fast") is False
+    for name in ("litemedsam", "robust-lite", "robust-lite-permissive"):
+        assert zoom_default(name) is DEFAULT_ZOOM_SMALL_OBJECTS

@@ -71,9 +71,13 @@ DEFAULT_ZOOM_SMALL_OBJECTS = True
 def zoom_default(model_name: str | None) -> bool:
     """Whether "Zoom on small objects" is on by default with the model called ``model_name``: its registry entry's
     own setting where it has one (a head that measured lower with the crop), else the annotator's default."""
+    from ..errors import UserFacingError
     from ..models import registry
 
-    spec = registry.MODELS.get(model_name) if model_name else None
+    try:
+        spec = registry.get_model_spec(model_name) if model_name else None
+    except UserFacingError:  # a checkpoint file of the user's own: the annotator's default
+        spec = None
     own = getattr(spec, "zoom_small_objects", None)
     return DEFAULT_ZOOM_SMALL_OBJECTS if own is None else bool(own)
 
