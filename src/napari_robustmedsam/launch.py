@@ -196,7 +196,7 @@ class Startup:
         """The launch message in napari's status bar (the panel's status line says it too).
 
         Not the canvas's text overlay: vispy renders each new glyph of it on the GUI thread, which froze the
-        window for about 1.4 s right after its first paint."""
+        window right after its first paint (docs/results/first-use.md)."""
         self.viewer.status = text or "Ready"
 
     def _elapsed(self, what: str) -> None:
@@ -206,8 +206,8 @@ class Startup:
 
     def _warmed(self, _seconds) -> None:
         self._elapsed("drawing code ready")
-        # The annotator's five layers, one per event-loop turn: made at once they froze the window for about a
-        # second (napari's per-layer Qt controls and vispy visuals).
+        # The annotator's five layers, one per event-loop turn: made at once they froze the window (napari's
+        # per-layer Qt controls and vispy visuals; docs/results/first-use.md).
         from .widgets.layers_ahead import layer_creation_steps
 
         self._make_layers(layer_creation_steps(self.viewer, self.layer))

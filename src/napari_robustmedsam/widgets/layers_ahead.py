@@ -1,7 +1,7 @@
 """The annotator's layers made ahead, one per event-loop turn, before the annotator takes its first image.
 
-Why: creating a napari layer (its Qt controls, its vispy visual) costs 0.1-0.3 s on the GUI thread, so making
-the annotator's five layers at once froze the launcher's window for about a second. The launcher runs
+Why: creating a napari layer (its Qt controls, its vispy visual) takes a noticeable time on the GUI thread, so
+making the annotator's five layers at once froze the launcher's window (docs/results/first-use.md). The launcher runs
 :func:`layer_creation_steps` one call per event-loop turn; the annotator then finds the layers by name and only
 reuses and empties them (:func:`~.annotation_layers.make_layers`, :func:`~.stroke_layer.make_strokes_layer`).
 """
