@@ -75,3 +75,29 @@ def test_the_status_line_names_a_stroke_and_what_it_changed():
     assert not new_points_form_one_stroke(np.array([2, 3]), 2, 2)  # two strokes
     assert not new_points_form_one_stroke(np.array([-1, -1]), 2, 1) and not new_points_form_one_stroke(None, 2, 1)
     assert not new_points_form_one_stroke(np.array([3, 3]), 3, 1)  # ids that do not match the points: not named
+
+
+def test_a_brushed_band_becomes_a_path_along_its_centre_line():
+    """brush_path: the skeleton of the painted band, points at least the stroke spacing apart, in order, so the
+    stroke's clicks all fall inside the band, for a straight and a curved band; nothing painted gives None."""
+    from napari_robustmedsam.annotation.strokes import STROKE_SPACING_PX, brush_path
+
+    band = np.zeros((100, 120), bool)
+    band[40:47, 10:90] = True
+    path = brush_path(band)
+    assert abs(path[:, 1] - 43).max() <= 1 and path[:, 0].min() <= 12 and path[:, 0].max() >= 87
+    steps = np.diff(path[:, 0])
+    assert np.all(steps > 0) or np.all(steps < 0), "the path runs along the band in one direction"
+    assert np.all(np.hypot(*np.diff(path, axis=0)[:-1].T) >= STROKE_SPACING_PX - 1e-9)  # the end is kept as is
+    yy, xx = np.mgrid[:100, :120]
+    r = np.hypot(xx - 60, yy - 60)
+    arc = (r > 34) & (r < 41) & (yy < 60)
+    pts, labels = stroke_points(brush_path(arc), 0, arc.shape)
+    assert len(pts) >= 10 and set(labels) == {0}
+    assert all(arc[int(round(y)), int(round(x))] for x, y in pts)
+    assert brush_path(np.zeros((8, 8), bool)) is None
+    dot = np.zeros((8, 8), bool)
+    dot[3, 4] = True
+    np.testing.assert_array_equal(brush_path(dot), [[4.0, 3.0]])
+    with pytest.raises(PromptError, match="one \\(H, W\\) plane"):
+        brush_path(np.zeros((2, 8, 8), bool))

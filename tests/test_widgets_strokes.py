@@ -234,3 +234,52 @@ def test_a_stroke_on_a_volume_slice_belongs_to_that_slice(plugin, qtbot):
     assert annotator.strokes_layer.nshapes == 0 and len(annotator.points_layer.data) == 0
     annotator.clear()
     assert annotator.strokes_layer.nshapes == 0
+
+
+def brush(qtbot, annotator, path, label, size=7):
+    """Paint (label 1) or erase (label 0) along ``path`` ((N, 2) x, y) on the current object layer, as one brush
+    stroke of napari's paint tool: one paint event at its end."""
+    layer = annotator.current_layer
+    layer.brush_size = size
+    with qtbot.waitSignal(annotator.segmented, timeout=180_000):
+        with layer.block_history():
+            for a, b in zip(path[:-1], path[1:]):
+                for t in np.linspace(0, 1, 12):
+                    x, y = np.asarray(a, float) + (np.asarray(b, float) - np.asarray(a, float)) * t
+                    layer.paint((y, x), label, refresh=False)
+    wait_idle(qtbot)
+
+
+def test_brushing_the_mask_is_a_positive_stroke_and_erasing_it_a_negative_one(plugin, qtbot):
+    """The brush on the current object layer is a prompt, not a pixel edit: its band's centre line becomes a stroke
+    (a path in the strokes layer, clicks along it, one decode), the next point's polarity stays, and B takes it
+    back whole."""
+    viewer, widget = plugin
+    annotator, organ = start_on_left_half(qtbot, viewer, widget)
+    session = annotator.session
+    before = session.current.copy()
+    decodes = sum(annotator.decode_modes.values())
+    assert annotator.polarity == "positive"
+
+    plus = [[110, 100], [125, 120], [140, 140]]
+    brush(qtbot, annotator, plus, 1)
+    after = session.current.copy()
+    assert sum(annotator.decode_modes.values()) == decodes + 1  # one decode for the whole brush stroke
+    assert annotator.strokes_layer.nshapes == 1 and len(annotator.points_layer.data) >= 3
+    assert (after & ~before & near(plus, after.shape, 12)).sum() > 0 and not (before & ~after).any()
+    assert np.array_equal(np.asarray(annotator.current_layer.data) > 0, after)  # the layer shows the model's mask
+    assert "Stroke of" in annotator.status.text()
+    shot(viewer, "11_brush_stroke")
+
+    # the eraser across the mask is a negative stroke; the next click stays positive
+    minus = [[70, 120], [100, 125]]
+    brush(qtbot, annotator, minus, 0)
+    final = session.current.copy()
+    assert annotator.strokes_layer.nshapes == 2 and annotator.polarity == "positive"
+    assert (after & ~final).sum() > 0 and not (final & ~after).any()
+
+    # B takes the eraser stroke back whole
+    with qtbot.waitSignal(annotator.segmented, timeout=60_000):
+        annotator.take_back_click()
+    wait_idle(qtbot)
+    assert annotator.strokes_layer.nshapes == 1 and np.array_equal(session.current, after)

@@ -48,3 +48,42 @@ def stroke_points(path, label: int, plane: tuple[int, int], spacing: float = STR
     idx = np.minimum(np.searchsorted(arc, targets), len(dense) - 1)
     out = dense[np.unique(idx)]  # in drawing order; a sample taken twice (a short stroke) once
     return out, np.full(out.shape[0], int(label))
+
+
+def brush_path(painted: np.ndarray, spacing: float = STROKE_SPACING_PX) -> np.ndarray | None:
+    """A brush stroke (the (H, W) pixels a brush or eraser changed) as a path ((N, 2) x, y) for
+    :func:`stroke_points`: points of the painted band's skeleton at least ``spacing`` apart, chained nearest first
+    from one end, so the path stays inside the band. ``None`` when nothing was painted.
+
+    Why a path: a brushed band is as wide as the brush; its centre line is where the user meant the stroke, and a
+    path gives it the drawn stroke's handling (clicks along it, one decode, taken back whole)."""
+    from skimage.morphology import skeletonize
+
+    painted = np.asarray(painted, dtype=bool)
+    if painted.ndim != 2:
+        raise PromptError(f"a brush stroke must be one (H, W) plane, got shape {painted.shape}")
+    if not painted.any():
+        return None
+    skeleton = skeletonize(painted)
+    ys, xs = np.nonzero(skeleton if skeleton.any() else painted)
+    pts = np.stack([xs, ys], axis=1).astype(np.float64)
+    if len(pts) == 1:
+        return pts
+    # start at an end of the band: the point farthest from the band's centre
+    current = int(np.argmax(np.hypot(*(pts - pts.mean(axis=0)).T)))
+    order, left = [current], np.ones(len(pts), bool)
+    left[current] = False
+    while left.any():  # nearest remaining skeleton pixel next: follows the band's centre line
+        d = np.hypot(*(pts - pts[current]).T)
+        d[~left] = np.inf
+        current = int(np.argmin(d))
+        order.append(current)
+        left[current] = False
+    chain = pts[order]
+    keep = [0]
+    for i in range(1, len(chain)):
+        if np.hypot(*(chain[i] - chain[keep[-1]])) >= spacing:
+            keep.append(i)
+    if keep[-1] != len(chain) - 1:
+        keep.append(len(chain) - 1)
+    return chain[keep]

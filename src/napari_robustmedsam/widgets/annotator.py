@@ -55,6 +55,7 @@ from .annotation_layers import (
     visible_slice,
 )
 from .annotator_controls import bind_keys, build_controls, embed_status_text, key_handler, model_hint
+from .brush_strokes import BrushStrokes
 from .image_layer_choice import ImageLayerChoice, is_image
 from .stroke_layer import AnnotatorStrokes, make_strokes_layer, point_strokes, remove_strokes, set_stroke_polarity
 
@@ -147,7 +148,7 @@ class AnnotatorWidget(QWidget):
         self.points_layer = None
         self.boxes_layer = None
         self.strokes_layer = None
-        self.strokes = AnnotatorStrokes(self)
+        self.strokes, self.brush = AnnotatorStrokes(self), BrushStrokes(self)
         self.current_layer = None
         self.committed_layer = None
         self._suppress = 0
@@ -240,6 +241,7 @@ class AnnotatorWidget(QWidget):
             connect_once(self.points_layer.events.data, self._on_points_changed)
             connect_once(self.boxes_layer.events.data, self._on_boxes_changed)
             connect_once(self.strokes_layer.events.data, self.strokes.on_changed)
+            connect_once(self.current_layer.events.paint, self.brush.on_paint)
             for managed in (self.points_layer, self.boxes_layer, self.strokes_layer, self.current_layer,
                             self.committed_layer, self.image_layer):
                 self.bind_layer_keys(managed)
@@ -262,8 +264,9 @@ class AnnotatorWidget(QWidget):
     def _update_current_layer(self, z: int | None = None) -> None:
         if self.current_layer is None or self.session is None:
             return
-        if show_mask(self.current_layer, self.session.current, z, self.session.is_volume):
-            self._thumbnail_timer.start()  # the layer-list thumbnail follows once the clicks pause
+        with self.brush.ignoring():  # napari reports these writes as paint events too: not a brush stroke
+            if show_mask(self.current_layer, self.session.current, z, self.session.is_volume):
+                self._thumbnail_timer.start()  # the layer-list thumbnail follows once the clicks pause
 
     def _update_current_thumbnail(self) -> None:
         layer = self.current_layer
