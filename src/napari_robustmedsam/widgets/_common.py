@@ -8,6 +8,8 @@ import traceback
 from collections.abc import Callable
 from typing import Any
 
+import numpy as np
+
 from qtpy.QtCore import QObject, Qt, Signal
 from qtpy.QtWidgets import QComboBox, QHBoxLayout, QLabel, QProgressBar, QPushButton, QWidget
 
@@ -32,6 +34,12 @@ def mark(layer, role: str):
 
 def role_of(layer) -> str | None:
     return None if layer is None else unwrap(layer).metadata.get(ROLE_KEY)
+
+
+def spatial_shape(image_layer) -> tuple[int, ...]:
+    """An image layer's shape without the colour axis of an RGB(A) image: (Y, X) or (Z, Y, X)."""
+    shape = tuple(np.shape(image_layer.data))
+    return shape[:-1] if getattr(image_layer, "rgb", False) else shape
 
 _STYLES = {
     "error": "background:#5c1f1f; color:#ffd7d7; border:1px solid #c44; border-radius:3px; padding:4px;",

@@ -36,7 +36,7 @@ from ..annotation.session import SlicePrompts
 from ..annotation.slice_embeddings import SliceEmbeddings
 from ..engine.windows import layer_window, model_view
 from ..errors import UserFacingError
-from ._common import any_task_running, run_task, unwrap
+from ._common import any_task_running, run_task, spatial_shape, unwrap
 from ._state import get_state
 from .annotation_layers import (
     POINT_COLORS,
@@ -204,7 +204,7 @@ class AnnotatorWidget(QWidget):
             return False
         self.image_layer = layer
         self.kind = kind
-        spatial = tuple(layer.data.shape[:-1]) if layer.rgb else tuple(layer.data.shape)
+        spatial = spatial_shape(layer)
         self.controller.open_image(spatial)
         self._ensure_layers()
         self._sync_committed_into_session()

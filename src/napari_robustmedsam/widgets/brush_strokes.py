@@ -47,15 +47,7 @@ class BrushStrokes:
         if not added.any() and not erased.any():
             return
         # the brush is a prompt, not an edit: the layer shows the session's mask again until the decode answers
-        w._suppress += 1
-        try:
-            if volume:
-                data[z] = before.astype(data.dtype)
-            else:
-                data[...] = before.astype(data.dtype)
-            w.current_layer.refresh()
-        finally:
-            w._suppress -= 1
+        w._update_current_layer(z)
         positive = int(added.sum()) >= int(erased.sum())
         path = brush_path(added if positive else erased)
         polarity = w.polarity

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ._common import role_of, unwrap
+from ._common import role_of, spatial_shape, unwrap
 
 #: annotator layers that hold the user's labels (the prompt and current-object layers are not labels)
 LABEL_ROLES = (None, "committed")
@@ -34,11 +34,6 @@ class LayerPair:
     def title(self) -> str:
         what = f"{self.labelled_planes} labelled slice(s)" if self.is_volume else "2D image"
         return f"{self.image.name}  ←  {self.labels.name}  ({what})"
-
-
-def spatial_shape(image_layer) -> tuple[int, ...]:
-    shape = tuple(np.shape(image_layer.data))
-    return shape[:-1] if getattr(image_layer, "rgb", False) else shape
 
 
 def image_layers(viewer) -> list:

@@ -8,7 +8,7 @@ reuses and empties them (:func:`~.annotation_layers.make_layers`, :func:`~.strok
 
 from __future__ import annotations
 
-from ._common import unwrap
+from ._common import spatial_shape, unwrap
 from .annotation_layers import make_boxes_layer, make_committed_layer, make_current_layer, make_points_layer
 from .stroke_layer import make_strokes_layer
 
@@ -17,7 +17,7 @@ def layer_creation_steps(viewer, image_layer) -> list:
     """The five layers for ``image_layer`` (points, boxes, current object, committed objects, strokes) as one
     call each, in that order."""
     image_layer = unwrap(image_layer)
-    shape = tuple(image_layer.data.shape[:-1]) if image_layer.rgb else tuple(image_layer.data.shape)
+    shape = spatial_shape(image_layer)
     made: dict = {}
     steps = [lambda: made.setdefault("points", make_points_layer(viewer, image_layer, shape))]
     steps += [lambda make=make: make(viewer, image_layer, shape)
