@@ -36,6 +36,17 @@ def role_of(layer) -> str | None:
     return None if layer is None else unwrap(layer).metadata.get(ROLE_KEY)
 
 
+def qt_alive(widget) -> bool:
+    """False once Qt has deleted the C++ object behind ``widget`` (its panel or viewer was closed)."""
+    try:
+        from qtpy import sip
+    except ImportError:  # a PySide binding: shiboken answers the same question
+        from qtpy import shiboken
+
+        return shiboken.isValid(widget)
+    return not sip.isdeleted(widget)
+
+
 def spatial_shape(image_layer) -> tuple[int, ...]:
     """An image layer's shape without the colour axis of an RGB(A) image: (Y, X) or (Z, Y, X)."""
     shape = tuple(np.shape(image_layer.data))
@@ -162,6 +173,11 @@ def run_task(
         handle.done = True
         running.discard(handle)
         if row is not None:
+            if not qt_alive(row):
+                # the panel that started the task was closed while it ran: its callbacks would write into
+                # deleted widgets, so the result has nowhere to go
+                log.debug("napari-robustmedsam task %r ended after its panel was closed", name)
+                return
             row.finish(handle)
         status, value, tb = result
         if status == "ok":
