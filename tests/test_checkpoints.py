@@ -13,6 +13,7 @@ import os
 import pickle
 import time
 
+import numpy as np
 import pytest
 import torch
 
@@ -396,3 +397,41 @@ def test_sha256_is_cached_per_size_and_mtime(tmp_path):
 def test_project_checkpoint_helpers():
     assert project_format.is_project_checkpoint({"format": "napari-robustmedsam"})
     assert not project_format.is_project_checkpoint({"model": {}})
+
+
+@pytest.mark.parametrize("name", ["litemedsam", "robust-lite"])
+def test_a_model_loaded_without_its_encoder_decodes_cached_embeddings_alike(name, tmp_path):
+    """``image_encoder=False`` builds no encoder, yet names the same cache signature and gives the same masks."""
+    from napari_robustmedsam.checkpoints import load_model
+    from napari_robustmedsam.engine.embeddings import EmbeddingEngine
+    from napari_robustmedsam.engine.signature import model_hashes
+
+    full = load_model(name, device="cpu", progress=False)
+    light = load_model(name, device="cpu", progress=False, image_encoder=False)
+    assert full.model.has_image_encoder and not light.model.has_image_encoder
+    assert sum(p.numel() for p in light.model.image_encoder.parameters()) == 0
+    assert model_hashes(light.model) == model_hashes(full.model)
+    image = np.full((96, 112), 30, np.uint8)
+    image[30:70, 35:80] = 190
+    cache = tmp_path / "cache"
+    computed = EmbeddingEngine(full, cache_dir=cache).embed_image(image)
+    cached = EmbeddingEngine(light, cache_dir=cache).load_cached(image)
+    assert cached is not None, "the encoder-less model did not find the entry the full model wrote"
+    box = np.array([[30.0, 25.0, 85.0, 75.0]])
+    a = EmbeddingEngine(full, use_cache=False).predictor.predict(boxes=box, embedding=computed)
+    b = EmbeddingEngine(light, use_cache=False).predictor.predict(boxes=box, embedding=cached)
+    assert np.array_equal(a.masks, b.masks) and a.masks.any()
+    with pytest.raises(RuntimeError, match="without its image encoder"):
+        EmbeddingEngine(light, use_cache=False).embed_image(image)
+
+
+def test_segment_anything_modeling_imports_without_torchvision():
+    """segment_anything's package init (predictor -> torchvision -> torch._dynamo) runs only when asked for."""
+    import subprocess
+    import sys
+
+    code = ("import sys, napari_robustmedsam.models, segment_anything.modeling; "
+            "print('torchvision' in sys.modules); from segment_anything import SamPredictor; "
+            "print('torchvision' in sys.modules, SamPredictor.__name__)")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert result.stdout.split() == ["False", "True", "SamPredictor"], result.stderr

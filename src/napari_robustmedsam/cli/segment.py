@@ -129,8 +129,56 @@ def _prompts_from_args(args: argparse.Namespace):
     return point_arg, label_arg, boxes
 
 
+def _engine(loaded, args: argparse.Namespace):
+    """The embedding engine of ``loaded`` with the command's cache choice; without a cache when it cannot open."""
+    from ..engine.embeddings import EmbeddingEngine, open_engine
+
+    notices: list[str] = []
+    engine = open_engine(loaded, args.cache, notices=notices, use_cache=not args.no_cache)
+    if engine is None:  # the cache could not be opened (the notice says why): the same embedding, computed
+        message(f"note: {notices[-1]}")
+        engine = EmbeddingEngine(loaded, use_cache=False)
+    return engine
+
+
+def _embedding(args: argparse.Namespace, model_image: np.ndarray, point_arg, label_arg, boxes):
+    """(engine, embedding, where it came from) of the image the model sees."""
+    from ..checkpoints import load_model
+    from ..engine.preprocessing import ImageSignalWarning
+    from ..engine.tiling import embedding_for_prompts, needs_tiling
+
+    # An image seen before has its embedding in the cache: then the model is loaded without its image encoder,
+    # which skips the encoder's build and imports (most of a call's time, docs/results/cli-cache.md)
+    reuse = not args.no_cache and not needs_tiling(model_image.shape[:2])
+    with stage(f"loading model {args.model}"):
+        loaded = load_model(args.model, device=args.device, preprocessing=args.preprocessing, image_encoder=not reuse)
+    engine = _engine(loaded, args)
+    if engine.predictor.box_primary and point_arg is not None:
+        message(point_warning(loaded.name, has_box=boxes is not None))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ImageSignalWarning)  # run() said it once, before the model load
+        embedding = engine.load_cached(model_image) if reuse else None
+    source = "read from the cache"
+    if embedding is None:
+        if not loaded.model.has_image_encoder:
+            with stage("loading its image encoder (this image is not in the cache yet)"):
+                loaded = load_model(args.model, device=args.device, preprocessing=args.preprocessing)
+            engine = _engine(loaded, args)
+        with stage(f"image embedding on {engine.device.type}"), warnings.catch_warnings():
+            warnings.simplefilter("ignore", ImageSignalWarning)
+            if needs_tiling(model_image.shape[:2]):
+                # a large image is embedded only in the tiles its prompts fall in (bounded memory, full
+                # resolution); those tiles depend on the prompts, so they are not cached
+                embedding = embedding_for_prompts(engine.predictor, model_image, point_arg, label_arg, boxes)
+                source = "computed for the prompted tiles"
+            else:
+                embedding = engine.embed_image(model_image)
+                source = "computed" if engine.stats["computed"] else "read from the cache"
+    return engine, embedding, source
+
+
 def run(args: argparse.Namespace) -> int:
-    from ..engine.preprocessing import ImageSignalWarning, no_signal_notice, validate_image
+    from ..engine.preprocessing import no_signal_notice, validate_image
     from ..engine.prompt_checks import check_prompts
     from ..io import write_mask
     from ..io.images import write_slice_into
@@ -149,30 +197,8 @@ def run(args: argparse.Namespace) -> int:
     if signal:
         message(f"robustmedsam segment: warning: {signal}")
 
-    from ..checkpoints import load_model
-    from ..engine.embeddings import EmbeddingEngine, open_engine
-    from ..engine.tiling import embedding_for_prompts, needs_tiling
-
-    with stage(f"loading model {args.model}"):
-        loaded = load_model(args.model, device=args.device, preprocessing=args.preprocessing)
-    notices: list[str] = []
-    engine = open_engine(loaded, args.cache, notices=notices, use_cache=not args.no_cache)
-    if engine is None:  # the cache could not be opened (the notice says why): the same embedding, computed
-        message(f"note: {notices[-1]}")
-        engine = EmbeddingEngine(loaded, use_cache=False)
-    if engine.predictor.box_primary and point_arg is not None:
-        message(point_warning(loaded.name, has_box=boxes is not None))
-    with stage(f"image embedding on {engine.device.type}"), warnings.catch_warnings():
-        warnings.simplefilter("ignore", ImageSignalWarning)  # said above, before the model load
-        model_image = window.apply(image) if window is not None else image
-        if needs_tiling(model_image.shape[:2]):
-            # a large image is embedded only in the tiles its prompts fall in (bounded memory, full resolution);
-            # those tiles depend on the prompts, so they are not cached
-            embedding = embedding_for_prompts(engine.predictor, model_image, point_arg, label_arg, boxes)
-            source = "computed for the prompted tiles"
-        else:
-            embedding = engine.embed_image(model_image)
-            source = "computed" if engine.stats["computed"] else "read from the cache"
+    model_image = window.apply(image) if window is not None else image
+    engine, embedding, source = _embedding(args, model_image, point_arg, label_arg, boxes)
     message(f"image embedding {source}")
 
     prediction = engine.tiled_predictor.predict(points=point_arg, point_labels=label_arg, boxes=boxes, embedding=embedding)

@@ -15,7 +15,6 @@ from typing import TypeVar
 
 import numpy as np
 import torch
-from scipy import ndimage
 
 T = TypeVar("T")
 
@@ -32,6 +31,8 @@ def changed_regions_at_clicks(previous: np.ndarray, new: np.ndarray, clicks: np.
     out = np.zeros_like(changed)
     if not changed.any() or clicks is None or len(clicks) == 0:
         return out
+    from scipy import ndimage  # only when a click is corrected: a one-box command-line call never needs it
+
     regions, _ = ndimage.label(changed, structure=_EIGHT)
     h, w = changed.shape
     touched: set[int] = set()

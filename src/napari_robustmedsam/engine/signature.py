@@ -27,20 +27,13 @@ from typing import Any
 import numpy as np
 import torch
 
-try:  # xxhash is a dependency of several installed packages; blake2b is the fallback
+from ..models.weights_hash import HASH_NAME, hash_state
+from ..models.weights_hash import new_hasher as _hasher
+
+try:  # checksums of stored bytes; without xxhash they are the full hash
     import xxhash
-
-    def _hasher():
-        return xxhash.xxh3_128()
-
-    HASH_NAME = "xxh3_128"
 except ImportError:  # pragma: no cover - exercised only without xxhash
-    import hashlib
-
-    def _hasher():
-        return hashlib.blake2b(digest_size=16)
-
-    HASH_NAME = "blake2b_128"
+    pass
 
 #: Bump when the on-disk layout changes incompatibly (a different format is recomputed, not reused).
 CACHE_FORMAT = 1
@@ -112,7 +105,7 @@ def _versions(module: torch.nn.Module) -> tuple:
 
 
 def hash_module(module: torch.nn.Module) -> str:
-    """Hash of a module's state dict (names, shapes, dtypes, values); memoised until a tensor changes."""
+    """:func:`hash_state` of a module's state dict; memoised until a tensor changes."""
     try:
         versions = _versions(module)
         cached = _MODULE_HASHES.get(module)
@@ -120,25 +113,17 @@ def hash_module(module: torch.nn.Module) -> str:
             return cached[1]
     except TypeError:  # pragma: no cover - not weak-referenceable
         versions = None
-    h = _hasher()
-    for name, tensor in module.state_dict().items():
-        t = tensor.detach()
-        h.update(f"{name}|{tuple(t.shape)}|{t.dtype}|".encode())
-        if t.numel():
-            t = t.cpu().contiguous()
-            if t.dtype == torch.bfloat16:
-                t = t.view(torch.int16)
-            h.update(memoryview(t.reshape(-1).numpy().view(np.uint8)))
-    digest = h.hexdigest()
+    digest = hash_state(module.state_dict())
     if versions is not None:
         _MODULE_HASHES[module] = (versions, digest)
     return digest
 
 
 def model_hashes(model: torch.nn.Module) -> tuple[str, str | None]:
-    """(encoder hash, decoder hash or None). The decoder counts only when it adds image-level features."""
+    """(encoder hash, decoder hash or None). The decoder counts only when it adds image-level features.
+    A model loaded without its encoder carries the hash its encoder's weights have."""
     encoder = getattr(model, "image_encoder", model)
-    enc = hash_module(encoder)
+    enc = getattr(encoder, "weights_hash", None) or hash_module(encoder)
     dec = None
     if getattr(model, "is_robust", False):
         dec = hash_module(model.mask_decoder)

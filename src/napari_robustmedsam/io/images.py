@@ -311,9 +311,9 @@ def write_mask(path: str | Path, mask: np.ndarray, geometry: Geometry | None = N
                     raise UserFacingError(f"a {arr.ndim}D mask cannot be a PNG; use .tif, .npy or .nii.gz")
                 if arr.max(initial=0) > 65535 or arr.min(initial=0) < 0:
                     raise UserFacingError("label values beyond 0..65535 do not fit a PNG; use .tif or .npy")
-                import imageio.v3 as iio
+                from PIL import Image  # directly: imageio's plugin would first load every format PIL has
 
-                iio.imwrite(tmp, arr.astype(np.uint8 if arr.max(initial=0) <= 255 else np.uint16))
+                Image.fromarray(arr.astype(np.uint8 if arr.max(initial=0) <= 255 else np.uint16)).save(tmp, format="PNG")
             elif suffix in _TIFF_SUFFIXES:
                 import tifffile
 

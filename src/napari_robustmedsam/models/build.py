@@ -11,7 +11,7 @@ from functools import partial
 import torch
 from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, TwoWayTransformer
 
-from .segmenter import ArchitectureInfo, PromptableSegmenter
+from .segmenter import ArchitectureInfo, EncoderNotLoaded, PromptableSegmenter
 
 PROMPT_EMBED_DIM = 256
 EMBEDDING_SIZE = 64
@@ -93,11 +93,15 @@ def encoder_width(architecture: str) -> int:
     return TINY_VIT_EARLY_CHANNELS
 
 
-def build_segmenter(architecture: str, decoder: str = "sam", fgm_mode: str = "released") -> PromptableSegmenter:
+def build_segmenter(
+    architecture: str, decoder: str = "sam", fgm_mode: str = "released", *, encoder_hash: str | None = None
+) -> PromptableSegmenter:
     """Build an untrained segmenter.
 
     ``architecture``: one of :data:`ARCHITECTURES`. ``decoder``: ``"sam"`` (SAM's mask decoder) or
     ``"robust"`` (RobustSAM's decoder for ViT encoders, the lite robust decoder for TinyViT).
+    ``encoder_hash``: build no image encoder, only an :class:`EncoderNotLoaded` carrying this weights hash (a
+    model that decodes cached embeddings).
     """
     if architecture not in ARCHITECTURES:
         raise ValueError(f"unknown architecture {architecture!r}; expected one of {', '.join(ARCHITECTURES)}")
@@ -105,7 +109,10 @@ def build_segmenter(architecture: str, decoder: str = "sam", fgm_mode: str = "re
         raise ValueError(f"unknown decoder {decoder!r}; expected 'sam' or 'robust'")
     is_vit = architecture in VIT_CONFIGS
     image_size = 1024 if is_vit else 256
-    image_encoder = build_vit_encoder(architecture) if is_vit else build_tiny_vit_encoder()
+    if encoder_hash is not None:
+        image_encoder = EncoderNotLoaded(encoder_hash)
+    else:
+        image_encoder = build_vit_encoder(architecture) if is_vit else build_tiny_vit_encoder()
     if decoder == "sam":
         mask_decoder = MaskDecoder(**_decoder_kwargs())
     elif is_vit:

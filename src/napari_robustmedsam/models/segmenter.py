@@ -29,6 +29,24 @@ class ArchitectureInfo:
     decoder: str  # "sam" or "robust"
 
 
+class EncoderNotLoaded(nn.Module):
+    """Stands in for an image encoder that was not loaded (``load_model(..., image_encoder=False)``).
+
+    Why: decoding a cached embedding needs only the prompt encoder and the mask decoder; building LiteMedSAM's
+    TinyViT imports timm and torchvision, which costs a command-line call more than the decode itself.
+    ``weights_hash`` is the hash the loaded encoder's weights would have, so cache signatures stay exact."""
+
+    def __init__(self, weights_hash: str) -> None:
+        super().__init__()
+        self.weights_hash = weights_hash
+
+    def forward(self, *args, **kwargs):
+        raise RuntimeError(
+            "this model was loaded without its image encoder (image_encoder=False), so it can only decode cached "
+            "embeddings; load it with the encoder to compute one"
+        )
+
+
 class PromptableSegmenter(nn.Module):
     """SAM-style segmenter: ``encode`` once per image, ``decode`` once per prompt set."""
 
@@ -63,6 +81,10 @@ class PromptableSegmenter(nn.Module):
         for parameter in fallback.parameters():
             parameter.requires_grad_(False)
         self.__dict__["_empty_mask_fallback"] = fallback
+
+    @property
+    def has_image_encoder(self) -> bool:
+        return not isinstance(self.image_encoder, EncoderNotLoaded)
 
     @property
     def empty_mask_fallback(self) -> "PromptableSegmenter | None":
@@ -121,6 +143,8 @@ class PromptableSegmenter(nn.Module):
         decoders) also returns the early encoder features as ``"early_features"``, from which another
         decoder on the same encoder can compute its own image-level features without the encoder.
         """
+        if not self.has_image_encoder:
+            self.image_encoder()  # raises, saying that this model can only decode cached embeddings
         if self.feature_enhancer is not None:  # + the enhancer's intermediate features (pge_feature_*)
             from .intermediate_features import IntermediateFeatureCapture
 
