@@ -13,7 +13,7 @@ import torch
 from napari_robustmedsam.annotation.prompt_decoding import segment_slice
 from napari_robustmedsam.annotation.propagation import predictor_segment_fn, propagate_object
 from napari_robustmedsam.annotation.session import SlicePrompts
-from napari_robustmedsam.engine.focus_crop import DEFAULT_FOCUS_CROP, CropPlan, FocusCrop, plan_crop
+from napari_robustmedsam.engine.focus_crop import DEFAULT_FOCUS_CROP, CropPlan, FocusCrop, plan_crop, plan_crop_for_points
 from napari_robustmedsam.engine.preprocessing import frame_for
 
 GRID = 16  # the stand-in model's resolution: every image is seen as GRID x GRID cells
@@ -231,6 +231,50 @@ def test_evaluation_box_and_clicks_of_a_small_object_use_its_crop():
     assert all(c.embedding.frame.original_size == crops[0].shape for c in model.calls[-len(iter_on):])
     with pytest.raises(ValueError, match="embed_crop"):
         run_prompt_mode(model, embed(img), [obj], "box", "s", on, img)
+
+
+def test_a_point_starts_crop_is_sized_by_its_first_mask_and_holds_its_points():
+    mask = np.zeros((256, 256), bool)
+    assert plan_crop_for_points(mask, [[100, 100]], mask.shape) is None  # nothing to size the crop by
+    mask[100:106, 100:110] = True
+    plan = plan_crop_for_points(mask, [[104, 103]], mask.shape)
+    assert plan == plan_crop([100, 100, 110, 106], mask.shape)
+    # a point outside the mask widens the box, and the crop still holds it
+    assert plan_crop_for_points(mask, [[104, 103], [130, 103]], mask.shape).contains_points([[130, 103]])
+    big = np.zeros((256, 256), bool)
+    big[20:200, 20:200] = True
+    assert plan_crop_for_points(big, [[100, 100]], big.shape) is None  # not small
+    assert plan_crop_for_points(mask, [[104, 103]], mask.shape, None) is None
+
+
+def test_evaluation_point_starts_use_the_crop_only_with_focus_points():
+    from training.evaluation.dataset import GTObject
+    from training.evaluation.runner import EvalConfig, run_prompt_mode
+
+    img = small_object_image(y0=96, x0=96, h=24, w=28)  # big enough for a coarse mask on the whole image
+    obj = GTObject("label1", img > 0.5)
+    model, crops = CoarseModel(), []
+
+    def embed_crop(plan):
+        crops.append(plan)
+        return embed(plan.crop(img))
+
+    crop_only = EvalConfig(steps=2, focus_crop=True)
+    both = EvalConfig(steps=2, focus_crop=True, focus_points=True)
+    assert crop_only.protocol("points3") == EvalConfig().protocol("points3")  # earlier runs keep their hash
+    assert both.protocol("points3") != crop_only.protocol("points3")
+    assert both.protocol("iter_point") != crop_only.protocol("iter_point")
+    assert both.protocol("box") == crop_only.protocol("box")
+    assert EvalConfig(focus_points=True).protocol("points3") == EvalConfig().protocol("points3")  # needs the crop
+    plain = run_prompt_mode(model, embed(img), [obj], "points3", "s", crop_only, img, embed_crop)
+    assert not crops
+    zoomed = run_prompt_mode(model, embed(img), [obj], "points3", "s", both, img, embed_crop)
+    assert len(crops) == 1 and zoomed[0]["dice"] > plain[0]["dice"]
+    steps = run_prompt_mode(model, embed(img), [obj], "iter_point", "s", both, img, embed_crop)
+    assert len(crops) == 2  # one crop for the point start, sized by its first mask
+    # the point start (after its first pass) and every click are decoded in that crop
+    assert all(c.embedding.frame.original_size == crops[1].shape for c in model.calls[-len(steps):])
+    assert steps[-1]["dice"] >= zoomed[0]["dice"] - 0.05
 
 
 # ---- annotator controller ------------------------------------------------------------------------

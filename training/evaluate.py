@@ -119,6 +119,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "object in an enlarged crop of its box's surroundings (engine/focus_crop.py, "
                    "docs/results/focus-crop); default: the policy's (annotator: the annotator's 'Zoom on small "
                    "objects' default, on; papers: off)")
+    p.add_argument("--focus-points", choices=("on", "off"), default="off",
+                   help="with the focus crop on, point starts too (points<K>, iter_point): the points' first mask "
+                   "sizes the crop and the points are decoded again in it (docs/results/focus-crop/rule-points.md); "
+                   "default off")
     p.add_argument("--jitter", type=float, default=0.1, help="box_jitter: max side shift as a fraction of the box side")
     p.add_argument("--objects", choices=("label", "components"), default="label",
                    help="an object is a label value (default) or each connected component of a label value")
@@ -171,6 +175,7 @@ def _config(args) -> EvalConfig:
         click_refinement=policy.click_refinement,
         focus_crop=focus_crop_from_args(args),
         focus_crop_per_model=args.focus_crop is None,
+        focus_points=args.focus_points == "on",
     )
 
 

@@ -42,7 +42,7 @@ from napari_robustmedsam.degradations.levels import normalize_level
 from napari_robustmedsam.engine.click_guard import EdgeReach
 from napari_robustmedsam.engine.click_refinement import RefinementSettings, as_refinement, refine_prediction
 from napari_robustmedsam.engine.embeddings import open_engine
-from napari_robustmedsam.engine.focus_crop import DEFAULT_FOCUS_CROP, CropPlan, plan_crop
+from napari_robustmedsam.engine.focus_crop import DEFAULT_FOCUS_CROP, CropPlan, plan_crop, plan_crop_for_points
 from napari_robustmedsam.engine.predictor import Predictor
 from napari_robustmedsam.metrics import segmentation_metrics
 from napari_robustmedsam.prompting import (
@@ -132,6 +132,9 @@ class EvalConfig:
     # the crop came from the policy's default (no --focus-crop): each model then follows its own default, as the
     # annotator does when it is loaded (annotation.prompt_decoding.zoom_default)
     focus_crop_per_model: bool = False
+    # with the focus crop on, point starts too (points<K>, iter_point): the points' mask on the whole image sizes
+    # the crop, and the points are decoded again in it (engine.focus_crop.plan_crop_for_points)
+    focus_points: bool = False
 
     def for_model(self, handle) -> "EvalConfig":
         """The settings ``handle``'s model is measured with: the crop off for a model whose own default is off."""
@@ -146,6 +149,11 @@ class EvalConfig:
     def focus(self):
         """The focus crop's settings, None when off."""
         return DEFAULT_FOCUS_CROP if self.focus_crop else None
+
+    @property
+    def focus_for_points(self):
+        """The focus crop's settings for point starts, None when they are not cropped."""
+        return DEFAULT_FOCUS_CROP if self.focus_crop and self.focus_points else None
 
     @property
     def refinement(self) -> RefinementSettings | None:
@@ -223,6 +231,8 @@ class EvalConfig:
             parts.update(extra_prompts=EXTRA_PROMPTS, extra_prompt_rule="largest error slice")
         if self.focus_crop and prompt in FOCUS_CROP_PROMPTS:  # absent when off, so earlier runs keep their hash
             parts["focus_crop"] = asdict(DEFAULT_FOCUS_CROP)
+        if self.focus_for_points is not None and (prompt == "iter_point" or _POINTS_RE.match(prompt)):
+            parts["focus_crop_points"] = asdict(DEFAULT_FOCUS_CROP)
         return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:10]
 
 
@@ -405,6 +415,13 @@ def run_prompt_mode(
             if plan is not None:
                 crop_pred = predictor.predict(boxes=plan.box_to_crop(boxes[i]), embedding=embed_crop(plan))
                 masks[i], scores[i] = plan.paste(crop_pred.masks[0]), float(crop_pred.scores[0])
+        for i in range(len(objects) if pts is not None and cfg.focus_for_points is not None else 0):
+            plan = plan_crop_for_points(masks[i], pts[i], emb.frame.original_size, cfg.focus_for_points)
+            if plan is not None:
+                crop_pred = predictor.predict(points=plan.points_to_crop(pts[i])[None], multimask_output=multimask,
+                                              embedding=embed_crop(plan))
+                if crop_pred.masks[0].any():  # an empty crop mask keeps the whole image's
+                    masks[i], scores[i] = plan.paste(crop_pred.masks[0]), float(crop_pred.scores[0])
         for i, o in enumerate(objects):
             row = _metrics_row(o.mask, masks[i], tol)
             row.update(object_id=o.object_id, object_px=o.size, prompt=prompt, step=0,
@@ -484,7 +501,21 @@ def _iterative(predictor, emb, objects: list[GTObject], prompt: str, sample_key:
         )
         for j, i in enumerate(idx):
             model_masks[i], logits[i], scores[i] = pred.masks[j], pred.low_res_logits[j : j + 1], float(pred.scores[j])
-            masks[i] = refine(i, None, None, model_masks[i], len(points[i]), logits[i])
+    if prompt == "iter_point" and cfg.focus_for_points is not None:
+        # a small object's point start: decoded again in the crop its first mask sizes; its clicks stay there
+        for i in range(n):
+            plan = plan_crop_for_points(model_masks[i], np.stack(points[i]), emb.frame.original_size,
+                                        cfg.focus_for_points)
+            if plan is None:
+                continue
+            crop_emb = embed_crop(plan)
+            pred = predictor.predict(points=plan.points_to_crop(np.stack(points[i]))[None],
+                                     point_labels=np.array([labels[i]]), multimask_output=True, embedding=crop_emb)
+            if pred.masks[0].any():  # an empty crop mask keeps the whole image's
+                plans[i], embs[i] = plan, crop_emb
+                model_masks[i], logits[i], scores[i] = pred.masks[0], pred.low_res_logits[:1], float(pred.scores[0])
+    for i in range(n):
+        masks[i] = refine(i, None, None, model_masks[i], len(points[i]), logits[i])
     rows: list[dict] = []
 
     def record(i: int, step: int, click_label: int, honoured: float | str = "") -> None:

@@ -113,3 +113,20 @@ def plan_crop(box, image_shape, settings: FocusCrop | None = DEFAULT_FOCUS_CROP)
     if cx1 - cx0 < 1 or cy1 - cy0 < 1 or (cx0 == 0 and cy0 == 0 and cx1 == w and cy1 == h):
         return None
     return CropPlan(int(cy0), int(cy1), int(cx0), int(cx1), (h, w))
+
+
+def plan_crop_for_points(mask, points, image_shape, settings: FocusCrop | None = DEFAULT_FOCUS_CROP) -> CropPlan | None:
+    """The crop for a point-only start whose mask on the whole image is ``mask`` ((H, W) bool), or None.
+
+    A point says nothing about the object's size, so the first mask does: the box around the mask and the points
+    ``(K, 2)`` (x, y) is planned like a box (:func:`plan_crop`), and the crop must hold every point. None when the
+    mask is empty (nothing to size the crop by) or the object is not small."""
+    mask = np.asarray(mask, dtype=bool)
+    pts = np.asarray(points, dtype=np.float64).reshape(-1, 2)
+    if settings is None or not mask.any() or pts.shape[0] == 0:
+        return None
+    ys, xs = np.nonzero(mask)
+    box = (min(xs.min(), pts[:, 0].min()), min(ys.min(), pts[:, 1].min()),
+           max(xs.max() + 1, pts[:, 0].max()), max(ys.max() + 1, pts[:, 1].max()))
+    plan = plan_crop(box, image_shape, settings)
+    return plan if plan is not None and plan.contains_points(pts) else None
