@@ -546,6 +546,13 @@ def _iterative(predictor, emb, objects: list[GTObject], prompt: str, sample_key:
             labels[i].extend(int(v) for v in new_labels)
             new_clicks[i] = list(new_labels)
             active.append(i)
+        for i in active:
+            if plans[i] is not None and not plans[i].contains_points(np.stack(points[i][-len(new_clicks[i]):])):
+                # a click outside the object's crop: from now on the whole image, as the annotator decodes it,
+                # with the mask shown as the mask prompt (the crop's logits are in another frame)
+                plans[i], embs[i] = None, emb
+                logits[i] = emb.frame.mask_to_low_res(masks[i])
+                model_masks[i] = masks[i]
         groups: dict[tuple[int, int], list[int]] = {}
         for i in active:
             groups.setdefault((len(points[i]), -1 if plans[i] is None else i), []).append(i)
