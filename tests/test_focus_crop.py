@@ -277,6 +277,21 @@ def test_evaluation_point_starts_use_the_crop_only_with_focus_points():
     assert steps[-1]["dice"] >= zoomed[0]["dice"] - 0.05
 
 
+def test_evaluation_click_outside_an_objects_crop_is_decoded_on_the_whole_image():
+    from training.evaluation.dataset import GTObject
+    from training.evaluation.runner import EvalConfig, run_prompt_mode
+
+    img = small_object_image(y0=96, x0=96, h=24, w=28)
+    truth = img > 0.5
+    truth[200:210, 20:30] = True  # a part of the object the model cannot see, far outside the first mask's crop
+    obj = GTObject("label1", truth)
+    model = CoarseModel()
+    cfg = EvalConfig(steps=2, focus_crop=True, focus_points=True)
+    rows = run_prompt_mode(model, embed(img), [obj], "iter_point", "s", cfg, img, lambda plan: embed(plan.crop(img)))
+    assert len(rows) == 3  # the run went on instead of stopping at the click outside the crop
+    assert model.calls[-1].embedding.frame.original_size == img.shape and model.calls[-1].mask_input is not None
+
+
 # ---- annotator controller ------------------------------------------------------------------------
 class SliceStandIn:
     """The controller's SliceEmbeddings over a (Z, H, W) volume, with the stand-in model."""
