@@ -292,6 +292,27 @@ def test_evaluation_click_outside_an_objects_crop_is_decoded_on_the_whole_image(
     assert model.calls[-1].embedding.frame.original_size == img.shape and model.calls[-1].mask_input is not None
 
 
+def test_evaluation_point_second_pass_feeds_the_first_logits_back_only_when_on():
+    from training.evaluation.dataset import GTObject
+    from training.evaluation.runner import EvalConfig, run_prompt_mode
+
+    img = small_object_image(y0=96, x0=96, h=24, w=28)
+    obj = GTObject("label1", img > 0.5)
+    on, off = EvalConfig(steps=1, point_second_pass=True), EvalConfig(steps=1)
+    assert on.protocol("points3") != off.protocol("points3") and on.protocol("iter_point") != off.protocol("iter_point")
+    assert on.protocol("box") == off.protocol("box") and on.protocol("iter_box") == off.protocol("iter_box")
+    for prompt, calls_off in (("points3", 1), ("iter_point", 2)):
+        model = CoarseModel()
+        run_prompt_mode(model, embed(img), [obj], prompt, "s", off, img)
+        assert len(model.calls) == calls_off and model.calls[0].mask_input is None
+        model = CoarseModel()
+        run_prompt_mode(model, embed(img), [obj], prompt, "s", on, img)
+        first, second = model.calls[:2]
+        assert first.mask_input is None and second.mask_input is not None and second.boxes is None
+        assert np.array_equal(np.asarray(second.points), np.asarray(first.points))
+        assert len(model.calls) == calls_off + 1
+
+
 # ---- annotator controller ------------------------------------------------------------------------
 class SliceStandIn:
     """The controller's SliceEmbeddings over a (Z, H, W) volume, with the stand-in model."""

@@ -123,6 +123,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with the focus crop on, point starts too (points<K>, iter_point): the points' first mask "
                    "sizes the crop and the points are decoded again in it (docs/results/focus-crop/rule-points.md); "
                    "default off")
+    p.add_argument("--point-second-pass", choices=("on", "off"), default="off",
+                   help="point starts (points<K>, iter_point): decode again with the first decode's logits as the "
+                   "mask prompt (docs/results/focus-crop/rule-point-second-pass.md); default off")
     p.add_argument("--jitter", type=float, default=0.1, help="box_jitter: max side shift as a fraction of the box side")
     p.add_argument("--objects", choices=("label", "components"), default="label",
                    help="an object is a label value (default) or each connected component of a label value")
@@ -176,6 +179,7 @@ def _config(args) -> EvalConfig:
         focus_crop=focus_crop_from_args(args),
         focus_crop_per_model=args.focus_crop is None,
         focus_points=args.focus_points == "on",
+        point_second_pass=args.point_second_pass == "on",
     )
 
 

@@ -135,6 +135,8 @@ class EvalConfig:
     # with the focus crop on, point starts too (points<K>, iter_point): the points' mask on the whole image sizes
     # the crop, and the points are decoded again in it (engine.focus_crop.plan_crop_for_points)
     focus_points: bool = False
+    # a point-only start is decoded twice, the second time with the first decode's logits as the mask prompt
+    point_second_pass: bool = False
 
     def for_model(self, handle) -> "EvalConfig":
         """The settings ``handle``'s model is measured with: the crop off for a model whose own default is off."""
@@ -233,6 +235,8 @@ class EvalConfig:
             parts["focus_crop"] = asdict(DEFAULT_FOCUS_CROP)
         if self.focus_for_points is not None and (prompt == "iter_point" or _POINTS_RE.match(prompt)):
             parts["focus_crop_points"] = asdict(DEFAULT_FOCUS_CROP)
+        if self.point_second_pass and (prompt == "iter_point" or _POINTS_RE.match(prompt)):
+            parts["point_second_pass"] = True
         return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:10]
 
 
@@ -409,6 +413,8 @@ def run_prompt_mode(
         # one point alone is ambiguous: three candidate masks, the best-scored kept (SAM's protocol)
         multimask = pts is not None and pts.shape[1] == 1
         pred = predictor.predict(points=pts, boxes=boxes, multimask_output=multimask, embedding=emb)
+        if pts is not None and cfg.point_second_pass:  # the decoder refines its own first guess
+            pred = predictor.predict(points=pts, mask_input=pred.low_res_logits, multimask_output=False, embedding=emb)
         masks, scores = list(pred.masks), [float(v) for v in pred.scores]
         for i in range(len(objects) if boxes is not None and cfg.focus_crop else 0):
             plan = plan_crop(boxes[i], emb.frame.original_size, cfg.focus)
@@ -499,6 +505,12 @@ def _iterative(predictor, emb, objects: list[GTObject], prompt: str, sample_key:
             else None,
             multimask_output=boxes is None, embedding=e,
         )
+        if prompt == "iter_point" and cfg.point_second_pass:  # the decoder refines its own first guess
+            pred = predictor.predict(
+                points=np.stack([to_frame(i, np.stack(points[i])) for i in idx]),
+                point_labels=np.array([labels[i] for i in idx]), mask_input=pred.low_res_logits,
+                multimask_output=False, embedding=e,
+            )
         for j, i in enumerate(idx):
             model_masks[i], logits[i], scores[i] = pred.masks[j], pred.low_res_logits[j : j + 1], float(pred.scores[j])
     if prompt == "iter_point" and cfg.focus_for_points is not None:
