@@ -233,9 +233,10 @@ class EvalConfig:
             parts.update(extra_prompts=EXTRA_PROMPTS, extra_prompt_rule="largest error slice")
         if self.focus_crop and prompt in FOCUS_CROP_PROMPTS:  # absent when off, so earlier runs keep their hash
             parts["focus_crop"] = asdict(DEFAULT_FOCUS_CROP)
-        if self.focus_for_points is not None and (prompt == "iter_point" or _POINTS_RE.match(prompt)):
+        point_start = prompt == "iter_point" or bool(_POINTS_RE.match(prompt))
+        if self.focus_for_points is not None and point_start:  # absent when off, as for the options above
             parts["focus_crop_points"] = asdict(DEFAULT_FOCUS_CROP)
-        if self.point_second_pass and (prompt == "iter_point" or _POINTS_RE.match(prompt)):
+        if self.point_second_pass and point_start:
             parts["point_second_pass"] = True
         return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:10]
 

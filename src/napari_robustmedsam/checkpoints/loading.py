@@ -147,6 +147,9 @@ def image_encoder_hash(state: Mapping, dtype) -> str:
                        if key.startswith(ENCODER_PREFIX)}, dtype=dtype)
 
 
+#: the encoder hash of a build whose encoder is never used (only its prompt encoder and mask decoder are kept)
+PARTS_ONLY = "none: only the prompt encoder and mask decoder are kept"
+
 #: checkpoint metadata naming the registry model whose plain decoder answers where this model's mask is empty
 EMPTY_MASK_FALLBACK_KEY = "empty_mask_fallback"
 
@@ -159,7 +162,8 @@ def attach_empty_mask_fallback(model, base: str, where: str, *, cache_dir=None) 
         raise CheckpointError(f"{where} falls back on model '{base}' for empty masks, which cannot be loaded: {err}") from None
     state = {key: value for key, value in state.items() if not is_robust_key(key)}
     # only its prompt encoder and decoder are used (on the model's own image encoder): no encoder is built
-    parts = build_and_load(model.architecture.name, "sam", state, f"registry model '{base}'", encoder_hash="unused")
+    parts = build_and_load(model.architecture.name, "sam", state, f"registry model '{base}'",
+                           encoder_hash=PARTS_ONLY)
     model.attach_empty_mask_fallback(parts.prompt_encoder, parts.mask_decoder)
 
 

@@ -149,7 +149,8 @@ def _embedding(args: argparse.Namespace, model_image: np.ndarray, point_arg, lab
 
     # An image seen before has its embedding in the cache: then the model is loaded without its image encoder,
     # which skips the encoder's build and imports (most of a call's time, docs/results/cli-cache.md)
-    reuse = not args.no_cache and not needs_tiling(model_image.shape[:2])
+    tiled = needs_tiling(model_image.shape[:2])
+    reuse = not args.no_cache and not tiled
     with stage(f"loading model {args.model}"):
         loaded = load_model(args.model, device=args.device, preprocessing=args.preprocessing, image_encoder=not reuse)
     engine = _engine(loaded, args)
@@ -158,23 +159,22 @@ def _embedding(args: argparse.Namespace, model_image: np.ndarray, point_arg, lab
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ImageSignalWarning)  # run() said it once, before the model load
         embedding = engine.load_cached(model_image) if reuse else None
-    source = "read from the cache"
-    if embedding is None:
+        if embedding is not None:
+            return engine, embedding, "read from the cache"
         if not loaded.model.has_image_encoder:
             with stage("loading its image encoder (this image is not in the cache yet)"):
                 loaded = load_model(args.model, device=args.device, preprocessing=args.preprocessing)
             engine = _engine(loaded, args)
-        with stage(f"image embedding on {engine.device.type}"), warnings.catch_warnings():
-            warnings.simplefilter("ignore", ImageSignalWarning)
-            if needs_tiling(model_image.shape[:2]):
+        with stage(f"image embedding on {engine.device.type}"):
+            if tiled:
                 # a large image is embedded only in the tiles its prompts fall in (bounded memory, full
                 # resolution); those tiles depend on the prompts, so they are not cached
                 embedding = embedding_for_prompts(engine.predictor, model_image, point_arg, label_arg, boxes)
-                source = "computed for the prompted tiles"
             else:
                 embedding = engine.embed_image(model_image)
-                source = "computed" if engine.stats["computed"] else "read from the cache"
-    return engine, embedding, source
+    if tiled:
+        return engine, embedding, "computed for the prompted tiles"
+    return engine, embedding, "computed" if engine.stats["computed"] else "read from the cache"
 
 
 def run(args: argparse.Namespace) -> int:

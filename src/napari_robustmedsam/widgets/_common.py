@@ -52,6 +52,7 @@ def spatial_shape(image_layer) -> tuple[int, ...]:
     shape = tuple(np.shape(image_layer.data))
     return shape[:-1] if getattr(image_layer, "rgb", False) else shape
 
+
 _STYLES = {
     "error": "background:#5c1f1f; color:#ffd7d7; border:1px solid #c44; border-radius:3px; padding:4px;",
     "warning": "background:#5a4a14; color:#fff1c2; border:1px solid #c9a227; border-radius:3px; padding:4px;",
