@@ -99,13 +99,15 @@ try:
     runpy.run_module("napari_robustmedsam", run_name="__main__")
 except SystemExit as stop:
     code = stop.code
-print("imported:", ",".join(m for m in ("timm", "torchvision", "torch._dynamo") if m in sys.modules), "rc:", code)
+print("imported:", ",".join(m for m in ("timm", "torchvision", "torch._dynamo", "torch") if m in sys.modules), "rc:", code)
 """
 
 
-def test_a_second_call_builds_no_image_encoder(disk_image, tmp_path):
-    """With the embedding cached, the model is loaded without its image encoder: timm and torchvision (most of a
-    call's time, docs/results/cli-cache.md) are never imported, and the mask is the same."""
+def test_a_second_call_imports_no_torch(disk_image, tmp_path):
+    """With the embedding cached, the call decodes with the decoder the first call exported: torch, timm and
+    torchvision (most of a call's time, docs/results/cli-cache.md) are never imported, and the mask is the same.
+    Without an exported decoder (the third call, another prompt set-up), the model is loaded without its image
+    encoder: torch is imported, timm and torchvision are not."""
     env = {**__import__("os").environ, "PYTHONPATH": str(REPO / "src")}
     outputs, runs = [], []
     for index in range(2):
@@ -120,10 +122,18 @@ def test_a_second_call_builds_no_image_encoder(disk_image, tmp_path):
         outputs.append(read_image(out))
     first, second = runs
     assert "image embedding computed" in first.stderr and "loading its image encoder" in first.stderr
-    assert "image embedding read from the cache" in second.stderr and "loading its image encoder" not in second.stderr
-    assert "imported:  rc:" in second.stdout, second.stdout  # none of timm, torchvision, torch._dynamo
+    assert "image embedding read from the cache" in second.stderr and "loading model" not in second.stderr
+    assert "imported:  rc:" in second.stdout, second.stdout  # none of timm, torchvision, torch._dynamo, torch
     assert "timm" in first.stdout  # the probe sees them when they are imported
     assert np.array_equal(outputs[0], outputs[1]) and outputs[0].any()
+    third = subprocess.run(
+        [sys.executable, "-c", _IMPORT_PROBE, "segment", str(disk_image), "--box", "25", "30", "95", "98", "--point",
+         "60", "64", "--device", "cpu", "--cache", str(tmp_path / "cache"), "-o", str(tmp_path / "m2.png")],
+        capture_output=True, text=True, env=env, timeout=300,
+    )
+    assert "rc: 0" in third.stdout, third.stderr
+    assert "image embedding read from the cache" in third.stderr and "loading its image encoder" not in third.stderr
+    assert "imported: torch rc:" in third.stdout, third.stdout  # torch, without timm, torchvision or torch._dynamo
 
 
 def test_the_command_prints_no_third_party_warnings(disk_image, tmp_path):

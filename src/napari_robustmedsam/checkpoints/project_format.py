@@ -26,11 +26,12 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from ..models.input_conventions import PREPROCESSINGS
 from ..errors import CheckpointError
 
 FORMAT_NAME = "napari-robustmedsam"
 FORMAT_VERSION = 1
-PREPROCESSING_CHOICES = ("sam", "medsam", "litemedsam")
+PREPROCESSING_CHOICES = PREPROCESSINGS
 DECODER_CHOICES = ("sam", "robust")
 REQUIRED_METADATA = ("architecture", "decoder", "preprocessing")
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..checkpoints.project_format import PREPROCESSING_CHOICES
+from ..models.input_conventions import PREPROCESSINGS as PREPROCESSING_CHOICES
 from ..engine.cache import DEFAULT_STORAGE_DTYPE, STORAGE_DTYPES
 from ..errors import ImageInputError
 from .progress import stage

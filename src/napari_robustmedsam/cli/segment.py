@@ -7,7 +7,7 @@ import warnings
 
 import numpy as np
 
-from ..checkpoints.project_format import PREPROCESSING_CHOICES
+from ..models.input_conventions import PREPROCESSINGS
 from ..errors import ImageInputError, UserFacingError
 from ..io.output_paths import add_overwrite_argument, check_output, existing_file
 from .progress import message, stage
@@ -34,7 +34,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cuda, mps or cpu")
     p.add_argument(
         "--preprocessing",
-        choices=PREPROCESSING_CHOICES,
+        choices=PREPROCESSINGS,
         default=None,
         help="image preprocessing of a checkpoint that does not record it (default: recorded, else guessed)",
     )
@@ -141,8 +141,86 @@ def _engine(loaded, args: argparse.Namespace):
     return engine
 
 
+def _uses_exported_decoder(args: argparse.Namespace, model_image: np.ndarray) -> bool:
+    """Whether this call may decode with an exported decoder: the cache is in use, the decoder runs on the CPU
+    (``--device auto`` decodes there too: a decoder call is tens of milliseconds) and the image is not tiled."""
+    from ..engine.exported_decoder import onnxruntime_available
+    from ..engine.tile_layout import needs_tiling
+
+    return (not args.no_cache and args.device in ("auto", "cpu") and not needs_tiling(model_image.shape[:2])
+            and onnxruntime_available())
+
+
+def _decode_exported(args: argparse.Namespace, model_image: np.ndarray, point_arg, label_arg, boxes):
+    """(masks, scores, fell back) decoded without torch, when the image's embedding is cached and the model's decoder
+    was exported for these prompts (:mod:`..engine.exported_decoder`); None when that is not so."""
+    if not _uses_exported_decoder(args, model_image):
+        return None
+    from ..engine import exported_decoder as exported
+    from ..engine.cache import EmbeddingCache, EmbeddingStore
+    from ..engine.preprocessing import frame_for, validate_image
+    from ..engine.prompt_checks import check_prompts
+    from ..engine.signature import Signature, image_fields
+
+    cache_dir = EmbeddingCache(args.cache, check_writable=False).directory
+    record = exported.read_record(cache_dir, exported.record_key(args.model, args.preprocessing, args.device))
+    if record is None:
+        return None
+    image = validate_image(model_image)
+    points, labels, bxs = check_prompts(point_arg, label_arg, boxes, image_size=image.shape[:2], allow_empty=True)
+    n_objects = bxs.shape[0] if bxs is not None else points.shape[0]
+    decoder = exported.ExportedDecoder(cache_dir, record)
+    if not decoder.has(exported.prompt_setup(points is not None, bxs is not None,
+                                             0 if points is None else points.shape[1], n_objects)):
+        return None
+    signature = Signature.from_json({**record.signature, **image_fields(image)})
+    cache = EmbeddingCache(cache_dir, check_writable=False)
+    if not cache.path_for(signature).is_dir():
+        return None
+    store = EmbeddingStore.open(cache.path_for(signature), signature, 1)
+    got = store.read_arrays(0, frame_for(image.shape[:2], record.preprocessing))
+    for notice in store.notices:
+        message(f"note: {notice}")
+    if got is None:
+        return None
+    arrays, frame, _ = got
+    if record.box_primary and point_arg is not None:
+        message(point_warning(record.model_name, has_box=boxes is not None))
+    message("image embedding read from the cache")
+    try:
+        with stage(f"decoding with the exported decoder of {record.model_name} (ONNX Runtime)"):
+            masks, scores = decoder.decode(arrays["image_embeddings"], frame, points, labels, bxs)
+    except Exception as err:  # noqa: BLE001 - a broken export only costs the quick path: torch decodes instead
+        message(f"note: the exported decoder could not be used ({err}); decoding with the model instead")
+        return None
+    return masks, scores, np.zeros(n_objects, dtype=bool)
+
+
+def _export_decoder(args: argparse.Namespace, loaded, engine, model_image: np.ndarray, point_arg, boxes) -> None:
+    """Export the model's decoder for these prompts, once, so that a later call on a cached image needs no torch."""
+    if not _uses_exported_decoder(args, model_image) or engine.cache_dir is None:
+        return
+    from ..engine import exported_decoder as exported
+    from ..engine.preprocessing import validate_image
+    from ..engine.decoder_export import export_for_cache, exportable
+
+    key = exported.record_key(args.model, args.preprocessing, args.device)
+    n_objects = 1 if boxes is None else len(boxes)
+    setup = exported.prompt_setup(point_arg is not None, boxes is not None,
+                                  0 if point_arg is None else point_arg.shape[1], n_objects)
+    record = exported.read_record(engine.cache_dir, key)
+    if not exportable(loaded.model) or (record is not None and setup in record.graphs):
+        return
+    signature = engine.signature(validate_image(model_image)).to_json()
+    try:
+        with stage(f"exporting the decoder of {loaded.name} for quicker calls on cached images"):
+            export_for_cache(loaded, signature, setup, engine.cache_dir, key)
+    except Exception as err:  # noqa: BLE001 - the masks are written; later calls keep decoding with torch
+        message(f"note: the decoder was not exported ({err}); later calls decode with the model")
+
+
 def _embedding(args: argparse.Namespace, model_image: np.ndarray, point_arg, label_arg, boxes):
-    """(engine, embedding, where it came from) of the image the model sees."""
+    """(loaded model, engine, embedding, where it came from) of the image the model sees."""
     from ..checkpoints import load_model
     from ..engine.preprocessing import ImageSignalWarning
     from ..engine.tiling import embedding_for_prompts, needs_tiling
@@ -160,7 +238,7 @@ def _embedding(args: argparse.Namespace, model_image: np.ndarray, point_arg, lab
         warnings.simplefilter("ignore", ImageSignalWarning)  # run() said it once, before the model load
         embedding = engine.load_cached(model_image) if reuse else None
         if embedding is not None:
-            return engine, embedding, "read from the cache"
+            return loaded, engine, embedding, "read from the cache"
         if not loaded.model.has_image_encoder:
             with stage("loading its image encoder (this image is not in the cache yet)"):
                 loaded = load_model(args.model, device=args.device, preprocessing=args.preprocessing)
@@ -173,8 +251,8 @@ def _embedding(args: argparse.Namespace, model_image: np.ndarray, point_arg, lab
             else:
                 embedding = engine.embed_image(model_image)
     if tiled:
-        return engine, embedding, "computed for the prompted tiles"
-    return engine, embedding, "computed" if engine.stats["computed"] else "read from the cache"
+        return loaded, engine, embedding, "computed for the prompted tiles"
+    return loaded, engine, embedding, "computed" if engine.stats["computed"] else "read from the cache"
 
 
 def run(args: argparse.Namespace) -> int:
@@ -198,18 +276,25 @@ def run(args: argparse.Namespace) -> int:
         message(f"robustmedsam segment: warning: {signal}")
 
     model_image = window.apply(image) if window is not None else image
-    engine, embedding, source = _embedding(args, model_image, point_arg, label_arg, boxes)
-    message(f"image embedding {source}")
-
-    prediction = engine.tiled_predictor.predict(points=point_arg, point_labels=label_arg, boxes=boxes, embedding=embedding)
-    label_map = np.zeros(prediction.masks.shape[1:], dtype=np.uint16 if n_objects > 255 else np.uint8)
-    for index, mask in enumerate(prediction.masks, start=1):
+    decoded = _decode_exported(args, model_image, point_arg, label_arg, boxes)
+    export_later = None
+    if decoded is not None:
+        masks, scores, fell_back_rows = decoded
+    else:
+        loaded, engine, embedding, source = _embedding(args, model_image, point_arg, label_arg, boxes)
+        message(f"image embedding {source}")
+        prediction = engine.tiled_predictor.predict(points=point_arg, point_labels=label_arg, boxes=boxes,
+                                                    embedding=embedding)
+        masks, scores, fell_back_rows = prediction.masks, prediction.scores, prediction.fell_back
+        export_later = (loaded, engine, model_image)
+    label_map = np.zeros(masks.shape[1:], dtype=np.uint16 if n_objects > 255 else np.uint8)
+    for index, mask in enumerate(masks, start=1):
         label_map[mask & (label_map == 0)] = index
-    fell_back = set(np.flatnonzero(prediction.fell_back) + 1) if prediction.fell_back.size else set()
-    for index, (mask, score) in enumerate(zip(prediction.masks, prediction.scores), start=1):
+    fell_back = set(np.flatnonzero(fell_back_rows) + 1) if fell_back_rows.size else set()
+    for index, (mask, score) in enumerate(zip(masks, scores), start=1):
         note = " (the head's mask was empty: this is LiteMedSAM's mask, its empty-mask fallback)" if index in fell_back else ""
         print(f"object {index}: {int(mask.sum())} px, predicted IoU {score:.3f}{note}")
-    empty = [index for index, mask in enumerate(prediction.masks, start=1) if not mask.any()]
+    empty = [index for index, mask in enumerate(masks, start=1) if not mask.any()]
     if empty and not args.allow_empty:
         which = "the object" if n_objects == 1 else "object " + ", ".join(str(i) for i in empty)
         hint = "draw a --box around it" if boxes is None else "check that the box encloses it"
@@ -230,4 +315,6 @@ def run(args: argparse.Namespace) -> int:
     if args.into:  # a label volume: objects keep their label values
         write_slice_into(args.into, label_map, args.slice, volume.shape, geometry)
         print(f"wrote slice {args.slice} of {args.into}")
+    if export_later is not None:  # after the masks are written: nothing here can cost the user the result
+        _export_decoder(args, *export_later, point_arg, boxes)
     return 0

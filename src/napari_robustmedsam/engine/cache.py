@@ -39,15 +39,17 @@ import time
 import uuid
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 
 from ..errors import CacheError
 from ..models.third_party import hide_numcodecs_exit_warning
 from .preprocessing import ImageFrame
 from .signature import Signature, checksum_bytes, checksum_json
+
+if TYPE_CHECKING:
+    import torch
 
 hide_numcodecs_exit_warning()  # zarr's codecs would warn about themselves as the program ends
 
@@ -188,8 +190,6 @@ class EmbeddingStore:
 
         Raises :class:`CacheError` when the location cannot be written.
         """
-        import zarr
-
         path = Path(path)
         notices: list[str] = []
         if path.exists():
@@ -209,6 +209,8 @@ class EmbeddingStore:
             msg = f"embedding cache {path} does not match this image/model ({reason}); recomputing"
             log.info(msg)
             notices.append(msg)
+        import zarr  # only to create a store: reading an existing one needs no zarr (``_read_array``)
+
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.parent / f".tmp-{path.name}-{uuid.uuid4().hex[:12]}"
@@ -265,11 +267,18 @@ class EmbeddingStore:
         ``expected_extra``: what the caller knows the entry must hold (its image's frame, its tile); a
         difference is corruption too.
         """
-        got = self._load(index, expected_frame, expected_extra)
+        import torch
+
+        got = self.read_arrays(index, expected_frame, expected_extra)
         if got is None:
             return None
         arrays, frame, extra = got
         return {k: torch.from_numpy(v.astype(np.float32, copy=False)) for k, v in arrays.items()}, frame, extra
+
+    def read_arrays(self, index: int, expected_frame: ImageFrame | None = None,
+                    expected_extra: Mapping | None = None) -> tuple[dict[str, np.ndarray], ImageFrame, dict] | None:
+        """:meth:`read` with the features as the stored numpy arrays (float16 or float32), without torch."""
+        return self._load(index, expected_frame, expected_extra)
 
     def verify(self, index: int, expected_frame: ImageFrame | None = None, expected_extra: Mapping | None = None) -> bool:
         """Whether entry ``index`` is complete and passes every check of :meth:`read`; a corrupt one is deleted
@@ -318,6 +327,7 @@ class EmbeddingStore:
 
     def write(self, index: int, features: Mapping[str, torch.Tensor], frame: ImageFrame, extra: dict | None = None) -> None:
         """Write one entry atomically. Raises :class:`CacheError` (nothing is left behind) on failure."""
+        import torch
         import zarr
 
         entries = self.path / "entries"

@@ -50,7 +50,7 @@ from .cache import DEFAULT_STORAGE_DTYPE, STORAGE_DTYPES, EmbeddingCache, Embedd
 from .fast_cpu import EncoderRunner
 from .predictor import ImageEmbedding, Predictor, require_finite
 from .preprocessing import frame_for, model_input_size, preprocess, validate_image
-from .signature import Signature, hash_array, model_hashes
+from .signature import Signature, image_fields, model_hashes
 from .tiling import DEFAULT_HALO, DEFAULT_TILE_THRESHOLD, TiledEmbedding, TiledPredictor, Tile, needs_tiling, tile_layout
 
 ProgressFn = Callable[[int, int, str], None]
@@ -215,9 +215,7 @@ class EmbeddingEngine:
         enc, dec = hashes if hashes is not None else model_hashes(self.model)
         return Signature(
             kind="tiled" if tiles else "image",
-            data_hash=hash_array(image),
-            data_shape=tuple(int(s) for s in image.shape),
-            data_dtype=image.dtype.str,
+            **image_fields(image),
             encoder_hash=enc,
             decoder_hash=dec,
             architecture=self.model.architecture.name,

@@ -16,15 +16,11 @@ import torch.nn.functional as F
 
 from ..errors import ImageInputError, NonFiniteError, PromptError
 from .click_guard import EdgeReach, guard_clicks
+from .decode_limits import DEFAULT_DECODE_CHUNK, FULL_RES_BUDGET_BYTES  # noqa: F401 - re-exported
 from .local_correction import merge_local_correction
 from .preprocessing import LOW_RES_SIZE, ImageFrame, preprocess
 from .prompt_checks import as_prompt_array, check_prompts
 
-#: Objects (prompt sets) decoded per model call. The decoder's activations grow with the batch, so any number
-#: of prompts is decoded this many at a time (docs/embeddings.md, "Many prompts, large images").
-DEFAULT_DECODE_CHUNK = 8
-#: Float32 bytes at the original resolution held at once while logits become full-size boolean masks.
-FULL_RES_BUDGET_BYTES = 64 * 2**20
 
 
 @dataclass

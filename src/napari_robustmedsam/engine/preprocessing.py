@@ -13,14 +13,19 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 
 from ..errors import ImageInputError
+from ..models.input_conventions import PREPROCESSINGS
 
-PREPROCESSINGS = ("sam", "medsam", "litemedsam")
+if TYPE_CHECKING:
+    import torch
+
+# torch is imported where tensors are made: the geometry and the checks here serve the CLI's exported-decoder
+# path too, which decodes a cached embedding without importing torch (docs/embeddings.md)
+
 LOW_RES_SIZE = 256  # decoder logits and mask prompts: 4 x the 64 x 64 embedding grid, for every model
 _SAM_MEAN = (123.675, 116.28, 103.53)
 _SAM_STD = (58.395, 57.12, 57.375)
@@ -55,6 +60,8 @@ class ImageFrame:
 
     def logits_to_original(self, low_res_logits: torch.Tensor) -> torch.Tensor:
         """(N, C, 256, 256) decoder logits -> (N, C, H, W) logits at the original resolution."""
+        import torch.nn.functional as F
+
         x = F.interpolate(low_res_logits.float(), (self.model_size, self.model_size), mode="bilinear", align_corners=False)
         x = x[..., : self.input_size[0], : self.input_size[1]]
         return F.interpolate(x, self.original_size, mode="bilinear", align_corners=False)
@@ -66,6 +73,9 @@ class ImageFrame:
         Used to turn a user's existing mask into a prompt; previous decoder logits are fed back as they are.
         ``antialias=True`` area-averages when shrinking, so thin structures keep a share of each cell they cross.
         """
+        import torch
+        import torch.nn.functional as F
+
         m = torch.as_tensor(np.asarray(mask), dtype=torch.float32)[None, None]
         m = F.interpolate(m, self.input_size, mode="bilinear", align_corners=False, antialias=antialias)
         m = F.pad(m, (0, self.model_size - self.input_size[1], 0, self.model_size - self.input_size[0]))
@@ -173,6 +183,8 @@ def model_values(arr: np.ndarray) -> np.ndarray:
 def _to_float_tensor(arr: np.ndarray) -> torch.Tensor:
     """(H, W) or (H, W, 3) -> float32 (1, C, H, W) with C = 1 for gray (expanded to RGB after resizing, which
     gives the same values at a third of the memory) or 3."""
+    import torch
+
     x = torch.from_numpy(np.ascontiguousarray(model_values(arr)).astype(np.float32, copy=False))
     return x[None, None] if x.ndim == 2 else x.permute(2, 0, 1)[None]
 
@@ -204,7 +216,7 @@ def _minmax(t: torch.Tensor) -> torch.Tensor:
     lo, hi = t.amin(), t.amax()
     span = hi - lo
     if float(span) <= 0:
-        return torch.zeros_like(t)
+        return t.new_zeros(t.shape)
     return (t - lo) / span
 
 
@@ -222,6 +234,8 @@ def frame_for(shape_hw: tuple[int, int], preprocessing: str) -> ImageFrame:
 
 
 def _resize_longest(t: torch.Tensor, target: int) -> tuple[torch.Tensor, tuple[int, int]]:
+    import torch.nn.functional as F
+
     new_h, new_w = _longest_side_to(*t.shape[-2:], target)
     out = F.interpolate(t, (new_h, new_w), mode="bilinear", align_corners=False, antialias=True)
     return out, (new_h, new_w)
@@ -229,6 +243,9 @@ def _resize_longest(t: torch.Tensor, target: int) -> tuple[torch.Tensor, tuple[i
 
 def preprocess(image: np.ndarray, preprocessing: str) -> tuple[torch.Tensor, ImageFrame]:
     """One 2D image -> (1, 3, S, S) float32 model input and its :class:`ImageFrame`."""
+    import torch
+    import torch.nn.functional as F
+
     if preprocessing not in PREPROCESSINGS:
         raise ValueError(f"unknown preprocessing {preprocessing!r}; expected one of {PREPROCESSINGS}")
     arr = validate_image(image)
@@ -258,6 +275,8 @@ def preprocess(image: np.ndarray, preprocessing: str) -> tuple[torch.Tensor, Ima
 
 def _checked(t: torch.Tensor) -> torch.Tensor:
     """The model input, contiguous, refused if any value is not finite (the values the model would see)."""
+    import torch
+
     t = t.contiguous()
     if not bool(torch.isfinite(t).all()):
         raise ImageInputError(

@@ -22,10 +22,9 @@ import dataclasses
 import json
 import weakref
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 
 from ..models.weights_hash import HASH_NAME, hash_state
 from ..models.weights_hash import new_hasher as _hasher
@@ -34,6 +33,9 @@ try:  # checksums of stored bytes; without xxhash they are the full hash
     import xxhash
 except ImportError:  # pragma: no cover - exercised only without xxhash
     pass
+
+if TYPE_CHECKING:
+    import torch
 
 #: Bump when the on-disk layout changes incompatibly (a different format is recomputed, not reused).
 CACHE_FORMAT = 1
@@ -62,6 +64,12 @@ def hash_array(array: Any) -> str:
     return h.hexdigest()
 
 
+def image_fields(image: np.ndarray) -> dict:
+    """The fields of a :class:`Signature` that describe the image itself (its pixels' hash, shape and dtype)."""
+    return {"data_hash": hash_array(image), "data_shape": tuple(int(s) for s in image.shape),
+            "data_dtype": image.dtype.str}
+
+
 def hash_arrays(arrays) -> str:
     """Hash of a sequence of arrays (an image series), order-sensitive."""
     h = _hasher()
@@ -88,7 +96,7 @@ def checksum_json(obj: Any) -> str:
 # ------------------------------------------------------------------------------------------------
 # model hashes
 # ------------------------------------------------------------------------------------------------
-_MODULE_HASHES: "weakref.WeakKeyDictionary[torch.nn.Module, tuple[tuple, str]]" = weakref.WeakKeyDictionary()
+_MODULE_HASHES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # module -> (versions, hash)
 
 
 def _versions(module: torch.nn.Module) -> tuple:

@@ -7,8 +7,12 @@ tensors of a checkpoint and the module they were loaded into hash alike: a model
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
-import torch
+
+if TYPE_CHECKING:
+    import torch
 
 try:  # xxhash is a dependency of several installed packages; blake2b is the fallback
     import xxhash
@@ -30,6 +34,8 @@ def hash_state(state, dtype: torch.dtype | None = None) -> str:
     """Hash of a state dict (names, shapes, dtypes, values), in name order, so a checkpoint's tensors and the
     module they were loaded into hash alike. ``dtype``: hash floating-point tensors as converted to it (what
     ``module.to(dtype)`` would make of them)."""
+    import torch
+
     h = new_hasher()
     for name in sorted(state):
         t = state[name].detach()
