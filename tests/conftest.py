@@ -39,6 +39,21 @@ def _two_threads():
     torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _private_user_cache(tmp_path_factory):
+    """Commands run without --cache use a cache of this session, never the user's: entries and exported decoders
+    that other runs left there would change which path a call takes (and tests would leave theirs behind)."""
+    from napari_robustmedsam.engine.cache import CACHE_ENV
+
+    saved = os.environ.get(CACHE_ENV)
+    os.environ[CACHE_ENV] = str(tmp_path_factory.mktemp("user-cache"))
+    yield
+    if saved is None:
+        os.environ.pop(CACHE_ENV, None)
+    else:
+        os.environ[CACHE_ENV] = saved
+
+
 @pytest.fixture(scope="session")
 def litemedsam():
     """The embedded default model, loaded once per test session (CPU, fp32)."""

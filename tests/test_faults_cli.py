@@ -221,7 +221,7 @@ def test_segment_warns_about_a_constant_image_and_overwrite_replaces_the_mask(tm
     err = capsys.readouterr().err
     warning = [line for line in err.splitlines() if "carries no signal" in line]
     assert len(warning) == 1 and warning[0].startswith("robustmedsam segment: warning:")
-    assert err.index("carries no signal") < err.index("loading model")
+    assert "carries no signal" in err.splitlines()[0]  # before the model load or the cached decode
     from napari_robustmedsam.io import read_image
 
     assert read_image(out).shape == (64, 64)  # the old file was replaced by the mask

@@ -8,7 +8,7 @@ import warnings
 import numpy as np
 
 from ..models.input_conventions import PREPROCESSINGS
-from ..errors import ImageInputError, UserFacingError
+from ..errors import CacheError, ImageInputError, UserFacingError
 from ..io.output_paths import add_overwrite_argument, check_output, existing_file
 from .progress import message, stage
 from .volume_input import add_volume_options, read_input
@@ -162,7 +162,8 @@ def _decode_exported(args: argparse.Namespace, model_image: np.ndarray, point_ar
     from ..engine.prompt_checks import check_prompts
     from ..engine.signature import Signature, image_fields
 
-    cache_dir = EmbeddingCache(args.cache, check_writable=False).directory
+    cache = EmbeddingCache(args.cache, check_writable=False)  # only read here
+    cache_dir = cache.directory
     record = exported.read_record(cache_dir, exported.record_key(args.model, args.preprocessing, args.device))
     if record is None:
         return None
@@ -174,10 +175,13 @@ def _decode_exported(args: argparse.Namespace, model_image: np.ndarray, point_ar
                                              0 if points is None else points.shape[1], n_objects)):
         return None
     signature = Signature.from_json({**record.signature, **image_fields(image)})
-    cache = EmbeddingCache(cache_dir, check_writable=False)
-    if not cache.path_for(signature).is_dir():
+    store_path = cache.path_for(signature)
+    if not store_path.is_dir():
         return None
-    store = EmbeddingStore.open(cache.path_for(signature), signature, 1)
+    try:
+        store = EmbeddingStore.open(store_path, signature, 1)
+    except CacheError:  # the torch path opens it again and says why it cannot
+        return None
     got = store.read_arrays(0, frame_for(image.shape[:2], record.preprocessing))
     for notice in store.notices:
         message(f"note: {notice}")
