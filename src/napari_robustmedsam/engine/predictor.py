@@ -16,11 +16,10 @@ import torch.nn.functional as F
 
 from ..errors import ImageInputError, NonFiniteError, PromptError
 from .click_guard import EdgeReach, guard_clicks
-from .decode_limits import DEFAULT_DECODE_CHUNK, FULL_RES_BUDGET_BYTES  # noqa: F401 - re-exported
+from .decode_limits import DEFAULT_DECODE_CHUNK, FULL_RES_BUDGET_BYTES
 from .local_correction import merge_local_correction
 from .preprocessing import LOW_RES_SIZE, ImageFrame, preprocess
 from .prompt_checks import as_prompt_array, check_prompts
-
 
 
 @dataclass
