@@ -62,6 +62,14 @@ def litemedsam():
     return load_model("litemedsam", device="cpu")
 
 
+@pytest.fixture()
+def use_session_model(monkeypatch, litemedsam):
+    """The commands (segment, embed) get the session's loaded LiteMedSAM instead of loading it again."""
+    import napari_robustmedsam.checkpoints as checkpoints
+
+    monkeypatch.setattr(checkpoints, "load_model", lambda *a, **k: litemedsam)
+
+
 @pytest.fixture(autouse=True)
 def _no_task_outlives_its_test():
     """Every widget task is cancelled and joined after each test: one still running when its viewer is closed

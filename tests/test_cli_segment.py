@@ -23,13 +23,6 @@ def disk_image(tmp_path):
     return path
 
 
-@pytest.fixture()
-def use_session_model(monkeypatch, litemedsam):
-    import napari_robustmedsam.checkpoints as checkpoints
-
-    monkeypatch.setattr(checkpoints, "load_model", lambda *a, **k: litemedsam)
-
-
 def _segment(disk_image, tmp_path, *extra):
     out = tmp_path / "mask.png"
     rc = main(["segment", str(disk_image), "--device", "cpu", "--cache", str(tmp_path / "cache"), "--overwrite",

@@ -16,13 +16,6 @@ from napari_robustmedsam.engine import exported_decoder as exported
 from napari_robustmedsam.io import read_image
 
 
-@pytest.fixture()
-def use_session_model(monkeypatch, litemedsam):
-    import napari_robustmedsam.checkpoints as checkpoints
-
-    monkeypatch.setattr(checkpoints, "load_model", lambda *a, **k: litemedsam)
-
-
 def _disk(tmp_path, shape=(150, 110)):
     import imageio.v3 as iio
 

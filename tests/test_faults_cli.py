@@ -21,14 +21,6 @@ pytestmark = pytest.mark.faults
 
 
 @pytest.fixture
-def model_from_session(monkeypatch, litemedsam):
-    """segment / embed get the session's loaded LiteMedSAM instead of loading it again."""
-    import napari_robustmedsam.checkpoints as checkpoints
-
-    monkeypatch.setattr(checkpoints, "load_model", lambda *a, **k: litemedsam)
-
-
-@pytest.fixture
 def image(tmp_path) -> Path:
     return write_png(tmp_path / "v.png")
 
@@ -212,7 +204,7 @@ def test_an_image_without_signal_warns(value, dtype):
         preprocess(image, "litemedsam")  # any variation: no warning
 
 
-def test_segment_warns_about_a_constant_image_and_overwrite_replaces_the_mask(tmp_path, model_from_session, capsys):
+def test_segment_warns_about_a_constant_image_and_overwrite_replaces_the_mask(tmp_path, use_session_model, capsys):
     path = tmp_path / "flat.npy"
     np.save(path, np.full((64, 64), 7, np.uint8))
     out = tmp_path / "m.png"

@@ -171,8 +171,7 @@ def _decode_exported(args: argparse.Namespace, model_image: np.ndarray, point_ar
     points, labels, bxs = check_prompts(point_arg, label_arg, boxes, image_size=image.shape[:2], allow_empty=True)
     n_objects = bxs.shape[0] if bxs is not None else points.shape[0]
     decoder = exported.ExportedDecoder(cache_dir, record)
-    if not decoder.has(exported.prompt_setup(points is not None, bxs is not None,
-                                             0 if points is None else points.shape[1], n_objects)):
+    if not decoder.has(exported.prompt_setup(points, bxs)):
         return None
     signature = Signature.from_json({**record.signature, **image_fields(image)})
     store_path = cache.path_for(signature)
@@ -205,20 +204,20 @@ def _export_decoder(args: argparse.Namespace, loaded, engine, model_image: np.nd
     if not _uses_exported_decoder(args, model_image) or engine.cache_dir is None:
         return
     from ..engine import exported_decoder as exported
+    from ..engine.decoder_export import export_for_cache, qualifies
     from ..engine.preprocessing import validate_image
-    from ..engine.decoder_export import export_for_cache, exportable
 
+    if not qualifies(loaded):
+        return
     key = exported.record_key(args.model, args.preprocessing, args.device)
-    n_objects = 1 if boxes is None else len(boxes)
-    setup = exported.prompt_setup(point_arg is not None, boxes is not None,
-                                  0 if point_arg is None else point_arg.shape[1], n_objects)
+    setup = exported.prompt_setup(point_arg, boxes)
     record = exported.read_record(engine.cache_dir, key)
-    if not exportable(loaded.model) or (record is not None and setup in record.graphs):
+    if record is not None and setup in record.graphs:
         return
     signature = engine.signature(validate_image(model_image)).to_json()
     try:
         with stage(f"exporting the decoder of {loaded.name} for quicker calls on cached images"):
-            export_for_cache(loaded, signature, setup, engine.cache_dir, key)
+            export_for_cache(loaded, signature, setup, engine.cache_dir, key, record)
     except Exception as err:  # noqa: BLE001 - the masks are written; later calls keep decoding with torch
         message(f"note: the decoder was not exported ({err}); later calls decode with the model")
 

@@ -156,16 +156,19 @@ def export_graph(model: nn.Module, setup: str, path: str | Path, image_size: int
                 raise ExportError(f"the exported {setup} decoder does not reproduce the model's output")
 
 
-def export_for_cache(loaded, signature_json: dict, setup: str, cache_dir: str | Path, key: str) -> bool:
-    """Export ``setup``'s graph of ``loaded`` (a :class:`~napari_robustmedsam.checkpoints.loading.LoadedModel` on the
-    CPU in float32) into ``cache_dir``'s decoders and add it to the record ``key``. Returns False when the model
-    does not qualify (not plain, no checkpoint file, not on the CPU in float32, ONNX not installed)."""
+def qualifies(loaded) -> bool:
+    """Whether :func:`export_for_cache` can export ``loaded``'s decoder: a plain decoder (:func:`exportable`) from a
+    checkpoint file, on the CPU in float32, with ONNX Runtime installed to run it."""
+    return (loaded.checkpoint_path is not None and exportable(loaded.model) and loaded.device.type == "cpu"
+            and loaded.dtype == torch.float32 and exported.onnxruntime_available())
+
+
+def export_for_cache(loaded, signature_json: dict, setup: str, cache_dir: str | Path, key: str,
+                     record: exported.DecoderRecord | None = None) -> None:
+    """Export ``setup``'s graph of ``loaded`` (a :class:`~napari_robustmedsam.checkpoints.loading.LoadedModel` that
+    :func:`qualifies`) into ``cache_dir``'s decoders and add it to the record ``key`` (``record``: that record as
+    the caller read it, if it exists; it is started again when the checkpoint or the signature differ)."""
     model = loaded.model
-    if loaded.checkpoint_path is None or not exportable(model) or loaded.device.type != "cpu":
-        return False
-    if loaded.dtype != torch.float32 or not exported.onnxruntime_available():
-        return False
-    record = exported.read_record(cache_dir, key)
     stamp = exported.file_stamp(loaded.checkpoint_path)
     template = exported.signature_template(signature_json)
     if record is None or record.checkpoint != stamp or record.signature != template:
@@ -178,4 +181,3 @@ def export_for_cache(loaded, signature_json: dict, setup: str, cache_dir: str | 
     export_graph(model, setup, path, int(model.architecture.image_size))
     record.graphs[setup] = {"file": name, "sha256": exported.file_checksum(path)}
     exported.write_record(cache_dir, record)
-    return True

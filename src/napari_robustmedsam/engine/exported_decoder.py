@@ -25,13 +25,14 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 
 from .decode_limits import DEFAULT_DECODE_CHUNK
 from .preprocessing import LOW_RES_SIZE, ImageFrame
+from .signature import IMAGE_FIELDS
 
 #: Bump when a record or graph made by an older version can no longer be read the same way.
 RECORD_FORMAT = 1
@@ -42,17 +43,17 @@ INPUT_POINTS = "point_coords"
 INPUT_LABELS = "point_labels"
 INPUT_BOXES = "boxes"
 OUTPUT_NAMES = ("low_res_logits", "iou_predictions")
-_IMAGE_DATA_FIELDS = ("data_hash", "data_shape", "data_dtype")
 
 
-def prompt_setup(has_points: bool, has_box: bool, n_points: int, n_objects: int = 1) -> str:
-    """Name of the graph that decodes these prompts: ``box``, ``points``, ``points+box``; one object with a single
-    point alone (an ambiguous prompt) is ``point-multimask``, decoded with three candidates as the predictor does."""
-    if has_points and has_box:
+def prompt_setup(points: np.ndarray | None, boxes: np.ndarray | None) -> str:
+    """Name of the graph that decodes these prompts (points (N, P, 2), boxes (N, 4), either None): ``box``,
+    ``points``, ``points+box``; one object with a single point alone (an ambiguous prompt) is ``point-multimask``,
+    decoded with three candidates as the predictor does."""
+    if points is not None and boxes is not None:
         return "points+box"
-    if has_box:
+    if boxes is not None:
         return "box"
-    return "point-multimask" if n_points == 1 and n_objects == 1 else "points"
+    return "point-multimask" if points.shape[0] == 1 and points.shape[1] == 1 else "points"
 
 
 def record_key(model: str, preprocessing: str | None, device: str) -> str:
@@ -82,7 +83,7 @@ def file_checksum(path: str | os.PathLike) -> str:
 
 def signature_template(signature_json: dict) -> dict:
     """A model's embedding signature without the image's own fields (filled in per image)."""
-    return {k: v for k, v in signature_json.items() if k not in _IMAGE_DATA_FIELDS}
+    return {k: v for k, v in signature_json.items() if k not in IMAGE_FIELDS}
 
 
 @dataclass
@@ -99,9 +100,7 @@ class DecoderRecord:
     format: int = RECORD_FORMAT
 
     def to_json(self) -> dict:
-        return {"format": self.format, "key": self.key, "model_name": self.model_name, "box_primary": self.box_primary,
-                "preprocessing": self.preprocessing, "checkpoint": self.checkpoint, "signature": self.signature,
-                "graphs": self.graphs}
+        return asdict(self)
 
     @classmethod
     def from_json(cls, d: dict) -> "DecoderRecord":
@@ -222,8 +221,7 @@ class ExportedDecoder:
         """(masks (N, H, W) bool at the original size, predicted IoU of each (N,)) for N objects; prompts in original
         pixels as the predictor takes them: points (N, P, 2) with labels (N, P), boxes (N, 4)."""
         n = boxes.shape[0] if boxes is not None else points.shape[0]
-        setup = prompt_setup(points is not None, boxes is not None, 0 if points is None else points.shape[1], n)
-        session = self._session(setup)
+        session = self._session(prompt_setup(points, boxes))
         h, w = frame.original_size
         masks = np.empty((n, h, w), dtype=bool)
         scores = np.empty(n, dtype=np.float32)

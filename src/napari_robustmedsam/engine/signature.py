@@ -64,10 +64,14 @@ def hash_array(array: Any) -> str:
     return h.hexdigest()
 
 
+#: The fields of a :class:`Signature` that describe the image itself; the others describe the model and settings.
+IMAGE_FIELDS = ("data_hash", "data_shape", "data_dtype")
+
+
 def image_fields(image: np.ndarray) -> dict:
-    """The fields of a :class:`Signature` that describe the image itself (its pixels' hash, shape and dtype)."""
-    return {"data_hash": hash_array(image), "data_shape": tuple(int(s) for s in image.shape),
-            "data_dtype": image.dtype.str}
+    """The :data:`IMAGE_FIELDS` of an image: its pixels' hash, its shape and its dtype."""
+    values = (hash_array(image), tuple(int(s) for s in image.shape), image.dtype.str)
+    return dict(zip(IMAGE_FIELDS, values))
 
 
 def hash_arrays(arrays) -> str:
