@@ -410,6 +410,28 @@ def test_cache_dir_from_environment(monkeypatch, tmp_path):
     assert EmbeddingCache().directory == tmp_path / "home" / "embeddings"
 
 
+def test_checkpoints_and_embeddings_share_one_cache_location(monkeypatch, tmp_path):
+    from napari_robustmedsam.checkpoints import download
+
+    monkeypatch.setenv("ROBUSTMEDSAM_CACHE_DIR", str(tmp_path / "home"))
+    assert download.default_cache_dir() == tmp_path / "home"
+    monkeypatch.delenv("ROBUSTMEDSAM_CACHE_DIR")
+    assert download.default_cache_dir().parent == cache_mod.default_cache_dir().parent
+
+
+def test_clear_removes_the_stores_and_the_exported_decoders(tiny, image, tmp_path):
+    eng = _engine(tiny, tmp_path)
+    eng.embed_image(image)
+    cache = EmbeddingCache(tmp_path)
+    decoders = tmp_path / "decoders"
+    decoders.mkdir()
+    (decoders / "record.json").write_text("{}")
+    assert len(cache.stores()) == 1
+    assert cache.clear() == 1
+    assert cache.stores() == [] and not decoders.exists()
+    assert cache.size_bytes() == 0
+
+
 def test_all_zero_features_are_served_from_disk(tmp_path):
     """zarr leaves out chunks equal to the fill value; an all-zero feature (the lite robust decoder's image
     features) must still be a cache hit, and a chunk that went missing from real data must still be caught."""

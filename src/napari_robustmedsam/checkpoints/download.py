@@ -16,24 +16,19 @@ import json
 import os
 from pathlib import Path
 
+from ..cache_location import CACHE_ENV, cache_override, user_cache_root
 from ..errors import CheckpointError
 from ..models.registry import ModelSpec
 from ..models.third_party import import_quietly
 from .safe_load import file_sha256, human_size, notice
 
-CACHE_ENV = "ROBUSTMEDSAM_CACHE_DIR"
-APP_NAME = "napari-robustmedsam"
 SIDECAR_SUFFIX = ".sha256.json"
 
 
 def default_cache_dir() -> Path:
     """Where downloaded checkpoints live: ``$ROBUSTMEDSAM_CACHE_DIR`` or the user cache dir + /checkpoints."""
-    env = os.environ.get(CACHE_ENV)
-    if env:
-        return Path(env).expanduser()
-    from platformdirs import user_cache_dir
-
-    return Path(user_cache_dir(APP_NAME)) / "checkpoints"
+    override = cache_override()
+    return override if override is not None else user_cache_root() / "checkpoints"
 
 
 def cached_path(spec: ModelSpec, cache_dir: str | os.PathLike | None = None) -> Path:

@@ -43,8 +43,10 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from ..cache_location import CACHE_ENV, cache_override, user_cache_root
 from ..errors import CacheError
 from ..models.third_party import hide_numcodecs_exit_warning
+from .exported_decoder import DECODERS_DIR
 from .preprocessing import ImageFrame
 from .signature import Signature, checksum_bytes, checksum_json
 
@@ -55,8 +57,6 @@ hide_numcodecs_exit_warning()  # zarr's codecs would warn about themselves as th
 
 log = logging.getLogger(__name__)
 
-CACHE_ENV = "ROBUSTMEDSAM_CACHE_DIR"
-APP_NAME = "napari-robustmedsam"
 SIGNATURE_ATTR = "robustmedsam_embeddings"
 STORAGE_DTYPES = ("float32", "float16")
 # float16 keeps box masks within the project's tolerance of float32's and halves the cache
@@ -71,12 +71,7 @@ _STALE_TMP_SECONDS = 600.0
 
 def default_cache_dir() -> Path:
     """``$ROBUSTMEDSAM_CACHE_DIR/embeddings``, else the user cache dir (platformdirs) + ``/embeddings``."""
-    env = os.environ.get(CACHE_ENV)
-    if env:
-        return Path(env).expanduser() / "embeddings"
-    from platformdirs import user_cache_dir
-
-    return Path(user_cache_dir(APP_NAME)) / "embeddings"
+    return (cache_override() or user_cache_root()) / "embeddings"
 
 
 def directory_size(path: str | os.PathLike) -> int:
@@ -523,8 +518,10 @@ class EmbeddingCache:
             return []
 
     def clear(self) -> int:
-        """Remove every store of this cache directory; returns how many were removed."""
+        """Remove every store of this cache directory, and the decoders exported next to them (their records
+        name the stores' signatures, so they go together); returns how many stores were removed."""
         stores = self.stores()
         for p in stores:
             _rmtree_quiet(p)
+        _rmtree_quiet(self.directory / DECODERS_DIR)
         return len(stores)
