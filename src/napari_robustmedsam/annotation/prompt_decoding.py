@@ -17,7 +17,7 @@ from ..engine.click_guard import EdgeReach
 from ..engine.click_refinement import REFINEMENT_METHODS, RefinementSettings, as_refinement, refine_prediction
 from ..engine.focus_crop import CropPlan, FocusCrop, plan_crop
 from ..engine.predictor import logits_to_original
-from ..errors import PromptError
+from ..errors import CheckpointError, PromptError
 from .session import SlicePrompts, mask_box
 
 BOX_PRIMARY_HINT = (
@@ -90,9 +90,11 @@ ZOOM_SMALL_OBJECTS_TOOLTIP = (
 CLICK_REFINEMENT_TOOLTIP = (
     "After the model: every click is honoured (its pixel gets the clicked label) and a disk around it is "
     "re-decided at the image's full resolution from the image's edges, with your clicks as fixed seeds. "
-    "'random-walker' decides from the image alone; 'graph-cut' also weighs the model's own mask. Use it when "
-    "clicks seem to change nothing."
+    "'random-walker' decides from the image alone; 'graph-cut' also weighs the model's own mask; 'learned' uses a "
+    "small network trained on corrections of the development images. '-directed': a click only adds (positive) "
+    "or only removes (negative). Use it when clicks seem to change nothing."
 )
+REFINER_FALLBACK_HINT = "click refinement skipped, the model's mask is shown: {reason}"
 #: the same modes as command-line words (training.evaluate, training.fit, benchmarks/compare_heads.py)
 LOCAL_CORRECTION_WORDS = tuple(mode.replace(" ", "-") for mode in LOCAL_CORRECTION_MODES)
 
@@ -182,9 +184,10 @@ def prompts_to_send(prompts: SlicePrompts, plane: tuple[int, int], box_primary: 
 
 
 def _refine(image: np.ndarray, embedding, mask: np.ndarray, prediction, sent: SlicePrompts, n_new: int,
-            refinement: RefinementSettings, previous_mask: np.ndarray | None, previous_logits) -> np.ndarray:
-    """The click refinement of ``mask`` (the model's) around the ``n_new`` new points; a corrective click
-    (``previous_mask`` given) starts from the mask shown before it and the model's mask before it."""
+            refinement: RefinementSettings, previous_mask: np.ndarray | None, previous_logits) -> tuple[np.ndarray, str]:
+    """The click refinement of ``mask`` (the model's) around the ``n_new`` new points, and a hint ("" unless the
+    refinement could not run); a corrective click (``previous_mask`` given) starts from the mask shown before it and
+    the model's mask before it. A learned refiner whose file is missing or broken leaves the model's mask."""
     shown_before = model_before = None
     frame = getattr(embedding, "frame", None)  # a tiled embedding has none: start from the model's mask
     if previous_mask is not None and frame is not None:
@@ -193,8 +196,11 @@ def _refine(image: np.ndarray, embedding, mask: np.ndarray, prediction, sent: Sl
     prior = None
     if refinement.method == "graph-cut" and frame is not None:
         prior = logits_to_original(frame, prediction.low_res_logits[:1])[0, 0].cpu().numpy()
-    return refine_prediction(image, shown_before, model_before, mask, sent.points, sent.labels, n_new, refinement,
-                             prior)
+    try:
+        return refine_prediction(image, shown_before, model_before, mask, sent.points, sent.labels, n_new, refinement,
+                                 prior), ""
+    except CheckpointError as err:
+        return mask, REFINER_FALLBACK_HINT.format(reason=err)
 
 
 def segment_slice(
@@ -268,8 +274,9 @@ def segment_slice(
     refinement = as_refinement(click_refinement)
     n_new = sent.points.shape[0] - (previous_prompts.points.shape[0] if corrective else 0)
     if refinement is not None and image is not None and n_new > 0:
-        mask = _refine(image, embedding, mask, prediction, sent, n_new, refinement,
-                       previous_mask if use_logits and corrective else None, previous_logits)
+        mask, refine_hint = _refine(image, embedding, mask, prediction, sent, n_new, refinement,
+                                    previous_mask if use_logits and corrective else None, previous_logits)
+        hint = hint or refine_hint
     stroke = new_points_form_one_stroke(point_strokes, len(sent.points), n_new)
     new = corrective and n_new > 0
     feedback = click_feedback(previous_mask, mask, sent.points, sent.labels, n_new, stroke) if new else ""

@@ -15,6 +15,8 @@ disk is re-decided from the image itself, with the click as a hard seed. Outside
   ``skimage.segmentation.random_walker``): image edges decide, the seeds' distance breaks ties.
 - ``graph-cut``: a minimum cut (PyMaxflow) with the model's logits (or the mask's signed distance) as the unary
   term, pulled towards the clicks' labels near them, and image-edge-weighted smoothness.
+- ``learned``: a small network trained on simulated corrections of the development images decides the disk from
+  the image, the current mask and the clicks (:mod:`.learned_refinement`; FocalClick's local refinement, learned).
 - ``...-directed``: the same, but a positive click only adds pixels of its disk and a negative click only removes
   them (as the click guard does for the model's change): re-deciding a whole disk can otherwise also take pixels
   away from the object a positive click asked more of.
@@ -29,6 +31,7 @@ from __future__ import annotations
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 from scipy import ndimage
@@ -36,7 +39,7 @@ from scipy import ndimage
 from .click_guard import click_arrays
 
 #: the solvers that re-decide a click's disk
-REFINEMENT_SOLVERS = ("random-walker", "graph-cut")
+REFINEMENT_SOLVERS = ("random-walker", "graph-cut", "learned")
 #: a solver's word with this ending keeps the change in the click's direction (RefinementSettings.keep_direction)
 DIRECTED = "-directed"
 #: command-line words; "off" keeps the model's mask
@@ -169,22 +172,35 @@ def refine_clicks(
             continue
         if features is None:
             features = _channels_last(image, shape)
-        radius = _radius(out, row, col, labs[k], settings)
-        _refine_one(features, out, row, col, labs[k], radius, [(pixels[j], labs[j]) for j in live], settings,
-                    prior_logits)
+        _refine_one(features, out, row, col, labs[k], click_window(out, row, col, labs[k], settings),
+                    [(pixels[j], labs[j]) for j in live], settings, prior_logits)
     # whatever the solver decided, every live click keeps its label
     for j in live:
         out[pixels[j]] = bool(labs[j])
     return out
 
 
-def _refine_one(features, out, row, col, label, radius, seeds, settings, prior_logits) -> None:
-    h, w = out.shape
+class ClickWindow(NamedTuple):
+    bounds: tuple[int, int, int, int]  # y0, y1, x0, x1 in the image
+    disk: np.ndarray  # bool over the window: the pixels the click may change
+    radius: float
+
+
+def click_window(mask: np.ndarray, row: int, col: int, label: int, settings: RefinementSettings) -> ClickWindow:
+    """The window that a click on pixel (row, col) with ``label`` re-decides, and its disk: what every solver sees,
+    and what the learned refiner is trained on."""
+    radius = _radius(mask, row, col, label, settings)
+    h, w = mask.shape
     r = int(np.ceil(radius)) + 2  # a ring of fixed pixels around the disk
     y0, y1, x0, x1 = max(row - r, 0), min(row + r + 1, h), max(col - r, 0), min(col + r + 1, w)
+    yy, xx = np.mgrid[y0:y1, x0:x1]
+    return ClickWindow((y0, y1, x0, x1), (yy - row) ** 2 + (xx - col) ** 2 <= radius ** 2, radius)
+
+
+def _refine_one(features, out, row, col, label, window: ClickWindow, seeds, settings, prior_logits) -> None:
+    (y0, y1, x0, x1), disk, radius = window
     win = out[y0:y1, x0:x1]
     yy, xx = np.mgrid[y0:y1, x0:x1]
-    disk = (yy - row) ** 2 + (xx - col) ** 2 <= radius ** 2
     fixed_fg = win & ~disk
     fixed_bg = ~win & ~disk
     s = settings.seed_radius_px
@@ -195,6 +211,11 @@ def _refine_one(features, out, row, col, label, radius, seeds, settings, prior_l
             fixed_bg = np.where(near, lab == 0, fixed_bg)
     if not fixed_fg.any() or not fixed_bg.any():  # one label only: the disk takes it
         fg = fixed_fg | (disk & ~fixed_bg) if fixed_fg.any() else np.zeros_like(disk)
+    elif settings.method == "learned":
+        from .learned_refinement import refiner_for
+
+        in_window = [(sr - y0, sc - x0, lab) for (sr, sc), lab in seeds if y0 <= sr < y1 and x0 <= sc < x1]
+        fg = refiner_for().decide(features[y0:y1, x0:x1], win, disk, in_window)
     else:
         fg = _solve(features[y0:y1, x0:x1], win, fixed_fg, fixed_bg, yy, xx, row, col, radius, seeds, settings,
                     None if prior_logits is None else np.asarray(prior_logits, dtype=np.float32)[y0:y1, x0:x1])
