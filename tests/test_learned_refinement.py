@@ -77,6 +77,20 @@ def test_a_missing_refiner_falls_back_to_the_models_mask_with_a_notice(tmp_path,
     assert "click refinement skipped" in out.hint and "not found" in out.hint
 
 
+def test_the_shipped_refiner_loads_and_honours_clicks():
+    refiner = lr.refiner_for()
+    assert refiner.size == INPUT_SIZE
+    image, truth, model = disk_scene()
+    out = refine_clicks(image, model, [(84, 64)], [1], 1, "learned-directed")
+    assert out[64, 84] and not (model & ~out).any()  # directed: a positive click only adds
+    assert dice(out, truth) >= dice(model, truth)
+    provenance = json.loads(lr.SHIPPED_REFINER.with_suffix(".json").read_text())
+    from napari_robustmedsam.checkpoints.safe_load import file_sha256
+
+    assert provenance["sha256"] == file_sha256(lr.SHIPPED_REFINER)
+    assert provenance["command"].startswith("python -m training.fit_refiner ") and "Research" in provenance["licence"]
+
+
 def test_simulated_clicks_sit_on_errors_with_the_ground_truths_label():
     from training.refiner_samples import SCENARIOS, error_click, simulate_shown
 

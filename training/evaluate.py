@@ -112,7 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "click made before any positive click on that object (default: the policy's, else all)")
     p.add_argument("--click-refinement", choices=REFINEMENT_METHODS, default=None,
                    help="iterative modes: after the model, honour every click and re-decide a disk around it at full "
-                   "resolution from the image (random-walker or graph-cut, engine/click_refinement.py); default: the "
+                   "resolution (random-walker, graph-cut or the learned refiner, engine/click_refinement.py); default: the "
                    "policy's")
     p.add_argument("--focus-crop", choices=("on", "off"), default=None,
                    help="box starts (box, box_jitter, iter_box and its clicks, propagate_3d modes): decode a small "

@@ -36,8 +36,9 @@ from training.refiner_samples import SampleSet, build_samples
 
 HOLDOUT_SHARE = 0.1
 PROVENANCE_PATH = SHIPPED_REFINER.with_suffix(".json")
-LICENCE = ("Research and non-commercial use: trained on the development datasets (PH2, ACDC, DRIVE, DC1000, HC18, "
-           "DSB2018), whose terms allow research or non-commercial use; see heads/LICENSE-WEIGHTS.md.")
+LICENCE = ("Research and non-commercial use. The click refiner was trained from scratch on the development datasets, "
+           "whose terms allow research or non-commercial use only (PH2, ACDC, DRIVE) or state no licence (DC1000), "
+           "next to CC BY 4.0 (HC18) and CC0 (DSB2018) data; see training_datasets and docs/models.md.")
 
 
 def _save(obj, path: Path) -> None:
@@ -123,6 +124,7 @@ def train(data: SampleSet, out: Path, epochs: int, batch: int, lr: float, seed: 
         log = json.loads(state["log"])
         start = int(state["epoch"])
         print(f"resumed after epoch {start}", flush=True)
+    spent_before = float(log.get("train_seconds", 0.0))  # seconds of the epochs before a resume
     t0 = time.monotonic()
     for epoch in range(start + 1, epochs + 1):
         rng = rng_for(seed, "refiner-epoch", epoch)
@@ -143,6 +145,7 @@ def train(data: SampleSet, out: Path, epochs: int, batch: int, lr: float, seed: 
         row = {"epoch": epoch, "train_loss": total / len(order), **{f"held_{k}": v for k, v in
                                                                    evaluate(net, data, held_idx).items()}}
         log["epochs"].append(row)
+        log["train_seconds"] = spent_before + time.monotonic() - t0
         print(json.dumps(row), flush=True)
         if log["best"] is None or row["held_loss"] < log["best"]["held_loss"]:
             log["best"] = row
@@ -206,10 +209,8 @@ def main(argv=None) -> int:
             with open(tmp, "wb") as fh:
                 np.savez(fh, inputs=samples.inputs, targets=samples.targets, disks=samples.disks, groups=samples.groups)
         print(f"{len(samples.groups)} samples in {time.monotonic() - t0:.0f} s", flush=True)
-    t0 = time.monotonic()
     log = train(samples, out, args.epochs, args.batch, args.lr, args.seed, args.resume,
                 args.time_budget * 60 if args.time_budget else None)
-    log["train_seconds"] = time.monotonic() - t0
     with atomic_write_path(out / "log.json") as tmp:
         Path(tmp).write_text(json.dumps(log, indent=1), encoding="utf-8")
     print(f"best epoch {log['best']['epoch']}: held-back loss {log['best']['held_loss']:.4f}, disk accuracy "
@@ -219,7 +220,8 @@ def main(argv=None) -> int:
         images = sorted({s.key for info in discover(str(data)) for s in info.samples})
         provenance = {"command": command, "created_utc": utc_now_iso(), "licence": LICENCE,
                       "training_images": len(images), "training_datasets": sorted({k.split("/")[0] for k in images}),
-                      "best": log["best"], "samples": log["samples"], "stopped": log.get("stopped")}
+                      "best": log["best"], "samples": log["samples"], "stopped": log.get("stopped"),
+                      "train_seconds": log.get("train_seconds")}
         print(f"installed {install(out / 'best.pt', provenance)}", flush=True)
     return 0
 
