@@ -92,7 +92,8 @@ CLICK_REFINEMENT_TOOLTIP = (
     "re-decided at the image's full resolution from the image's edges, with your clicks as fixed seeds. "
     "'random-walker' decides from the image alone; 'graph-cut' also weighs the model's own mask; 'learned' uses a "
     "small network trained on corrections of the development images. '-directed': a click only adds (positive) "
-    "or only removes (negative). Use it when clicks seem to change nothing."
+    "or only removes (negative). Use it when clicks seem to change nothing; 'learned-directed' measured best "
+    "(docs/results/click-refinement/learned.md)."
 )
 REFINER_FALLBACK_HINT = "click refinement skipped, the model's mask is shown: {reason}"
 #: the same modes as command-line words (training.evaluate, training.fit, benchmarks/compare_heads.py)
