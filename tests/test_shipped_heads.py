@@ -268,3 +268,17 @@ def test_zoom_on_small_objects_is_off_by_default_only_for_the_head_that_measured
     assert zoom_default("pge-lite-fast") is False and zoom_default("pge_lite_fast") is False
     for name in ("litemedsam", "robust-lite", "robust-lite-permissive"):
         assert zoom_default(name) is DEFAULT_ZOOM_SMALL_OBJECTS
+
+
+def test_the_permissive_head_keeps_the_epochs_it_was_measured_with():
+    from argparse import Namespace
+
+    from pathlib import Path
+
+    from training.ship_heads import HEADS, fit_command
+
+    plain = Namespace(time_budget=None, epochs=None, threads=None)
+    assert fit_command(HEADS["robust-lite-permissive"], Path("runs/ship"), plain)[-2:] == ["--epochs", "6"]
+    assert "--epochs" not in fit_command(HEADS["robust-lite"], Path("runs/ship"), plain)
+    override = Namespace(time_budget=None, epochs=1, threads=None)
+    assert fit_command(HEADS["robust-lite-permissive"], Path("runs/ship"), override)[-2:] == ["--epochs", "1"]

@@ -44,7 +44,9 @@ def test_presets_name_real_settings_say_when_to_use_them_and_options_override_th
         build_config(recipe.settings)  # every name is a field, every value valid
     cfg, val_fraction = config_from_args(build_parser().parse_args(["--data", "x", "--preset", "robust-lite"]))
     assert (cfg.epochs, cfg.lr, cfg.time_budget_s, cfg.train_amfg, cfg.consistency_steps, val_fraction) == (
-        6, 2e-4, 2400.0, False, "first", 0.1)
+        10, 2e-4, 3600.0, False, "first", 0.1)
+    # the PGE presets keep the run length they were measured with
+    assert PRESETS["pge-lite-fast"].settings["epochs"] == 6
     cfg, _ = config_from_args(build_parser().parse_args(
         ["--data", "x", "--preset", "robust-lite", "--epochs", "2", "--train-amfg", "--points", "3"]))
     assert (cfg.epochs, cfg.train_amfg, cfg.prompts.point_counts) == (2, True, (3,))
