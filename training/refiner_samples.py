@@ -110,7 +110,6 @@ def object_samples(image: np.ndarray, gt: np.ndarray, rng, per_object: int, sett
                    size: int = INPUT_SIZE):
     """Up to ``per_object`` (inputs, target, disk) triples for one object of one image."""
     near = ndimage.binary_dilation(gt, iterations=max(int(0.5 * np.sqrt(gt.sum())), 3))
-    img = image if image.ndim == 3 else image[..., None]
     for _ in range(per_object):
         shown = simulate_shown(gt, rng, rng.choice(SCENARIOS, p=SCENARIO_SHARES))
         click = error_click(shown, gt)
@@ -120,7 +119,7 @@ def object_samples(image: np.ndarray, gt: np.ndarray, rng, per_object: int, sett
         (y0, y1, x0, x1), disk, _ = click_window(shown, row, col, label, settings)
         seeds = [(r - y0, c - x0, lab) for r, c, lab in earlier_clicks(shown, gt, rng, near) + [click]
                  if y0 <= r < y1 and x0 <= c < x1]
-        x = window_inputs(img[y0:y1, x0:x1], shown[y0:y1, x0:x1], disk, seeds, size)
+        x = window_inputs(image[y0:y1, x0:x1], shown[y0:y1, x0:x1], disk, seeds, size)
         target = resize_square(gt[y0:y1, x0:x1].astype(np.float32), size).numpy()[0] > 0.5
         yield x, target, x[4] > 0.5
 

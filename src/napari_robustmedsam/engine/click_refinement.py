@@ -193,7 +193,7 @@ def click_window(mask: np.ndarray, row: int, col: int, label: int, settings: Ref
     h, w = mask.shape
     r = int(np.ceil(radius)) + 2  # a ring of fixed pixels around the disk
     y0, y1, x0, x1 = max(row - r, 0), min(row + r + 1, h), max(col - r, 0), min(col + r + 1, w)
-    yy, xx = np.mgrid[y0:y1, x0:x1]
+    yy, xx = np.ogrid[y0:y1, x0:x1]
     return ClickWindow((y0, y1, x0, x1), (yy - row) ** 2 + (xx - col) ** 2 <= radius ** 2, radius)
 
 

@@ -55,9 +55,9 @@ def window_inputs(window: np.ndarray, current: np.ndarray, disk: np.ndarray, see
     img = (img - img.mean()) / max(float(img.std()), 1e-6)
     h, w = current.shape
     out = np.zeros((INPUT_CHANNELS, size, size), dtype=np.float32)
-    out[:3] = resize_square(img, size).numpy()
-    out[3] = resize_square(current.astype(np.float32) * 2 - 1, size).numpy()[0]
-    out[4] = resize_square(disk.astype(np.float32), size).numpy()[0]
+    # one resize for the image, the mask (-1 / +1) and the disk: bilinear resizing treats each channel alone
+    stacked = np.concatenate([img, (current.astype(np.float32) * 2 - 1)[..., None], disk[..., None]], axis=-1)
+    out[:5] = resize_square(stacked, size).numpy()
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
     sy, sx = size / h, size / w
     for row, col, label in seeds:
@@ -103,7 +103,7 @@ def refiner_state(net, extra: dict | None = None) -> dict:
 
 def load_refiner(path: str | os.PathLike) -> LearnedRefiner:
     """The refiner stored in ``path`` (safe loader; a missing, foreign or mismatched file: CheckpointError)."""
-    from ..models.click_refiner import INPUT_CHANNELS, build_click_refiner
+    from ..models.click_refiner import build_click_refiner
 
     path = Path(path)
     data = load_untrusted(path, what="click refiner", source_hint="python -m training.fit_refiner")
@@ -118,7 +118,7 @@ def load_refiner(path: str | os.PathLike) -> LearnedRefiner:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise CheckpointError(f"click refiner {path} does not fit this version's network ({first}); "
                               "retrain it with python -m training.fit_refiner") from None
-    if size % 4 or net.enc1[0].in_channels != INPUT_CHANNELS:
+    if size % 4:
         raise CheckpointError(f"click refiner {path} has an input size of {size}; it must be divisible by 4")
     return LearnedRefiner(net, size)
 
