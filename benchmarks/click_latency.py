@@ -133,15 +133,15 @@ def main() -> None:
 
     from napari_robustmedsam.annotation.prompt_decoding import (
         DEFAULT_CLICK_GUARD,
-        DEFAULT_CLICK_GUARD_REACH,
         DEFAULT_LOCAL_CORRECTIONS,
+        click_guard_reach_for,
         segment_slice,
     )
     from napari_robustmedsam.annotation.session import SlicePrompts
 
     def click_path(refinement: str):
         """The annotator's corrective step on a positive click 6 px right of the box's mask (at its middle row), or
-        at the box's centre when the mask is empty: segment_slice with the annotator's defaults."""
+        at the box's centre when the mask is empty: segment_slice with the annotator's defaults (the guard's reach as the annotator sets it with that refinement)."""
         state = {}
         for b in boxes:
             first = segment_slice(predictor, emb, SlicePrompts(box=b))
@@ -158,8 +158,8 @@ def main() -> None:
             first, prompts = state[box.tobytes()]
             return segment_slice(predictor, emb, prompts, previous_prompts=first.prompts, previous_logits=first.logits,
                                  previous_mask=first.mask, box_primary=True, local_corrections=DEFAULT_LOCAL_CORRECTIONS,
-                                 click_guard=DEFAULT_CLICK_GUARD, click_guard_reach=DEFAULT_CLICK_GUARD_REACH,
-                                 image=image, click_refinement=refinement).mask
+                                 click_guard=DEFAULT_CLICK_GUARD,
+                                 click_guard_reach=click_guard_reach_for(refinement), image=image, click_refinement=refinement).mask
 
         return click
 

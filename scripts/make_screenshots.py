@@ -73,6 +73,7 @@ def main() -> int:
         y, x = np.unravel_index(int(np.argmax(depth)), depth.shape)
         annotator.add_point(float(x), float(y), positive=False)
         idle()
+        print(f"negative click at ({x}, {y}): {annotator.status.text()}")  # the README quotes what it says
     shot(3, "click")
 
     annotator.commit()

@@ -268,7 +268,7 @@ def test_training_with_the_annotator_policy_shows_what_the_annotator_shows():
     cfg = config_from_args(build_parser().parse_args(["--policy", "annotator"]))[0].prompts
     assert cfg == build_config(policy_settings("annotator")).prompts
     assert (cfg.local_corrections, cfg.click_guard, cfg.edge_reach) == (
-        policy.local_corrections, policy.click_guard, policy.click_guard_reach)
+        policy.local_corrections, policy.click_guard, policy.guard_reach)
     prev = torch.full((1, 1, 64, 64), -5.0)
     prev[:, :, 8:56, 8:56] = 5.0
     new = prev.clone()
@@ -279,20 +279,24 @@ def test_training_with_the_annotator_policy_shows_what_the_annotator_shows():
     state.mask_input = prev
     shown = shown_logits(state, new, cfg)
     merged = merge_local_correction(prev, new, [click[0]])
-    engine = guard_clicks(prev, merged, [(click[0], np.array([0]), 1)], edge_reach=policy.click_guard_reach)
+    engine = guard_clicks(prev, merged, [(click[0], np.array([0]), 1)], edge_reach=policy.guard_reach)
     assert torch.equal(shown, engine)
     unbounded = shown_logits(state, new, build_config(dict(policy_settings("annotator"), click_guard_reach=0.0)).prompts)
     assert ((shown < 0) & (prev > 0)).sum() < ((unbounded < 0) & (prev > 0)).sum()
 
 
-def test_training_refuses_a_click_policy_it_cannot_simulate(monkeypatch):
+def test_training_simulates_a_refining_policys_click_path_up_to_the_model(monkeypatch):
+    """A policy with a click refinement: training simulates the model's part of its click path (local corrections,
+    guard and the reach that acts with the refinement); the refinement after the model is not simulated."""
     from napari_robustmedsam.annotation import click_policy as policies
+    from napari_robustmedsam.engine.click_guard import EdgeReach
     from training.finetune.data import TrainingError
     from training.finetune.prompt_simulation import policy_settings
 
     monkeypatch.setitem(policies.CLICK_POLICIES, "refined",
-                        policies.ClickPolicy("with a box", "always", None, "random-walker"))
-    with pytest.raises(TrainingError, match="does not simulate the refinement"):
-        policy_settings("refined")
+                        policies.ClickPolicy("with a box", "always", EdgeReach(2.0, "negatives-before-positive"),
+                                             "learned-directed", EdgeReach(3.0, "all")))
+    assert policy_settings("refined") == dict(local_corrections="with a box", click_guard="always",
+                                              click_guard_reach=3.0, click_guard_reach_scope="all")
     with pytest.raises(TrainingError, match="unknown click policy"):
         policy_settings("lab")

@@ -22,7 +22,8 @@ def test_named_policies_hold_the_annotators_defaults_and_the_papers_protocol():
     annotator = click_policy("annotator")
     assert annotator.segment_kwargs() == dict(
         local_corrections=decoding.DEFAULT_LOCAL_CORRECTIONS, click_guard=decoding.DEFAULT_CLICK_GUARD,
-        click_guard_reach=decoding.DEFAULT_CLICK_GUARD_REACH, click_refinement=decoding.DEFAULT_CLICK_REFINEMENT)
+        click_guard_reach=decoding.click_guard_reach_for(decoding.DEFAULT_CLICK_REFINEMENT),
+        click_refinement=decoding.DEFAULT_CLICK_REFINEMENT)
     assert CLICK_POLICIES["papers"] == ClickPolicy()
     assert annotator.key != CLICK_POLICIES["papers"].key
     assert annotator.with_overrides(click_refinement="graph-cut").click_refinement == "graph-cut"
@@ -36,7 +37,7 @@ def test_named_policies_hold_the_annotators_defaults_and_the_papers_protocol():
 def test_evaluate_policy_flag_equals_the_same_single_flags():
     by_policy = config("--policy", "annotator")
     annotator = click_policy("annotator")
-    reach = annotator.click_guard_reach
+    reach = annotator.guard_reach
     by_flags = config("--local-corrections", annotator.local_corrections.replace(" ", "-"),
                       "--click-guard", annotator.click_guard.replace(" ", "-"),
                       "--click-guard-reach", str(reach.factor), "--click-guard-reach-scope", reach.scope,
@@ -45,7 +46,8 @@ def test_evaluate_policy_flag_equals_the_same_single_flags():
     # the policy's crop follows each model's own default (the annotator's behaviour); an explicit flag does not
     assert by_policy.focus_crop_per_model and not by_flags.focus_crop_per_model
     assert by_policy == dataclasses.replace(by_flags, focus_crop_per_model=True)
-    assert by_policy.click_policy == annotator
+    assert by_policy.click_policy.segment_kwargs() == annotator.segment_kwargs()
+    assert by_policy.click_policy.key == annotator.key
     assert by_policy.protocol("iter_box") == by_flags.protocol("iter_box")
     assert by_policy.protocol("iter_box") != config().protocol("iter_box")  # papers, the default
     assert config().click_policy == CLICK_POLICIES["papers"]
@@ -54,6 +56,9 @@ def test_evaluate_policy_flag_equals_the_same_single_flags():
     assert over.click_guard == "off" and over.click_refinement == "graph-cut"
     assert over.local_corrections == annotator.local_corrections
     assert config("--policy", "annotator", "--click-guard-reach-scope", "all").edge_reach == EdgeReach(reach.factor)
+    scoped = config("--policy", "annotator", "--click-refinement", "learned", "--click-guard-reach-scope",
+                    "negatives-before-positive")
+    assert scoped.edge_reach == EdgeReach(reach.factor, "negatives-before-positive")  # a flag beats the coupling
     with pytest.raises(ValueError, match="needs --click-guard-reach"):
         config("--click-guard-reach-scope", "negatives-before-positive")
     assert config("--click-refinement", "random-walker").protocol("iter_box") != config().protocol("iter_box")
@@ -80,3 +85,26 @@ def test_under_the_policy_default_each_model_follows_its_own_zoom_default(monkey
     assert by_policy.for_model(head).protocol("iter_box") != by_policy.protocol("iter_box")
     forced = config("--policy", "annotator", "--focus-crop", "on")
     assert forced.for_model(head).focus_crop is True
+
+
+def test_the_annotators_reach_bounds_every_click_while_a_refinement_is_on():
+    """With a click refinement the annotator bounds every click's model change (rule-reach.md); turning the
+    refinement off gives the click path without it back, in the annotator and in ``--policy annotator``."""
+    annotator = click_policy("annotator")
+    on = annotator.with_overrides(click_refinement="learned-directed")
+    off = annotator.with_overrides(click_refinement="off")
+    assert on.guard_reach == decoding.REFINED_CLICK_GUARD_REACH == EdgeReach(2.0, "all")
+    assert off.guard_reach == decoding.DEFAULT_CLICK_GUARD_REACH == EdgeReach(2.0, "negatives-before-positive")
+    assert decoding.click_guard_reach_for("learned-directed") == on.guard_reach
+    assert decoding.click_guard_reach_for("off") == decoding.click_guard_reach_for(None) == off.guard_reach
+    assert on.key != off.key and "reach=2/all" in on.key
+    # the evaluation measures what the annotator does: the same protocol as the explicit flags
+    implied = config("--policy", "annotator", "--click-refinement", "learned-directed")
+    explicit = config("--policy", "annotator", "--click-refinement", "learned-directed",
+                      "--click-guard-reach", "2", "--click-guard-reach-scope", "all")
+    assert implied.edge_reach == EdgeReach(2.0, "all")
+    assert implied.protocol("iter_point") == explicit.protocol("iter_point")
+    assert config("--policy", "annotator", "--click-refinement", "off").edge_reach == off.guard_reach
+    # a policy without a refined reach keeps its one reach whatever the refinement
+    plain = ClickPolicy("always", "always", EdgeReach(3.0), "learned")
+    assert plain.guard_reach == EdgeReach(3.0)

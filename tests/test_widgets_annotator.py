@@ -276,10 +276,20 @@ def test_corrective_click_refines_with_previous_logits(plugin, qtbot):
     assert annotator._segment_args(z, annotator.slice_prompts(z))["local_corrections"] == "off"
     annotator.local_combo.setCurrentText("with a box")
     # so does the click guard's
-    from napari_robustmedsam.annotation.prompt_decoding import DEFAULT_CLICK_GUARD, DEFAULT_CLICK_GUARD_REACH
+    from napari_robustmedsam.annotation.prompt_decoding import (
+        DEFAULT_CLICK_GUARD,
+        DEFAULT_CLICK_GUARD_REACH,
+        REFINED_CLICK_GUARD_REACH,
+    )
 
+    refinement = annotator.refine_combo.currentText()
+    annotator.refine_combo.setCurrentText("off")
     args = annotator._segment_args(z, annotator.slice_prompts(z))
     assert (args["click_guard"], args["click_guard_reach"]) == (DEFAULT_CLICK_GUARD, DEFAULT_CLICK_GUARD_REACH)
+    # with a click refinement on, every click's reach is bounded
+    annotator.refine_combo.setCurrentText("learned-directed")
+    assert annotator._segment_args(z, annotator.slice_prompts(z))["click_guard_reach"] == REFINED_CLICK_GUARD_REACH
+    annotator.refine_combo.setCurrentText(refinement)
     annotator.guard_combo.setCurrentText("always")
     assert annotator._segment_args(z, annotator.slice_prompts(z))["click_guard"] == "always"
     annotator.guard_combo.setCurrentText(DEFAULT_CLICK_GUARD)

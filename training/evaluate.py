@@ -27,7 +27,6 @@ import signal
 import sys
 import time
 import uuid
-from dataclasses import replace
 from pathlib import Path
 
 from napari_robustmedsam.annotation.prompt_decoding import LOCAL_CORRECTION_WORDS, local_corrections_mode
@@ -106,7 +105,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "'with-a-box': from box starts only; alone: always; default: the policy's")
     p.add_argument("--click-guard-reach", type=_positive_float, default=None,
                    help="with --click-guard: a click also reaches no further than this many times its distance to "
-                   "the previous mask's edge (default: the policy's)")
+                   "the previous mask's edge (default: the policy's; the annotator's bounds every click while a click "
+                   "refinement is on, else only a negative click before any positive click)")
     p.add_argument("--click-guard-reach-scope", choices=REACH_SCOPES, default=None,
                    help="with --click-guard-reach: the clicks it bounds, every click (default) or only a negative "
                    "click made before any positive click on that object (default: the policy's, else all)")
@@ -159,7 +159,7 @@ def _config(args) -> EvalConfig:
     if args.steps < 0:
         raise ValueError("--steps must be >= 0")
     policy = click_policy_from_args(args)
-    reach = policy.click_guard_reach
+    reach = policy.guard_reach
     return EvalConfig(
         prompts=parse_prompts(args.prompts),
         steps=args.steps,
@@ -198,20 +198,19 @@ def click_policy_from_args(args):
     from napari_robustmedsam.annotation.click_policy import click_policy
     from napari_robustmedsam.engine.click_guard import EdgeReach
 
-    policy = click_policy(args.policy)
-    reach = policy.click_guard_reach
-    if args.click_guard_reach is not None:
-        reach = EdgeReach(args.click_guard_reach, args.click_guard_reach_scope or "all")
-    elif args.click_guard_reach_scope is not None:
-        if reach is None:
-            raise ValueError("--click-guard-reach-scope needs --click-guard-reach (the factor it applies)")
-        reach = EdgeReach(reach.factor, args.click_guard_reach_scope)
-    policy = policy.with_overrides(
+    policy = click_policy(args.policy).with_overrides(
         local_corrections=None if args.local_corrections is None else local_corrections_mode(args.local_corrections),
         click_guard=None if args.click_guard is None else local_corrections_mode(args.click_guard),
         click_refinement=args.click_refinement,
     )
-    return replace(policy, click_guard_reach=reach)
+    # the reach flags choose the reach outright; without them the policy's reach follows its refinement
+    if args.click_guard_reach is not None:
+        return policy.with_guard_reach(EdgeReach(args.click_guard_reach, args.click_guard_reach_scope or "all"))
+    if args.click_guard_reach_scope is not None:
+        if policy.guard_reach is None:
+            raise ValueError("--click-guard-reach-scope needs --click-guard-reach (the factor it applies)")
+        return policy.with_guard_reach(EdgeReach(policy.guard_reach.factor, args.click_guard_reach_scope))
+    return policy
 
 
 def _runs(out: Path) -> list[dict]:

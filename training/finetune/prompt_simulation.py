@@ -187,19 +187,17 @@ def corrective_clicks(gt: np.ndarray, pred: np.ndarray, rng: np.random.Generator
 
 def policy_settings(name: str) -> dict:
     """The prompt settings (flat field names) that make training's simulated click path the named click policy's
-    (:mod:`napari_robustmedsam.annotation.click_policy`): its local corrections, guard and edge reach. The click
-    refinement runs after the model at full resolution and is not simulated, so a policy that turns it on is
-    refused."""
+    (:mod:`napari_robustmedsam.annotation.click_policy`) up to the model's mask: its local corrections, guard and
+    the edge reach that acts with its click refinement. The refinement itself runs after the model at full
+    resolution and is not simulated: it changes what the user sees, not what the model is given (the model's own
+    logits are fed back), so the simulated clicks are placed on the model's mask's errors."""
     from napari_robustmedsam.annotation.click_policy import click_policy
 
     try:
         policy = click_policy(name)
     except ValueError as err:
         raise TrainingError(str(err)) from None
-    if policy.click_refinement != "off":
-        raise TrainingError(f"click policy {name!r} refines clicks after the model ({policy.click_refinement}); "
-                            "training does not simulate the refinement: choose a policy without it")
-    reach = policy.click_guard_reach
+    reach = policy.guard_reach
     return dict(local_corrections=policy.local_corrections, click_guard=policy.click_guard,
                 click_guard_reach=0.0 if reach is None else reach.factor,
                 click_guard_reach_scope="all" if reach is None else reach.scope)

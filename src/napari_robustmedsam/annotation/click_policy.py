@@ -21,17 +21,22 @@ from .prompt_decoding import (
     DEFAULT_CLICK_REFINEMENT,
     DEFAULT_LOCAL_CORRECTIONS,
     LOCAL_CORRECTION_MODES,
+    REFINED_CLICK_GUARD_REACH,
 )
 
 
 @dataclass(frozen=True)
 class ClickPolicy:
-    """What happens to a corrective click after the model (see :func:`.prompt_decoding.segment_slice`)."""
+    """What happens to a corrective click after the model (see :func:`.prompt_decoding.segment_slice`).
+
+    ``refined_click_guard_reach``: the guard's reach while the click refinement is on (the annotator bounds every
+    click then); None: ``click_guard_reach`` whatever the refinement. :attr:`guard_reach` is the one that acts."""
 
     local_corrections: str = "off"  # LOCAL_CORRECTION_MODES
     click_guard: str = "off"  # CLICK_GUARD_MODES
     click_guard_reach: EdgeReach | None = None
     click_refinement: str = "off"  # REFINEMENT_METHODS
+    refined_click_guard_reach: EdgeReach | None = None
 
     def __post_init__(self):
         if self.local_corrections not in LOCAL_CORRECTION_MODES:
@@ -45,23 +50,34 @@ class ClickPolicy:
         """A copy with the given settings changed (None values keep this policy's)."""
         return replace(self, **{k: v for k, v in changes.items() if v is not None})
 
+    @property
+    def guard_reach(self) -> EdgeReach | None:
+        """The guard's reach that acts with this policy's click refinement."""
+        if self.click_refinement != "off" and self.refined_click_guard_reach is not None:
+            return self.refined_click_guard_reach
+        return self.click_guard_reach
+
+    def with_guard_reach(self, reach: EdgeReach | None) -> "ClickPolicy":
+        """A copy whose guard reach is ``reach`` with and without the refinement (an explicit choice)."""
+        return replace(self, click_guard_reach=reach, refined_click_guard_reach=None)
+
     def segment_kwargs(self) -> dict:
         """The keyword arguments of :func:`.prompt_decoding.segment_slice` this policy sets."""
         return dict(local_corrections=self.local_corrections, click_guard=self.click_guard,
-                    click_guard_reach=self.click_guard_reach, click_refinement=self.click_refinement)
+                    click_guard_reach=self.guard_reach, click_refinement=self.click_refinement)
 
     @property
     def key(self) -> str:
-        """A short, stable text of every setting (run records; two policies with one key behave the same)."""
-        reach = "none" if self.click_guard_reach is None else (
-            f"{self.click_guard_reach.factor:g}/{self.click_guard_reach.scope}")
+        """A short, stable text of what the policy does (run records; two policies with one key behave the same)."""
+        acting = self.guard_reach
+        reach = "none" if acting is None else f"{acting.factor:g}/{acting.scope}"
         return (f"local={self.local_corrections.replace(' ', '-')} guard={self.click_guard.replace(' ', '-')} "
                 f"reach={reach} refine={self.click_refinement}")
 
 
 CLICK_POLICIES: dict[str, ClickPolicy] = {
     "annotator": ClickPolicy(DEFAULT_LOCAL_CORRECTIONS, DEFAULT_CLICK_GUARD, DEFAULT_CLICK_GUARD_REACH,
-                             DEFAULT_CLICK_REFINEMENT),
+                             DEFAULT_CLICK_REFINEMENT, REFINED_CLICK_GUARD_REACH),
     "papers": ClickPolicy(),
 }
 

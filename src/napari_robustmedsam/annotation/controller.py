@@ -34,9 +34,9 @@ from .model_info import display_name
 from .prefetch import SlicePrefetcher, prefetch_order
 from ..engine.focus_crop import DEFAULT_FOCUS_CROP
 from .prompt_decoding import (
-    DEFAULT_CLICK_GUARD_REACH,
     DEFAULT_CLICK_REFINEMENT,
     DEFAULT_ZOOM_SMALL_OBJECTS,
+    click_guard_reach_for,
     focus_plan,
     segment_slice,
 )
@@ -382,7 +382,7 @@ class AnnotationController:
             model_name=display_name(loaded),
             local_corrections=settings.local_corrections,
             click_guard=settings.click_guard,
-            click_guard_reach=DEFAULT_CLICK_GUARD_REACH,
+            click_guard_reach=click_guard_reach_for(settings.click_refinement),
             click_refinement=settings.click_refinement,
             # the refinement reads the slice's pixels; without it nothing needs them
             image=self.embeddings.slice_image(z) if settings.click_refinement != "off" else None,

@@ -58,14 +58,26 @@ DEFAULT_CLICK_GUARD = "always"
 #: clicks are not bounded. Chosen by a third rule on the same images (docs/results/click-guard): fewer falls of the
 #: mean for both heads and no cell lower after 5 clicks.
 DEFAULT_CLICK_GUARD_REACH: EdgeReach | None = EdgeReach(2.0, "negatives-before-positive")
+#: the guard's reach while a click refinement is on: every click is bounded. The refinement re-decides a click's
+#: surroundings itself; what made objects lose Dice with it was the model's own change far from the click (a point
+#: start's positive click often balloons the mask), which the bound keeps out. Chosen by the rule in
+#: docs/results/click-refinement/rule-reach.md.
+REFINED_CLICK_GUARD_REACH: EdgeReach | None = EdgeReach(2.0, "all")
 #: after the model, honour each click and re-decide its surroundings at full resolution (:mod:`..engine.click_refinement`);
 #: the annotator's choices, in the order shown
 CLICK_REFINEMENT_MODES = REFINEMENT_METHODS
-#: the annotator's default click refinement; chosen by the rule in docs/results/click-refinement/rule.md
-DEFAULT_CLICK_REFINEMENT = "off"
+#: the annotator's default click refinement: the learned refiner, with every click's model change bounded
+#: (REFINED_CLICK_GUARD_REACH); chosen by the rule in docs/results/click-refinement/rule-reach.md (reach.md there)
+DEFAULT_CLICK_REFINEMENT = "learned"
 #: whether the annotator decodes a small object's box in an enlarged crop of its surroundings by default
 #: (:mod:`..engine.focus_crop`); chosen by the rule in docs/results/focus-crop/rule.md (results.md there)
 DEFAULT_ZOOM_SMALL_OBJECTS = True
+
+
+def click_guard_reach_for(click_refinement: str | RefinementSettings | None) -> EdgeReach | None:
+    """The annotator's guard reach with this click refinement: REFINED_CLICK_GUARD_REACH while one is on, else
+    DEFAULT_CLICK_GUARD_REACH (turning the refinement off gives the click path without it back)."""
+    return REFINED_CLICK_GUARD_REACH if as_refinement(click_refinement) is not None else DEFAULT_CLICK_GUARD_REACH
 
 
 def zoom_default(model_name: str | None) -> bool:
@@ -92,8 +104,8 @@ CLICK_REFINEMENT_TOOLTIP = (
     "re-decided at the image's full resolution from the image's edges, with your clicks as fixed seeds. "
     "'random-walker' decides from the image alone; 'graph-cut' also weighs the model's own mask; 'learned' uses a "
     "small network trained on corrections of the development images. '-directed': a click only adds (positive) "
-    "or only removes (negative). Use it when clicks seem to change nothing; 'learned-directed' measured best "
-    "(docs/results/click-refinement/learned.md)."
+    "or only removes (negative). With any refinement on, the model's own change of a click is also kept near that "
+    "click. 'learned' is the default (docs/results/click-refinement/reach.md); 'off' shows the model's mask."
 )
 REFINER_FALLBACK_HINT = "click refinement skipped, the model's mask is shown: {reason}"
 #: the same modes as command-line words (training.evaluate, training.fit, benchmarks/compare_heads.py)
