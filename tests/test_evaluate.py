@@ -333,3 +333,56 @@ def test_propagate_3d_plus3_adds_prompts_on_the_worst_slices_and_each_one_helps(
     wrong = gt.copy()
     wrong[0] = True
     assert largest_error_slice(wrong, gt, set()) == 0 and largest_error_slice(wrong, gt, {0}) is None
+
+
+def test_propagate_3d_correct3_clicks_where_a_slice_has_a_mask_and_boxes_where_it_has_none():
+    """A stand-in model whose box mask misses a corner of the object and whose propagation dies two slices from a
+    user's box: the corrections go to the slice with the most wrong voxels, a box where that slice shows no mask and
+    a corrective click (through segment_slice) where it shows one; the volume's Dice rises with each."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from napari_robustmedsam.prompting import tight_box
+    from training.evaluation.runner import PROPAGATE_CORRECT, EvalConfig, correct_masks, parse_prompts
+
+    assert parse_prompts(PROPAGATE_CORRECT) == (PROPAGATE_CORRECT,)
+    assert EvalConfig().protocol(PROPAGATE_CORRECT) != EvalConfig().protocol("propagate_3d_plus3")
+    assert (EvalConfig(click_refinement="learned").protocol(PROPAGATE_CORRECT)
+            != EvalConfig().protocol(PROPAGATE_CORRECT))  # the click policy is part of its protocol
+    gt = np.zeros((9, 32, 32), bool)
+    for z in range(1, 8):
+        h = 3 + z  # a different box on every slice: a user's box is told apart from a propagated one
+        gt[z, 16 - h:16 + h, 16 - h:16 + h] = True
+    boxed, clicked = set(), []
+
+    class Predictor:
+        def predict(self, points=None, point_labels=None, boxes=None, mask_input=None, embedding=None,
+                    multimask_output=None, **kw):
+            z = embedding.z
+            if gt[z].any() and np.allclose(boxes, tight_box(gt[z])):
+                boxed.add(z)
+            out = np.zeros((32, 32), bool)
+            if min(abs(z - s) for s in boxed) < 2:
+                x0, y0, x1, y1 = (int(v) for v in boxes)
+                out[max(0, y0 - 1):y1 + 1, max(0, x0 - 1):x1 + 1] = gt[z, max(0, y0 - 1):y1 + 1, max(0, x0 - 1):x1 + 1]
+                if points is None or not (np.asarray(point_labels) == 1).any():
+                    out[16:, 16:] = False  # the box mask misses a corner; a positive click brings it back
+                else:
+                    clicked.append(z)
+            logits = torch.where(torch.from_numpy(out), 5.0, -5.0)[None, None].float()
+            return SimpleNamespace(masks=out[None], low_res_logits=logits, scores=np.array([0.9]))
+
+    class Embeddings:
+        volume = np.zeros((9, 32, 32), np.float32)
+
+        def get(self, z):
+            frame = SimpleNamespace(original_size=(32, 32),
+                                    mask_to_low_res=lambda m: torch.where(torch.from_numpy(m), 5.0, -5.0)[None, None])
+            return SimpleNamespace(z=z, frame=frame)
+
+    steps, _, zc, kinds = correct_masks(SimpleNamespace(predictor=Predictor()), Embeddings(), gt, EvalConfig())
+    assert zc == 4 and len(steps) == 4 and len(kinds) == 3
+    assert "box" in kinds and "click+" in kinds and clicked  # a click went through the model
+    dice = [2 * (m & gt).sum() / (m.sum() + gt.sum()) for m in steps]
+    assert all(b > a for a, b in zip(dice, dice[1:])), (dice, kinds)

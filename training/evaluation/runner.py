@@ -63,13 +63,16 @@ PROMPT_HELP = (
     "positive points, e.g. points1, points3, points5), iter_box / iter_point (a box or one point, then --steps "
     "corrective clicks with the previous logits fed back), iterative (= iter_box + iter_point), propagate_3d "
     "(volumes only: box on the object's central slice, then the annotator's 3D propagation; 3D metrics), "
-    "propagate_3d_plus3 (then up to 3 more prompts, each on the slice with the largest error, re-propagating "
-    "after each)"
+    "propagate_3d_plus3 (then up to 3 more prompts, each a box on the unseeded slice with the largest error, "
+    "re-propagating after each), propagate_3d_correct3 (then up to 3 corrections as a user makes them on the slice "
+    "with the largest error: a box where it shows no mask, a corrective click through the click policy's path where "
+    "it does; docs/results/propagation/rule-corrections.md)"
 )
 PROPAGATE = "propagate_3d"
 PROPAGATE_PLUS = "propagate_3d_plus3"
-VOLUME_PROMPTS = (PROPAGATE, PROPAGATE_PLUS)
-EXTRA_PROMPTS = 3  # propagate_3d_plus3: prompts added after the first propagation
+PROPAGATE_CORRECT = "propagate_3d_correct3"
+VOLUME_PROMPTS = (PROPAGATE, PROPAGATE_PLUS, PROPAGATE_CORRECT)
+EXTRA_PROMPTS = 3  # propagate_3d_plus3 and propagate_3d_correct3: prompts added after the first propagation
 _POINTS_RE = re.compile(r"^points(\d+)$")
 #: the prompt modes that start from a box, the ones the focus crop acts on
 FOCUS_CROP_PROMPTS = ("box", "box_jitter", "iter_box", *VOLUME_PROMPTS)
@@ -231,6 +234,9 @@ class EvalConfig:
             parts.update(propagation=PROPAGATION_SETTINGS)
         if prompt == PROPAGATE_PLUS:
             parts.update(extra_prompts=EXTRA_PROMPTS, extra_prompt_rule="largest error slice")
+        if prompt == PROPAGATE_CORRECT:
+            parts.update(extra_prompts=EXTRA_PROMPTS, extra_prompt_rule="largest error slice, box or center click",
+                         click_policy=self.click_policy.key)
         if self.focus_crop and prompt in FOCUS_CROP_PROMPTS:  # absent when off, so earlier runs keep their hash
             parts["focus_crop"] = asdict(DEFAULT_FOCUS_CROP)
         point_start = prompt == "iter_point" or bool(_POINTS_RE.match(prompt))
@@ -841,12 +847,89 @@ def propagate_masks(handle: ModelHandle, embeddings, gt3d: np.ndarray, extra_pro
     return steps, score, zc
 
 
+#: a logits frame that no crop plan equals: a slice's logits whose frame is not known are replaced by its mask
+UNKNOWN_FRAME = object()
+
+
+def correct_masks(handle: ModelHandle, embeddings, gt3d: np.ndarray, cfg: EvalConfig,
+                  extra_prompts: int = EXTRA_PROMPTS, settings: PropagationSettings | None = None
+                  ) -> tuple[list[np.ndarray], float, int, list[str]]:
+    """``propagate_3d_correct3`` (docs/results/propagation/rule-corrections.md): the one-box propagation, then up
+    to ``extra_prompts`` corrections as a user makes them, each on the slice with the most wrong voxels: a tight box
+    where that slice shows no mask, "mark end" where it shows one but holds no object, else one corrective click
+    (the centre of its largest error region) through the annotator's click path with ``cfg``'s click policy; the
+    stretches next to it are re-propagated. Returns (the volume's mask after 0, 1, ... corrections, the seed's
+    score, the seed slice, each correction's kind: "box", "end", "click+" or "click-")."""
+    from napari_robustmedsam.annotation.prompt_decoding import segment_slice
+    from napari_robustmedsam.annotation.session import SlicePrompts, mask_box
+
+    settings = settings or PropagationSettings()
+    focus = cfg.focus
+    zs = np.nonzero(gt3d.reshape(gt3d.shape[0], -1).any(axis=1))[0]
+    zc = int(zs[len(zs) // 2])
+    mask, logits, score = _box_seed(handle, embeddings, zc, gt3d[zc], focus)
+    if not mask.any():
+        return [np.zeros_like(gt3d, dtype=bool)], score, zc, []
+    seg = predictor_segment_fn(handle.predictor, embeddings, focus_crop=focus,
+                               embed_crop=embeddings.crop if focus is not None else None)
+    seeds, seed_logits = {zc: mask}, {zc: logits}
+    # each slice's click state: prompts, logits and the crop they were decoded in (UNKNOWN_FRAME: not known)
+    boxes = {zc: tight_box(gt3d[zc])}
+    state: dict[int, tuple] = {}
+    result = propagate_object(seg, gt3d.shape[0], seeds, seed_logits=seed_logits, **settings.kwargs())
+    steps, kinds = [result.masks.copy()], []
+    policy = cfg.click_policy.segment_kwargs()
+    for _ in range(extra_prompts):
+        current = steps[-1]
+        z = largest_error_slice(current, gt3d, set())
+        if z is None:
+            break
+        if not current[z].any():
+            seeds[z], seed_logits[z], _ = _box_seed(handle, embeddings, z, gt3d[z], focus)
+            boxes[z] = tight_box(gt3d[z])
+            state.pop(z, None)
+            kinds.append("box")
+        elif not gt3d[z].any():
+            seeds[z], seed_logits[z] = np.zeros_like(gt3d[z], dtype=bool), None
+            state.pop(z, None)
+            kinds.append("end")
+        else:
+            click = corrective_click(gt3d[z], current[z], "center")
+            if z in state:  # clicked before: what segment_slice returned then
+                prompts, prev_logits, crop = state[z]
+            else:
+                prompts = SlicePrompts(box=np.asarray(boxes.get(z, mask_box(current[z])), dtype=np.float64))
+                if seed_logits.get(z) is not None:  # a box seed decoded on the whole slice
+                    prev_logits, crop = seed_logits[z], None
+                else:  # a propagated slice or a cropped seed: its mask becomes the mask prompt (segment_slice)
+                    prev_logits, crop = torch.zeros((1, 1, 256, 256)), UNKNOWN_FRAME
+            new = SlicePrompts(np.vstack([prompts.points, [[click.x, click.y]]]),
+                               np.append(prompts.labels, int(click.label)), prompts.box)
+            out = segment_slice(handle.predictor, embeddings.get(z), new, previous_prompts=prompts,
+                                previous_logits=prev_logits, previous_mask=current[z].copy(), box_primary=True,
+                                image=embeddings.volume[z], focus_crop=focus,
+                                embed_crop=(lambda plan, z=z: embeddings.crop(z, plan)) if focus is not None else None,
+                                previous_crop=crop, **policy)
+            state[z] = (out.prompts, out.logits, out.crop)
+            seeds[z] = out.mask
+            seed_logits[z] = out.logits if out.crop is None else None
+            kinds.append("click+" if click.label == 1 else "click-")
+        result = propagate_object(seg, gt3d.shape[0], seeds, seed_logits=seed_logits, existing=current,
+                                  changed_seeds=[z], **settings.kwargs())
+        steps.append(result.masks.copy())
+    return steps, score, zc, kinds
+
+
 def propagate_rows(handle: ModelHandle, embeddings, gt3d: np.ndarray, obj_id: str, cfg: EvalConfig,
                    spacing: tuple[float, ...] | None, prompt: str = PROPAGATE) -> list[dict]:
     """One object: tight box on its central slice, then the annotator's propagation (and, for
-    ``propagate_3d_plus3``, up to 3 more prompts: one row per step); 3D metrics."""
-    extra = EXTRA_PROMPTS if prompt == PROPAGATE_PLUS else 0
-    steps, score, zc = propagate_masks(handle, embeddings, gt3d, extra, focus=cfg.focus)
+    ``propagate_3d_plus3`` and ``propagate_3d_correct3``, up to 3 more prompts: one row per step); 3D metrics."""
+    kinds: list[str] = []
+    if prompt == PROPAGATE_CORRECT:
+        steps, score, zc, kinds = correct_masks(handle, embeddings, gt3d, cfg)
+    else:
+        extra = EXTRA_PROMPTS if prompt == PROPAGATE_PLUS else 0
+        steps, score, zc = propagate_masks(handle, embeddings, gt3d, extra, focus=cfg.focus)
     # distances in units of in-plane pixels (tolerance 2 px as in 2D), z scaled by its spacing ratio
     sp = None
     if spacing is not None:
@@ -854,8 +937,11 @@ def propagate_rows(handle: ModelHandle, embeddings, gt3d: np.ndarray, obj_id: st
     rows = []
     for step, masks in enumerate(steps):
         row = segmentation_metrics(masks, gt3d, tolerance_px=cfg.tolerance_px, spacing=sp)
+        # a correction's click label: 1 / 0 for a click, -1 for a box or a marked end (and the first propagation)
+        kind = kinds[step - 1] if 0 < step <= len(kinds) else ""
         row.update(pred_px=int(masks.sum()), object_id=obj_id, object_px=int(gt3d.sum()), prompt=prompt, step=step,
-                   n_points=step, click_label=-1, score=score, slice=zc)
+                   n_points=step, click_label=1 if kind == "click+" else 0 if kind == "click-" else -1, score=score,
+                   slice=zc)
         rows.append(row)
     return rows
 
@@ -871,7 +957,8 @@ def evaluate_volumes(
     done: set[tuple] | None = None,
     on_unit: Callable[[int, bool], None] | None = None,
 ) -> RunStats:
-    """The volume prompt modes (``propagate_3d``, ``propagate_3d_plus3``) on every object of every volume, per
+    """The volume prompt modes (``propagate_3d``, ``propagate_3d_plus3``, ``propagate_3d_correct3``) on every object
+    of every volume, per
     model and condition (whole-volume degradation)."""
     embedder = embedder or Embedder()
     done = store.done_keys() if done is None else done
