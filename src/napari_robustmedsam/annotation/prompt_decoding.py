@@ -55,8 +55,9 @@ CLICK_GUARD_MODES = LOCAL_CORRECTION_MODES
 DEFAULT_CLICK_GUARD = "always"
 #: how far a guarded click reaches: a negative click made before any positive click (a box start's first removals,
 #: which nothing else bounds) changes no pixel further than twice its distance to the previous mask's edge; other
-#: clicks are not bounded. Chosen by a third rule on the same images (docs/results/click-guard): fewer falls of the
-#: mean for both heads and no cell lower after 5 clicks.
+#: clicks are not bounded while no click refinement is on (REFINED_CLICK_GUARD_REACH below). Chosen by a third
+#: rule on the same images (docs/results/click-guard): fewer falls of the mean for both heads and no cell lower
+#: after 5 clicks.
 DEFAULT_CLICK_GUARD_REACH: EdgeReach | None = EdgeReach(2.0, "negatives-before-positive")
 #: the guard's reach while a click refinement is on: every click is bounded. The refinement re-decides a click's
 #: surroundings itself; what made objects lose Dice with it was the model's own change far from the click (a point

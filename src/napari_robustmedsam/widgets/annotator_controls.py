@@ -96,7 +96,8 @@ def build_controls(w) -> None:
         "Guarded: a positive click only adds to the mask and a negative click only removes from it, and only "
         "where the new click is nearer than your earlier clicks of the other label, so earlier clicks keep "
         "their label. A negative click made before any positive click removes only near itself (within twice "
-        "its distance to the mask's edge). 'with a box': guarded once the object has a box.",
+        "its distance to the mask's edge); with a click refinement on, every click is bounded that way. "
+        "'with a box': guarded once the object has a box.",
     )
     w.refine_combo = mode_combo(CLICK_REFINEMENT_MODES, DEFAULT_CLICK_REFINEMENT, CLICK_REFINEMENT_TOOLTIP)
     w.zoom_check = QCheckBox("Zoom on small objects")
