@@ -145,6 +145,41 @@ def test_the_shown_mask_keeps_earlier_refinements_and_takes_the_models_change():
     assert np.array_equal(refine_prediction(image, shown, before, after, np.zeros((0, 2)), [], 0, "random-walker"), out)
 
 
+def test_with_a_refinement_the_models_change_stays_near_the_new_click():
+    """A point start's second positive click: the model's own mask was empty (the refined one is not) and now
+    balloons; with a refinement on, only the part within twice the click's distance to the shown mask lands, and
+    only as an addition. Without a refinement (or model_reach None) the whole change lands."""
+    shown = np.zeros((64, 64), bool)
+    shown[20:30, 20:30] = True  # what the refinement showed after the first point
+    before = np.zeros((64, 64), bool)  # the model's own mask: empty
+    after = np.zeros((64, 64), bool)
+    after[5:60, 5:60] = True  # the model balloons
+    click = np.array([[33.5, 25.5]])  # 4 px right of the shown mask's edge (pixel centres)
+    image = np.zeros((64, 64), np.float32)
+    assert np.array_equal(refine_prediction(image, shown, before, after, click, [1], 1, None), after | shown)
+    bounded = apply_model_change(shown, before, after, (click, [1], 1, 2.0))
+    assert bounded[shown].all()  # nothing shown is lost
+    added = bounded & ~shown
+    ay, ax = np.nonzero(added)
+    assert added[25, 33] and added[25, 40] and not added[25, 42]
+    assert np.hypot(ax + 0.5 - 33.5, ay + 0.5 - 25.5).max() <= 8.0
+    unbounded = RefinementSettings(method="random-walker", model_reach=None)
+    assert refine_prediction(image, shown, before, after, click, [1], 1, unbounded).sum() > 2500
+    refined = refine_prediction(image, shown, before, after, click, [1], 1, "random-walker")
+    assert not refined[55, 55] and refined[25, 33]
+    # a negative click removes only near itself; a label with no shown pixel reaches every change
+    large = np.zeros((64, 64), bool)
+    large[10:50, 10:50] = True
+    inside = np.array([[14.5, 30.5]])  # 5 px from the shown background: it reaches 10 px
+    removed = apply_model_change(large, large, np.zeros_like(large), (inside, [0], 1, 2.0))
+    ry, rx = np.nonzero(large & ~removed)
+    assert not removed[30, 14] and removed[30, 45] and np.hypot(rx + 0.5 - 14.5, ry + 0.5 - 30.5).max() <= 10.0
+    emptied = np.zeros((64, 64), bool)
+    assert np.array_equal(apply_model_change(emptied, before, after, (click, [1], 1, 2.0)), after)
+    with pytest.raises(ValueError, match="model_reach"):
+        RefinementSettings(model_reach=0)
+
+
 class _FakePredictor:
     """A model that ignores every click: always the same square (low-resolution logits and full mask)."""
 

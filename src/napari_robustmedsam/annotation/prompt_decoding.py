@@ -106,7 +106,8 @@ CLICK_REFINEMENT_TOOLTIP = (
     "'random-walker' decides from the image alone; 'graph-cut' also weighs the model's own mask; 'learned' uses a "
     "small network trained on corrections of the development images. '-directed': a click only adds (positive) "
     "or only removes (negative). With any refinement on, the model's own change of a click is also kept near that "
-    "click. 'learned' is the default (docs/results/click-refinement/reach.md); 'off' shows the model's mask."
+    "click and the mask you see. 'learned' is the default (docs/results/click-refinement/reach.md); 'off' shows "
+    "the model's mask."
 )
 REFINER_FALLBACK_HINT = "click refinement skipped, the model's mask is shown: {reason}"
 #: the same modes as command-line words (training.evaluate, training.fit, benchmarks/compare_heads.py)

@@ -23,7 +23,12 @@ disk is re-decided from the image itself, with the click as a hard seed. Outside
 
 The image is smoothed first (Gaussian) so that the noise of degraded images does not make false edges.
 The state across clicks: the mask shown before the click, with the model's new change applied on top
-(:func:`apply_model_change`), is what the next refinement starts from, so an earlier click's effect stays.
+(:func:`apply_model_change`), is what the next refinement starts from, so an earlier click's effect stays. That
+change is kept near the new clicks (``model_reach``): a positive click's within ``model_reach`` times its distance
+to the shown mask, a negative click's within that times its distance to the shown background. Why: after a point
+start the model's own mask is often empty while the shown one is not, so the click guard (which measures on the
+model's mask) does not bound the model's next change, and a mask that balloons far from the click was what made
+objects lose Dice (docs/results/click-refinement/rule-shown-reach.md).
 """
 
 from __future__ import annotations
@@ -60,12 +65,15 @@ class RefinementSettings:
     beta: float = 130.0  # random walker's edge sensitivity (skimage's scale)
     cut_smoothness: float = 2.0  # graph cut: weight of a boundary step between equal pixels
     click_pull: float = 4.0  # graph cut: log-odds towards a click's label at the click, falling off over the disk
+    model_reach: float | None = 2.0  # the model's change stays this many click-to-shown-mask distances near a click
 
     def __post_init__(self):
         if self.method not in ("off", *REFINEMENT_SOLVERS):
             raise ValueError(f"click refinement {self.method!r}: use one of {', '.join(REFINEMENT_METHODS)}")
         if not self.reach > 0 or not self.min_radius_px > 0 or not 0 < self.max_radius_fraction <= 1:
             raise ValueError("click refinement reach, min_radius_px and max_radius_fraction must be greater than 0")
+        if self.model_reach is not None and not self.model_reach > 0:
+            raise ValueError(f"click refinement model_reach must be greater than 0 or None, got {self.model_reach}")
 
     @property
     def active(self) -> bool:
@@ -97,16 +105,44 @@ def click_pixel(point, shape: tuple[int, int]) -> tuple[int, int]:
     return min(max(int(round(y)), 0), h - 1), min(max(int(round(x)), 0), w - 1)
 
 
-def apply_model_change(shown: np.ndarray | None, model_before: np.ndarray | None, model_after: np.ndarray) -> np.ndarray:
+def apply_model_change(shown: np.ndarray | None, model_before: np.ndarray | None, model_after: np.ndarray,
+                       near: tuple | None = None) -> np.ndarray:
     """The mask shown before a click with the model's change of that click applied on top: where the model's mask
     changed, the new label; elsewhere what was shown (so earlier refinements stay). Without a previous state, the
-    model's mask."""
+    model's mask. ``near`` (points, labels, n_new, factor): only the change near the new clicks lands
+    (:func:`near_new_clicks`)."""
     if shown is None or model_before is None or shown.shape != model_after.shape:
         return np.asarray(model_after, dtype=bool).copy()
     out = np.asarray(shown, dtype=bool).copy()
-    changed = model_before != model_after
-    out[changed] = model_after[changed]
+    after = np.asarray(model_after, dtype=bool)
+    ys, xs = np.nonzero(model_before != after)
+    if near is not None and ys.size:
+        keep = near_new_clicks(out, ys, xs, after[ys, xs], *near)
+        ys, xs = ys[keep], xs[keep]
+    out[ys, xs] = after[ys, xs]
     return out
+
+
+def near_new_clicks(shown: np.ndarray, ys: np.ndarray, xs: np.ndarray, adds: np.ndarray, points, labels,
+                    n_new: int, factor: float) -> np.ndarray:
+    """Which of the changed pixels (``ys``, ``xs``; ``adds``: whether each becomes foreground) a new click allows:
+    an addition within ``factor`` times a new positive click's distance to the ``shown`` mask, a removal within
+    ``factor`` times a new negative click's distance to the shown background. A click whose label has no pixel in
+    ``shown`` reaches every changed pixel of its direction. Only the changed pixels are measured, so the cost
+    follows the change, not the image."""
+    keep = np.zeros(ys.shape, dtype=bool)
+    pts, labs = click_arrays(points, labels, n_new)
+    for k in range(pts.shape[0] - n_new, pts.shape[0]):
+        x, y = float(pts[k][0]), float(pts[k][1])
+        direction = adds if labs[k] == 1 else ~adds
+        sy, sx = np.nonzero(shown if labs[k] == 1 else ~shown)
+        if sy.size == 0:
+            keep |= direction
+            continue
+        # pixel centres, as the click guard measures
+        reach2 = factor ** 2 * float(np.min((sx + 0.5 - x) ** 2 + (sy + 0.5 - y) ** 2))
+        keep |= direction & ((xs + 0.5 - x) ** 2 + (ys + 0.5 - y) ** 2 <= reach2)
+    return keep
 
 
 def _channels_last(image: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
@@ -296,10 +332,13 @@ def refine_prediction(
     prior_logits: np.ndarray | None = None,
 ) -> np.ndarray:
     """One step of the click path after the model: the shown mask with the model's change applied
-    (:func:`apply_model_change`), then the new clicks refined (:func:`refine_clicks`). ``settings`` None/"off":
-    the model's change only."""
-    base = apply_model_change(shown_before, model_before, model_after)
+    (:func:`apply_model_change`; with a refinement on, only near the new clicks: ``model_reach``), then the new
+    clicks refined (:func:`refine_clicks`). ``settings`` None/"off": the model's change only."""
     settings = as_refinement(settings)
+    near = None
+    if settings is not None and settings.model_reach is not None and n_new:
+        near = (points, labels, n_new, settings.model_reach)
+    base = apply_model_change(shown_before, model_before, model_after, near)
     if settings is None or n_new == 0:
         return base
     return refine_clicks(image, base, points, labels, n_new, settings, prior_logits)
