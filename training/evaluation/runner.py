@@ -237,6 +237,8 @@ class EvalConfig:
         if prompt == PROPAGATE_CORRECT:
             parts.update(extra_prompts=EXTRA_PROMPTS, extra_prompt_rule="largest error slice, box or center click",
                          click_policy=self.click_policy.key)
+            if self.refinement is not None:  # the refinement's own settings, as the iterative modes hash them
+                parts["click_refinement"] = asdict(self.refinement)
         if self.focus_crop and prompt in FOCUS_CROP_PROMPTS:  # absent when off, so earlier runs keep their hash
             parts["focus_crop"] = asdict(DEFAULT_FOCUS_CROP)
         point_start = prompt == "iter_point" or bool(_POINTS_RE.match(prompt))
