@@ -816,6 +816,34 @@ def largest_error_slice(pred: np.ndarray, gt: np.ndarray, exclude: set[int]) -> 
     return z if errors[z] > 0 else None
 
 
+def _central_box_propagation(handle: ModelHandle, embeddings, gt3d: np.ndarray, settings: PropagationSettings,
+                             focus) -> tuple[int, float, tuple | None]:
+    """The volume modes' first step: the tight box on the object's central labelled slice, then the annotator's
+    propagation. Returns (the seed slice, the seed's score, (segment function, seeds, seed logits, propagation
+    result)), the last None when the seed's mask is empty."""
+    zs = np.nonzero(gt3d.reshape(gt3d.shape[0], -1).any(axis=1))[0]
+    zc = int(zs[len(zs) // 2])
+    mask, logits, score = _box_seed(handle, embeddings, zc, gt3d[zc], focus)
+    if not mask.any():
+        return zc, score, None
+    seg = predictor_segment_fn(handle.predictor, embeddings, focus_crop=focus,
+                               embed_crop=embeddings.crop if focus is not None else None)
+    seeds, seed_logits = {zc: mask}, {zc: logits}
+    result = propagate_object(seg, gt3d.shape[0], seeds, seed_logits=seed_logits, **settings.kwargs())
+    return zc, score, (seg, seeds, seed_logits, result)
+
+
+def _box_or_end(handle: ModelHandle, embeddings, gt3d: np.ndarray, z: int, seeds: dict, seed_logits: dict,
+                focus) -> str:
+    """A new seed on slice ``z``, as a user places one: the tight box where the object is ("box"), an empty slice,
+    the annotator's "mark end", where it is not ("end")."""
+    if gt3d[z].any():
+        seeds[z], seed_logits[z], _ = _box_seed(handle, embeddings, z, gt3d[z], focus)
+        return "box"
+    seeds[z], seed_logits[z] = np.zeros_like(gt3d[z], dtype=bool), None
+    return "end"
+
+
 def propagate_masks(handle: ModelHandle, embeddings, gt3d: np.ndarray, extra_prompts: int = 0,
                     settings: PropagationSettings | None = None, focus=None) -> tuple[list[np.ndarray], float, int]:
     """Tight box on the object's central labelled slice, then the annotator's propagation; then up to
@@ -825,24 +853,16 @@ def propagate_masks(handle: ModelHandle, embeddings, gt3d: np.ndarray, extra_pro
     slice's, are decoded in their focus crop. Returns (the volume's mask after 0, 1, ... extra prompts, the seed's
     score, the seed slice)."""
     settings = settings or PropagationSettings()
-    zs = np.nonzero(gt3d.reshape(gt3d.shape[0], -1).any(axis=1))[0]
-    zc = int(zs[len(zs) // 2])
-    mask, logits, score = _box_seed(handle, embeddings, zc, gt3d[zc], focus)
-    if not mask.any():
+    zc, score, started = _central_box_propagation(handle, embeddings, gt3d, settings, focus)
+    if started is None:
         return [np.zeros_like(gt3d, dtype=bool)], score, zc
-    seg = predictor_segment_fn(handle.predictor, embeddings, focus_crop=focus,
-                               embed_crop=embeddings.crop if focus is not None else None)
-    seeds, seed_logits = {zc: mask}, {zc: logits}
-    result = propagate_object(seg, gt3d.shape[0], seeds, seed_logits=seed_logits, **settings.kwargs())
+    seg, seeds, seed_logits, result = started
     steps = [result.masks.copy()]
     for _ in range(extra_prompts):
         z = largest_error_slice(steps[-1], gt3d, set(seeds))
         if z is None:
             break
-        if gt3d[z].any():
-            seeds[z], seed_logits[z], _ = _box_seed(handle, embeddings, z, gt3d[z], focus)
-        else:
-            seeds[z] = np.zeros_like(gt3d[z], dtype=bool)
+        _box_or_end(handle, embeddings, gt3d, z, seeds, seed_logits, focus)
         result = propagate_object(seg, gt3d.shape[0], seeds, seed_logits=seed_logits, existing=steps[-1],
                                   changed_seeds=[z], **settings.kwargs())
         steps.append(result.masks.copy())
@@ -867,18 +887,13 @@ def correct_masks(handle: ModelHandle, embeddings, gt3d: np.ndarray, cfg: EvalCo
 
     settings = settings or PropagationSettings()
     focus = cfg.focus
-    zs = np.nonzero(gt3d.reshape(gt3d.shape[0], -1).any(axis=1))[0]
-    zc = int(zs[len(zs) // 2])
-    mask, logits, score = _box_seed(handle, embeddings, zc, gt3d[zc], focus)
-    if not mask.any():
+    zc, score, started = _central_box_propagation(handle, embeddings, gt3d, settings, focus)
+    if started is None:
         return [np.zeros_like(gt3d, dtype=bool)], score, zc, []
-    seg = predictor_segment_fn(handle.predictor, embeddings, focus_crop=focus,
-                               embed_crop=embeddings.crop if focus is not None else None)
-    seeds, seed_logits = {zc: mask}, {zc: logits}
+    seg, seeds, seed_logits, result = started
     # each slice's click state: prompts, logits and the crop they were decoded in (UNKNOWN_FRAME: not known)
     boxes = {zc: tight_box(gt3d[zc])}
     state: dict[int, tuple] = {}
-    result = propagate_object(seg, gt3d.shape[0], seeds, seed_logits=seed_logits, **settings.kwargs())
     steps, kinds = [result.masks.copy()], []
     policy = cfg.click_policy.segment_kwargs()
     for _ in range(extra_prompts):
@@ -886,15 +901,12 @@ def correct_masks(handle: ModelHandle, embeddings, gt3d: np.ndarray, cfg: EvalCo
         z = largest_error_slice(current, gt3d, set())
         if z is None:
             break
-        if not current[z].any():
-            seeds[z], seed_logits[z], _ = _box_seed(handle, embeddings, z, gt3d[z], focus)
-            boxes[z] = tight_box(gt3d[z])
+        # a slice with the largest error and no mask holds the object: a box; one with a mask but no object: an end
+        if not current[z].any() or not gt3d[z].any():
+            kinds.append(_box_or_end(handle, embeddings, gt3d, z, seeds, seed_logits, focus))
+            if kinds[-1] == "box":
+                boxes[z] = tight_box(gt3d[z])
             state.pop(z, None)
-            kinds.append("box")
-        elif not gt3d[z].any():
-            seeds[z], seed_logits[z] = np.zeros_like(gt3d[z], dtype=bool), None
-            state.pop(z, None)
-            kinds.append("end")
         else:
             click = corrective_click(gt3d[z], current[z], "center")
             if z in state:  # clicked before: what segment_slice returned then
@@ -960,8 +972,7 @@ def evaluate_volumes(
     on_unit: Callable[[int, bool], None] | None = None,
 ) -> RunStats:
     """The volume prompt modes (``propagate_3d``, ``propagate_3d_plus3``, ``propagate_3d_correct3``) on every object
-    of every volume, per
-    model and condition (whole-volume degradation)."""
+    of every volume, per model and condition (whole-volume degradation)."""
     embedder = embedder or Embedder()
     done = store.done_keys() if done is None else done
     stats = RunStats()

@@ -41,7 +41,7 @@ from typing import NamedTuple
 import numpy as np
 from scipy import ndimage
 
-from .click_guard import click_arrays
+from .click_guard import click_arrays, edge_distance
 
 #: the solvers that re-decide a click's disk
 REFINEMENT_SOLVERS = ("random-walker", "graph-cut", "learned")
@@ -134,14 +134,9 @@ def near_new_clicks(shown: np.ndarray, ys: np.ndarray, xs: np.ndarray, adds: np.
     pts, labs = click_arrays(points, labels, n_new)
     for k in range(pts.shape[0] - n_new, pts.shape[0]):
         x, y = float(pts[k][0]), float(pts[k][1])
-        direction = adds if labs[k] == 1 else ~adds
-        sy, sx = np.nonzero(shown if labs[k] == 1 else ~shown)
-        if sy.size == 0:
-            keep |= direction
-            continue
-        # pixel centres, as the click guard measures
-        reach2 = factor ** 2 * float(np.min((sx + 0.5 - x) ** 2 + (sy + 0.5 - y) ** 2))
-        keep |= direction & ((xs + 0.5 - x) ** 2 + (ys + 0.5 - y) ** 2 <= reach2)
+        # the click guard's distance (pixel centres; inf without such a pixel, which reaches everywhere)
+        reach = factor * edge_distance(shown, pts[k], labs[k])
+        keep |= (adds if labs[k] == 1 else ~adds) & ((xs + 0.5 - x) ** 2 + (ys + 0.5 - y) ** 2 <= reach ** 2)
     return keep
 
 
