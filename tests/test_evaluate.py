@@ -341,7 +341,8 @@ def test_propagate_3d_plus3_adds_prompts_on_the_worst_slices_and_each_one_helps(
     error, and the stretches next to it are propagated again."""
     from types import SimpleNamespace
 
-    from training.evaluation.runner import EvalConfig, largest_error_slice, parse_prompts, propagate_masks
+    from training.evaluation.runner import EvalConfig, parse_prompts
+    from training.evaluation.volume_modes import largest_error_slice, propagate_masks
 
     assert parse_prompts("propagate_3d,propagate_3d_plus3") == ("propagate_3d", "propagate_3d_plus3")
     assert EvalConfig(prompts=("box", "propagate_3d_plus3")).prompts_3d == ("propagate_3d_plus3",)
@@ -373,7 +374,8 @@ def test_propagate_3d_correct3_clicks_where_a_slice_has_a_mask_and_boxes_where_i
     a corrective click (through segment_slice) where it shows one; the volume's Dice rises with each."""
     from types import SimpleNamespace
 
-    from training.evaluation.runner import PROPAGATE_CORRECT, EvalConfig, correct_masks, parse_prompts
+    from training.evaluation.runner import PROPAGATE_CORRECT, EvalConfig, parse_prompts
+    from training.evaluation.volume_modes import correct_masks
 
     assert parse_prompts(PROPAGATE_CORRECT) == (PROPAGATE_CORRECT,)
     assert EvalConfig().protocol(PROPAGATE_CORRECT) != EvalConfig().protocol("propagate_3d_plus3")

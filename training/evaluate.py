@@ -42,7 +42,6 @@ from training.evaluation.runner import (
     EvalConfig,
     RunStats,
     evaluate_samples,
-    evaluate_volumes,
     load_model_handle,
     parse_conditions,
     parse_prompts,
@@ -50,6 +49,7 @@ from training.evaluation.runner import (
     unit_keys,
 )
 from training.evaluation.store import ResultStore, load_measurements
+from training.evaluation.volume_modes import evaluate_volumes
 
 
 def _positive_float(text: str) -> float:

@@ -8,7 +8,7 @@ nice -n 10 python -m training.propagation_study --data ../shared/data/volumes --
 
 Every slice of every volume is embedded once (through the evaluation's disk cache, so a re-run and
 ``training.evaluate --cache`` reuse them), then each candidate propagates from the evaluation's seed (the model's
-mask for the tight box on the object's central labelled slice, :func:`training.evaluation.runner.propagate_masks`).
+mask for the tight box on the object's central labelled slice, :func:`training.evaluation.volume_modes.propagate_masks`).
 Writes ``candidates.csv`` (one row per candidate, volume, condition and object) and ``choice.md`` (the rule's
 choice and the leave-one-volume-out figures).
 """
@@ -94,16 +94,12 @@ def main(argv: list[str] | None = None) -> None:
     import torch
 
     from training.evaluation.dataset import discover
-    from training.evaluation.runner import (
-        Embedder,
-        EvalConfig,
+    from training.evaluation.runner import Embedder, EvalConfig, load_model_handle, parse_conditions, volume_key
+    from training.evaluation.volume_modes import (
         _degrade_volume,
         _LazySliceEmbeddings,
         _volume_objects,
-        load_model_handle,
-        parse_conditions,
         propagate_masks,
-        volume_key,
     )
 
     torch.set_num_threads(1)
