@@ -10,6 +10,7 @@ import pytest
 from training.evaluate import main
 from training.evaluation.dataset import discover, select_objects, select_samples
 from training.evaluation.runner import parse_conditions, parse_prompts
+from volume_stand_ins import StandInSlices, StandInVolumeModel
 from training.evaluation.store import COLUMNS, ResultStore, load_measurements
 
 DATASETS = "acdc_cardiac_mri,hc18_fetal_head_us,ph2_dermoscopy"
@@ -286,55 +287,6 @@ def test_click_guard_runs_and_only_adds_at_positive_clicks(resumed_run, shared_d
     assert record["config"]["click_guard"] == "always"
 
 
-class _StandInVolumeModel:
-    """A stand-in model for the volume modes: inside a box it finds the object (one pixel of slack), but only within
-    one slice of a slice where a user drew the object's tight box (``boxed``), so its propagation dies two slices
-    from them. With ``miss_corner``, a mask without a positive click misses the object's lower right corner and a
-    positive click brings it back (recorded in ``clicked``)."""
-
-    def __init__(self, gt, miss_corner=False):
-        self.gt, self.miss_corner, self.boxed, self.clicked = gt, miss_corner, set(), []
-
-    def predict(self, points=None, point_labels=None, boxes=None, mask_input=None, embedding=None,
-                multimask_output=None, **kw):
-        from types import SimpleNamespace
-
-        import torch
-
-        from napari_robustmedsam.prompting import tight_box
-
-        gt, z = self.gt, embedding.z
-        if gt[z].any() and np.allclose(boxes, tight_box(gt[z])):
-            self.boxed.add(z)
-        out = np.zeros(gt.shape[1:], bool)
-        if min(abs(z - s) for s in self.boxed) < 2:
-            x0, y0, x1, y1 = (int(v) for v in boxes)
-            out[max(0, y0 - 1):y1 + 1, max(0, x0 - 1):x1 + 1] = gt[z, max(0, y0 - 1):y1 + 1, max(0, x0 - 1):x1 + 1]
-            if self.miss_corner:
-                if points is None or not (np.asarray(point_labels) == 1).any():
-                    out[16:, 16:] = False
-                else:
-                    self.clicked.append(z)
-        logits = torch.where(torch.from_numpy(out), 5.0, -5.0)[None, None].float()
-        return SimpleNamespace(masks=out[None], low_res_logits=logits, scores=np.array([0.9]))
-
-
-class _StandInSlices:
-    """Per-slice stand-in embeddings of a (Z, 32, 32) volume, with the frame segment_slice reads."""
-
-    def __init__(self, n_slices):
-        self.volume = np.zeros((n_slices, 32, 32), np.float32)
-
-    def get(self, z):
-        from types import SimpleNamespace
-
-        import torch
-
-        frame = SimpleNamespace(original_size=(32, 32),
-                                mask_to_low_res=lambda m: torch.where(torch.from_numpy(m), 5.0, -5.0)[None, None])
-        return SimpleNamespace(z=z, frame=frame)
-
-
 def test_propagate_3d_plus3_adds_prompts_on_the_worst_slices_and_each_one_helps():
     """A stand-in model that finds the object inside a box but whose propagation dies two slices from a user's box:
     each extra prompt (a box where the object is, a mark-end where it is not) goes to the slice with the largest
@@ -350,15 +302,15 @@ def test_propagate_3d_plus3_adds_prompts_on_the_worst_slices_and_each_one_helps(
     for z in range(1, 10):  # a different box on every slice: a user's box is told apart from a propagated one
         h = 2 + z
         gt[z, 16 - h:16 + h, 16 - h:16 + h] = True
-    model = _StandInVolumeModel(gt)
+    model = StandInVolumeModel(gt)
     boxed = model.boxed
     handle = SimpleNamespace(predictor=model)
-    steps, score, zc = propagate_masks(handle, _StandInSlices(gt.shape[0]), gt, extra_prompts=0)
+    steps, score, zc = propagate_masks(handle, StandInSlices(gt.shape[0]), gt, extra_prompts=0)
     assert zc == 5 and len(steps) == 1 and boxed == {5}
     np.testing.assert_array_equal(steps[0][4:7], gt[4:7])
     assert not steps[0][:4].any() and not steps[0][7:].any()
     boxed.clear()
-    steps, _, _ = propagate_masks(handle, _StandInSlices(gt.shape[0]), gt, extra_prompts=3)
+    steps, _, _ = propagate_masks(handle, StandInSlices(gt.shape[0]), gt, extra_prompts=3)
     assert len(steps) == 4 and len(boxed) == 4
     dice = [2 * (m & gt).sum() / (m.sum() + gt.sum()) for m in steps]
     assert all(b > a for a, b in zip(dice, dice[1:])), dice
@@ -385,8 +337,8 @@ def test_propagate_3d_correct3_clicks_where_a_slice_has_a_mask_and_boxes_where_i
     for z in range(1, 8):
         h = 3 + z  # a different box on every slice: a user's box is told apart from a propagated one
         gt[z, 16 - h:16 + h, 16 - h:16 + h] = True
-    model = _StandInVolumeModel(gt, miss_corner=True)
-    steps, _, zc, kinds = correct_masks(SimpleNamespace(predictor=model), _StandInSlices(gt.shape[0]), gt,
+    model = StandInVolumeModel(gt, miss_corner=True)
+    steps, _, zc, kinds = correct_masks(SimpleNamespace(predictor=model), StandInSlices(gt.shape[0]), gt,
                                         EvalConfig())
     assert zc == 4 and len(steps) == 4 and len(kinds) == 3
     assert "box" in kinds and "click+" in kinds and model.clicked  # a click went through the model

@@ -236,8 +236,10 @@ class EvalConfig:
         if prompt == PROPAGATE_PLUS:
             parts.update(extra_prompts=EXTRA_PROMPTS, extra_prompt_rule="largest error slice")
         if prompt == PROPAGATE_CORRECT:
+            # "click start": a click starts from the logits the annotator holds for its slice (before, a propagated
+            # slice's or a cropped seed's mask was the mask prompt), so earlier rows are not resumed as these
             parts.update(extra_prompts=EXTRA_PROMPTS, extra_prompt_rule="largest error slice, box or center click",
-                         click_policy=self.click_policy.key)
+                         click_policy=self.click_policy.key, click_start="the annotator's logits")
             if self.refinement is not None:  # the refinement's own settings, as the iterative modes hash them
                 parts["click_refinement"] = asdict(self.refinement)
         if self.focus_crop and prompt in FOCUS_CROP_PROMPTS:  # absent when off, so earlier runs keep their hash

@@ -7,10 +7,10 @@ figures: docs/results/propagation/.
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
-import torch
 
 from napari_robustmedsam.annotation.propagation import PropagationSettings, predictor_segment_fn, propagate_object
 from napari_robustmedsam.engine.focus_crop import CropPlan, plan_crop
@@ -67,17 +67,33 @@ def _degrade_volume(cond: Condition, volume: np.ndarray, modality: str, key: str
     return cond.apply(volume, modality, key, seed)
 
 
-def _box_seed(handle: ModelHandle, embeddings, z: int, gt_slice: np.ndarray, focus=None):
-    """The model's mask, low-res logits and score for the tight box of ``gt_slice`` (a user's box on slice ``z``);
-    with the focus crop (``focus``, its settings) a small object is decoded in its crop and has no logits (they
-    would be in another frame than the whole slice's, which propagation's logits modes expect)."""
+@dataclass(frozen=True)
+class BoxSeed:
+    """The model's answer to a user's box on one slice: the mask (full size), the low-res logits and the focus crop
+    they were decoded in (None: the whole slice), and the model's score."""
+
+    mask: np.ndarray
+    logits: object
+    crop: CropPlan | None
+    score: float
+
+    @property
+    def whole_slice_logits(self):
+        """The logits as propagation's mask prompt for the neighbours, which expects the whole slice's frame (None
+        for a seed decoded in a crop: its neighbours get its mask instead, as in the annotator)."""
+        return self.logits if self.crop is None else None
+
+
+def _box_seed(handle: ModelHandle, embeddings, z: int, gt_slice: np.ndarray, focus=None) -> BoxSeed:
+    """The model's answer to the tight box of ``gt_slice`` (a user's box on slice ``z``); with the focus crop
+    (``focus``, its settings) a small object is decoded in its crop."""
     box = tight_box(gt_slice)
     plan = plan_crop(box, gt_slice.shape, focus)
     if plan is None:
         pred = handle.predictor.predict(boxes=box, embedding=embeddings.get(z))
-        return pred.masks[0], pred.low_res_logits[:1], float(pred.scores[0])
+        return BoxSeed(pred.masks[0], pred.low_res_logits[:1], None, float(pred.scores[0]))
     pred = handle.predictor.predict(boxes=plan.box_to_crop(box), embedding=embeddings.crop(z, plan))
-    return plan.paste(pred.masks[0]), None, float(pred.scores[0])
+    return BoxSeed(plan.paste(pred.masks[0]), pred.low_res_logits[:1], plan, float(pred.scores[0]))
 
 
 def largest_error_slice(pred: np.ndarray, gt: np.ndarray, exclude: set[int]) -> int | None:
@@ -91,31 +107,32 @@ def largest_error_slice(pred: np.ndarray, gt: np.ndarray, exclude: set[int]) -> 
 
 
 def _central_box_propagation(handle: ModelHandle, embeddings, gt3d: np.ndarray, settings: PropagationSettings,
-                             focus) -> tuple[int, float, tuple | None]:
+                             focus) -> tuple[int, BoxSeed, tuple | None]:
     """The volume modes' first step: the tight box on the object's central labelled slice, then the annotator's
-    propagation. Returns (the seed slice, the seed's score, (segment function, seeds, seed logits, propagation
-    result)), the last None when the seed's mask is empty."""
+    propagation. Returns (the seed slice, the seed, (segment function, seeds, seed logits, propagation result)),
+    the last None when the seed's mask is empty."""
     zs = np.nonzero(gt3d.reshape(gt3d.shape[0], -1).any(axis=1))[0]
     zc = int(zs[len(zs) // 2])
-    mask, logits, score = _box_seed(handle, embeddings, zc, gt3d[zc], focus)
-    if not mask.any():
-        return zc, score, None
+    seed = _box_seed(handle, embeddings, zc, gt3d[zc], focus)
+    if not seed.mask.any():
+        return zc, seed, None
     seg = predictor_segment_fn(handle.predictor, embeddings, focus_crop=focus,
                                embed_crop=embeddings.crop if focus is not None else None)
-    seeds, seed_logits = {zc: mask}, {zc: logits}
+    seeds, seed_logits = {zc: seed.mask}, {zc: seed.whole_slice_logits}
     result = propagate_object(seg, gt3d.shape[0], seeds, seed_logits=seed_logits, **settings.kwargs())
-    return zc, score, (seg, seeds, seed_logits, result)
+    return zc, seed, (seg, seeds, seed_logits, result)
 
 
 def _box_or_end(handle: ModelHandle, embeddings, gt3d: np.ndarray, z: int, seeds: dict, seed_logits: dict,
-                focus) -> str:
-    """A new seed on slice ``z``, as a user places one: the tight box where the object is ("box"), an empty slice,
-    the annotator's "mark end", where it is not ("end")."""
+                focus) -> BoxSeed | None:
+    """A new seed on slice ``z``, as a user places one: the tight box where the object is (its BoxSeed), an empty
+    slice, the annotator's "mark end", where it is not (None)."""
     if gt3d[z].any():
-        seeds[z], seed_logits[z], _ = _box_seed(handle, embeddings, z, gt3d[z], focus)
-        return "box"
+        seed = _box_seed(handle, embeddings, z, gt3d[z], focus)
+        seeds[z], seed_logits[z] = seed.mask, seed.whole_slice_logits
+        return seed
     seeds[z], seed_logits[z] = np.zeros_like(gt3d[z], dtype=bool), None
-    return "end"
+    return None
 
 
 def propagate_masks(handle: ModelHandle, embeddings, gt3d: np.ndarray, extra_prompts: int = 0,
@@ -127,9 +144,9 @@ def propagate_masks(handle: ModelHandle, embeddings, gt3d: np.ndarray, extra_pro
     slice's, are decoded in their focus crop. Returns (the volume's mask after 0, 1, ... extra prompts, the seed's
     score, the seed slice)."""
     settings = settings or PropagationSettings()
-    zc, score, started = _central_box_propagation(handle, embeddings, gt3d, settings, focus)
+    zc, seed, started = _central_box_propagation(handle, embeddings, gt3d, settings, focus)
     if started is None:
-        return [np.zeros_like(gt3d, dtype=bool)], score, zc
+        return [np.zeros_like(gt3d, dtype=bool)], seed.score, zc
     seg, seeds, seed_logits, result = started
     steps = [result.masks.copy()]
     for _ in range(extra_prompts):
@@ -140,11 +157,40 @@ def propagate_masks(handle: ModelHandle, embeddings, gt3d: np.ndarray, extra_pro
         result = propagate_object(seg, gt3d.shape[0], seeds, seed_logits=seed_logits, existing=steps[-1],
                                   changed_seeds=[z], **settings.kwargs())
         steps.append(result.masks.copy())
-    return steps, score, zc
+    return steps, seed.score, zc
 
 
-#: a logits frame that no crop plan equals: a slice's logits whose frame is not known are replaced by its mask
-UNKNOWN_FRAME = object()
+@dataclass(frozen=True)
+class ShownSlice:
+    """What the annotator holds for one slice of the current object, where a corrective click there starts from:
+    the slice's prompts, the logits behind its mask and the focus crop they were decoded in (None: the whole
+    slice)."""
+
+    prompts: object  # SlicePrompts
+    logits: object
+    crop: CropPlan | None
+
+
+def note_propagation(shown: dict[int, ShownSlice], result, seeds: dict, crop_of) -> None:
+    """Update ``shown`` after a propagation as the annotator's session is (``apply_propagation``): the seeds keep
+    their state; a slice the propagation reached gets its mask's box (source "propagated"), its logits and their
+    crop (``crop_of(logits)``), or loses its state where it came out empty; an earlier propagated slice the result
+    leaves empty loses it too."""
+    from napari_robustmedsam.annotation.session import SlicePrompts, mask_box
+
+    for z in range(result.masks.shape[0]):
+        if z in seeds:
+            continue
+        mask = result.masks[z]
+        if z not in result.slices:  # a stretch the propagation did not run through
+            if not mask.any() and z in shown and shown[z].prompts.source == "propagated":
+                shown.pop(z)
+            continue
+        if mask.any():
+            logits = result.logits.get(z)
+            shown[z] = ShownSlice(SlicePrompts(box=mask_box(mask), source="propagated"), logits, crop_of(logits))
+        else:
+            shown.pop(z, None)
 
 
 def correct_masks(handle: ModelHandle, embeddings, gt3d: np.ndarray, cfg: EvalConfig,
@@ -154,20 +200,20 @@ def correct_masks(handle: ModelHandle, embeddings, gt3d: np.ndarray, cfg: EvalCo
     to ``extra_prompts`` corrections as a user makes them, each on the slice with the most wrong voxels: a tight box
     where that slice shows no mask, "mark end" where it shows one but holds no object, else one corrective click
     (the centre of its largest error region) through the annotator's click path with ``cfg``'s click policy; the
-    stretches next to it are re-propagated. Returns (the volume's mask after 0, 1, ... corrections, the seed's
-    score, the seed slice, each correction's kind: "box", "end", "click+" or "click-")."""
+    stretches next to it are re-propagated. A click starts from what the annotator holds for that slice (its
+    prompts, logits and their crop: :class:`ShownSlice`). Returns (the volume's mask after 0, 1, ... corrections,
+    the seed's score, the seed slice, each correction's kind: "box", "end", "click+" or "click-")."""
     from napari_robustmedsam.annotation.prompt_decoding import segment_slice
-    from napari_robustmedsam.annotation.session import SlicePrompts, mask_box
+    from napari_robustmedsam.annotation.session import SlicePrompts
 
     settings = settings or PropagationSettings()
     focus = cfg.focus
-    zc, score, started = _central_box_propagation(handle, embeddings, gt3d, settings, focus)
+    zc, seed, started = _central_box_propagation(handle, embeddings, gt3d, settings, focus)
     if started is None:
-        return [np.zeros_like(gt3d, dtype=bool)], score, zc, []
+        return [np.zeros_like(gt3d, dtype=bool)], seed.score, zc, []
     seg, seeds, seed_logits, result = started
-    # each slice's click state: prompts, logits and the crop they were decoded in (UNKNOWN_FRAME: not known)
-    boxes = {zc: tight_box(gt3d[zc])}
-    state: dict[int, tuple] = {}
+    shown = {zc: ShownSlice(SlicePrompts(box=tight_box(gt3d[zc])), seed.logits, seed.crop)}
+    note_propagation(shown, result, seeds, seg.crop_of)
     steps, kinds = [result.masks.copy()], []
     policy = cfg.click_policy.segment_kwargs()
     for _ in range(extra_prompts):
@@ -177,35 +223,34 @@ def correct_masks(handle: ModelHandle, embeddings, gt3d: np.ndarray, cfg: EvalCo
             break
         # a slice with the largest error and no mask holds the object: a box; one with a mask but no object: an end
         if not current[z].any() or not gt3d[z].any():
-            kinds.append(_box_or_end(handle, embeddings, gt3d, z, seeds, seed_logits, focus))
-            if kinds[-1] == "box":
-                boxes[z] = tight_box(gt3d[z])
-            state.pop(z, None)
+            box_seed = _box_or_end(handle, embeddings, gt3d, z, seeds, seed_logits, focus)
+            kinds.append("end" if box_seed is None else "box")
+            if box_seed is None:
+                shown.pop(z, None)
+            else:
+                shown[z] = ShownSlice(SlicePrompts(box=tight_box(gt3d[z])), box_seed.logits, box_seed.crop)
         else:
             click = corrective_click(gt3d[z], current[z], "center")
-            if z in state:  # clicked before: what segment_slice returned then
-                prompts, prev_logits, crop = state[z]
-            else:
-                prompts = SlicePrompts(box=np.asarray(boxes.get(z, mask_box(current[z])), dtype=np.float64))
-                if seed_logits.get(z) is not None:  # a box seed decoded on the whole slice
-                    prev_logits, crop = seed_logits[z], None
-                else:  # a propagated slice or a cropped seed: its mask becomes the mask prompt (segment_slice)
-                    prev_logits, crop = torch.zeros((1, 1, 256, 256)), UNKNOWN_FRAME
+            before = shown.get(z)
+            if before is None:
+                raise RuntimeError(f"slice {z} shows a mask that no seed or propagation accounts for")
+            prompts = before.prompts
             new = SlicePrompts(np.vstack([prompts.points, [[click.x, click.y]]]),
                                np.append(prompts.labels, int(click.label)), prompts.box)
             out = segment_slice(handle.predictor, embeddings.get(z), new, previous_prompts=prompts,
-                                previous_logits=prev_logits, previous_mask=current[z].copy(), box_primary=True,
+                                previous_logits=before.logits, previous_mask=current[z].copy(), box_primary=True,
                                 image=embeddings.volume[z], focus_crop=focus,
                                 embed_crop=(lambda plan, z=z: embeddings.crop(z, plan)) if focus is not None else None,
-                                previous_crop=crop, **policy)
-            state[z] = (out.prompts, out.logits, out.crop)
+                                previous_crop=before.crop, **policy)
+            shown[z] = ShownSlice(out.prompts, out.logits, out.crop)
             seeds[z] = out.mask
             seed_logits[z] = out.logits if out.crop is None else None
             kinds.append("click+" if click.label == 1 else "click-")
         result = propagate_object(seg, gt3d.shape[0], seeds, seed_logits=seed_logits, existing=current,
                                   changed_seeds=[z], **settings.kwargs())
+        note_propagation(shown, result, seeds, seg.crop_of)
         steps.append(result.masks.copy())
-    return steps, score, zc, kinds
+    return steps, seed.score, zc, kinds
 
 
 def propagate_rows(handle: ModelHandle, embeddings, gt3d: np.ndarray, obj_id: str, cfg: EvalConfig,
