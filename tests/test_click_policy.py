@@ -7,7 +7,7 @@ import dataclasses
 import pytest
 
 from napari_robustmedsam.annotation import prompt_decoding as decoding
-from napari_robustmedsam.annotation.click_policy import CLICK_POLICIES, ClickPolicy, click_policy
+from napari_robustmedsam.annotation.click_policy import CLICK_POLICIES, ClickPolicy, annotator_click_policy, click_policy
 from napari_robustmedsam.annotation.prompt_decoding import DEFAULT_ZOOM_SMALL_OBJECTS
 from napari_robustmedsam.engine.click_guard import EdgeReach
 
@@ -22,7 +22,7 @@ def test_named_policies_hold_the_annotators_defaults_and_the_papers_protocol():
     annotator = click_policy("annotator")
     assert annotator.segment_kwargs() == dict(
         local_corrections=decoding.DEFAULT_LOCAL_CORRECTIONS, click_guard=decoding.DEFAULT_CLICK_GUARD,
-        click_guard_reach=decoding.click_guard_reach_for(decoding.DEFAULT_CLICK_REFINEMENT),
+        click_guard_reach=decoding.REFINED_CLICK_GUARD_REACH,  # the default refinement is on: every click bounded
         click_refinement=decoding.DEFAULT_CLICK_REFINEMENT)
     assert CLICK_POLICIES["papers"] == ClickPolicy()
     assert annotator.key != CLICK_POLICIES["papers"].key
@@ -95,8 +95,8 @@ def test_the_annotators_reach_bounds_every_click_while_a_refinement_is_on():
     off = annotator.with_overrides(click_refinement="off")
     assert on.guard_reach == decoding.REFINED_CLICK_GUARD_REACH == EdgeReach(2.0, "all")
     assert off.guard_reach == decoding.DEFAULT_CLICK_GUARD_REACH == EdgeReach(2.0, "negatives-before-positive")
-    assert decoding.click_guard_reach_for("learned-directed") == on.guard_reach
-    assert decoding.click_guard_reach_for("off") == decoding.click_guard_reach_for(None) == off.guard_reach
+    panel = annotator_click_policy(decoding.DEFAULT_LOCAL_CORRECTIONS, decoding.DEFAULT_CLICK_GUARD, "off")
+    assert panel == off and annotator_click_policy(panel.local_corrections, panel.click_guard, "learned-directed") == on
     assert on.key != off.key and "reach=2/all" in on.key
     # the evaluation measures what the annotator does: the same protocol as the explicit flags
     implied = config("--policy", "annotator", "--click-refinement", "learned-directed")

@@ -75,6 +75,13 @@ class ClickPolicy:
                 f"reach={reach} refine={self.click_refinement}")
 
 
+def annotator_click_policy(local_corrections: str, click_guard: str, click_refinement: str) -> ClickPolicy:
+    """The annotator's policy with the user's three panel choices; the guard's reach follows the refinement as
+    :attr:`ClickPolicy.guard_reach` says (every click bounded while a refinement is on)."""
+    return CLICK_POLICIES["annotator"].with_overrides(local_corrections=local_corrections, click_guard=click_guard,
+                                                      click_refinement=click_refinement)
+
+
 CLICK_POLICIES: dict[str, ClickPolicy] = {
     "annotator": ClickPolicy(DEFAULT_LOCAL_CORRECTIONS, DEFAULT_CLICK_GUARD, DEFAULT_CLICK_GUARD_REACH,
                              DEFAULT_CLICK_REFINEMENT, REFINED_CLICK_GUARD_REACH),

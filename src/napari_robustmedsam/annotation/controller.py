@@ -33,10 +33,10 @@ from .feedback import describe_change
 from .model_info import display_name
 from .prefetch import SlicePrefetcher, prefetch_order
 from ..engine.focus_crop import DEFAULT_FOCUS_CROP
+from .click_policy import annotator_click_policy
 from .prompt_decoding import (
     DEFAULT_CLICK_REFINEMENT,
     DEFAULT_ZOOM_SMALL_OBJECTS,
-    click_guard_reach_for,
     focus_plan,
     segment_slice,
 )
@@ -380,10 +380,8 @@ class AnnotationController:
             previous_mask=prev_mask.copy() if prev_mask.any() else None,
             box_primary=bool(loaded.box_primary),
             model_name=display_name(loaded),
-            local_corrections=settings.local_corrections,
-            click_guard=settings.click_guard,
-            click_guard_reach=click_guard_reach_for(settings.click_refinement),
-            click_refinement=settings.click_refinement,
+            **annotator_click_policy(settings.local_corrections, settings.click_guard,
+                                     settings.click_refinement).segment_kwargs(),
             # the refinement reads the slice's pixels; without it nothing needs them
             image=self.embeddings.slice_image(z) if settings.click_refinement != "off" else None,
             focus_crop=DEFAULT_FOCUS_CROP if settings.zoom_small_objects else None,
