@@ -202,3 +202,31 @@ def test_labelled_slices_of_a_volume_are_each_a_sample():
     assert [it.key for it in items] == [f"vol/z{z:03d}" for z in range(10)]
     plan = plan_holdout(items, PRESETS["quick"].val_fraction)
     assert plan.mode == "hold-out" and len(plan.final_train) == 8
+
+
+def test_the_judge_clicks_through_the_annotators_click_path(litemedsam, shared_data):
+    """The never-worse judge scores what a user sees when they click: a model that wipes its mask at every click
+    (the model's whole mask, the papers' protocol, would score 0 after the clicks) keeps its box mask and gains
+    the clicked pixels in the annotator's click path (click refinement, guard and reach), as in the annotator."""
+    from napari_robustmedsam.engine.predictor import Predictor
+    from napari_robustmedsam.io import read_image
+    from training.finetune.never_worse import score_items
+
+    path = sorted((shared_data / "medseg" / "ph2_dermoscopy" / "images").glob("*.png"))[0]
+    image = read_image(path)
+    labels = (read_image(shared_data / "medseg" / "ph2_dermoscopy" / "masks" / path.name) > 0).astype(np.int32)
+    item = TrainItem("ph2/0", image, labels, object_ids=[1])
+
+    class WipesOnClicks(Predictor):
+        def predict(self, points=None, **kw):
+            out = super().predict(points=points, **kw)
+            if points is not None:
+                out.masks[:] = False
+                out.low_res_logits[:] = -20.0
+            return out
+
+    wiping = WipesOnClicks.from_loaded(litemedsam)
+    score = score_items(wiping, [item], clicks=2, zoom=False)["ph2/0"]
+    honest = score_items(Predictor.from_loaded(litemedsam), [item], clicks=2, zoom=False)["ph2/0"]
+    assert score.box == pytest.approx(honest.box) and score.box > 0.5
+    assert score.clicks >= score.box - 0.02  # the box mask is kept: the model's wipe lies beyond the clicks' reach

@@ -12,8 +12,8 @@ The user's labelled planes (2D images, or labelled slices of a volume: each one 
   in by itself.
 
 Both models are judged by :func:`score_items` the way a user works: a tight box around each labelled object, then
-:data:`JUDGE_CLICKS` corrective clicks (each in the largest error region, the previous mask fed back), Dice at the
-image's own resolution. The score of a plane is the mean over its objects of (box Dice + Dice after the clicks) / 2;
+:data:`JUDGE_CLICKS` corrective clicks (each at the centre of the largest error region), every step through the
+annotator's click path with its click policy and zoom, Dice at the image's own resolution. The score of a plane is the mean over its objects of (box Dice + Dice after the clicks) / 2;
 :func:`decide` swaps only if the candidate's mean over the held-back planes is higher than the current model's.
 The decision and its numbers go into the checkpoint's metadata (:func:`record_decision`).
 """
@@ -113,33 +113,43 @@ class PlaneScore:
 
 
 def score_items(predictor, items: list[TrainItem], *, clicks: int = JUDGE_CLICKS,
-                max_objects: int = JUDGE_MAX_OBJECTS, cancel: Callable[[], bool] | None = None,
+                max_objects: int = JUDGE_MAX_OBJECTS, zoom: bool = True, cancel: Callable[[], bool] | None = None,
                 progress: Callable[[int, int, str], None] | None = None) -> dict[str, PlaneScore]:
-    """Box Dice and Dice after ``clicks`` corrective clicks of ``predictor`` (engine.Predictor) on every plane."""
+    """Box Dice and Dice after ``clicks`` corrective clicks of ``predictor`` (engine.Predictor) on every plane, each
+    step through the annotator's own click path (:func:`~napari_robustmedsam.annotation.prompt_decoding.segment_slice`
+    with the annotator's click policy, and with *Zoom on small objects* when ``zoom``, as the annotator opens the
+    model). Why: a candidate is swapped in for what the user will see when they click, not for what the model's
+    whole mask does (the papers' protocol), which can differ a lot (docs/results/user-loop)."""
+    from napari_robustmedsam.annotation.click_policy import click_policy
+    from napari_robustmedsam.annotation.prompt_decoding import segment_slice
+    from napari_robustmedsam.annotation.session import SlicePrompts
+    from napari_robustmedsam.engine.focus_crop import DEFAULT_FOCUS_CROP
+
+    policy = click_policy("annotator").segment_kwargs()
+    box_primary = bool(getattr(predictor, "box_primary", False))
     out: dict[str, PlaneScore] = {}
     for n, item in enumerate(items):
         if cancel is not None and cancel():
             break
-        emb = predictor.compute_embedding(item.image)
+        image = item.image
+        emb = predictor.compute_embedding(image)
+        view = dict(box_primary=box_primary, image=image, focus_crop=DEFAULT_FOCUS_CROP if zoom else None,
+                    embed_crop=lambda plan, image=image: predictor.compute_embedding(np.ascontiguousarray(plan.crop(image))))
         box_d, click_d = [], []
         for oid in item.object_ids[:max_objects]:
             gt = item.labels == oid
-            box = tight_box(gt)
-            pred = predictor.predict(boxes=box, embedding=emb, multimask_output=False)
-            mask, logits = pred.masks[0], pred.low_res_logits
-            box_d.append(dice(mask, gt))
-            points: list[tuple[float, float]] = []
-            labels: list[int] = []
+            shown = segment_slice(predictor, emb, SlicePrompts(box=tight_box(gt)), **view)
+            box_d.append(dice(shown.mask, gt))
             for _ in range(clicks):
-                click = corrective_click(gt, mask)
+                click = corrective_click(gt, shown.mask)
                 if click is None:
                     break
-                points.append((click.x, click.y))
-                labels.append(int(click.label))
-                pred = predictor.predict(points=np.asarray(points, np.float32), point_labels=np.asarray(labels),
-                                         boxes=box, mask_input=logits, embedding=emb, multimask_output=False)
-                mask, logits = pred.masks[0], pred.low_res_logits
-            click_d.append(dice(mask, gt))
+                before = shown.prompts
+                prompts = SlicePrompts(np.vstack([before.points, [[click.x, click.y]]]),
+                                       np.append(before.labels, int(click.label)), before.box)
+                shown = segment_slice(predictor, emb, prompts, previous_prompts=before, previous_logits=shown.logits,
+                                      previous_mask=shown.mask, previous_crop=shown.crop, **view, **policy)
+            click_d.append(dice(shown.mask, gt))
         out[item.key] = PlaneScore(item.key, float(np.mean(box_d)), float(np.mean(click_d)), len(box_d))
         if progress is not None:
             progress(n + 1, len(items), f"judging {item.key}")

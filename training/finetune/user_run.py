@@ -115,9 +115,12 @@ class UserFinetune:
         self._measure("load_s", time.perf_counter() - t0)
         return Predictor.from_loaded(loaded)
 
-    def _judge(self, predictor, items: list[TrainItem], what: str) -> dict:
+    def _judge(self, predictor, items: list[TrainItem], what: str, source: str) -> dict:
+        from napari_robustmedsam.annotation.prompt_decoding import zoom_default
+
         t0 = time.perf_counter()
-        scores = score_items(predictor, items, cancel=self.cancel,
+        # the zoom as the annotator opens this model (a fine-tuned checkpoint file: the annotator's default)
+        scores = score_items(predictor, items, zoom=zoom_default(source), cancel=self.cancel,
                              progress=lambda d, t, s: self._report(d, t, f"judging {what}: {s}"))
         n_dec = sum(s.objects for s in scores.values()) * (1 + JUDGE_CLICKS)
         enc = float(np.mean(self.measured.get("encode_s", [0.0])))
@@ -155,13 +158,13 @@ class UserFinetune:
         current_predictor = candidate_predictor = None
         if plan.mode != "none" and not self.cancel():
             current_predictor = self._load(self.current_model)
-            current = self._judge(current_predictor, plan.held_back, "the current model")
+            current = self._judge(current_predictor, plan.held_back, "the current model", self.current_model)
             candidate: dict = {}
             for fold, path in zip(plan.folds, last_of):
                 if self.cancel():
                     break
                 candidate_predictor = self._load(str(path))
-                candidate.update(self._judge(candidate_predictor, fold.held, "the fine-tuned model"))
+                candidate.update(self._judge(candidate_predictor, fold.held, "the fine-tuned model", str(path)))
             if self.cancel():
                 res.stopped = "cancelled"
                 res.message = "cancelled while judging; the current model is kept"
