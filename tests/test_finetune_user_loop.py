@@ -107,6 +107,16 @@ def test_the_estimate_counts_folds_and_respects_the_budget(tmp_path, monkeypatch
     assert capped.capped_by_budget and capped.iterations < holdout.iterations
     assert capped.seconds < holdout.seconds
 
+    # a small object is judged in its zoomed crop: one more encoding per model and held-back object
+    def small(n):
+        lab = np.zeros((256, 256), np.int32)
+        lab[100:110, 120:132] = 1
+        return [TrainItem(f"s{i}", np.zeros((256, 256), np.uint8), lab, object_ids=[1]) for i in range(n)]
+
+    assert te.zoomed_objects(_items(3)) == 0 and te.zoomed_objects(small(3)) == 3
+    zoomed = te.estimate(plan_holdout(small(10), 0.2), cfg, costs)
+    assert zoomed.encodings == holdout.encodings + 2 * len(plan_holdout(small(10), 0.2).held_back)
+
     te.remember_costs("quick", {"iteration_s": 0.5, "encode_s": 0.7, "load_s": 1.0, "decode_s": 0.02})
     mine = te.known_costs("quick")
     assert mine.iteration_s == 0.5 and "this machine" in mine.source

@@ -119,6 +119,16 @@ class Estimate:
                 f"decoder calls x {c.decode_s:.2g} s (costs {c.source})")
 
 
+def zoomed_objects(items) -> int:
+    """The judged objects of ``items`` whose box the annotator's zoom decodes in a crop: judging encodes that crop
+    once per model (an upper bound: a model whose zoom is off, such as pge-lite-fast, skips it)."""
+    from napari_robustmedsam.engine.focus_crop import plan_crop
+    from napari_robustmedsam.prompting import tight_box
+
+    return sum(plan_crop(tight_box(it.labels == oid), it.labels.shape) is not None
+               for it in items for oid in it.object_ids[:JUDGE_MAX_OBJECTS])
+
+
 def estimate(plan: HoldoutPlan, cfg, costs: Costs, *, rank_planes: int = 0) -> Estimate:
     """The expected wall time of :class:`~.user_run.UserFinetune` on ``plan`` with settings ``cfg``.
 
@@ -138,6 +148,7 @@ def estimate(plan: HoldoutPlan, cfg, costs: Costs, *, rank_planes: int = 0) -> E
     n_all, n_held = len(plan.all_items), len(plan.held_back)
     encodings = n_all * (cfg.variants + 1) + n_held  # each variant once (cached), + held-back degraded copies
     encodings += 2 * n_held + 2 * rank_planes  # judging: both models encode the held-back planes; ranking
+    encodings += 2 * zoomed_objects(plan.held_back)  # judging: each model's crop of a small object (the zoom)
     held_objects = sum(min(len(it.object_ids), JUDGE_MAX_OBJECTS) for it in plan.held_back)
     val_objects = sum(min(len(it.object_ids), cfg.val_max_objects) for it in plan.held_back)
     decodes = 2 * held_objects * (1 + JUDGE_CLICKS) + (cfg.epochs + 1) * val_objects * 4
