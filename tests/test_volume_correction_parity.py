@@ -82,9 +82,7 @@ def annotator_steps(gt, cfg, n_steps):
             view.prompts[z] = SlicePrompts(box=tight_box(gt[z]))
         else:
             click = corrective_click(gt[z], current[z], "center")
-            had = view.slice_prompts(z)
-            view.prompts[z] = SlicePrompts(np.vstack([had.points, [[click.x, click.y]]]),
-                                           np.append(had.labels, int(click.label)), had.box)
+            view.prompts[z] = view.slice_prompts(z).with_point(click.x, click.y, click.label)
         ctl.segment(z)
         finish(workers)
         assert ctl.propagation.repropagate_timer.isActive()

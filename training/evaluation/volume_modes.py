@@ -234,10 +234,8 @@ def correct_masks(handle: ModelHandle, embeddings, gt3d: np.ndarray, cfg: EvalCo
             before = shown.get(z)
             if before is None:
                 raise RuntimeError(f"slice {z} shows a mask that no seed or propagation accounts for")
-            prompts = before.prompts
-            new = SlicePrompts(np.vstack([prompts.points, [[click.x, click.y]]]),
-                               np.append(prompts.labels, int(click.label)), prompts.box)
-            out = segment_slice(handle.predictor, embeddings.get(z), new, previous_prompts=prompts,
+            new = before.prompts.with_point(click.x, click.y, click.label)
+            out = segment_slice(handle.predictor, embeddings.get(z), new, previous_prompts=before.prompts,
                                 previous_logits=before.logits, previous_mask=current[z].copy(), box_primary=True,
                                 image=embeddings.volume[z], focus_crop=focus,
                                 embed_crop=(lambda plan, z=z: embeddings.crop(z, plan)) if focus is not None else None,

@@ -13,7 +13,8 @@ The user's labelled planes (2D images, or labelled slices of a volume: each one 
 
 Both models are judged by :func:`score_items` the way a user works: a tight box around each labelled object, then
 :data:`JUDGE_CLICKS` corrective clicks (each at the centre of the largest error region), every step through the
-annotator's click path with its click policy and zoom, Dice at the image's own resolution. The score of a plane is the mean over its objects of (box Dice + Dice after the clicks) / 2;
+annotator's click path with its click policy and zoom, Dice at the image's own resolution. The score of a plane
+is the mean over its objects of (box Dice + Dice after the clicks) / 2;
 :func:`decide` swaps only if the candidate's mean over the held-back planes is higher than the current model's.
 The decision and its numbers go into the checkpoint's metadata (:func:`record_decision`).
 """
@@ -134,7 +135,8 @@ def score_items(predictor, items: list[TrainItem], *, clicks: int = JUDGE_CLICKS
         image = item.image
         emb = predictor.compute_embedding(image)
         view = dict(box_primary=box_primary, image=image, focus_crop=DEFAULT_FOCUS_CROP if zoom else None,
-                    embed_crop=lambda plan, image=image: predictor.compute_embedding(np.ascontiguousarray(plan.crop(image))))
+                    embed_crop=lambda plan, image=image: predictor.compute_embedding(
+                        np.ascontiguousarray(plan.crop(image))))
         box_d, click_d = [], []
         for oid in item.object_ids[:max_objects]:
             gt = item.labels == oid
@@ -144,10 +146,8 @@ def score_items(predictor, items: list[TrainItem], *, clicks: int = JUDGE_CLICKS
                 click = corrective_click(gt, shown.mask)
                 if click is None:
                     break
-                before = shown.prompts
-                prompts = SlicePrompts(np.vstack([before.points, [[click.x, click.y]]]),
-                                       np.append(before.labels, int(click.label)), before.box)
-                shown = segment_slice(predictor, emb, prompts, previous_prompts=before, previous_logits=shown.logits,
+                shown = segment_slice(predictor, emb, shown.prompts.with_point(click.x, click.y, click.label),
+                                      previous_prompts=shown.prompts, previous_logits=shown.logits,
                                       previous_mask=shown.mask, previous_crop=shown.crop, **view, **policy)
             click_d.append(dice(shown.mask, gt))
         out[item.key] = PlaneScore(item.key, float(np.mean(box_d)), float(np.mean(click_d)), len(box_d))

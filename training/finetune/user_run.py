@@ -28,7 +28,7 @@ from napari_robustmedsam.io.atomic import atomic_write_path
 
 from .data import TrainItem, TrainingError
 from .never_worse import JUDGE_CLICKS, Decision, HoldoutPlan, decide, plan_holdout, record_decision, score_items
-from .time_estimate import remember_costs, run_budgets
+from .time_estimate import remember_costs, run_budgets, zoomed_objects
 from .trainer import Trainer
 
 
@@ -120,12 +120,15 @@ class UserFinetune:
 
         t0 = time.perf_counter()
         # the zoom as the annotator opens this model (a fine-tuned checkpoint file: the annotator's default)
-        scores = score_items(predictor, items, zoom=zoom_default(source), cancel=self.cancel,
+        zoom = zoom_default(source)
+        scores = score_items(predictor, items, zoom=zoom, cancel=self.cancel,
                              progress=lambda d, t, s: self._report(d, t, f"judging {what}: {s}"))
         n_dec = sum(s.objects for s in scores.values()) * (1 + JUDGE_CLICKS)
+        # the planes' encodings and the zoomed crops' are costed as encodings (the estimate counts both), not decodes
+        n_enc = len(items) + (zoomed_objects(items) if zoom else 0)
         enc = float(np.mean(self.measured.get("encode_s", [0.0])))
         if n_dec:
-            self._measure("decode_s", max(0.005, (time.perf_counter() - t0 - enc * len(items)) / n_dec))
+            self._measure("decode_s", max(0.005, (time.perf_counter() - t0 - enc * n_enc) / n_dec))
         return scores
 
     # ---- the run ---------------------------------------------------------------------------------------

@@ -68,7 +68,8 @@ REFINED_CLICK_GUARD_REACH: EdgeReach | None = EdgeReach(2.0, "all")
 #: the annotator's choices, in the order shown
 CLICK_REFINEMENT_MODES = REFINEMENT_METHODS
 #: the annotator's default click refinement: the learned refiner, with every click's model change bounded
-#: (REFINED_CLICK_GUARD_REACH, applied by click_policy.ClickPolicy.guard_reach); chosen by the rule in docs/results/click-refinement/rule-reach.md (reach.md there)
+#: (REFINED_CLICK_GUARD_REACH, applied by click_policy.ClickPolicy.guard_reach); chosen by the rule in
+#: docs/results/click-refinement/rule-reach.md (reach.md there)
 DEFAULT_CLICK_REFINEMENT = "learned"
 #: whether the annotator decodes a small object's box in an enlarged crop of its surroundings by default
 #: (:mod:`..engine.focus_crop`); chosen by the rule in docs/results/focus-crop/rule.md (results.md there)

@@ -63,6 +63,11 @@ class SlicePrompts:
         return SlicePrompts(self.points.copy(), self.labels.copy(), None if self.box is None else self.box.copy(),
                             self.source, self.end)
 
+    def with_point(self, x: float, y: float, label: int) -> "SlicePrompts":
+        """These prompts plus one point (a corrective click: 1 positive, 0 negative), with the same box."""
+        return SlicePrompts(np.vstack([self.points, [[float(x), float(y)]]]), np.append(self.labels, int(label)),
+                            None if self.box is None else self.box.copy())
+
     def same_box(self, other: "SlicePrompts | None") -> bool:
         if other is None:
             return False
