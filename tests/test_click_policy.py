@@ -42,7 +42,8 @@ def test_evaluate_policy_flag_equals_the_same_single_flags():
                       "--click-guard", annotator.click_guard.replace(" ", "-"),
                       "--click-guard-reach", str(reach.factor), "--click-guard-reach-scope", reach.scope,
                       "--click-refinement", annotator.click_refinement,
-                      "--focus-crop", "on" if DEFAULT_ZOOM_SMALL_OBJECTS else "off")  # the annotator's zoom too
+                      "--focus-crop", "on" if DEFAULT_ZOOM_SMALL_OBJECTS else "off",  # the annotator's zoom too
+                      "--box-from-mask", "on")  # and its box for a box-trained model's point start
     # the policy's crop follows each model's own default (the annotator's behaviour); an explicit flag does not
     assert by_policy.focus_crop_per_model and not by_flags.focus_crop_per_model
     assert by_policy == dataclasses.replace(by_flags, focus_crop_per_model=True)

@@ -126,6 +126,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--point-second-pass", choices=("on", "off"), default="off",
                    help="point starts (points<K>, iter_point): decode again with the first decode's logits as the "
                    "mask prompt (docs/results/focus-crop/rule-point-second-pass.md); default off")
+    p.add_argument("--box-from-mask", choices=("on", "off"), default=None,
+                   help="iter_point with a box-trained model (LiteMedSAM, MedSAM): send each click with the box of the "
+                   "mask shown, as the annotator does; default: the policy's (annotator: on; papers: off)")
     p.add_argument("--jitter", type=float, default=0.1, help="box_jitter: max side shift as a fraction of the box side")
     p.add_argument("--objects", choices=("label", "components"), default="label",
                    help="an object is a label value (default) or each connected component of a label value")
@@ -180,6 +183,7 @@ def _config(args) -> EvalConfig:
         focus_crop_per_model=args.focus_crop is None,
         focus_points=args.focus_points == "on",
         point_second_pass=args.point_second_pass == "on",
+        box_from_mask=(args.policy == "annotator") if args.box_from_mask is None else args.box_from_mask == "on",
     )
 
 

@@ -35,8 +35,10 @@ from typing import Callable
 import numpy as np
 import torch
 
+from napari_robustmedsam.annotation.prompt_decoding import (SliceResult, local_corrections_apply, segment_in_crop,
+                                                            segment_slice)
 from napari_robustmedsam.annotation.propagation import PropagationSettings
-from napari_robustmedsam.annotation.prompt_decoding import local_corrections_apply
+from napari_robustmedsam.annotation.session import SlicePrompts
 from napari_robustmedsam.checkpoints import load_model
 from napari_robustmedsam.degradations import LEVELS, degrade, degrade_random, list_degradations
 from napari_robustmedsam.degradations.levels import normalize_level
@@ -141,6 +143,9 @@ class EvalConfig:
     focus_points: bool = False
     # a point-only start is decoded twice, the second time with the first decode's logits as the mask prompt
     point_second_pass: bool = False
+    # a box-trained model (LiteMedSAM, MedSAM) is sent the box of the mask shown with a point start's clicks, as the
+    # annotator sends it (annotation.prompt_decoding.prompts_to_send); on under --policy annotator
+    box_from_mask: bool = False
 
     def for_model(self, handle) -> "EvalConfig":
         """The settings ``handle``'s model is measured with: the crop off for a model whose own default is off."""
@@ -221,6 +226,11 @@ class EvalConfig:
             parts["jitter"] = self.jitter
         if prompt.startswith("iter_"):
             parts.update(steps=self.steps, click_strategy=self.click_strategy, feed_logits=self.feed_logits)
+            # every step through the annotator's segment_slice (earlier rows came from a batched copy of it, which
+            # differed for a box-trained model's point start), so earlier rows are not resumed as these
+            parts["click_path"] = "segment_slice"
+            if self.box_from_mask and prompt == "iter_point":
+                parts["box_from_mask"] = True
             if self.local_for(prompt):  # absent when off, so earlier runs keep their protocol hash
                 parts["local_corrections"] = True
             if self.guard_for(prompt):
@@ -453,157 +463,123 @@ def run_prompt_mode(
 
 def _iterative(predictor, emb, objects: list[GTObject], prompt: str, sample_key: str, cfg: EvalConfig,
                image: np.ndarray | None = None, embed_crop: Callable[[CropPlan], object] | None = None) -> list[dict]:
-    """Iterative correction of all objects of an image, batched: objects with the same number of points (and the
-    same frame: the whole image, or one object's focus crop) share one decoder call per step (each object only ever
-    sees its own prompts and logits). With the click refinement, the mask measured (and the next click's error map)
-    is the refined one; the model's own logits are fed back. With the focus crop, a small object's every step is
-    decoded (and refined) in its box's crop, the same crop each step, and its masks pasted back. Long on purpose:
-    this is the evaluation protocol of the iterative modes, every step of a click in the order that the protocol
-    hash stands for, with the per-object state (points, logits, masks shown and the model's) in one place."""
+    """Iterative correction of every object of an image. Each step of each object goes through the annotator's own
+    :func:`~napari_robustmedsam.annotation.prompt_decoding.segment_slice`, from what the annotator holds for that
+    object after the step before (the prompts it sent, the logits behind the mask shown and the crop they were
+    decoded in: the session's state), with ``cfg``'s click policy and focus crop. So the figures of ``--policy
+    annotator`` are the annotator's: with a box-trained model (``cfg.box_from_mask``), a point start's clicks are
+    sent with the box of the mask shown, as the annotator sends them."""
     refinement = cfg.refinement
     if refinement is not None and image is None:
         raise ValueError("the click refinement needs the image")
-    n = len(objects)
-    boxes = np.stack([tight_box(o.mask) for o in objects]) if prompt == "iter_box" else None
-    # each object's frame: None (the whole image) or its focus crop, with the embedding decoded in
-    plans: list[CropPlan | None] = [None] * n
-    if boxes is not None and cfg.focus_crop:
-        plans = [plan_crop(boxes[i], emb.frame.original_size, cfg.focus) for i in range(n)]
-    embs = [emb if plan is None else embed_crop(plan) for plan in plans]
+    policy = cfg.click_policy
+    focus = cfg.focus if prompt == "iter_box" else None  # the annotator never zooms a point-only start
+    crop_embeddings: dict[CropPlan, object] = {}
 
-    def to_frame(i, xy):
-        return xy if plans[i] is None else plans[i].points_to_crop(xy)
+    def embed_once(plan: CropPlan):  # each crop is embedded once for all of its object's steps
+        if plan not in crop_embeddings:
+            crop_embeddings[plan] = embed_crop(plan)
+        return crop_embeddings[plan]
 
-    def in_frame(i, full):
-        return None if full is None or plans[i] is None else plans[i].crop(full)
+    options = dict(
+        box_primary=cfg.box_from_mask and bool(getattr(predictor, "box_primary", False)),
+        use_previous_logits=cfg.feed_logits, local_corrections=policy.local_corrections,
+        click_guard=policy.click_guard, click_guard_reach=cfg.edge_reach, click_refinement=refinement,
+    )
+    pixels = image if refinement is not None else None
+    asked = []  # each object's prompts as the user gave them
+    shown = []  # each object's state after its last step (a SliceResult: mask shown, prompts sent, logits, crop)
+    for o in objects:
+        if prompt == "iter_box":
+            asked.append(SlicePrompts(box=tight_box(o.mask)))
+        else:  # the same point as the points1 mode, so step 0 equals points1
+            point = random_positive_points(o.mask, 1, rng_for(cfg.seed, sample_key, o.object_id, "points1"))
+            asked.append(SlicePrompts(point, np.ones(1, np.int64)))
+        if prompt == "iter_point" and (cfg.point_second_pass or cfg.focus_for_points is not None):
+            shown.append(_point_start_candidate(predictor, emb, asked[-1], cfg, image, embed_once))
+        else:
+            shown.append(segment_slice(predictor, emb, asked[-1], image=pixels, focus_crop=focus,
+                                       embed_crop=embed_once if focus is not None else None, **options))
 
-    def refine(i, shown, model_before, model_after, n_new, logits_i):
-        """``model_after`` (the model's mask in object i's frame) refined, at full size."""
-        plan = plans[i]
-        paste = (lambda m: m) if plan is None else plan.paste
-        if refinement is None:
-            return paste(model_after)
-        prior = None
-        if refinement.method == "graph-cut":
-            from napari_robustmedsam.engine.predictor import logits_to_original
+    def decode_click(i: int) -> SliceResult:
+        """Object i's prompts decoded after a click, from its state before (the annotator's ``segment_args``)."""
+        before = shown[i]
+        previous_mask = before.mask.copy() if before.mask.any() else None
+        if before.crop is not None and asked[i].box is None and before.crop.contains_points(asked[i].points):
+            # a point start zoomed by --focus-points: its clicks stay in its crop while they fall inside it
+            return segment_in_crop(before.crop, embed_once(before.crop), predictor, asked[i], before.prompts,
+                                   before.logits, previous_mask, before.crop, pixels, **options)
+        return segment_slice(predictor, emb, asked[i], previous_prompts=before.prompts, previous_logits=before.logits,
+                             previous_mask=previous_mask, previous_crop=before.crop, image=pixels, focus_crop=focus,
+                             embed_crop=embed_once if focus is not None else None, **options)
 
-            prior = logits_to_original(embs[i].frame, logits_i)[0, 0].cpu().numpy()
-        pts = to_frame(i, np.stack(points[i])) if points[i] else np.zeros((0, 2))
-        if plan is None:
-            return refine_prediction(image, shown, model_before, model_after, pts, labels[i], n_new, refinement, prior)
-        return paste(refine_prediction(plan.crop(image), in_frame(i, shown), in_frame(i, model_before), model_after,
-                                       pts, labels[i], n_new, refinement, prior))
-
-    points: list[list[np.ndarray]] = [[] for _ in range(n)]
-    labels: list[list[int]] = [[] for _ in range(n)]
-    if prompt == "iter_point":
-        for i, o in enumerate(objects):
-            # the same point as the points1 mode, so step 0 equals points1
-            points[i].extend(random_positive_points(o.mask, 1, rng_for(cfg.seed, sample_key, o.object_id, "points1")))
-            labels[i].append(1)
-    model_masks: list = [None] * n  # the model's last mask, in the object's frame
-    logits: list = [None] * n
-    scores = [0.0] * n
-    masks: list = [None] * n  # the mask shown (refined), full size
-    first_groups: dict[object, list[int]] = {}
-    for i in range(n):
-        first_groups.setdefault(-1 if plans[i] is None else i, []).append(i)
-    for idx in first_groups.values():
-        e = embs[idx[0]]
-        pred = predictor.predict(
-            points=np.stack([to_frame(i, np.stack(points[i])) for i in idx]) if prompt == "iter_point" else None,
-            point_labels=np.array([labels[i] for i in idx]) if prompt == "iter_point" else None,
-            boxes=np.stack([to_frame(i, boxes[i].reshape(2, 2)).reshape(4) for i in idx]) if boxes is not None
-            else None,
-            multimask_output=boxes is None, embedding=e,
-        )
-        if prompt == "iter_point" and cfg.point_second_pass:  # the decoder refines its own first guess
-            pred = predictor.predict(
-                points=np.stack([to_frame(i, np.stack(points[i])) for i in idx]),
-                point_labels=np.array([labels[i] for i in idx]), mask_input=pred.low_res_logits,
-                multimask_output=False, embedding=e,
-            )
-        for j, i in enumerate(idx):
-            model_masks[i], logits[i], scores[i] = pred.masks[j], pred.low_res_logits[j : j + 1], float(pred.scores[j])
-    if prompt == "iter_point" and cfg.focus_for_points is not None:
-        # a small object's point start: decoded again in the crop its first mask sizes; its clicks stay there
-        for i in range(n):
-            plan = plan_crop_for_points(model_masks[i], np.stack(points[i]), emb.frame.original_size,
-                                        cfg.focus_for_points)
-            if plan is None:
-                continue
-            crop_emb = embed_crop(plan)
-            pred = predictor.predict(points=plan.points_to_crop(np.stack(points[i]))[None],
-                                     point_labels=np.array([labels[i]]), multimask_output=True, embedding=crop_emb)
-            if pred.masks[0].any():  # an empty crop mask keeps the whole image's
-                plans[i], embs[i] = plan, crop_emb
-                model_masks[i], logits[i], scores[i] = pred.masks[0], pred.low_res_logits[:1], float(pred.scores[0])
-    for i in range(n):
-        masks[i] = refine(i, None, None, model_masks[i], len(points[i]), logits[i])
     rows: list[dict] = []
 
     def record(i: int, step: int, click_label: int, honoured: float | str = "") -> None:
         o = objects[i]
-        row = _metrics_row(o.mask, masks[i], cfg.tolerance_px)
-        row.update(object_id=o.object_id, object_px=o.size, prompt=prompt, step=step, n_points=len(points[i]),
-                   click_label=click_label, click_honoured=honoured, score=scores[i])
+        row = _metrics_row(o.mask, shown[i].mask, cfg.tolerance_px)
+        row.update(object_id=o.object_id, object_px=o.size, prompt=prompt, step=step,
+                   n_points=asked[i].points.shape[0], click_label=click_label, click_honoured=honoured,
+                   score=shown[i].score)
         rows.append(row)
 
-    for i in range(n):
+    for i in range(len(objects)):
         record(i, 0, -1)
     for step in range(1, cfg.steps + 1):
-        click_labels = [-1] * n
-        active: list[int] = []
-        new_clicks: list[list] = [[] for _ in range(n)]
         for i, o in enumerate(objects):
+            mask = shown[i].mask
             if cfg.click_strategy == "micro_sam":
                 new_pts, new_labels = micro_sam_corrective_clicks(
-                    o.mask, masks[i], derive_seed(cfg.seed, sample_key, o.object_id, prompt, step))
-                click_labels[i] = 2  # one positive and one negative
+                    o.mask, mask, derive_seed(cfg.seed, sample_key, o.object_id, prompt, step))
+                click_label = 2  # one positive and one negative
             else:
-                click = corrective_click(o.mask, masks[i], cfg.click_strategy,
+                click = corrective_click(o.mask, mask, cfg.click_strategy,
                                          rng_for(cfg.seed, sample_key, o.object_id, prompt, step))
                 if click is None:  # nothing left to correct: the user would stop; the mask stays
+                    record(i, step, -1)
                     continue
-                new_pts, new_labels, click_labels[i] = [click.point], [click.label], click.label
-            points[i].extend(np.asarray(p, dtype=np.float64) for p in new_pts)
-            labels[i].extend(int(v) for v in new_labels)
-            new_clicks[i] = list(new_labels)
-            active.append(i)
-        for i in active:
-            if plans[i] is not None and not plans[i].contains_points(np.stack(points[i][-len(new_clicks[i]):])):
-                # a click outside the object's crop: from now on the whole image, as the annotator decodes it,
-                # with the mask shown as the mask prompt (the crop's logits are in another frame)
-                plans[i], embs[i] = None, emb
-                logits[i] = emb.frame.mask_to_low_res(masks[i])
-                model_masks[i] = masks[i]
-        groups: dict[tuple[int, int], list[int]] = {}
-        for i in active:
-            groups.setdefault((len(points[i]), -1 if plans[i] is None else i), []).append(i)
-        for idx in groups.values():
-            pred = predictor.predict(
-                points=np.stack([to_frame(i, np.stack(points[i])) for i in idx]),
-                point_labels=np.array([labels[i] for i in idx]),
-                boxes=np.stack([to_frame(i, boxes[i].reshape(2, 2)).reshape(4) for i in idx]) if boxes is not None
-                else None,
-                mask_input=torch.cat([logits[i] for i in idx]) if cfg.feed_logits else None,
-                multimask_output=False, embedding=embs[idx[0]],
-                local_clicks=[to_frame(i, np.stack(points[i][-len(new_clicks[i]):])) for i in idx]
-                if cfg.local_for(prompt) else None,
-                guard_new_clicks=[len(new_clicks[i]) for i in idx] if cfg.guard_for(prompt) else None,
-                guard_edge_reach=cfg.edge_reach,
-            )
-            for j, i in enumerate(idx):
-                logits[i], scores[i] = pred.low_res_logits[j : j + 1], float(pred.scores[j])
-                shown_before = masks[i]
-                model_before = model_masks[i] if plans[i] is None else plans[i].paste(model_masks[i])
-                masks[i] = refine(i, shown_before, model_before, pred.masks[j], len(new_clicks[i]), logits[i])
-                model_masks[i] = pred.masks[j]
-        for i in range(n):
-            new = len(new_clicks[i])
-            honoured = clicks_honoured(masks[i], points[i][-new:], labels[i][-new:]) if new else ""
-            record(i, step, click_labels[i], honoured)
+                new_pts, new_labels, click_label = [click.point], [click.label], click.label
+            for (x, y), label in zip(new_pts, new_labels):
+                asked[i] = asked[i].with_point(x, y, int(label))
+            shown[i] = decode_click(i)
+            n = len(new_labels)
+            record(i, step, click_label, clicks_honoured(shown[i].mask, asked[i].points[-n:], asked[i].labels[-n:]))
     return rows
+
+
+def _point_start_candidate(predictor, emb, asked: SlicePrompts, cfg: EvalConfig, image, embed_crop) -> SliceResult:
+    """A point start decoded with the candidates that were measured and not adopted (``--point-second-pass``: the
+    points again with the first decode's logits as the mask prompt; ``--focus-points``: the points again in the
+    crop their first mask sizes), then refined as the annotator refines a first point. Its clicks then go through
+    the annotator's path: on the whole image, with the crop's mask as the mask prompt."""
+    pts, labels = asked.points[None], asked.labels[None]
+    pred = predictor.predict(points=pts, point_labels=labels, multimask_output=True, embedding=emb)
+    if cfg.point_second_pass:  # the decoder refines its own first guess
+        pred = predictor.predict(points=pts, point_labels=labels, mask_input=pred.low_res_logits,
+                                 multimask_output=False, embedding=emb)
+    frame_emb, plan = emb, None
+    if cfg.focus_for_points is not None:
+        plan = plan_crop_for_points(pred.masks[0], asked.points, emb.frame.original_size, cfg.focus_for_points)
+        if plan is not None:
+            crop_emb = embed_crop(plan)
+            crop_pred = predictor.predict(points=plan.points_to_crop(asked.points)[None], point_labels=labels,
+                                          multimask_output=True, embedding=crop_emb)
+            if crop_pred.masks[0].any():  # an empty crop mask keeps the whole image's
+                pred, frame_emb = crop_pred, crop_emb
+            else:
+                plan = None
+    mask, logits = pred.masks[0], pred.low_res_logits[:1]
+    refinement = cfg.refinement
+    if refinement is not None:
+        from napari_robustmedsam.engine.predictor import logits_to_original
+
+        prior = (logits_to_original(frame_emb.frame, logits)[0, 0].cpu().numpy()
+                 if refinement.method == "graph-cut" else None)
+        in_frame = asked.points if plan is None else plan.points_to_crop(asked.points)
+        pixels = image if plan is None else plan.crop(image)
+        mask = refine_prediction(pixels, None, None, mask, in_frame, asked.labels, 1, refinement, prior)
+    return SliceResult(mask=mask if plan is None else plan.paste(mask), logits=logits, score=float(pred.scores[0]),
+                       used_previous_logits=False, prompts=asked, crop=plan)
 
 
 def clicks_honoured(mask: np.ndarray, points, labels) -> float:

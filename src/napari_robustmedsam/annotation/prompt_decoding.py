@@ -259,7 +259,7 @@ def segment_slice(
                        local_corrections=local_corrections, click_guard=click_guard,
                        click_guard_reach=click_guard_reach, click_refinement=click_refinement,
                        point_strokes=point_strokes)
-        return _segment_in_crop(plan, embed_crop(plan), predictor, sent, previous_prompts, previous_logits,
+        return segment_in_crop(plan, embed_crop(plan), predictor, sent, previous_prompts, previous_logits,
                                 previous_mask, previous_crop, image, **options)
     if previous_crop is not None and previous_logits is not None:
         previous_logits = _mask_prompt_from(embedding, previous_mask)
@@ -346,7 +346,7 @@ def _crop_prompts(plan: CropPlan, prompts: SlicePrompts | None) -> SlicePrompts 
                         None if prompts.box is None else plan.box_to_crop(prompts.box), prompts.source, prompts.end)
 
 
-def _segment_in_crop(plan: CropPlan, crop_embedding, predictor, sent: SlicePrompts, previous_prompts, previous_logits,
+def segment_in_crop(plan: CropPlan, crop_embedding, predictor, sent: SlicePrompts, previous_prompts, previous_logits,
                      previous_mask, previous_crop, image, **options) -> SliceResult:
     """:func:`segment_slice` decoded in the focus crop ``plan`` (prompts, previous state and pixels moved into its
     frame), its mask pasted back at full size. The previous logits are fed back only when they come from the same
