@@ -96,3 +96,57 @@ def test_the_evaluations_clicks_are_the_annotators(shared_data, litemedsam, data
         assert crops  # the small nucleus was zoomed, in both
     for row, mask in zip(rows, ui):
         assert row["dice"] == pytest.approx(dice(obj.mask, mask), abs=1e-12), f"step {row['step']}"
+
+
+class BoxTrained:
+    """A stand-in box-trained model: from points alone a small square at the first point, from a box the square
+    of side 12 at (8, 8); records each call's box and mask prompt."""
+
+    box_primary = True
+
+    def __init__(self, empty_from_points=False):
+        self.calls, self.empty_from_points = [], empty_from_points
+
+    def predict(self, points=None, point_labels=None, boxes=None, mask_input=None, embedding=None, **kw):
+        from types import SimpleNamespace
+
+        import torch
+
+        self.calls.append(SimpleNamespace(boxes=boxes, mask_input=mask_input, kw=kw))
+        mask = np.zeros((32, 32), bool)
+        if boxes is not None:
+            mask[8:20, 8:20] = True
+        elif not self.empty_from_points:
+            x, y = (int(v) for v in np.asarray(points).reshape(-1, 2)[0])
+            mask[y - 1:y + 2, x - 1:x + 2] = True
+        logits = torch.where(torch.from_numpy(mask), 4.0, -4.0)[None, None]
+        return SimpleNamespace(masks=mask[None], low_res_logits=logits, scores=np.array([0.9]))
+
+
+def stand_in_embedding():
+    from types import SimpleNamespace
+
+    import torch
+
+    return SimpleNamespace(frame=SimpleNamespace(original_size=(32, 32),
+                                                 mask_to_low_res=lambda m: torch.zeros(1, 1, 32, 32)))
+
+
+def test_a_box_trained_models_point_start_is_decoded_again_with_its_masks_box():
+    """docs/results/click-refinement/point-then-box.md: the point start's first mask gives the box of a second
+    decode, and the clicks after it are corrections sent with that box."""
+    from napari_robustmedsam.annotation.prompt_decoding import segment_slice
+
+    model, emb = BoxTrained(), stand_in_embedding()
+    start = segment_slice(model, emb, SlicePrompts([[12.0, 12.0]], [1]), box_primary=True)
+    assert len(model.calls) == 2 and model.calls[0].boxes is None
+    np.testing.assert_allclose(model.calls[1].boxes, [11, 11, 14, 14])  # around the first mask and the point
+    assert start.mask.sum() == 144 and start.prompts.box is not None and start.hint  # the hint still says: a box
+    click = segment_slice(model, emb, SlicePrompts([[12.0, 12.0], [25.0, 25.0]], [1, 1]), previous_prompts=start.prompts,
+                          previous_logits=start.logits, previous_mask=start.mask, box_primary=True)
+    np.testing.assert_allclose(model.calls[-1].boxes, start.prompts.box)
+    assert click.used_previous_logits and model.calls[-1].mask_input is start.logits
+    # a model that takes points, or a first mask that is empty: one decode, as before
+    for model, box_primary in ((BoxTrained(), False), (BoxTrained(empty_from_points=True), True)):
+        segment_slice(model, emb, SlicePrompts([[12.0, 12.0]], [1]), box_primary=box_primary)
+        assert len(model.calls) == 1

@@ -127,8 +127,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="point starts (points<K>, iter_point): decode again with the first decode's logits as the "
                    "mask prompt (docs/results/focus-crop/rule-point-second-pass.md); default off")
     p.add_argument("--box-from-mask", choices=("on", "off"), default=None,
-                   help="iter_point with a box-trained model (LiteMedSAM, MedSAM): send each click with the box of the "
-                   "mask shown, as the annotator does; default: the policy's (annotator: on; papers: off)")
+                   help="iter_point with a box-trained model (LiteMedSAM, MedSAM): decode the point start again with "
+                   "the box of its first mask and send the clicks with that box, as the annotator does; default: the "
+                   "policy's (annotator: on; papers: off)")
     p.add_argument("--jitter", type=float, default=0.1, help="box_jitter: max side shift as a fraction of the box side")
     p.add_argument("--objects", choices=("label", "components"), default="label",
                    help="an object is a label value (default) or each connected component of a label value")

@@ -143,8 +143,9 @@ class EvalConfig:
     focus_points: bool = False
     # a point-only start is decoded twice, the second time with the first decode's logits as the mask prompt
     point_second_pass: bool = False
-    # a box-trained model (LiteMedSAM, MedSAM) is sent the box of the mask shown with a point start's clicks, as the
-    # annotator sends it (annotation.prompt_decoding.prompts_to_send); on under --policy annotator
+    # a box-trained model (LiteMedSAM, MedSAM) decodes a point start again with the box of its first mask and is sent
+    # that box with the clicks, as the annotator does (annotation.prompt_decoding.segment_slice); on under --policy
+    # annotator
     box_from_mask: bool = False
 
     def for_model(self, handle) -> "EvalConfig":
@@ -230,7 +231,8 @@ class EvalConfig:
             # differed for a box-trained model's point start), so earlier rows are not resumed as these
             parts["click_path"] = "segment_slice"
             if self.box_from_mask and prompt == "iter_point":
-                parts["box_from_mask"] = True
+                # "point start": the start is decoded again with the box around its first mask
+                parts.update(box_from_mask=True, point_start="again with its mask's box")
             if self.local_for(prompt):  # absent when off, so earlier runs keep their protocol hash
                 parts["local_corrections"] = True
             if self.guard_for(prompt):
@@ -467,8 +469,8 @@ def _iterative(predictor, emb, objects: list[GTObject], prompt: str, sample_key:
     :func:`~napari_robustmedsam.annotation.prompt_decoding.segment_slice`, from what the annotator holds for that
     object after the step before (the prompts it sent, the logits behind the mask shown and the crop they were
     decoded in: the session's state), with ``cfg``'s click policy and focus crop. So the figures of ``--policy
-    annotator`` are the annotator's: with a box-trained model (``cfg.box_from_mask``), a point start's clicks are
-    sent with the box of the mask shown, as the annotator sends them."""
+    annotator`` are the annotator's: with a box-trained model (``cfg.box_from_mask``), a point start is decoded
+    again with the box of its first mask, and its clicks are sent with that box, as the annotator does."""
     refinement = cfg.refinement
     if refinement is not None and image is None:
         raise ValueError("the click refinement needs the image")

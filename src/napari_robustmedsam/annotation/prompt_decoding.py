@@ -4,7 +4,8 @@ Only the prompt encoder and mask decoder run here (the slice's embedding is comp
 :mod:`.slice_embeddings`). A corrective click (the same box plus more points than last time on this slice)
 feeds the previous low-resolution logits back as the mask prompt, so the object is refined rather than
 re-segmented from scratch. Box-trained models (LiteMedSAM, MedSAM) get the box as their primary prompt:
-without a box on the slice, a box derived from the current mask (if any) is used, and a hint says why.
+without a box on the slice, a box derived from the current mask (if any) is used, and a hint says why; a point-only
+start is decoded twice, the second time with the box around its first mask.
 """
 
 from __future__ import annotations
@@ -193,6 +194,17 @@ def prompts_to_send(prompts: SlicePrompts, plane: tuple[int, int], box_primary: 
     return sent, hint
 
 
+def point_start_box(mask: np.ndarray, prompts: SlicePrompts) -> np.ndarray:
+    """The box a box-trained model's point start is decoded again with: around its first ``mask`` and the positive
+    points of ``prompts`` (x0, y0, x1, y1; exclusive upper corners). The clicks after it are sent with this box."""
+    box = mask_box(mask).astype(np.float64)
+    positive = prompts.points[prompts.labels == 1]
+    if positive.shape[0]:
+        box[:2] = np.minimum(box[:2], np.floor(positive.min(0)))
+        box[2:] = np.maximum(box[2:], np.floor(positive.max(0)) + 1)
+    return box
+
+
 def _refine(image: np.ndarray, embedding, mask: np.ndarray, prediction, sent: SlicePrompts, n_new: int,
             refinement: RefinementSettings, previous_mask: np.ndarray | None, previous_logits) -> tuple[np.ndarray, str]:
     """The click refinement of ``mask`` (the model's) around the ``n_new`` new points, and a hint ("" unless the
@@ -281,6 +293,13 @@ def segment_slice(
         **extra,
     )
     mask = prediction.masks[0]
+    if box_primary and sent.box is None and mask.any():
+        # a box-trained model's point start: decoded again with the box around its first mask and the points, so
+        # that the model gets the kind of prompt it was trained with (docs/results/click-refinement/point-then-box.md)
+        sent = SlicePrompts(sent.points, sent.labels, point_start_box(mask, sent), sent.source)
+        prediction = predictor.predict(points=sent.points, point_labels=sent.labels, boxes=sent.box,
+                                       embedding=embedding)
+        mask = prediction.masks[0]
     refinement = as_refinement(click_refinement)
     n_new = sent.points.shape[0] - (previous_prompts.points.shape[0] if corrective else 0)
     if refinement is not None and image is not None and n_new > 0:
