@@ -27,6 +27,8 @@ the same run and interleaved click by click, so that load from other processes h
   tends to ignore, so the refinement has work to do), without and with each click refinement
   (:mod:`napari_robustmedsam.engine.click_refinement`; issue 23's target with it: p50 <= 60 ms, p95 <= 120 ms).
   ``--click-path-only`` times only these (and today's plain LiteMedSAM box decode).
+- ``annotator point start``: a point-only start through ``segment_slice`` with the default refinement, decoded once
+  and, as the annotator does for a box-trained model, decoded again with the box of its first mask.
 
 Usage: ``python benchmarks/click_latency.py [--clicks 40] [--threads 2] [--skip-vit] [--skip-pge]
 [--pge-checkpoint LABEL=PATH ...] [--click-path-only]``
@@ -162,6 +164,21 @@ def main() -> None:
 
     for refinement in REFINEMENT_METHODS:
         variants[f"annotator click path, refinement {refinement}"] = click_path(refinement)
+
+    def point_start(box_primary: bool):
+        """The annotator's point start at the box's centre with the default click refinement: with ``box_primary``
+        LiteMedSAM's (the point, then again with its first mask's box), else one decode, as for a model that takes
+        points (the path before the second decode)."""
+        kwargs = click_policy("annotator").segment_kwargs()
+
+        def start(box: np.ndarray):
+            prompts = SlicePrompts(points=np.array([[(box[0] + box[2]) / 2, (box[1] + box[3]) / 2]]), labels=np.array([1]))
+            return segment_slice(predictor, emb, prompts, box_primary=box_primary, image=image, **kwargs).mask
+
+        return start
+
+    variants["annotator point start, decoded once"] = point_start(False)
+    variants["annotator point start, LiteMedSAM: again with its mask's box"] = point_start(True)
     if args.click_path_only:
         args.skip_vit = args.skip_pge = True
 
