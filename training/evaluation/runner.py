@@ -489,19 +489,13 @@ def _iterative(predictor, emb, objects: list[GTObject], prompt: str, sample_key:
         click_guard=policy.click_guard, click_guard_reach=cfg.edge_reach, click_refinement=refinement,
     )
     pixels = image if refinement is not None else None
-    asked = []  # each object's prompts as the user gave them
-    shown = []  # each object's state after its last step (a SliceResult: mask shown, prompts sent, logits, crop)
-    for o in objects:
-        if prompt == "iter_box":
-            asked.append(SlicePrompts(box=tight_box(o.mask)))
-        else:  # the same point as the points1 mode, so step 0 equals points1
-            point = random_positive_points(o.mask, 1, rng_for(cfg.seed, sample_key, o.object_id, "points1"))
-            asked.append(SlicePrompts(point, np.ones(1, np.int64)))
-        if prompt == "iter_point" and (cfg.point_second_pass or cfg.focus_for_points is not None):
-            shown.append(_point_start_candidate(predictor, emb, asked[-1], cfg, image, embed_once))
-        else:
-            shown.append(segment_slice(predictor, emb, asked[-1], image=pixels, focus_crop=focus,
-                                       embed_crop=embed_once if focus is not None else None, **options))
+    asked = [_start_prompts(o, prompt, sample_key, cfg) for o in objects]  # each object's prompts, as the user gave them
+    # each object's state after its last step (a SliceResult: the mask shown, the prompts sent, logits, crop)
+    if prompt == "iter_point" and (cfg.point_second_pass or cfg.focus_for_points is not None):
+        shown = [_point_start_candidate(predictor, emb, a, cfg, image, embed_once) for a in asked]
+    else:
+        shown = [segment_slice(predictor, emb, a, image=pixels, focus_crop=focus,
+                               embed_crop=embed_once if focus is not None else None, **options) for a in asked]
 
     def decode_click(i: int) -> SliceResult:
         """Object i's prompts decoded after a click, from its state before (the annotator's ``segment_args``)."""
@@ -547,6 +541,15 @@ def _iterative(predictor, emb, objects: list[GTObject], prompt: str, sample_key:
             n = len(new_labels)
             record(i, step, click_label, clicks_honoured(shown[i].mask, asked[i].points[-n:], asked[i].labels[-n:]))
     return rows
+
+
+def _start_prompts(obj: GTObject, prompt: str, sample_key: str, cfg: EvalConfig) -> SlicePrompts:
+    """An iterative mode's first prompt: the object's tight box, or the points1 mode's point (so that step 0 equals
+    the box or points1 mode)."""
+    if prompt == "iter_box":
+        return SlicePrompts(box=tight_box(obj.mask))
+    point = random_positive_points(obj.mask, 1, rng_for(cfg.seed, sample_key, obj.object_id, "points1"))
+    return SlicePrompts(point, np.ones(1, np.int64))
 
 
 def _point_start_candidate(predictor, emb, asked: SlicePrompts, cfg: EvalConfig, image, embed_crop) -> SliceResult:

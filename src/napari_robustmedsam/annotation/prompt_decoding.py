@@ -194,6 +194,14 @@ def prompts_to_send(prompts: SlicePrompts, plane: tuple[int, int], box_primary: 
     return sent, hint
 
 
+def _point_start_again_with_box(predictor, embedding, sent: SlicePrompts, mask: np.ndarray):
+    """A box-trained model's point start decoded again with the box around its first ``mask`` and the points, so
+    that the model gets the kind of prompt it was trained with (docs/results/click-refinement/point-then-box.md).
+    Returns the prompts sent (with that box) and the new prediction."""
+    sent = SlicePrompts(sent.points, sent.labels, point_start_box(mask, sent), sent.source)
+    return sent, predictor.predict(points=sent.points, point_labels=sent.labels, boxes=sent.box, embedding=embedding)
+
+
 def point_start_box(mask: np.ndarray, prompts: SlicePrompts) -> np.ndarray:
     """The box a box-trained model's point start is decoded again with: around its first ``mask`` and the positive
     points of ``prompts`` (x0, y0, x1, y1; exclusive upper corners). The clicks after it are sent with this box."""
@@ -284,22 +292,12 @@ def segment_slice(
     )
     extra = _click_options(sent, previous_prompts, local_corrections, click_guard, click_guard_reach) if (
         use_logits and corrective) else {}
-    prediction = predictor.predict(
-        points=sent.points if sent.points.shape[0] else None,
-        point_labels=sent.labels if sent.points.shape[0] else None,
-        boxes=sent.box,
-        mask_input=previous_logits if use_logits else None,
-        embedding=embedding,
-        **extra,
-    )
+    points = sent.points if sent.points.shape[0] else None
+    prediction = predictor.predict(points=points, point_labels=None if points is None else sent.labels, boxes=sent.box,
+                                   mask_input=previous_logits if use_logits else None, embedding=embedding, **extra)
+    if box_primary and sent.box is None and prediction.masks[0].any():
+        sent, prediction = _point_start_again_with_box(predictor, embedding, sent, prediction.masks[0])
     mask = prediction.masks[0]
-    if box_primary and sent.box is None and mask.any():
-        # a box-trained model's point start: decoded again with the box around its first mask and the points, so
-        # that the model gets the kind of prompt it was trained with (docs/results/click-refinement/point-then-box.md)
-        sent = SlicePrompts(sent.points, sent.labels, point_start_box(mask, sent), sent.source)
-        prediction = predictor.predict(points=sent.points, point_labels=sent.labels, boxes=sent.box,
-                                       embedding=embedding)
-        mask = prediction.masks[0]
     refinement = as_refinement(click_refinement)
     n_new = sent.points.shape[0] - (previous_prompts.points.shape[0] if corrective else 0)
     if refinement is not None and image is not None and n_new > 0:
