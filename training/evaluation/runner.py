@@ -489,13 +489,14 @@ def _iterative(predictor, emb, objects: list[GTObject], prompt: str, sample_key:
         click_guard=policy.click_guard, click_guard_reach=cfg.edge_reach, click_refinement=refinement,
     )
     pixels = image if refinement is not None else None
+    # what segment_slice reads of the whole image (segment_in_crop takes the crop's pixels itself)
+    whole = dict(image=pixels, focus_crop=focus, embed_crop=embed_once if focus is not None else None)
     asked = [_start_prompts(o, prompt, sample_key, cfg) for o in objects]  # each object's prompts, as the user gave them
     # each object's state after its last step (a SliceResult: the mask shown, the prompts sent, logits, crop)
     if prompt == "iter_point" and (cfg.point_second_pass or cfg.focus_for_points is not None):
         shown = [_point_start_candidate(predictor, emb, a, cfg, image, embed_once) for a in asked]
     else:
-        shown = [segment_slice(predictor, emb, a, image=pixels, focus_crop=focus,
-                               embed_crop=embed_once if focus is not None else None, **options) for a in asked]
+        shown = [segment_slice(predictor, emb, a, **whole, **options) for a in asked]
 
     def decode_click(i: int) -> SliceResult:
         """Object i's prompts decoded after a click, from its state before (the annotator's ``segment_args``)."""
@@ -506,8 +507,7 @@ def _iterative(predictor, emb, objects: list[GTObject], prompt: str, sample_key:
             return segment_in_crop(before.crop, embed_once(before.crop), predictor, asked[i], before.prompts,
                                    before.logits, previous_mask, before.crop, pixels, **options)
         return segment_slice(predictor, emb, asked[i], previous_prompts=before.prompts, previous_logits=before.logits,
-                             previous_mask=previous_mask, previous_crop=before.crop, image=pixels, focus_crop=focus,
-                             embed_crop=embed_once if focus is not None else None, **options)
+                             previous_mask=previous_mask, previous_crop=before.crop, **whole, **options)
 
     rows: list[dict] = []
 
@@ -536,7 +536,7 @@ def _iterative(predictor, emb, objects: list[GTObject], prompt: str, sample_key:
                     continue
                 new_pts, new_labels, click_label = [click.point], [click.label], click.label
             for (x, y), label in zip(new_pts, new_labels):
-                asked[i] = asked[i].with_point(x, y, int(label))
+                asked[i] = asked[i].with_point(x, y, label)
             shown[i] = decode_click(i)
             n = len(new_labels)
             record(i, step, click_label, clicks_honoured(shown[i].mask, asked[i].points[-n:], asked[i].labels[-n:]))
