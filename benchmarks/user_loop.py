@@ -295,7 +295,9 @@ def cell_rows(cell: Cell, ds, ft: dict, before: dict, candidate: dict | None, me
     base = {"start": cell.start, "dataset": cell.dataset, "kind": "volume" if ds.kind == "3d" else "2d",
             "n_labelled": cell.n, "budget_min": cell.budget_min, "eval_images": len(measured),
             "decision_mode": run.get("mode"), "swapped": swapped, "judge_current": d.get("current_score"),
-            "judge_candidate": d.get("candidate_score"), "judge_delta": d.get("delta"), "stopped": run.get("stopped"),
+            "judge_candidate": d.get("candidate_score"), "judge_delta": d.get("delta"),
+            "judge_bound": d.get("lower_bound"), "judge_objects": d.get("objects"),
+            "mean_rule_swapped": d.get("mean_rule_swapped"), "stopped": run.get("stopped"),
             "iterations": ft.get("iterations"), "finetune_s": round(float(run.get("seconds") or 0.0), 1),
             "eval_s": round(eval_s, 1)}
     rows = []
@@ -353,9 +355,19 @@ def _pivot(df):
     wide = df.pivot_table(index=keys, columns="model", values=["box_dice", "dice_5", "noc_85", "never_85"],
                           aggfunc="first", dropna=False)
     wide.columns = [f"{metric}_{model}" for metric, model in wide.columns]
-    info = df[df["model"] == "before"].set_index(keys)[["eval_images", "swapped", "judge_delta", "finetune_s",
-                                                         "iterations", "decision_mode", "stopped"]]
+    df = df.copy()
+    if "judge_bound" not in df:  # rows of runs made before the judge had a lower bound
+        df["judge_bound"] = math.nan
+    info = df[df["model"] == "before"].set_index(keys)[["eval_images", "swapped", "judge_delta", "judge_bound",
+                                                         "finetune_s", "iterations", "decision_mode", "stopped"]]
     return wide.join(info).reset_index()
+
+
+def _judge(r) -> str:
+    """The judge's mean gain and, where the run recorded it, its lower bound."""
+    bound = r.get("judge_bound")
+    text = _fmt(r["judge_delta"])
+    return text if bound is None or math.isnan(float(bound)) else f"{text}, {_fmt(float(bound))}"
 
 
 def markdown_tables(df) -> str:
@@ -369,7 +381,7 @@ def markdown_tables(df) -> str:
         parts.append(f"### start {start}, N = {n} labelled images, {budget:g}-minute fine-tune\n")
         parts.append(f"{STARTS[start].note}.\n" if start in STARTS else "")
         header = ["dataset", "condition", "images", "box Dice", "Dice after 5 clicks", "NoC@85 (never)",
-                  "swapped (judge delta)", "iterations", "fine-tune s"]
+                  "swapped (judge delta, lower bound)", "iterations", "fine-tune s"]
         lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
 
         def cells(r):
@@ -383,7 +395,7 @@ def markdown_tables(df) -> str:
             gc = g[g["condition"] == cond].sort_values("dataset")
             for _, r in gc.iterrows():
                 lines.append("| " + " | ".join([r["dataset"], cond, str(int(r["eval_images"]))] + cells(r) + [
-                    f"{'yes' if r['swapped'] else 'no'} ({_fmt(r['judge_delta'])})", str(int(r["iterations"])),
+                    f"{'yes' if r['swapped'] else 'no'} ({_judge(r)})", str(int(r["iterations"])),
                     f"{r['finetune_s']:.0f}"]) + " |")
             if len(gc):
                 mean = gc.mean(numeric_only=True)

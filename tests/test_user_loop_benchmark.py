@@ -19,7 +19,8 @@ user_loop = load_benchmark("user_loop")
 
 CSV_COLUMNS = {"start", "dataset", "kind", "n_labelled", "budget_min", "eval_images", "model", "condition", "box_dice",
                "dice_5", "noc_85", "never_85", "objects", "decision_mode", "swapped", "judge_current",
-               "judge_candidate", "judge_delta", "stopped", "iterations", "finetune_s", "eval_s"}
+               "judge_candidate", "judge_delta", "judge_bound", "judge_objects", "mean_rule_swapped", "stopped",
+               "iterations", "finetune_s", "eval_s"}
 
 
 def test_the_preset_is_the_fine_tune_tabs_default():

@@ -13,10 +13,14 @@ The user's labelled planes (2D images, or labelled slices of a volume: each one 
 
 Both models are judged by :func:`score_items` the way a user works: a tight box around each labelled object, then
 :data:`JUDGE_CLICKS` corrective clicks (each at the centre of the largest error region), every step through the
-annotator's click path with its click policy and zoom, Dice at the image's own resolution. The score of a plane
-is the mean over its objects of (box Dice + Dice after the clicks) / 2;
-:func:`decide` swaps only if the candidate's mean over the held-back planes is higher than the current model's.
-The decision and its numbers go into the checkpoint's metadata (:func:`record_decision`).
+annotator's click path with its click policy and zoom, Dice at the image's own resolution. The score of an
+object is (box Dice + Dice after the clicks) / 2.
+
+:func:`decide` swaps only if the candidate is better with some certainty: the one-sided lower confidence bound
+(:data:`CONFIDENCE`) of the mean paired gain over the judged objects must be above zero. Why not simply a higher
+mean: two held-back images cannot tell a small gain from a real loss, and a mean-only rule swapped in a model that
+was worse on the rest of the user's images (docs/results/user-loop/rule-judge-bound.md). The decision and its
+numbers go into the checkpoint's metadata (:func:`record_decision`).
 """
 
 from __future__ import annotations
@@ -41,6 +45,8 @@ MIN_HELD_BACK = 2
 JUDGE_CLICKS = 3
 #: objects judged per plane at most (the first ones by label value; keeps judging a crowded plane quick)
 JUDGE_MAX_OBJECTS = 5
+#: one-sided confidence of the lower bound of the candidate's gain that must be above zero to swap it in
+CONFIDENCE = 0.90
 #: the metadata key of the decision in a checkpoint's ``extra``
 METADATA_KEY = "never_worse"
 
@@ -107,10 +113,17 @@ class PlaneScore:
     box: float  # mean box Dice over the plane's judged objects
     clicks: float  # mean Dice after the box and JUDGE_CLICKS corrective clicks
     objects: int
+    #: (box Dice, Dice after the clicks) of each judged object, in the judging order; empty: the plane's means stand
+    #: for one object
+    per_object: list[tuple[float, float]] = field(default_factory=list)
 
     @property
     def score(self) -> float:
         return (self.box + self.clicks) / 2.0
+
+    def object_scores(self) -> list[float]:
+        pairs = self.per_object or [(self.box, self.clicks)]
+        return [(b + c) / 2.0 for b, c in pairs]
 
 
 def score_items(predictor, items: list[TrainItem], *, clicks: int = JUDGE_CLICKS,
@@ -150,7 +163,8 @@ def score_items(predictor, items: list[TrainItem], *, clicks: int = JUDGE_CLICKS
                                       previous_prompts=shown.prompts, previous_logits=shown.logits,
                                       previous_mask=shown.mask, previous_crop=shown.crop, **view, **policy)
             click_d.append(dice(shown.mask, gt))
-        out[item.key] = PlaneScore(item.key, float(np.mean(box_d)), float(np.mean(click_d)), len(box_d))
+        out[item.key] = PlaneScore(item.key, float(np.mean(box_d)), float(np.mean(click_d)), len(box_d),
+                                   [(float(b), float(c)) for b, c in zip(box_d, click_d)])
         if progress is not None:
             progress(n + 1, len(items), f"judging {item.key}")
     return out
@@ -164,12 +178,18 @@ class Decision:
     held_back: list[str]
     current_model: str
     candidate: str
-    current_score: float | None
+    current_score: float | None  # mean over the judged objects
     candidate_score: float | None
     swapped: bool
     reason: str
     rows: list[dict] = field(default_factory=list)  # per held-back plane: before / after box and clicks Dice
-    metric: str = (f"mean over held-back planes of (box Dice + Dice after {JUDGE_CLICKS} corrective clicks) / 2")
+    metric: str = (f"mean over the judged objects of the held-back planes of (box Dice + Dice after {JUDGE_CLICKS} "
+                   f"corrective clicks) / 2; swapped if the one-sided {CONFIDENCE:.0%} lower bound of the mean "
+                   f"paired gain is above 0")
+    objects: int = 0  # judged objects, paired between the two models
+    lower_bound: float | None = None  # of the mean paired gain, at ``confidence``; None with fewer than 2 objects
+    confidence: float = CONFIDENCE
+    mean_rule_swapped: bool = False  # what a higher mean alone would have decided (kept for comparison)
 
     @property
     def delta(self) -> float | None:
@@ -181,12 +201,20 @@ class Decision:
         if self.delta is None:
             return self.reason
         n = len(self.held_back)
+        scores = f"{self.candidate_score:.3f} vs {self.current_score:.3f}"
         if self.swapped:
-            return (f"The fine-tuned model is better: {self.candidate_score:.3f} vs {self.current_score:.3f} for "
-                    f"{self.current_model} on {n} held-back plane(s) (+{self.delta:.3f}).")
-        lower = f"{-self.delta:.3f} lower" if self.delta < 0 else "not higher"
-        return (f"Kept the current model ({self.current_model}): the fine-tuned model scored "
-                f"{self.candidate_score:.3f} vs {self.current_score:.3f} on {n} held-back plane(s), {lower}.")
+            return (f"The fine-tuned model is better: {scores} for {self.current_model} on {n} held-back plane(s) "
+                    f"(+{self.delta:.3f}; at least {self.lower_bound:+.3f} with {self.confidence:.0%} confidence "
+                    f"over {self.objects} objects).")
+        kept = f"Kept the current model ({self.current_model}): the fine-tuned model scored {scores} on {n} held-back plane(s)"
+        if self.delta <= 0:
+            lower = f"{-self.delta:.3f} lower" if self.delta < 0 else "not higher"
+            return f"{kept}, {lower}."
+        if self.lower_bound is None:
+            return (f"{kept}, +{self.delta:.3f}, but one judged object cannot show a sure gain: label more images "
+                    f"and run it again.")
+        return (f"{kept}, +{self.delta:.3f}, but that gain is not sure: with {self.confidence:.0%} confidence over "
+                f"{self.objects} objects it could be {self.lower_bound:+.3f}. Label more images and run it again.")
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -194,23 +222,46 @@ class Decision:
         return d
 
 
+def paired_gains(current: dict[str, PlaneScore], candidate: dict[str, PlaneScore], keys: list[str]) -> list[float]:
+    """Candidate minus current score of each judged object, paired by plane and judging order."""
+    gains: list[float] = []
+    for k in keys:
+        before, after = current[k].object_scores(), candidate[k].object_scores()
+        gains += [a - b for a, b in zip(after, before)]
+    return gains
+
+
+def lower_bound(gains: list[float], confidence: float = CONFIDENCE) -> float | None:
+    """One-sided lower confidence bound of the mean gain (Student's t over the objects); None below 2 objects."""
+    from scipy.stats import t
+
+    g = np.asarray(gains, float)
+    if g.size < 2 or not np.all(np.isfinite(g)):
+        return None
+    return float(g.mean() - t.ppf(confidence, g.size - 1) * g.std(ddof=1) / math.sqrt(g.size))
+
+
 def decide(current: dict[str, PlaneScore], candidate: dict[str, PlaneScore], *, mode: str, current_model: str,
            candidate_path: str) -> Decision:
-    """Swap only if the candidate's mean score over the held-back planes beats the current model's (ties keep)."""
+    """Swap only if the lower bound of the candidate's mean paired gain over the judged objects is above zero."""
     keys = [k for k in candidate if k in current]
     if not keys:
         return Decision(mode, [], current_model, candidate_path, None, None, False,
                         "no held-back labels to compare on: the current model is kept (load the result by hand "
                         "if you want it)")
-    before = float(np.mean([current[k].score for k in keys]))
-    after = float(np.mean([candidate[k].score for k in keys]))
+    gains = paired_gains(current, candidate, keys)
+    before = float(np.mean([v for k in keys for v in current[k].object_scores()]))
+    after = float(np.mean([v for k in keys for v in candidate[k].object_scores()]))
     rows = [dict(plane=k, box_before=current[k].box, box_after=candidate[k].box,
-                 clicks_before=current[k].clicks, clicks_after=candidate[k].clicks, objects=current[k].objects)
+                 clicks_before=current[k].clicks, clicks_after=candidate[k].clicks, objects=current[k].objects,
+                 gains=[round(g, 6) for g in paired_gains(current, candidate, [k])])
             for k in keys]
-    swapped = bool(math.isfinite(after) and after > before)
-    reason = ("higher score on the held-back planes" if swapped else
-              "no higher score on the held-back planes: the current model is kept")
-    return Decision(mode, keys, current_model, candidate_path, before, after, swapped, reason, rows)
+    bound = lower_bound(gains)
+    swapped = bool(bound is not None and bound > 0)
+    reason = (f"the candidate's gain on the held-back planes is above 0 with {CONFIDENCE:.0%} confidence"
+              if swapped else "no sure gain on the held-back planes: the current model is kept")
+    return Decision(mode, keys, current_model, candidate_path, before, after, swapped, reason, rows,
+                    objects=len(gains), lower_bound=bound, mean_rule_swapped=bool(math.isfinite(after) and after > before))
 
 
 def record_decision(checkpoint: str | Path, decision: Decision) -> Path:
