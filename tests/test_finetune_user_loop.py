@@ -9,13 +9,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from scipy.stats import t
 
 from training.finetune import TrainItem, items_from_arrays
 from training.finetune.never_worse import (
+    CONFIDENCE,
     FOLDS_BELOW,
     MIN_HELD_BACK,
     PlaneScore,
     decide,
+    lower_bound,
     plan_holdout,
     record_decision,
 )
@@ -69,6 +72,47 @@ def test_a_worse_candidate_is_not_swapped_in_and_the_loss_is_said():
     assert not tie.swapped  # a tie keeps what the user has
     none = decide({}, {}, mode="none", current_model="m", candidate_path="x.pth")
     assert not none.swapped and none.delta is None and "no held-back labels" in none.summary()
+
+
+def _objects(key: str, pairs: list[tuple[float, float]]) -> PlaneScore:
+    return PlaneScore(key, float(np.mean([b for b, _ in pairs])), float(np.mean([c for _, c in pairs])), len(pairs),
+                      list(pairs))
+
+
+def test_a_small_gain_that_two_planes_cannot_confirm_keeps_the_current_model():
+    """The dermoscopy case: a small mean gain from one better and one worse object is not a sure gain, so the
+    current model stays (a higher mean alone would have swapped, and the decision says so)."""
+    current = {"a": _objects("a", [(0.90, 0.92)]), "b": _objects("b", [(0.93, 0.95)])}
+    candidate = {"a": _objects("a", [(0.96, 0.96)]), "b": _objects("b", [(0.90, 0.92)])}
+    d = decide(current, candidate, mode="hold-out", current_model="litemedsam", candidate_path="x.pth")
+    gains = [0.05, -0.03]
+    assert d.delta == pytest.approx(np.mean(gains)) and d.delta > 0 and d.objects == 2
+    assert d.mean_rule_swapped and not d.swapped
+    assert d.lower_bound == pytest.approx(np.mean(gains) - t.ppf(CONFIDENCE, 1) * np.std(gains, ddof=1) / np.sqrt(2))
+    assert d.lower_bound < 0
+    assert "+0.010, but that gain is not sure: with 90% confidence over 2 objects it could be" in d.summary()
+    assert [r["gains"] for r in d.rows] == [[pytest.approx(0.05)], [pytest.approx(-0.03)]]
+
+    from napari_robustmedsam.widgets.finetune import load_button_text
+
+    assert load_button_text(d) == "Load anyway (its gain is not sure)"
+    lost = decide(candidate, current, mode="hold-out", current_model="m", candidate_path="x.pth")
+    assert load_button_text(lost) == "Load anyway (it scored lower)"
+
+
+def test_a_gain_seen_on_every_object_is_swapped_in_and_objects_weigh_alike():
+    current = {"a": _objects("a", [(0.60, 0.70), (0.50, 0.60), (0.70, 0.72)]), "b": _objects("b", [(0.80, 0.82)])}
+    candidate = {"a": _objects("a", [(0.68, 0.76), (0.55, 0.70), (0.74, 0.80)]), "b": _objects("b", [(0.83, 0.85)])}
+    d = decide(current, candidate, mode="hold-out", current_model="litemedsam", candidate_path="x.pth")
+    assert d.objects == 4 and d.swapped and d.lower_bound > 0
+    assert d.current_score == pytest.approx(np.mean([0.65, 0.55, 0.71, 0.81]))  # per object, not per plane
+    assert "with 90% confidence over 4 objects" in d.summary()
+    assert lower_bound([0.1]) is None and lower_bound([0.02, 0.02]) == pytest.approx(0.02)
+
+    single = decide({"a": _objects("a", [(0.5, 0.5)])}, {"a": _objects("a", [(0.9, 0.9)])}, mode="folds",
+                    current_model="m", candidate_path="x.pth")
+    assert not single.swapped and single.mean_rule_swapped and "one judged object cannot show a sure gain" in (
+        single.summary())
 
 
 def test_the_decision_is_saved_in_the_checkpoint_metadata(tmp_path):
@@ -240,3 +284,4 @@ def test_the_judge_clicks_through_the_annotators_click_path(litemedsam, shared_d
     honest = score_items(Predictor.from_loaded(litemedsam), [item], clicks=2, zoom=False)["ph2/0"]
     assert score.box == pytest.approx(honest.box) and score.box > 0.5
     assert score.clicks >= score.box - 0.02  # the box mask is kept: the model's wipe lies beyond the clicks' reach
+    assert score.per_object == [(score.box, score.clicks)] and score.objects == 1  # one object, paired by the rule

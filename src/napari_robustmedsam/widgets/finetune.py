@@ -262,8 +262,7 @@ class FinetuneWidget(QWidget):
         self.start_button.setEnabled(True)
         decision = result.decision
         self.load_button.setEnabled(result.checkpoint is not None)
-        self.load_button.setText("Load into annotator" if decision is None or decision.swapped
-                                 else "Load anyway (it scored lower)")
+        self.load_button.setText(load_button_text(decision))
         if result.stopped in ("cancelled", "interrupted", "nan"):
             self.banner.show_message(f"{result.stopped}: {result.message} The current model is kept.", "warning")
             return
@@ -381,3 +380,13 @@ def _max_ranked() -> int:
     from training.finetune.next_image import MAX_RANKED
 
     return MAX_RANKED
+
+
+def load_button_text(decision) -> str:
+    """What loading the candidate means after the decision: a kept candidate either scored lower, or scored higher
+    by a gain too small to be sure of (never_worse's lower bound)."""
+    if decision is None or decision.swapped:
+        return "Load into annotator"
+    if decision.delta is not None and decision.delta > 0:
+        return "Load anyway (its gain is not sure)"
+    return "Load anyway (it scored lower)"
