@@ -151,6 +151,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--merge", nargs="+", metavar="CSV", default=None,
                    help="run nothing: merge the user_loop.csv files of runs made separately (e.g. one dataset at a "
                         "time) into one results.md and user_loop.csv under --out, with the verdicts over all of them")
+    p.add_argument("--judge-rule", choices=("recorded", "mean"), default="recorded",
+                   help="with --merge: 'recorded' keeps each cell's decision; 'mean' re-decides every cell by the "
+                        "older rule, a higher mean judge score (runs made before the lower bound were decided so), "
+                        "to compare the two rules on the same candidates")
     return p
 
 
@@ -574,10 +578,30 @@ def merge_runs(args, argv) -> dict:
     header = [f"Command: `python benchmarks/user_loop.py {' '.join(argv if argv is not None else sys.argv[1:])}`", "",
               "Rows merged from runs made separately (each file's own command and machine load are in its "
               "results.md):", "", *[f"- `{p}`" for p in args.merge]]
+    if args.judge_rule == "mean":
+        df = decide_by_mean(df)
+        header += ["", "Every cell re-decided by the older never-worse rule (swap if the judge's mean score is higher), "
+                       "from the same candidates and judge scores."]
     rows = df.drop(columns=["source"]).to_dict("records")
     csv_path, md_path = write_outputs(rows, out, header, all_datasets)
     print(f"wrote {csv_path} and {md_path}", flush=True)
     return {"rows": rows, "skipped": [], "csv": csv_path, "report": md_path}
+
+
+def decide_by_mean(df):
+    """The rows as the older rule would have left them: ``swapped`` is what a higher mean judge score decides
+    (``mean_rule_swapped``; rows without it were decided that way already), and the *kept* rows follow it."""
+    df = df.copy()
+    if "mean_rule_swapped" in df:
+        recorded = df["mean_rule_swapped"].notna()
+        df.loc[recorded, "swapped"] = df.loc[recorded, "mean_rule_swapped"].astype(bool)
+    df["swapped"] = df["swapped"].astype(bool)
+    metrics = [m for m in ("box_dice", "dice_5", "noc_85", "never_85", "objects") if m in df]
+    for _, g in df.groupby(["start", "dataset", "n_labelled", "budget_min", "condition"]):
+        swapped = bool(g.loc[g["model"] == "before", "swapped"].iloc[0])
+        source = g[g["model"] == ("candidate" if swapped else "before")]
+        df.loc[g.index[g["model"] == "kept"], metrics] = source[metrics].to_numpy()
+    return df
 
 
 def cli(argv=None) -> int:

@@ -89,6 +89,31 @@ def test_runs_made_one_dataset_at_a_time_merge_into_one_report(tmp_path):
         user_loop.main(["--merge", str(first), str(first), "--out", str(out)])
 
 
+def test_the_older_mean_rule_can_redecide_merged_cells_on_the_same_candidates(tmp_path):
+    """``--judge-rule mean``: a cell the lower bound kept, where the mean judge score was higher, is swapped, and
+    its kept rows become the candidate's; a cell without the column (decided by the mean rule) stays as recorded."""
+    bound_kept = pd.DataFrame(_rows("a", (0.90, 0.95, 1.0), (0.90, 0.95, 1.0), (0.87, 0.93, 2.0), swapped=False))
+    bound_kept["mean_rule_swapped"] = True
+    bound_kept["judge_bound"] = -0.05
+    older = pd.DataFrame(_rows("b", (0.60, 0.70, 8.0), (0.66, 0.76, 5.0), (0.66, 0.76, 5.0)))
+    first, second = tmp_path / "a.csv", tmp_path / "b.csv"
+    bound_kept.to_csv(first, index=False)
+    older.to_csv(second, index=False)
+    recorded = user_loop.main(["--merge", str(first), str(second), "--out", str(tmp_path / "r"), "--data", "none"])
+    assert "no dataset worse by more than 0.01 after the never-worse check" in recorded["report"].read_text()
+    assert "| a | clean | 20 | 0.900 -> 0.900 (0.870) |" in recorded["report"].read_text()
+    assert "no (0.010, -0.050)" in recorded["report"].read_text()  # the judge's gain and its lower bound
+
+    mean = user_loop.main(["--merge", str(first), str(second), "--out", str(tmp_path / "m"), "--data", "none",
+                           "--judge-rule", "mean"])
+    df = pd.read_csv(mean["csv"])
+    kept_a = df[(df["dataset"] == "a") & (df["model"] == "kept")]
+    assert kept_a["swapped"].all() and (kept_a["box_dice"] == 0.87).all() and (kept_a["noc_85"] == 2.0).all()
+    kept_b = df[(df["dataset"] == "b") & (df["model"] == "kept")]
+    assert (kept_b["box_dice"] == 0.66).all()
+    assert "a clean box_dice -0.030" in mean["report"].read_text()
+
+
 def _phantom_data(root: Path) -> Path:
     for name, count in (("phantom", 8), ("too_small", 3)):
         for sub in ("images", "masks"):
