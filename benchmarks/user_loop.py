@@ -151,10 +151,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--merge", nargs="+", metavar="CSV", default=None,
                    help="run nothing: merge the user_loop.csv files of runs made separately (e.g. one dataset at a "
                         "time) into one results.md and user_loop.csv under --out, with the verdicts over all of them")
-    p.add_argument("--judge-rule", choices=("recorded", "mean"), default="recorded",
-                   help="with --merge: 'recorded' keeps each cell's decision; 'mean' re-decides every cell by the "
-                        "older rule, a higher mean judge score (runs made before the lower bound were decided so), "
-                        "to compare the two rules on the same candidates")
+    p.add_argument("--judge-rule", choices=("recorded", "mean", "bound", "margin"), default="recorded",
+                   help="with --merge: 'recorded' keeps each cell's decision; the others re-decide every cell from "
+                        "its recorded judge numbers, to compare never-worse rules on the same candidates: 'mean' "
+                        "swaps on a higher mean score (the older rule), 'bound' on a 90%% lower bound above 0, "
+                        "'margin' on a gain of at least never_worse.MIN_GAIN (docs/results/user-loop)")
     return p
 
 
@@ -578,24 +579,45 @@ def merge_runs(args, argv) -> dict:
     header = [f"Command: `python benchmarks/user_loop.py {' '.join(argv if argv is not None else sys.argv[1:])}`", "",
               "Rows merged from runs made separately (each file's own command and machine load are in its "
               "results.md):", "", *[f"- `{p}`" for p in args.merge]]
-    if args.judge_rule == "mean":
-        df = decide_by_mean(df)
-        header += ["", "Every cell re-decided by the older never-worse rule (swap if the judge's mean score is higher), "
-                       "from the same candidates and judge scores."]
+    if args.judge_rule != "recorded":
+        df = redecide(df, args.judge_rule)
+        header += ["", f"Every cell re-decided by the never-worse rule '{args.judge_rule}' ({RULES[args.judge_rule]}), "
+                       "from its recorded candidate and judge numbers."]
     rows = df.drop(columns=["source"]).to_dict("records")
     csv_path, md_path = write_outputs(rows, out, header, all_datasets)
     print(f"wrote {csv_path} and {md_path}", flush=True)
     return {"rows": rows, "skipped": [], "csv": csv_path, "report": md_path}
 
 
-def decide_by_mean(df):
-    """The rows as the older rule would have left them: ``swapped`` is what a higher mean judge score decides
-    (``mean_rule_swapped``; rows without it were decided that way already), and the *kept* rows follow it."""
+#: the never-worse rules ``--judge-rule`` can re-decide merged cells by
+RULES = {"mean": "swap if the judge's mean score is higher",
+         "bound": "swap if the 90 % lower bound of the mean per-object gain is above 0",
+         "margin": "swap if the judge's mean gain is at least 0.01"}
+
+
+def redecide(df, rule: str):
+    """The rows as ``rule`` would have left them: ``swapped`` from the cell's recorded judge numbers, and the *kept*
+    rows from the candidate's or the start model's rows. Rows of runs made before a number was recorded were decided
+    by the mean rule: they give ``mean``, and a cell the mean rule kept stays kept by the stricter ones."""
+    from training.finetune.never_worse import MIN_GAIN
+
     df = df.copy()
-    if "mean_rule_swapped" in df:
-        recorded = df["mean_rule_swapped"].notna()
-        df.loc[recorded, "swapped"] = df.loc[recorded, "mean_rule_swapped"].astype(bool)
-    df["swapped"] = df["swapped"].astype(bool)
+    for column in ("mean_rule_swapped", "judge_bound"):
+        if column not in df:
+            df[column] = math.nan
+    mean_rule = df["mean_rule_swapped"].where(df["mean_rule_swapped"].notna(), df["swapped"]).astype(bool)
+    if rule == "mean":
+        df["swapped"] = mean_rule
+    elif rule == "bound":
+        unknown = df["judge_bound"].isna() & mean_rule
+        if unknown.any():
+            raise ValueError(f"no recorded lower bound for {sorted(set(df.loc[unknown, 'dataset']))}: 'bound' cannot "
+                             "re-decide cells the mean rule swapped in runs made before the bound was recorded")
+        df["swapped"] = df["judge_bound"].fillna(-math.inf) > 0
+    elif rule == "margin":
+        df["swapped"] = mean_rule & (df["judge_delta"].astype(float) >= MIN_GAIN - 1e-12)
+    else:
+        raise ValueError(f"unknown judge rule {rule!r}; valid: recorded, {', '.join(RULES)}")
     metrics = [m for m in ("box_dice", "dice_5", "noc_85", "never_85", "objects") if m in df]
     for _, g in df.groupby(["start", "dataset", "n_labelled", "budget_min", "condition"]):
         swapped = bool(g.loc[g["model"] == "before", "swapped"].iloc[0])

@@ -89,7 +89,7 @@ def test_runs_made_one_dataset_at_a_time_merge_into_one_report(tmp_path):
         user_loop.main(["--merge", str(first), str(first), "--out", str(out)])
 
 
-def test_the_older_mean_rule_can_redecide_merged_cells_on_the_same_candidates(tmp_path):
+def test_merged_cells_can_be_redecided_by_each_never_worse_rule_on_the_same_candidates(tmp_path):
     """``--judge-rule mean``: a cell the lower bound kept, where the mean judge score was higher, is swapped, and
     its kept rows become the candidate's; a cell without the column (decided by the mean rule) stays as recorded."""
     bound_kept = pd.DataFrame(_rows("a", (0.90, 0.95, 1.0), (0.90, 0.95, 1.0), (0.87, 0.93, 2.0), swapped=False))
@@ -112,6 +112,19 @@ def test_the_older_mean_rule_can_redecide_merged_cells_on_the_same_candidates(tm
     kept_b = df[(df["dataset"] == "b") & (df["model"] == "kept")]
     assert (kept_b["box_dice"] == 0.66).all()
     assert "a clean box_dice -0.030" in mean["report"].read_text()
+
+    # the recorded judge delta of cell a is 0.01 (the rows' default): the minimum gain swaps it too; the bound keeps
+    margin = user_loop.main(["--merge", str(first), "--out", str(tmp_path / "g"), "--data", "none",
+                             "--judge-rule", "margin"])
+    assert pd.read_csv(margin["csv"]).query("model == 'kept'")["box_dice"].eq(0.87).all()
+    small = bound_kept.assign(judge_delta=0.007)
+    small.to_csv(first, index=False)
+    for rule in ("margin", "bound"):
+        res = user_loop.main(["--merge", str(first), "--out", str(tmp_path / rule), "--data", "none",
+                              "--judge-rule", rule])
+        assert pd.read_csv(res["csv"]).query("model == 'kept'")["box_dice"].eq(0.90).all(), rule
+    with pytest.raises(ValueError, match="no recorded lower bound for \\['b'\\]"):
+        user_loop.main(["--merge", str(second), "--out", str(tmp_path / "x"), "--data", "none", "--judge-rule", "bound"])
 
 
 def _phantom_data(root: Path) -> Path:

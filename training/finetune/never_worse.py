@@ -16,11 +16,11 @@ Both models are judged by :func:`score_items` the way a user works: a tight box 
 annotator's click path with its click policy and zoom, Dice at the image's own resolution. The score of an
 object is (box Dice + Dice after the clicks) / 2.
 
-:func:`decide` swaps only if the candidate is better with some certainty: the one-sided lower confidence bound
-(:data:`CONFIDENCE`) of the mean paired gain over the judged objects must be above zero. Why not simply a higher
-mean: two held-back images cannot tell a small gain from a real loss, and a mean-only rule swapped in a model that
-was worse on the rest of the user's images (docs/results/user-loop/rule-judge-bound.md). The decision and its
-numbers go into the checkpoint's metadata (:func:`record_decision`).
+:func:`decide` swaps only if the candidate's mean gain over the judged objects is at least :data:`MIN_GAIN`. Why
+not simply a higher mean: two held-back images cannot tell a small gain from a real loss, and a mean-only rule
+swapped in a model that was worse on the rest of the user's images. A confidence bound over two objects failed
+both ways (docs/results/user-loop/rule-judge-margin.md). The decision and its numbers go into the checkpoint's
+metadata (:func:`record_decision`).
 """
 
 from __future__ import annotations
@@ -45,7 +45,11 @@ MIN_HELD_BACK = 2
 JUDGE_CLICKS = 3
 #: objects judged per plane at most (the first ones by label value; keeps judging a crowded plane quick)
 JUDGE_MAX_OBJECTS = 5
-#: one-sided confidence of the lower bound of the candidate's gain that must be above zero to swap it in
+#: the smallest mean gain over the judged objects that swaps the candidate in: issue 28's tolerance, below which
+#: a dataset does not count as better or worse
+MIN_GAIN = 0.01
+#: one-sided confidence of the lower bound of the gain that the decision records (information only: with two
+#: held-back images it is not reliable enough to decide)
 CONFIDENCE = 0.90
 #: the metadata key of the decision in a checkpoint's ``extra``
 METADATA_KEY = "never_worse"
@@ -184,9 +188,9 @@ class Decision:
     reason: str
     rows: list[dict] = field(default_factory=list)  # per held-back plane: before / after box and clicks Dice
     metric: str = (f"mean over the judged objects of the held-back planes of (box Dice + Dice after {JUDGE_CLICKS} "
-                   f"corrective clicks) / 2; swapped if the one-sided {CONFIDENCE:.0%} lower bound of the mean "
-                   f"paired gain is above 0")
+                   f"corrective clicks) / 2; swapped if the candidate's mean is higher by at least {MIN_GAIN}")
     objects: int = 0  # judged objects, paired between the two models
+    min_gain: float = MIN_GAIN
     lower_bound: float | None = None  # of the mean paired gain, at ``confidence``; None with fewer than 2 objects
     confidence: float = CONFIDENCE
     mean_rule_swapped: bool = False  # what a higher mean alone would have decided (kept for comparison)
@@ -204,17 +208,13 @@ class Decision:
         scores = f"{self.candidate_score:.3f} vs {self.current_score:.3f}"
         if self.swapped:
             return (f"The fine-tuned model is better: {scores} for {self.current_model} on {n} held-back plane(s) "
-                    f"(+{self.delta:.3f}; at least {self.lower_bound:+.3f} with {self.confidence:.0%} confidence "
-                    f"over {self.objects} objects).")
+                    f"(+{self.delta:.3f}).")
         kept = f"Kept the current model ({self.current_model}): the fine-tuned model scored {scores} on {n} held-back plane(s)"
         if self.delta <= 0:
             lower = f"{-self.delta:.3f} lower" if self.delta < 0 else "not higher"
             return f"{kept}, {lower}."
-        if self.lower_bound is None:
-            return (f"{kept}, +{self.delta:.3f}, but one judged object cannot show a sure gain: label more images "
-                    f"and run it again.")
-        return (f"{kept}, +{self.delta:.3f}, but that gain is not sure: with {self.confidence:.0%} confidence over "
-                f"{self.objects} objects it could be {self.lower_bound:+.3f}. Label more images and run it again.")
+        return (f"{kept}, only +{self.delta:.3f}: a swap needs at least +{self.min_gain:.3f}, since a smaller gain "
+                f"on {n} image(s) may be a loss on the others. Label more images and run it again.")
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -243,7 +243,7 @@ def lower_bound(gains: list[float], confidence: float = CONFIDENCE) -> float | N
 
 def decide(current: dict[str, PlaneScore], candidate: dict[str, PlaneScore], *, mode: str, current_model: str,
            candidate_path: str) -> Decision:
-    """Swap only if the lower bound of the candidate's mean paired gain over the judged objects is above zero."""
+    """Swap only if the candidate's mean paired gain over the judged objects is at least :data:`MIN_GAIN`."""
     keys = [k for k in candidate if k in current]
     if not keys:
         return Decision(mode, [], current_model, candidate_path, None, None, False,
@@ -256,12 +256,12 @@ def decide(current: dict[str, PlaneScore], candidate: dict[str, PlaneScore], *, 
                  clicks_before=current[k].clicks, clicks_after=candidate[k].clicks, objects=current[k].objects,
                  gains=[round(g, 6) for g in paired_gains(current, candidate, [k])])
             for k in keys]
-    bound = lower_bound(gains)
-    swapped = bool(bound is not None and bound > 0)
-    reason = (f"the candidate's gain on the held-back planes is above 0 with {CONFIDENCE:.0%} confidence"
-              if swapped else "no sure gain on the held-back planes: the current model is kept")
+    swapped = bool(math.isfinite(after) and after - before >= MIN_GAIN)
+    reason = (f"a gain of at least {MIN_GAIN} on the held-back planes" if swapped
+              else f"no gain of {MIN_GAIN} on the held-back planes: the current model is kept")
     return Decision(mode, keys, current_model, candidate_path, before, after, swapped, reason, rows,
-                    objects=len(gains), lower_bound=bound, mean_rule_swapped=bool(math.isfinite(after) and after > before))
+                    objects=len(gains), lower_bound=lower_bound(gains),
+                    mean_rule_swapped=bool(math.isfinite(after) and after > before))
 
 
 def record_decision(checkpoint: str | Path, decision: Decision) -> Path:

@@ -383,10 +383,10 @@ def _max_ranked() -> int:
 
 
 def load_button_text(decision) -> str:
-    """What loading the candidate means after the decision: a kept candidate either scored lower, or scored higher
-    by a gain too small to be sure of (never_worse's lower bound)."""
+    """What loading the candidate means after the decision: a kept candidate either scored lower, or higher by less
+    than the gain a swap needs (never_worse.MIN_GAIN)."""
     if decision is None or decision.swapped:
         return "Load into annotator"
     if decision.delta is not None and decision.delta > 0:
-        return "Load anyway (its gain is not sure)"
+        return "Load anyway (its gain is too small)"
     return "Load anyway (it scored lower)"
