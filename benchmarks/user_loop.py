@@ -599,7 +599,7 @@ def redecide(df, rule: str):
     """The rows as ``rule`` would have left them: ``swapped`` from the cell's recorded judge numbers, and the *kept*
     rows from the candidate's or the start model's rows. Rows of runs made before a number was recorded were decided
     by the mean rule: they give ``mean``, and a cell the mean rule kept stays kept by the stricter ones."""
-    from training.finetune.never_worse import MIN_GAIN
+    from training.finetune.never_worse import gain_swaps
 
     df = df.copy()
     for column in ("mean_rule_swapped", "judge_bound"):
@@ -615,7 +615,7 @@ def redecide(df, rule: str):
                              "re-decide cells the mean rule swapped in runs made before the bound was recorded")
         df["swapped"] = df["judge_bound"].fillna(-math.inf) > 0
     elif rule == "margin":
-        df["swapped"] = mean_rule & (df["judge_delta"].astype(float) >= MIN_GAIN - 1e-12)
+        df["swapped"] = mean_rule & df["judge_delta"].astype(float).map(gain_swaps)
     else:
         raise ValueError(f"unknown judge rule {rule!r}; valid: recorded, {', '.join(RULES)}")
     metrics = [m for m in ("box_dice", "dice_5", "noc_85", "never_85", "objects") if m in df]

@@ -241,6 +241,11 @@ def lower_bound(gains: list[float], confidence: float = CONFIDENCE) -> float | N
     return float(g.mean() - t.ppf(confidence, g.size - 1) * g.std(ddof=1) / math.sqrt(g.size))
 
 
+def gain_swaps(gain: float) -> bool:
+    """The rule itself: a mean gain that swaps the candidate in (shared with the user-loop benchmark's re-decision)."""
+    return bool(math.isfinite(gain) and gain >= MIN_GAIN)
+
+
 def decide(current: dict[str, PlaneScore], candidate: dict[str, PlaneScore], *, mode: str, current_model: str,
            candidate_path: str) -> Decision:
     """Swap only if the candidate's mean paired gain over the judged objects is at least :data:`MIN_GAIN`."""
@@ -249,14 +254,15 @@ def decide(current: dict[str, PlaneScore], candidate: dict[str, PlaneScore], *, 
         return Decision(mode, [], current_model, candidate_path, None, None, False,
                         "no held-back labels to compare on: the current model is kept (load the result by hand "
                         "if you want it)")
-    gains = paired_gains(current, candidate, keys)
+    per_plane = {k: paired_gains(current, candidate, [k]) for k in keys}
+    gains = [g for k in keys for g in per_plane[k]]
     before = float(np.mean([v for k in keys for v in current[k].object_scores()]))
     after = float(np.mean([v for k in keys for v in candidate[k].object_scores()]))
     rows = [dict(plane=k, box_before=current[k].box, box_after=candidate[k].box,
                  clicks_before=current[k].clicks, clicks_after=candidate[k].clicks, objects=current[k].objects,
-                 gains=[round(g, 6) for g in paired_gains(current, candidate, [k])])
+                 gains=[round(g, 6) for g in per_plane[k]])
             for k in keys]
-    swapped = bool(math.isfinite(after) and after - before >= MIN_GAIN)
+    swapped = gain_swaps(after - before)
     reason = (f"a gain of at least {MIN_GAIN} on the held-back planes" if swapped
               else f"no gain of {MIN_GAIN} on the held-back planes: the current model is kept")
     return Decision(mode, keys, current_model, candidate_path, before, after, swapped, reason, rows,
