@@ -43,6 +43,7 @@ from training.evaluation.runner import (
     RunStats,
     evaluate_samples,
     load_model_handle,
+    parse_box_check,
     parse_conditions,
     parse_prompts,
     set_threads,
@@ -130,6 +131,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="iter_point with a box-trained model (LiteMedSAM, MedSAM): decode the point start again with "
                    "the box of its first mask and send the clicks with that box, as the annotator does; default: the "
                    "policy's (annotator: on; papers: off)")
+    p.add_argument("--box-check", default="own", metavar="own|off|higher|higher+MARGIN",
+                   help="heads that carry a base model: for a box alone, show the base model's mask where its predicted "
+                   "IoU is higher than the head's (by more than MARGIN); default: each model's own setting "
+                   "(docs/results/shipped-heads/rule-box-check.md)")
     p.add_argument("--jitter", type=float, default=0.1, help="box_jitter: max side shift as a fraction of the box side")
     p.add_argument("--objects", choices=("label", "components"), default="label",
                    help="an object is a label value (default) or each connected component of a label value")
@@ -185,6 +190,7 @@ def _config(args) -> EvalConfig:
         focus_points=args.focus_points == "on",
         point_second_pass=args.point_second_pass == "on",
         box_from_mask=(args.policy == "annotator") if args.box_from_mask is None else args.box_from_mask == "on",
+        box_check=parse_box_check(args.box_check),
     )
 
 
@@ -334,7 +340,7 @@ def main(argv: list[str] | None = None) -> dict:
     threads = args.threads or (1 if workers > 1 else min(2, os.cpu_count() or 1))
     set_threads(threads)
     model_args = args.model or ["litemedsam"]
-    models = [load_model_handle(a, args.device) for a in model_args]
+    models = [load_model_handle(a, args.device, cfg.box_check) for a in model_args]
     labels = [m.label for m in models]
     if len(set(labels)) != len(labels):
         raise ValueError(f"two models share a label {labels}; name them with LABEL=name-or-path")

@@ -78,7 +78,7 @@ _W: dict = {}
 
 def _init_worker(model_args, device, cfg, out, run_id, cache_dir, threads, done) -> None:
     set_threads(threads)
-    _W["models"] = [load_model_handle(a, device) for a in model_args]
+    _W["models"] = [load_model_handle(a, device, cfg.box_check) for a in model_args]
     _W["cfg"] = cfg
     _W["store"] = ResultStore(out, f"{run_id}-p{os.getpid()}")
     _W["run_id"] = run_id

@@ -147,6 +147,8 @@ class EvalConfig:
     # that box with the clicks, as the annotator does (annotation.prompt_decoding.segment_slice); on under --policy
     # annotator
     box_from_mask: bool = False
+    # heads with a base model: the box check's setting for every model (runner.parse_box_check); None: each model's own
+    box_check: float | str | None = None
 
     def for_model(self, handle) -> "EvalConfig":
         """The settings ``handle``'s model is measured with: the crop off for a model whose own default is off."""
@@ -338,7 +340,13 @@ class ModelHandle:
             "preprocessing": getattr(ld, "preprocessing", None),
             "box_primary": getattr(ld, "box_primary", None),
             "checkpoint": str(getattr(ld, "checkpoint_path", None)),
+            "box_check": box_check_margin(self),
         }
+
+
+def box_check_margin(handle: "ModelHandle") -> float | None:
+    """The margin of the model's box check (``PromptableSegmenter.set_box_check``), None when off or absent."""
+    return getattr(getattr(handle.loaded, "model", None), "box_check_margin", None)
 
 
 def split_model_arg(arg: str) -> tuple[str | None, str]:
@@ -350,12 +358,37 @@ def split_model_arg(arg: str) -> tuple[str | None, str]:
     return None, arg
 
 
-def load_model_handle(arg: str, device: str = "cpu") -> ModelHandle:
+#: ``--box-check`` words: each model's own setting (None), off, or a margin ("higher" = 0)
+BOX_CHECK_WORDS = {"own": None, "off": "off", "higher": 0.0}
+
+
+def parse_box_check(word: str) -> float | str | None:
+    """``--box-check``: 'own' (each model's registry setting), 'off', 'higher' (margin 0) or a margin >= 0."""
+    if word in BOX_CHECK_WORDS:
+        return BOX_CHECK_WORDS[word]
+    try:
+        margin = float(word.removeprefix("higher+"))
+    except ValueError:
+        raise ValueError(f"--box-check {word!r}: expected own, off, higher, higher+MARGIN or a margin >= 0") from None
+    if not margin >= 0:
+        raise ValueError(f"--box-check {word!r}: the margin must be >= 0")
+    return margin
+
+
+def load_model_handle(arg: str, device: str = "cpu", box_check: float | str | None = None) -> ModelHandle:
+    """``box_check``: None keeps the model's own box check; "off" turns it off; a number sets its margin (only
+    models that carry a base model have one). The model's key names an active box check, so measurements of the
+    same weights with and without it are never mixed."""
     label, spec = split_model_arg(arg)
     loaded = load_model(spec, device=device, progress=False)
+    model = getattr(loaded, "model", None)
+    if box_check is not None and getattr(model, "empty_mask_fallback", None) is not None:
+        model.set_box_check(None if box_check == "off" else float(box_check))
     sha = getattr(loaded, "sha256", None) or "nosha"
     label = label or getattr(loaded, "name", None) or Path(spec).stem
-    return ModelHandle(label, spec, f"{label}:{sha[:12]}", loaded, Predictor.from_loaded(loaded))
+    margin = getattr(model, "box_check_margin", None)
+    key = f"{label}:{sha[:12]}" + ("" if margin is None else f":box-check{margin:g}")
+    return ModelHandle(label, spec, key, loaded, Predictor.from_loaded(loaded))
 
 
 # ---- embeddings ------------------------------------------------------------------------------

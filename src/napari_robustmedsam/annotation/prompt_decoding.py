@@ -34,6 +34,10 @@ FALLBACK_HINT = (
     "{name} returned an empty mask for these prompts, so this is the base LiteMedSAM's mask (the head's empty-mask "
     "fallback): check it, and correct it with clicks if needed."
 )
+BOX_CHECK_HINT = (
+    "for this box the base LiteMedSAM scored its own mask higher than {name}'s, so its mask is shown (the head's "
+    "box check): check it, and correct it with clicks if needed."
+)
 EMPTY_MASK_HINT = (
     "{name} segmented no pixel for these prompts (predicted IoU {score:.2f}). Objects thinner or smaller than "
     "a few pixels at the model's {size} often come out empty: add positive points on the object, "
@@ -326,10 +330,13 @@ def _click_options(sent: SlicePrompts, previous_prompts: SlicePrompts, local_cor
 
 
 def _model_hint(prediction, mask: np.ndarray, embedding, model_name: str) -> str:
-    """A hint when the head's empty-mask fallback was used or the mask is empty, else ""."""
+    """A hint when the head's base model answered (an empty mask, or the box check) or the mask is empty, else ""."""
     fell_back = getattr(prediction, "fell_back", None)  # predictors without an empty-mask fallback omit it
     if fell_back is not None and bool(np.asarray(fell_back)[:1].any()):
         return FALLBACK_HINT.format(name=model_name)
+    preferred = getattr(prediction, "base_preferred", None)
+    if preferred is not None and bool(np.asarray(preferred)[:1].any()):
+        return BOX_CHECK_HINT.format(name=model_name)
     if not mask.any():
         return EMPTY_MASK_HINT.format(name=model_name, score=float(prediction.scores[0]),
                                       size=_input_size_text(embedding))

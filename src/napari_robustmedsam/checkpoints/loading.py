@@ -167,6 +167,20 @@ def attach_empty_mask_fallback(model, base: str, where: str, *, cache_dir=None) 
     model.attach_empty_mask_fallback(parts.prompt_encoder, parts.mask_decoder)
 
 
+def _attach_base_model(model, metadata: dict, source: Source, where: str, notices: list, cache_dir) -> None:
+    """The base model a head's checkpoint names (its empty-mask fallback), and the box check its registry entry
+    sets (``ModelSpec.box_check``; a head loaded from a file of the user's own keeps it off)."""
+    fallback = metadata.get(EMPTY_MASK_FALLBACK_KEY)
+    if not (isinstance(fallback, str) and fallback):
+        return
+    attach_empty_mask_fallback(model, fallback, where, cache_dir=cache_dir)
+    notices.append(notice(f"where this model's mask is empty, the mask of '{fallback}' is used instead, with "
+                          "a notice (the head's empty-mask fallback)"))
+    margin = getattr(source.spec, "box_check", None) if source.spec_match == "name" else None
+    if margin is not None:
+        model.set_box_check(margin)
+
+
 # --------------------------------------------------------------------------------------------------
 # load_model
 # --------------------------------------------------------------------------------------------------
@@ -386,11 +400,7 @@ def load_model(
     model = build_and_load(architecture, decoder, state, where, encoder_hash=encoder_hash)
     if enhancer is not None:
         attach_enhancer_checked(model, enhancer, where)
-    fallback = metadata.get(EMPTY_MASK_FALLBACK_KEY)
-    if isinstance(fallback, str) and fallback:
-        attach_empty_mask_fallback(model, fallback, where, cache_dir=cache_dir)
-        notices.append(notice(f"where this model's mask is empty, the mask of '{fallback}' is used instead, with "
-                              "a notice (the head's empty-mask fallback)"))
+    _attach_base_model(model, metadata, source, where, notices, cache_dir)
     model.eval()
     model.to(device=target_device, dtype=dtype)
     check_weights_finite(model, where)

@@ -283,19 +283,24 @@ def run(args: argparse.Namespace) -> int:
     export_later = None
     if decoded is not None:
         masks, scores, fell_back_rows = decoded
+        preferred_rows = np.zeros(0, dtype=bool)  # the exported decoder serves only models without a base model
     else:
         loaded, engine, embedding, source = _embedding(args, model_image, point_arg, label_arg, boxes)
         message(f"image embedding {source}")
         prediction = engine.tiled_predictor.predict(points=point_arg, point_labels=label_arg, boxes=boxes,
                                                     embedding=embedding)
         masks, scores, fell_back_rows = prediction.masks, prediction.scores, prediction.fell_back
+        preferred_rows = prediction.base_preferred
         export_later = (loaded, engine, model_image)
     label_map = np.zeros(masks.shape[1:], dtype=np.uint16 if n_objects > 255 else np.uint8)
     for index, mask in enumerate(masks, start=1):
         label_map[mask & (label_map == 0)] = index
     fell_back = set(np.flatnonzero(fell_back_rows) + 1) if fell_back_rows.size else set()
+    preferred = set(np.flatnonzero(preferred_rows) + 1) if preferred_rows.size else set()
     for index, (mask, score) in enumerate(zip(masks, scores), start=1):
-        note = " (the head's mask was empty: this is LiteMedSAM's mask, its empty-mask fallback)" if index in fell_back else ""
+        note = (" (the head's mask was empty: this is LiteMedSAM's mask, its empty-mask fallback)" if index in fell_back
+                else " (LiteMedSAM scored its mask higher than the head's: this is LiteMedSAM's mask, the head's box "
+                "check)" if index in preferred else "")
         print(f"object {index}: {int(mask.sum())} px, predicted IoU {score:.3f}{note}")
     empty = [index for index, mask in enumerate(masks, start=1) if not mask.any()]
     if empty and not args.allow_empty:

@@ -48,6 +48,9 @@ class Prediction:
     all_scores: np.ndarray = field(default_factory=lambda: np.zeros((0, 0)))  # (N, C) before choosing
     # (N,) True where the model's mask was empty and the base model's mask (its empty-mask fallback) was used
     fell_back: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=bool))
+    # (N,) True where, for a box alone, the base model scored its own mask higher and it was shown (the box check,
+    # ``PromptableSegmenter.set_box_check``)
+    base_preferred: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=bool))
 
 
 def require_finite(tensors: dict[str, torch.Tensor] | torch.Tensor, what: str) -> None:
@@ -336,11 +339,11 @@ class Predictor:
         h, w = frame.original_size
         masks = np.empty((n_objects, h, w), dtype=bool)
         step = max(1, int(self.decode_chunk))
-        low_parts, score_parts, all_parts, fell_back = [], [], [], []
+        low_parts, score_parts, all_parts, fell_back, preferred = [], [], [], [], []
         for start in range(0, n_objects, step):
             part = slice(start, min(n_objects, start + step))
             whole = part.stop - part.start == n_objects  # the caller's own tensors: a prepared mask stays recognised
-            chosen, scores, iou, fallback_used = self._decode_part(
+            chosen, scores, iou, (fallback_used, base_preferred) = self._decode_part(
                 emb,
                 None if pts is None else pts[part],
                 None if pts is None else labels[part],
@@ -356,19 +359,21 @@ class Predictor:
             score_parts.append(scores.float().cpu().numpy())
             all_parts.append(iou.float().cpu().numpy())
             fell_back.append(fallback_used)
+            preferred.append(base_preferred)
         return Prediction(
             masks=masks,
             scores=np.concatenate(score_parts),
             low_res_logits=low_parts[0] if len(low_parts) == 1 else torch.cat(low_parts),
             all_scores=np.concatenate(all_parts),
             fell_back=np.concatenate(fell_back),
+            base_preferred=np.concatenate(preferred),
         )
 
     def _decode_part(self, emb: ImageEmbedding, pts, labels, bxs, mask_input, multimask_output: bool, clicks, counts,
-                     guard_edge_reach) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, np.ndarray]:
+                     guard_edge_reach) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, tuple[np.ndarray, np.ndarray]]:
         """Decode one chunk of objects (prompts already checked): (chosen logits (n, 1, 256, 256), chosen scores
-        (n,), every candidate's score (n, C), which objects took the empty-mask fallback (n,)), after the local
-        merge and the click guard."""
+        (n,), every candidate's score (n, C), (which objects took the empty-mask fallback (n,), which the box
+        check gave the base model's mask (n,))), after the local merge and the click guard."""
         frame = emb.frame
         device, dtype = self.device, self.dtype
         point_arg = None
@@ -388,8 +393,8 @@ class Predictor:
         idx = torch.arange(low_res.shape[0], device=low_res.device)
         chosen = low_res[idx, best][:, None]
         scores = iou[idx, best]
-        chosen, scores, fell_back = self._empty_mask_fallback(emb, chosen, scores, point_arg, box_arg, mask_arg,
-                                                              multimask_output)
+        chosen, scores, base_used = self._base_model_answer(emb, chosen, scores, point_arg, box_arg, mask_arg,
+                                                            multimask_output)
         grid = chosen.shape[-1] / frame.model_size  # model input pixels -> logits grid
         if clicks is not None and mask_arg is not None:
             chosen = merge_local_correction(
@@ -398,26 +403,40 @@ class Predictor:
             entries = [None if not c else (frame.points_to_model(pts[i]) * grid, labels[i], c)
                        for i, c in enumerate(counts)]
             chosen = guard_clicks(mask_arg, chosen, entries, edge_reach=guard_edge_reach)
-        return chosen, scores, iou, fell_back
+        return chosen, scores, iou, base_used
 
-    def _empty_mask_fallback(self, emb: ImageEmbedding, chosen, scores, point_arg, box_arg, mask_arg,
-                             multimask_output: bool):
-        """Replace the empty masks by the base model's masks when the model carries an empty-mask fallback
-        (``PromptableSegmenter.attach_empty_mask_fallback``); an empty mask is one without a positive logit."""
+    def _base_model_answer(self, emb: ImageEmbedding, chosen, scores, point_arg, box_arg, mask_arg,
+                           multimask_output: bool):
+        """Where the model carries a base model (``PromptableSegmenter.attach_empty_mask_fallback``), show the base
+        model's mask instead of the model's (1) where the model's is empty (no positive logit), and (2) with the box
+        check on (``set_box_check``), for a box alone, where the base model's predicted IoU is higher than the
+        model's by more than the margin. Returns (chosen, scores, (empty fallbacks (n,), box-check swaps (n,)))."""
         fallback = getattr(self.model, "empty_mask_fallback", None)
+        n = chosen.shape[0]
+        none = np.zeros(n, dtype=bool)
+        if fallback is None:
+            return chosen, scores, (none, none)
         empty = ~(chosen > 0).flatten(1).any(dim=1)
-        if fallback is None or not bool(empty.any()):
-            return chosen, scores, np.zeros(chosen.shape[0], dtype=bool)
-        rows = empty.nonzero().flatten()
+        margin = getattr(self.model, "box_check_margin", None)
+        box_alone = margin is not None and box_arg is not None and point_arg is None and mask_arg is None
+        asked = torch.ones_like(empty) if box_alone else empty
+        if not bool(asked.any()):
+            return chosen, scores, (none, none)
+        rows = asked.nonzero().flatten()
         points = None if point_arg is None else (point_arg[0][rows], point_arg[1][rows])
         boxes = None if box_arg is None else box_arg[rows]
         masks = None if mask_arg is None else mask_arg[rows]
         sparse, dense = fallback.embed_prompts(points, boxes, masks)
         low_res, iou = fallback.decode(emb.features, sparse, dense, multimask_output)
-        require_finite(low_res, "mask logits (empty-mask fallback)")
+        require_finite(low_res, "mask logits (the base model's)")
         best = iou.argmax(dim=1)
         idx = torch.arange(low_res.shape[0], device=low_res.device)
+        base_scores = iou[idx, best].to(scores.dtype)
+        preferred = torch.zeros_like(empty)
+        if box_alone:
+            preferred[rows] = (base_scores - scores[rows] > margin) & ~empty[rows]
+        take = (empty[rows] | preferred[rows]).nonzero().flatten()
         chosen, scores = chosen.clone(), scores.clone()
-        chosen[rows] = low_res[idx, best][:, None].to(chosen.dtype)
-        scores[rows] = iou[idx, best].to(scores.dtype)
-        return chosen, scores, empty.cpu().numpy()
+        chosen[rows[take]] = low_res[idx[take], best[take]][:, None].to(chosen.dtype)
+        scores[rows[take]] = base_scores[take]
+        return chosen, scores, (empty.cpu().numpy(), preferred.cpu().numpy())

@@ -193,6 +193,7 @@ class TiledPredictor:
         masks = np.zeros((n, h, w), dtype=bool)
         scores = np.zeros(n, dtype=np.float32)
         fell_back = np.zeros(n, dtype=bool)
+        preferred = np.zeros(n, dtype=bool)
         low_res: list[torch.Tensor | None] = [None] * n
         all_scores: list[np.ndarray | None] = [None] * n
         tile_of = [0] * n
@@ -203,6 +204,7 @@ class TiledPredictor:
                 masks[obj, y0:y1, x0:x1] = pred.masks[j]
                 scores[obj] = pred.scores[j]
                 fell_back[obj] = pred.fell_back.size > 0 and pred.fell_back[j]  # empty: not reported
+                preferred[obj] = pred.base_preferred.size > 0 and pred.base_preferred[j]
                 low_res[obj] = pred.low_res_logits[j]
                 all_scores[obj] = pred.all_scores[j]
                 tile_of[obj] = t_index
@@ -211,7 +213,7 @@ class TiledPredictor:
         width = max((a.shape[0] for a in all_scores if a is not None), default=1)
         alls = np.stack([a if a is not None else np.zeros(width, np.float32) for a in all_scores])
         return TiledPrediction(masks=masks, scores=scores, low_res_logits=low, all_scores=alls, fell_back=fell_back,
-                               tile_indices=tile_of)
+                               base_preferred=preferred, tile_indices=tile_of)
 
 
 def _prompts_in_tile(prompts: ObjectPrompts, objects: list[int], t: Tile) -> dict | None:

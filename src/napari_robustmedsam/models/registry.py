@@ -41,6 +41,9 @@ class ModelSpec:
     # The annotator's "Zoom on small objects" when this model is loaded: None follows the annotator's default;
     # False where the model measured lower with it (docs/results/focus-crop/heads.md).
     zoom_small_objects: bool | None = None
+    # For a box alone, the base model's mask where it scores its own mask higher than this head's by more than this
+    # margin (PromptableSegmenter.set_box_check); None: off. Only heads that carry a base model use it.
+    box_check: float | None = None
 
 
 _LITEMEDSAM = ModelSpec(
@@ -82,6 +85,9 @@ SHIPPED_HEADS = {
 #: Dice by more than the rule allows (docs/results/focus-crop/rule-heads.md, heads.md)
 HEAD_ZOOM_OFF = ("pge-lite-fast",)
 
+#: the box check's margin per head (docs/results/shipped-heads/rule-box-check.md); a head not named keeps it off
+HEAD_BOX_CHECK: dict[str, float] = {}
+
 
 def _is_shipped(name: str) -> bool:
     from .. import heads
@@ -111,6 +117,7 @@ def _shipped(name: str, description: str, use: str, decoder: str) -> ModelSpec:
         aliases=(function,),
         use=use,
         zoom_small_objects=False if name in HEAD_ZOOM_OFF else None,
+        box_check=HEAD_BOX_CHECK.get(name),
     )
 
 

@@ -9,6 +9,7 @@ decoder's work into an image-level part (cached once per image) and a prompt-lev
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -65,6 +66,7 @@ class PromptableSegmenter(nn.Module):
         self.feature_enhancer: nn.Module | None = None  # PGE-SAM head (attach_enhancer)
         # Kept outside the module tree, so it is neither in the state dict nor trained (attach_empty_mask_fallback)
         self.__dict__["_empty_mask_fallback"] = None
+        self.__dict__["_box_check_margin"] = None
 
     def attach_empty_mask_fallback(self, prompt_encoder: nn.Module | None, mask_decoder: nn.Module | None) -> None:
         """Give the model a base model's plain prompt encoder and decoder (on the same image encoder), used for
@@ -81,6 +83,25 @@ class PromptableSegmenter(nn.Module):
         for parameter in fallback.parameters():
             parameter.requires_grad_(False)
         self.__dict__["_empty_mask_fallback"] = fallback
+
+    def set_box_check(self, margin: float | None) -> None:
+        """For a box alone, show the base model's mask (the empty-mask fallback's) where its predicted IoU is higher
+        than this model's by more than ``margin``; None: off (only empty masks fall back).
+
+        Why: a head fine-tuned on a few hundred images can answer a box worse than the base model on kinds of
+        objects the base model knows well, and both decoders score their own masks
+        (docs/results/shipped-heads/rule-box-check.md). Needs the fallback; the clicks that follow are decoded by
+        this model as before."""
+        if margin is not None and (not math.isfinite(margin) or margin < 0):
+            raise ValueError(f"box check margin must be a number >= 0 or None, got {margin!r}")
+        self.__dict__["_box_check_margin"] = None if margin is None else float(margin)
+
+    @property
+    def box_check_margin(self) -> float | None:
+        """The box check's margin (:meth:`set_box_check`); None when off or when there is no base model."""
+        if self.__dict__.get("_empty_mask_fallback") is None:
+            return None
+        return self.__dict__.get("_box_check_margin")
 
     @property
     def has_image_encoder(self) -> bool:
