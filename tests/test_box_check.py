@@ -119,3 +119,9 @@ def test_each_head_opens_with_its_registry_setting_and_the_evaluation_can_overri
     assert parse_box_check("own") is None and parse_box_check("higher") == 0.0
     with pytest.raises(ValueError, match="--box-check"):
         parse_box_check("sometimes")
+
+
+def test_the_registry_turns_the_check_on_only_where_its_rule_chose_it():
+    """docs/results/shipped-heads/box-check.md: robust-lite-permissive with a margin of 0.05, the others off."""
+    assert registry.HEAD_BOX_CHECK == {"robust-lite-permissive": 0.05}
+    assert registry.MODELS["robust-lite"].box_check is None and registry.MODELS["pge-lite-fast"].box_check is None
