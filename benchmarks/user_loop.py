@@ -589,10 +589,18 @@ def merge_runs(args, argv) -> dict:
     return {"rows": rows, "skipped": [], "csv": csv_path, "report": md_path}
 
 
+def _rules() -> dict[str, str]:
+    """The never-worse rules ``--judge-rule`` can re-decide merged cells by, described with never_worse's own
+    numbers (the bound is the one the decision records; the margin is the adopted rule's)."""
+    from training.finetune.never_worse import CONFIDENCE, MIN_GAIN
+
+    return {"mean": "swap if the judge's mean score is higher",
+            "bound": f"swap if the {CONFIDENCE:.0%} lower bound of the mean per-object gain is above 0",
+            "margin": f"swap if the judge's mean gain is at least {MIN_GAIN}"}
+
+
 #: the never-worse rules ``--judge-rule`` can re-decide merged cells by
-RULES = {"mean": "swap if the judge's mean score is higher",
-         "bound": "swap if the 90 % lower bound of the mean per-object gain is above 0",
-         "margin": "swap if the judge's mean gain is at least 0.01"}
+RULES = _rules()
 
 
 def redecide(df, rule: str):
