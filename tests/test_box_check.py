@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from napari_robustmedsam.annotation.prompt_decoding import BOX_CHECK_HINT, _model_hint
+from napari_robustmedsam.annotation.prompt_decoding import BOX_CHECK_HINT
 from napari_robustmedsam.checkpoints import load_model
 from napari_robustmedsam.engine.predictor import Predictor
 from napari_robustmedsam.models import registry
@@ -82,16 +82,28 @@ def test_points_and_mask_prompts_stay_the_heads(head_and_base):
 
 
 def test_the_status_line_says_when_the_base_models_mask_is_shown(head_and_base):
-    head, _base, _image, labels = head_and_base
+    """Through the annotator's own decode (segment_slice): a box LiteMedSAM takes over says so; a click after it is
+    the head's, with no such hint."""
+    from napari_robustmedsam.annotation.prompt_decoding import segment_slice
+    from napari_robustmedsam.annotation.session import SlicePrompts
+
+    head, _base, image, labels = head_and_base
     model = head.model
+    boxes = _boxes(labels)
     try:
         model.set_box_check(0.0)
-        pred = head.predict(boxes=_boxes(labels))
-        i = int(np.flatnonzero(pred.base_preferred)[0])
-        one = type(pred)(masks=pred.masks[i:i + 1], scores=pred.scores[i:i + 1],
-                         low_res_logits=pred.low_res_logits[i:i + 1], fell_back=pred.fell_back[i:i + 1],
-                         base_preferred=pred.base_preferred[i:i + 1])
-        assert _model_hint(one, one.masks[0], head.embedding, "robust-lite") == BOX_CHECK_HINT.format(name="robust-lite")
+        swapped = np.flatnonzero(head.predict(boxes=boxes).base_preferred)
+        assert swapped.size
+        box = boxes[int(swapped[0])]
+        shown = segment_slice(head, head.embedding, SlicePrompts(box=box), model_name="robust-lite", image=image)
+        assert shown.hint == BOX_CHECK_HINT.format(name="robust-lite")
+        x, y = (box[:2] + box[2:]) / 2
+        clicked = segment_slice(head, head.embedding, shown.prompts.with_point(x, y, 1), previous_prompts=shown.prompts,
+                                previous_logits=shown.logits, previous_mask=shown.mask, model_name="robust-lite",
+                                image=image)
+        assert "box check" not in clicked.hint
+        model.set_box_check(None)
+        assert segment_slice(head, head.embedding, SlicePrompts(box=box), model_name="robust-lite", image=image).hint == ""
     finally:
         model.set_box_check(registry.MODELS["robust-lite"].box_check)
 
