@@ -193,3 +193,13 @@ def test_a_tiny_run_writes_the_table_and_a_rerun_resumes_without_recomputing(tmp
     with pytest.raises(ValueError, match="other settings"):  # another recipe into the same --out is refused
         (cell / "rows.json").unlink()
         user_loop.main(argv, extra_config={**fast, "variants": 2})
+
+
+def test_the_noc_interval_pairs_objects_and_refuses_a_relative_change_from_zero():
+    ci = load_benchmark("user_loop_noc_ci")
+    b = np.array([20.0, 0.0, 1.0, 3.0] * 10)
+    same = ci.relative_change_interval(b, b.copy(), boot=500)
+    assert same == (0.0, 0.0, 0.0)  # paired: resampling identical pairs never moves the ratio
+    worse = ci.relative_change_interval(b, b + 1.0, boot=500)
+    assert worse[0] == pytest.approx(1.0 / b.mean()) and 0 < worse[1] <= worse[0] <= worse[2]
+    assert all(math.isnan(x) for x in ci.relative_change_interval(np.zeros(5), np.ones(5), boot=50))
