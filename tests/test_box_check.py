@@ -137,3 +137,13 @@ def test_the_registry_turns_the_check_on_only_where_its_rule_chose_it():
     """docs/results/shipped-heads/box-check.md: robust-lite-permissive with a margin of 0.05, the others off."""
     assert registry.HEAD_BOX_CHECK == {"robust-lite-permissive": 0.05}
     assert registry.MODELS["robust-lite"].box_check is None and registry.MODELS["pge-lite-fast"].box_check is None
+
+
+def test_info_and_the_model_panel_rows_say_which_head_checks_its_boxes():
+    from napari_robustmedsam.annotation.model_info import registry_rows
+    from napari_robustmedsam.checkpoints.inspect import describe_checkpoint, render_description
+
+    assert "box check: on, margin 0.05" in render_description(describe_checkpoint("robust-lite-permissive"))
+    assert "box check" not in render_description(describe_checkpoint("robust-lite"))
+    assert dict(registry_rows("robust-lite-permissive"))["box check"].startswith("on:")
+    assert "box check" not in dict(registry_rows("robust-lite"))

@@ -51,6 +51,9 @@ def registry_rows(name: str) -> list[tuple[str, str]]:
         return []
     rows = [("use it for", spec.use)] if spec.use else []
     rows.append(("licence", spec.license or "unknown"))
+    if spec.box_check is not None:
+        rows.append(("box check", f"on: for a box alone, LiteMedSAM's mask where it scores its own mask higher by more "
+                                  f"than {spec.box_check:g}"))
     entry = heads.entry(name)
     if entry:
         rows.append(("trained on", ", ".join(f"{d['dataset']} ({d['train_images']})" for d in entry.get("training_data", []))))

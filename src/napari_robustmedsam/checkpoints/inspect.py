@@ -113,6 +113,8 @@ def registry_terms(src: Source) -> dict:
     from .. import heads
 
     terms = {"use": src.spec.use or None, "licence": src.spec.license or None}
+    if src.spec.box_check is not None:
+        terms["box_check"] = src.spec.box_check
     entry = heads.entry(src.spec.name)
     if entry:
         terms.update(shipped=entry, licence_file=str(heads.LICENCE_PATH))
@@ -167,6 +169,9 @@ def render_description(info: Mapping) -> str:
         lines.append(f"  use it for: {info['use']}")
     if info.get("licence"):
         lines.append(f"  licence: {info['licence']}")
+    if info.get("box_check") is not None:
+        lines.append(f"  box check: on, margin {info['box_check']:g} (for a box alone, LiteMedSAM's mask where it scores "
+                     "its own mask higher by more than that; docs/results/shipped-heads/box-check.md)")
     shipped = info.get("shipped")
     if shipped:
         lines.append(f"  licence file: {info.get('licence_file')}")
