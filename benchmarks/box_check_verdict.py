@@ -3,8 +3,8 @@
     python benchmarks/box_check_verdict.py --run off=runs/box-check-val-off --run higher=runs/box-check-val-higher \
         --run higher+0.05=runs/box-check-val-higher+0.05 [--markdown out.md]
 
-Each run is a ``training.evaluate`` output folder (or its ``measurements.csv``, gzipped or not) (``--prompts iter_box --steps 5``); LiteMedSAM's rows may be in any
-of them. Prints, per head and candidate, the 4 cells (box Dice and Dice after 5 clicks, clean and LQ-3; mean over
+Each run is a ``training.evaluate`` output folder (``--prompts iter_box --steps 5``) or its ``measurements.csv``,
+gzipped or not; LiteMedSAM's rows may be in any of them. Prints, per head and candidate, the 4 cells (box Dice and Dice after 5 clicks, clean and LQ-3; mean over
 datasets of the per-dataset mean), the shortfall W (the lowest per-dataset box-Dice difference head minus
 LiteMedSAM), how many boxes showed the base model's mask, and the rule's decision.
 """
@@ -105,9 +105,7 @@ def main(argv=None) -> int:
     runs = {}
     for item in args.run:
         name, folder = item.split("=", 1)
-        path = Path(folder)
-        runs[name] = load_measurements(path) if path.is_dir() else pd.read_csv(path, keep_default_na=False,
-                                                                             na_values=[""], dtype={"object_id": str})
+        runs[name] = load_measurements(folder)
     text = verdict(runs)
     print(text)
     if args.markdown:

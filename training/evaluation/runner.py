@@ -386,9 +386,9 @@ def load_model_handle(arg: str, device: str = "cpu", box_check: float | str | No
         model.set_box_check(None if box_check == "off" else float(box_check))
     sha = getattr(loaded, "sha256", None) or "nosha"
     label = label or getattr(loaded, "name", None) or Path(spec).stem
-    margin = getattr(model, "box_check_margin", None)
-    key = f"{label}:{sha[:12]}" + ("" if margin is None else f":box-check{margin:g}")
-    return ModelHandle(label, spec, key, loaded, Predictor.from_loaded(loaded))
+    handle = ModelHandle(label, spec, f"{label}:{sha[:12]}", loaded, Predictor.from_loaded(loaded))
+    margin = box_check_margin(handle)
+    return handle if margin is None else replace(handle, key=f"{handle.key}:box-check{margin:g}")
 
 
 # ---- embeddings ------------------------------------------------------------------------------

@@ -179,8 +179,11 @@ class ResultStore:
 
 
 def load_measurements(out: str | os.PathLike) -> pd.DataFrame:
-    """The merged table written by :meth:`ResultStore.merge`."""
-    path = Path(out) / "measurements.csv"
+    """The merged table written by :meth:`ResultStore.merge`: ``out`` is the run's folder, or the table itself (a
+    ``measurements.csv``, or a copy of it such as the gzipped rows kept under docs/results)."""
+    path = Path(out)
+    if path.is_dir():
+        path = path / "measurements.csv"
     df = pd.read_csv(path, dtype={"sample": str, "image_id": str, "object_id": str, "protocol": str,
                                   "model_key": str, "condition": str, "degradation": str},
                      keep_default_na=False, na_values=[""])
