@@ -120,4 +120,18 @@ def test_fit_refiner_trains_resumes_and_writes_a_loadable_file(tmp_path, shared_
     log = json.loads((out / "log.json").read_text())
     assert [e["epoch"] for e in log["epochs"]] == [1, 2] and log["epochs"][0] == first["epochs"][0]
     refiner = lr.load_refiner(out / "best.pt")
-    assert refiner.size == INPUT_SIZE
+    assert refiner.size == INPUT_SIZE and refiner.net.width == 16
+    with pytest.raises(SystemExit, match="--width 16"):
+        fit_refiner.main(args + ["--epochs", "3", "--resume", "--width", "8"])
+
+
+def test_fit_refiner_trains_a_refiner_of_another_width(tmp_path, shared_data):
+    from test_shipped_heads import _tiny_medseg
+    from training import fit_refiner
+
+    data = _tiny_medseg(shared_data, tmp_path / "data", per_dataset=1)
+    out = tmp_path / "run"
+    assert fit_refiner.main(["--data", str(data), "--out", str(out), "--variants", "1", "--per-object", "2",
+                             "--batch", "16", "--threads", "1", "--epochs", "1", "--width", "8"]) == 0
+    refiner = lr.load_refiner(out / "best.pt")
+    assert refiner.net.width == 8 and refiner.net.enc1[0].out_channels == 8

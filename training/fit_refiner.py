@@ -30,6 +30,7 @@ from napari_robustmedsam.checkpoints.project_format import utc_now_iso
 from napari_robustmedsam.checkpoints.safe_load import file_sha256, load_untrusted
 from napari_robustmedsam.engine.learned_refinement import SHIPPED_REFINER, load_refiner, refiner_state
 from napari_robustmedsam.io.atomic import atomic_write_path
+from napari_robustmedsam.models.click_refiner import DEFAULT_WIDTH
 from napari_robustmedsam.prompting import rng_for
 from training.evaluation.dataset import discover
 from training.refiner_samples import SampleSet, build_samples
@@ -101,14 +102,14 @@ def evaluate(net, data: SampleSet, index: np.ndarray, batch: int = 256) -> dict:
 
 
 def train(data: SampleSet, out: Path, epochs: int, batch: int, lr: float, seed: int, resume: bool,
-          time_budget_s: float | None = None) -> dict:
+          time_budget_s: float | None = None, width: int = DEFAULT_WIDTH) -> dict:
     """Train (or continue) the refiner in ``out``; returns the run's log."""
     import torch
 
     from napari_robustmedsam.models.click_refiner import build_click_refiner
 
     torch.manual_seed(seed)
-    net = build_click_refiner()
+    net = build_click_refiner(width)
     opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs)
     train_idx, held_idx = (np.nonzero(m)[0] for m in split_by_image(data.groups, seed))
@@ -118,6 +119,9 @@ def train(data: SampleSet, out: Path, epochs: int, batch: int, lr: float, seed: 
     state_path = out / "state.pt"
     if resume and state_path.is_file():
         state = load_untrusted(state_path, what="refiner training state")
+        if int(state.get("width", DEFAULT_WIDTH)) != width:
+            raise SystemExit(f"error: {state_path} was trained with --width {state.get('width', DEFAULT_WIDTH)}, "
+                             f"not {width}; pass the same --width to resume, or a new --out")
         net.load_state_dict(state["net"])
         opt.load_state_dict(state["opt"])
         sched.load_state_dict(state["sched"])
@@ -151,6 +155,7 @@ def train(data: SampleSet, out: Path, epochs: int, batch: int, lr: float, seed: 
             log["best"] = row
             _save(refiner_state(net, {"trained": {"epoch": epoch, **row}}), out / "best.pt")
         _save({"net": net.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(), "epoch": epoch,
+               "width": width,
                "log": json.dumps(log)}, state_path)
         if time_budget_s is not None and time.monotonic() - t0 > time_budget_s and epoch < epochs:
             log["stopped"] = "time budget"
@@ -178,6 +183,8 @@ def main(argv=None) -> int:
     p.add_argument("--epochs", type=int, default=20)
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--width", type=int, default=DEFAULT_WIDTH,
+                   help="channels of the refiner's first level (the next levels have 2x and 4x)")
     p.add_argument("--variants", type=int, default=3, help="versions of each image: clean, then degraded ones")
     p.add_argument("--per-object", type=int, default=4, help="simulated clicks per object and version")
     p.add_argument("--seed", type=int, default=0)
@@ -189,8 +196,8 @@ def main(argv=None) -> int:
     data, out = Path(args.data), Path(args.out)
     if not data.is_dir():
         raise SystemExit(f"error: the data folder {data} does not exist; pass --data DIR (medseg layout)")
-    if args.epochs < 1 or args.batch < 1:
-        raise SystemExit("error: --epochs and --batch must be at least 1")
+    if args.epochs < 1 or args.batch < 1 or args.width < 1:
+        raise SystemExit("error: --epochs, --batch and --width must be at least 1")
     import torch
 
     if args.threads:
@@ -210,7 +217,7 @@ def main(argv=None) -> int:
                 np.savez(fh, inputs=samples.inputs, targets=samples.targets, disks=samples.disks, groups=samples.groups)
         print(f"{len(samples.groups)} samples in {time.monotonic() - t0:.0f} s", flush=True)
     log = train(samples, out, args.epochs, args.batch, args.lr, args.seed, args.resume,
-                args.time_budget * 60 if args.time_budget else None)
+                args.time_budget * 60 if args.time_budget else None, args.width)
     with atomic_write_path(out / "log.json") as tmp:
         Path(tmp).write_text(json.dumps(log, indent=1), encoding="utf-8")
     print(f"best epoch {log['best']['epoch']}: held-back loss {log['best']['held_loss']:.4f}, disk accuracy "

@@ -18,6 +18,8 @@ INPUT_SIZE = 64
 INPUT_CHANNELS = 7
 #: the log-odds the current mask starts from (the network's output is added to it)
 MASK_PRIOR_LOGIT = 3.0
+#: channels of the first level when a command does not say (a checkpoint records its own width)
+DEFAULT_WIDTH = 16
 
 
 def _block(cin: int, cout: int) -> nn.Sequential:
@@ -30,7 +32,7 @@ def _block(cin: int, cout: int) -> nn.Sequential:
 class ClickRefinerNet(nn.Module):
     """A three-level U-Net (``width``, 2 x and 4 x ``width`` channels) over the click's window."""
 
-    def __init__(self, width: int = 16) -> None:
+    def __init__(self, width: int = DEFAULT_WIDTH) -> None:
         super().__init__()
         self.width = width
         self.enc1 = _block(INPUT_CHANNELS, width)
@@ -52,5 +54,5 @@ class ClickRefinerNet(nn.Module):
         return self.head(d1) + MASK_PRIOR_LOGIT * x[:, 3:4]
 
 
-def build_click_refiner(width: int = 16) -> ClickRefinerNet:
+def build_click_refiner(width: int = DEFAULT_WIDTH) -> ClickRefinerNet:
     return ClickRefinerNet(width=width)
