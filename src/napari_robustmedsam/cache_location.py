@@ -1,8 +1,8 @@
 """Where the product keeps what it downloads or computes: one environment variable and one user cache folder.
 
 Set ``ROBUSTMEDSAM_CACHE_DIR`` to move everything (checkpoints directly inside it, the embedding cache in
-``embeddings/``); otherwise the platform's user cache folder for ``napari-robustmedsam`` holds ``checkpoints/``
-and ``embeddings/``.
+``embeddings/``, the annotator's autosaves in ``autosave/``); otherwise the platform's user cache folder for
+``napari-robustmedsam`` holds ``checkpoints/`` and ``embeddings/``, and its user data folder holds ``autosave/``.
 """
 
 from __future__ import annotations
@@ -25,3 +25,14 @@ def user_cache_root() -> Path:
     from platformdirs import user_cache_dir
 
     return Path(user_cache_dir(APP_NAME))
+
+
+def autosave_root() -> Path:
+    """Where the annotator's autosaves go: ``$ROBUSTMEDSAM_CACHE_DIR/autosave``, else the platform's user *data*
+    folder (not the cache folder, which systems may empty: these are the user's labels)."""
+    override = cache_override()
+    if override is not None:
+        return override / "autosave"
+    from platformdirs import user_data_dir
+
+    return Path(user_data_dir(APP_NAME)) / "autosave"

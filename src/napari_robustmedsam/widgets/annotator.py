@@ -136,6 +136,8 @@ class AnnotatorWidget(QWidget):
 
     segmented = PSignal(int, float)  # slice, seconds from request to updated layer
     committed = PSignal(int)
+    undone = PSignal(object)  # after an undo: the id whose commit was undone, or None (nothing to undo)
+    image_opened = PSignal(object)  # the image layer now annotated
     propagated = PSignal(object)
 
     def __init__(self, napari_viewer) -> None:
@@ -220,6 +222,7 @@ class AnnotatorWidget(QWidget):
         self._update_enabled()
         self._update_hint()
         self._set_status(f"Annotating '{layer.name}' ({kind}, {' x '.join(map(str, spatial))}).")
+        self.image_opened.emit(layer)
         return True
 
     def _on_image_data_changed(self, event=None) -> None:
@@ -238,7 +241,7 @@ class AnnotatorWidget(QWidget):
             self.current_layer, self.committed_layer = layers.current, layers.committed
             self.strokes_layer = make_strokes_layer(self.viewer, self.image_layer, self.session.shape,
                                                     self.points_layer)
-            connect_once(self.points_layer.events.data, self._on_points_changed)
+            connect_once(self.points_layer.events.data, self._on_prompt_event)
             connect_once(self.boxes_layer.events.data, self._on_boxes_changed)
             connect_once(self.strokes_layer.events.data, self.strokes.on_changed)
             connect_once(self.current_layer.events.paint, self.brush.on_paint)
@@ -361,15 +364,12 @@ class AnnotatorWidget(QWidget):
         finally:
             self._suppress -= 1
 
-    def _on_points_changed(self, event=None) -> None:
-        self._on_prompt_event(event)
-
     def _on_boxes_changed(self, event=None) -> None:
         if self.boxes_layer is not None and still_drawing(self.boxes_layer):
             return  # the rectangle is still being dragged: segment on release
         self._on_prompt_event(event)
 
-    def _on_prompt_event(self, event) -> None:
+    def _on_prompt_event(self, event=None) -> None:
         if self._suppress or self.session is None:
             return
         action = str(getattr(event, "action", "changed")).lower()
@@ -448,6 +448,7 @@ class AnnotatorWidget(QWidget):
         label_id = self.controller.undo()
         self._set_status("Nothing to undo." if label_id is None else f"Undid the commit of object {label_id}.")
         self._update_enabled()
+        self.undone.emit(label_id)
         return label_id
 
     def take_back_click(self) -> bool:

@@ -8,12 +8,12 @@ from pathlib import Path
 from qtpy.QtWidgets import QFileDialog, QHBoxLayout, QLabel, QPushButton, QVBoxLayout, QWidget
 
 from ..annotation.export import load_session, save_session
-from ..annotation.model_info import model_meta
-from ..engine.windows import WINDOW_KEY
 from ..errors import UserFacingError
-from ..io.medical import check_labels_fit, geometry_from_layer, source_of
+from ..io.medical import check_labels_fit, geometry_from_layer
 from ._common import Banner
 from ._state import get_state
+from .autosave_control import AutosaveControl
+from .session_snapshot import session_snapshot
 
 SAVE_FILTER = ("NIfTI (*.nii.gz);;NRRD (*.nrrd);;MetaImage (*.mha);;DICOM-SEG, DICOM series only (*.dcm);;"
                "TIFF (*.tif);;NumPy (*.npy);;PNG, 2D only (*.png)")
@@ -39,8 +39,10 @@ class ExportPanel(QWidget):
         row = QHBoxLayout()
         row.addWidget(self.save_button)
         row.addWidget(self.load_button)
+        self.autosave = AutosaveControl(self.state, self.load)
         layout = QVBoxLayout(self)
         layout.addLayout(row)
+        layout.addWidget(self.autosave)
         layout.addWidget(self.banner)
         layout.addWidget(self.status)
         layout.addStretch(1)
@@ -56,20 +58,9 @@ class ExportPanel(QWidget):
         self.banner.clear_message()
         try:
             annotator = self._annotator()
-            annotator._sync_committed_into_session()
-            session = annotator.session
-            layer = annotator.image_layer
-            geometry = geometry_from_layer(layer)
-            source = source_of(layer)
-            image_meta = {"name": layer.name, "shape": list(layer.data.shape), "dtype": str(layer.data.dtype),
-                          "kind": annotator.kind, "source": str(source) if source else None,
-                          "window": layer.metadata.get(WINDOW_KEY),
-                          "geometry": geometry.to_json() if geometry is not None else None}
-            loaded = self.state.loaded
+            labels, records, kwargs = session_snapshot(annotator, self.state.loaded)
             labels_path, json_path = save_session(
-                path, session.labels, session.records_json(), image_meta,
-                model_meta(loaded) if loaded is not None else {}, geometry=geometry,
-                extra=_label_classes(annotator), class_names=_class_names(annotator),
+                path, labels, records, **kwargs,
                 overwrite=True,  # the file dialog asked before replacing a file; the image is still refused
             )
         except UserFacingError as err:
@@ -78,6 +69,7 @@ class ExportPanel(QWidget):
         except OSError as err:
             self.banner.show_error(UserFacingError(f"cannot write {path}: {err}"))
             return None
+        session = annotator.session
         n = len(session.objects) or len(set(session.labels.ravel().tolist()) - {0})
         self.status.setText(f"Saved {n} object(s): {html.escape(str(labels_path))} and {html.escape(json_path.name)}")
         return labels_path, json_path
@@ -114,15 +106,3 @@ class ExportPanel(QWidget):
         path, _ = QFileDialog.getOpenFileName(self, "Resume a session", "", LOAD_FILTER)
         if path:
             self.load(path)
-
-
-def _class_names(annotator) -> dict[int, str]:
-    control = getattr(annotator, "label_control", None)
-    return dict(control.classes.names) if control is not None else {}
-
-
-def _label_classes(annotator) -> dict | None:
-    """The session's class names (value -> name) for the prompts JSON, when the user named any."""
-    control = getattr(annotator, "label_control", None)
-    names = control.classes.to_json() if control is not None else {}
-    return {"label_classes": names} if names else None

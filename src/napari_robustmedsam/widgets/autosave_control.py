@@ -1,0 +1,124 @@
+"""The Export tab's autosave row: write the session after every commit and undo, and restore an earlier autosave.
+
+The files and folders are :mod:`napari_robustmedsam.annotation.autosave`'s; this widget decides when to write (a
+commit or an undo in the annotator, in a worker thread, the newest state only when writes pile up) and offers the
+image's newest earlier autosave when the image is opened.
+"""
+
+from __future__ import annotations
+
+import html
+import logging
+
+from qtpy.QtWidgets import QCheckBox, QHBoxLayout, QLabel, QPushButton, QVBoxLayout, QWidget
+
+from ..annotation.autosave import Autosaver, image_key
+from ..cache_location import autosave_root
+from ._common import run_task
+from .session_snapshot import session_snapshot
+
+log = logging.getLogger(__name__)
+
+
+class AutosaveControl(QWidget):
+    """``restore_with(path) -> bool`` loads a session file into the annotator (the Export tab's *Resume*)."""
+
+    def __init__(self, state, restore_with) -> None:
+        super().__init__()
+        self.state = state
+        self.restore_with = restore_with
+        self.autosaver = Autosaver(autosave_root())
+        self.check = QCheckBox("Autosave after every commit")
+        self.check.setChecked(True)
+        self.check.setToolTip(f"Each commit and undo writes the labels and prompts under {autosave_root()}; "
+                              "nothing is lost if napari closes before you save")
+        self.restore_button = QPushButton("Restore autosave")
+        self.restore_button.setToolTip("Load the newest autosave of this image that an earlier session wrote")
+        self.restore_button.clicked.connect(self.restore)
+        self.restore_button.setEnabled(False)
+        self.status = QLabel("")
+        self.status.setWordWrap(True)
+        row = QHBoxLayout()
+        row.addWidget(self.check)
+        row.addWidget(self.restore_button)
+        layout = QVBoxLayout(self)
+        layout.setContentsMargins(0, 0, 0, 0)
+        layout.addLayout(row)
+        layout.addWidget(self.status)
+        self._writing = False
+        self._pending = None
+        self._watched = None
+        state.annotator_changed.connect(self.watch)
+        if state.annotator is not None:
+            self.watch(state.annotator)
+
+    def watch(self, annotator) -> None:
+        if annotator is None or annotator is self._watched:
+            return
+        self._watched = annotator
+        annotator.committed.connect(self._changed)
+        annotator.undone.connect(self._changed)
+        annotator.image_opened.connect(self._image_opened)
+
+    def _key(self, annotator) -> str:
+        from ..io.medical import source_of
+
+        layer = annotator.image_layer
+        return image_key(layer.name, source_of(layer), annotator.session.shape)
+
+    # ---- writing
+    def _changed(self, label_id=None):
+        annotator = self.state.annotator
+        if label_id is None or not self.check.isChecked() or annotator is None or annotator.session is None:
+            return
+        try:
+            labels, records, kwargs = session_snapshot(annotator, self.state.loaded)
+        except Exception as err:  # noqa: BLE001 - an autosave must never break a commit
+            self.status.setText(f"Autosave skipped: {html.escape(str(err))}")
+            return
+        self._pending = (self.autosaver, self._key(annotator), labels, records, kwargs)
+        if not self._writing:
+            self._write_next()
+
+    def _write_next(self) -> None:
+        job, self._pending = self._pending, None
+        if job is None:
+            self._writing = False
+            return
+        self._writing = True
+        saver, key, labels, records, kwargs = job
+        run_task(lambda handle: saver.write(key, labels, records, **kwargs), self._written,
+                 self._failed, name="autosave")
+
+    def _written(self, folder) -> None:
+        self.status.setText(f"Autosaved to {html.escape(str(folder))}.")
+        self._write_next()
+
+    def _failed(self, err: BaseException, tb: str) -> None:
+        log.debug("autosave failed: %s", tb)
+        self.status.setText(f"Autosave failed: {html.escape(str(err))}. Save with <i>Save labels + prompts…</i>.")
+        self._write_next()
+
+    # ---- restoring
+    def _image_opened(self, *_) -> None:
+        annotator = self.state.annotator
+        earlier = self.autosaver.earlier(self._key(annotator)) if annotator is not None else []
+        self.restore_button.setEnabled(bool(earlier))
+        if earlier:
+            said = f"An earlier autosave of this image can be restored in the Export tab ({earlier[0].describe()})."
+            self.status.setText(html.escape(said))
+            annotator._set_status(annotator.status.text() + " " + said)
+        else:
+            self.status.setText("")
+
+    def restore(self) -> bool:
+        """Load the image's newest earlier autosave into the committed objects."""
+        annotator = self.state.annotator
+        earlier = self.autosaver.earlier(self._key(annotator)) if annotator is not None and annotator.session else []
+        if not earlier:
+            self.status.setText("No earlier autosave of this image.")
+            return False
+        if not self.restore_with(earlier[0].prompts_path):
+            return False
+        self.status.setText(f"Restored the autosave of {html.escape(earlier[0].describe())}.")
+        return True
