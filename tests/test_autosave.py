@@ -122,6 +122,7 @@ def test_commits_are_autosaved_and_a_new_session_restores_them(make_napari_viewe
     wait_idle(qtbot)
     assert set(np.unique(np.load(own / "labels.npy"))) == {0, 1}
     np.testing.assert_array_equal(np.load(folder / "labels.npy"), committed)
+    assert control.restore() and "stay in this session's own autosave" in control.status.text()
 
     # a full disk: the commit stands, the panel says the autosave failed and what to do
     def full_disk(*args, **kwargs):

@@ -114,11 +114,17 @@ class AutosaveControl(QWidget):
     def restore(self) -> bool:
         """Load the image's newest earlier autosave into the committed objects."""
         annotator = self.state.annotator
-        earlier = self.autosaver.earlier(self._key(annotator)) if annotator is not None and annotator.session else []
+        key = self._key(annotator) if annotator is not None and annotator.session else None
+        earlier = self.autosaver.earlier(key) if key else []
         if not earlier:
             self.status.setText("No earlier autosave of this image.")
             return False
+        had_objects = bool(annotator.session.labels.any())
         if not self.restore_with(earlier[0].prompts_path):
             return False
-        self.status.setText(f"Restored the autosave of {html.escape(earlier[0].describe())}.")
+        kept = ""
+        if had_objects:
+            kept = (" It replaced the objects committed before it; they stay in this session's own autosave."
+                    if self.autosaver.folder_for(key).is_dir() else " It replaced the objects committed before it.")
+        self.status.setText(f"Restored the autosave of {html.escape(earlier[0].describe())}.{kept}")
         return True
