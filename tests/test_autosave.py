@@ -71,6 +71,16 @@ def test_autosaves_live_in_the_user_data_folder_unless_the_cache_is_moved(monkey
     assert cache_location.autosave_root().parent != cache_location.user_cache_root()
 
 
+def _box_then_commit(annotator, qtbot, mask) -> int | None:
+    """Box the object, wait for its mask, commit it, and wait for the autosave that follows."""
+    with qtbot.waitSignal(annotator.segmented, timeout=300_000):
+        annotator.add_box(tight_box(mask))
+    wait_idle(qtbot)
+    label_id = annotator.commit()
+    wait_idle(qtbot)
+    return label_id
+
+
 @pytest.mark.gui
 def test_commits_are_autosaved_and_a_new_session_restores_them(make_napari_viewer, litemedsam, qtbot, tmp_path,
                                                                tmp_path_factory):
@@ -86,11 +96,7 @@ def test_commits_are_autosaved_and_a_new_session_restores_them(make_napari_viewe
     annotator = widget.annotator
     annotator.set_image_layer(viewer.add_image(image, name="phantom"))
     assert not control.restore_button.isEnabled()
-    with qtbot.waitSignal(annotator.segmented, timeout=300_000):
-        annotator.add_box(tight_box(truth == 2))
-    wait_idle(qtbot)
-    assert annotator.commit() == 1
-    wait_idle(qtbot)
+    assert _box_then_commit(annotator, qtbot, truth == 2) == 1
     folder = next((tmp_path / "autosave").glob("*/*"))
     meta = json.loads((folder / "labels.prompts.json").read_text())
     assert meta["objects"][0]["id"] == 1 and meta["image"]["name"] == "phantom" and meta["model"]["name"] == "litemedsam"
@@ -111,11 +117,7 @@ def test_commits_are_autosaved_and_a_new_session_restores_them(make_napari_viewe
 
     # the new session's commits and undos go to its own folder; the first session's autosave stays
     annotator.clear()
-    with qtbot.waitSignal(annotator.segmented, timeout=300_000):
-        annotator.add_box(tight_box(truth >= 1))
-    wait_idle(qtbot)
-    assert annotator.commit() == 2
-    wait_idle(qtbot)
+    assert _box_then_commit(annotator, qtbot, truth >= 1) == 2
     own = control.autosaver.folder_for(folder.parent.name)
     assert set(np.unique(np.load(own / "labels.npy"))) == {0, 1, 2}
     assert annotator.undo() == 2
@@ -130,11 +132,7 @@ def test_commits_are_autosaved_and_a_new_session_restores_them(make_napari_viewe
 
     control.autosaver.write = full_disk
     annotator.clear()
-    with qtbot.waitSignal(annotator.segmented, timeout=300_000):
-        annotator.add_box(tight_box(truth >= 1))
-    wait_idle(qtbot)
-    assert annotator.commit() == 2
-    wait_idle(qtbot)
+    assert _box_then_commit(annotator, qtbot, truth >= 1) == 2
     assert "Autosave failed" in control.status.text() and "No space left" in control.status.text()
     assert "Save labels" in control.status.text()
     assert annotator.undo() == 2
@@ -143,9 +141,5 @@ def test_commits_are_autosaved_and_a_new_session_restores_them(make_napari_viewe
     # switched off: nothing is written
     control.check.setChecked(False)
     control.autosaver = Autosaver(tmp_path / "autosave-off")
-    with qtbot.waitSignal(annotator.segmented, timeout=300_000):
-        annotator.add_box(tight_box(truth >= 1))
-    wait_idle(qtbot)
-    annotator.commit()
-    wait_idle(qtbot)
+    _box_then_commit(annotator, qtbot, truth >= 1)
     assert not (tmp_path / "autosave-off").exists()

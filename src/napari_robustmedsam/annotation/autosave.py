@@ -85,9 +85,6 @@ class Autosaver:
         folder.mkdir(parents=True, exist_ok=True)
         extra = dict(session_kwargs.pop("extra", None) or {})
         extra["n_objects"] = len({int(v) for v in records_ids(records)} | _label_ids(labels))
-        session_kwargs.pop("geometry", None)  # .npy labels; the geometry stays in the prompts' image record
-        session_kwargs.pop("overwrite", None)
-        session_kwargs.pop("inputs", None)
         save_session(folder / LABELS_NAME, labels, records, extra=extra, overwrite=True, **session_kwargs)
         self.prune(key)
         return folder

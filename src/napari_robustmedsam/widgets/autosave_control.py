@@ -30,7 +30,7 @@ class AutosaveControl(QWidget):
         self.autosaver = Autosaver(autosave_root())
         self.check = QCheckBox("Autosave after every commit")
         self.check.setChecked(True)
-        self.check.setToolTip(f"Each commit and undo writes the labels and prompts under {autosave_root()}; "
+        self.check.setToolTip(f"Each commit and undo writes the labels and prompts under {self.autosaver.root}; "
                               "nothing is lost if napari closes before you save")
         self.restore_button = QPushButton("Restore autosave")
         self.restore_button.setToolTip("Load the newest autosave of this image that an earlier session wrote")
