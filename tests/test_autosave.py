@@ -71,6 +71,37 @@ def test_autosaves_live_in_the_user_data_folder_unless_the_cache_is_moved(monkey
     assert cache_location.autosave_root().parent != cache_location.user_cache_root()
 
 
+class _NoAnnotatorYet:
+    annotator = None
+    loaded = None
+
+    class annotator_changed:  # noqa: N801 - stands in for the state's signal
+        @staticmethod
+        def connect(slot):
+            pass
+
+
+def test_a_write_that_ends_after_its_panel_closed_still_writes_the_newest_state(qtbot, tmp_path):
+    """The viewer may close right after a commit: the write finishes into a deleted panel. It must not raise
+    into the event loop (pytest-qt fails the test if it does), and the state that was waiting is still written."""
+    from qtpy import sip
+
+    from napari_robustmedsam.widgets.autosave_control import AutosaveControl
+
+    control = AutosaveControl(_NoAnnotatorYet(), restore_with=lambda path: False)
+    saver = Autosaver(tmp_path)
+    first, newest = _labels(), _labels() * 2
+    control._pending = (saver, "scan", first, [{"id": 1}], {})
+    control._write_next()
+    control._pending = (saver, "scan", newest, [{"id": 2}], {})
+    sip.delete(control)
+    wait_idle(qtbot)
+    assert not control._writing
+    folder = saver.folder_for("scan")
+    assert read_entry(folder) is not None
+    assert np.array_equal(np.load(folder / "labels.npy"), newest)
+
+
 def _box_then_commit(annotator, qtbot, mask) -> int | None:
     """Box the object, wait for its mask, commit it, and wait for the autosave that follows."""
     with qtbot.waitSignal(annotator.segmented, timeout=300_000):

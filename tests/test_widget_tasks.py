@@ -28,6 +28,30 @@ def test_a_task_that_ends_after_its_panel_closed_is_dropped_quietly(qtbot):
 
 
 @pytest.mark.gui
+def test_a_task_without_a_row_is_dropped_when_its_owner_panel_closed(qtbot):
+    from qtpy import sip
+    from qtpy.QtWidgets import QWidget
+
+    from napari_robustmedsam.widgets._common import run_task
+
+    owner, kept = QWidget(), QWidget()
+    qtbot.addWidget(kept)
+    release = threading.Event()
+    results = []
+
+    def work(handle):
+        release.wait(30)
+        return 42
+
+    dropped = run_task(work, on_done=results.append, name="slow", owner=owner)
+    delivered = run_task(work, on_done=results.append, name="slow too", owner=kept)
+    sip.delete(owner)
+    release.set()
+    qtbot.waitUntil(lambda: dropped.done and delivered.done, timeout=30_000)
+    assert results == [42]  # only the task whose panel is still open delivered
+
+
+@pytest.mark.gui
 def test_a_task_delivers_its_result_and_hides_its_row(qtbot):
     from napari_robustmedsam.widgets._common import TaskRow, run_task
 

@@ -154,10 +154,13 @@ def run_task(
     name: str = "",
     row: "TaskRow | None" = None,
     background: bool = False,
+    owner=None,
 ) -> TaskHandle:
     """Run ``func(handle)`` in napari's thread worker; call ``on_done(result)`` or ``on_error(exc, tb)``
     on the GUI thread. Errors never escape to the console as bare tracebacks. A ``background`` task (the volume's
-    prefetch) does not make :func:`any_task_running` true: waiting for idle must not wait for a whole volume."""
+    prefetch) does not make :func:`any_task_running` true: waiting for idle must not wait for a whole volume.
+    ``owner`` (a widget) is the panel the callbacks write into: once Qt has deleted it they are skipped, as they are
+    for a deleted ``row``."""
     from napari.qt.threading import create_worker
 
     handle = TaskHandle(name)
@@ -173,6 +176,9 @@ def run_task(
     def finished(result):
         handle.done = True
         running.discard(handle)
+        if owner is not None and not qt_alive(owner):
+            log.debug("napari-robustmedsam task %r ended after its panel was closed", name)
+            return
         if row is not None:
             if not qt_alive(row):
                 # the panel that started the task was closed while it ran: its callbacks would write into

@@ -14,7 +14,7 @@ from qtpy.QtWidgets import QCheckBox, QHBoxLayout, QLabel, QPushButton, QVBoxLay
 
 from ..annotation.autosave import Autosaver, image_key
 from ..cache_location import autosave_root
-from ._common import run_task
+from ._common import qt_alive, run_task
 from .session_snapshot import session_snapshot
 
 log = logging.getLogger(__name__)
@@ -91,13 +91,19 @@ class AutosaveControl(QWidget):
                  self._failed, name="autosave")
 
     def _written(self, folder) -> None:
-        self.status.setText(f"Autosaved to {html.escape(str(folder))}.")
+        self._say(f"Autosaved to {html.escape(str(folder))}.")
         self._write_next()
 
     def _failed(self, err: BaseException, tb: str) -> None:
         log.debug("autosave failed: %s", tb)
-        self.status.setText(f"Autosave failed: {html.escape(str(err))}. Save with <i>Save labels + prompts…</i>.")
+        self._say(f"Autosave failed: {html.escape(str(err))}. Save with <i>Save labels + prompts…</i>.")
         self._write_next()
+
+    def _say(self, text: str) -> None:
+        # A write may end after the panel was closed (the viewer closed right after a commit): the files are
+        # written all the same, and the newest pending state still follows, but there is no label left to tell.
+        if qt_alive(self.status):
+            self.status.setText(text)
 
     # ---- restoring
     def _image_opened(self, *_) -> None:

@@ -350,7 +350,7 @@ class DegradationPreview(QWidget):
             if self._pending:
                 self._start_preview()
 
-        run_task(work, done, failed, name="degrading")
+        run_task(work, done, failed, name="degrading", owner=self)
 
     def _record(self, key: tuple, seconds: float) -> None:
         times = self._seconds.setdefault(key, [])
