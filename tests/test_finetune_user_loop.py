@@ -19,6 +19,8 @@ from training.finetune.never_worse import (
     MIN_HELD_BACK,
     PlaneScore,
     decide,
+    judge_level,
+    judge_level_of,
     lower_bound,
     plan_holdout,
     record_decision,
@@ -122,6 +124,55 @@ def test_a_large_gain_is_swapped_in_even_when_two_objects_disagree_and_objects_w
     assert caries.swapped and caries.lower_bound < 0
 
 
+def _conditioned(clean: dict, degraded: dict, level: str = "LQ-3") -> dict[str, PlaneScore]:
+    """Scores of planes judged as labelled and as degraded copies, keyed as score_items keys them."""
+    out = {k: _objects(k, pairs) for k, pairs in clean.items()}
+    for k, pairs in degraded.items():
+        score = _objects(k, pairs)
+        out[f"{k} @ {level}"] = dataclasses.replace(score, condition=level)
+    return out
+
+
+def test_the_judge_level_follows_what_the_fine_tune_is_robust_to():
+    assert judge_level(("LQ-1", "LQ-2", "LQ-3", "LQ-3+")) == "LQ-3"
+    assert judge_level(("LQ-3+",)) == "LQ-3"  # not the modality artefacts a user's images may never show
+    assert judge_level(("LQ-1", "LQ-2")) == "LQ-2"
+    assert judge_level(()) is None and judge_level(None) is None
+    cfg = preset_config("quick")
+    assert judge_level_of(cfg) == "LQ-3"
+    # the Fine-tune tab's "none (clean images only)": no variants, every branch clean
+    assert judge_level_of(dataclasses.replace(cfg, variants=0)) is None
+    assert judge_level_of(dataclasses.replace(cfg, p_identity=1.0, levels=("LQ-1",))) is None
+
+
+def test_a_gain_only_under_degradation_swaps_and_a_clean_loss_does_not():
+    """The fetal head N = 20 case: level as labelled, +0.064 on the degraded copies, is swapped in (the clean-only
+    judge kept LiteMedSAM); a candidate that gains on average but loses more than MIN_GAIN as labelled is not."""
+    current = _conditioned({"a": [(0.95, 0.96)], "b": [(0.94, 0.96)]}, {"a": [(0.86, 0.90)], "b": [(0.84, 0.90)]})
+    robust = _conditioned({"a": [(0.95, 0.96)], "b": [(0.94, 0.96)]}, {"a": [(0.93, 0.95)], "b": [(0.92, 0.94)]})
+    d = decide(current, robust, mode="hold-out", current_model="litemedsam", candidate_path="x.pth")
+    assert d.swapped and d.held_back == ["a", "b"] and d.objects == 4
+    assert d.condition_scores["clean"] == [pytest.approx(0.9525), pytest.approx(0.9525)]
+    assert d.condition_scores["LQ-3"] == [pytest.approx(0.875), pytest.approx(0.935)]
+    assert d.delta == pytest.approx((0.0 + 0.06) / 2)  # each condition counts the same
+    assert d.summary() == ("The fine-tuned model is better: 0.944 vs 0.914 for litemedsam on 2 held-back plane(s), "
+                           "as labelled and at LQ-3 (+0.030).")
+    assert [(r["plane"], r["condition"]) for r in d.rows] == [("a", "clean"), ("b", "clean"), ("a", "LQ-3"),
+                                                              ("b", "LQ-3")]
+    assert "clean" in d.reason and "LQ-3" in d.reason
+
+    clean_loss = _conditioned({"a": [(0.91, 0.935)], "b": [(0.90, 0.945)]}, {"a": [(0.94, 0.95)], "b": [(0.94, 0.95)]})
+    d = decide(current, clean_loss, mode="hold-out", current_model="litemedsam", candidate_path="x.pth")
+    assert d.delta >= MIN_GAIN and not d.swapped and "clean" in d.reason
+    assert d.summary().endswith("+0.020 on average but 0.030 lower as labelled.")
+
+    # the nuclei case: +0.019 as labelled, -0.006 degraded: +0.0065 on average is below the minimum gain
+    nuclei = _conditioned({"a": [(0.895, 0.895)]}, {"a": [(0.799, 0.799)]})
+    before = _conditioned({"a": [(0.876, 0.876)]}, {"a": [(0.805, 0.805)]})
+    d = decide(before, nuclei, mode="hold-out", current_model="m", candidate_path="x.pth")
+    assert d.delta == pytest.approx(0.0065, abs=1e-9) and not d.swapped and "only +0.006" in d.summary()
+
+
 def test_the_decision_is_saved_in_the_checkpoint_metadata(tmp_path):
     from napari_robustmedsam.checkpoints import make_metadata, save_checkpoint
     from napari_robustmedsam.checkpoints.project_format import unpack_project_checkpoint
@@ -166,7 +217,14 @@ def test_the_estimate_counts_folds_and_respects_the_budget(tmp_path, monkeypatch
 
     assert te.zoomed_objects(_items(3)) == 0 and te.zoomed_objects(small(3)) == 3
     zoomed = te.estimate(plan_holdout(small(10), 0.2), cfg, costs)
-    assert zoomed.encodings == holdout.encodings + 2 * len(plan_holdout(small(10), 0.2).held_back)
+    # (twice: the plane is judged as labelled and as a degraded copy)
+    assert zoomed.encodings == holdout.encodings + 2 * 2 * len(plan_holdout(small(10), 0.2).held_back)
+
+    # judged as labelled and at the judge level: twice the judging encodings and decodes of a clean-only fine-tune
+    clean_only = te.estimate(plan_holdout(_items(10), 0.2), dataclasses.replace(cfg, p_identity=1.0), costs)
+    n_held = len(plan_holdout(_items(10), 0.2).held_back)
+    assert holdout.encodings - clean_only.encodings == 2 * n_held
+    assert holdout.decodes - clean_only.decodes == 2 * n_held * (1 + 3)
 
     te.remember_costs("quick", {"iteration_s": 0.5, "encode_s": 0.7, "load_s": 1.0, "decode_s": 0.02})
     mine = te.known_costs("quick")
@@ -292,3 +350,25 @@ def test_the_judge_clicks_through_the_annotators_click_path(litemedsam, shared_d
     assert score.box == pytest.approx(honest.box) and score.box > 0.5
     assert score.clicks >= score.box - 0.02  # the box mask is kept: the model's wipe lies beyond the clicks' reach
     assert score.per_object == [(score.box, score.clicks)] and score.objects == 1  # one object, paired by the rule
+
+
+def test_the_judge_scores_the_same_degraded_copy_for_every_model(litemedsam, shared_data):
+    """With a level, each plane is judged again as a seeded degraded copy: the same pixels for both models (the
+    same scores twice here), and not the clean plane."""
+    from napari_robustmedsam.engine.predictor import Predictor
+    from napari_robustmedsam.io import read_image
+    from training.finetune.never_worse import score_items
+
+    path = sorted((shared_data / "medseg" / "hc18_fetal_head_us" / "images").glob("*.png"))[0]
+    image = read_image(path)
+    labels = (read_image(shared_data / "medseg" / "hc18_fetal_head_us" / "masks" / path.name) > 0).astype(np.int32)
+    item = TrainItem("hc18/0", image, labels, modality="ultrasound", object_ids=[1])
+    predictor = Predictor.from_loaded(litemedsam)
+    first = score_items(predictor, [item], clicks=1, zoom=False, level="LQ-3", seed=0)
+    again = score_items(predictor, [item], clicks=1, zoom=False, level="LQ-3", seed=0)
+    assert sorted(first) == ["hc18/0", "hc18/0 @ LQ-3"]
+    assert first["hc18/0 @ LQ-3"].condition == "LQ-3" and first["hc18/0"].condition == "clean"
+    assert first == again
+    assert first["hc18/0 @ LQ-3"].box != first["hc18/0"].box  # the copy is degraded
+    other_seed = score_items(predictor, [item], clicks=1, zoom=False, level="LQ-3", seed=1)
+    assert other_seed["hc18/0"] == first["hc18/0"]

@@ -166,6 +166,18 @@ def test_the_loop_from_napari_layers_label_finetune_decide_load_segment(make_nap
     assert tab.back_to_previous() == "litemedsam"
     qtbot.waitUntil(lambda: not state.is_loading and state.loaded.name == "litemedsam", timeout=300_000)
 
+    # a fine-tune robust to degradations (the tab's default levels) is also judged on degraded copies: one table row
+    # per plane and condition, and a mean row per condition
+    from training.finetune.never_worse import PlaneScore, decide, score_key
+
+    def scores(value):
+        return {score_key(k, c): PlaneScore(k, value, value, 1, condition=c)
+                for c in ("clean", "LQ-3") for k in ("z001", "z002")}
+
+    tab._fill_table(decide(scores(0.8), scores(0.9), mode="hold-out", current_model="m", candidate_path="x"))
+    names = [tab.table.item(r, 0).text() for r in range(tab.table.rowCount())]
+    assert names == ["z001", "z002", "z001 @ LQ-3", "z002 @ LQ-3", "mean", "mean @ LQ-3"]
+
 
 def test_the_tab_says_what_to_do_without_labels(make_napari_viewer, qtbot):
     from napari_robustmedsam.widgets.finetune import FinetuneWidget

@@ -19,7 +19,8 @@ user_loop = load_benchmark("user_loop")
 
 CSV_COLUMNS = {"start", "dataset", "kind", "n_labelled", "budget_min", "eval_images", "model", "condition", "box_dice",
                "dice_5", "noc_85", "never_85", "objects", "decision_mode", "swapped", "judge_current",
-               "judge_candidate", "judge_delta", "judge_bound", "judge_objects", "mean_rule_swapped", "stopped",
+               "judge_candidate", "judge_delta", "judge_bound", "judge_objects", "mean_rule_swapped", "judge_clean_gain",
+               "judge_degraded_gain", "stopped",
                "iterations", "finetune_s", "eval_s"}
 
 
@@ -127,6 +128,31 @@ def test_merged_cells_can_be_redecided_by_each_never_worse_rule_on_the_same_cand
         user_loop.main(["--merge", str(second), "--out", str(tmp_path / "x"), "--data", "none", "--judge-rule", "bound"])
 
 
+def test_cells_judged_clean_and_degraded_are_redecided_by_the_degraded_rule(tmp_path):
+    """``--judge-rule degraded``: a gain only on the degraded copies swaps (mean of the two gains 0.03), a loss of more
+    than 0.01 as labelled keeps; ``margin`` reads the clean gain of such cells; clean-only cells are refused."""
+    only_degraded = pd.DataFrame(_rows("a", (0.90, 0.95, 1.0), (0.90, 0.95, 1.0), (0.93, 0.96, 0.5), swapped=False))
+    only_degraded = only_degraded.assign(judge_delta=0.03, judge_clean_gain=0.0, judge_degraded_gain=0.06,
+                                         mean_rule_swapped=True)
+    clean_loss = pd.DataFrame(_rows("b", (0.60, 0.70, 8.0), (0.60, 0.70, 8.0), (0.66, 0.76, 5.0), swapped=False))
+    clean_loss = clean_loss.assign(judge_delta=0.02, judge_clean_gain=-0.02, judge_degraded_gain=0.06,
+                                   mean_rule_swapped=True)
+    path = tmp_path / "c.csv"
+    pd.concat([only_degraded, clean_loss]).to_csv(path, index=False)
+    res = user_loop.main(["--merge", str(path), "--out", str(tmp_path / "d"), "--data", "none",
+                          "--judge-rule", "degraded"])
+    kept = pd.read_csv(res["csv"]).query("model == 'kept'").groupby("dataset")["box_dice"].first()
+    assert kept["a"] == 0.93 and kept["b"] == 0.60
+    res = user_loop.main(["--merge", str(path), "--out", str(tmp_path / "g"), "--data", "none",
+                          "--judge-rule", "margin"])
+    assert pd.read_csv(res["csv"]).query("model == 'kept'")["box_dice"].isin([0.90, 0.60]).all()
+    clean_only = tmp_path / "old.csv"
+    pd.DataFrame(_rows("c", (0.6, 0.7, 8.0), (0.6, 0.7, 8.0), (0.6, 0.7, 8.0))).to_csv(clean_only, index=False)
+    with pytest.raises(ValueError, match="no recorded degraded-copy gain for \\['c'\\]"):
+        user_loop.main(["--merge", str(clean_only), "--out", str(tmp_path / "x"), "--data", "none",
+                        "--judge-rule", "degraded"])
+
+
 def _phantom_data(root: Path) -> Path:
     for name, count in (("phantom", 8), ("too_small", 3)):
         for sub in ("images", "masks"):
@@ -203,3 +229,38 @@ def test_the_noc_interval_pairs_objects_and_refuses_a_relative_change_from_zero(
     worse = ci.relative_change_interval(b, b + 1.0, boot=500)
     assert worse[0] == pytest.approx(1.0 / b.mean()) and 0 < worse[1] <= worse[0] <= worse[2]
     assert all(math.isnan(x) for x in ci.relative_change_interval(np.zeros(5), np.ones(5), boot=50))
+
+
+def _rejudged(dataset: str, clean: tuple, degraded: tuple, margin: bool, swapped: bool, candidate_box: float) -> dict:
+    """A row of user_loop_rejudge: judge scores, both rules' decisions, and the cell's measured outcomes."""
+    row = {"dataset": dataset, "n_labelled": 10, "held_back": 2, "objects": 2,
+           "recorded_current": clean[0], "recorded_candidate": clean[1], "clean_current": clean[0],
+           "clean_candidate": clean[1], "degraded_current": degraded[0], "degraded_candidate": degraded[1],
+           "margin_swaps": margin, "degraded_swaps": swapped, "judge_clean_s": 5.0, "judge_s": 10.0}
+    for cond in ("clean", "LQ-3"):
+        row.update({f"before_{cond}_box_dice": 0.80, f"before_{cond}_dice_5": 0.90, f"before_{cond}_noc_85": 2.0,
+                    f"candidate_{cond}_box_dice": candidate_box, f"candidate_{cond}_dice_5": 0.90,
+                    f"candidate_{cond}_noc_85": 2.0})
+    return row
+
+
+def test_the_rejudge_report_applies_the_rules_adoption_test():
+    """A cell only the degraded rule swaps (a real LQ-3 gain) and one only margin swaps (a real loss): the degraded
+    rule harms fewer cells and gains more, so it is adopted; with the outcomes reversed it is not."""
+    rejudge = load_benchmark("user_loop_rejudge")
+    rows = [_rejudged("gains", (0.95, 0.95), (0.87, 0.94), margin=False, swapped=True, candidate_box=0.88),
+            _rejudged("loses", (0.87, 0.89), (0.80, 0.79), margin=True, swapped=False, candidate_box=0.75)]
+    text = rejudge.report(rows, "LQ-3")
+    assert "- margin: 1: loses N = 10 (clean box_dice -0.050; LQ-3 box_dice -0.050)" in text
+    assert "- degraded: 0" in text and "Verdict: **adopt degraded**" in text
+    assert "| gains | 10 | 2 (2) | 0.950 -> 0.950 | 0.950 -> 0.950 | 0.870 -> 0.940 | +0.000 | +0.070 | keep | swap |" \
+        in text
+    reversed_ = [dict(r, candidate_box=1.6 - r["candidate_LQ-3_box_dice"]) for r in rows]
+    for r in reversed_:
+        for cond in ("clean", "LQ-3"):
+            r[f"candidate_{cond}_box_dice"] = r["candidate_box"]
+    assert "Verdict: **keep margin**" in rejudge.report(reversed_, "LQ-3")
+    unreproduced = [dict(rows[0], recorded_current=0.90), rows[1]]
+    assert "Left out of the test (clean judge not reproduced within 0.002): gains N = 10" in \
+        rejudge.report(unreproduced, "LQ-3")
+

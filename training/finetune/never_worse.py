@@ -53,6 +53,34 @@ MIN_GAIN = 0.01
 CONFIDENCE = 0.90
 #: the metadata key of the decision in a checkpoint's ``extra``
 METADATA_KEY = "never_worse"
+#: the condition of a plane judged as the user labelled it
+CLEAN = "clean"
+
+
+def judge_level(levels) -> str | None:
+    """The degradation level the held-back planes are also judged at, for a fine-tune robust to ``levels``: LQ-3
+    when they include LQ-3 or LQ-3+ (LQ-3+ adds modality artefacts that a user's own images may never show), else the
+    most severe level listed; None (clean only) when none is listed."""
+    from napari_robustmedsam.degradations.levels import LEVELS, normalize_level
+
+    chosen = {normalize_level(level) for level in levels or ()}
+    if chosen & {"LQ-3", "LQ-3+"}:
+        return "LQ-3"
+    listed = [level for level in LEVELS if level in chosen]
+    return listed[-1] if listed else None
+
+
+def judge_level_of(cfg) -> str | None:
+    """:func:`judge_level` of a fine-tune's settings; None when it trains on clean images only (no degraded
+    variants, or every degraded branch clean: the Fine-tune tab's "none" levels)."""
+    if int(getattr(cfg, "variants", 0)) <= 0 or float(getattr(cfg, "p_identity", 0.0)) >= 1.0:
+        return None
+    return judge_level(cfg.levels)
+
+
+def score_key(key: str, condition: str = CLEAN) -> str:
+    """The key of a plane's score in one condition (the plane's own key when clean)."""
+    return key if condition == CLEAN else f"{key} @ {condition}"
 
 
 @dataclass
@@ -120,6 +148,7 @@ class PlaneScore:
     #: (box Dice, Dice after the clicks) of each judged object, in the judging order; empty: the plane's means stand
     #: for one object
     per_object: list[tuple[float, float]] = field(default_factory=list)
+    condition: str = CLEAN  # CLEAN, or the degradation level of the judged copy
 
     @property
     def score(self) -> float:
@@ -131,47 +160,66 @@ class PlaneScore:
 
 
 def score_items(predictor, items: list[TrainItem], *, clicks: int = JUDGE_CLICKS,
-                max_objects: int = JUDGE_MAX_OBJECTS, zoom: bool = True, cancel: Callable[[], bool] | None = None,
+                max_objects: int = JUDGE_MAX_OBJECTS, zoom: bool = True, level: str | None = None, seed: int = 0,
+                cancel: Callable[[], bool] | None = None,
                 progress: Callable[[int, int, str], None] | None = None) -> dict[str, PlaneScore]:
     """Box Dice and Dice after ``clicks`` corrective clicks of ``predictor`` (engine.Predictor) on every plane, each
     step through the annotator's own click path (:func:`~napari_robustmedsam.annotation.prompt_decoding.segment_slice`
     with the annotator's click policy, and with *Zoom on small objects* when ``zoom``, as the annotator opens the
     model). Why: a candidate is swapped in for what the user will see when they click, not for what the model's
-    whole mask does (the papers' protocol), which can differ a lot (docs/results/user-loop)."""
+    whole mask does (the papers' protocol), which can differ a lot (docs/results/user-loop).
+
+    With a ``level``, every plane is also judged as a degraded copy at that level (seeded by ``seed`` and the plane's
+    key, so two models see the same pixels), under :func:`score_key` ``(key, level)``."""
+    from napari_robustmedsam.degradations import degrade_random
+    from napari_robustmedsam.prompting import derive_seed
+
+    conditions = [CLEAN] + ([level] if level else [])
+    out: dict[str, PlaneScore] = {}
+    for n, item in enumerate(items):
+        for condition in conditions:
+            if cancel is not None and cancel():
+                return out
+            image = item.image
+            if condition != CLEAN:
+                image, _ = degrade_random(image, condition, item.modality,
+                                          derive_seed(seed, "never-worse-judge", item.key))
+            box_d, click_d = _score_plane(predictor, image, item, clicks, max_objects, zoom)
+            out[score_key(item.key, condition)] = PlaneScore(
+                item.key, float(np.mean(box_d)), float(np.mean(click_d)), len(box_d),
+                [(float(b), float(c)) for b, c in zip(box_d, click_d)], condition)
+        if progress is not None:
+            progress(n + 1, len(items), f"judging {item.key}")
+    return out
+
+
+def _score_plane(predictor, image: np.ndarray, item: TrainItem, clicks: int, max_objects: int,
+                 zoom: bool) -> tuple[list[float], list[float]]:
+    """Box Dice and Dice after the clicks of each judged object of ``item``, on ``image`` (the plane or its copy)."""
     from napari_robustmedsam.annotation.click_policy import click_policy
     from napari_robustmedsam.annotation.prompt_decoding import segment_slice
     from napari_robustmedsam.annotation.session import SlicePrompts
     from napari_robustmedsam.engine.focus_crop import DEFAULT_FOCUS_CROP
 
     policy = click_policy("annotator").segment_kwargs()
-    box_primary = bool(getattr(predictor, "box_primary", False))
-    out: dict[str, PlaneScore] = {}
-    for n, item in enumerate(items):
-        if cancel is not None and cancel():
-            break
-        image = item.image
-        emb = predictor.compute_embedding(image)
-        view = dict(box_primary=box_primary, image=image, focus_crop=DEFAULT_FOCUS_CROP if zoom else None,
-                    embed_crop=lambda plan, image=image: predictor.compute_embedding(
-                        np.ascontiguousarray(plan.crop(image))))
-        box_d, click_d = [], []
-        for oid in item.object_ids[:max_objects]:
-            gt = item.labels == oid
-            shown = segment_slice(predictor, emb, SlicePrompts(box=tight_box(gt)), **view)
-            box_d.append(dice(shown.mask, gt))
-            for _ in range(clicks):
-                click = corrective_click(gt, shown.mask)
-                if click is None:
-                    break
-                shown = segment_slice(predictor, emb, shown.prompts.with_point(click.x, click.y, click.label),
-                                      previous_prompts=shown.prompts, previous_logits=shown.logits,
-                                      previous_mask=shown.mask, previous_crop=shown.crop, **view, **policy)
-            click_d.append(dice(shown.mask, gt))
-        out[item.key] = PlaneScore(item.key, float(np.mean(box_d)), float(np.mean(click_d)), len(box_d),
-                                   [(float(b), float(c)) for b, c in zip(box_d, click_d)])
-        if progress is not None:
-            progress(n + 1, len(items), f"judging {item.key}")
-    return out
+    emb = predictor.compute_embedding(image)
+    view = dict(box_primary=bool(getattr(predictor, "box_primary", False)), image=image,
+                focus_crop=DEFAULT_FOCUS_CROP if zoom else None,
+                embed_crop=lambda plan: predictor.compute_embedding(np.ascontiguousarray(plan.crop(image))))
+    box_d, click_d = [], []
+    for oid in item.object_ids[:max_objects]:
+        gt = item.labels == oid
+        shown = segment_slice(predictor, emb, SlicePrompts(box=tight_box(gt)), **view)
+        box_d.append(dice(shown.mask, gt))
+        for _ in range(clicks):
+            click = corrective_click(gt, shown.mask)
+            if click is None:
+                break
+            shown = segment_slice(predictor, emb, shown.prompts.with_point(click.x, click.y, click.label),
+                                  previous_prompts=shown.prompts, previous_logits=shown.logits,
+                                  previous_mask=shown.mask, previous_crop=shown.crop, **view, **policy)
+        click_d.append(dice(shown.mask, gt))
+    return box_d, click_d
 
 
 @dataclass
@@ -187,13 +235,17 @@ class Decision:
     swapped: bool
     reason: str
     rows: list[dict] = field(default_factory=list)  # per held-back plane: before / after box and clicks Dice
-    metric: str = (f"mean over the judged objects of the held-back planes of (box Dice + Dice after {JUDGE_CLICKS} "
-                   f"corrective clicks) / 2; swapped if the candidate's mean is higher by at least {MIN_GAIN}")
+    metric: str = (f"mean over the judged conditions (clean, and degraded copies when judged) of the mean over the "
+                   f"judged objects of the held-back planes of (box Dice + Dice after {JUDGE_CLICKS} corrective "
+                   f"clicks) / 2; swapped if the candidate's is higher by at least {MIN_GAIN} and no condition's is "
+                   f"lower by more than {MIN_GAIN}")
     objects: int = 0  # judged objects, paired between the two models
     min_gain: float = MIN_GAIN
     lower_bound: float | None = None  # of the mean paired gain, at ``confidence``; None with fewer than 2 objects
     confidence: float = CONFIDENCE
     mean_rule_swapped: bool = False  # what a higher mean alone would have decided (kept for comparison)
+    #: condition -> [current, candidate] mean object score (clean, and the judge level's degraded copies if judged)
+    condition_scores: dict[str, list[float]] = field(default_factory=dict)
 
     @property
     def delta(self) -> float | None:
@@ -206,10 +258,16 @@ class Decision:
             return self.reason
         n = len(self.held_back)
         scores = f"{self.candidate_score:.3f} vs {self.current_score:.3f}"
+        degraded = [c for c in self.condition_scores if c != CLEAN]
+        where = f"{n} held-back plane(s)" + (f", as labelled and at {' and '.join(degraded)}" if degraded else "")
         if self.swapped:
-            return (f"The fine-tuned model is better: {scores} for {self.current_model} on {n} held-back plane(s) "
-                    f"(+{self.delta:.3f}).")
-        kept = f"Kept the current model ({self.current_model}): the fine-tuned model scored {scores} on {n} held-back plane(s)"
+            return f"The fine-tuned model is better: {scores} for {self.current_model} on {where} (+{self.delta:.3f})."
+        kept = f"Kept the current model ({self.current_model}): the fine-tuned model scored {scores} on {where}"
+        losses = {c: after - before for c, (before, after) in self.condition_scores.items()
+                  if after - before < -self.min_gain}
+        if self.delta >= self.min_gain and losses:
+            lost = ", ".join(f"{-g:.3f} lower {'as labelled' if c == CLEAN else 'at ' + c}" for c, g in losses.items())
+            return f"{kept}, +{self.delta:.3f} on average but {lost}."
         if self.delta <= 0:
             lower = f"{-self.delta:.3f} lower" if self.delta < 0 else "not higher"
             return f"{kept}, {lower}."
@@ -223,7 +281,7 @@ class Decision:
 
 
 def paired_gains(current: dict[str, PlaneScore], candidate: dict[str, PlaneScore], keys: list[str]) -> list[float]:
-    """Candidate minus current score of each judged object, paired by plane and judging order."""
+    """Candidate minus current score of each judged object, paired by plane (and condition) and judging order."""
     gains: list[float] = []
     for k in keys:
         before, after = current[k].object_scores(), candidate[k].object_scores()
@@ -241,33 +299,51 @@ def lower_bound(gains: list[float], confidence: float = CONFIDENCE) -> float | N
     return float(g.mean() - t.ppf(confidence, g.size - 1) * g.std(ddof=1) / math.sqrt(g.size))
 
 
-def gain_swaps(gain: float) -> bool:
-    """The rule itself: a mean gain that swaps the candidate in (shared with the user-loop benchmark's re-decision)."""
-    return bool(math.isfinite(gain) and gain >= MIN_GAIN)
+def gain_swaps(gain: float, condition_gains=()) -> bool:
+    """The rule itself (shared with the user-loop benchmark's re-decision): the mean gain over the judged conditions
+    is at least :data:`MIN_GAIN`, and no condition loses more than :data:`MIN_GAIN` (a model better on degraded
+    copies must not be swapped in when it is worse on the user's images as they are)."""
+    losses = [g for g in condition_gains if not (math.isfinite(g) and g >= -MIN_GAIN)]
+    return bool(math.isfinite(gain) and gain >= MIN_GAIN and not losses)
 
 
 def decide(current: dict[str, PlaneScore], candidate: dict[str, PlaneScore], *, mode: str, current_model: str,
            candidate_path: str) -> Decision:
-    """Swap only if the candidate's mean paired gain over the judged objects is at least :data:`MIN_GAIN`."""
+    """Swap by :func:`gain_swaps`. Each condition (clean, and the judge level's copies when judged) counts the same:
+    a score is the mean over conditions of the mean over that condition's judged objects."""
     keys = [k for k in candidate if k in current]
     if not keys:
         return Decision(mode, [], current_model, candidate_path, None, None, False,
                         "no held-back labels to compare on: the current model is kept (load the result by hand "
                         "if you want it)")
     per_plane = {k: paired_gains(current, candidate, [k]) for k in keys}
+    conditions = list(dict.fromkeys(candidate[k].condition for k in keys))
+
+    def mean_of(scores: dict[str, PlaneScore], condition: str) -> float:
+        return float(np.mean([v for k in keys if scores[k].condition == condition for v in scores[k].object_scores()]))
+
+    before_by = {c: mean_of(current, c) for c in conditions}
+    after_by = {c: mean_of(candidate, c) for c in conditions}
+    before, after = float(np.mean(list(before_by.values()))), float(np.mean(list(after_by.values())))
+    condition_gains = {c: after_by[c] - before_by[c] for c in conditions}
     gains = [g for k in keys for g in per_plane[k]]
-    before = float(np.mean([v for k in keys for v in current[k].object_scores()]))
-    after = float(np.mean([v for k in keys for v in candidate[k].object_scores()]))
-    rows = [dict(plane=k, box_before=current[k].box, box_after=candidate[k].box,
-                 clicks_before=current[k].clicks, clicks_after=candidate[k].clicks, objects=current[k].objects,
-                 gains=[round(g, 6) for g in per_plane[k]])
+    rows = [dict(plane=current[k].key, condition=current[k].condition, box_before=current[k].box,
+                 box_after=candidate[k].box, clicks_before=current[k].clicks, clicks_after=candidate[k].clicks,
+                 objects=current[k].objects, gains=[round(g, 6) for g in per_plane[k]])
             for k in keys]
-    swapped = gain_swaps(after - before)
-    reason = (f"a gain of at least {MIN_GAIN} on the held-back planes" if swapped
-              else f"no gain of {MIN_GAIN} on the held-back planes: the current model is kept")
-    return Decision(mode, keys, current_model, candidate_path, before, after, swapped, reason, rows,
-                    objects=len(gains), lower_bound=lower_bound(gains),
-                    mean_rule_swapped=bool(math.isfinite(after) and after > before))
+    swapped = gain_swaps(after - before, condition_gains.values())
+    judged = " and ".join(conditions)
+    if swapped:
+        reason = f"a gain of at least {MIN_GAIN} on the held-back planes ({judged})"
+    elif after - before >= MIN_GAIN:
+        reason = (f"a loss of more than {MIN_GAIN} on the held-back planes "
+                  f"({', '.join(c for c, g in condition_gains.items() if g < -MIN_GAIN)}): the current model is kept")
+    else:
+        reason = f"no gain of {MIN_GAIN} on the held-back planes ({judged}): the current model is kept"
+    return Decision(mode, list(dict.fromkeys(current[k].key for k in keys)), current_model, candidate_path, before,
+                    after, swapped, reason, rows, objects=len(gains), lower_bound=lower_bound(gains),
+                    mean_rule_swapped=bool(math.isfinite(after) and after > before),
+                    condition_scores={c: [before_by[c], after_by[c]] for c in conditions})
 
 
 def record_decision(checkpoint: str | Path, decision: Decision) -> Path:

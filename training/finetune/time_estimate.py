@@ -22,7 +22,7 @@ from pathlib import Path
 
 from napari_robustmedsam.io.atomic import atomic_write_path
 
-from .never_worse import JUDGE_CLICKS, JUDGE_MAX_OBJECTS, HoldoutPlan
+from .never_worse import JUDGE_CLICKS, JUDGE_MAX_OBJECTS, HoldoutPlan, judge_level_of
 
 #: seconds per model load, image encoding, decoder call, and training iteration of each preset, measured by
 #: benchmarks/finetune_costs.py (see the module docstring)
@@ -147,11 +147,12 @@ def estimate(plan: HoldoutPlan, cfg, costs: Costs, *, rank_planes: int = 0) -> E
         train_s += t
     n_all, n_held = len(plan.all_items), len(plan.held_back)
     encodings = n_all * (cfg.variants + 1) + n_held  # each variant once (cached), + held-back degraded copies
-    encodings += 2 * n_held + 2 * rank_planes  # judging: both models encode the held-back planes; ranking
-    encodings += 2 * zoomed_objects(plan.held_back)  # judging: each model's crop of a small object (the zoom)
+    judged = 2 if judge_level_of(cfg) else 1  # conditions judged: as labelled, and degraded copies
+    encodings += 2 * judged * n_held + 2 * rank_planes  # judging: both models encode the held-back planes; ranking
+    encodings += 2 * judged * zoomed_objects(plan.held_back)  # judging: each model's crop of a small object (zoom)
     held_objects = sum(min(len(it.object_ids), JUDGE_MAX_OBJECTS) for it in plan.held_back)
     val_objects = sum(min(len(it.object_ids), cfg.val_max_objects) for it in plan.held_back)
-    decodes = 2 * held_objects * (1 + JUDGE_CLICKS) + (cfg.epochs + 1) * val_objects * 4
+    decodes = 2 * judged * held_objects * (1 + JUDGE_CLICKS) + (cfg.epochs + 1) * val_objects * 4
     loads = len(trains) + (1 + len(plan.folds) if plan.mode != "none" else 0)
     seconds = train_s + encodings * costs.encode_s + loads * costs.load_s + decodes * costs.decode_s
     return Estimate(seconds, iterations, encodings, decodes, loads, costs, capped)

@@ -27,7 +27,8 @@ import numpy as np
 from napari_robustmedsam.io.atomic import atomic_write_path
 
 from .data import TrainItem, TrainingError
-from .never_worse import JUDGE_CLICKS, Decision, HoldoutPlan, decide, plan_holdout, record_decision, score_items
+from .never_worse import (JUDGE_CLICKS, Decision, HoldoutPlan, decide, judge_level_of, plan_holdout, record_decision,
+                          score_items)
 from .time_estimate import remember_costs, run_budgets, zoomed_objects
 from .trainer import Trainer
 
@@ -121,11 +122,14 @@ class UserFinetune:
         t0 = time.perf_counter()
         # the zoom as the annotator opens this model (a fine-tuned checkpoint file: the annotator's default)
         zoom = zoom_default(source)
-        scores = score_items(predictor, items, zoom=zoom, cancel=self.cancel,
+        # as labelled and, for a model trained to be robust, as degraded copies: a gain that shows only under
+        # degradation is the point of the fine-tune (docs/results/user-loop/rule-judge-degraded.md)
+        level = judge_level_of(self.cfg)
+        scores = score_items(predictor, items, zoom=zoom, level=level, seed=self.cfg.seed, cancel=self.cancel,
                              progress=lambda d, t, s: self._report(d, t, f"judging {what}: {s}"))
         n_dec = sum(s.objects for s in scores.values()) * (1 + JUDGE_CLICKS)
         # the planes' encodings and the zoomed crops' are costed as encodings (the estimate counts both), not decodes
-        n_enc = len(items) + (zoomed_objects(items) if zoom else 0)
+        n_enc = (len(items) + (zoomed_objects(items) if zoom else 0)) * (2 if level else 1)
         enc = float(np.mean(self.measured.get("encode_s", [0.0])))
         if n_dec:
             self._measure("decode_s", max(0.005, (time.perf_counter() - t0 - enc * n_enc) / n_dec))

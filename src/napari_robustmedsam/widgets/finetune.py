@@ -295,15 +295,24 @@ class FinetuneWidget(QWidget):
 
     def _fill_table(self, decision) -> None:
         rows = decision.rows
-        self.table.setRowCount(len(rows) + 1)
+        # one row per held-back plane and judged condition (as labelled, then its degraded copies), and a mean
+        # row per condition
+        conditions = list(dict.fromkeys(row.get("condition", "clean") for row in rows))
+        self.table.setRowCount(len(rows) + len(conditions))
         keys = ("box_before", "box_after", "clicks_before", "clicks_after")
+
+        def named(text: str, condition: str) -> str:
+            return text if condition == "clean" else f"{text} @ {condition}"
+
         for r, row in enumerate(rows):
-            self.table.setItem(r, 0, QTableWidgetItem(str(row["plane"])))
+            self.table.setItem(r, 0, QTableWidgetItem(named(str(row["plane"]), row.get("condition", "clean"))))
             for c, key in enumerate(keys, start=1):
                 self.table.setItem(r, c, QTableWidgetItem(f"{row[key]:.3f}"))
-        self.table.setItem(len(rows), 0, QTableWidgetItem("mean"))
-        for c, key in enumerate(keys, start=1):
-            self.table.setItem(len(rows), c, QTableWidgetItem(f"{np.mean([row[key] for row in rows]):.3f}"))
+        for m, condition in enumerate(conditions, start=len(rows)):
+            chosen = [row for row in rows if row.get("condition", "clean") == condition]
+            self.table.setItem(m, 0, QTableWidgetItem(named("mean", condition)))
+            for c, key in enumerate(keys, start=1):
+                self.table.setItem(m, c, QTableWidgetItem(f"{np.mean([row[key] for row in chosen]):.3f}"))
         from qtpy.QtWidgets import QHeaderView
 
         header = self.table.horizontalHeader()
