@@ -376,7 +376,9 @@ def _pivot(df):
         df["judge_bound"] = math.nan
     info = df[df["model"] == "before"].set_index(keys)[["eval_images", "swapped", "judge_delta", "judge_bound",
                                                          "finetune_s", "iterations", "decision_mode", "stopped"]]
-    return wide.join(info).reset_index()
+    # inner: the pivot has a row for every combination of the keys, also the cells that were never run (a dataset
+    # measured at N = 10 only, merged with another measured at N = 5 and 20)
+    return wide.join(info, how="inner").reset_index()
 
 
 def _judge(r) -> str:

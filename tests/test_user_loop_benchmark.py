@@ -89,6 +89,14 @@ def test_runs_made_one_dataset_at_a_time_merge_into_one_report(tmp_path):
     with pytest.raises(ValueError, match="cells measured in more than one file: a N=10 10 min"):
         user_loop.main(["--merge", str(first), str(first), "--out", str(out)])
 
+    # a dataset measured at another N: each N's table holds only the cells that ran
+    pd.DataFrame([dict(r, n_labelled=5) for r in _rows("b", (0.6, 0.7, 8.0), (0.6, 0.7, 8.0), (0.6, 0.7, 8.0))]
+                 ).to_csv(second, index=False)
+    report = user_loop.main(["--merge", str(first), str(second), "--out", str(out), "--data", "none"])["report"]
+    text = report.read_text()
+    n5, n10 = text.split("N = 5 labelled")[1].split("N = 10 labelled")
+    assert "| b | clean |" in n5 and "| a |" not in n5 and "| a | clean |" in n10 and "| b |" not in n10
+
 
 def test_merged_cells_can_be_redecided_by_each_never_worse_rule_on_the_same_candidates(tmp_path):
     """``--judge-rule mean``: a cell the lower bound kept, where the mean judge score was higher, is swapped, and
