@@ -135,6 +135,14 @@ def test_commits_are_autosaved_and_a_new_session_restores_them(make_napari_viewe
     np.testing.assert_array_equal(np.load(folder / "labels.npy"), committed)
     assert "Autosaved" in control.status.text()
 
+    # a correction painted straight into the committed objects is autosaved once the painting pauses
+    spot = tuple(int(v) for v in np.argwhere(committed == 0)[0])
+    annotator.committed_layer.paint(spot, 1)  # a brush dab (the layer's brush size) at the image's corner
+    committed = np.asarray(annotator.committed_layer.data).copy()
+    assert committed[spot] == 1
+    qtbot.waitUntil(lambda: np.load(folder / "labels.npy")[spot] == 1 and not control._writing, timeout=30_000)
+    np.testing.assert_array_equal(np.load(folder / "labels.npy"), committed)
+
     # napari closed without saving; a new session opens the same image and restores the commit
     control.autosaver = Autosaver(tmp_path / "autosave")
     for name in [layer.name for layer in viewer.layers]:

@@ -1,8 +1,8 @@
 """The Export tab's autosave row: write the session after every commit and undo, and restore an earlier autosave.
 
 The files and folders are :mod:`napari_robustmedsam.annotation.autosave`'s; this widget decides when to write (a
-commit or an undo in the annotator, in a worker thread, the newest state only when writes pile up) and offers the
-image's newest earlier autosave when the image is opened.
+commit or an undo in the annotator, or a pause after painting into the committed objects, in a worker thread, the
+newest state only when writes pile up) and offers the image's newest earlier autosave when the image is opened.
 """
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ from __future__ import annotations
 import html
 import logging
 
+from qtpy.QtCore import QTimer
 from qtpy.QtWidgets import QCheckBox, QHBoxLayout, QLabel, QPushButton, QVBoxLayout, QWidget
 
 from ..annotation.autosave import Autosaver, image_key
@@ -18,6 +19,10 @@ from ._common import qt_alive, run_task
 from .session_snapshot import session_snapshot
 
 log = logging.getLogger(__name__)
+
+#: a brush stroke painted into the committed objects is autosaved once the painting pauses this long (a stroke is
+#: many paint events; writing at each one would copy the whole label volume many times a second)
+PAINT_PAUSE_MS = 1500
 
 
 class AutosaveControl(QWidget):
@@ -48,6 +53,10 @@ class AutosaveControl(QWidget):
         self._writing = False
         self._pending = None
         self._watched = None
+        self._paint_timer = QTimer(self)
+        self._paint_timer.setSingleShot(True)
+        self._paint_timer.setInterval(PAINT_PAUSE_MS)
+        self._paint_timer.timeout.connect(lambda: self._changed(0))
         state.annotator_changed.connect(self.watch)
         if state.annotator is not None:
             self.watch(state.annotator)
@@ -67,6 +76,9 @@ class AutosaveControl(QWidget):
         return image_key(layer.name, source_of(layer), annotator.session.shape)
 
     # ---- writing
+    def _painted(self, *_) -> None:
+        self._paint_timer.start()
+
     def _changed(self, label_id=None):
         annotator = self.state.annotator
         if label_id is None or not self.check.isChecked() or annotator is None or annotator.session is None:
@@ -107,7 +119,12 @@ class AutosaveControl(QWidget):
 
     # ---- restoring
     def _image_opened(self, *_) -> None:
+        from .annotation_layers import connect_once
+
         annotator = self.state.annotator
+        if annotator is not None and annotator.committed_layer is not None:
+            # edits painted straight into the committed objects (brush, fill, eraser) are the user's work too
+            connect_once(annotator.committed_layer.events.paint, self._painted)
         earlier = self.autosaver.earlier(self._key(annotator)) if annotator is not None else []
         self.restore_button.setEnabled(bool(earlier))
         if earlier:
