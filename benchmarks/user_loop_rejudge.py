@@ -190,30 +190,32 @@ def report(rows: list[dict], level: str) -> str:
 
 
 def redecided_rows(rows: list[dict]):
-    """The cells' ``user_loop.csv`` rows with the ``degraded`` rule's decision and judge numbers, and *kept* rows
-    taken from the candidate's or the start model's rows accordingly."""
+    """The cells' ``user_loop.csv`` rows with the ``degraded`` rule's judge numbers, decided by
+    ``user_loop.redecide`` (which also takes the *kept* rows from the candidate's or the start model's rows)."""
     import pandas as pd
+    from user_loop import redecide
 
-    out = []
+    cells = []
     for r in rows:
         cell = pd.read_csv(Path(r["run"]) / "user_loop.csv")
         cell = cell[(cell["start"] == r["start"]) & (cell["dataset"] == r["dataset"])
                     & (cell["n_labelled"] == r["n_labelled"]) & (cell["budget_min"] == r["budget_min"])].copy()
-        swapped = bool(r["degraded_swaps"])
-        cell["swapped"] = swapped
         cell["judge_current"] = (r["clean_current"] + r["degraded_current"]) / 2
         cell["judge_candidate"] = (r["clean_candidate"] + r["degraded_candidate"]) / 2
         cell["judge_delta"], cell["judge_bound"] = r["degraded_delta"], r["degraded_bound"]
         cell["judge_objects"], cell["mean_rule_swapped"] = r["degraded_objects"], r["degraded_mean_rule"]
         cell["judge_clean_gain"] = r["clean_candidate"] - r["clean_current"]
         cell["judge_degraded_gain"] = r["degraded_candidate"] - r["degraded_current"]
-        metrics = [m for m in ("box_dice", "dice_5", "noc_85", "never_85", "objects") if m in cell]
-        for cond in set(cell["condition"]):
-            source = cell[(cell["model"] == ("candidate" if swapped else "before")) & (cell["condition"] == cond)]
-            kept = cell.index[(cell["model"] == "kept") & (cell["condition"] == cond)]
-            cell.loc[kept, metrics] = source[metrics].to_numpy()
-        out.append(cell)
-    return pd.concat(out, ignore_index=True) if out else pd.DataFrame()
+        cells.append(cell)
+    if not cells:
+        return pd.DataFrame()
+    df = redecide(pd.concat(cells, ignore_index=True), "degraded")
+    decided = {(r["dataset"], r["n_labelled"], r["budget_min"]): bool(r["degraded_swaps"]) for r in rows}
+    mismatch = [k for k, g in df.groupby(["dataset", "n_labelled", "budget_min"])
+                if bool(g["swapped"].iloc[0]) != decided[k]]
+    if mismatch:  # the two implementations of the rule must agree
+        raise RuntimeError(f"user_loop.redecide and never_worse.decide disagree on {mismatch}")
+    return df
 
 
 def main(argv=None) -> int:

@@ -5,6 +5,17 @@ import threading
 import pytest
 
 
+def _held_task():
+    """A task body that returns 42 once ``release`` is set, so that a test can close a panel while it runs."""
+    release = threading.Event()
+
+    def work(handle):
+        release.wait(30)
+        return 42
+
+    return release, work
+
+
 @pytest.mark.gui
 def test_a_task_that_ends_after_its_panel_closed_is_dropped_quietly(qtbot):
     from qtpy import sip
@@ -12,12 +23,8 @@ def test_a_task_that_ends_after_its_panel_closed_is_dropped_quietly(qtbot):
     from napari_robustmedsam.widgets._common import TaskRow, run_task
 
     row = TaskRow()  # not given to qtbot: the test deletes it
-    release = threading.Event()
+    release, work = _held_task()
     results = []
-
-    def work(handle):
-        release.wait(30)
-        return 42
 
     handle = run_task(work, on_done=results.append, name="slow", row=row)
     assert row.busy
@@ -36,12 +43,8 @@ def test_a_task_without_a_row_is_dropped_when_its_owner_panel_closed(qtbot):
 
     owner, kept = QWidget(), QWidget()
     qtbot.addWidget(kept)
-    release = threading.Event()
+    release, work = _held_task()
     results = []
-
-    def work(handle):
-        release.wait(30)
-        return 42
 
     dropped = run_task(work, on_done=results.append, name="slow", owner=owner)
     delivered = run_task(work, on_done=results.append, name="slow too", owner=kept)

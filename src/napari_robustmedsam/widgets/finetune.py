@@ -294,23 +294,22 @@ class FinetuneWidget(QWidget):
         self.banner.show_error(err)
 
     def _fill_table(self, decision) -> None:
+        from training.finetune.never_worse import CLEAN, score_key
+
         rows = decision.rows
-        # one row per held-back plane and judged condition (as labelled, then its degraded copies), and a mean
-        # row per condition
-        conditions = list(dict.fromkeys(row.get("condition", "clean") for row in rows))
+        # one row per held-back plane and judged condition (as labelled, then its degraded copies), named as the
+        # judge keys them, and a mean row per condition
+        row_conditions = [row.get("condition", CLEAN) for row in rows]  # decisions saved before conditions: clean
+        conditions = list(dict.fromkeys(row_conditions))
         self.table.setRowCount(len(rows) + len(conditions))
         keys = ("box_before", "box_after", "clicks_before", "clicks_after")
-
-        def named(text: str, condition: str) -> str:
-            return text if condition == "clean" else f"{text} @ {condition}"
-
-        for r, row in enumerate(rows):
-            self.table.setItem(r, 0, QTableWidgetItem(named(str(row["plane"]), row.get("condition", "clean"))))
+        for r, (row, condition) in enumerate(zip(rows, row_conditions)):
+            self.table.setItem(r, 0, QTableWidgetItem(score_key(str(row["plane"]), condition)))
             for c, key in enumerate(keys, start=1):
                 self.table.setItem(r, c, QTableWidgetItem(f"{row[key]:.3f}"))
         for m, condition in enumerate(conditions, start=len(rows)):
-            chosen = [row for row in rows if row.get("condition", "clean") == condition]
-            self.table.setItem(m, 0, QTableWidgetItem(named("mean", condition)))
+            chosen = [row for row, rc in zip(rows, row_conditions) if rc == condition]
+            self.table.setItem(m, 0, QTableWidgetItem(score_key("mean", condition)))
             for c, key in enumerate(keys, start=1):
                 self.table.setItem(m, c, QTableWidgetItem(f"{np.mean([row[key] for row in chosen]):.3f}"))
         from qtpy.QtWidgets import QHeaderView
