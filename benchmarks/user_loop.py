@@ -37,7 +37,9 @@ gives it 10 minutes expects. ``--epochs 3`` measures the preset's own epoch coun
 
 Leave-one-dataset-out: LiteMedSAM (the default start) was not trained by this project on any of these images.
 The shipped robust-lite head was trained on these datasets' training split, so ``--start robust-lite`` is NOT
-a leave-one-dataset-out measurement; the output says so.
+a leave-one-dataset-out measurement. ``--start robust-lite-permissive`` starts from the head trained on nuclei and
+fetal head ultrasound only: for the other datasets it is a head that never saw them. The tables mark each dataset
+a start model was trained on (docs/results/user-loop/rule-leave-out-start.md).
 """
 
 from __future__ import annotations
@@ -81,11 +83,22 @@ CSV_NAME, REPORT_NAME = "user_loop.csv", "results.md"
 @dataclass(frozen=True)
 class Start:
     """A model the user starts from: ``current`` is what the annotator has loaded (and what the candidate is judged
-    against), ``train_from`` what the Fine-tune form's Model field holds."""
+    against), ``train_from`` what the Fine-tune form's Model field holds, ``trained_on`` the development datasets
+    whose training split it learned from (a cell on one of them is not a leave-out measurement)."""
 
     current: str
     train_from: str
     note: str
+    trained_on: frozenset[str] = frozenset()
+
+
+def _shipped_head_start(name: str, note: str) -> Start:
+    """A shipped head as the start: its training datasets come from the heads' manifest, as recorded when it was
+    built (``python -m training.ship_heads``)."""
+    from napari_robustmedsam.heads import entry
+
+    seen = frozenset(d.get("dataset") for d in entry(name).get("training_data", []) if d.get("dataset"))
+    return Start(name, name, f"{note}; trained on {', '.join(sorted(seen)) or 'nothing recorded'}", seen)
 
 
 STARTS = {
@@ -93,10 +106,15 @@ STARTS = {
     # equal LiteMedSAM's until fine-tuned (models/registry.py)
     "litemedsam": Start("litemedsam", "litemedsam_robust",
                         "LiteMedSAM, the default model; this project trained it on none of these images"),
-    "robust-lite": Start("robust-lite", "robust-lite",
-                         "the shipped robust-lite head, trained on these datasets' training split: NOT "
-                         "leave-one-dataset-out"),
+    "robust-lite": _shipped_head_start("robust-lite", "the shipped robust-lite head: NOT leave-one-dataset-out "
+                                       "on the development datasets"),
+    # learned from two datasets only, so for the other ones it is a head that never saw the user's kind of image
+    # (docs/results/user-loop/rule-leave-out-start.md)
+    "robust-lite-permissive": _shipped_head_start(
+        "robust-lite-permissive", "the shipped permissive head: a leave-out start for every dataset it was not "
+        "trained on"),
 }
+SEEN_MARK = "†"
 
 
 @dataclass(frozen=True)
@@ -397,7 +415,11 @@ def markdown_tables(df) -> str:
     parts = []
     for (start, n, budget), g in wide.groupby(["start", "n_labelled", "budget_min"], sort=True):
         parts.append(f"### start {start}, N = {n} labelled images, {budget:g}-minute fine-tune\n")
+        seen = STARTS[start].trained_on if start in STARTS else frozenset()
         parts.append(f"{STARTS[start].note}.\n" if start in STARTS else "")
+        if seen & set(g["dataset"]):
+            parts.append(f"{SEEN_MARK} the start model was trained on this dataset's training split: not a "
+                         "leave-out cell.\n")
         header = ["dataset", "condition", "images", "box Dice", "Dice after 5 clicks", "NoC@85 (never)",
                   "swapped (judge delta, lower bound)", "iterations", "fine-tune s"]
         lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
@@ -412,7 +434,8 @@ def markdown_tables(df) -> str:
         for cond in ("clean", LEVEL):
             gc = g[g["condition"] == cond].sort_values("dataset")
             for _, r in gc.iterrows():
-                lines.append("| " + " | ".join([r["dataset"], cond, str(int(r["eval_images"]))] + cells(r) + [
+                name = r["dataset"] + (f" {SEEN_MARK}" if r["dataset"] in seen else "")
+                lines.append("| " + " | ".join([name, cond, str(int(r["eval_images"]))] + cells(r) + [
                     f"{'yes' if r['swapped'] else 'no'} ({_judge(r)})", str(int(r["iterations"])),
                     f"{r['finetune_s']:.0f}"]) + " |")
             if len(gc):

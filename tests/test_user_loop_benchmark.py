@@ -75,6 +75,29 @@ def test_verdicts_compare_the_kept_model_with_the_start_as_the_issue_sets_them()
     assert user_loop.verdicts(worse.assign(n_labelled=5), ["a"])[0].endswith("not measured (no finished cell).")
 
 
+def test_a_start_head_knows_what_it_learned_from_and_the_table_marks_those_datasets():
+    """The permissive head is a leave-out start only for datasets it never saw; its training datasets come from the
+    heads' manifest, and a cell on one of them is marked as not leave-out."""
+    from napari_robustmedsam.heads import entry
+
+    permissive = user_loop.STARTS["robust-lite-permissive"]
+    recorded = {d["dataset"] for d in entry("robust-lite-permissive")["training_data"]}
+    assert permissive.trained_on == recorded == {"dsb2018_nuclei", "hc18_fetal_head_us"}
+    assert permissive.train_from == permissive.current == "robust-lite-permissive"
+    assert "acdc_cardiac_mri" in user_loop.STARTS["robust-lite"].trained_on
+    assert user_loop.STARTS["litemedsam"].trained_on == frozenset()
+
+    rows = [dict(r, start="robust-lite-permissive") for r in
+            _rows("acdc_cardiac_mri", (0.6, 0.7, 9.0), (0.7, 0.8, 7.0), (0.7, 0.8, 7.0))
+            + _rows("dsb2018_nuclei", (0.8, 0.8, 2.0), (0.8, 0.8, 2.0), (0.7, 0.7, 3.0), swapped=False)]
+    table = user_loop.markdown_tables(pd.DataFrame(rows))
+    assert "| dsb2018_nuclei † | LQ-3 |" in table and "| acdc_cardiac_mri | LQ-3 |" in table
+    assert "† the start model was trained on this dataset's training split" in table
+    plain = user_loop.markdown_tables(pd.DataFrame(_rows("dsb2018_nuclei", (0.8, 0.8, 2.0), (0.8, 0.8, 2.0),
+                                                         (0.7, 0.7, 3.0), swapped=False)))
+    assert "†" not in plain
+
+
 def test_runs_made_one_dataset_at_a_time_merge_into_one_report(tmp_path):
     """``--merge`` reports separately made runs together (verdicts over all datasets); a cell in two files is
     refused rather than one of them picked."""
