@@ -107,6 +107,14 @@ def test_fast_preview_updates_within_the_change_once_per_set_settings(annotated,
     expected = degrade_slice(image, s["name"], s["level"], s["severity"], s["seed"], s["modality"])
     np.testing.assert_array_equal(np.asarray(layer.data), expected)
     assert preview.preview_modes["sync"] >= 1
+    assert "Note:" not in preview.timing.text()
+
+    # a copy that lost the image's contrast is said so under the preview (degradations.signal_loss)
+    import time
+
+    source, kind, z, clean = preview._source()
+    preview._finish(source, kind, z, np.zeros_like(clean), preview.settings(), 0.001, time.perf_counter(), clean)
+    assert "keeps 0% of the image's contrast" in preview.timing.text()
 
 
 def test_robustness_sweep_shows_a_table(annotated, qtbot, tmp_path):

@@ -35,6 +35,7 @@ from superqt import QLabeledDoubleSlider
 from ..annotation.model_choice import robust_head_suggestion
 from ..annotation.robustness import degrade_slice
 from ..annotation.slice_embeddings import image_kind
+from ..degradations.signal_loss import signal_loss_notice
 from ..errors import UserFacingError
 from ._common import ROLE_KEY, Banner, TaskRow, mark, role_of, run_task, shrinkable, unwrap
 from ._state import get_state
@@ -325,7 +326,7 @@ class DegradationPreview(QWidget):
             seconds = time.perf_counter() - t0
             self._record(key, seconds)
             self.preview_modes["sync"] += 1
-            self._finish(layer, kind, z, out, settings, seconds, t_change)
+            self._finish(layer, kind, z, out, settings, seconds, t_change, image)
             return
 
         self._running = True
@@ -340,7 +341,7 @@ class DegradationPreview(QWidget):
             self._running = False
             out, seconds = value
             self._record(key, seconds)  # a worker's time is an upper bound of the GUI thread's: it may switch back
-            self._finish(layer, kind, z, out, settings, seconds, t_change)
+            self._finish(layer, kind, z, out, settings, seconds, t_change, image)
             if self._pending:
                 self._start_preview()
 
@@ -363,14 +364,17 @@ class DegradationPreview(QWidget):
             return int(np.prod(image.shape[:2])) <= SYNC_PROBE_PIXELS
         return float(np.median(times)) * 1000 <= SYNC_PREVIEW_MS
 
-    def _finish(self, layer, kind: str, z: int, out: np.ndarray, settings: dict, seconds: float, t_change: float) -> None:
+    def _finish(self, layer, kind: str, z: int, out: np.ndarray, settings: dict, seconds: float, t_change: float,
+                clean: np.ndarray) -> None:
         self._show_degraded(layer, kind, z, out)
         self.last_latency = time.perf_counter() - t_change
         self._last_seconds = seconds
         self.banner.clear_message()
         how = settings["level"] or f"severity {settings['severity']:.2f}"
-        self.timing.setText(f"{settings['name']} {how}, seed {settings['seed']}: degraded in {seconds * 1000:.0f} ms, "
-                            f"shown {self.last_latency * 1000:.0f} ms after the change")
+        text = (f"{settings['name']} {how}, seed {settings['seed']}: degraded in {seconds * 1000:.0f} ms, "
+                f"shown {self.last_latency * 1000:.0f} ms after the change")
+        lost = signal_loss_notice(clean, out)
+        self.timing.setText(f"{text}. Note: {lost}." if lost else text)
         self._suggest_robust_head()
         self.preview_updated.emit(self.last_latency)
 
