@@ -415,8 +415,9 @@ def markdown_tables(df) -> str:
     parts = []
     for (start, n, budget), g in wide.groupby(["start", "n_labelled", "budget_min"], sort=True):
         parts.append(f"### start {start}, N = {n} labelled images, {budget:g}-minute fine-tune\n")
-        seen = STARTS[start].trained_on if start in STARTS else frozenset()
-        parts.append(f"{STARTS[start].note}.\n" if start in STARTS else "")
+        spec = STARTS.get(start)
+        seen = spec.trained_on if spec else frozenset()
+        parts.append(f"{spec.note}.\n" if spec else "")
         if seen & set(g["dataset"]):
             parts.append(f"{SEEN_MARK} the start model was trained on this dataset's training split: not a "
                          "leave-out cell.\n")

@@ -15,25 +15,21 @@ from __future__ import annotations
 
 import numpy as np
 
+from ._fields import luminance
+
 #: a copy keeping less than this share of the clean image's contrast has lost its signal
 KEEP_AT_LEAST = 0.05
-
-
 #: at most about this many pixels are read (a regular grid): the preview calls this on every change
 SAMPLE_PIXELS = 1 << 16
 
 
 def contrast_spread(image: np.ndarray) -> float:
-    """The 1st-to-99th percentile spread of the image's intensities (luminance for RGB / RGBA), read on a regular
-    grid of at most about :data:`SAMPLE_PIXELS` pixels."""
+    """The 1st-to-99th percentile spread of a 2D image's intensities (its luminance if it is RGB / RGBA), read on a
+    regular grid of at most about :data:`SAMPLE_PIXELS` pixels."""
     arr = np.asarray(image)
-    rgb = arr.ndim == 3 and arr.shape[-1] in (3, 4)
-    plane = arr.shape[:2] if rgb or arr.ndim == 2 else arr.shape[-2:]
-    step = max(1, int(np.ceil(np.sqrt(plane[0] * plane[1] / SAMPLE_PIXELS))))
-    arr = arr[::step, ::step] if rgb or arr.ndim == 2 else arr[..., ::step, ::step]
-    if rgb:
-        arr = arr[..., :3].astype(np.float32).mean(axis=-1)
-    low, high = np.percentile(arr.astype(np.float64, copy=False), [1.0, 99.0])
+    step = max(1, int(np.ceil(np.sqrt(arr.shape[0] * arr.shape[1] / SAMPLE_PIXELS))))
+    gray = luminance(arr[::step, ::step])
+    low, high = np.percentile(gray.astype(np.float64, copy=False), [1.0, 99.0])
     return float(high - low)
 
 
