@@ -56,9 +56,13 @@ def kept_rows(frames: list[pd.DataFrame]) -> pd.DataFrame:
     return sel.set_index(["start", "dataset", "condition"])[list(METRICS)]
 
 
-def leave_out_datasets(kept: pd.DataFrame, start: str, baseline: str) -> list[str]:
-    """The datasets the baseline start was measured on that the leave-out start never learned from."""
-    seen = STARTS[start].trained_on if start in STARTS else frozenset()
+def trained_on(start: str) -> frozenset[str]:
+    """The development datasets a start learned from (from the heads' manifest; none for LiteMedSAM)."""
+    return STARTS[start].trained_on if start in STARTS else frozenset()
+
+
+def leave_out_datasets(kept: pd.DataFrame, baseline: str, seen: frozenset[str]) -> list[str]:
+    """The datasets the baseline start was measured on that the leave-out start never learned from (``seen``)."""
     measured = set(kept.xs(baseline, level="start").index.get_level_values("dataset"))
     return sorted(measured - seen)
 
@@ -78,6 +82,13 @@ def compare(kept: pd.DataFrame, start: str, baseline: str, datasets: list[str]) 
     return pd.DataFrame(rows)
 
 
+def level_means(table: pd.DataFrame) -> tuple[float, float]:
+    """Mean over datasets at LQ-3 of the box Dice and after-5-clicks differences, rounded as reported (3 decimals),
+    so a reader can check the verdict from the printed figures."""
+    lq = table[table["condition"] == LEVEL]
+    return round(lq["box_dice_diff"].mean(), 3), round(lq["dice_5_diff"].mean(), 3)
+
+
 def decide(table: pd.DataFrame, datasets: list[str], start: str, baseline: str) -> str:
     """The protocol's verdict, in one line."""
     measured = sorted(set(table["dataset"])) if len(table) else []
@@ -89,9 +100,7 @@ def decide(table: pd.DataFrame, datasets: list[str], start: str, baseline: str) 
                 f"than 0.01 on {'; '.join(worse)}.")
     if missing:
         return f"**Undecided:** {len(measured)} of {len(datasets)} datasets measured (missing: {', '.join(missing)})."
-    lq = table[table["condition"] == LEVEL]
-    # decided on the figures as reported (3 decimals), so a reader can check it from the table
-    box, clicks = round(lq["box_dice_diff"].mean(), 3), round(lq["dice_5_diff"].mean(), 3)
+    box, clicks = level_means(table)
     if box >= ADOPT_MEAN_GAIN and clicks >= ADOPT_MEAN_GAIN:
         return (f"**Recommend {start} as the start for images of a new kind:** mean {LEVEL} box Dice {box:+.3f}, after "
                 f"5 clicks {clicks:+.3f}, and no dataset worse by more than 0.01.")
@@ -99,7 +108,7 @@ def decide(table: pd.DataFrame, datasets: list[str], start: str, baseline: str) 
             f"{clicks:+.3f} (both must reach +{ADOPT_MEAN_GAIN}).")
 
 
-def report(table: pd.DataFrame, datasets: list[str], start: str, baseline: str) -> str:
+def report(table: pd.DataFrame, datasets: list[str], start: str, baseline: str, seen: frozenset[str]) -> str:
     """The comparison table (kept model of each start), the mean at LQ-3 and the verdict, as markdown."""
     lines = [f"# Leave-out start: {start} against {baseline} (N = {TARGET_N}, {TARGET_BUDGET:g}-minute fine-tune)", "",
              (f"The model each start leaves loaded, on the remaining images; {baseline} -> {start} (difference). "
@@ -110,15 +119,13 @@ def report(table: pd.DataFrame, datasets: list[str], start: str, baseline: str) 
         cells = [f"{r[f'{m}_baseline']:.{d}f} -> {r[f'{m}_start']:.{d}f} ({r[f'{m}_diff']:+.{d}f})"
                  for m, d in zip(METRICS, (3, 3, 2))]
         lines.append(f"| {r['dataset']} | {r['condition']} | " + " | ".join(cells) + f" | {r['fall'] or '-'} |")
-    lq = table[table["condition"] == LEVEL] if len(table) else table
-    if len(lq):
-        mean_line = (f"Mean of {len(lq)} dataset(s) at {LEVEL}, {start} - {baseline}: box Dice "
-                     f"{lq['box_dice_diff'].mean():+.3f}, after 5 clicks {lq['dice_5_diff'].mean():+.3f} "
-                     f"(the rule asks +{ADOPT_MEAN_GAIN} each, over all {len(datasets)}).")
-        lines += ["", mean_line]
-    seen = sorted(STARTS[start].trained_on) if start in STARTS else []
+    if len(table):
+        box, clicks = level_means(table)
+        measured = int((table["condition"] == LEVEL).sum())
+        lines += ["", (f"Mean of {measured} dataset(s) at {LEVEL}, {start} - {baseline}: box Dice {box:+.3f}, after "
+                       f"5 clicks {clicks:+.3f} (the rule asks +{ADOPT_MEAN_GAIN} each, over all {len(datasets)}).")]
     if seen:
-        lines += ["", f"{SEEN_MARK} not compared: {start} was trained on {', '.join(seen)}."]
+        lines += ["", f"{SEEN_MARK} not compared: {start} was trained on {', '.join(sorted(seen))}."]
     return "\n".join(lines + ["", decide(table, datasets, start, baseline), ""])
 
 
@@ -132,13 +139,14 @@ def main(argv=None) -> str:
         if name not in kept.index.get_level_values("start"):
             raise SystemExit(f"error: no N = {TARGET_N}, {TARGET_BUDGET:g}-minute cell of the start {name!r} in the "
                              "given files; add the run that has it")
-    datasets = leave_out_datasets(kept, args.start, args.baseline)
-    text = report(compare(kept, args.start, args.baseline, datasets), datasets, args.start, args.baseline)
+    seen = trained_on(args.start)
+    datasets = leave_out_datasets(kept, args.baseline, seen)
+    text = report(compare(kept, args.start, args.baseline, datasets), datasets, args.start, args.baseline, seen)
     if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = args.out.with_name(args.out.name + ".tmp")
-        tmp.write_text(text)
-        tmp.replace(args.out)
+        from napari_robustmedsam.io.atomic import atomic_write_path
+
+        with atomic_write_path(args.out) as tmp:
+            tmp.write_text(text)
     print(text)
     return text
 
