@@ -473,11 +473,8 @@ def run_prompt_mode(
         if pts is not None and cfg.point_second_pass:  # the decoder refines its own first guess
             pred = predictor.predict(points=pts, mask_input=pred.low_res_logits, multimask_output=False, embedding=emb)
         masks, scores = list(pred.masks), [float(v) for v in pred.scores]
-        for i in range(len(objects) if boxes is not None and cfg.focus_crop else 0):
-            plan = plan_crop(boxes[i], emb.frame.original_size, cfg.focus)
-            if plan is not None:
-                crop_pred = predictor.predict(boxes=plan.box_to_crop(boxes[i]), embedding=embed_crop(plan))
-                masks[i], scores[i] = plan.paste(crop_pred.masks[0]), float(crop_pred.scores[0])
+        if boxes is not None and cfg.focus_crop:
+            decode_small_boxes_in_crops(predictor, emb, boxes, masks, scores, cfg.focus, embed_crop)
         for i in range(len(objects) if pts is not None and cfg.focus_for_points is not None else 0):
             plan = plan_crop_for_points(masks[i], pts[i], emb.frame.original_size, cfg.focus_for_points)
             if plan is not None:
@@ -494,6 +491,17 @@ def run_prompt_mode(
     if prompt in ("iter_box", "iter_point"):
         return _iterative(predictor, emb, objects, prompt, sample_key, cfg, image, embed_crop)
     raise ValueError(f"unknown prompt mode {prompt!r}")
+
+
+def decode_small_boxes_in_crops(predictor, emb, boxes: np.ndarray, masks: list, scores: list, focus,
+                                embed_crop: Callable[[CropPlan], object]) -> None:
+    """Replace, in place, the whole-image mask and score of every box small enough for the focus crop (``focus``,
+    its settings) with the box decoded in its crop, as the annotator's *Zoom on small objects* does."""
+    for i in range(len(boxes)):
+        plan = plan_crop(boxes[i], emb.frame.original_size, focus)
+        if plan is not None:
+            crop_pred = predictor.predict(boxes=plan.box_to_crop(boxes[i]), embedding=embed_crop(plan))
+            masks[i], scores[i] = plan.paste(crop_pred.masks[0]), float(crop_pred.scores[0])
 
 
 def _iterative(predictor, emb, objects: list[GTObject], prompt: str, sample_key: str, cfg: EvalConfig,
