@@ -247,6 +247,39 @@ def test_commit_clear_undo_keep_labels_consistent(plugin, qtbot):
     annotator._key_handler("toggle_polarity")()
 
 
+def test_separate_lesions_boxed_one_by_one_commit_into_one_label(plugin, qtbot, shared_data):
+    """The workflow docs/results/parts recommends for a target in separate pieces: one box around all carious lesions
+    takes in the teeth between them; a box per lesion, each committed under the Label row's value, gives the label."""
+    from scipy import ndimage
+
+    from napari_robustmedsam.io import read_image
+
+    viewer, widget = plugin
+    folder = shared_data / "medseg" / "dc1000_dental_caries_xray"
+    image, labels = read_image(folder / "images" / "1050.png"), read_image(folder / "masks" / "1050.png")
+    truth = (labels[..., 0] if labels.ndim == 3 else labels) == 1
+    parts, n = ndimage.label(truth)
+    assert n == 5  # five separate lesions, one label
+    layer = viewer.add_image(image, name="caries 1050", rgb=image.ndim == 3)
+    annotator = widget.annotator
+    assert annotator.set_image_layer(layer)
+    viewer.reset_view()
+
+    segment_with_box(qtbot, annotator, tight_box(truth))
+    assert dice(annotator.session.current, truth) < 0.1  # one box: the teeth between the lesions
+    annotator.clear()
+
+    annotator.label_control.label_edit.setText("1=caries")
+    for k in range(1, n + 1):
+        segment_with_box(qtbot, annotator, tight_box(parts == k))
+        assert annotator.commit() == 1
+    committed = np.asarray(annotator.committed_layer.data)
+    assert set(np.unique(committed)) == {0, 1}
+    assert dice(committed == 1, truth) >= 0.75  # 0.858 measured through the evaluation's box path
+    assert annotator.session.objects[1].info["class"] == "caries"
+    shot(viewer, "07_lesions_boxed_one_by_one")
+
+
 def test_corrective_click_refines_with_previous_logits(plugin, qtbot):
     from napari_robustmedsam.sample_data import mri_phantom
 
