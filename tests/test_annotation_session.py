@@ -192,6 +192,47 @@ def test_save_and_resume_session(tmp_path, suffix):
         assert resumed.next_id() == 2
 
 
+def test_pieces_committed_under_one_value_keep_every_pieces_prompts(tmp_path):
+    """Separate pieces of one kind, each boxed and committed under the same value: the label holds them all, and the
+    record keeps the prompts of every piece (saved and resumed), not only the last one's."""
+    s = AnnotationSession((64, 64))
+    pieces = [disk((64, 64), 10, 10, 4), disk((64, 64), 40, 12, 5), disk((64, 64), 30, 50, 3)]
+    results = []
+    for k, m in enumerate(pieces):
+        s.set_current_slice(0, m, prompts=SlicePrompts(box=mask_box(m)))
+        results.append(s.commit(label_id=1, info={"class": "caries", "piece": k}))
+    assert [r.label_id for r in results] == [1, 1, 1]
+    assert [r.n_commits for r in results] == [1, 2, 3]
+    assert [r.n_added for r in results] == [int(m.sum()) for m in pieces]
+    assert results[-1].n_pixels == int(sum(m.sum() for m in pieces)) == int((s.labels == 1).sum())
+    rec = s.objects[1]
+    assert rec.n_commits == 3 and rec.info["piece"] == 2
+    assert [e["info"]["piece"] for e in rec.earlier] == [0, 1]
+    assert [e["slices"]["0"]["box"] for e in rec.earlier] == [mask_box(m).tolist() for m in pieces[:2]]
+
+    labels_path, json_path = save_session(tmp_path / "pieces.tif", s.labels, s.records_json(), {"name": "x"}, {})
+    resumed = AnnotationSession((64, 64))
+    resumed.load_records(load_session(json_path).records)
+    assert resumed.objects[1].earlier == rec.earlier and resumed.objects[1].prompts[0].same_box(rec.prompts[0])
+
+    # undo takes back the last piece and its record: the first two pieces' record, exactly
+    assert s.undo() == 1
+    assert s.objects[1].n_commits == 2 and s.objects[1].info["piece"] == 1
+    assert [e["info"]["piece"] for e in s.objects[1].earlier] == [0]
+    # reopening the last piece and committing it again does not record a piece twice
+    assert s.reopen_last_commit() == 1
+    assert s.commit().n_commits == 2 and [e["info"]["piece"] for e in s.objects[1].earlier] == [0]
+
+
+def test_an_object_committed_once_is_saved_as_before():
+    s = AnnotationSession((16, 16))
+    m = disk((16, 16), 8, 8, 3)
+    s.set_current_slice(0, m, prompts=SlicePrompts(box=mask_box(m)))
+    result = s.commit()
+    assert result.n_commits == 1 and result.n_added == int(m.sum())
+    assert set(s.records_json()[0]) == {"id", "n_pixels", "slices", "propagated_slices", "info"}
+
+
 def test_save_refuses_bad_formats_without_writing(tmp_path):
     labels = np.zeros((2, 4, 4), np.uint16)
     with pytest.raises(UserFacingError):

@@ -273,10 +273,15 @@ def test_separate_lesions_boxed_one_by_one_commit_into_one_label(plugin, qtbot, 
     for k in range(1, n + 1):
         segment_with_box(qtbot, annotator, tight_box(parts == k))
         assert annotator.commit() == 1
+        if k > 1:  # the status line says the piece went into the existing object
+            assert f"to object 1 (now {int((annotator.session.labels == 1).sum())} px from {k} commits)" \
+                in annotator.status.text()
     committed = np.asarray(annotator.committed_layer.data)
     assert set(np.unique(committed)) == {0, 1}
     assert dice(committed == 1, truth) >= 0.75  # 0.858 measured through the evaluation's box path
-    assert annotator.session.objects[1].info["class"] == "caries"
+    record = annotator.session.objects[1]
+    assert record.info["class"] == "caries" and record.n_commits == n  # every lesion's box stays on record
+    assert all(e["slices"]["0"]["box"] is not None for e in record.earlier)
     shot(viewer, "07_lesions_boxed_one_by_one")
 
 

@@ -16,7 +16,9 @@
                   "slices": {"0": {"points": [[x, y], ...], "point_labels": [1, 0],
                                    "box": [x0, y0, x1, y1] | null, "source": "user" | "propagated",
                                    "end": false}},
-                  "propagated_slices": [...], "info": {...}}]}
+                  "propagated_slices": [...], "info": {...},
+                  "earlier": [{"slices", "propagated_slices", "info"}, ...]}]}   # only when committed more than
+                                                                              # once under this id, oldest first
 
 Points are (x, y) = (column, row) pixel indices; boxes (x0, y0, x1, y1) with exclusive upper corners;
 slice keys index the first axis of a volume ("0" for 2D). Loading gives back the labels and the records,

@@ -119,15 +119,28 @@ class ObjectRecord:
     propagated_slices: list[int] = field(default_factory=list)
     n_pixels: int = 0
     info: dict[str, Any] = field(default_factory=dict)  # model name, degraded?, ...
+    # the prompts of earlier commits under the same id, oldest first ({"slices", "propagated_slices", "info"}):
+    # separate pieces committed one by one under one label value, or the object before a correction, so that the
+    # prompts behind every pixel of the label stay on record
+    earlier: list[dict[str, Any]] = field(default_factory=list)
 
-    def to_json(self) -> dict[str, Any]:
+    def own_prompts_json(self) -> dict[str, Any]:
+        """This commit's prompts (without the earlier ones), as one entry of a later record's ``earlier``."""
         return {
-            "id": int(self.label_id),
-            "n_pixels": int(self.n_pixels),
             "slices": {str(z): p.to_json() for z, p in sorted(self.prompts.items())},
             "propagated_slices": [int(z) for z in self.propagated_slices],
             "info": self.info,
         }
+
+    @property
+    def n_commits(self) -> int:
+        return len(self.earlier) + 1
+
+    def to_json(self) -> dict[str, Any]:
+        out = {"id": int(self.label_id), "n_pixels": int(self.n_pixels), **self.own_prompts_json()}
+        if self.earlier:  # absent for an object committed once, as in files written before it existed
+            out["earlier"] = list(self.earlier)
+        return out
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> "ObjectRecord":
@@ -137,6 +150,7 @@ class ObjectRecord:
             propagated_slices=[int(z) for z in data.get("propagated_slices") or []],
             n_pixels=int(data.get("n_pixels", 0)),
             info=dict(data.get("info") or {}),
+            earlier=[dict(e) for e in data.get("earlier") or []],
         )
 
 
@@ -145,6 +159,8 @@ class CommitResult:
     label_id: int
     n_pixels: int  # pixels now carrying label_id
     n_kept: int  # pixels of the current object left to another id (overwrite=False)
+    n_added: int = 0  # pixels this commit gave the id
+    n_commits: int = 1  # commits now behind the id (more than 1: pieces added under an existing value)
 
 
 @dataclass
@@ -422,13 +438,15 @@ class AnnotationSession:
             info=dict(info or {}),
         )
         previous_record = self.objects.get(label_id)
+        if previous_record is not None:  # a piece added under an existing value, or a correction: keep its prompts
+            record.earlier = [*previous_record.earlier, previous_record.own_prompts_json()]
         # everything computed: swap in
         self._labels = new_labels
         self.objects[label_id] = record
         self._undo.append(_UndoEntry(label_id, index, old_values, record, previous_record))
         del self._undo[: max(0, len(self._undo) - self.max_undo)]
         self.clear_current()
-        return CommitResult(label_id, n_pixels, n_kept)
+        return CommitResult(label_id, n_pixels, n_kept, int(target.sum()), record.n_commits)
 
     @property
     def can_undo(self) -> bool:

@@ -424,12 +424,17 @@ class AnnotatorWidget(QWidget):
             self.banner.show_error(err)
             return None
         info["model"] = getattr(self.state.loaded, "name", None)
+        correcting = self.session.replaces_label is not None  # "Start from label": the object is replaced
         result = self.controller.commit(info=info, label_id=label_id)
         if result is None:
             return None
         kept = f"; {result.n_kept} px already belonged to other objects and were kept" if result.n_kept else ""
         self.banner.clear_message()
-        self._set_status(f"Committed object {result.label_id} ({result.n_pixels} px){kept}. U undoes.")
+        if result.n_commits > 1 and not correcting:  # a piece added under an existing value
+            self._set_status(f"Added {result.n_added} px to object {result.label_id} (now {result.n_pixels} px from "
+                             f"{result.n_commits} commits){kept}. U undoes.")
+        else:
+            self._set_status(f"Committed object {result.label_id} ({result.n_pixels} px){kept}. U undoes.")
         self._update_enabled()
         self.committed.emit(result.label_id)
         return result.label_id
