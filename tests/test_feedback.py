@@ -25,3 +25,15 @@ def test_committed_colours_are_distinct_bright_and_not_brown():
     assert not any(is_brownish(c) for c in COMMITTED_COLORS)
     # the check itself recognises brown and dark red
     assert is_brownish("#8b4513") and is_brownish("#a0522d") and is_brownish("#7a1f1f")
+
+
+def test_commit_status_says_whether_a_piece_was_added_to_an_existing_object():
+    from napari_robustmedsam.annotation.feedback import describe_commit
+    from napari_robustmedsam.annotation.session import CommitResult
+
+    assert describe_commit(CommitResult(3, 120, 0, 120, 1)) == "Committed object 3 (120 px). U undoes."
+    added = describe_commit(CommitResult(1, 506, 4, 42, 5))
+    assert added == ("Added 42 px to object 1 (now 506 px from 5 commits); 4 px already belonged to other objects "
+                     "and were kept. U undoes.")
+    # a correction of an object started from its label replaces it: the plain wording
+    assert describe_commit(CommitResult(1, 480, 0, 10, 2), correcting=True).startswith("Committed object 1 (480 px)")

@@ -30,6 +30,7 @@ from qtpy.QtCore import QTimer
 from qtpy.QtWidgets import QWidget
 
 from ..annotation.controller import AnnotationController, AnnotatorSettings
+from ..annotation.feedback import describe_commit
 from ..annotation.model_info import display_name
 from ..annotation.prompt_decoding import zoom_default
 from ..annotation.session import SlicePrompts
@@ -428,13 +429,8 @@ class AnnotatorWidget(QWidget):
         result = self.controller.commit(info=info, label_id=label_id)
         if result is None:
             return None
-        kept = f"; {result.n_kept} px already belonged to other objects and were kept" if result.n_kept else ""
         self.banner.clear_message()
-        if result.n_commits > 1 and not correcting:  # a piece added under an existing value
-            self._set_status(f"Added {result.n_added} px to object {result.label_id} (now {result.n_pixels} px from "
-                             f"{result.n_commits} commits){kept}. U undoes.")
-        else:
-            self._set_status(f"Committed object {result.label_id} ({result.n_pixels} px){kept}. U undoes.")
+        self._set_status(describe_commit(result, correcting))
         self._update_enabled()
         self.committed.emit(result.label_id)
         return result.label_id
