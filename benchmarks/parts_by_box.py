@@ -38,6 +38,7 @@ from napari_robustmedsam.prompting import tight_box  # noqa: E402
 from training.evaluation.dataset import discover, select_samples  # noqa: E402
 from training.evaluation.runner import (  # noqa: E402
     Embedder,
+    crop_embedder,
     decode_small_boxes_in_crops,
     load_model_handle,
     parse_conditions,
@@ -91,15 +92,12 @@ def run(args) -> pd.DataFrame:
                 on = zoom_default(getattr(h.loaded, "name", None)) if args.focus_crop == "model" \
                     else args.focus_crop == "on"
                 focus = DEFAULT_FOCUS_CROP if on else None
-                emb = embedder.embed(h, degraded)
-
-                def embed_crop(plan, h=h, degraded=degraded):
-                    return embedder.embed(h, np.ascontiguousarray(plan.crop(degraded)))
-
+                emb, embed_crop = embedder.embed(h, degraded), crop_embedder(embedder, h, degraded)
                 for v in np.unique(labels):
-                    if v == 0 or np.count_nonzero(labels == v) < args.min_part_px:
+                    label_mask = labels == v
+                    if v == 0 or np.count_nonzero(label_mask) < args.min_part_px:
                         continue
-                    row = label_row(h, emb, labels == v, args.min_part_px, focus, embed_crop)
+                    row = label_row(h, emb, label_mask, args.min_part_px, focus, embed_crop)
                     row.update(model=h.label, dataset=sample.dataset, image_id=sample.image_id,
                                label=int(v), condition=cond.name, zoom=on)
                     rows.append(row)

@@ -203,6 +203,7 @@ def test_pieces_committed_under_one_value_keep_every_pieces_prompts(tmp_path):
         results.append(s.commit(label_id=1, info={"class": "caries", "piece": k}))
     assert [r.label_id for r in results] == [1, 1, 1]
     assert [r.n_commits for r in results] == [1, 2, 3]
+    assert not any(r.correction for r in results)
     assert [r.n_added for r in results] == [int(m.sum()) for m in pieces]
     assert results[-1].n_pixels == int(sum(m.sum() for m in pieces)) == int((s.labels == 1).sum())
     rec = s.objects[1]

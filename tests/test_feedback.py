@@ -36,4 +36,4 @@ def test_commit_status_says_whether_a_piece_was_added_to_an_existing_object():
     assert added == ("Added 42 px to object 1 (now 506 px from 5 commits); 4 px already belonged to other objects "
                      "and were kept. U undoes.")
     # a correction of an object started from its label replaces it: the plain wording
-    assert describe_commit(CommitResult(1, 480, 0, 10, 2), correcting=True).startswith("Committed object 1 (480 px)")
+    assert describe_commit(CommitResult(1, 480, 0, 10, 2, correction=True)).startswith("Committed object 1 (480 px)")

@@ -69,7 +69,7 @@ def test_start_from_label_then_correct_and_commit_replaces_it():
     smaller[3:5, 3:5] = True
     session.set_current_slice(2, smaller)
     result = session.commit()
-    assert result.label_id == 3
+    assert result.label_id == 3 and result.correction  # the status line says "Committed", not "Added"
     assert int((session.labels[2] == 3).sum()) == 4 and (session.labels[1] == labels[1]).all()
     assert int((session.labels[2] == 1).sum()) == 4  # the other object untouched
     session.undo()

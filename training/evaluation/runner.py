@@ -749,7 +749,7 @@ def evaluate_samples(
                     emb = embedder.embed(m, degraded)
                     for p in prompts:
                         rows.extend(run_prompt_mode(m.predictor, emb, objects, p, sample.key, model_cfg[m.key],
-                                                    degraded, _crop_embedder(embedder, m, degraded)))
+                                                    degraded, crop_embedder(embedder, m, degraded)))
                 ident = {
                     "model": m.label, "model_key": m.key, "dataset": sample.dataset, "modality": sample.modality,
                     "sample": sample.key, "image_id": sample.image_id,
@@ -778,7 +778,7 @@ def evaluate_samples(
     return stats
 
 
-def _crop_embedder(embedder: Embedder, handle: ModelHandle, image: np.ndarray) -> Callable[[CropPlan], object]:
+def crop_embedder(embedder: Embedder, handle: ModelHandle, image: np.ndarray) -> Callable[[CropPlan], object]:
     """``embed_crop(plan)``: the embedding of ``plan.crop(image)`` (through the embedding cache when there is one)."""
     return lambda plan: embedder.embed(handle, np.ascontiguousarray(plan.crop(image)))
 

@@ -46,12 +46,12 @@ def describe_change(before: np.ndarray | None, after: np.ndarray) -> str:
     return f"{int(after.sum())} px ({' / '.join(p for p in parts if p)})"
 
 
-def describe_commit(result, correcting: bool = False) -> str:
+def describe_commit(result) -> str:
     """The status line after a commit (``result``: the session's CommitResult). A piece added under a value that
-    already has an object says what it added and how many commits the object has now; ``correcting`` (the object
-    was started from its label and is replaced) keeps the plain wording."""
+    already has an object says what it added and how many commits the object has now; a correction of an object
+    started from its label replaces it and keeps the plain wording."""
     kept = f"; {result.n_kept} px already belonged to other objects and were kept" if result.n_kept else ""
-    if result.n_commits > 1 and not correcting:
+    if result.n_commits > 1 and not result.correction:
         return (f"Added {result.n_added} px to object {result.label_id} (now {result.n_pixels} px from "
                 f"{result.n_commits} commits){kept}. U undoes.")
     return f"Committed object {result.label_id} ({result.n_pixels} px){kept}. U undoes."

@@ -161,6 +161,7 @@ class CommitResult:
     n_kept: int  # pixels of the current object left to another id (overwrite=False)
     n_added: int = 0  # pixels this commit gave the id
     n_commits: int = 1  # commits now behind the id (more than 1: pieces added under an existing value)
+    correction: bool = False  # the object was started from its label ("Start from label") and replaces it
 
 
 @dataclass
@@ -437,7 +438,7 @@ class AnnotationSession:
             n_pixels=n_pixels,
             info=dict(info or {}),
         )
-        previous_record = self.objects.get(label_id)
+        previous_record, correction = self.objects.get(label_id), self.replaces_label is not None
         if previous_record is not None:  # a piece added under an existing value, or a correction: keep its prompts
             record.earlier = [*previous_record.earlier, previous_record.own_prompts_json()]
         # everything computed: swap in
@@ -446,7 +447,7 @@ class AnnotationSession:
         self._undo.append(_UndoEntry(label_id, index, old_values, record, previous_record))
         del self._undo[: max(0, len(self._undo) - self.max_undo)]
         self.clear_current()
-        return CommitResult(label_id, n_pixels, n_kept, int(target.sum()), record.n_commits)
+        return CommitResult(label_id, n_pixels, n_kept, int(target.sum()), record.n_commits, correction)
 
     @property
     def can_undo(self) -> bool:

@@ -425,12 +425,11 @@ class AnnotatorWidget(QWidget):
             self.banner.show_error(err)
             return None
         info["model"] = getattr(self.state.loaded, "name", None)
-        correcting = self.session.replaces_label is not None  # "Start from label": the object is replaced
         result = self.controller.commit(info=info, label_id=label_id)
         if result is None:
             return None
         self.banner.clear_message()
-        self._set_status(describe_commit(result, correcting))
+        self._set_status(describe_commit(result))
         self._update_enabled()
         self.committed.emit(result.label_id)
         return result.label_id
