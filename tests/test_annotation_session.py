@@ -50,6 +50,39 @@ def test_overwrite_takes_pixels_and_undo_restores_exactly():
     assert s.undo() is None
 
 
+def test_resuming_over_committed_objects_is_one_undo_step_that_brings_them_back():
+    s = AnnotationSession((32, 32))
+    a, b = disk((32, 32), 10, 10, 6), disk((32, 32), 22, 22, 5)
+    s.set_current_slice(0, a, prompts=SlicePrompts(box=mask_box(a)))
+    s.commit()
+    s.set_current_slice(0, b, prompts=SlicePrompts(points=[[22, 22]], labels=[1]))
+    s.commit()
+    before, records_before = s.labels.copy(), s.records_json()
+    saved = np.zeros((32, 32), np.uint16)
+    saved[disk((32, 32), 16, 16, 8)] = 7
+    replaced = s.replace_all(saved, [{"id": 7, "n_pixels": int((saved == 7).sum()), "slices": {}}])
+    assert replaced == 2 and set(s.objects) == {7} and s.next_id() == 8
+    np.testing.assert_array_equal(s.labels, saved)
+    assert s.next_undo_kind == "replace"
+    assert s.undo() == 0
+    np.testing.assert_array_equal(s.labels, before)
+    assert s.records_json() == records_before  # the prompts come back with the objects
+    assert s.next_undo_kind == "commit" and s.undo() == 2  # the commits before the resume stay undoable
+    assert s.undo() == 1 and not s.labels.any() and s.next_undo_kind is None
+
+
+def test_resuming_into_an_empty_session_replaces_nothing():
+    s = AnnotationSession((8, 8))
+    s.replace_all(np.zeros((8, 8), np.uint8), [])
+    assert not s.can_undo
+    labels = np.zeros((8, 8), np.uint8)
+    labels[2:4, 2:4] = 1
+    assert s.replace_all(labels, []) == 0 and s.can_undo
+    with pytest.raises(UserFacingError, match="shape"):
+        s.replace_all(np.zeros((4, 4), np.uint8), [])
+    np.testing.assert_array_equal(s.labels, labels)
+
+
 def test_failed_commit_leaves_labels_untouched():
     s = AnnotationSession((16, 16), labels=np.eye(16, dtype=np.uint8) * 3)
     before = s.labels.copy()

@@ -163,7 +163,22 @@ def test_commits_are_autosaved_and_a_new_session_restores_them(make_napari_viewe
     wait_idle(qtbot)
     assert set(np.unique(np.load(own / "labels.npy"))) == {0, 1}
     np.testing.assert_array_equal(np.load(folder / "labels.npy"), committed)
-    assert control.restore() and "stay in this session's own autosave" in control.status.text()
+
+    # restoring over committed objects replaces them but loses nothing: U brings them back, and they are kept on
+    # disk as an autosave of their own (the session's own folder is written over by its next commit)
+    assert _box_then_commit(annotator, qtbot, truth >= 1) == 2
+    before = np.asarray(annotator.committed_layer.data).copy()
+    assert control.restore()
+    np.testing.assert_array_equal(np.asarray(annotator.committed_layer.data), committed)
+    assert "replaced the 2 object(s)" in widget.export.status.text() and "U brings them back" in widget.export.status.text()
+    kept = control.autosaver.earlier(folder.parent.name)[0]
+    np.testing.assert_array_equal(np.load(kept.folder / "labels.npy"), before)
+    assert kept.folder != folder and read_entry(folder) is not None
+    assert annotator.undo() == 0 and "Undid the resume" in annotator.status.text()
+    np.testing.assert_array_equal(np.asarray(annotator.committed_layer.data), before)
+    assert annotator.session.objects[2].prompts[0].box is not None
+    assert annotator.undo() == 2  # and the commit before the resume is still undoable
+    wait_idle(qtbot)
 
     # a full disk: the commit stands, the panel says the autosave failed and what to do
     def full_disk(*args, **kwargs):

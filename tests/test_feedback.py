@@ -37,3 +37,12 @@ def test_commit_status_says_whether_a_piece_was_added_to_an_existing_object():
                      "and were kept. U undoes.")
     # a correction of an object started from its label replaces it: the plain wording
     assert describe_commit(CommitResult(1, 480, 0, 10, 2, correction=True)).startswith("Committed object 1 (480 px)")
+
+
+def test_the_status_after_undo_says_what_was_taken_back():
+    from napari_robustmedsam.annotation.feedback import describe_undo
+
+    assert describe_undo(None, None) == "Nothing to undo."
+    assert describe_undo("commit", 3) == "Undid the commit of object 3."
+    assert describe_undo("remove", 3) == "Brought back object 3."
+    assert "objects committed before it are back" in describe_undo("replace", 0)

@@ -55,3 +55,14 @@ def describe_commit(result) -> str:
         return (f"Added {result.n_added} px to object {result.label_id} (now {result.n_pixels} px from "
                 f"{result.n_commits} commits){kept}. U undoes.")
     return f"Committed object {result.label_id} ({result.n_pixels} px){kept}. U undoes."
+
+
+def describe_undo(kind: str | None, label_id: int | None) -> str:
+    """The status line after U (``kind``: what the session's undo took back, read before undoing)."""
+    if label_id is None:
+        return "Nothing to undo."
+    if kind == "replace":
+        return "Undid the resume: the objects committed before it are back."
+    if kind == "remove":
+        return f"Brought back object {label_id}."
+    return f"Undid the commit of object {label_id}."

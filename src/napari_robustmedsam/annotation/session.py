@@ -8,11 +8,14 @@ single slice ``z = 0``.
 
 Rules the annotator relies on:
 
-- The labels array is only changed by :meth:`AnnotationSession.commit` and :meth:`AnnotationSession.undo`;
-  both compute the new array first and swap it in at the end, so a failure leaves it untouched.
+- The labels array is only changed by :meth:`AnnotationSession.commit`, :meth:`AnnotationSession.remove_object`,
+  :meth:`AnnotationSession.replace_all` and :meth:`AnnotationSession.undo`; each computes the new array first and
+  swaps it in at the end, so a failure leaves it untouched.
 - A commit gives the current object a new id (one more than the largest id in use) and, unless
   ``overwrite=True``, never changes pixels that already carry another id.
-- Undo restores exactly the pixels the last commit changed, to their previous values.
+- Undo restores exactly the pixels the last commit changed, to their previous values; after
+  :meth:`~AnnotationSession.replace_all` (resuming a saved session over committed objects) it restores the objects
+  that were there before, with their prompts.
 """
 
 from __future__ import annotations
@@ -171,7 +174,8 @@ class _UndoEntry:
     old_values: np.ndarray
     record: ObjectRecord | None  # the record written by a commit (None for a removal)
     previous_record: ObjectRecord | None  # the record this id had before
-    kind: str = "commit"  # "commit" or "remove"
+    kind: str = "commit"  # "commit", "remove" or "replace" (every object at once: a resumed session)
+    previous_objects: dict[int, ObjectRecord] | None = None  # "replace": the records before it
 
 
 @dataclass
@@ -453,6 +457,11 @@ class AnnotationSession:
     def can_undo(self) -> bool:
         return bool(self._undo)
 
+    @property
+    def next_undo_kind(self) -> str | None:
+        """What :meth:`undo` would take back: ``"commit"``, ``"remove"``, ``"replace"``, or None."""
+        return self._undo[-1].kind if self._undo else None
+
     def undo(self) -> int | None:
         """Revert the last commit; return its label id (None when there is nothing to undo)."""
         if not self._undo:
@@ -462,7 +471,9 @@ class AnnotationSession:
         new_labels.ravel()[entry.index] = entry.old_values
         self._labels = new_labels
         self._undo.pop()
-        if entry.previous_record is not None:
+        if entry.kind == "replace":
+            self.objects = dict(entry.previous_objects or {})
+        elif entry.previous_record is not None:
             self.objects[entry.label_id] = entry.previous_record
         elif not (new_labels == entry.label_id).any():
             self.objects.pop(entry.label_id, None)
@@ -538,8 +549,30 @@ class AnnotationSession:
         return [self.objects[k].to_json() for k in sorted(self.objects)]
 
     def load_records(self, records: list[dict[str, Any]]) -> None:
-        self.objects = {}
-        for data in records:
-            rec = ObjectRecord.from_json(data)
-            self.objects[rec.label_id] = rec
+        self.objects = _records_by_id(records)
         self._undo.clear()
+
+    def replace_all(self, labels: np.ndarray, records: list[dict[str, Any]]) -> int:
+        """Make ``labels`` and their prompt ``records`` the committed objects (resuming a saved session or an
+        autosave). The objects committed before are not lost: one :meth:`undo` brings them back, prompts included.
+        Returns how many objects were replaced."""
+        new = self._check_labels(labels)
+        objects = _records_by_id(records)
+        index = np.flatnonzero(new != self._labels)
+        replaced = len(set(np.unique(self._labels).tolist()) - {0})
+        entry = _UndoEntry(0, index, self._labels.ravel()[index].copy(), None, None, kind="replace",
+                           previous_objects=dict(self.objects))
+        self._labels = new
+        self.objects = objects
+        if index.size or entry.previous_objects:
+            self._undo.append(entry)
+            del self._undo[: max(0, len(self._undo) - self.max_undo)]
+        return replaced
+
+
+def _records_by_id(records: list[dict[str, Any]]) -> dict[int, ObjectRecord]:
+    objects = {}
+    for data in records:
+        rec = ObjectRecord.from_json(data)
+        objects[rec.label_id] = rec
+    return objects

@@ -30,7 +30,7 @@ from qtpy.QtCore import QTimer
 from qtpy.QtWidgets import QWidget
 
 from ..annotation.controller import AnnotationController, AnnotatorSettings
-from ..annotation.feedback import describe_commit
+from ..annotation.feedback import describe_commit, describe_undo
 from ..annotation.model_info import display_name
 from ..annotation.prompt_decoding import zoom_default
 from ..annotation.session import SlicePrompts
@@ -445,8 +445,9 @@ class AnnotatorWidget(QWidget):
         if self.session is None:
             return None
         self._sync_committed_into_session()
+        kind = self.session.next_undo_kind
         label_id = self.controller.undo()
-        self._set_status("Nothing to undo." if label_id is None else f"Undid the commit of object {label_id}.")
+        self._set_status(describe_undo(kind, label_id))
         self._update_enabled()
         self.undone.emit(label_id)
         return label_id

@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import html
 import logging
+from pathlib import Path
 
 from qtpy.QtCore import QTimer
 from qtpy.QtWidgets import QCheckBox, QHBoxLayout, QLabel, QPushButton, QVBoxLayout, QWidget
 
 from ..annotation.autosave import Autosaver, image_key
+from ..errors import UserFacingError
 from ..cache_location import autosave_root
 from ._common import qt_alive, run_task
 from .session_snapshot import session_snapshot
@@ -142,12 +144,26 @@ class AutosaveControl(QWidget):
         if not earlier:
             self.status.setText("No earlier autosave of this image.")
             return False
-        had_objects = bool(annotator.session.labels.any())
         if not self.restore_with(earlier[0].prompts_path):
             return False
-        kept = ""
-        if had_objects:
-            kept = (" It replaced the objects committed before it; they stay in this session's own autosave."
-                    if self.autosaver.folder_for(key).is_dir() else " It replaced the objects committed before it.")
-        self.status.setText(f"Restored the autosave of {html.escape(earlier[0].describe())}.{kept}")
+        self.status.setText(f"Restored the autosave of {html.escape(earlier[0].describe())}.")
         return True
+
+    def keep_before_replacing(self, annotator) -> Path | None:
+        """Write the committed objects to an autosave folder of their own before a resume replaces them; returns it.
+
+        The session's own autosave cannot hold them: the next commit after the resume writes over it. Written at
+        once (not in the worker), so the objects are on disk before they leave the window. Nothing is written when
+        autosave is off or no object is committed."""
+        session = annotator.session
+        if not self.check.isChecked() or session is None or not session.labels.any():
+            return None
+        labels, records, kwargs = session_snapshot(annotator, self.state.loaded)
+        try:
+            folder = Autosaver(self.autosaver.root, self.autosaver.keep).write(self._key(annotator), labels, records,
+                                                                                **kwargs)
+        except OSError as err:
+            raise UserFacingError(f"cannot keep the committed objects before resuming ({err}); save them first "
+                                  "with Save labels + prompts…") from err
+        self.restore_button.setEnabled(True)
+        return folder

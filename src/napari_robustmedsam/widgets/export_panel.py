@@ -83,15 +83,21 @@ class ExportPanel(QWidget):
             session = annotator.session
             check_labels_fit(loaded.labels.shape, loaded.geometry, session.shape,
                              geometry_from_layer(annotator.image_layer), what=f"the labels in {loaded.labels_path.name}")
-            session.sync_labels(loaded.labels)
-            session.load_records(loaded.records)
+            annotator._sync_committed_into_session()  # what the user painted counts as committed
+            kept = self.autosave.keep_before_replacing(annotator)
+            replaced = session.replace_all(loaded.labels, loaded.records)
             annotator._update_committed_layer()
             annotator._update_enabled()
         except UserFacingError as err:
             self.banner.show_error(err)
             return False
         prompts = f" with the prompts of {len(loaded.records)} object(s)" if loaded.records else " (no prompts file)"
-        self.status.setText(f"Resumed {html.escape(str(loaded.labels_path.name))}{prompts}; new objects get new ids.")
+        text = f"Resumed {html.escape(str(loaded.labels_path.name))}{prompts}; new objects get new ids."
+        if replaced:
+            text += f" It replaced the {replaced} object(s) committed before: U brings them back"
+            text += (f", and they were kept as an autosave of their own ({html.escape(str(kept))})." if kept
+                     else ".")
+        self.status.setText(text)
         return True
 
     def _save_dialog(self) -> None:
