@@ -310,3 +310,31 @@ def test_prefetch_starts_at_the_users_slice_and_is_cancelled_with_the_embeddings
     handle = workers.queue[-1][5]
     ctl.set_embeddings(None)  # another model / image: the running prefetch is cancelled
     assert handle.cancelled
+
+
+def test_embedding_the_whole_volume_decodes_again_only_a_slice_whose_prompts_were_not_decoded(setup):
+    from napari_robustmedsam.annotation.slice_embeddings import SliceEmbeddings
+
+    class Encoder:
+        def compute_embedding(self, image):
+            return None
+
+    vol = np.zeros((3, 32, 32), np.int16)
+    ctl, view, workers = setup((3, 32, 32))
+    ctl.set_embeddings(SliceEmbeddings(Encoder(), vol, "volume"))
+    view.z = 1
+    click(view, 1, [[10, 10]], [1])
+    ctl.segment(1)  # the slice is embedded first, then decoded
+    workers.finish()
+    assert fake_segment_slice.calls == 1 and ctl.session.current[1, 10, 10]
+    shown = view.status
+    ctl.compute_embeddings()  # "Compute embeddings" (or the launcher's) ends after the box was decoded
+    workers.finish()
+    assert fake_segment_slice.calls == 1, "the slice's mask already answers its prompts: nothing to decode again"
+    assert "Embedded 2 slice(s)" in view.status and "unchanged" not in view.status and "px" in shown
+    # prompts drawn while nothing could decode them are decoded once the embeddings are there
+    ctl.set_embeddings(SliceEmbeddings(Encoder(), vol, "volume"))
+    click(view, 1, [[10, 10], [20, 20]], [1, 1])
+    ctl.compute_embeddings()
+    workers.finish()
+    assert fake_segment_slice.calls == 2 and ctl.session.current[1, 20, 20]

@@ -219,7 +219,7 @@ class AnnotationController:
                 self.view.embeddings_changed()
                 self.view.set_status(f"Embedded {n} slice(s) in {time.perf_counter() - t0:.1f} s.")
                 z = self.view.current_z()
-                if self.view.live() and self.session is not None and not self.view.slice_prompts(z).is_empty:
+                if self.view.live() and self.session is not None and self.prompts_unanswered(z):
                     self.segment(z)
 
         def failed(err, tb):
@@ -227,6 +227,13 @@ class AnnotationController:
             self.view.show_error(err)
 
         self.run_task(work, done, failed, "embedding", "embed")
+
+    def prompts_unanswered(self, z: int) -> bool:
+        """Slice ``z`` has prompts that its shown mask was not decoded from (e.g. drawn while its embedding was
+        missing). A slice already decoded from them is left alone: decoding it again gives the same mask, and its
+        status would read as if a prompt had changed nothing."""
+        prompts = self.view.slice_prompts(z)
+        return not prompts.is_empty and not prompts.same_prompts(self.session.asked_prompts(z))
 
     def set_focus(self, z: int) -> None:
         """The user's slice changed: the background embedding continues nearest to it."""
