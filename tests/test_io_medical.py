@@ -136,6 +136,15 @@ def test_mixed_series_reads_the_largest_and_lists_them(tmp_path):
         read_medical(folder, series="9.9")
 
 
+def test_a_series_without_a_description_is_named_after_its_folder(tmp_path):
+    folder = tmp_path / "knee"
+    write_dicom_series(folder, synthetic_hu(), description="", series_uid="1.2.3.4.5.6.7.8.100")
+    assert read_medical(folder)[1].name == "knee"  # not the UID
+    write_dicom_series(folder, synthetic_hu((3, 40, 48), seed=2), description="", series_uid="1.2.3.4.5.6.7.8.200")
+    with pytest.warns(MedicalReadWarning):
+        assert read_medical(folder)[1].name == "knee (UID ...7.8.100)"  # both are series number 3: the UIDs tell them apart
+
+
 def test_missing_slice_is_named(tmp_path):
     folder = tmp_path / "gap"
     write_dicom_series(folder, synthetic_hu(), skip=(3,))

@@ -495,6 +495,18 @@ class DicomSeries:
         return f"{self.uid} ({what + ', ' if what else ''}{len(self.files)} files)"
 
 
+def _series_name(folder: Path, chosen: DicomSeries, all_series: list[DicomSeries]) -> str:
+    """A layer name for a series: its description; without one, the folder's name (a long UID means nothing to
+    a reader), with the series number or the UID's end when the folder holds several series."""
+    if chosen.description:
+        return chosen.description
+    if len(all_series) == 1:
+        return folder.name
+    if chosen.number and sum(other.number == chosen.number for other in all_series) == 1:
+        return f"{folder.name} series {chosen.number}"
+    return f"{folder.name} (UID ...{chosen.uid[-8:].lstrip('.')})"
+
+
 def list_dicom_series(folder: str | Path) -> list[DicomSeries]:
     """The DICOM series in ``folder`` (largest first), as GDCM groups them."""
     sitk = _sitk()
@@ -581,8 +593,8 @@ def _read_dicom_folder(folder: Path, series: str | int | None) -> tuple[np.ndarr
         hint = _decoder_hint(ds)
         detail = hint or str(err).strip().splitlines()[-1]
         raise ImageInputError(f"cannot read {what}: {detail}") from err
-    description = chosen.description or chosen.uid
-    geometry = _geometry_from_sitk(image, source=str(folder), name=description, file_format="dicom",
+    geometry = _geometry_from_sitk(image, source=str(folder), name=_series_name(folder, chosen, all_series),
+                                   file_format="dicom",
                                    modality=chosen.modality or None, series_uid=chosen.uid)
     return sitk.GetArrayFromImage(image), geometry
 
