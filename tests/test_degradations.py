@@ -339,6 +339,35 @@ def test_cli_degrade_writes_the_image_and_record(tmp_path, tiny_images):
         _run_cli(["degrade", str(src), "--type", "nope", "-o", str(tmp_path / "new.png")])  # out.png exists now
 
 
+def test_cli_degrade_reads_dicom_and_nifti_and_keeps_their_geometry_and_hu(tmp_path, capsys):
+    from medical_fixtures import synthetic_hu, write_dicom_series
+
+    from napari_robustmedsam.degradations import modality_degradations
+    from napari_robustmedsam.io import read_medical
+
+    folder = tmp_path / "ct"
+    volume = synthetic_hu()
+    write_dicom_series(folder, volume)
+    out, rec = tmp_path / "ct_lq3.nii.gz", tmp_path / "rec.json"
+    assert _run_cli(["degrade", str(folder), "--type", "random", "--level", "LQ-3+", "-o", str(out),
+                     "--record", str(rec)]) == 0
+    assert "modality: ct (from the DICOM header" in capsys.readouterr().out
+    assert {r["name"] for r in json.loads(rec.read_text())} & set(modality_degradations("ct")["domain"])
+    arr, geo = read_medical(out)
+    _, source = read_medical(folder)
+    assert arr.shape == volume.shape and not np.array_equal(arr, volume)
+    assert arr.min() < -500  # still in HU: air stays far below zero
+    for key in ("spacing", "origin", "direction"):
+        np.testing.assert_allclose(getattr(geo, key), getattr(source, key), atol=1e-5)
+    again = tmp_path / "again.nrrd"  # NIfTI in, NRRD out: the same grid
+    assert _run_cli(["degrade", str(out), "--type", "gaussian_noise", "-o", str(again)]) == 0
+    np.testing.assert_allclose(read_medical(again)[1].origin, source.origin, atol=1e-5)
+    assert _run_cli(["degrade", str(out), "--type", "gaussian_noise", "-o", str(tmp_path / "pixels.npy")]) == 0
+    assert "holds the pixels only" in capsys.readouterr().out
+    with pytest.raises(DegradationError, match=r"\.nii\.gz"):  # refused before any work
+        _run_cli(["degrade", str(folder), "--type", "gaussian_noise", "-o", str(tmp_path / "ct_lq3.dcm")])
+
+
 def test_cli_degrade_folder_medseg_layout(tmp_path, tiny_images):
     import imageio.v3 as iio
 

@@ -2,6 +2,7 @@
 
     robustmedsam degrade INPUT --type T [--level LQ-3 | --severity S | --target-ssim X] [--seed S] -o OUT
     robustmedsam degrade INPUT --type random --level LQ-3+ --modality M -o OUT   (PGE-SAM composition)
+    robustmedsam degrade scan.nii.gz (or a DICOM folder) --type T -o scan_lq3.nii.gz   (geometry kept)
     robustmedsam degrade --gallery IMAGE [--modality M] -o sheet.png              (contact sheet)
     robustmedsam degrade --list [--modality M]                                    (available types)
     robustmedsam degrade-folder DIR --modality M [--levels LQ-1 LQ-2 LQ-3 LQ-3+] -o OUTDIR
@@ -27,7 +28,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         description="Apply one degradation type (or a PGE-SAM random composition) to an image / volume, "
         "render a contact sheet of every degradation and level (--gallery), or list the types (--list).",
     )
-    p.add_argument("input", nargs="?", help="input image or volume (.png .jpg .bmp .tif .tiff .npy)")
+    p.add_argument("input", nargs="?", help="input image or volume: PNG, JPEG, BMP, TIFF, NPY, a DICOM file or series "
+                   "folder, NIfTI, NRRD or MHA (the intensities are degraded as stored: CT stays in HU)")
     p.add_argument("--type", "-t", dest="type_name", help="degradation type (see --list), or 'random'")
     group = p.add_mutually_exclusive_group()
     group.add_argument("--level", "-l", help="quality level: LQ-1, LQ-2, LQ-3 (default) or LQ-3+")
@@ -35,7 +37,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     group.add_argument("--target-ssim", type=float, help="calibrate the severity to this SSIM to the input")
     p.add_argument("--modality", "-m", help="imaging modality (needed for LQ-3+ and --type random)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    p.add_argument("--output", "-o", help="output file (image, or the sheet PNG with --gallery)")
+    p.add_argument("--output", "-o", help="output file (image, or the sheet PNG with --gallery); .nii.gz, .nrrd or .mha "
+                   "keep a medical input's spacing, origin and direction")
+    p.add_argument("--series", default=None, metavar="UID",
+                   help="DICOM folder with several series: the SeriesInstanceUID (or number in the listing) to read")
+    p.add_argument("--timepoint", type=int, default=None, metavar="T", help="4D NIfTI/NRRD: the volume to read (0-based)")
     p.add_argument("--record", help="also write the applied transforms and parameters to this JSON file")
     p.add_argument("--gallery", metavar="IMAGE", help="render every applicable degradation at every level")
     p.add_argument("--types", help="with --gallery: comma-separated types to show instead of all applicable")
@@ -75,7 +81,7 @@ def _list_types(modality: str | None) -> int:
 
 def run_degrade(args: argparse.Namespace) -> int:
     from ..degradations import degrade, degrade_random
-    from ..degradations._io import read_image, write_image, write_text
+    from ..degradations._io import read_image, write_text
 
     if args.list:
         return _list_types(args.modality)
@@ -101,18 +107,20 @@ def run_degrade(args: argparse.Namespace) -> int:
         raise DegradationError("give --type T (see `robustmedsam degrade --list`), or --type random")
     if not args.output:
         raise DegradationError("give the output file with -o OUT")
+    _check_output_format(args.output)
     check_outputs([args.output, args.record], inputs=[args.input], overwrite=args.overwrite)
-    image = read_image(args.input)
+    image, geometry = _read_input(args)
+    modality = args.modality or _header_modality(geometry)
     if args.type_name.strip().lower() == "random":
         if args.severity is not None or args.target_ssim is not None:
             raise DegradationError("--type random works with --level only")
-        result, record = degrade_random(image, args.level or "LQ-3", modality=args.modality, seed=args.seed)
+        result, record = degrade_random(image, args.level or "LQ-3", modality=modality, seed=args.seed)
     else:
         result, record = degrade(
             image, args.type_name, args.level, severity=args.severity, target_ssim=args.target_ssim,
-            seed=args.seed, modality=args.modality, return_record=True,
+            seed=args.seed, modality=modality, return_record=True,
         )
-    write_image(args.output, result, overwrite=True)  # checked above, before any work
+    _write_output(args.output, result, geometry)
     if args.record:
         write_text(args.record, json.dumps(record, indent=2) + "\n", overwrite=True)
     applied = ", ".join(f"{r['name']} (severity {r['severity']:.3f})" for r in record)
@@ -122,6 +130,61 @@ def run_degrade(args: argparse.Namespace) -> int:
         note = "" if first["reached"] else " - target not reachable with this type, closest severity used"
         print(f"SSIM to the input: {first['ssim']:.3f} (target {first['target_ssim']}){note}")
     return 0
+
+
+def _check_output_format(output: str) -> None:
+    from ..degradations._io import IMAGE_SUFFIXES
+    from ..io.medical import ITK_SUFFIXES, suffix_of
+
+    suffix = suffix_of(output)
+    if suffix not in IMAGE_SUFFIXES + ITK_SUFFIXES:
+        raise DegradationError(f"unsupported output format {suffix!r} for {output}; use one of "
+                               f"{', '.join(IMAGE_SUFFIXES + ITK_SUFFIXES)} (a medical volume: .nii.gz)")
+
+
+def _read_input(args: argparse.Namespace):
+    """``(array, geometry or None)``: medical files and DICOM folders through the project's reader (their
+    warnings printed as notes), the other formats as stored."""
+    import sys
+    import warnings
+
+    from ..io import read_image_geometry
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        image, geometry = read_image_geometry(args.input, series=args.series, timepoint=args.timepoint)
+    for w in caught:
+        print(f"note: {w.message}", file=sys.stderr)
+    return image, geometry
+
+
+def _header_modality(geometry) -> str | None:
+    """The modality a DICOM header names (MR, CT, US...), when the degradation library knows it."""
+    from ..degradations.modality import normalize_modality
+
+    if geometry is None or not geometry.modality:
+        return None
+    try:
+        modality = normalize_modality(geometry.modality)
+    except DegradationError:
+        return None
+    print(f"modality: {modality} (from the DICOM header; --modality sets another)")
+    return modality
+
+
+def _write_output(output: str, result, geometry) -> None:
+    """NIfTI / NRRD / MHA on the input's grid; the plain formats as arrays (a note says the geometry is not kept)."""
+    from ..degradations._io import write_image
+    from ..io.medical import ITK_SUFFIXES, suffix_of
+    from ..io.medical_labels import write_on_grid
+
+    if suffix_of(output) in ITK_SUFFIXES:
+        write_on_grid(output, result, geometry)
+        return
+    write_image(output, result, overwrite=True)  # checked before any work
+    if geometry is not None:
+        print(f"note: {Path(output).name} holds the pixels only; write .nii.gz, .nrrd or .mha to keep the spacing, "
+              "origin and direction")
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -1,6 +1,6 @@
 """Label maps out, on their image's grid: NIfTI, NRRD and MetaImage through SimpleITK, DICOM-SEG through
-:mod:`.dicom_seg`. Reading and the geometry itself are in :mod:`.medical`; :func:`.images.write_mask` picks this
-module for those suffixes."""
+:mod:`.dicom_seg`; and any other array on a grid (a degraded copy of a volume, :func:`write_on_grid`). Reading and
+the geometry itself are in :mod:`.medical`; :func:`.images.write_mask` picks this module for those suffixes."""
 
 from __future__ import annotations
 
@@ -57,7 +57,18 @@ def write_labels(path: str | Path, labels: np.ndarray, geometry: Geometry | None
         return write_dicom_seg(p, labels, geometry, class_names)
     if suffix not in LABEL_WRITE_SUFFIXES:
         raise UserFacingError(f"{p.name}: labels with geometry are written as {', '.join(LABEL_WRITE_SUFFIXES)}")
-    image = labels_image(labels, geometry)
+    return write_on_grid(p, labels, geometry)
+
+
+def write_on_grid(path: str | Path, array: np.ndarray, geometry: Geometry | None) -> Path:
+    """Write ``array`` (labels or intensities, any dtype SimpleITK takes) as NIfTI / NRRD / MetaImage placed on
+    ``geometry`` (spacing 1 at the origin when None); atomic, and never over the source image."""
+    p = Path(path)
+    suffix = suffix_of(p)
+    refuse_source_overwrite(p, geometry)
+    if suffix not in ITK_SUFFIXES:
+        raise UserFacingError(f"{p.name}: an image with geometry is written as {', '.join(ITK_SUFFIXES)}")
+    image = labels_image(array, geometry)
     import SimpleITK as sitk
 
     try:
