@@ -509,3 +509,12 @@ def test_exact_small_count_poisson_draws_follow_the_poisson_pmf():
         freq = np.bincount(counts.astype(np.int64), minlength=25)[:25] / counts.size
         np.testing.assert_allclose(freq, stats.poisson.pmf(np.arange(25), lam), atol=0.005)
     assert not _poisson_small(rng, np.zeros(1000, np.float32)).any()
+
+
+def test_dicom_modality_codes_name_the_degradation_modality():
+    from napari_robustmedsam.degradations.modality import MODALITIES, DICOM_MODALITIES, modality_from_dicom
+
+    assert modality_from_dicom("MR") == "mri" and modality_from_dicom(" ct ") == "ct"
+    assert modality_from_dicom("IO") == "dental_xray" and modality_from_dicom("DX") == "xray"
+    assert modality_from_dicom("PT") is None and modality_from_dicom(None) is None  # PET: no set describes it
+    assert set(DICOM_MODALITIES.values()) <= set(MODALITIES)

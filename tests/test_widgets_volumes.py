@@ -195,3 +195,24 @@ def test_label_row_commits_a_class_into_the_users_labels_layer(make_napari_viewe
     assert other.name in [control.target_combo.itemText(i) for i in range(control.target_combo.count())]
     assert not control.use_target("other grid")
     assert "spacing (1, 1, 1) vs (0.78, 0.78, 6.5)" in annotator.banner.text()
+
+
+@pytest.mark.gui
+def test_modality_fields_follow_the_dicom_header_until_the_user_sets_one(make_napari_viewer, tmp_path):
+    folder = tmp_path / "CT_series"
+    write_dicom_series(folder, synthetic_hu((4, 64, 64)), description="CT chest")
+    nifti = write_itk(tmp_path / "scan.nii.gz", synthetic_hu((4, 64, 64)))  # NIfTI names no modality
+    viewer = make_napari_viewer(show=True)
+    _, widget = viewer.window.add_plugin_dock_widget("napari-robustmedsam", "RobustMedSAM")
+    annotator, preview, sweep = widget.annotator, widget.preview, widget.sweep
+    annotator.set_image_layer(viewer.open(str(folder), plugin="napari-robustmedsam")[0])
+    assert preview.modality_combo.currentText() == "ct" and sweep.modality_combo.currentText() == "ct"
+    assert widget.finetune.ensure_built().modality_combo.currentText() == "ct"  # a tab built after the image opened
+    assert DEGRADED_LAYER not in viewer.layers  # following the image does not start a preview off its tab
+    preview.modality_combo.setCurrentText("mri")  # the user's choice stays over the next images
+    annotator.set_image_layer(viewer.open(str(nifti), plugin="napari-robustmedsam")[0])
+    assert preview.modality_combo.currentText() == "mri"
+    assert sweep.modality_combo.currentText() == "(all types)" and widget.finetune.modality_combo.currentText() == "generic"
+
+
+DEGRADED_LAYER = "degraded"

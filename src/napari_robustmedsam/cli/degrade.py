@@ -160,13 +160,10 @@ def _read_input(args: argparse.Namespace):
 
 def _header_modality(geometry) -> str | None:
     """The modality a DICOM header names (MR, CT, US...), when the degradation library knows it."""
-    from ..degradations.modality import normalize_modality
+    from ..degradations.modality import modality_from_dicom
 
-    if geometry is None or not geometry.modality:
-        return None
-    try:
-        modality = normalize_modality(geometry.modality)
-    except DegradationError:
+    modality = modality_from_dicom(geometry.modality if geometry is not None else None)
+    if modality is None:
         return None
     print(f"modality: {modality} (from the DICOM header; --modality sets another)")
     return modality

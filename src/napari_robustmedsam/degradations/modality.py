@@ -78,6 +78,19 @@ _ALIASES = {
 }
 
 
+# DICOM Modality (0008,0060) codes whose images these sets describe; the others (PET, NM, OT...) have none.
+DICOM_MODALITIES = {
+    "MR": "mri", "CT": "ct", "US": "ultrasound", "CR": "xray", "DX": "xray", "DR": "xray", "MG": "xray", "RF": "xray",
+    "XA": "xray", "IO": "dental_xray", "PX": "dental_xray", "ES": "endoscopy", "OP": "fundus", "OPT": "oct",
+    "SM": "pathology", "GM": "microscopy",
+}
+
+
+def modality_from_dicom(code: str | None) -> str | None:
+    """The degradation modality of a DICOM Modality code (``"MR"`` -> ``"mri"``), None when there is none."""
+    return DICOM_MODALITIES.get(str(code or "").strip().upper())
+
+
 def normalize_modality(modality: str | None) -> str:
     """Canonical modality name (None -> 'generic'); DegradationError listing the valid ones otherwise."""
     if modality is None:

@@ -40,6 +40,7 @@ from ..errors import UserFacingError
 from ._common import ROLE_KEY, Banner, TaskRow, mark, role_of, run_task, shrinkable, unwrap
 from ._state import get_state
 from .degraded_comparison import DegradedComparison
+from .modality_follower import ModalityFollower
 
 DEGRADED_NAME = "degraded"
 ALL_MODALITIES = "(all types)"
@@ -120,6 +121,7 @@ class DegradationPreview(QWidget):
         self._fill_types()
         self._update_mode()
         self.modality_combo.currentTextChanged.connect(self._on_modality)
+        self.modality_follower = ModalityFollower(self.state, self.modality_combo, ALL_MODALITIES)
         self.type_combo.currentTextChanged.connect(self._on_control)
         self.mode_combo.currentTextChanged.connect(self._update_mode)
         self.level_combo.currentTextChanged.connect(self._on_control)

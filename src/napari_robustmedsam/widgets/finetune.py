@@ -76,8 +76,12 @@ class FinetuneWidget(QWidget):
         return self
 
     def _build(self) -> None:
+        from ._state import get_state
+        from .modality_follower import ModalityFollower
+
         self._presets = _training()
         build_form(self, self._presets)
+        self.modality_follower = ModalityFollower(get_state(self.viewer), self.modality_combo, "generic")
 
     # ---- the curve (matplotlib is imported when the tab is first shown)
     def ensure_plot(self):

@@ -31,6 +31,7 @@ from ..annotation.session import SlicePrompts
 from ..errors import UserFacingError
 from ._common import Banner, TaskRow, run_task, shrinkable
 from ._state import get_state
+from .modality_follower import ModalityFollower
 
 ALL_MODALITIES = "(all types)"
 
@@ -58,6 +59,7 @@ class RobustnessSweep(QWidget):
         self.modality_combo = shrinkable(QComboBox())
         self.modality_combo.addItems([ALL_MODALITIES, *MODALITIES])
         self.modality_combo.currentTextChanged.connect(self._update_count)
+        self.modality_follower = ModalityFollower(self.state, self.modality_combo, ALL_MODALITIES)
         self.level_checks = {}
         levels_row = QGridLayout()
         for i, level in enumerate(LEVELS):
