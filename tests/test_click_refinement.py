@@ -242,3 +242,19 @@ def test_click_feedback_sentences():
     assert "still has the other label" in partly
     last = click_feedback(before, before, [[3, 3], [3, 3]], [0, 1], 1)
     assert "the last click wins" in last
+
+
+def test_a_click_outside_the_image_is_said_in_the_hint():
+    from napari_robustmedsam.annotation.prompt_decoding import prompts_to_send
+    from napari_robustmedsam.annotation.session import SlicePrompts
+
+    def hint_for(points):
+        prompts = SlicePrompts(np.asarray(points, float), np.ones(len(points), np.int64), None, "user")
+        sent, hint = prompts_to_send(prompts, (64, 128), False, None, None, "model")
+        return sent, hint
+
+    sent, hint = hint_for([[10, 10], [-5, 20]])
+    assert "(-5, 20), is outside the image" in hint and "B takes it back" in hint
+    assert sent.points[-1].tolist() == [0.0, 20.0]
+    assert hint_for([[10, 10], [127.4, 63.3]])[1] == ""  # inside the edge pixels themselves
+    assert hint_for([[-5, 20], [10, 10]])[1] == ""  # said once, for the click that was outside

@@ -180,7 +180,11 @@ def prompts_to_send(prompts: SlicePrompts, plane: tuple[int, int], box_primary: 
         if sent.box[2] - sent.box[0] < 1 or sent.box[3] - sent.box[1] < 1:
             raise PromptError("the box is less than one pixel wide or high: drag a larger box")
     if sent.points.shape[0]:
+        last = np.asarray(sent.points[-1], dtype=np.float64)
         sent.points = clip_points(sent.points, plane)
+        if np.any(np.abs(last - sent.points[-1]) > 0.5):  # beyond the edge pixel's own half, not just inside it
+            hint = (f"The last click, at ({last[0]:.0f}, {last[1]:.0f}), is outside the image: it acts on the nearest "
+                    "edge pixel. B takes it back.")
     if sent.is_empty:
         raise PromptError("no prompt on this slice: draw a box or click a point")
     if box_primary and sent.box is None:
