@@ -262,3 +262,24 @@ def test_the_app_starts_without_third_party_warnings(tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     assert (tmp_path / "shot.png").is_file()
     assert "Warning" not in result.stderr, result.stderr[-2000:]
+
+
+def test_series_tab_sends_a_folder_that_is_one_dicom_volume_to_file_open(tmp_path):
+    from medical_fixtures import synthetic_hu, write_dicom_series
+
+    from napari_robustmedsam.errors import UserFacingError
+    from napari_robustmedsam.widgets.image_series import list_series
+
+    volume = tmp_path / "CT_series"
+    write_dicom_series(volume, synthetic_hu((4, 32, 32)))
+    with pytest.raises(UserFacingError, match=r"one DICOM series of 4 slices, a volume: open it with File > Open"):
+        list_series(volume)
+    for f in volume.iterdir():  # as many scanners write them: no suffix
+        f.rename(f.with_suffix(""))
+    with pytest.raises(UserFacingError, match="DICOM files without a file suffix"):
+        list_series(volume)
+    separate = tmp_path / "xrays"  # one image per series (radiographs): a series of images, as the tab expects
+    for i in range(2):
+        write_dicom_series(separate / f"s{i}", synthetic_hu((1, 32, 32), seed=i))
+        (separate / f"s{i}").iterdir().__next__().rename(separate / f"x{i}.dcm")
+    assert [p.name for p in list_series(separate)] == ["x0.dcm", "x1.dcm"]

@@ -38,8 +38,29 @@ def list_series(folder: str | Path) -> list[Path]:
         if p.is_file() and not name.endswith(".prompts.json") and any(name.endswith(s) for s in SUPPORTED_SUFFIXES):
             files.append(p)
     if not files:
+        from ..io.medical import is_medical_path
+
+        if is_medical_path(folder):  # DICOM files without a suffix, as scanners often write them
+            raise UserFacingError(f"{folder.name} holds DICOM files without a file suffix: open the series as a volume "
+                                  f"with File > Open (or napari-robustmedsam --volume {folder})")
         raise UserFacingError(f"no images in {folder} (supported: {', '.join(SUPPORTED_SUFFIXES)})")
+    _refuse_one_dicom_volume(folder, files)
     return files
+
+
+def _refuse_one_dicom_volume(folder: Path, files: list[Path]) -> None:
+    """A folder whose files are the slices of one DICOM series is a volume: stepping through its slices as separate
+    images would annotate and save each slice on its own, without the volume's geometry or 3D propagation."""
+    from ..io.medical import DICOM_SUFFIXES, list_dicom_series, suffix_of
+
+    if len(files) < 2 or any(suffix_of(f) not in DICOM_SUFFIXES for f in files):
+        return
+    series = list_dicom_series(folder)
+    if len(series) == 1 and len(series[0].files) == len(files):
+        raise UserFacingError(
+            f"{folder.name} holds one DICOM series of {len(files)} slices, a volume: open it with File > Open (or "
+            f"napari-robustmedsam --volume {folder}); the Series tab steps through separate images"
+        )
 
 
 class ImageSeriesPanel(QWidget):
