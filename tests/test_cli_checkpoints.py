@@ -109,3 +109,25 @@ def test_info_as_a_subprocess(lite_path):
     )
     assert result.returncode == 0, result.stderr
     assert "layout: litemedsam" in result.stdout and "registry model: litemedsam (matched by sha256)" in result.stdout
+
+
+def test_a_fused_file_shows_the_licence_of_each_registry_part(tmp_path, capsys):
+    from types import SimpleNamespace
+
+    from napari_robustmedsam.annotation.model_info import describe_model
+    from napari_robustmedsam.checkpoints import describe_checkpoint
+    from napari_robustmedsam.models.registry import MODELS
+
+    out_path = tmp_path / "fused.pt"
+    assert main(["fuse", "--encoder", "litemedsam", "--decoder", "robust-lite", "-o", str(out_path)]) == 0
+    capsys.readouterr()
+    assert main(["info", str(out_path)]) == 0
+    printed = capsys.readouterr().out
+    assert "licence of its encoder (litemedsam): Apache-2.0" in printed
+    assert f"licence of its decoder (robust-lite): {MODELS['robust-lite'].license}" in printed
+    info = describe_checkpoint(out_path)
+    assert [p["model"] for p in info["source_licences"]] == ["litemedsam", "robust-lite"]
+    loaded = SimpleNamespace(name="fused.pt", metadata={"provenance": info["provenance"]})  # as the model panel sees it
+    rows = dict(describe_model(loaded))
+    assert rows["licence of its decoder (robust-lite)"] == MODELS["robust-lite"].license
+    assert "licence of its encoder (litemedsam)" not in dict(describe_model(SimpleNamespace(name="litemedsam")))

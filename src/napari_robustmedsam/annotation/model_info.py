@@ -94,6 +94,10 @@ def describe_model(loaded: Any) -> list[tuple[str, str]]:
         for src in provenance.get("sources", []) or []:
             label = src.get("registry_name") or src.get("filename") or src.get("given") or "?"
             rows.append((f"from {src.get('role', '?')}", str(label)))
+        if not registry_rows(str(getattr(loaded, "name", ""))):  # a file made from registry models: their terms
+            from ..models.registry import source_licences
+
+            rows += [(f"licence of its {role} ({name})", licence) for role, name, licence in source_licences(provenance)]
     try:
         rows.append(("device", f"{loaded.device} ({str(loaded.dtype).replace('torch.', '')})"))
     except Exception:

@@ -103,6 +103,10 @@ def describe_checkpoint(
     info["provenance"] = metadata.pop("provenance", None)
     info["metadata"] = metadata
     info.update(registry_terms(src))
+    if not info.get("licence"):
+        from ..models.registry import source_licences
+
+        info["source_licences"] = [{"role": r, "model": n, "licence": lic} for r, n, lic in source_licences(info["provenance"])]
     return info
 
 
@@ -169,6 +173,8 @@ def render_description(info: Mapping) -> str:
         lines.append(f"  use it for: {info['use']}")
     if info.get("licence"):
         lines.append(f"  licence: {info['licence']}")
+    for part in info.get("source_licences") or []:
+        lines.append(f"  licence of its {part['role']} ({part['model']}): {part['licence']}")
     if info.get("box_check") is not None:
         lines.append(f"  box check: on, margin {info['box_check']:g} (for a box alone, LiteMedSAM's mask where it scores "
                      "its own mask higher by more than that; docs/results/shipped-heads/box-check.md)")

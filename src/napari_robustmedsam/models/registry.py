@@ -227,3 +227,14 @@ def get_model_spec(name: str) -> ModelSpec:
             "or give the path to a checkpoint file."
         )
     return MODELS[key]
+
+
+def source_licences(provenance) -> list[tuple[str, str, str]]:
+    """``(role, registry name, licence)`` of each registry model that a fused or fine-tuned checkpoint was made
+    from (its provenance's ``sources``): the file's weights carry those models' terms."""
+    out = []
+    for src in (provenance.get("sources") or []) if isinstance(provenance, dict) else []:
+        spec = MODELS.get(str(src.get("registry_name") or "")) if isinstance(src, dict) else None
+        if spec is not None and spec.license:
+            out.append((str(src.get("role") or "source"), spec.name, spec.license))
+    return out
