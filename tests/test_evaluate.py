@@ -344,3 +344,30 @@ def test_propagate_3d_correct3_clicks_where_a_slice_has_a_mask_and_boxes_where_i
     assert "box" in kinds and "click+" in kinds and model.clicked  # a click went through the model
     dice = [2 * (m & gt).sum() / (m.sum() + gt.sum()) for m in steps]
     assert all(b > a for a, b in zip(dice, dice[1:])), (dice, kinds)
+
+
+def test_a_volume_can_be_a_dicom_series_folder_with_nifti_labels_on_its_grid(tmp_path):
+    from medical_fixtures import synthetic_hu, write_dicom_series
+
+    from napari_robustmedsam.errors import UserFacingError
+    from napari_robustmedsam.io import read_image_geometry, write_labels
+
+    volume = tmp_path / "data" / "chest"
+    write_dicom_series(volume / "image", synthetic_hu((4, 40, 48)))
+    image, geometry = read_image_geometry(volume / "image")
+    labels = np.zeros(image.shape, np.uint8)
+    labels[1:3, 10:20, 10:30] = 1
+    write_labels(volume / "labels.nii.gz", labels, geometry)
+    (info,) = discover(tmp_path / "data")
+    assert info.kind == "3d" and info.modality == "ct"  # from the DICOM header, with no manifest
+    assert [s.image_id for s in info.samples] == ["z001", "z002"]
+    image_slice, label_slice = info.samples[0].load()
+    np.testing.assert_array_equal(image_slice, image[1])
+    np.testing.assert_array_equal(label_slice, labels[1])
+    shifted = geometry.__class__.from_json({**geometry.to_json(), "origin": [o + 5.0 for o in geometry.origin]})
+    write_labels(volume / "labels.nii.gz", labels, shifted)  # labels placed 5 mm off: refused, saying where
+    with pytest.raises(UserFacingError, match="do not fit the image: origin"):
+        discover(tmp_path / "data")
+    (volume / "labels.nii.gz").unlink()
+    with pytest.raises(FileNotFoundError, match=r"<volume>/image/ \(a DICOM series\)"):
+        discover(tmp_path / "data")

@@ -73,7 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--data", action="append", required=True,
                    help="data folder (repeatable): <dataset>/images + <dataset>/masks folders (found recursively) "
-                   "and/or <volume>/image.tif + labels.tif volumes (one sample per labelled slice)")
+                   "and/or <volume>/image + labels volumes (TIFF, NIfTI, NRRD, MHA, NPY; the image may be a DICOM "
+                   "series folder; one sample per labelled slice)")
     p.add_argument("--model", action="append", default=None,
                    help="registry name, checkpoint path (fused or fine-tuned) or LABEL=name-or-path; repeat to "
                    "compare models side by side (default: litemedsam)")
@@ -333,7 +334,7 @@ def main(argv: list[str] | None = None) -> dict:
     if cfg.prompts_3d:
         volumes = [d for d in datasets if d.kind == "3d" and (not names or d.name in names)]
     if cfg.prompts_3d and not volumes:
-        print("note: propagate_3d needs 3D volumes (<volume>/image.tif + labels.tif); none found", file=sys.stderr)
+        print("note: propagate_3d needs 3D volumes (<volume>/image + labels); none found", file=sys.stderr)
 
     info = dist_info()
     workers = max(1, args.workers)

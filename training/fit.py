@@ -55,8 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     src = p.add_argument_group("data")
     src.add_argument("--data", action="append", default=None,
-                     help="folder with <dataset>/images + <dataset>/masks (medseg layout) and/or <volume>/image.tif + "
-                     "labels.tif; repeatable")
+                     help="folder with <dataset>/images + <dataset>/masks (medseg layout) and/or <volume>/image + "
+                     "labels volumes (TIFF, NIfTI, NRRD, MHA, NPY; the image may be a DICOM series folder); repeatable")
     src.add_argument("--session", action="append", default=None,
                      help="annotation session saved by the annotator (labels file or .prompts.json); repeatable")
     src.add_argument("--session-image", action="append", default=None,

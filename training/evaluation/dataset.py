@@ -30,6 +30,7 @@ import numpy as np
 from scipy import ndimage
 
 from napari_robustmedsam.io import read_image
+from napari_robustmedsam.io.medical import is_medical_path
 from napari_robustmedsam.prompting import rng_for
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".npy", ".nii", ".nii.gz", ".nrrd", ".mha")
@@ -156,11 +157,19 @@ def _manifest_entry(name: str, manifests: list[dict]) -> dict | None:
 
 
 def _find_file(folder: Path, stem: str) -> Path | None:
+    """``<folder>/<stem>.<volume suffix>``, or ``<folder>/<stem>/`` when it is a DICOM series folder."""
     for suffix in VOLUME_SUFFIXES:
         p = folder / f"{stem}{suffix}"
         if p.is_file():
             return p
+    series = folder / stem
+    if series.is_dir() and is_medical_path(series):
+        return series
     return None
+
+
+VOLUME_LAYOUT = ("<volume>/image.(tif|nii.gz|nrrd|mha|npy) or <volume>/image/ (a DICOM series) + "
+                 "<volume>/labels.(tif|nii.gz|nrrd|mha|npy)")
 
 
 def discover(root: str | Path, modality: str | None = None) -> list[DatasetInfo]:
@@ -186,8 +195,7 @@ def discover(root: str | Path, modality: str | None = None) -> list[DatasetInfo]
     found = [d for d in found if d.samples]
     if not found:
         raise FileNotFoundError(
-            f"no image/mask data under {root}: expected <dataset>/images + <dataset>/masks folders "
-            "or <volume>/image.tif + <volume>/labels.tif"
+            f"no image/mask data under {root}: expected <dataset>/images + <dataset>/masks folders or {VOLUME_LAYOUT}"
         )
     return sorted(found, key=lambda d: d.name)
 
@@ -222,6 +230,9 @@ def _read_3d(folder: Path, image: Path, labels: Path, root: Path, modality: str 
     vol = _read_volume(str(labels))
     if vol.ndim != 3:
         raise ValueError(f"{labels}: expected a (Z, Y, X) label volume, got shape {vol.shape}")
+    header_modality = _check_same_grid(image, labels)
+    if modality is None and mod == "generic" and header_modality:  # no manifest says it: the DICOM header does
+        mod = header_modality
     spacing = None
     if entry and isinstance(entry.get("spacing_zyx_mm"), (list, tuple)) and len(entry["spacing_zyx_mm"]) == 3:
         spacing = tuple(float(v) for v in entry["spacing_zyx_mm"])
@@ -230,6 +241,20 @@ def _read_3d(folder: Path, image: Path, labels: Path, root: Path, modality: str 
         if vol[z].any():
             info.samples.append(Sample(f"{name}/z{z:03d}", name, f"z{z:03d}", mod, image, labels, z, False))
     return info
+
+
+def _check_same_grid(image: Path, labels: Path) -> str | None:
+    """Refuse labels that do not lie on their image's grid (shape, and spacing, origin and direction where both
+    files carry them), naming what differs: training or measuring on misplaced labels gives silent nonsense.
+    Returns the degradation modality the image's DICOM header names, if any."""
+    from napari_robustmedsam.degradations.modality import modality_from_dicom
+    from napari_robustmedsam.io import read_image_geometry
+    from napari_robustmedsam.io.medical import check_labels_fit
+
+    image_arr, image_geo = read_image_geometry(image)
+    labels_arr, labels_geo = read_image_geometry(labels)
+    check_labels_fit(labels_arr.shape, labels_geo, image_arr.shape[:3], image_geo, what=f"the labels in {labels}")
+    return modality_from_dicom(image_geo.modality if image_geo is not None else None)
 
 
 def select_samples(

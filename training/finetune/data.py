@@ -7,7 +7,7 @@ Items whose labels are all background are dropped with a notice; if nothing is l
 Sources:
 
 - :func:`items_from_folder` - the ``../shared/data/medseg`` layout (``<dataset>/images/*.png`` +
-  ``<dataset>/masks/*.png``, found recursively) and ``<volume>/image.tif`` + ``labels.tif`` volumes, through the
+  ``<dataset>/masks/*.png``, found recursively) and ``<volume>/image.*`` (or a DICOM series folder) + ``labels.*`` volumes, through the
   evaluation package's reader (:mod:`training.evaluation.dataset`), so both tools see the same samples.
 - :func:`items_from_arrays` - numpy arrays, e.g. napari Image + Labels layers' ``.data``; a (Z, Y, X) pair gives
   one item per labelled slice.
