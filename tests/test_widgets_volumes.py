@@ -198,12 +198,19 @@ def test_label_row_commits_a_class_into_the_users_labels_layer(make_napari_viewe
 
 
 @pytest.mark.gui
-def test_modality_fields_follow_the_dicom_header_until_the_user_sets_one(make_napari_viewer, tmp_path):
+def test_modality_fields_follow_the_dicom_header_until_the_user_sets_one(make_napari_viewer, litemedsam, qtbot,
+                                                                         tmp_path, tmp_path_factory):
+    from napari_robustmedsam.engine.embeddings import open_engine
+    from widget_helpers import shared_cache, wait_idle
+
     folder = tmp_path / "CT_series"
     write_dicom_series(folder, synthetic_hu((4, 64, 64)), description="CT chest")
     nifti = write_itk(tmp_path / "scan.nii.gz", synthetic_hu((4, 64, 64)))  # NIfTI names no modality
     viewer = make_napari_viewer(show=True)
     _, widget = viewer.window.add_plugin_dock_widget("napari-robustmedsam", "RobustMedSAM")
+    # a model in place, so that opening an image starts no model load that would outlive the test
+    widget.annotator.state.set_model(litemedsam, open_engine(litemedsam, cache_dir=shared_cache(tmp_path_factory)))
+    widget.annotator.prefetch_check.setChecked(False)  # no slice embedding needed here
     annotator, preview, sweep = widget.annotator, widget.preview, widget.sweep
     annotator.set_image_layer(viewer.open(str(folder), plugin="napari-robustmedsam")[0])
     assert preview.modality_combo.currentText() == "ct" and sweep.modality_combo.currentText() == "ct"
@@ -213,6 +220,43 @@ def test_modality_fields_follow_the_dicom_header_until_the_user_sets_one(make_na
     annotator.set_image_layer(viewer.open(str(nifti), plugin="napari-robustmedsam")[0])
     assert preview.modality_combo.currentText() == "mri"
     assert sweep.modality_combo.currentText() == "(all types)" and widget.finetune.modality_combo.currentText() == "generic"
+    wait_idle(qtbot)
 
 
 DEGRADED_LAYER = "degraded"
+
+
+def _write_4d(path, n_volumes):
+    import SimpleITK as sitk
+
+    volumes = [synthetic_hu((3, 24, 24), seed=t) for t in range(n_volumes)]
+    image = sitk.JoinSeries([sitk.GetImageFromArray(v) for v in volumes])  # (x, y, z, t)
+    image.SetSpacing((0.8, 0.8, 5.0, 1.0))
+    sitk.WriteImage(image, str(path))
+    return volumes
+
+
+@pytest.mark.gui
+def test_a_4d_file_opens_one_layer_per_volume_with_its_own_autosave_key(make_napari_viewer, tmp_path):
+    from types import SimpleNamespace
+
+    from napari_robustmedsam.io.medical import MedicalReadWarning, geometry_from_layer
+    from napari_robustmedsam.widgets.autosave_control import AutosaveControl
+
+    volumes = _write_4d(tmp_path / "dce.nii.gz", 3)
+    viewer = make_napari_viewer()
+    layers = viewer.open(str(tmp_path / "dce.nii.gz"), plugin="napari-robustmedsam")
+    assert [layer.name for layer in layers] == ["dce t=0", "dce t=1", "dce t=2"]
+    for t, layer in enumerate(layers):
+        np.testing.assert_array_equal(np.asarray(layer.data), volumes[t])
+        assert geometry_from_layer(layer).timepoint == t
+    assert tuple(layers[0].scale) == pytest.approx((5.0, 0.8, 0.8))
+
+    def key(layer):  # the autosave folder: one per volume, so that one volume's objects are not offered on another
+        return AutosaveControl._key(None, SimpleNamespace(image_layer=layer, session=SimpleNamespace(shape=(3, 24, 24))))
+
+    assert len({key(layer) for layer in layers}) == 3
+    _write_4d(tmp_path / "fmri.nii.gz", 10)
+    with pytest.warns(MedicalReadWarning, match=r"holds 10 volumes; opened the first.*--timepoint T \(0\.\.9\)"):
+        (first,) = viewer.open(str(tmp_path / "fmri.nii.gz"), plugin="napari-robustmedsam")
+    assert first.name == "fmri t=0"

@@ -58,6 +58,7 @@ class Geometry:
     file_format: str | None = None  # "nifti", "nrrd", "metaimage", "dicom"
     modality: str | None = None  # DICOM modality ("CT", "MR", ...) when known
     series_uid: str | None = None
+    timepoint: int | None = None  # the volume of a 4D file this grid was read from
 
     @property
     def ndim(self) -> int:
@@ -156,6 +157,8 @@ def layer_kwargs(geometry: Geometry, ndim: int, name: str | None = None) -> dict
         "translate": geometry.napari_translate(ndim),
         "metadata": {GEOMETRY_KEY: geometry.to_json()},
     }
+    if name is None and geometry.name and geometry.timepoint is not None:  # one volume of a 4D file
+        name = f"{geometry.name} t={geometry.timepoint}"
     if name or geometry.name:
         kwargs["name"] = name or geometry.name
     return kwargs
@@ -238,8 +241,9 @@ def _read_itk_file(p: Path, timepoint: int | None) -> tuple[np.ndarray, Geometry
         image = sitk.ReadImage(str(p))
     except RuntimeError as err:
         raise ImageInputError(f"cannot read {p.name}: {str(err).strip().splitlines()[-1]}") from err
+    n_timepoints = image.GetSize()[3] if image.GetDimension() == 4 else 1
     if image.GetDimension() == 4:
-        n = image.GetSize()[3]
+        n = n_timepoints
         if timepoint is None:
             if n == 1:
                 timepoint = 0
@@ -258,8 +262,25 @@ def _read_itk_file(p: Path, timepoint: int | None) -> tuple[np.ndarray, Geometry
     if image.GetDimension() > 4:
         raise ImageInputError(f"{p.name} is {image.GetDimension()}D; only 2D, 3D and 4D (one volume at a time) are read")
     name = p.name[: -len(suffix)]
-    geometry = _geometry_from_sitk(image, source=str(p), name=name, file_format=_FORMATS[suffix])
+    geometry = _geometry_from_sitk(image, source=str(p), name=name, file_format=_FORMATS[suffix],
+                                   timepoint=int(timepoint) if timepoint is not None and n_timepoints > 1 else None)
     return sitk.GetArrayFromImage(image), geometry
+
+
+def count_timepoints(path: str | Path) -> int:
+    """How many volumes a NIfTI / NRRD / MetaImage file holds (its 4th axis; 1 for 2D and 3D files), from the
+    header alone. Other paths count as 1."""
+    p = Path(path)
+    if p.is_dir() or suffix_of(p) not in ITK_SUFFIXES:
+        return 1
+    reader = _sitk().ImageFileReader()
+    reader.SetFileName(str(p))
+    try:
+        reader.ReadImageInformation()
+    except RuntimeError as err:
+        raise ImageInputError(f"cannot read {p.name}: {str(err).strip().splitlines()[-1]}") from err
+    size = reader.GetSize()
+    return int(size[3]) if len(size) == 4 else 1
 
 
 # ---- DICOM ---------------------------------------------------------------------------------------

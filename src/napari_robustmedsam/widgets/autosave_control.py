@@ -72,10 +72,13 @@ class AutosaveControl(QWidget):
         annotator.image_opened.connect(self._image_opened)
 
     def _key(self, annotator) -> str:
-        from ..io.medical import source_of
+        from ..io.medical import geometry_from_layer, source_of
 
         layer = annotator.image_layer
-        return image_key(layer.name, source_of(layer), annotator.session.shape)
+        source, geometry = source_of(layer), geometry_from_layer(layer)
+        if source and geometry is not None and geometry.timepoint is not None:  # the volumes of a 4D file differ
+            source = f"{source}#t={geometry.timepoint}"
+        return image_key(layer.name, source, annotator.session.shape)
 
     # ---- writing
     def _painted(self, *_) -> None:

@@ -42,22 +42,43 @@ def get_reader(path: str | list[str]):
     return read_medical_layers if is_medical_path(path) else None
 
 
+#: a 4D file (NIfTI, NRRD) opens as one 3D image layer per volume up to this many; beyond, the first only
+MAX_TIMEPOINT_LAYERS = 8
+
+
 def read_medical_layers(path: str | list[str]) -> list[tuple[Any, dict, str]]:
     """One image layer: scale and translate from the geometry, named after the series or file, the geometry
     (and, for CT, the window shown) in its metadata. A folder with several series opens the largest (a
-    warning lists the others)."""
-    from ..engine.windows import WINDOW_KEY, default_window
-    from ..io.medical import layer_kwargs, read_medical
+    warning lists the others). A 4D file opens one layer per volume (``<name> t=0``, ...), to choose from in the
+    annotator's Image field; one with more than :data:`MAX_TIMEPOINT_LAYERS` volumes opens its first, and a
+    warning says how to open another (``napari-robustmedsam --volume FILE --timepoint T``)."""
+    import warnings
+
+    from ..io.medical import MedicalReadWarning, count_timepoints, read_medical
 
     if isinstance(path, (list, tuple)):
         path = path[0]
-    array, geometry = read_medical(path)
+    n = count_timepoints(path)
+    if n <= 1:
+        return [_image_layer(*read_medical(path))]
+    if n > MAX_TIMEPOINT_LAYERS:
+        warnings.warn(MedicalReadWarning(
+            f"{Path(path).name} holds {n} volumes; opened the first. Another one: napari-robustmedsam --volume "
+            f"{path} --timepoint T (0..{n - 1})"), stacklevel=2)
+        return [_image_layer(*read_medical(path, timepoint=0))]
+    return [_image_layer(*read_medical(path, timepoint=t)) for t in range(n)]
+
+
+def _image_layer(array, geometry) -> tuple[Any, dict, str]:
+    from ..engine.windows import WINDOW_KEY, default_window
+    from ..io.medical import layer_kwargs
+
     kwargs = layer_kwargs(geometry, array.ndim)
     window = default_window(array, geometry.modality)
     if window is not None:
         kwargs["contrast_limits"] = window.contrast_limits()
         kwargs["metadata"][WINDOW_KEY] = window.spec
-    return [(array, kwargs, "image")]
+    return (array, kwargs, "image")
 
 
 def write_labels(path: str, data: Any, meta: dict) -> list[str]:
