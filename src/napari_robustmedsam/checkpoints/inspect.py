@@ -173,8 +173,7 @@ def render_description(info: Mapping) -> str:
         lines.append(f"  use it for: {info['use']}")
     if info.get("licence"):
         lines.append(f"  licence: {info['licence']}")
-    for part in info.get("source_licences") or []:
-        lines.append(f"  licence of its {part['role']} ({part['model']}): {part['licence']}")
+    lines += [f"  licence of its {p['role']} ({p['model']}): {p['licence']}" for p in info.get("source_licences") or []]
     if info.get("box_check") is not None:
         lines.append(f"  box check: on, margin {info['box_check']:g} (for a box alone, LiteMedSAM's mask where it scores "
                      "its own mask higher by more than that; docs/results/shipped-heads/box-check.md)")
