@@ -201,7 +201,7 @@ def test_label_row_commits_a_class_into_the_users_labels_layer(make_napari_viewe
 def test_modality_fields_follow_the_dicom_header_until_the_user_sets_one(make_napari_viewer, litemedsam, qtbot,
                                                                          tmp_path, tmp_path_factory):
     from napari_robustmedsam.engine.embeddings import open_engine
-    from widget_helpers import shared_cache, wait_idle
+    from widget_helpers import shared_cache
 
     folder = tmp_path / "CT_series"
     write_dicom_series(folder, synthetic_hu((4, 64, 64)), description="CT chest")
@@ -220,7 +220,6 @@ def test_modality_fields_follow_the_dicom_header_until_the_user_sets_one(make_na
     annotator.set_image_layer(viewer.open(str(nifti), plugin="napari-robustmedsam")[0])
     assert preview.modality_combo.currentText() == "mri"
     assert sweep.modality_combo.currentText() == "(all types)" and widget.finetune.modality_combo.currentText() == "generic"
-    wait_idle(qtbot)
 
 
 DEGRADED_LAYER = "degraded"
