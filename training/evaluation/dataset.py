@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage
 
-from napari_robustmedsam.io import read_image
+from napari_robustmedsam.io import read_image, read_image_geometry
 from napari_robustmedsam.io.medical import is_medical_path
 from napari_robustmedsam.prompting import rng_for
 
@@ -93,9 +93,22 @@ class Sample:
         return np.asarray(image), labels
 
 
-@functools.lru_cache(maxsize=4)
 def _read_volume(path: str) -> np.ndarray:
-    return np.asarray(read_image(path))
+    return _read_volume_geometry(path)[0]
+
+
+def _read_volume_geometry(path: str):
+    """``(array, geometry or None)`` of a volume file or DICOM folder, kept for the next reads: discovery checks
+    the grids, and each labelled slice is then loaded from the same arrays. A file written again since is read
+    again (the key holds its modification time and size)."""
+    stat = Path(path).stat()
+    return _read_volume_cached(path, stat.st_mtime_ns, stat.st_size)
+
+
+@functools.lru_cache(maxsize=4)
+def _read_volume_cached(path: str, mtime_ns: int, size: int):
+    array, geometry = read_image_geometry(path)
+    return np.asarray(array), geometry
 
 
 @dataclass
@@ -248,11 +261,10 @@ def _check_same_grid(image: Path, labels: Path) -> str | None:
     files carry them), naming what differs: training or measuring on misplaced labels gives silent nonsense.
     Returns the degradation modality the image's DICOM header names, if any."""
     from napari_robustmedsam.degradations.modality import modality_from_dicom
-    from napari_robustmedsam.io import read_image_geometry
     from napari_robustmedsam.io.medical import check_labels_fit
 
-    image_arr, image_geo = read_image_geometry(image)
-    labels_arr, labels_geo = read_image_geometry(labels)
+    image_arr, image_geo = _read_volume_geometry(str(image))
+    labels_arr, labels_geo = _read_volume_geometry(str(labels))
     check_labels_fit(labels_arr.shape, labels_geo, image_arr.shape[:3], image_geo, what=f"the labels in {labels}")
     return modality_from_dicom(image_geo.modality if image_geo is not None else None)
 

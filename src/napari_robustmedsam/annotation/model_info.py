@@ -79,7 +79,8 @@ def describe_model(loaded: Any) -> list[tuple[str, str]]:
         ("preprocessing", str(getattr(loaded, "preprocessing", "?"))),
         ("prompts", "box first (box-trained)" if getattr(loaded, "box_primary", False) else "points and boxes"),
     ]
-    rows += registry_rows(str(getattr(loaded, "name", "")))
+    registry = registry_rows(str(getattr(loaded, "name", "")))
+    rows += registry
     path = getattr(loaded, "checkpoint_path", None)
     rows.append(("checkpoint", str(path) if path else "(in memory)"))
     sha = getattr(loaded, "sha256", None)
@@ -94,7 +95,7 @@ def describe_model(loaded: Any) -> list[tuple[str, str]]:
         for src in provenance.get("sources", []) or []:
             label = src.get("registry_name") or src.get("filename") or src.get("given") or "?"
             rows.append((f"from {src.get('role', '?')}", str(label)))
-        if not registry_rows(str(getattr(loaded, "name", ""))):  # a file made from registry models: their terms
+        if not registry:  # a file made from registry models: their terms
             from ..models.registry import source_licences
 
             rows += [(f"licence of its {role} ({name})", licence) for role, name, licence in source_licences(provenance)]

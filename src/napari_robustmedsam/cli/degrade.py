@@ -19,6 +19,7 @@ from pathlib import Path
 
 from ..errors import DegradationError
 from ..io.output_paths import add_overwrite_argument, check_output, check_output_folder, check_outputs
+from .volume_input import read_with_notes
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -109,7 +110,7 @@ def run_degrade(args: argparse.Namespace) -> int:
         raise DegradationError("give the output file with -o OUT")
     _check_output_format(args.output)
     check_outputs([args.output, args.record], inputs=[args.input], overwrite=args.overwrite)
-    image, geometry = _read_input(args)
+    image, geometry = read_with_notes(args.input, args.series, args.timepoint)
     modality = args.modality or _header_modality(geometry)
     if args.type_name.strip().lower() == "random":
         if args.severity is not None or args.target_ssim is not None:
@@ -140,22 +141,6 @@ def _check_output_format(output: str) -> None:
     if suffix not in IMAGE_SUFFIXES + ITK_SUFFIXES:
         raise DegradationError(f"unsupported output format {suffix!r} for {output}; use one of "
                                f"{', '.join(IMAGE_SUFFIXES + ITK_SUFFIXES)} (a medical volume: .nii.gz)")
-
-
-def _read_input(args: argparse.Namespace):
-    """``(array, geometry or None)``: medical files and DICOM folders through the project's reader (their
-    warnings printed as notes), the other formats as stored."""
-    import sys
-    import warnings
-
-    from ..io import read_image_geometry
-
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        image, geometry = read_image_geometry(args.input, series=args.series, timepoint=args.timepoint)
-    for w in caught:
-        print(f"note: {w.message}", file=sys.stderr)
-    return image, geometry
 
 
 def _header_modality(geometry) -> str | None:

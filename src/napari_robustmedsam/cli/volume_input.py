@@ -22,18 +22,25 @@ def add_volume_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--window", default="auto", metavar="NAME|L,W", help=WINDOW_HELP)
 
 
-def read_input(args: argparse.Namespace, path=None):
-    """``(array, geometry or None, window or None)`` of the command's input; warnings printed as notes."""
-    from ..engine.windows import default_window, parse_window
+def read_with_notes(path, series=None, timepoint=None):
+    """``(array, geometry or None)`` of an image, volume or DICOM folder; the reader's warnings (which series of
+    several was read, ...) printed as notes on stderr."""
     from ..io import read_image_geometry
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        array, geometry = read_image_geometry(path if path is not None else args.image,
-                                              series=getattr(args, "series", None),
-                                              timepoint=getattr(args, "timepoint", None))
+        array, geometry = read_image_geometry(path, series=series, timepoint=timepoint)
     for w in caught:
         print(f"note: {w.message}", file=sys.stderr)
+    return array, geometry
+
+
+def read_input(args: argparse.Namespace, path=None):
+    """``(array, geometry or None, window or None)`` of the command's input; warnings printed as notes."""
+    from ..engine.windows import default_window, parse_window
+
+    array, geometry = read_with_notes(path if path is not None else args.image, getattr(args, "series", None),
+                                      getattr(args, "timepoint", None))
     choice = getattr(args, "window", "auto")
     if choice is None or str(choice).strip().lower() == "auto":
         window = default_window(array, geometry.modality if geometry is not None else None)

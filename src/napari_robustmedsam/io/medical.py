@@ -235,15 +235,22 @@ _FORMATS = {".nii": "nifti", ".nii.gz": "nifti", ".nrrd": "nrrd", ".nhdr": "nrrd
 
 
 def _read_itk_file(p: Path, timepoint: int | None) -> tuple[np.ndarray, Geometry]:
-    sitk = _sitk()
-    suffix = suffix_of(p)
+    return _itk_volume(_read_itk_image(p), p, timepoint)
+
+
+def _read_itk_image(p: Path):
     try:
-        image = sitk.ReadImage(str(p))
+        return _sitk().ReadImage(str(p))
     except RuntimeError as err:
         raise ImageInputError(f"cannot read {p.name}: {str(err).strip().splitlines()[-1]}") from err
-    n_timepoints = image.GetSize()[3] if image.GetDimension() == 4 else 1
+
+
+def _itk_volume(image, p: Path, timepoint: int | None) -> tuple[np.ndarray, Geometry]:
+    """``(array, geometry)`` of a read image: a 4D one's volume ``timepoint`` (required when it holds several)."""
+    sitk = _sitk()
+    suffix = suffix_of(p)
+    n = image.GetSize()[3] if image.GetDimension() == 4 else 1
     if image.GetDimension() == 4:
-        n = n_timepoints
         if timepoint is None:
             if n == 1:
                 timepoint = 0
@@ -263,8 +270,15 @@ def _read_itk_file(p: Path, timepoint: int | None) -> tuple[np.ndarray, Geometry
         raise ImageInputError(f"{p.name} is {image.GetDimension()}D; only 2D, 3D and 4D (one volume at a time) are read")
     name = p.name[: -len(suffix)]
     geometry = _geometry_from_sitk(image, source=str(p), name=name, file_format=_FORMATS[suffix],
-                                   timepoint=int(timepoint) if timepoint is not None and n_timepoints > 1 else None)
+                                   timepoint=int(timepoint) if timepoint is not None and n > 1 else None)
     return sitk.GetArrayFromImage(image), geometry
+
+
+def read_timepoints(path: str | Path, timepoints) -> list[tuple[np.ndarray, Geometry]]:
+    """``(array, geometry)`` of each of ``timepoints`` of a 4D NIfTI / NRRD / MetaImage file, the file read once."""
+    p = Path(path)
+    image = _read_itk_image(p)
+    return [_itk_volume(image, p, int(t)) for t in timepoints]
 
 
 def count_timepoints(path: str | Path) -> int:

@@ -54,7 +54,7 @@ def read_medical_layers(path: str | list[str]) -> list[tuple[Any, dict, str]]:
     warning says how to open another (``napari-robustmedsam --volume FILE --timepoint T``)."""
     import warnings
 
-    from ..io.medical import MedicalReadWarning, count_timepoints, read_medical
+    from ..io.medical import MedicalReadWarning, count_timepoints, read_medical, read_timepoints
 
     if isinstance(path, (list, tuple)):
         path = path[0]
@@ -66,7 +66,7 @@ def read_medical_layers(path: str | list[str]) -> list[tuple[Any, dict, str]]:
             f"{Path(path).name} holds {n} volumes; opened the first. Another one: napari-robustmedsam --volume "
             f"{path} --timepoint T (0..{n - 1})"), stacklevel=2)
         return [_image_layer(*read_medical(path, timepoint=0))]
-    return [_image_layer(*read_medical(path, timepoint=t)) for t in range(n)]
+    return [_image_layer(*volume) for volume in read_timepoints(path, range(n))]
 
 
 def _image_layer(array, geometry) -> tuple[Any, dict, str]:
